@@ -1,0 +1,40 @@
+"""nanoshard's exceptions. Each maps to one gRPC status code, in exactly one place
+(:func:`nanoshard.rpc.status_of`); messages say what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class NanoshardError(Exception):
+    """Base of every error nanoshard raises on purpose."""
+
+
+class InvalidArgument(NanoshardError):
+    """The input is malformed: wrong shape, dtype, size, range or value."""
+
+
+class NotFound(NanoshardError):
+    """A named thing (session, model file, node) does not exist."""
+
+
+class FailedPrecondition(NanoshardError):
+    """The request is well-formed but does not fit the current state."""
+
+
+class CacheMismatch(FailedPrecondition):
+    """A step's start position does not match the KV cache; ``length`` is the real one."""
+
+    def __init__(self, message: str, length: int) -> None:
+        super().__init__(message)
+        self.length = length
+
+
+class ResourceExhausted(NanoshardError):
+    """A budget is full (KV memory, sessions, message size)."""
+
+
+class Unavailable(NanoshardError):
+    """A peer cannot be reached or stopped answering."""
+
+
+class CheckpointError(NanoshardError):
+    """A checkpoint is missing, truncated or of another architecture."""
