@@ -30,7 +30,9 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise InvalidArgument(f"model config: {name} must be a positive integer, got {value!r}")
+                raise InvalidArgument(
+                    f"model config: {name} must be a positive integer, got {value!r}"
+                )
         if self.n_embd % self.n_head:
             raise InvalidArgument(
                 f"model config: n_embd ({self.n_embd}) is not a multiple of n_head ({self.n_head})"
@@ -93,7 +95,9 @@ def parse_units(text: str, config: GPTConfig | None = None) -> tuple[int, int]:
         else:
             end = int(end_s)
     except ValueError:
-        raise InvalidArgument(f"units must look like START:END (for example 0:4), got {text!r}") from None
+        raise InvalidArgument(
+            f"units must look like START:END (for example 0:4), got {text!r}"
+        ) from None
     if config is not None:
         check_units(config, start, end)
     elif not 0 <= start < end:

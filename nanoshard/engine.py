@@ -130,7 +130,9 @@ class Stage(nn.Module):
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer["h"] = nn.ModuleDict({str(i): Block(config) for i in self.blocks})
         if self.has_head:
-            self.transformer["ln_f"] = LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon)
+            self.transformer["ln_f"] = LayerNorm(
+                config.n_embd, config.bias, config.layer_norm_epsilon
+            )
 
     @property
     def n_blocks(self) -> int:
@@ -161,7 +163,9 @@ class Stage(nn.Module):
         if cache is None and pos != 0:
             raise ValueError("a chunk at pos > 0 needs the cache of the positions before it")
         if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} exceed the context length {self.config.block_size}")
+            raise ValueError(
+                f"positions up to {pos + T} exceed the context length {self.config.block_size}"
+            )
         if self.has_embed:
             positions = torch.arange(pos, pos + T, device=x.device)
             h = self.transformer["wte"](x) + self.transformer["wpe"](positions)

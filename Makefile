@@ -1,0 +1,45 @@
+# nanoshard — the common commands. Each target creates and fills .venv when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint format typecheck protos check-protos gpt2-bpe bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nanoshard demo
+
+gpt2-bpe: $(STAMP)
+	$(BIN)/python scripts/fetch_gpt2_bpe.py
+
+test: $(STAMP) gpt2-bpe
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy nanoshard node coordinator client
+
+# Regenerate the Python code of protos/ into nanoshard/v1 (committed; a test checks it is fresh).
+protos: $(STAMP)
+	$(BIN)/python scripts/protogen.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,45 @@
+"""What both command-line tools share: one-line errors, sizes, logging."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable
+
+from nanoshard.errors import NanoshardError
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes (binary multiples)."""
+    m = SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 512M or 2G)")
+    scale = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
+    return int(float(m.group(1)) * scale)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def run_cli(prog: str, main: Callable[[], int | None]) -> None:
+    """Run a CLI: a nanoshard error is one line on stderr and exit 1, never a traceback."""
+    try:
+        code = main()
+    except NanoshardError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(code or 0)

@@ -1,0 +1,80 @@
+"""What every gRPC peer shares: channel options, and the one place where nanoshard's
+exceptions become gRPC statuses (and back)."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+
+from nanoshard import errors
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
+KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
+
+STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
+    ]
+
+
+def status_of(exc: errors.NanoshardError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def trailing_metadata_of(exc: errors.NanoshardError) -> tuple[tuple[str, str], ...]:
+    if isinstance(exc, errors.CacheMismatch):
+        return ((KV_LENGTH_KEY, str(exc.length)),)
+    return ()
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: errors.NanoshardError) -> NoReturn:
+    """End an RPC with the status of a nanoshard error."""
+    context.set_trailing_metadata(trailing_metadata_of(exc))
+    await context.abort(status_of(exc), str(exc))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
+    """Turn a failed call back into a nanoshard error (the caller's view)."""
+    code = err.code() if hasattr(err, "code") else None
+    detail = (err.details() if hasattr(err, "details") else None) or str(err)
+    where = f"{peer}: " if peer else ""
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        for key, value in (
+            (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ()
+        ):
+            if key == KV_LENGTH_KEY:
+                return errors.CacheMismatch(where + detail, int(value))
+        return errors.FailedPrecondition(where + detail)
+    by_code = {
+        status: cls for cls, status in STATUS_OF.items() if cls is not errors.CheckpointError
+    }
+    cls = by_code.get(code, errors.Unavailable)  # type: ignore[arg-type]
+    return cls(where + detail)

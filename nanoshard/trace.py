@@ -1,0 +1,56 @@
+"""Per-hop timing summaries from the traces each step brings back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summarize_hops(steps: list[list[dict[str, Any]]], step_ms: list[float]) -> list[dict[str, Any]]:
+    """One row per hop: its node, units, and where its time went over all steps.
+
+    ``steps[k]`` holds the traces of step k (a prefill of several chunks holds several per
+    hop), ``step_ms[k]`` the client's wall time for it. Transfer time into hop i is what the
+    hop before it waited on the downstream call minus what hop i itself spent (for the first
+    hop, the client's wall time minus the hop's own time): network, serialization, gRPC.
+    """
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for traces, wall in zip(steps, step_ms, strict=False):
+        prev_downstream: float | None = None
+        first_total = 0.0
+        for h in traces:
+            key = (h["address"], *h["units"])
+            row = rows.setdefault(
+                key,
+                {
+                    "node": h["node"],
+                    "address": h["address"],
+                    "units": list(h["units"]),
+                    "codec": h["codec"],
+                    "steps": 0,
+                    "compute_ms": 0.0,
+                    "queue_ms": 0.0,
+                    "transfer_ms": 0.0,
+                    "bytes_in": 0,
+                    "bytes_out": 0,
+                },
+            )
+            row["steps"] += 1
+            row["compute_ms"] += h["compute_ms"]
+            row["queue_ms"] += h["queue_ms"]
+            row["bytes_in"] += h["bytes_in"]
+            row["bytes_out"] += h["bytes_out"]
+            if h["units"][0] == 0:
+                first_total += h["total_ms"]
+                prev_downstream = h["downstream_ms"]
+            elif prev_downstream is not None:
+                row["transfer_ms"] += max(prev_downstream - h["total_ms"], 0.0)
+                prev_downstream = h["downstream_ms"]
+        if traces:
+            first = traces[0]
+            key = (first["address"], *first["units"])
+            rows[key]["transfer_ms"] += max(wall - first_total, 0.0)
+    out = list(rows.values())
+    for row in out:
+        for k in ("compute_ms", "queue_ms", "transfer_ms"):
+            row[k] = round(row[k], 3)
+    return out

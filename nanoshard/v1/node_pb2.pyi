@@ -1,0 +1,193 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hop(_message.Message):
+    __slots__ = ("start", "end", "addresses")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SessionSpec(_message.Message):
+    __slots__ = ("session_id", "max_length", "codec", "sampling")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    max_length: int
+    codec: str
+    sampling: SamplingParams
+    def __init__(self, session_id: _Optional[bytes] = ..., max_length: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class OpenRequest(_message.Message):
+    __slots__ = ("spec", "route")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    spec: SessionSpec
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class OpenReply(_message.Message):
+    __slots__ = ("length", "handles")
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    handles: _containers.RepeatedCompositeFieldContainer[KVHandle]
+    def __init__(self, length: _Optional[int] = ..., handles: _Optional[_Iterable[_Union[KVHandle, _Mapping]]] = ...) -> None: ...
+
+class Activations(_message.Message):
+    __slots__ = ("codec", "shape", "payload")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    payload: bytes
+    def __init__(self, codec: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class Tokens(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "route", "sample")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    step_id: int
+    pos: int
+    tokens: Tokens
+    activations: Activations
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    sample: bool
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class StepReply(_message.Message):
+    __slots__ = ("has_token", "token", "hops")
+    HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    has_token: bool
+    token: int
+    hops: _containers.RepeatedCompositeFieldContainer[HopTrace]
+    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
+
+class HopTrace(_message.Message):
+    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    start: int
+    end: int
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    downstream_ms: float
+    bytes_in: int
+    bytes_out: int
+    codec: str
+    handle: KVHandle
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
+
+class KVHandle(_message.Message):
+    __slots__ = ("session_id", "start", "end", "length", "epoch")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    start: int
+    end: int
+    length: int
+    epoch: bytes
+    def __init__(self, session_id: _Optional[bytes] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., length: _Optional[int] = ..., epoch: _Optional[bytes] = ...) -> None: ...
+
+class CloseRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
+
+class CloseReply(_message.Message):
+    __slots__ = ("closed",)
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    closed: bool
+    def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    N_UNITS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    model_id: str
+    start: int
+    end: int
+    n_units: int
+    device: str
+    dtype: str
+    sessions: int
+    kv_bytes_used: int
+    kv_bytes_budget: int
+    queue_length: int
+    step_ms_p50: float
+    epoch: bytes
+    protocol_version: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...

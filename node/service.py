@@ -1,0 +1,492 @@
+"""The data plane's servicer: validate a request, run the stage on the compute worker,
+forward downstream, relay the answer up. Policy lives elsewhere (codecs, sampling,
+sessions); this file is the shell that connects them to gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanoshard import codec as codecs
+from nanoshard import rpc
+from nanoshard.engine import Stage
+from nanoshard.errors import (
+    CacheMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    NanoshardError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from nanoshard.kv import KVCache
+from nanoshard.sampling import SamplingParams, sample
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
+
+from .downstream import Channels, Link
+from .sessions import NodeSession, Sent, SessionSpec, SessionTable
+from .worker import ComputeWorker
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class NodeIdentity:
+    name: str
+    address: str
+    model_id: str
+    epoch: bytes
+
+
+def handles_errors(method: Callable) -> Callable:
+    """Answer nanoshard errors with their gRPC status; anything else is a bug, logged."""
+
+    @functools.wraps(method)
+    async def wrapper(self: NodeService, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except NanoshardError as exc:
+            await rpc.abort(context, exc)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.exception("%s failed", method.__name__)
+            await rpc.abort(context, InvalidArgument(f"{method.__name__}: {exc}"))
+
+    return wrapper
+
+
+def spec_from_wire(msg: pb.SessionSpec, block_size: int) -> SessionSpec:
+    s = msg.sampling
+    spec = SessionSpec(
+        session_id=msg.session_id,
+        max_length=msg.max_length,
+        codec=codecs.check_codec(msg.codec),
+        sampling=SamplingParams(s.temperature, s.top_k, s.top_p if s.top_p else 1.0, s.seed),
+    )
+    if spec.max_length > block_size:
+        raise InvalidArgument(
+            f"max_length {spec.max_length} exceeds the model's context length {block_size}"
+        )
+    return spec
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(
+        self,
+        stage: Stage,
+        identity: NodeIdentity,
+        worker: ComputeWorker,
+        sessions: SessionTable,
+        *,
+        max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
+        step_timeout_s: float = 120.0,
+    ) -> None:
+        self.stage = stage
+        self.config = stage.config
+        self.identity = identity
+        self.worker = worker
+        self.sessions = sessions
+        self.channels = Channels(max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self.step_timeout_s = step_timeout_s
+        p = next(stage.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self._latencies: list[float] = []
+
+    # ---- sessions -------------------------------------------------------------------
+
+    def reservation_bytes(self, spec: SessionSpec) -> int:
+        """KV cache plus replay material (at most fp32 activations for every position)."""
+        kv = KVCache.nbytes_for(self.config, self.stage.n_blocks, spec.max_length, self.dtype)
+        replay = 0 if self.stage.has_head else spec.max_length * self.config.n_embd * 4
+        return kv + replay
+
+    def handle(self, session: NodeSession) -> pb.KVHandle:
+        return pb.KVHandle(
+            session_id=session.spec.session_id,
+            start=self.stage.start,
+            end=self.stage.end,
+            length=session.length,
+            epoch=self.identity.epoch,
+        )
+
+    def check_route(self, route: Any) -> list[pb.Hop]:
+        """The hops after this node must continue from our last unit, contiguously, to the head."""
+        hops = list(route)
+        expected = self.stage.end
+        for hop in hops:
+            if hop.start != expected or hop.end <= hop.start or hop.end > self.config.n_units:
+                raise InvalidArgument(
+                    f"route does not continue this node's stage [{self.stage.start}, "
+                    f"{self.stage.end}): a hop covers [{hop.start}, {hop.end}), expected to "
+                    f"start at unit {expected}"
+                )
+            if not hop.addresses:
+                raise InvalidArgument(f"route hop [{hop.start}, {hop.end}) names no address")
+            expected = hop.end
+        if hops and expected != self.config.n_units:
+            raise InvalidArgument(f"route ends at unit {expected}, before the head")
+        return hops
+
+    @handles_errors
+    async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
+        spec = spec_from_wire(request.spec, self.config.block_size)
+        route = self.check_route(request.route)
+        session = self.sessions.find(spec.session_id)
+        created = session is None
+        if session is None:
+            nbytes = self.reservation_bytes(spec)
+            self.sessions.reserve(nbytes)  # refuse at once, before allocating
+            cache = (await self.worker.run(lambda: self.stage.new_cache(spec.max_length))).value
+            session = NodeSession(spec, cache, nbytes)
+            self.sessions.add(session)
+        elif session.spec != spec:
+            raise FailedPrecondition("this session id is already open with another spec")
+        try:
+            handles = [self.handle(session)]
+            if route:
+                reply = await self._open_downstream(session, route)
+                handles.extend(reply.handles)
+        except NanoshardError:
+            if created:
+                self._drop(session)
+            raise
+        return pb.OpenReply(length=session.length, handles=handles)
+
+    async def _open_downstream(self, session: NodeSession, route: list[pb.Hop]) -> pb.OpenReply:
+        hop = route[0]
+        request = pb.OpenRequest(spec=self._spec_to_wire(session.spec), route=route[1:])
+        failures = []
+        for address in self._candidates(session, hop):
+            try:
+                reply = await self.channels.stub(address).Open(request, timeout=self.step_timeout_s)
+            except Exception as err:  # grpc.aio.AioRpcError
+                exc = rpc.error_from_rpc(err, address)
+                if isinstance(exc, InvalidArgument | FailedPrecondition):
+                    raise exc from None
+                failures.append(str(exc))
+                continue
+            self._use_link(session, address)
+            return reply
+        raise Unavailable(
+            f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(failures)
+        )
+
+    def _spec_to_wire(self, spec: SessionSpec) -> pb.SessionSpec:
+        s = spec.sampling
+        return pb.SessionSpec(
+            session_id=spec.session_id,
+            max_length=spec.max_length,
+            codec=spec.codec,
+            sampling=pb.SamplingParams(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
+            ),
+        )
+
+    @handles_errors
+    async def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
+        session = self.sessions.find(request.session_id)
+        if session is None:
+            return pb.CloseReply(closed=False)
+        async with session.lock:
+            link = session.downstream
+            self._drop(session)
+        if link is not None:
+            try:
+                await self.channels.stub(link.address).Close(request, timeout=10)
+            except Exception:  # the next hop's TTL frees it anyway
+                log.debug("could not close session downstream at %s", link.address)
+        return pb.CloseReply(closed=True)
+
+    def _drop(self, session: NodeSession) -> None:
+        self.sessions.remove(session.spec.session_id)
+        if session.downstream is not None:
+            session.downstream.close()
+            session.downstream = None
+        session.sent.clear()
+
+    async def expire_forever(self, every_s: float) -> None:
+        """Close sessions idle for longer than the TTL; their memory returns."""
+        while True:
+            await asyncio.sleep(every_s)
+            for session in self.sessions.expired():
+                log.info("session %s expired", session.spec.session_id.hex()[:12])
+                self._drop(session)
+
+    # ---- steps ----------------------------------------------------------------------
+
+    @handles_errors
+    async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepReply:
+        return await self._step(request)
+
+    async def Steps(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: Any
+    ) -> AsyncIterator[pb.StepReply]:
+        try:
+            async for request in request_iterator:
+                yield await self._step(request)
+        except NanoshardError as exc:
+            await rpc.abort(context, exc)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.exception("Steps failed")
+            await rpc.abort(context, InvalidArgument(f"step: {exc}"))
+
+    async def _step(self, req: pb.StepRequest) -> pb.StepReply:
+        received = time.perf_counter()
+        if req.step_id == 0:
+            raise InvalidArgument("step_id must be >= 1")
+        session = self.sessions.get(req.session_id)
+        async with session.lock:
+            last = session.last_reply
+            if last is not None and session.last_step_id == req.step_id and last[0] == req.pos:
+                return last[1]  # a duplicate: same answer, nothing recomputed
+            route = self.check_route(req.route)
+            if req.sample and not route and not self.stage.has_head:
+                raise InvalidArgument(
+                    f"this node serves units [{self.stage.start}, {self.stage.end}) without "
+                    "the head: a step that samples must carry the route to it"
+                )
+            n_tokens, bytes_in, run = self._prepare(req, session)
+            if req.pos + n_tokens > session.spec.max_length:
+                raise InvalidArgument(
+                    f"positions up to {req.pos + n_tokens} exceed the session's max_length "
+                    f"{session.spec.max_length}"
+                )
+            resend = self._already_computed(session, req, n_tokens)
+            if resend is None and req.pos != session.length:
+                raise CacheMismatch(
+                    f"the step starts at position {req.pos} but this node's KV cache holds "
+                    f"{session.length} positions: replay from {session.length}",
+                    session.length,
+                )
+            trace = pb.HopTrace(
+                node=self.identity.name,
+                address=self.identity.address,
+                start=self.stage.start,
+                end=self.stage.end,
+                bytes_in=bytes_in,
+                codec=session.spec.codec,
+            )
+            if resend is None:
+                timed = await self.worker.run(run)
+                trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
+                out = timed.value
+                if not self.stage.has_head:
+                    session.sent.append(Sent(req.pos, n_tokens, out))
+                    session.last_computed = req.step_id
+            else:
+                out = resend
+            reply = pb.StepReply()
+            if self.stage.has_head:
+                if out is not None:
+                    reply.has_token, reply.token = True, out
+            elif route:
+                trace.bytes_out = len(out.payload)
+                down_req = pb.StepRequest(
+                    session_id=req.session_id,
+                    step_id=req.step_id,
+                    pos=req.pos,
+                    activations=out,
+                    route=route[1:],
+                    sample=req.sample,
+                )
+                sent_at = time.perf_counter()
+                down = await self._forward(session, route, down_req)
+                trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
+                reply.has_token, reply.token = down.has_token, down.token
+                reply.hops.extend(down.hops)
+            trace.handle.CopyFrom(self.handle(session))
+            trace.total_ms = (time.perf_counter() - received) * 1e3
+            reply.hops.insert(0, trace)
+            session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
+            self._record_latency(trace.total_ms)
+            return reply
+
+    def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, Callable]:
+        """Validate the step's input; return its token count, bytes, and the compute job."""
+        kind = req.WhichOneof("input")
+        stage, spec = self.stage, session.spec
+        if stage.has_embed:
+            if kind != "tokens":
+                raise InvalidArgument(
+                    "this node holds embed (unit 0): send token ids, not activations"
+                )
+            ids = list(req.tokens.ids)
+            if not ids:
+                raise InvalidArgument("a step needs at least one token")
+            if max(ids) >= self.config.vocab_size:
+                raise InvalidArgument(
+                    f"token id {max(ids)} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
+            n_tokens, bytes_in = len(ids), 4 * len(ids)
+
+            def make_input() -> torch.Tensor:
+                return torch.tensor(ids, dtype=torch.long, device=self.device)
+        else:
+            if kind != "activations":
+                raise InvalidArgument(
+                    f"this node starts at unit {stage.start}: send activations, not token ids"
+                )
+            act = req.activations
+            if act.codec != spec.codec:
+                raise InvalidArgument(
+                    f"activations use codec {act.codec!r} but the session was opened with {spec.codec!r}"
+                )
+            shape = tuple(act.shape)
+            if len(shape) != 2 or shape[1] != self.config.n_embd or shape[0] < 1:
+                raise InvalidArgument(
+                    f"activations must have shape [tokens >= 1, {self.config.n_embd}], got {list(shape)}"
+                )
+            n_tokens, bytes_in = shape[0], len(act.payload)
+
+            def make_input() -> torch.Tensor:
+                return codecs.decode(
+                    act.payload, shape, act.codec, dtype=self.dtype, device=self.device
+                )
+
+        want_token = req.sample and stage.has_head
+        pos = req.pos
+
+        def run() -> Any:
+            y = stage(make_input(), session.cache, pos)
+            if stage.has_head:
+                return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
+            payload = codecs.encode(y, spec.codec)
+            return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
+
+        return n_tokens, bytes_in, run
+
+    @staticmethod
+    def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:
+        """A retried step this node already ran but could not forward: resend its output."""
+        if (
+            session.sent
+            and session.last_computed == req.step_id
+            and session.sent[-1].pos == req.pos
+            and session.sent[-1].count == n_tokens
+            and req.pos + n_tokens == session.length
+        ):
+            return session.sent[-1].message
+        return None
+
+    # ---- forwarding -----------------------------------------------------------------
+
+    def _candidates(self, session: NodeSession, hop: pb.Hop) -> list[str]:
+        """The current next hop first if it still serves the stage, then the route's order."""
+        current = session.downstream.address if session.downstream else None
+        addresses = list(hop.addresses)
+        if current in addresses:
+            addresses.remove(current)
+            addresses.insert(0, current)
+        return addresses
+
+    def _use_link(self, session: NodeSession, address: str) -> Link:
+        if session.downstream is None or session.downstream.address != address:
+            if session.downstream is not None:
+                session.downstream.close()
+            session.downstream = Link(self.channels.stub(address), address, self.step_timeout_s)
+        return session.downstream
+
+    async def _forward(
+        self, session: NodeSession, route: list[pb.Hop], request: pb.StepRequest
+    ) -> pb.StepReply:
+        """Send a step to the next hop. If that hop lost the session or part of its cache,
+        reopen and refill it from the replay material; if it is gone, try its replicas."""
+        failures: list[str] = []
+        for address in self._candidates(session, route[0]):
+            link = self._use_link(session, address)
+            for _ in range(3):  # a refill can race with expiry or a restart; bounded
+                try:
+                    return await link.step(request)
+                except CacheMismatch as exc:
+                    link = await self._refill(
+                        session, address, exc.length, request.pos, request.step_id
+                    )
+                except NotFound:
+                    await self._open_downstream(session, route)
+                    link = await self._refill(session, address, 0, request.pos, request.step_id)
+                except (Unavailable, ResourceExhausted) as exc:
+                    failures.append(str(exc))
+                    session.downstream = None
+                    break
+            else:
+                failures.append(f"{address}: could not be brought up to position {request.pos}")
+        hop = route[0]
+        raise Unavailable(
+            f"units [{hop.start}, {hop.end}) unreachable from {self.identity.name}: "
+            + "; ".join(failures)
+        )
+
+    async def _refill(
+        self, session: NodeSession, address: str, have: int, upto: int, step_id: int
+    ) -> Link:
+        """Bring the next hop's cache from ``have`` to ``upto`` positions with what this node
+        sent before: no recomputation here or upstream."""
+        if session.downstream is not None:
+            session.downstream.close()
+            session.downstream = None
+        link = self._use_link(session, address)
+        if have > upto:
+            raise FailedPrecondition(
+                f"{address} holds {have} positions, more than this node's {upto}: it belongs to "
+                "another history of this session"
+            )
+        for sent in session.sent_since(have):
+            if sent.pos >= upto:
+                break
+            message, pos = sent.message, sent.pos
+            if pos < have:  # the hop holds part of this chunk: send only the rest
+                message, pos = self._tail(message, have - pos), have
+            fill = pb.StepRequest(
+                session_id=session.spec.session_id,
+                step_id=step_id,  # with a lower pos than the step itself: not a duplicate
+                pos=pos,
+                activations=message,
+            )
+            await link.step(fill)
+        log.info("refilled %s from %d to %d positions", address, have, upto)
+        return link
+
+    def _tail(self, message: pb.Activations, skip: int) -> pb.Activations:
+        rows = codecs.decode(message.payload, tuple(message.shape), message.codec)[skip:]
+        return pb.Activations(
+            codec=message.codec,
+            shape=list(rows.shape),
+            payload=codecs.encode(rows, message.codec),
+        )
+
+    # ---- info -----------------------------------------------------------------------
+
+    def _record_latency(self, ms: float) -> None:
+        self._latencies.append(ms)
+        del self._latencies[:-200]
+
+    @handles_errors
+    async def Info(self, request: pb.InfoRequest, context: Any) -> pb.NodeInfo:
+        lat = sorted(self._latencies)
+        return pb.NodeInfo(
+            name=self.identity.name,
+            address=self.identity.address,
+            model_id=self.identity.model_id,
+            start=self.stage.start,
+            end=self.stage.end,
+            n_units=self.config.n_units,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            sessions=len(self.sessions),
+            kv_bytes_used=self.sessions.used_bytes,
+            kv_bytes_budget=self.sessions.budget_bytes,
+            queue_length=self.worker.queue_length,
+            step_ms_p50=lat[len(lat) // 2] if lat else 0.0,
+            epoch=self.identity.epoch,
+            protocol_version=PROTOCOL_VERSION,
+        )

@@ -1,0 +1,128 @@
+"""A node's sessions: their KV caches, the memory budget they share, and what each one
+sent downstream (replay material). No gRPC here: the servicer calls in."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoshard.errors import InvalidArgument, NotFound, ResourceExhausted
+from nanoshard.kv import KVCache
+from nanoshard.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_BYTES = 16
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a session is, fixed when it opens (mirrors the wire's SessionSpec)."""
+
+    session_id: bytes
+    max_length: int
+    codec: str
+    sampling: SamplingParams
+
+    def __post_init__(self) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise InvalidArgument(
+                f"session_id must be {SESSION_ID_BYTES} bytes, got {len(self.session_id)}"
+            )
+        if self.max_length < 1:
+            raise InvalidArgument(f"max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class Sent:
+    """One chunk of activations this node sent downstream, kept to refill a replacement."""
+
+    pos: int
+    count: int
+    message: Any  # the wire's Activations, exactly as sent
+
+
+@dataclass
+class NodeSession:
+    spec: SessionSpec
+    cache: KVCache
+    reserved_bytes: int
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_step_id: int = 0
+    last_reply: Any = None  # (pos, reply) of last_step_id, answered again to a duplicate
+    last_computed: int = 0  # the step whose output is sent[-1] (resent if forwarding failed)
+    sent: list[Sent] = field(default_factory=list)
+    downstream: Any = None  # the open stream to the next hop, if any
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def sent_since(self, pos: int) -> list[Sent]:
+        """The replay material covering positions [pos, length), in order."""
+        return [s for s in self.sent if s.pos + s.count > pos]
+
+
+class SessionTable:
+    """Open sessions and the KV memory they reserve; at most ``budget_bytes`` in all."""
+
+    def __init__(self, budget_bytes: int, ttl_s: float) -> None:
+        self.budget_bytes = budget_bytes
+        self.ttl_s = ttl_s
+        self._sessions: dict[bytes, NodeSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in self._sessions.values())
+
+    def find(self, session_id: bytes) -> NodeSession | None:
+        return self._sessions.get(session_id)
+
+    def get(self, session_id: bytes) -> NodeSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(
+                f"session {session_id.hex()[:12]}… is not open on this node "
+                "(closed, expired, or the node restarted): open it again"
+            )
+        session.last_used = time.monotonic()
+        return session
+
+    def reserve(self, nbytes: int) -> None:
+        """Refuse at once when ``nbytes`` more would not fit the budget."""
+        free = self.budget_bytes - self.used_bytes
+        if nbytes > free:
+            raise ResourceExhausted(
+                f"KV memory budget full: the session needs {nbytes / 2**20:.1f} MiB, "
+                f"{max(free, 0) / 2**20:.1f} MiB of {self.budget_bytes / 2**20:.1f} MiB free; "
+                "try another replica, a shorter max_length, or later"
+            )
+
+    def add(self, session: NodeSession) -> None:
+        self.reserve(session.reserved_bytes)
+        self._sessions[session.spec.session_id] = session
+
+    def remove(self, session_id: bytes) -> NodeSession | None:
+        return self._sessions.pop(session_id, None)
+
+    def expired(self, now: float | None = None) -> list[NodeSession]:
+        """Remove and return the sessions idle for longer than the TTL."""
+        now = time.monotonic() if now is None else now
+        stale = [
+            s
+            for s in self._sessions.values()
+            if now - s.last_used > self.ttl_s and not s.lock.locked()
+        ]
+        for s in stale:
+            del self._sessions[s.spec.session_id]
+        return stale
+
+    def all(self) -> list[NodeSession]:
+        return list(self._sessions.values())
