@@ -7,6 +7,7 @@ the local reference path.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import secrets
 from collections.abc import Iterator
@@ -143,10 +144,8 @@ class RouteSession:
 
     def close(self) -> None:
         self._requests.put(_END)
-        try:
+        with contextlib.suppress(grpc.RpcError):  # else the nodes' TTL frees it
             self._stub.Close(pb.CloseRequest(session_id=self.session_id), timeout=10)
-        except grpc.RpcError:
-            pass  # the nodes' TTL frees it anyway
         self._channel.close()
 
 

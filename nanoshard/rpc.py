@@ -3,7 +3,7 @@ exceptions become gRPC statuses (and back)."""
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -78,3 +78,57 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
     }
     cls = by_code.get(code, errors.Unavailable)  # type: ignore[arg-type]
     return cls(where + detail)
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    try:
+        return cls.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, or garbage it chokes on otherwise
+        raise errors.InvalidArgument(
+            f"the request is not a valid {cls.DESCRIPTOR.name}: {exc}"
+        ) from None
+
+
+def strict_service(
+    service_name: str, methods: dict[str, tuple[str, Any, Any]]
+) -> grpc.GenericRpcHandler:
+    """A service whose requests are parsed by us, so garbage bytes get INVALID_ARGUMENT
+    (gRPC's own deserializer would answer UNKNOWN). ``methods``: name -> (kind, handler,
+    request class) with kind "unary" or "stream" (bidirectional); handlers take parsed
+    messages, as generated servicers do."""
+    handlers = {}
+    for name, (kind, handler, request_cls) in methods.items():
+        if kind == "unary":
+
+            async def unary(
+                raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
+            ) -> Any:
+                try:
+                    request = _parse(_c, raw)
+                except errors.NanoshardError as exc:
+                    await abort(context, exc)
+                return await _h(request, context)
+
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                unary, response_serializer=_serialize
+            )
+        else:
+
+            async def stream(
+                raw_iterator: Any, context: Any, _h: Any = handler, _c: Any = request_cls
+            ) -> Any:
+                async def parsed() -> Any:
+                    async for raw in raw_iterator:
+                        yield _parse(_c, raw)
+
+                async for reply in _h(parsed(), context):
+                    yield reply
+
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                stream, response_serializer=_serialize
+            )
+    return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()

@@ -19,7 +19,6 @@ from nanoshard import rpc
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import parse_dtype, pick_device
-from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .service import NodeIdentity, NodeService
 from .sessions import SessionTable
@@ -76,7 +75,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
     service = NodeService(
         stage, identity, worker, sessions, max_message_bytes=config.max_message_bytes
     )
-    pb_grpc.add_NodeServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((service.rpc_handler(),))
     await server.start()
     expiry = asyncio.create_task(service.expire_forever(max(0.05, config.session_ttl / 4)))
     log.info(

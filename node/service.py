@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import torch
 
 from nanoshard import codec as codecs
@@ -101,6 +102,19 @@ class NodeService(pb_grpc.NodeServicer):
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._latencies: list[float] = []
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        """This service for a gRPC server, parsing requests itself (garbage -> INVALID_ARGUMENT)."""
+        return rpc.strict_service(
+            "nanoshard.v1.Node",
+            {
+                "Open": ("unary", self.Open, pb.OpenRequest),
+                "Steps": ("stream", self.Steps, pb.StepRequest),
+                "Step": ("unary", self.Step, pb.StepRequest),
+                "Close": ("unary", self.Close, pb.CloseRequest),
+                "Info": ("unary", self.Info, pb.InfoRequest),
+            },
+        )
 
     # ---- sessions -------------------------------------------------------------------
 

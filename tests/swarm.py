@@ -1,0 +1,135 @@
+"""Real node processes for tests: started on 127.0.0.1 with free ports, always stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+class Proc:
+    """A child process whose stdout we scan for its address; stopped by PID."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.popen = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := pattern.search(line):
+                    return m
+            if self.popen.poll() is not None:
+                time.sleep(0.2)  # let the reader catch the last lines
+                raise RuntimeError(
+                    f"{self.args[:3]} exited {self.popen.returncode}:\n{self.output}"
+                )
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.args[:3]} did not print {pattern.pattern!r}:\n{self.output}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+class Swarm:
+    """Processes a test started; ``close`` stops every one of them (use as a context manager)."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(args, env)
+        self.procs.append(proc)
+        return proc
+
+    def node(self, model: str, units: str, *extra: str) -> tuple[Proc, str]:
+        """Start ``nanoshard-node serve`` and wait for its address."""
+        proc = self.start(
+            [
+                str(BIN / "nanoshard-node"),
+                "serve",
+                "--model",
+                model,
+                "--units",
+                units,
+                "--port",
+                "0",
+                "--threads",
+                "1",
+                *extra,
+            ]
+        )
+        return proc, proc.wait_for(LISTENING).group(1)
+
+    def chain(self, model: str, splits: list[str], *extra: str) -> list[str]:
+        """Start one node per stage (in parallel) and return their addresses in order."""
+        procs = [
+            self.start(
+                [
+                    str(BIN / "nanoshard-node"),
+                    "serve",
+                    "--model",
+                    model,
+                    "--units",
+                    units,
+                    "--port",
+                    "0",
+                    "--threads",
+                    "1",
+                    *extra,
+                ]
+            )
+            for units in splits
+        ]
+        return [p.wait_for(LISTENING).group(1) for p in procs]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill(signal.SIGTERM)
+        self.procs.clear()
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def nanoshard(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``nanoshard`` CLI as a user would."""
+    return subprocess.run(
+        [str(BIN / "nanoshard"), *args], capture_output=True, text=True, timeout=timeout
+    )

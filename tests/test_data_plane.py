@@ -1,0 +1,370 @@
+"""The data plane end to end: real node processes on loopback, driven over real gRPC."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from nanoshard.client.route import Route, RouteSession, route_from_addresses
+from swarm import Swarm, nanoshard
+
+from nanoshard import rpc
+from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.config import GPTConfig
+from nanoshard.engine import init_weights
+from nanoshard.generation import generate
+from nanoshard.sampling import SamplingParams
+from nanoshard.tokenizer import gpt2_bpe_dir
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
+PROMPT = "It was the best of times, it was the worst of times"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-block GPT-2 with GPT-2's own tokenizer files (6 units: 0:2, 2:4, 4:6)."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(gpt2_bpe_dir() / "encoder.json", tokenizer / "vocab.json")
+    shutil.copy(gpt2_bpe_dir() / "vocab.bpe", tokenizer / "merges.txt")
+    save_hf_checkpoint(TINY, init_weights(TINY, seed=3), directory, tokenizer_dir=tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tiny_model: Path):
+    with Swarm() as swarm:
+        yield swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"], "--session-ttl", "2")
+
+
+@pytest.fixture(scope="module")
+def demo_chain():
+    with Swarm() as swarm:
+        yield swarm.chain("demo", ["0:3", "3:6", "6:8"])
+
+
+def run_json(*args: str) -> dict:
+    done = nanoshard("generate", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    "sampling", [["--temperature", "0"], ["--temperature", "0.9", "--top-k", "40", "--seed", "7"]]
+)
+def test_route_equals_local_tiny(
+    tiny_model: Path, tiny_chain: list[str], sampling: list[str]
+) -> None:
+    common = ["--model", str(tiny_model), "--max-new-tokens", "100", *sampling, PROMPT]
+    local = run_json("--local", *common)
+    routed = run_json("--route", ",".join(tiny_chain), "--codec", "fp32", *common)
+    assert routed["token_ids"] == local["token_ids"]
+    assert len(local["token_ids"]) == 100
+    assert routed["prompt_token_ids"] == local["prompt_token_ids"]
+    assert [h["units"] for h in routed["hops"]] == [[0, 2], [2, 4], [4, 6]]
+    assert all(h["steps"] == 100 for h in routed["hops"])
+    assert routed["hops"][0]["bytes_out"] > 0 and routed["hops"][-1]["bytes_out"] == 0
+
+
+@pytest.mark.parametrize(
+    "sampling", [["--temperature", "0"], ["--temperature", "0.8", "--seed", "11"]]
+)
+def test_route_equals_local_demo(demo_chain: list[str], sampling: list[str]) -> None:
+    common = ["--max-new-tokens", "100", *sampling, "ROMEO:"]
+    local = run_json("--local", *common)
+    routed = run_json("--route", ",".join(demo_chain), *common)
+    assert routed["token_ids"] == local["token_ids"]
+    assert routed["text"] == local["text"]
+
+
+def test_int8_agrees_with_fp32_on_demo(demo_chain: list[str]) -> None:
+    common = [
+        "--route",
+        ",".join(demo_chain),
+        "--max-new-tokens",
+        "200",
+        "--temperature",
+        "0",
+        "KING HENRY:",
+    ]
+    fp32 = run_json(*common, "--codec", "fp32")["token_ids"]
+    int8 = run_json(*common, "--codec", "int8")["token_ids"]
+    n = min(len(fp32), len(int8))
+    assert n >= 150  # long enough to mean something, even if <|endoftext|> came early
+    agree = sum(a == b for a, b in zip(fp32, int8, strict=False)) / max(len(fp32), len(int8))
+    assert agree >= 0.95, (agree, fp32, int8)
+
+
+# ---- talking to a live node directly -------------------------------------------------
+
+
+def stub(address: str) -> pb_grpc.NodeStub:
+    return pb_grpc.NodeStub(grpc.insecure_channel(address, options=rpc.channel_options()))
+
+
+def spec(max_length: int = 64, codec: str = "fp32") -> pb.SessionSpec:
+    return pb.SessionSpec(
+        session_id=secrets.token_bytes(16),
+        max_length=max_length,
+        codec=codec,
+        sampling=pb.SamplingParams(temperature=0.0, top_p=1.0),
+    )
+
+
+def route_after(chain: list[str], first: int) -> list[pb.Hop]:
+    units = [(0, 2), (2, 4), (4, 6)]
+    return [
+        pb.Hop(start=s, end=e, addresses=[a])
+        for (s, e), a in list(zip(units, chain, strict=True))[first + 1 :]
+    ]
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details(), dict(err.value.trailing_metadata() or ())
+
+
+def test_bad_input_gets_a_status_and_the_node_keeps_serving(
+    tiny_model: Path, tiny_chain: list[str]
+) -> None:
+    head, middle = stub(tiny_chain[2]), stub(tiny_chain[1])
+    first = stub(tiny_chain[0])
+    s = spec()
+    first.Open(pb.OpenRequest(spec=s, route=route_after(tiny_chain, 0)), timeout=30)
+    sid = s.session_id
+    act = lambda n, codec="fp32", width=32, payload=None: pb.Activations(  # noqa: E731
+        codec=codec,
+        shape=[n, width],
+        payload=payload if payload is not None else bytes(4 * n * width),
+    )
+    cases = {
+        "unknown session": (
+            middle.Step,
+            pb.StepRequest(session_id=secrets.token_bytes(16), step_id=1, activations=act(1)),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "bad session id": (
+            middle.Step,
+            pb.StepRequest(session_id=b"xx", step_id=1, activations=act(1)),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "step id 0": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=0, activations=act(1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "tokens to a middle node": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, tokens=pb.Tokens(ids=[1])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "activations to the first node": (
+            first.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "token outside the vocabulary": (
+            first.Step,
+            pb.StepRequest(session_id=sid, step_id=1, tokens=pb.Tokens(ids=[10**6])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "no input": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "wrong width": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(1, width=31)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "wrong codec": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(1, codec="fp16")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "unknown codec": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(1, codec="zip")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "truncated payload": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(2, payload=b"\0" * 100)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "NaN activations": (
+            middle.Step,
+            pb.StepRequest(
+                session_id=sid, step_id=1, activations=act(1, payload=b"\xff\xff\xff\x7f" * 32)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "past max_length": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(65)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "sample without the head": (
+            middle.Step,
+            pb.StepRequest(session_id=sid, step_id=1, activations=act(1), sample=True),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "route with a gap": (
+            first.Step,
+            pb.StepRequest(
+                session_id=sid,
+                step_id=1,
+                tokens=pb.Tokens(ids=[1]),
+                route=[pb.Hop(start=3, end=6, addresses=[tiny_chain[2]])],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "wrong position": (
+            head.Step,
+            pb.StepRequest(session_id=sid, step_id=1, pos=5, activations=act(1)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        "max_length over context": (
+            first.Open,
+            pb.OpenRequest(spec=spec(max_length=10_000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "bad sampling": (
+            first.Open,
+            pb.OpenRequest(
+                spec=pb.SessionSpec(
+                    session_id=secrets.token_bytes(16),
+                    max_length=8,
+                    codec="fp32",
+                    sampling=pb.SamplingParams(top_p=2.0),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    }
+    for name, (method, request, expected) in cases.items():
+        code, details, trailers = code_of(lambda: method(request, timeout=30))  # noqa: B023
+        assert code == expected, (name, code, details)
+        assert details, name
+        if expected == grpc.StatusCode.FAILED_PRECONDITION:
+            assert trailers.get(rpc.KV_LENGTH_KEY) == "0", trailers
+
+    # garbage bytes straight onto the wire, and a message over the size limit
+    channel = grpc.insecure_channel(tiny_chain[1])
+    raw = channel.unary_unary(
+        "/nanoshard.v1.Node/Step", request_serializer=None, response_deserializer=None
+    )
+    code, _, _ = code_of(lambda: raw(b"\xff\xfe\x00garbage\x12\x99", timeout=30))
+    assert code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    big = pb.StepRequest(session_id=sid, step_id=1, activations=act(1, payload=bytes(17 * 2**20)))
+    code, _, _ = code_of(lambda: middle.Step(big, timeout=30))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # ... and everyone is still served: a valid generation through the same nodes
+    route = route_from_addresses(tiny_chain)
+    session = RouteSession(route, SamplingParams(temperature=0), max_length=40)
+    gen = generate(session, [464, 3290, 373], 20, block_size=TINY.block_size)
+    session.close()
+    assert len(gen.token_ids) == 20
+
+
+def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str]) -> None:
+    first = stub(tiny_chain[0])
+    s = spec()
+    hops = route_after(tiny_chain, 0)
+    first.Open(pb.OpenRequest(spec=s, route=hops), timeout=30)
+    req = pb.StepRequest(
+        session_id=s.session_id,
+        step_id=1,
+        pos=0,
+        tokens=pb.Tokens(ids=[1, 2, 3]),
+        route=hops,
+        sample=True,
+    )
+    a = first.Step(req, timeout=30)
+    b = first.Step(req, timeout=30)  # same step id and position: a duplicate
+    assert a.has_token and a.token == b.token
+    assert [h.handle.length for h in b.hops] == [3, 3, 3]
+    assert a.SerializeToString() == b.SerializeToString()  # the very same reply
+    late = pb.StepRequest(
+        session_id=s.session_id,
+        step_id=9,
+        pos=0,
+        tokens=pb.Tokens(ids=[1]),
+        route=hops,
+        sample=True,
+    )
+    code, _, trailers = code_of(lambda: first.Step(late, timeout=30))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and trailers[rpc.KV_LENGTH_KEY] == "3"
+    first.Close(pb.CloseRequest(session_id=s.session_id), timeout=30)
+
+
+def test_kv_budget_refuses_at_once_and_memory_returns(tiny_model: Path) -> None:
+    with Swarm() as swarm:
+        _, address = swarm.node(str(tiny_model), "0:6", "--kv-memory", "600K", "--session-ttl", "1")
+        node = stub(address)
+        info = node.Info(pb.InfoRequest(), timeout=30)
+        assert info.kv_bytes_used == 0 and info.kv_bytes_budget == 600 * 1024
+        opened = []
+        for _ in range(2):  # 4 blocks x (k, v) x 256 positions x 32 wide x 4 bytes = 256 KiB each
+            s = spec(max_length=256)
+            node.Open(pb.OpenRequest(spec=s), timeout=30)
+            opened.append(s.session_id)
+        assert node.Info(pb.InfoRequest(), timeout=30).kv_bytes_used == 2 * 262144
+        code, details, _ = code_of(
+            lambda: node.Open(pb.OpenRequest(spec=spec(max_length=256)), timeout=30)
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in details
+        assert node.Close(pb.CloseRequest(session_id=opened[0]), timeout=30).closed
+        assert node.Info(pb.InfoRequest(), timeout=30).kv_bytes_used == 262144
+        deadline = time.monotonic() + 10  # the other one expires (TTL 1 s)
+        while node.Info(pb.InfoRequest(), timeout=30).kv_bytes_used and time.monotonic() < deadline:
+            time.sleep(0.2)
+        info = node.Info(pb.InfoRequest(), timeout=30)
+        assert info.kv_bytes_used == 0 and info.sessions == 0
+
+
+def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
+    """The middle node dies; its replacement gets exactly what it lacks from the hop before
+    (no recomputation upstream) and the generation goes on with the same tokens."""
+    prompt = [464, 3290, 373, 257, 1332]
+    with Swarm() as swarm:
+        a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
+        reference_route = route_from_addresses([a, b, c])
+        ref = RouteSession(reference_route, SamplingParams(temperature=0), max_length=60)
+        expected = generate(ref, prompt, 40, block_size=TINY.block_size).token_ids
+        ref.close()
+
+        route = route_from_addresses([a, b, c])
+        session = RouteSession(route, SamplingParams(temperature=0), max_length=60)
+        tokens: list[int] = []
+        result = session.step(prompt, 0)
+        for _ in range(20):
+            tokens.append(result.token)
+            result = session.step([result.token], len(prompt) + len(tokens) - 1)
+        middle = next(p for p in swarm.procs if b in p.output)
+        middle.kill()
+        _, b2 = swarm.node(str(tiny_model), "2:4")
+        session.route = Route(
+            [route.hops[0], pb.Hop(start=2, end=4, addresses=[b2]), route.hops[2]], 6
+        )
+        while len(tokens) < 40:
+            tokens.append(result.token)
+            if len(tokens) == 40:
+                break
+            result = session.step([result.token], len(prompt) + len(tokens) - 1)
+            if len(tokens) == 21:  # the first step after the loss: the new node was refilled
+                assert [h["kv_length"] for h in result.hops] == [len(prompt) + 21] * 3
+        session.close()
+        assert tokens == expected
