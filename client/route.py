@@ -105,7 +105,11 @@ class RouteSession:
                 seed=params.seed,
             ),
         )
-        self._call(self._stub.Open, pb.OpenRequest(spec=spec, route=route.hops[1:]))
+        first = route.hops[0]
+        self._call(
+            self._stub.Open,
+            pb.OpenRequest(spec=spec, route=route.hops[1:], start=first.start, end=first.end),
+        )
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._replies: Iterator[pb.StepReply] = self._stub.Steps(iter(self._requests.get, _END))
 

@@ -1,0 +1,12 @@
+"""nanoshard: pool volunteer machines into one GPT.
+
+``from nanoshard import Client`` is the SDK (see ``client/``); the engine, codecs, wire and
+tokenizer live in this package; ``nanoshard.node`` and ``nanoshard.coordinator`` are the two
+server roles.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1  # of the wire (protos/nanoshard/v1); peers of another version are refused
+
+__version__ = "0.1.0"

@@ -94,8 +94,8 @@ def strict_service(
 ) -> grpc.GenericRpcHandler:
     """A service whose requests are parsed by us, so garbage bytes get INVALID_ARGUMENT
     (gRPC's own deserializer would answer UNKNOWN). ``methods``: name -> (kind, handler,
-    request class) with kind "unary" or "stream" (bidirectional); handlers take parsed
-    messages, as generated servicers do."""
+    request class) with kind "unary", "server_stream" or "stream" (bidirectional); handlers
+    take parsed messages, as generated servicers do."""
     handlers = {}
     for name, (kind, handler, request_cls) in methods.items():
         if kind == "unary":
@@ -111,6 +111,21 @@ def strict_service(
 
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 unary, response_serializer=_serialize
+            )
+        elif kind == "server_stream":
+
+            async def server_stream(
+                raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
+            ) -> Any:
+                try:
+                    request = _parse(_c, raw)
+                except errors.NanoshardError as exc:
+                    await abort(context, exc)
+                async for reply in _h(request, context):
+                    yield reply
+
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                server_stream, response_serializer=_serialize
             )
         else:
 

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import torch
 
+from nanoshard import PROTOCOL_VERSION, rpc
 from nanoshard import codec as codecs
-from nanoshard import rpc
 from nanoshard.engine import Stage
 from nanoshard.errors import (
     CacheMismatch,
@@ -37,8 +37,6 @@ from .sessions import NodeSession, Sent, SessionSpec, SessionTable
 from .worker import ComputeWorker
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = 1
 
 
 @dataclass
@@ -83,7 +81,7 @@ def spec_from_wire(msg: pb.SessionSpec, block_size: int) -> SessionSpec:
 class NodeService(pb_grpc.NodeServicer):
     def __init__(
         self,
-        stage: Stage,
+        stage: Stage | None,
         identity: NodeIdentity,
         worker: ComputeWorker,
         sessions: SessionTable,
@@ -91,17 +89,33 @@ class NodeService(pb_grpc.NodeServicer):
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         step_timeout_s: float = 120.0,
     ) -> None:
-        self.stage = stage
-        self.config = stage.config
+        self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.identity = identity
         self.worker = worker
         self.sessions = sessions
         self.channels = Channels(max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
-        p = next(stage.parameters())
-        self.device, self.dtype = p.device, p.dtype
         self._latencies: list[float] = []
+
+    def set_stage(self, stage: Stage | None) -> None:
+        """Serve another stage from now on. Sessions already open finish on the stage they
+        opened on, which is freed when the last of them closes."""
+        self.stage = stage
+
+    def current_stage(self, start: int = 0, end: int = 0) -> Stage:
+        """The stage new sessions open on; refuses when the caller expects another one."""
+        stage = self.stage
+        if stage is None:
+            raise FailedPrecondition(
+                "this node is not serving a stage yet (it is loading): try a replica"
+            )
+        if end and (start, end) != (stage.start, stage.end):
+            raise FailedPrecondition(
+                f"this node now serves units [{stage.start}, {stage.end}), not [{start}, {end}): "
+                "ask the coordinator for a fresh route"
+            )
+        return stage
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """This service for a gRPC server, parsing requests itself (garbage -> INVALID_ARGUMENT)."""
@@ -118,50 +132,54 @@ class NodeService(pb_grpc.NodeServicer):
 
     # ---- sessions -------------------------------------------------------------------
 
-    def reservation_bytes(self, spec: SessionSpec) -> int:
+    @staticmethod
+    def reservation_bytes(stage: Stage, spec: SessionSpec) -> int:
         """KV cache plus replay material (at most fp32 activations for every position)."""
-        kv = KVCache.nbytes_for(self.config, self.stage.n_blocks, spec.max_length, self.dtype)
-        replay = 0 if self.stage.has_head else spec.max_length * self.config.n_embd * 4
+        dtype = next(stage.parameters()).dtype
+        kv = KVCache.nbytes_for(stage.config, stage.n_blocks, spec.max_length, dtype)
+        replay = 0 if stage.has_head else spec.max_length * stage.config.n_embd * 4
         return kv + replay
 
     def handle(self, session: NodeSession) -> pb.KVHandle:
         return pb.KVHandle(
             session_id=session.spec.session_id,
-            start=self.stage.start,
-            end=self.stage.end,
+            start=session.stage.start,
+            end=session.stage.end,
             length=session.length,
             epoch=self.identity.epoch,
         )
 
-    def check_route(self, route: Any) -> list[pb.Hop]:
+    @staticmethod
+    def check_route(stage: Stage, route: Any) -> list[pb.Hop]:
         """The hops after this node must continue from our last unit, contiguously, to the head."""
         hops = list(route)
-        expected = self.stage.end
+        expected = stage.end
         for hop in hops:
-            if hop.start != expected or hop.end <= hop.start or hop.end > self.config.n_units:
+            if hop.start != expected or hop.end <= hop.start or hop.end > stage.config.n_units:
                 raise InvalidArgument(
-                    f"route does not continue this node's stage [{self.stage.start}, "
-                    f"{self.stage.end}): a hop covers [{hop.start}, {hop.end}), expected to "
+                    f"route does not continue this node's stage [{stage.start}, "
+                    f"{stage.end}): a hop covers [{hop.start}, {hop.end}), expected to "
                     f"start at unit {expected}"
                 )
             if not hop.addresses:
                 raise InvalidArgument(f"route hop [{hop.start}, {hop.end}) names no address")
             expected = hop.end
-        if hops and expected != self.config.n_units:
+        if hops and expected != stage.config.n_units:
             raise InvalidArgument(f"route ends at unit {expected}, before the head")
         return hops
 
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
-        spec = spec_from_wire(request.spec, self.config.block_size)
-        route = self.check_route(request.route)
-        session = self.sessions.find(spec.session_id)
+        session = self.sessions.find(request.spec.session_id)
+        stage = session.stage if session else self.current_stage(request.start, request.end)
+        spec = spec_from_wire(request.spec, stage.config.block_size)
+        route = self.check_route(stage, request.route)
         created = session is None
         if session is None:
-            nbytes = self.reservation_bytes(spec)
+            nbytes = self.reservation_bytes(stage, spec)
             self.sessions.reserve(nbytes)  # refuse at once, before allocating
-            cache = (await self.worker.run(lambda: self.stage.new_cache(spec.max_length))).value
-            session = NodeSession(spec, cache, nbytes)
+            cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
+            session = NodeSession(spec, stage, cache, nbytes)
             self.sessions.add(session)
         elif session.spec != spec:
             raise FailedPrecondition("this session id is already open with another spec")
@@ -178,7 +196,9 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def _open_downstream(self, session: NodeSession, route: list[pb.Hop]) -> pb.OpenReply:
         hop = route[0]
-        request = pb.OpenRequest(spec=self._spec_to_wire(session.spec), route=route[1:])
+        request = pb.OpenRequest(
+            spec=self._spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
+        )
         failures = []
         for address in self._candidates(session, hop):
             try:
@@ -263,10 +283,11 @@ class NodeService(pb_grpc.NodeServicer):
             last = session.last_reply
             if last is not None and session.last_step_id == req.step_id and last[0] == req.pos:
                 return last[1]  # a duplicate: same answer, nothing recomputed
-            route = self.check_route(req.route)
-            if req.sample and not route and not self.stage.has_head:
+            stage = session.stage
+            route = self.check_route(stage, req.route)
+            if req.sample and not route and not stage.has_head:
                 raise InvalidArgument(
-                    f"this node serves units [{self.stage.start}, {self.stage.end}) without "
+                    f"this node serves units [{stage.start}, {stage.end}) without "
                     "the head: a step that samples must carry the route to it"
                 )
             n_tokens, bytes_in, run = self._prepare(req, session)
@@ -285,8 +306,8 @@ class NodeService(pb_grpc.NodeServicer):
             trace = pb.HopTrace(
                 node=self.identity.name,
                 address=self.identity.address,
-                start=self.stage.start,
-                end=self.stage.end,
+                start=stage.start,
+                end=stage.end,
                 bytes_in=bytes_in,
                 codec=session.spec.codec,
             )
@@ -294,13 +315,13 @@ class NodeService(pb_grpc.NodeServicer):
                 timed = await self.worker.run(run)
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 out = timed.value
-                if not self.stage.has_head:
+                if not stage.has_head:
                     session.sent.append(Sent(req.pos, n_tokens, out))
                     session.last_computed = req.step_id
             else:
                 out = resend
             reply = pb.StepReply()
-            if self.stage.has_head:
+            if stage.has_head:
                 if out is not None:
                     reply.has_token, reply.token = True, out
             elif route:
@@ -328,7 +349,10 @@ class NodeService(pb_grpc.NodeServicer):
     def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, Callable]:
         """Validate the step's input; return its token count, bytes, and the compute job."""
         kind = req.WhichOneof("input")
-        stage, spec = self.stage, session.spec
+        stage, spec = session.stage, session.spec
+        config = stage.config
+        param = next(stage.parameters())
+        device, dtype = param.device, param.dtype
         if stage.has_embed:
             if kind != "tokens":
                 raise InvalidArgument(
@@ -337,14 +361,14 @@ class NodeService(pb_grpc.NodeServicer):
             ids = list(req.tokens.ids)
             if not ids:
                 raise InvalidArgument("a step needs at least one token")
-            if max(ids) >= self.config.vocab_size:
+            if max(ids) >= config.vocab_size:
                 raise InvalidArgument(
-                    f"token id {max(ids)} is outside the vocabulary [0, {self.config.vocab_size})"
+                    f"token id {max(ids)} is outside the vocabulary [0, {config.vocab_size})"
                 )
             n_tokens, bytes_in = len(ids), 4 * len(ids)
 
             def make_input() -> torch.Tensor:
-                return torch.tensor(ids, dtype=torch.long, device=self.device)
+                return torch.tensor(ids, dtype=torch.long, device=device)
         else:
             if kind != "activations":
                 raise InvalidArgument(
@@ -356,16 +380,14 @@ class NodeService(pb_grpc.NodeServicer):
                     f"activations use codec {act.codec!r} but the session was opened with {spec.codec!r}"
                 )
             shape = tuple(act.shape)
-            if len(shape) != 2 or shape[1] != self.config.n_embd or shape[0] < 1:
+            if len(shape) != 2 or shape[1] != config.n_embd or shape[0] < 1:
                 raise InvalidArgument(
-                    f"activations must have shape [tokens >= 1, {self.config.n_embd}], got {list(shape)}"
+                    f"activations must have shape [tokens >= 1, {config.n_embd}], got {list(shape)}"
                 )
             n_tokens, bytes_in = shape[0], len(act.payload)
 
             def make_input() -> torch.Tensor:
-                return codecs.decode(
-                    act.payload, shape, act.codec, dtype=self.dtype, device=self.device
-                )
+                return codecs.decode(act.payload, shape, act.codec, dtype=dtype, device=device)
 
         want_token = req.sample and stage.has_head
         pos = req.pos
@@ -487,15 +509,17 @@ class NodeService(pb_grpc.NodeServicer):
     @handles_errors
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.NodeInfo:
         lat = sorted(self._latencies)
+        stage = self.stage
+        param = next(stage.parameters()) if stage is not None else None
         return pb.NodeInfo(
             name=self.identity.name,
             address=self.identity.address,
             model_id=self.identity.model_id,
-            start=self.stage.start,
-            end=self.stage.end,
-            n_units=self.config.n_units,
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
+            start=stage.start if stage else 0,
+            end=stage.end if stage else 0,
+            n_units=stage.config.n_units if stage else 0,
+            device=str(param.device) if param is not None else "",
+            dtype=str(param.dtype).removeprefix("torch.") if param is not None else "",
             sessions=len(self.sessions),
             kv_bytes_used=self.sessions.used_bytes,
             kv_bytes_budget=self.sessions.budget_bytes,

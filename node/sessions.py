@@ -48,6 +48,7 @@ class Sent:
 @dataclass
 class NodeSession:
     spec: SessionSpec
+    stage: Any  # the engine Stage the session runs on (kept even if the node moves on)
     cache: KVCache
     reserved_bytes: int
     last_used: float = field(default_factory=time.monotonic)

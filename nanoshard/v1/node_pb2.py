@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nanoshard/v1/node.proto\x12\x0cnanoshard.v1\"4\n\x03Hop\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"t\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoshard.v1.SamplingParams\"X\n\x0bOpenRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.nanoshard.v1.SessionSpec\x12 \n\x05route\x18\x02 \x03(\x0b\x32\x11.nanoshard.v1.Hop\"D\n\tOpenReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\'\n\x07handles\x18\x02 \x03(\x0b\x32\x16.nanoshard.v1.KVHandle\"<\n\x0b\x41\x63tivations\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x15\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd4\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03pos\x18\x03 \x01(\r\x12&\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x12 \n\x05route\x18\x06 \x03(\x0b\x32\x11.nanoshard.v1.Hop\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x42\x07\n\x05input\"S\n\tStepReply\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12$\n\x04hops\x18\x03 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\"\xf0\x01\n\x08HopTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08total_ms\x18\x07 \x01(\x02\x12\x15\n\rdownstream_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x06handle\x18\x0c \x01(\x0b\x32\x16.nanoshard.v1.KVHandle\"Y\n\x08KVHandle\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x0c\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"\x1c\n\nCloseReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x9d\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\x12\x0f\n\x07n_units\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08sessions\x18\t \x01(\r\x12\x15\n\rkv_bytes_used\x18\n \x01(\x04\x12\x17\n\x0fkv_bytes_budget\x18\x0b \x01(\x04\x12\x14\n\x0cqueue_length\x18\x0c \x01(\r\x12\x13\n\x0bstep_ms_p50\x18\r \x01(\x02\x12\r\n\x05\x65poch\x18\x0e \x01(\x0c\x12\x18\n\x10protocol_version\x18\x0f \x01(\r2\xb9\x02\n\x04Node\x12:\n\x04Open\x12\x19.nanoshard.v1.OpenRequest\x1a\x17.nanoshard.v1.OpenReply\x12?\n\x05Steps\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply(\x01\x30\x01\x12:\n\x04Step\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply\x12=\n\x05\x43lose\x12\x1a.nanoshard.v1.CloseRequest\x1a\x18.nanoshard.v1.CloseReply\x12\x39\n\x04Info\x12\x19.nanoshard.v1.InfoRequest\x1a\x16.nanoshard.v1.NodeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nanoshard/v1/node.proto\x12\x0cnanoshard.v1\"4\n\x03Hop\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"t\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoshard.v1.SamplingParams\"t\n\x0bOpenRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.nanoshard.v1.SessionSpec\x12 \n\x05route\x18\x02 \x03(\x0b\x32\x11.nanoshard.v1.Hop\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"D\n\tOpenReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\'\n\x07handles\x18\x02 \x03(\x0b\x32\x16.nanoshard.v1.KVHandle\"<\n\x0b\x41\x63tivations\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x15\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd4\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03pos\x18\x03 \x01(\r\x12&\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x12 \n\x05route\x18\x06 \x03(\x0b\x32\x11.nanoshard.v1.Hop\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x42\x07\n\x05input\"S\n\tStepReply\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12$\n\x04hops\x18\x03 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\"\xf0\x01\n\x08HopTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08total_ms\x18\x07 \x01(\x02\x12\x15\n\rdownstream_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x06handle\x18\x0c \x01(\x0b\x32\x16.nanoshard.v1.KVHandle\"Y\n\x08KVHandle\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x0c\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\"\x1c\n\nCloseReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x9d\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\x12\x0f\n\x07n_units\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08sessions\x18\t \x01(\r\x12\x15\n\rkv_bytes_used\x18\n \x01(\x04\x12\x17\n\x0fkv_bytes_budget\x18\x0b \x01(\x04\x12\x14\n\x0cqueue_length\x18\x0c \x01(\r\x12\x13\n\x0bstep_ms_p50\x18\r \x01(\x02\x12\r\n\x05\x65poch\x18\x0e \x01(\x0c\x12\x18\n\x10protocol_version\x18\x0f \x01(\r2\xb9\x02\n\x04Node\x12:\n\x04Open\x12\x19.nanoshard.v1.OpenRequest\x1a\x17.nanoshard.v1.OpenReply\x12?\n\x05Steps\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply(\x01\x30\x01\x12:\n\x04Step\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply\x12=\n\x05\x43lose\x12\x1a.nanoshard.v1.CloseRequest\x1a\x18.nanoshard.v1.CloseReply\x12\x39\n\x04Info\x12\x19.nanoshard.v1.InfoRequest\x1a\x16.nanoshard.v1.NodeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSPEC']._serialized_start=178
   _globals['_SESSIONSPEC']._serialized_end=294
   _globals['_OPENREQUEST']._serialized_start=296
-  _globals['_OPENREQUEST']._serialized_end=384
-  _globals['_OPENREPLY']._serialized_start=386
-  _globals['_OPENREPLY']._serialized_end=454
-  _globals['_ACTIVATIONS']._serialized_start=456
-  _globals['_ACTIVATIONS']._serialized_end=516
-  _globals['_TOKENS']._serialized_start=518
-  _globals['_TOKENS']._serialized_end=539
-  _globals['_STEPREQUEST']._serialized_start=542
-  _globals['_STEPREQUEST']._serialized_end=754
-  _globals['_STEPREPLY']._serialized_start=756
-  _globals['_STEPREPLY']._serialized_end=839
-  _globals['_HOPTRACE']._serialized_start=842
-  _globals['_HOPTRACE']._serialized_end=1082
-  _globals['_KVHANDLE']._serialized_start=1084
-  _globals['_KVHANDLE']._serialized_end=1173
-  _globals['_CLOSEREQUEST']._serialized_start=1175
-  _globals['_CLOSEREQUEST']._serialized_end=1209
-  _globals['_CLOSEREPLY']._serialized_start=1211
-  _globals['_CLOSEREPLY']._serialized_end=1239
-  _globals['_INFOREQUEST']._serialized_start=1241
-  _globals['_INFOREQUEST']._serialized_end=1254
-  _globals['_NODEINFO']._serialized_start=1257
-  _globals['_NODEINFO']._serialized_end=1542
-  _globals['_NODE']._serialized_start=1545
-  _globals['_NODE']._serialized_end=1858
+  _globals['_OPENREQUEST']._serialized_end=412
+  _globals['_OPENREPLY']._serialized_start=414
+  _globals['_OPENREPLY']._serialized_end=482
+  _globals['_ACTIVATIONS']._serialized_start=484
+  _globals['_ACTIVATIONS']._serialized_end=544
+  _globals['_TOKENS']._serialized_start=546
+  _globals['_TOKENS']._serialized_end=567
+  _globals['_STEPREQUEST']._serialized_start=570
+  _globals['_STEPREQUEST']._serialized_end=782
+  _globals['_STEPREPLY']._serialized_start=784
+  _globals['_STEPREPLY']._serialized_end=867
+  _globals['_HOPTRACE']._serialized_start=870
+  _globals['_HOPTRACE']._serialized_end=1110
+  _globals['_KVHANDLE']._serialized_start=1112
+  _globals['_KVHANDLE']._serialized_end=1201
+  _globals['_CLOSEREQUEST']._serialized_start=1203
+  _globals['_CLOSEREQUEST']._serialized_end=1237
+  _globals['_CLOSEREPLY']._serialized_start=1239
+  _globals['_CLOSEREPLY']._serialized_end=1267
+  _globals['_INFOREQUEST']._serialized_start=1269
+  _globals['_INFOREQUEST']._serialized_end=1282
+  _globals['_NODEINFO']._serialized_start=1285
+  _globals['_NODEINFO']._serialized_end=1570
+  _globals['_NODE']._serialized_start=1573
+  _globals['_NODE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

@@ -41,12 +41,16 @@ class SessionSpec(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., max_length: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("spec", "route")
+    __slots__ = ("spec", "route", "start", "end")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     spec: SessionSpec
     route: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    start: int
+    end: int
+    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("length", "handles")

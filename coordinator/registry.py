@@ -1,0 +1,177 @@
+"""The coordinator's soft state: who is in the swarm, what each node was assigned, what
+it serves now, how loaded it is. Everything here can be rebuilt from the nodes' next
+join or heartbeat, so a restarted coordinator loses nothing.
+
+No gRPC and no wall clock: the servicer passes ``now`` in, so tests can drive time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nanoshard.config import GPTConfig
+
+from .placement import NodeCapacity, Placement, UnitCost, place, stage_bytes, unit_costs
+from .routing import Server
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SHARE = 0.8  # of a node's memory, what placement may fill with weights (rest: KV)
+
+
+@dataclass
+class Capacity:
+    device: str
+    dtype: str
+    memory_bytes: int
+    block_ms: float
+    head_ms: float
+
+
+@dataclass
+class Load:
+    sessions: int = 0
+    kv_bytes_used: int = 0
+    kv_bytes_budget: int = 0
+    queue_length: int = 0
+    step_ms_p50: float = 0.0
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    name: str
+    address: str
+    capacity: Capacity
+    joined_at: float
+    last_heartbeat: float
+    assigned: tuple[int, int] | None = None  # None = idle
+    ready: tuple[int, int] | None = None  # the stage it serves now
+    load: Load = field(default_factory=Load)
+    held: tuple[int, int] | None = None  # what it had when it (re-)joined
+
+
+class Registry:
+    def __init__(
+        self, config: GPTConfig, *, replicas: int = 2, heartbeat_timeout_s: float = 10.0
+    ) -> None:
+        self.config = config
+        self.replicas = replicas
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.nodes: dict[str, NodeRecord] = {}
+        self.version = 0  # placement version, bumped on every change
+        self.units: list[UnitCost] = unit_costs(config)
+
+    # ---- membership -----------------------------------------------------------------
+
+    def join(self, record: NodeRecord) -> None:
+        previous = self.nodes.get(record.node_id)
+        if previous is not None:  # a re-join: keep what it is known to serve
+            record.assigned = previous.assigned
+            record.ready = record.ready or previous.ready
+        elif record.held is not None:  # coordinator restarted: the node still holds a stage
+            record.assigned = record.held
+        self.nodes[record.node_id] = record
+        log.info("node %s (%s) joined from %s", record.name, record.node_id[:8], record.address)
+        self.replan()
+
+    def leave(self, node_id: str) -> bool:
+        record = self.nodes.pop(node_id, None)
+        if record is None:
+            return False
+        log.info("node %s (%s) left", record.name, node_id[:8])
+        self.replan()
+        return True
+
+    def heartbeat(
+        self, node_id: str, now: float, ready: tuple[int, int] | None, load: Load
+    ) -> NodeRecord | None:
+        record = self.nodes.get(node_id)
+        if record is None:
+            return None
+        record.last_heartbeat = now
+        record.ready = ready
+        record.load = load
+        return record
+
+    def expire(self, now: float) -> list[NodeRecord]:
+        """Drop nodes silent for longer than the heartbeat timeout; re-place their units."""
+        gone = [r for r in self.nodes.values() if now - r.last_heartbeat > self.heartbeat_timeout_s]
+        for record in gone:
+            log.warning(
+                "node %s (%s) missed its heartbeats: dropped", record.name, record.node_id[:8]
+            )
+            del self.nodes[record.node_id]
+        if gone:
+            self.replan()
+        return gone
+
+    # ---- placement ------------------------------------------------------------------
+
+    def capacities(self) -> list[NodeCapacity]:
+        return [
+            NodeCapacity(
+                node_id=r.node_id,
+                memory_bytes=int(r.capacity.memory_bytes * WEIGHT_SHARE),
+                block_ms=max(r.capacity.block_ms, 1e-3),
+                head_ms=max(r.capacity.head_ms, 1e-3),
+            )
+            for r in sorted(self.nodes.values(), key=lambda r: r.node_id)
+        ]
+
+    def replan(self) -> None:
+        previous: Placement = {
+            nid: r.assigned for nid, r in self.nodes.items() if r.assigned is not None
+        }
+        placement = place(self.units, self.capacities(), previous, replicas=self.replicas)
+        changed = False
+        for node_id, record in self.nodes.items():
+            stage = placement.get(node_id)
+            if stage != record.assigned:
+                record.assigned = stage
+                changed = True
+        if changed:
+            self.version += 1
+            log.info("placement v%d: %s", self.version, self.describe())
+
+    def describe(self) -> str:
+        parts = []
+        for r in sorted(self.nodes.values(), key=lambda r: r.assigned or (999, 999)):
+            parts.append(f"{r.name}={list(r.assigned) if r.assigned else 'idle'}")
+        return ", ".join(parts)
+
+    # ---- routes and status ----------------------------------------------------------
+
+    def step_ms(self, record: NodeRecord, start: int, end: int) -> float:
+        ms = 0.0
+        for u in range(start, end):
+            kind = self.units[u].kind
+            ms += (
+                record.capacity.head_ms
+                if kind == "head"
+                else (record.capacity.block_ms * self.units[u].cost)
+            )
+        return ms
+
+    def servers(self) -> list[Server]:
+        """Ready nodes as routing sees them."""
+        out = []
+        for r in self.nodes.values():
+            if r.ready is None:
+                continue
+            start, end = r.ready
+            load = r.load.sessions + r.load.queue_length
+            out.append(Server(r.address, start, end, self.step_ms(r, start, end), float(load)))
+        return out
+
+    def coverage(self) -> list[int]:
+        counts = [0] * self.config.n_units
+        for r in self.nodes.values():
+            if r.ready is not None:
+                for u in range(*r.ready):
+                    counts[u] += 1
+        return counts
+
+    def weight_bytes(self, start: int, end: int) -> int:
+        return stage_bytes(self.units, start, end)

@@ -1,0 +1,256 @@
+"""The control plane's servicer: joins, heartbeats, routes, status, the model and its
+weights. Thin: validation here, state in the registry, policy in placement and routing."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from nanoshard import PROTOCOL_VERSION, rpc
+from nanoshard.config import unit_name
+from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, NotFound
+from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import node_pb2 as pb
+
+from .model import ModelStore, fetch_tensors
+from .registry import Capacity, Load, NodeRecord, Registry
+from .routing import HOP_OVERHEAD_MS, effective_ms, plan_route
+
+log = logging.getLogger(__name__)
+
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def handles_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except NanoshardError as exc:
+            await rpc.abort(context, exc)
+
+    return wrapper
+
+
+def check_capacity(c: cpb.Capacity) -> Capacity:
+    """Capacity figures come from volunteers: refuse what makes no sense."""
+    if c.dtype not in DTYPES:
+        raise InvalidArgument(
+            f"capacity: dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"
+        )
+    if not 0 < c.memory_bytes <= 2**50:
+        raise InvalidArgument(
+            f"capacity: memory_bytes {c.memory_bytes} is not between 1 byte and 1 PiB"
+        )
+    for name in ("block_ms", "head_ms"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and 0 < value <= 60_000):
+            raise InvalidArgument(f"capacity: {name} {value} must be in (0, 60000] ms")
+    if not c.device or len(c.device) > 64:
+        raise InvalidArgument("capacity: device must be named (cpu, cuda:0, mps)")
+    return Capacity(c.device, c.dtype, c.memory_bytes, c.block_ms, c.head_ms)
+
+
+def assignment(record: NodeRecord | None, version: int) -> cpb.Assignment:
+    if record is None or record.assigned is None:
+        return cpb.Assignment(idle=True, version=version)
+    start, end = record.assigned
+    return cpb.Assignment(idle=False, start=start, end=end, version=version)
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        store: ModelStore,
+        registry: Registry,
+        *,
+        swarm: str,
+        heartbeat_interval_s: float,
+        epoch: bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.swarm = swarm
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.epoch = epoch
+        self.clock = clock
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        return rpc.strict_service(
+            "nanoshard.v1.Coordinator",
+            {
+                "Join": ("unary", self.Join, cpb.JoinRequest),
+                "Heartbeat": ("unary", self.Heartbeat, cpb.HeartbeatRequest),
+                "Leave": ("unary", self.Leave, cpb.LeaveRequest),
+                "GetRoute": ("unary", self.GetRoute, cpb.RouteRequest),
+                "GetStatus": ("unary", self.GetStatus, cpb.StatusRequest),
+                "GetModelCard": ("unary", self.GetModelCard, cpb.ModelCardRequest),
+                "FetchTensors": ("server_stream", self.FetchTensors, cpb.FetchRequest),
+            },
+        )
+
+    def _stage(self, start: int, end: int, what: str) -> tuple[int, int]:
+        if not 0 <= start < end <= self.registry.config.n_units:
+            raise InvalidArgument(f"{what}: [{start}, {end}) is not a stage of this model")
+        return start, end
+
+    @handles_errors
+    async def Join(self, request: cpb.JoinRequest, context: Any) -> cpb.JoinReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"this node speaks protocol v{request.protocol_version}, the coordinator "
+                f"v{PROTOCOL_VERSION}: run the same nanoshard version on both"
+            )
+        if request.swarm != self.swarm:
+            raise FailedPrecondition(
+                f"this node is for swarm {request.swarm!r}, the coordinator runs swarm {self.swarm!r}"
+            )
+        if request.model_id and request.model_id != self.store.model_id:
+            raise FailedPrecondition(
+                f"this node holds model {request.model_id[:12]}…, the swarm runs "
+                f"{self.store.name} ({self.store.model_id[:12]}…): drop --model or point it at the same checkpoint"
+            )
+        if not re.fullmatch(r"[0-9a-f]{8,64}", request.node_id):
+            raise InvalidArgument("node_id must be 8 to 64 lowercase hex digits")
+        if not ADDRESS.match(request.address):
+            raise InvalidArgument(f"address {request.address[:80]!r} is not HOST:PORT")
+        capacity = check_capacity(request.capacity)
+        held = None
+        if request.held_end:
+            held = self._stage(request.held_start, request.held_end, "held stage")
+        now = self.clock()
+        record = NodeRecord(
+            node_id=request.node_id,
+            name=request.name[:64] or request.node_id[:8],
+            address=request.address,
+            capacity=capacity,
+            joined_at=now,
+            last_heartbeat=now,
+            held=held,
+        )
+        self.registry.join(record)
+        return cpb.JoinReply(
+            model_id=self.store.model_id,
+            assignment=assignment(record, self.registry.version),
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            coordinator_epoch=self.epoch,
+        )
+
+    @handles_errors
+    async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any) -> cpb.HeartbeatReply:
+        ready = self._stage(request.start, request.end, "ready stage") if request.ready else None
+        ld = request.load
+        load = Load(
+            ld.sessions, ld.kv_bytes_used, ld.kv_bytes_budget, ld.queue_length, ld.step_ms_p50
+        )
+        record = self.registry.heartbeat(request.node_id, self.clock(), ready, load)
+        if record is None:
+            raise NotFound("this coordinator does not know the node (it restarted?): join again")
+        return cpb.HeartbeatReply(
+            assignment=assignment(record, self.registry.version), coordinator_epoch=self.epoch
+        )
+
+    @handles_errors
+    async def Leave(self, request: cpb.LeaveRequest, context: Any) -> cpb.LeaveReply:
+        self.registry.leave(request.node_id)
+        return cpb.LeaveReply()
+
+    @handles_errors
+    async def GetRoute(self, request: cpb.RouteRequest, context: Any) -> cpb.RouteReply:
+        hops = plan_route(
+            self.registry.servers(), self.registry.config.n_units, list(request.avoid)[:64]
+        )
+        return cpb.RouteReply(
+            hops=[pb.Hop(start=h.start, end=h.end, addresses=h.addresses) for h in hops],
+            model_id=self.store.model_id,
+            n_units=self.registry.config.n_units,
+        )
+
+    def tokens_per_s(self) -> float:
+        servers = self.registry.servers()
+        try:
+            hops = plan_route(servers, self.registry.config.n_units)
+        except NanoshardError:
+            return 0.0
+        by_address = {(s.address, s.start, s.end): s for s in servers}
+        ms = sum(
+            effective_ms(by_address[(h.addresses[0], h.start, h.end)]) + HOP_OVERHEAD_MS
+            for h in hops
+        )
+        return 1000.0 / ms if ms > 0 else 0.0
+
+    @handles_errors
+    async def GetStatus(self, request: cpb.StatusRequest, context: Any) -> cpb.SwarmStatus:
+        now = self.clock()
+        registry = self.registry
+        nodes = []
+        for r in sorted(
+            registry.nodes.values(), key=lambda r: (r.assigned or (1 << 30, 0), r.name)
+        ):
+            age = now - r.last_heartbeat
+            c, ld = r.capacity, r.load
+            nodes.append(
+                cpb.NodeStatus(
+                    node_id=r.node_id,
+                    name=r.name,
+                    address=r.address,
+                    capacity=cpb.Capacity(
+                        device=c.device,
+                        dtype=c.dtype,
+                        memory_bytes=c.memory_bytes,
+                        block_ms=c.block_ms,
+                        head_ms=c.head_ms,
+                    ),
+                    assignment=assignment(r, registry.version),
+                    ready=r.ready is not None and r.ready == r.assigned,
+                    ready_start=r.ready[0] if r.ready else 0,
+                    ready_end=r.ready[1] if r.ready else 0,
+                    load=cpb.NodeLoad(
+                        sessions=ld.sessions,
+                        kv_bytes_used=ld.kv_bytes_used,
+                        kv_bytes_budget=ld.kv_bytes_budget,
+                        queue_length=ld.queue_length,
+                        step_ms_p50=ld.step_ms_p50,
+                    ),
+                    last_heartbeat_s=age,
+                    healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,
+                )
+            )
+        config = registry.config
+        units = [
+            cpb.UnitCoverage(unit=u, name=unit_name(config, u), replicas=n)
+            for u, n in enumerate(registry.coverage())
+        ]
+        return cpb.SwarmStatus(
+            swarm=self.swarm,
+            model_id=self.store.model_id,
+            model_name=self.store.name,
+            n_units=config.n_units,
+            nodes=nodes,
+            units=units,
+            tokens_per_s=self.tokens_per_s(),
+            replicas_target=registry.replicas,
+            placement_version=registry.version,
+        )
+
+    @handles_errors
+    async def GetModelCard(self, request: cpb.ModelCardRequest, context: Any) -> cpb.ModelCard:
+        return self.store.card()
+
+    async def FetchTensors(
+        self, request: cpb.FetchRequest, context: Any
+    ) -> AsyncIterator[cpb.TensorChunk]:
+        try:
+            async for chunk in fetch_tensors(self.store, request):
+                yield chunk
+        except NanoshardError as exc:
+            await rpc.abort(context, exc)

@@ -1,0 +1,250 @@
+from nanoshard.v1 import node_pb2 as _node_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Capacity(_message.Message):
+    __slots__ = ("device", "dtype", "memory_bytes", "block_ms", "head_ms")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_MS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    dtype: str
+    memory_bytes: int
+    block_ms: float
+    head_ms: float
+    def __init__(self, device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., block_ms: _Optional[float] = ..., head_ms: _Optional[float] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    kv_bytes_used: int
+    kv_bytes_budget: int
+    queue_length: int
+    step_ms_p50: float
+    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HELD_START_FIELD_NUMBER: _ClassVar[int]
+    HELD_END_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    address: str
+    protocol_version: int
+    swarm: str
+    model_id: str
+    capacity: Capacity
+    held_start: int
+    held_end: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("idle", "start", "end", "version")
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    idle: bool
+    start: int
+    end: int
+    version: int
+    def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("model_id", "assignment", "heartbeat_interval_s", "coordinator_epoch")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    assignment: Assignment
+    heartbeat_interval_s: float
+    coordinator_epoch: bytes
+    def __init__(self, model_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., coordinator_epoch: _Optional[bytes] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "ready", "start", "end", "load")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    ready: bool
+    start: int
+    end: int
+    load: NodeLoad
+    def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("assignment", "coordinator_epoch")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    assignment: Assignment
+    coordinator_epoch: bytes
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., coordinator_epoch: _Optional[bytes] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("avoid",)
+    AVOID_FIELD_NUMBER: _ClassVar[int]
+    avoid: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, avoid: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RouteReply(_message.Message):
+    __slots__ = ("hops", "model_id", "n_units")
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    N_UNITS_FIELD_NUMBER: _ClassVar[int]
+    hops: _containers.RepeatedCompositeFieldContainer[_node_pb2.Hop]
+    model_id: str
+    n_units: int
+    def __init__(self, hops: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., model_id: _Optional[str] = ..., n_units: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "name", "address", "capacity", "assignment", "ready", "ready_start", "ready_end", "load", "last_heartbeat_s", "healthy")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    READY_START_FIELD_NUMBER: _ClassVar[int]
+    READY_END_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    address: str
+    capacity: Capacity
+    assignment: Assignment
+    ready: bool
+    ready_start: int
+    ready_end: int
+    load: NodeLoad
+    last_heartbeat_s: float
+    healthy: bool
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ready: _Optional[bool] = ..., ready_start: _Optional[int] = ..., ready_end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., last_heartbeat_s: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class UnitCoverage(_message.Message):
+    __slots__ = ("unit", "name", "replicas")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    unit: int
+    name: str
+    replicas: int
+    def __init__(self, unit: _Optional[int] = ..., name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class SwarmStatus(_message.Message):
+    __slots__ = ("swarm", "model_id", "model_name", "n_units", "nodes", "units", "tokens_per_s", "replicas_target", "placement_version")
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    N_UNITS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    swarm: str
+    model_id: str
+    model_name: str
+    n_units: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    units: _containers.RepeatedCompositeFieldContainer[UnitCoverage]
+    tokens_per_s: float
+    replicas_target: int
+    placement_version: int
+    def __init__(self, swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., n_units: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., units: _Optional[_Iterable[_Union[UnitCoverage, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., replicas_target: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
+
+class ModelCardRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class UnitManifest(_message.Message):
+    __slots__ = ("unit", "tensors")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    unit: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    def __init__(self, unit: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelCard(_message.Message):
+    __slots__ = ("model_id", "name", "config_json", "vocab_json", "merges_txt", "units")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_JSON_FIELD_NUMBER: _ClassVar[int]
+    MERGES_TXT_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    name: str
+    config_json: str
+    vocab_json: bytes
+    merges_txt: bytes
+    units: _containers.RepeatedCompositeFieldContainer[UnitManifest]
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., config_json: _Optional[str] = ..., vocab_json: _Optional[bytes] = ..., merges_txt: _Optional[bytes] = ..., units: _Optional[_Iterable[_Union[UnitManifest, _Mapping]]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "offset", "total", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    total: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
