@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -43,3 +45,13 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> None:
     except BrokenPipeError:
         sys.exit(0)
     sys.exit(code or 0)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set ``stop`` on SIGINT or SIGTERM (when running in the main thread)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread: the caller stops us
+            return

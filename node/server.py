@@ -1,4 +1,8 @@
-"""A node process: load a stage, serve it over gRPC until told to stop."""
+"""A node process's data plane: a gRPC server around a NodeService whose stage can change.
+
+``serve`` runs one fixed stage (``nanoshard-node serve``); ``nanoshard.node.join`` builds
+on the same ``DataPlane`` and lets the coordinator choose the stage.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,18 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import secrets
-import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from nanoshard import rpc
-from nanoshard.checkpoint import open_checkpoint
+from nanoshard.checkpoint import Checkpoint, open_checkpoint
+from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import describe_units, parse_units
-from nanoshard.engine import parse_dtype, pick_device
+from nanoshard.engine import Stage, parse_dtype, pick_device
 
 from .service import NodeIdentity, NodeService
 from .sessions import SessionTable
@@ -44,67 +47,98 @@ class ServeConfig:
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
 
 
-def model_id_of(config_dict: dict, path: str) -> str:
-    """A short id for a model: which weights, as far as a node serving them can tell cheaply."""
-    blob = json.dumps(config_dict, sort_keys=True) + "|" + os.path.basename(os.path.normpath(path))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+class DataPlane:
+    """The gRPC server, its service, the compute worker and the session table of a node."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        name: str,
+        model_id: str,
+        kv_memory: int,
+        session_ttl: float,
+        threads: int = 0,
+        max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.worker = ComputeWorker(threads=threads or None)
+        self.server = grpc.aio.server(options=rpc.server_options(max_message_bytes))
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port} (in use?)")
+        self.address = f"{advertise_host or host}:{self.port}"
+        identity = NodeIdentity(
+            name=name or f"{socket.gethostname()}:{self.port}",
+            address=self.address,
+            model_id=model_id,
+            epoch=secrets.token_bytes(8),
+        )
+        self.sessions = SessionTable(kv_memory, session_ttl)
+        self.service = NodeService(
+            None, identity, self.worker, self.sessions, max_message_bytes=max_message_bytes
+        )
+        self.server.add_generic_rpc_handlers((self.service.rpc_handler(),))
+        self._expiry: asyncio.Task | None = None
+        self._ttl = session_ttl
+
+    @property
+    def name(self) -> str:
+        return self.service.identity.name
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._expiry = asyncio.create_task(self.service.expire_forever(max(0.05, self._ttl / 4)))
+
+    async def load(self, build: Callable[[], Stage]) -> Stage:
+        """Build a stage on the compute worker (torch stays off the event loop)."""
+        return (await self.worker.run(build)).value
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await self.server.stop(grace=2)
+        await self.service.channels.close()
+        self.worker.close()
+
+
+def quick_model_id(checkpoint: Checkpoint) -> str:
+    """An id for the weights a static node serves, from metadata only (no tensor reads):
+    nodes of one route must agree on it. The coordinator's model_id (a hash of every
+    tensor) is the exact one."""
+    info = [(n, *checkpoint.tensor_info(n)) for n in checkpoint.tensor_names()]
+    blob = json.dumps([checkpoint.config.to_dict(), [(n, list(s), str(d)) for n, s, d in info]])
+    return "meta-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     checkpoint = open_checkpoint(config.model)
     start, end = parse_units(config.units, checkpoint.config)
     device = pick_device(config.device)
-    worker = ComputeWorker(threads=config.threads or None)
-    stage = (
-        await worker.run(
-            lambda: checkpoint.load_stage(start, end, parse_dtype(config.dtype), device)
-        )
-    ).value
-    server = grpc.aio.server(options=rpc.server_options(config.max_message_bytes))
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
-    address = f"{config.host}:{port}"
-    identity = NodeIdentity(
-        name=config.name or f"{socket.gethostname()}:{port}",
-        address=address,
-        model_id=model_id_of(checkpoint.config.to_dict(), str(checkpoint.path)),
-        epoch=secrets.token_bytes(8),
+    plane = DataPlane(
+        host=config.host,
+        port=config.port,
+        name=config.name,
+        model_id=quick_model_id(checkpoint),
+        kv_memory=config.kv_memory,
+        session_ttl=config.session_ttl,
+        threads=config.threads,
+        max_message_bytes=config.max_message_bytes,
     )
-    sessions = SessionTable(config.kv_memory, config.session_ttl)
-    service = NodeService(
-        stage, identity, worker, sessions, max_message_bytes=config.max_message_bytes
+    stage = await plane.load(
+        lambda: checkpoint.load_stage(start, end, parse_dtype(config.dtype), device)
     )
-    server.add_generic_rpc_handlers((service.rpc_handler(),))
-    await server.start()
-    expiry = asyncio.create_task(service.expire_forever(max(0.05, config.session_ttl / 4)))
+    plane.service.set_stage(stage)
+    await plane.start()
     log.info(
         "serving units [%d, %d) (%s) of %s on %s, %s %s",
-        start,
-        end,
-        describe_units(checkpoint.config, start, end),
-        config.model,
-        address,
-        device,
-        config.dtype,
+        start, end, describe_units(checkpoint.config, start, end), config.model, plane.address,
+        device, config.dtype,
     )
     if on_ready:
-        on_ready(address)
-    await _until_signal(server.wait_for_termination())
-    expiry.cancel()
-    await server.stop(grace=2)
-    await service.channels.close()
-    worker.close()
-
-
-async def _until_signal(waiter: Awaitable[object]) -> None:
-    """Wait for the server to end or for SIGINT/SIGTERM, whichever comes first."""
-    loop = asyncio.get_running_loop()
+        on_ready(plane.address)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    done_waiting = asyncio.ensure_future(waiter)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({done_waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (done_waiting, stopping):
-        task.cancel()
+    stop_on_signals(stop)
+    await stop.wait()
+    await plane.stop()

@@ -1,0 +1,90 @@
+"""The coordinator process: load the model card, serve the control plane, advertise it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from nanoshard import rpc
+from nanoshard.cliutil import stop_on_signals
+from nanoshard.discovery import Advert, Advertiser, coordinator_properties
+
+from .model import ModelStore
+from .registry import Registry
+from .service import CoordinatorService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7960
+
+
+@dataclass
+class CoordinatorConfig:
+    """``nanoshard coordinator``'s options, one field per flag."""
+
+    model: str = "demo"
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    replicas: int = 2  # copies of every unit placement aims for
+    swarm: str = "default"  # nodes and clients of another swarm are refused
+    mdns: bool = True
+    mdns_interfaces: list[str] | None = None  # None = every interface
+    heartbeat_interval: float = 2.0  # seconds between a node's heartbeats
+    heartbeat_timeout: float = 6.0  # a node silent this long is out
+    name: str = "coordinator"
+    max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+    extra: dict = field(default_factory=dict)
+
+
+async def serve(
+    config: CoordinatorConfig,
+    on_ready: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    store = await asyncio.to_thread(ModelStore.open, config.model)
+    registry = Registry(
+        store.config, replicas=config.replicas, heartbeat_timeout_s=config.heartbeat_timeout
+    )
+    epoch = secrets.token_bytes(8)
+    service = CoordinatorService(
+        store, registry, swarm=config.swarm, heartbeat_interval_s=config.heartbeat_interval,
+        epoch=epoch,
+    )
+    server = grpc.aio.server(options=rpc.server_options(config.max_message_bytes))
+    server.add_generic_rpc_handlers((service.rpc_handler(),))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
+    await server.start()
+    address = f"{config.host}:{port}"
+    advertiser = None
+    if config.mdns:
+        advert = Advert(
+            "coordinator", f"{config.name}-{epoch.hex()[:8]}", config.host, port,
+            coordinator_properties(epoch.hex(), config.swarm),
+        )
+        advertiser = await asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
+    log.info(
+        "coordinator for %s (%d units, model %s…) on %s, swarm %r, replicas %d",
+        store.name, store.config.n_units, store.model_id[:12], address, config.swarm,
+        config.replicas,
+    )
+    if on_ready:
+        on_ready(address)
+    stop = stop or asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), config.heartbeat_interval / 2)
+            except asyncio.TimeoutError:
+                registry.expire(service.clock())
+    finally:
+        if advertiser is not None:
+            await asyncio.to_thread(advertiser.close)
+        await server.stop(grace=1)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny real models, made on the spot (milliseconds, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoshard.checkpoint import save_hf_checkpoint, save_nanogpt_checkpoint
+from nanoshard.config import GPTConfig
+from nanoshard.engine import init_weights
+
+
+@pytest.fixture
+def tiny_config() -> GPTConfig:
+    """A 3-block GPT-2 small enough that every test can afford it."""
+    return GPTConfig(block_size=64, vocab_size=96, n_layer=3, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def tiny_weights(tiny_config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Random weights (nanoGPT names). Biases and norms get noise too, so that a bias or norm
+    read from the wrong place shows: nanoGPT's init leaves them all exactly 0 or 1."""
+    weights = init_weights(tiny_config, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for t in weights.values():
+        if t.dim() == 1:
+            t.add_(0.05 * torch.randn(t.shape, generator=gen))
+    return weights
+
+
+@pytest.fixture
+def tiny_hf_dir(
+    tmp_path: Path, tiny_config: GPTConfig, tiny_weights: dict[str, torch.Tensor]
+) -> Path:
+    """``tiny_weights`` as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    directory = tmp_path / "tiny-hf"
+    save_hf_checkpoint(tiny_config, tiny_weights, directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_nanogpt_ckpt(
+    tmp_path: Path, tiny_config: GPTConfig, tiny_weights: dict[str, torch.Tensor]
+) -> Path:
+    """``tiny_weights`` as a nanoGPT ``ckpt.pt``."""
+    path = tmp_path / "tiny-nanogpt" / "ckpt.pt"
+    save_nanogpt_checkpoint(tiny_config, tiny_weights, path)
+    return path
