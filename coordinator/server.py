@@ -52,7 +52,10 @@ async def serve(
     )
     epoch = secrets.token_bytes(8)
     service = CoordinatorService(
-        store, registry, swarm=config.swarm, heartbeat_interval_s=config.heartbeat_interval,
+        store,
+        registry,
+        swarm=config.swarm,
+        heartbeat_interval_s=config.heartbeat_interval,
         epoch=epoch,
     )
     server = grpc.aio.server(options=rpc.server_options(config.max_message_bytes))
@@ -65,13 +68,20 @@ async def serve(
     advertiser = None
     if config.mdns:
         advert = Advert(
-            "coordinator", f"{config.name}-{epoch.hex()[:8]}", config.host, port,
+            "coordinator",
+            f"{config.name}-{epoch.hex()[:8]}",
+            config.host,
+            port,
             coordinator_properties(epoch.hex(), config.swarm),
         )
         advertiser = await asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
     log.info(
         "coordinator for %s (%d units, model %s…) on %s, swarm %r, replicas %d",
-        store.name, store.config.n_units, store.model_id[:12], address, config.swarm,
+        store.name,
+        store.config.n_units,
+        store.model_id[:12],
+        address,
+        config.swarm,
         config.replicas,
     )
     if on_ready:

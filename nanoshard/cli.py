@@ -7,14 +7,18 @@ nanoshard generate --route 127.0.0.1:7001,127.0.0.1:7002 "To be, or not"
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 import tiktoken
 
-from nanoshard.checkpoint import Checkpoint, open_checkpoint
+from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import run_cli, setup_logging
+from nanoshard.config import GPTConfig
+from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import (
@@ -48,15 +52,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text (locally, or through nodes)")
-    where = g.add_mutually_exclusive_group(required=True)
+    g = sub.add_parser("generate", help="generate text (through the swarm, a route, or locally)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="the swarm's coordinator (default: find it by mDNS)",
+    )
     where.add_argument("--local", action="store_true", help="run the whole model in this process")
     where.add_argument("--route", metavar="ADDR,ADDR,...", help="nodes from embed to head")
     add_generation_options(g)
     g.add_argument("--codec", default="fp32", help=CODECS_HELP)
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--local")
+    add_mdns_options(g)
+
+    c = sub.add_parser("coordinator", help="run a swarm's coordinator")
+    d = CoordinatorConfig()
+    c.add_argument("--model", default=d.model, help="checkpoint path, or 'demo' (default)")
+    c.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    c.add_argument(
+        "--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free)"
+    )
+    c.add_argument(
+        "--replicas", type=int, default=d.replicas, help="copies of every unit to aim for"
+    )
+    c.add_argument("--swarm", default=d.swarm, help="swarm name nodes must match")
+    c.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, metavar="S")
+    c.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=d.heartbeat_timeout,
+        metavar="S",
+        help="a node silent this long is out (default 6)",
+    )
+    add_mdns_options(c, advertise=True)
+
+    st = sub.add_parser("status", help="show the swarm: nodes, coverage, throughput")
+    st.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    add_mdns_options(st)
     return parser
+
+
+def add_mdns_options(p: argparse.ArgumentParser, advertise: bool = False) -> None:
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        metavar="IP",
+        dest="mdns_interfaces",
+        help="interface address mDNS uses (repeatable; default: all)",
+    )
+    p.add_argument("--swarm-name", dest="swarm_name", default=None, help=argparse.SUPPRESS)
+    if advertise:
+        p.add_argument("--no-mdns", action="store_true", help="do not advertise by mDNS")
 
 
 def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
@@ -68,7 +118,7 @@ def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
 
 def run_generation(
     session: Session,
-    checkpoint: Checkpoint,
+    config: GPTConfig,
     enc: tiktoken.Encoding,
     ids: list[int],
     args: argparse.Namespace,
@@ -89,7 +139,7 @@ def run_generation(
             session,
             ids,
             args.max_new_tokens,
-            block_size=checkpoint.config.block_size,
+            block_size=config.block_size,
             eot_id=eot,
             on_token=None if args.json else show,
         )
@@ -137,11 +187,14 @@ def report(gen: Generation, args: argparse.Namespace, with_hops: bool) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if not (args.local or args.route):
+        return generate_through_swarm(args, params)
     checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
     enc = encoding_for(checkpoint.path)
     ids = prompt_ids(enc, args.prompt)
-    check_prompt(ids, checkpoint.config.vocab_size, checkpoint.config.block_size)
-    max_length = max_length_for(len(ids), args.max_new_tokens, checkpoint.config.block_size)
+    check_prompt(ids, config.vocab_size, config.block_size)
+    max_length = max_length_for(len(ids), args.max_new_tokens, config.block_size)
     session: Session
     if args.local:
         device = pick_device(args.device)
@@ -162,16 +215,84 @@ def cmd_generate(args: argparse.Namespace) -> int:
         session = RouteSession(route, params, max_length, args.codec)
     if not args.json:
         sys.stdout.write(args.prompt)
-    gen = run_generation(session, checkpoint, enc, ids, args)
+    gen = run_generation(session, config, enc, ids, args)
     report(gen, args, with_hops=not args.local)
     return 0
+
+
+def generate_through_swarm(args: argparse.Namespace, params: SamplingParams) -> int:
+    from nanoshard.client.route import RouteSession
+    from nanoshard.client.swarm import CoordinatorClient, find_coordinator
+
+    coordinator = CoordinatorClient(
+        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces)
+    )
+    config = coordinator.config()
+    enc = coordinator.encoding()
+    ids = prompt_ids(enc, args.prompt)
+    check_prompt(ids, config.vocab_size, config.block_size)
+    max_length = max_length_for(len(ids), args.max_new_tokens, config.block_size)
+    session = RouteSession(coordinator.route(), params, max_length, args.codec)
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    gen = run_generation(session, config, enc, ids, args)
+    report(gen, args, with_hops=True)
+    coordinator.close()
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from nanoshard.coordinator.server import serve
+
+    config = CoordinatorConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        swarm=args.swarm,
+        mdns=not args.no_mdns,
+        mdns_interfaces=args.mdns_interfaces,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+    if config.replicas < 1:
+        raise InvalidArgument("--replicas must be at least 1")
+
+    def ready(address: str) -> None:
+        print(f"nanoshard coordinator: listening on {address}", flush=True)
+
+    asyncio.run(serve(config, ready))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from nanoshard.client.swarm import CoordinatorClient, find_coordinator
+    from nanoshard.statusview import status_json, status_table
+
+    coordinator = CoordinatorClient(
+        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces)
+    )
+    if args.json:
+        print(json.dumps(status_json(coordinator.status())))
+        return 0
+    console = Console()
+    if not args.watch:
+        console.print(status_table(coordinator.status()))
+        return 0
+    with Live(status_table(coordinator.status()), console=console, refresh_per_second=1) as live:
+        while True:
+            time.sleep(2)
+            live.update(status_table(coordinator.status()))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    commands = {"generate": cmd_generate}
+    commands = {"generate": cmd_generate, "coordinator": cmd_coordinator, "status": cmd_status}
     run_cli("nanoshard", lambda: commands[args.command](args))
 
 

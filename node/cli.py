@@ -8,10 +8,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from nanoshard.cliutil import parse_size, run_cli, setup_logging
+from nanoshard.errors import InvalidArgument
 
+from .join import Events, JoinConfig, join
 from .server import ServeConfig, serve
+
+
+class ConsoleEvents(Events):
+    """The join lifecycle on the terminal: log lines, and a progress bar for downloads."""
+
+    def progress(self, what: str):  # type: ignore[no-untyped-def]
+        from .weights import rich_progress
+
+        return rich_progress(what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="largest gRPC message accepted (default 16M)",
     )
+
+    j = sub.add_parser("join", help="join a swarm and serve the stage the coordinator assigns")
+    jd = JoinConfig()
+    j.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    j.add_argument(
+        "--host", default=jd.host, help=f"address the data plane listens on (default {jd.host})"
+    )
+    j.add_argument("--port", type=int, default=jd.port, help="port; 0 picks a free one (default)")
+    j.add_argument(
+        "--mdns-interface",
+        action="append",
+        metavar="IP",
+        dest="mdns_interfaces",
+        help="interface address mDNS uses (repeatable; default: all)",
+    )
+    j.add_argument("--no-mdns", action="store_true", help="neither browse nor advertise by mDNS")
+    j.add_argument(
+        "--model", default=None, help="a local copy of the swarm's checkpoint (skips the download)"
+    )
+    j.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="memory for weights and KV caches (default: half of what is free)",
+    )
+    j.add_argument("--device", default=jd.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
+    j.add_argument("--dtype", default=jd.dtype, choices=["fp32", "bf16", "fp16"])
+    j.add_argument("--name", default=jd.name, help="node name shown in status and traces")
+    j.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=jd.cache_dir,
+        help=f"weights and measurements (default {jd.cache_dir})",
+    )
+    j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
+    j.add_argument("--threads", type=int, default=jd.threads, help="torch threads (0 = default)")
+    j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
     return parser
 
 
@@ -76,6 +126,26 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"nanoshard-node: listening on {address}", flush=True)
 
             asyncio.run(serve(config, ready))
+        elif args.command == "join":
+            if args.no_mdns and not args.coordinator:
+                raise InvalidArgument("--no-mdns needs --coordinator HOST:PORT")
+            join_config = JoinConfig(
+                coordinator=args.coordinator,
+                host=args.host,
+                port=args.port,
+                mdns=not args.no_mdns,
+                mdns_interfaces=args.mdns_interfaces,
+                model=args.model,
+                max_memory=args.max_memory,
+                device=args.device,
+                dtype=args.dtype,
+                name=args.name,
+                cache_dir=args.cache_dir,
+                swarm=args.swarm,
+                threads=args.threads,
+                session_ttl=args.session_ttl,
+            )
+            asyncio.run(join(join_config, ConsoleEvents()))
         return 0
 
     run_cli("nanoshard-node", run)

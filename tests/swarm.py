@@ -13,6 +13,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"listening on (\S+)")
+COORDINATOR = re.compile(r"coordinator: listening on (\S+)")
 
 
 class Proc:
@@ -115,6 +116,22 @@ class Swarm:
             for units in splits
         ]
         return [p.wait_for(LISTENING).group(1) for p in procs]
+
+    def coordinator(self, *extra: str, port: int = 0) -> tuple[Proc, str]:
+        """Start ``nanoshard coordinator`` on loopback (mDNS on loopback too)."""
+        proc = self.start(
+            [str(BIN / "nanoshard"), "coordinator", "--host", "127.0.0.1", "--port", str(port),
+             "--mdns-interface", "127.0.0.1", *extra]
+        )
+        return proc, proc.wait_for(COORDINATOR, timeout=120).group(1)
+
+    def join(self, *extra: str) -> Proc:
+        """Start ``nanoshard-node join`` on loopback (it finds the coordinator itself
+        unless ``--coordinator`` is among ``extra``)."""
+        return self.start(
+            [str(BIN / "nanoshard-node"), "join", "--host", "127.0.0.1",
+             "--mdns-interface", "127.0.0.1", "--threads", "1", *extra]
+        )
 
     def close(self) -> None:
         for proc in self.procs:

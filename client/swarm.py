@@ -1,0 +1,87 @@
+"""Talking to a coordinator as a client: find it, read the model card, ask for routes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import tiktoken
+
+from nanoshard import discovery, rpc
+from nanoshard.config import GPTConfig
+from nanoshard.errors import NotFound
+from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
+from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
+
+from .route import Route
+
+DEFAULT_CACHE = Path.home() / ".cache" / "nanoshard" / "tokenizers"
+
+
+def find_coordinator(
+    address: str | None,
+    *,
+    mdns_interfaces: list[str] | None = None,
+    swarm: str | None = None,
+    timeout_s: float = 5.0,
+) -> str:
+    """The coordinator's HOST:PORT: the one given, else the first that answers on mDNS."""
+    if address:
+        return address
+    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm)
+    if found is None:
+        raise NotFound(
+            f"no coordinator answered on mDNS within {timeout_s:.0f} s: pass --coordinator HOST:PORT"
+        )
+    return found.target
+
+
+class CoordinatorClient:
+    """A synchronous stub for the control-plane calls a client makes."""
+
+    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=rpc.channel_options())
+        self._stub = cpb_grpc.CoordinatorStub(self._channel)
+        self._card: cpb.ModelCard | None = None
+
+    def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise rpc.error_from_rpc(err, self.address) from None
+
+    def card(self) -> cpb.ModelCard:
+        if self._card is None:
+            self._card = self._call(self._stub.GetModelCard, cpb.ModelCardRequest())
+        return self._card
+
+    def config(self) -> GPTConfig:
+        return GPTConfig.from_dict(json.loads(self.card().config_json))
+
+    def encoding(self, cache_dir: Path = DEFAULT_CACHE) -> tiktoken.Encoding:
+        """The swarm model's tokenizer, from the card (cached on disk by content)."""
+        card = self.card()
+        if not card.vocab_json:
+            return gpt2_encoding()
+        digest = hashlib.sha256(card.vocab_json + b"\0" + card.merges_txt).hexdigest()[:16]
+        folder = cache_dir / digest
+        if not (folder / "merges.txt").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "vocab.json").write_bytes(card.vocab_json)
+            (folder / "merges.txt").write_bytes(card.merges_txt)
+        return encoding_from_hf_files(folder / "vocab.json", folder / "merges.txt", card.name)
+
+    def route(self, avoid: list[str] | None = None) -> Route:
+        reply = self._call(self._stub.GetRoute, cpb.RouteRequest(avoid=avoid or []))
+        return Route(list(reply.hops), reply.n_units, reply.model_id)
+
+    def status(self) -> cpb.SwarmStatus:
+        return self._call(self._stub.GetStatus, cpb.StatusRequest())
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,108 @@
+"""``nanoshard status``: the swarm as a table, or as one JSON object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+
+def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
+    return {
+        "swarm": s.swarm,
+        "model": {"name": s.model_name, "id": s.model_id, "n_units": s.n_units},
+        "placement_version": s.placement_version,
+        "replicas_target": s.replicas_target,
+        "tokens_per_s": round(s.tokens_per_s, 2),
+        "nodes": [
+            {
+                "id": n.node_id,
+                "name": n.name,
+                "address": n.address,
+                "device": n.capacity.device,
+                "dtype": n.capacity.dtype,
+                "memory_bytes": n.capacity.memory_bytes,
+                "block_ms": round(n.capacity.block_ms, 3),
+                "head_ms": round(n.capacity.head_ms, 3),
+                "stage": None if n.assignment.idle else [n.assignment.start, n.assignment.end],
+                "serving": [n.ready_start, n.ready_end] if n.ready_end else None,
+                "sessions": n.load.sessions,
+                "queue": n.load.queue_length,
+                "kv_bytes_used": n.load.kv_bytes_used,
+                "step_ms_p50": round(n.load.step_ms_p50, 3),
+                "last_heartbeat_s": round(n.last_heartbeat_s, 2),
+                "healthy": n.healthy,
+            }
+            for n in s.nodes
+        ],
+        "units": [{"unit": u.unit, "name": u.name, "replicas": u.replicas} for u in s.units],
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def status_table(s: cpb.SwarmStatus) -> Group:
+    nodes = Table(
+        title=f"swarm {s.swarm!r} · model {s.model_name} ({s.model_id[:12]}…) · placement v{s.placement_version}"
+    )
+    for col in (
+        "name",
+        "address",
+        "device",
+        "memory",
+        "speed",
+        "stage",
+        "sessions",
+        "load",
+        "heartbeat",
+        "health",
+    ):
+        nodes.add_column(col, justify="right" if col in ("memory", "sessions", "load") else "left")
+    for n in s.nodes:
+        stage = "idle" if n.assignment.idle else f"[{n.assignment.start}, {n.assignment.end})"
+        if not n.assignment.idle and (n.ready_start, n.ready_end) != (
+            n.assignment.start,
+            n.assignment.end,
+        ):
+            stage += " (loading)"
+        health = (
+            Text("healthy", style="green") if n.healthy else Text("unhealthy", style="bold red")
+        )
+        nodes.add_row(
+            n.name,
+            n.address,
+            f"{n.capacity.device} {n.capacity.dtype}",
+            _gib(n.capacity.memory_bytes),
+            f"{n.capacity.block_ms:.2f} ms/block",
+            stage,
+            str(n.load.sessions),
+            f"q{n.load.queue_length} · {n.load.step_ms_p50:.1f} ms",
+            f"{n.last_heartbeat_s:.1f} s ago",
+            health,
+        )
+    units = Table(title="coverage")
+    units.add_column("unit")
+    units.add_column("replicas", justify="right")
+    for u in s.units:
+        style = (
+            "bold red"
+            if u.replicas == 0
+            else ("yellow" if u.replicas < s.replicas_target else "green")
+        )
+        units.add_row(
+            f"{u.unit} {u.name}",
+            Text(str(u.replicas) + (" GAP" if u.replicas == 0 else ""), style=style),
+        )
+    gaps = [u.unit for u in s.units if u.replicas == 0]
+    summary = Text(
+        f"{len(s.nodes)} nodes · estimated {s.tokens_per_s:.1f} tokens/s per session · "
+        + ("every unit covered" if not gaps else f"{len(gaps)} units uncovered"),
+        style="bold" if not gaps else "bold red",
+    )
+    return Group(nodes, units, summary)

@@ -1,0 +1,353 @@
+"""``nanoshard-node join``: a volunteer joins a swarm and serves whatever stage the
+coordinator gives it, for as long as it runs.
+
+The life of a node: find the coordinator (mDNS, or --coordinator), read the model card,
+measure its capacity (cached), start its data plane with no stage, advertise itself,
+register, fetch and load its stage, then heartbeat. A new assignment in a heartbeat reply
+is loaded beside the old stage and swapped in; sessions already open finish on the old
+one. If the coordinator restarts, the node joins again and keeps serving meanwhile. On
+SIGINT/SIGTERM it deregisters, stops advertising and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from nanoshard import PROTOCOL_VERSION, discovery, rpc
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.cliutil import stop_on_signals
+from nanoshard.config import GPTConfig, describe_units
+from nanoshard.engine import Stage, parse_dtype, pick_device
+from nanoshard.errors import (
+    CheckpointError,
+    NotFound,
+)
+from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
+
+from .capacity import load_or_measure, to_wire
+from .server import DataPlane
+from .weights import fetch_stage, verify_local_stage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "nanoshard"
+
+
+@dataclass
+class JoinConfig:
+    """``nanoshard-node join``'s options, one field per flag."""
+
+    coordinator: str | None = None  # HOST:PORT; None = find it by mDNS
+    host: str = "0.0.0.0"  # where the data plane listens
+    port: int = 0  # 0 picks a free port
+    mdns: bool = True
+    mdns_interfaces: list[str] | None = None  # None = every interface
+    model: str | None = None  # a local checkpoint of the swarm's model: no download
+    max_memory: int | None = None  # bytes for weights + KV caches; None = measured share
+    device: str = "auto"
+    dtype: str = "fp32"
+    name: str = ""
+    cache_dir: Path = field(default_factory=lambda: DEFAULT_CACHE_DIR)
+    swarm: str = "default"
+    threads: int = 0
+    session_ttl: float = 300.0
+    discovery_timeout: float = 5.0
+
+
+class Events:
+    """What the node tells its user about (the CLI draws them; tests read the log)."""
+
+    def info(self, message: str) -> None:
+        log.info(message)
+
+    def progress(self, what: str) -> Callable[[int, int], None] | None:
+        return None
+
+
+def reachable_host(listen_host: str, coordinator: str) -> str:
+    """The address other machines reach us at: the listen address, or when that is a
+    wildcard, the local address of the route towards the coordinator."""
+    if listen_host not in ("", "0.0.0.0", "::"):
+        return listen_host
+    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # UDP: no packet is sent, only a route chosen
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class Volunteer:
+    """One joined node: its data plane, its assignment, its heartbeats."""
+
+    def __init__(self, config: JoinConfig, events: Events | None = None) -> None:
+        self.config = config
+        self.events = events or Events()
+        self.node_id = secrets.token_hex(8)
+        self.stop = asyncio.Event()
+        self.target = ""
+        self.card: cpb.ModelCard | None = None
+        self.model_config: GPTConfig | None = None
+        self.plane: DataPlane | None = None
+        self.advertiser: discovery.Advertiser | None = None
+        self.ready: tuple[int, int] | None = None
+        self.loading: asyncio.Task | None = None
+        self.wanted: tuple[int, int] | None = None
+        self.bytes_fetched = 0
+
+    # ---- set-up ---------------------------------------------------------------------
+
+    async def find_coordinator(self) -> str:
+        if self.config.coordinator:
+            return self.config.coordinator
+        self.events.info("looking for a coordinator by mDNS…")
+        found = await asyncio.to_thread(
+            discovery.find_coordinator,
+            self.config.mdns_interfaces,
+            self.config.discovery_timeout,
+            self.config.swarm,
+        )
+        if found is None:
+            raise NotFound(
+                f"no coordinator of swarm {self.config.swarm!r} answered on mDNS within "
+                f"{self.config.discovery_timeout:.0f} s (multicast blocked? Wi-Fi client "
+                "isolation?): pass --coordinator HOST:PORT"
+            )
+        self.events.info(f"found coordinator {found.name} at {found.target}")
+        return found.target
+
+    async def call(self, method: Callable, request: object, what: str) -> object:
+        """A control-plane call, retried with backoff while the coordinator is unreachable."""
+        delay = 0.5
+        while True:
+            try:
+                return await method(request, timeout=10)
+            except grpc.aio.AioRpcError as err:
+                exc = rpc.error_from_rpc(err, self.target)
+                if err.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise exc from None
+                self.events.info(
+                    f"cannot reach the coordinator at {self.target} ({what}); retrying in {delay:.0f} s"
+                )
+            try:
+                await asyncio.wait_for(self.stop.wait(), delay)
+                raise asyncio.CancelledError
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, 10.0)
+
+    async def run(self) -> None:
+        config = self.config
+        self.target = await self.find_coordinator()
+        channel = grpc.aio.insecure_channel(self.target, options=rpc.channel_options())
+        stub = cpb_grpc.CoordinatorStub(channel)
+        self._stub = stub
+        try:
+            self.card = await self.call(stub.GetModelCard, cpb.ModelCardRequest(), "model card")  # type: ignore[assignment]
+            self.model_config = GPTConfig.from_dict(json.loads(self.card.config_json))
+            local = self._local_checkpoint()
+            device = pick_device(config.device)
+            capacity = await asyncio.to_thread(
+                load_or_measure,
+                self.model_config,
+                device,
+                config.dtype,
+                max_memory=config.max_memory,
+                cache_dir=config.cache_dir,
+            )
+            self.events.info(
+                f"capacity on {device} {config.dtype}: block {capacity.block_ms:.2f} ms, head "
+                f"{capacity.head_ms:.2f} ms, memory {capacity.memory_bytes / 2**30:.1f} GiB"
+            )
+            self.capacity = capacity
+            self.plane = DataPlane(
+                host=config.host,
+                port=config.port,
+                name=config.name,
+                model_id=self.card.model_id,
+                kv_memory=0,
+                session_ttl=config.session_ttl,
+                threads=config.threads,
+                advertise_host=reachable_host(config.host, self.target),
+            )
+            await self.plane.start()
+            self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
+            if config.mdns:
+                self.advertiser = await asyncio.to_thread(self._advertise)
+            await self._join(stub)
+            await self._heartbeats(stub, local)
+        finally:
+            await self._shutdown(stub)
+            await channel.close()
+
+    def _local_checkpoint(self):  # type: ignore[no-untyped-def]
+        if not self.config.model:
+            return None
+        checkpoint = open_checkpoint(self.config.model)
+        if checkpoint.config != self.model_config:
+            raise CheckpointError(
+                f"{checkpoint.path}: its config differs from the swarm's model "
+                f"({self.card.name}): drop --model to fetch the swarm's weights"  # type: ignore[union-attr]
+            )
+        return checkpoint
+
+    def _advertise(self) -> discovery.Advertiser:
+        assert self.plane is not None and self.card is not None
+        props = discovery.node_properties(
+            self.node_id,
+            self.config.swarm,
+            self.capacity.device,
+            self.capacity.memory_bytes,
+            self.capacity.block_ms,
+            self.ready,
+        )
+        host = self.plane.address.rsplit(":", 1)[0]
+        advert = discovery.Advert("node", f"node-{self.node_id[:12]}", host, self.plane.port, props)
+        return discovery.Advertiser(advert, self.config.mdns_interfaces)
+
+    # ---- membership -----------------------------------------------------------------
+
+    async def _join(self, stub: cpb_grpc.CoordinatorStub) -> None:
+        assert self.plane is not None
+        request = cpb.JoinRequest(
+            node_id=self.node_id,
+            name=self.plane.name,
+            address=self.plane.address,
+            protocol_version=PROTOCOL_VERSION,
+            swarm=self.config.swarm,
+            model_id=self.card.model_id if self.card else "",
+            capacity=to_wire(self.capacity),
+            held_start=self.ready[0] if self.ready else 0,
+            held_end=self.ready[1] if self.ready else 0,
+        )
+        reply: cpb.JoinReply = await self.call(stub.Join, request, "join")  # type: ignore[assignment]
+        self.heartbeat_interval = reply.heartbeat_interval_s or 2.0
+        self.events.info(f"joined the swarm at {self.target}")
+        self._follow(reply.assignment)
+
+    def _follow(self, assignment: cpb.Assignment) -> None:
+        wanted = None if assignment.idle else (assignment.start, assignment.end)
+        if wanted == self.wanted:
+            return
+        self.wanted = wanted
+        if self.loading is not None:
+            self.loading.cancel()
+        if wanted is None:
+            self.events.info("assigned no stage for now: standing by")
+            self.loading = None
+            return
+        self.loading = asyncio.create_task(self._load(*wanted))
+
+    async def _load(self, start: int, end: int) -> None:
+        assert self.plane is not None and self.card is not None and self.model_config
+        config = self.model_config
+        self.events.info(f"assigned units [{start}, {end}) ({describe_units(config, start, end)})")
+        local = self._local_checkpoint()
+        if local is not None:
+            await asyncio.to_thread(verify_local_stage, local, self.card, start, end)
+            tensors = await asyncio.to_thread(local.read_stage, start, end)
+        else:
+            tensors, fetched = await fetch_stage(
+                self._stub,
+                self.card,
+                start,
+                end,
+                self.config.cache_dir,
+                progress=self.events.progress(f"units [{start}, {end})"),
+            )
+            self.bytes_fetched += fetched
+        device = pick_device(self.config.device)
+        dtype = parse_dtype(self.config.dtype)
+        stage: Stage = await self.plane.load(
+            lambda: Stage.from_tensors(config, start, end, tensors, dtype, device)
+        )
+        weights = (
+            sum(t.numel() for t in stage.parameters()) * next(stage.parameters()).element_size()
+        )
+        self.plane.sessions.budget_bytes = max(self.capacity.memory_bytes - weights, 64 * 2**20)
+        self.plane.service.set_stage(stage)  # new sessions go here; open ones finish on theirs
+        self.ready = (start, end)
+        self.events.info(f"serving units [{start}, {end}) on {self.plane.address}")
+        if self.advertiser is not None:
+            props = dict(self.advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
+            await asyncio.to_thread(self.advertiser.update, props)
+
+    async def _heartbeats(self, stub: cpb_grpc.CoordinatorStub, local: object) -> None:
+        assert self.plane is not None
+        unreachable = False
+        while not self.stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.heartbeat_interval)
+            if self.stop.is_set():
+                break
+            task = self.loading
+            if task is not None and task.done() and not task.cancelled() and task.exception():
+                raise task.exception()  # type: ignore[misc]  # a stage that cannot load ends the node
+            info = self.plane.service
+            lat = sorted(info._latencies)
+            request = cpb.HeartbeatRequest(
+                node_id=self.node_id,
+                ready=self.ready is not None,
+                start=self.ready[0] if self.ready else 0,
+                end=self.ready[1] if self.ready else 0,
+                load=cpb.NodeLoad(
+                    sessions=len(self.plane.sessions),
+                    kv_bytes_used=self.plane.sessions.used_bytes,
+                    kv_bytes_budget=self.plane.sessions.budget_bytes,
+                    queue_length=self.plane.worker.queue_length,
+                    step_ms_p50=lat[len(lat) // 2] if lat else 0.0,
+                ),
+            )
+            try:
+                reply = await stub.Heartbeat(request, timeout=max(self.heartbeat_interval, 2.0))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    self.events.info(
+                        "the coordinator does not know this node (restarted?): joining again"
+                    )
+                    await self._join(stub)
+                    unreachable = False
+                    continue
+                if not unreachable:
+                    self.events.info(
+                        f"cannot reach the coordinator at {self.target}: still serving, retrying"
+                    )
+                unreachable = True
+                continue
+            if unreachable:
+                self.events.info("the coordinator answers again")
+                unreachable = False
+            self._follow(reply.assignment)
+
+    async def _shutdown(self, stub: cpb_grpc.CoordinatorStub) -> None:
+        if self.loading is not None:
+            self.loading.cancel()
+        if self.advertiser is not None:
+            await asyncio.to_thread(self.advertiser.close)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await stub.Leave(cpb.LeaveRequest(node_id=self.node_id), timeout=3)
+        if self.plane is not None:
+            await self.plane.stop()
+        self.events.info("left the swarm")
+
+
+async def join(config: JoinConfig, events: Events | None = None) -> Volunteer:
+    volunteer = Volunteer(config, events)
+    stop_on_signals(volunteer.stop)
+    with contextlib.suppress(asyncio.CancelledError):
+        await volunteer.run()
+    return volunteer

@@ -1,0 +1,127 @@
+"""The control plane end to end: a coordinator and volunteers as real processes on
+loopback, finding each other by mDNS bound to loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from swarm import Swarm, nanoshard
+
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.swarm import CoordinatorClient
+from nanoshard.statusview import status_json
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
+FETCHED = re.compile(r"fetched (\d+) bytes .*units \[(\d+), (\d+)\)")
+
+
+def wait_until(what: str, check: Callable[[], object], timeout: float = 60.0) -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as exc:  # the swarm is still forming
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def covered(client: CoordinatorClient, nodes: int | None = None) -> dict | None:
+    status = status_json(client.status())
+    healthy = [n for n in status["nodes"] if n["healthy"]]
+    if nodes is not None and len(healthy) != nodes:
+        return None
+    if all(u["replicas"] >= 1 for u in status["units"]) and len(healthy) == len(status["nodes"]):
+        return status
+    return None
+
+
+def demo_bytes() -> int:
+    ckpt = open_checkpoint("demo")
+    return ckpt.stage_nbytes(0, ckpt.config.n_units)
+
+
+def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(tmp_path: Path) -> None:
+    swarm_name = "t" + secrets.token_hex(4)
+    memory = str(int(demo_bytes() * 0.55 / 0.8))  # each node holds about half the model
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "1", *HEARTBEAT)
+        nodes = [
+            swarm.join("--swarm", swarm_name, "--max-memory", memory, "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")
+            for i in range(3)
+        ]
+        client = CoordinatorClient(address)
+        status = wait_until("full coverage", lambda: covered(client, 3), timeout=120)
+        assert status is not None
+        # each node found the coordinator by mDNS (no address was given) ...
+        for node in nodes:
+            assert "found coordinator" in node.output, node.output
+        # ... and fetched exactly the bytes of its own units
+        ckpt = open_checkpoint("demo")
+        stages = {tuple(n["stage"]) for n in status["nodes"] if n["stage"]}
+        assert len(stages) >= 2  # the model really is split
+        for node in nodes:
+            fetched = [(int(b), int(s), int(e)) for b, s, e in FETCHED.findall(node.output)]
+            assert fetched, node.output
+            for nbytes, start, end in fetched:
+                assert nbytes == ckpt.stage_nbytes(start, end)
+                assert nbytes < demo_bytes()
+
+        done = nanoshard("status", "--coordinator", address, "--json")
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert all(u["replicas"] >= 1 for u in status["units"])
+        assert {"name", "address", "stage", "healthy"} <= set(status["nodes"][0])
+
+        common = ["--max-new-tokens", "60", "--temperature", "0", "--json", "JULIET:"]
+        local = json.loads(nanoshard("generate", "--local", *common).stdout)
+        routed = nanoshard("generate", "--coordinator", address, *common)
+        assert routed.returncode == 0, routed.stderr
+        assert json.loads(routed.stdout)["token_ids"] == local["token_ids"]
+        client.close()
+
+
+def test_a_killed_node_is_replaced_and_a_restarted_coordinator_regains_everyone(tmp_path: Path) -> None:
+    swarm_name = "t" + secrets.token_hex(4)
+    memory = str(int(demo_bytes() * 0.55 / 0.8))
+    with Swarm() as swarm:
+        coord, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "2", *HEARTBEAT)
+        port = address.rsplit(":", 1)[1]
+        nodes = [
+            swarm.join("--swarm", swarm_name, "--coordinator", address, "--max-memory", memory,
+                       "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")
+            for i in range(4)
+        ]
+        client = CoordinatorClient(address)
+        wait_until("four healthy nodes", lambda: covered(client, 4), timeout=120)
+
+        # SIGKILL one node: within two heartbeat timeouts it is gone and every unit is served
+        victim = nodes[1]
+        victim.kill()
+        killed_at = time.monotonic()
+        status = wait_until("the dead node dropped", lambda: covered(client, 3), timeout=30)
+        assert time.monotonic() - killed_at <= 2 * 2.0 + 2.0  # two timeouts, plus polling slack
+        assert "n1" not in {n["name"] for n in status["nodes"]}
+
+        # the coordinator dies and comes back: the nodes re-register by themselves
+        before = {n["name"]: n["stage"] for n in status["nodes"]}
+        coord.kill()
+        time.sleep(1.0)
+        swarm.coordinator("--swarm", swarm_name, "--replicas", "2", *HEARTBEAT, port=int(port))
+        status = wait_until("the swarm re-formed", lambda: covered(client, 3), timeout=30)
+        assert {n["name"]: n["stage"] for n in status["nodes"]} == before
+        for node in (nodes[0], nodes[2], nodes[3]):
+            assert node.popen.poll() is None  # never restarted
+            assert "joining again" in node.output
+        client.close()
