@@ -38,6 +38,7 @@ from zeroconf import (
     Zeroconf,
 )
 
+from nanoshard import PROTOCOL_VERSION
 from nanoshard.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
