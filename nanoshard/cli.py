@@ -19,6 +19,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import run_cli, setup_logging
 from nanoshard.config import GPTConfig
 from nanoshard.coordinator.server import CoordinatorConfig
+from nanoshard.demo import DemoConfig, run_demo
 from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import (
@@ -87,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node silent this long is out (default 6)",
     )
     add_mdns_options(c, advertise=True)
+
+    dm = sub.add_parser("demo", help="a coordinator and N nodes on this machine, and a generation")
+    dd = DemoConfig()
+    dm.add_argument(
+        "--nodes", type=int, default=dd.nodes, help=f"volunteer nodes to start (default {dd.nodes})"
+    )
+    dm.add_argument("--prompt", default=dd.prompt, help="the text to continue")
+    dm.add_argument("--model", default=dd.model, help="checkpoint path, or 'demo' (default)")
+    dm.add_argument("--max-new-tokens", type=int, default=dd.max_new_tokens)
+    dm.add_argument("--temperature", type=float, default=dd.temperature)
+    dm.add_argument("--seed", type=int, default=dd.seed)
+    dm.add_argument("--codec", default=dd.codec, help=CODECS_HELP)
 
     st = sub.add_parser("status", help="show the swarm: nodes, coverage, throughput")
     st.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
@@ -265,6 +278,21 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    config = DemoConfig(
+        nodes=args.nodes,
+        prompt=args.prompt,
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        codec=args.codec,
+    )
+    return run_demo(config, Console())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -292,7 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    commands = {"generate": cmd_generate, "coordinator": cmd_coordinator, "status": cmd_status}
+    commands = {
+        "generate": cmd_generate,
+        "coordinator": cmd_coordinator,
+        "status": cmd_status,
+        "demo": cmd_demo,
+    }
     run_cli("nanoshard", lambda: commands[args.command](args))
 
 

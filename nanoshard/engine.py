@@ -10,6 +10,7 @@ exactly this code, which is why their fp32 outputs agree bit for bit.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -171,14 +172,16 @@ class Stage(nn.Module):
             h = self.transformer["wte"](x) + self.transformer["wpe"](positions)
         else:
             h = x
+        blocks = cast(nn.ModuleDict, self.transformer["h"])
         for j, i in enumerate(self.blocks):
-            h = self.transformer["h"][str(i)](h, cache.block(j) if cache else None, pos)
+            h = blocks[str(i)](h, cache.block(j) if cache else None, pos)
         if cache is not None:
             cache.length = pos + T
         if self.has_head:
             if not all_logits:
                 h = h[:, -1:]
-            h = F.linear(self.transformer["ln_f"](h), self.transformer["wte"].weight)
+            wte = cast(nn.Embedding, self.transformer["wte"])
+            h = F.linear(self.transformer["ln_f"](h), wte.weight)
         return h if batched else h[0]
 
     @classmethod

@@ -157,8 +157,9 @@ class Volunteer:
         stub = cpb_grpc.CoordinatorStub(channel)
         self._stub = stub
         try:
-            self.card = await self.call(stub.GetModelCard, cpb.ModelCardRequest(), "model card")  # type: ignore[assignment]
-            self.model_config = GPTConfig.from_dict(json.loads(self.card.config_json))
+            card = await self.call(stub.GetModelCard, cpb.ModelCardRequest(), "model card")
+            self.card = card  # type: ignore[assignment]
+            self.model_config = GPTConfig.from_dict(json.loads(card.config_json))  # type: ignore[attr-defined]
             local = self._local_checkpoint()
             device = pick_device(config.device)
             capacity = await asyncio.to_thread(
@@ -178,7 +179,7 @@ class Volunteer:
                 host=config.host,
                 port=config.port,
                 name=config.name,
-                model_id=self.card.model_id,
+                model_id=card.model_id,  # type: ignore[attr-defined]
                 kv_memory=0,
                 session_ttl=config.session_ttl,
                 threads=config.threads,

@@ -1,0 +1,250 @@
+"""``nanoshard demo``: a whole swarm on this machine, shown end to end.
+
+Starts a coordinator and N volunteer nodes as separate processes (mDNS bound to loopback,
+so the nodes find the coordinator by themselves), waits until every unit is served, shows
+the status table, streams a generation through the nodes with a per-hop timing summary,
+and stops every process it started, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.errors import NanoshardError, Unavailable
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class DemoConfig:
+    nodes: int = 3
+    prompt: str = "ROMEO:\n"
+    model: str = "demo"
+    max_new_tokens: int = 120
+    temperature: float = 0.8
+    top_k: int = 40
+    seed: int = 0
+    codec: str = "fp32"
+    timeout: float = 180.0  # seconds to wait for the swarm to form
+
+
+class Processes:
+    """Child processes, each logging to a file; all stopped by PID at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
+        popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us only
+        )
+        self.children.append((name, popen))
+        return popen
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def check(self) -> None:
+        for name, popen in self.children:
+            if popen.poll() is not None:
+                tail = "\n".join(self.log(name).splitlines()[-5:])
+                raise NanoshardError(f"{name} exited with {popen.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for _, popen in reversed(self.children):
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, popen in self.children:
+            try:
+                popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+
+def wait_for_address(procs: Processes, name: str, marker: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in procs.log(name).splitlines():
+            if marker in line:
+                return line.rsplit(" ", 1)[-1]
+        procs.check()
+        time.sleep(0.1)
+    raise Unavailable(f"{name} did not start within {timeout:.0f} s")
+
+
+def run_demo(config: DemoConfig, console: Console) -> int:
+    from nanoshard.cli import prompt_ids
+    from nanoshard.client.route import RouteSession
+    from nanoshard.client.swarm import CoordinatorClient
+    from nanoshard.generation import check_prompt, generate, max_length_for
+    from nanoshard.sampling import SamplingParams
+    from nanoshard.statusview import status_table
+    from nanoshard.trace import summarize_hops
+
+    if config.nodes < 1:
+        raise NanoshardError("--nodes must be at least 1")
+    checkpoint = open_checkpoint(config.model)
+    model_bytes = checkpoint.stage_nbytes(0, checkpoint.config.n_units)
+    # Each node may hold a bit more than its share, so the model must be split across them.
+    share = model_bytes * 1.25 / config.nodes if config.nodes > 1 else model_bytes * 2
+    memory = int(share / 0.8)  # placement fills 80 % of a node's memory with weights
+    swarm = "demo-" + secrets.token_hex(3)
+    with tempfile.TemporaryDirectory(prefix="nanoshard-demo-") as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            console.print(
+                f"[bold]starting a coordinator and {config.nodes} nodes[/] (logs in {tmp})"
+            )
+            procs.start(
+                "coordinator",
+                [
+                    "-m",
+                    "nanoshard.cli",
+                    "coordinator",
+                    "--model",
+                    config.model,
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    "0",
+                    "--mdns-interface",
+                    LOOPBACK,
+                    "--swarm",
+                    swarm,
+                    "--replicas",
+                    "1",
+                    "--heartbeat-interval",
+                    "0.5",
+                    "--heartbeat-timeout",
+                    "3",
+                ],
+            )
+            address = wait_for_address(procs, "coordinator", "listening on", config.timeout)
+            for i in range(config.nodes):
+                procs.start(
+                    f"node{i + 1}",
+                    [
+                        "-m",
+                        "nanoshard.node.cli",
+                        "join",
+                        "--host",
+                        LOOPBACK,
+                        "--mdns-interface",
+                        LOOPBACK,
+                        "--swarm",
+                        swarm,
+                        "--name",
+                        f"node{i + 1}",
+                        "--max-memory",
+                        str(memory),
+                        "--cache-dir",
+                        str(Path(tmp) / f"cache{i + 1}"),
+                        "--threads",
+                        "1",
+                    ],
+                )
+            coordinator = CoordinatorClient(address)
+            with console.status("waiting until every unit is served…"):
+                status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
+            console.print(status_table(status))
+
+            enc = coordinator.encoding()
+            model = coordinator.config()
+            ids = prompt_ids(enc, config.prompt)
+            check_prompt(ids, model.vocab_size, model.block_size)
+            params = SamplingParams(config.temperature, config.top_k, 1.0, config.seed)
+            route = coordinator.route()
+            session = RouteSession(
+                route,
+                params,
+                max_length_for(len(ids), config.max_new_tokens, model.block_size),
+                config.codec,
+            )
+            console.rule("generation")
+            console.print(config.prompt, end="", style="bold")
+            pending: list[int] = []
+
+            def show(token: int) -> None:
+                pending.append(token)
+                text = enc.decode(pending, errors="replace")
+                if not text.endswith("\ufffd"):
+                    console.print(text, end="", highlight=False)
+                    pending.clear()
+
+            eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
+            try:
+                gen = generate(
+                    session,
+                    ids,
+                    config.max_new_tokens,
+                    block_size=model.block_size,
+                    eot_id=eot,
+                    on_token=show,
+                )
+            finally:
+                session.close()
+            console.print()
+            console.rule()
+            print_hops(console, summarize_hops(gen.hops, [gen.prefill_ms, *gen.decode_ms]), gen)
+            coordinator.close()
+            return 0
+        finally:
+            with console.status("stopping the swarm…"):
+                procs.stop()
+            console.print("[dim]all demo processes stopped[/]")
+
+
+def wait_for_coverage(coordinator, procs: Processes, nodes: int, timeout: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.check()
+        with contextlib.suppress(NanoshardError):
+            status = coordinator.status()
+            healthy = [n for n in status.nodes if n.healthy]
+            if len(healthy) == nodes and all(u.replicas >= 1 for u in status.units):
+                return status
+        time.sleep(0.3)
+    raise Unavailable(f"the swarm did not cover every unit within {timeout:.0f} s")
+
+
+def print_hops(console: Console, rows: list[dict], gen) -> None:  # type: ignore[no-untyped-def]
+    table = Table(title="who ran what (all steps)")
+    for col in ("node", "units", "steps", "compute ms", "queue ms", "transfer ms", "bytes out"):
+        table.add_column(col, justify="left" if col in ("node", "units") else "right")
+    for r in rows:
+        table.add_row(
+            r["node"],
+            f"[{r['units'][0]}, {r['units'][1]})",
+            str(r["steps"]),
+            f"{r['compute_ms']:.1f}",
+            f"{r['queue_ms']:.1f}",
+            f"{r['transfer_ms']:.1f}",
+            f"{r['bytes_out']:,}",
+        )
+    console.print(table)
+    mean = sum(gen.decode_ms) / len(gen.decode_ms) if gen.decode_ms else 0.0
+    console.print(
+        f"{len(gen.token_ids)} tokens ({gen.note}); time to first token {gen.prefill_ms:.0f} ms, "
+        f"then {mean:.1f} ms/token"
+    )
