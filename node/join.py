@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
 from nanoshard.checkpoint import open_checkpoint
@@ -152,6 +153,8 @@ class Volunteer:
 
     async def run(self) -> None:
         config = self.config
+        if config.threads:  # before measuring: capacity is what this node will really do
+            torch.set_num_threads(config.threads)
         self.target = await self.find_coordinator()
         channel = grpc.aio.insecure_channel(self.target, options=rpc.channel_options())
         stub = cpb_grpc.CoordinatorStub(channel)
@@ -259,8 +262,7 @@ class Volunteer:
         self.events.info(f"assigned units [{start}, {end}) ({describe_units(config, start, end)})")
         local = self._local_checkpoint()
         if local is not None:
-            await asyncio.to_thread(verify_local_stage, local, self.card, start, end)
-            tensors = await asyncio.to_thread(local.read_stage, start, end)
+            tensors = await asyncio.to_thread(verify_local_stage, local, self.card, start, end)
         else:
             tensors, fetched = await fetch_stage(
                 self._stub,

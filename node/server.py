@@ -133,8 +133,13 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
     await plane.start()
     log.info(
         "serving units [%d, %d) (%s) of %s on %s, %s %s",
-        start, end, describe_units(checkpoint.config, start, end), config.model, plane.address,
-        device, config.dtype,
+        start,
+        end,
+        describe_units(checkpoint.config, start, end),
+        config.model,
+        plane.address,
+        device,
+        config.dtype,
     )
     if on_ready:
         on_ready(plane.address)

@@ -17,14 +17,13 @@ from disk or a download, and a node then never serves weights that are not the s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +33,18 @@ import msgpack
 import torch
 
 from nanoshard import rpc
-from nanoshard.checkpoint import Checkpoint, TensorEntry, model_shapes, tensor_sha256
-from nanoshard.config import GPTConfig, check_units, stage_tensor_names, unit_tensor_names
-from nanoshard.coordinator.model import CHUNK_BYTES, manifest_model_id
-from nanoshard.errors import CheckpointError, InvalidArgument
+from nanoshard.checkpoint import Checkpoint, TensorEntry, tensor_sha256
+from nanoshard.config import check_units, stage_tensor_names
+from nanoshard.errors import CheckpointError
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
+
+from ..coordinator.model import CHUNK_BYTES, ModelCardInfo, check_card
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/nanoshard")
 INDEX_FORMAT = 1
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a manifest may name
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int, int], None]  # (bytes_done, bytes_total) of the download
 
@@ -60,59 +58,6 @@ class FetchStats:
     fetched_tensors: int = 0
     fetched_bytes: int = 0  # TensorChunk data received
     corrupt_files: int = 0  # cached files that failed their hash, deleted and fetched again
-
-
-# ---- the model card, checked -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelCardInfo:
-    """A ModelCard validated and decoded: config, manifest per unit, entries by name."""
-
-    model_id: str
-    name: str
-    config: GPTConfig
-    units: list[list[TensorEntry]]
-    entries: dict[str, TensorEntry]
-
-
-def check_card(card: pb.ModelCard) -> ModelCardInfo:
-    """Decode a ModelCard, refusing one that is not whole and self-consistent.
-
-    The manifest must list exactly the tensors of the config's units, with the config's shapes,
-    a float dtype and a sha256 each, and ``model_id`` must be its hash (manifest_model_id).
-    """
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"the coordinator's model card is malformed: {what}")
-
-    try:
-        config = GPTConfig.from_dict(json.loads(card.config_json))
-    except (ValueError, TypeError, InvalidArgument) as e:
-        raise bad(f"config_json: {e}") from None
-    if len(card.units) != config.n_units:
-        raise bad(f"{len(card.units)} units in the manifest, the config has {config.n_units}")
-    shapes = model_shapes(config)
-    units: list[list[TensorEntry]] = []
-    entries: dict[str, TensorEntry] = {}
-    for u, unit in enumerate(card.units):
-        names = [t.name for t in unit.tensors]
-        if unit.unit != u or names != unit_tensor_names(config, u):
-            raise bad(f"unit {unit.unit} (at position {u}) does not list unit {u}'s tensors")
-        row = []
-        for t in unit.tensors:
-            entry = TensorEntry(t.name, tuple(t.shape), t.dtype, t.sha256)
-            if entry.shape != shapes[t.name]:
-                raise bad(f"{t.name} has shape {list(t.shape)}, expected {list(shapes[t.name])}")
-            if entry.dtype not in WEIGHT_DTYPES or not SHA256_HEX.match(entry.sha256):
-                raise bad(f"{t.name} has dtype {t.dtype!r} and sha256 {t.sha256[:70]!r}")
-            if entries.setdefault(t.name, entry) != entry:
-                raise bad(f"{t.name} is listed twice with different contents")
-            row.append(entry)
-        units.append(row)
-    if manifest_model_id(config, units) != card.model_id:
-        raise bad(f"model_id {card.model_id[:70]!r} is not the hash of its manifest")
-    return ModelCardInfo(card.model_id, card.name, config, units, entries)
 
 
 def entry_nbytes(entry: TensorEntry) -> int:
@@ -217,18 +162,14 @@ def cached_range(cache_dir: str | Path | None, card: pb.ModelCard) -> tuple[int,
     verified): what a node may report as held when it joins. None when it has none."""
     info = check_card(card)
     root = cache_root(cache_dir)
-    held = [
-        all(tensor_path(root, e.sha256).is_file() for e in unit) for unit in info.units
-    ] + [False]
-    best, start = None, None
+    held = [all(tensor_path(root, e.sha256).is_file() for e in unit) for unit in info.units]
+    best, start = (0, 0), 0
     for u, ok in enumerate(held):
-        if ok and start is None:
-            start = u
-        elif not ok and start is not None:
-            if best is None or u - start > best[1] - best[0]:
-                best = (start, u)
-            start = None
-    return best
+        if not ok:
+            start = u + 1
+        elif u + 1 - start > best[1] - best[0]:
+            best = (start, u + 1)
+    return best if best[1] > best[0] else None
 
 
 # ---- fetching a stage ------------------------------------------------------------------
@@ -243,15 +184,16 @@ async def fetch_stage(
     progress: Progress | None = None,
     *,
     stats: FetchStats | None = None,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], int]:
     """The tensors of units ``[start, end)`` (nanoGPT names, stored dtype, CPU), ready for
-    ``Stage.from_tensors``: from the cache, the missing ones in one FetchTensors call.
+    ``Stage.from_tensors``, and the bytes that came over the network: from the cache, the
+    missing ones in one FetchTensors call.
 
     Fetched tensors are checked against the card (size, sha256) before they are cached or
     returned; a mismatch raises CheckpointError naming the tensor. ``progress`` gets
     (bytes_done, bytes_total) of the download; ``stats`` (filled in) says what came from where.
     """
-    info = check_card(card)
+    info = await asyncio.to_thread(check_card, card)  # builds shapes: not on the event loop
     check_units(info.config, start, end)
     root = cache_root(cache_dir)
     stats = stats if stats is not None else FetchStats()
@@ -279,10 +221,18 @@ async def fetch_stage(
         )
         fetched = await _fetch(stub, info, missing, root, total, progress, stats)
         tensors.update(fetched)
+        log.info(
+            "fetched %d bytes (%d tensors) for units [%d, %d); %d bytes were cached",
+            stats.fetched_bytes,
+            stats.fetched_tensors,
+            start,
+            end,
+            stats.cached_bytes,
+        )
     elif progress is not None:
         progress(0, 0)
     await asyncio.to_thread(write_index, root, info, names)
-    return {name: tensors[name] for name in names}
+    return {name: tensors[name] for name in names}, stats.fetched_bytes
 
 
 async def _fetch(
@@ -398,30 +348,56 @@ def verify_local_stage(
 # ---- for CLIs ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def rich_progress(description: str = "weights") -> Iterator[Progress]:
-    """A rich progress bar (bytes, speed, time left) and the callback that moves it."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class RichProgress:
+    """A rich progress bar driven as a Progress callback: it appears at the first call with
+    bytes to download and goes when they are all done, at exit of a ``with`` block, or when
+    the process ends (a download that failed halfway)."""
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self._bar: Any = None
+        self._task: Any = None
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if done >= total:
+                return  # nothing to download: no bar
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            from rich.progress import Progress as Bar
 
-        yield update
+            self._bar = Bar(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task(self.description, total=total)
+            self._bar.start()
+            atexit.register(self.close)
+        self._bar.update(self._task, completed=done, total=total)
+        if done >= total:
+            self.close()
 
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+            atexit.unregister(self.close)
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rich_progress(description: str = "weights") -> RichProgress:
+    """A Progress callback that draws a rich bar (bytes, speed, time left); for CLIs."""
+    return RichProgress(description)

@@ -1,0 +1,329 @@
+"""The model a coordinator serves: its card (config, tokenizer, manifest) and its weights.
+
+The coordinator opens the checkpoint once at start, hashes every tensor into a manifest
+(per unit: name, shape, dtype, sha256 of the canonical bytes, see
+:func:`nanoshard.checkpoint.tensor_sha256`) and names the model by that manifest
+(:func:`manifest_model_id`). Nodes then fetch only their stage's tensors with FetchTensors:
+each tensor's canonical bytes (nanoGPT layout, stored dtype, row-major, little-endian: exactly
+what the hash covers), in chunks of at most :data:`CHUNK_BYTES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoshard import rpc
+from nanoshard.checkpoint import (
+    DEMO,
+    TOKENIZER_FILES,
+    Checkpoint,
+    TensorEntry,
+    model_shapes,
+    open_checkpoint,
+    tensor_sha256,
+)
+from nanoshard.config import GPTConfig, unit_tensor_names
+from nanoshard.errors import (
+    CheckpointError,
+    FailedPrecondition,
+    InvalidArgument,
+    NanoshardError,
+)
+from nanoshard.tokenizer import encoding_from_hf_files
+from nanoshard.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # TensorChunk.data, at most (the proto's promise)
+MEMORY_CACHE_BYTES = 256 << 20  # a model at most this big is kept in memory once read
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a manifest may name
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def manifest_model_id(config: GPTConfig, units: Sequence[Sequence[TensorEntry]]) -> str:
+    """The model id: sha256 hex of the canonical JSON of the config and the manifest.
+
+    The document is ``{"config": GPTConfig.to_dict(), "units": [[{"name", "shape", "dtype",
+    "sha256"}, ...] per unit, in unit order]}`` serialised by ``json.dumps`` with sorted keys,
+    ``separators=(",", ":")`` and ASCII only, then UTF-8 encoded. The config is in it because
+    two models with the same tensors but another ``layer_norm_epsilon`` compute different
+    things; the model's name is not (the same weights in another folder are the same model).
+    A node recomputes it from a ModelCard to check that the card is whole.
+    """
+    doc = {
+        "config": config.to_dict(),
+        "units": [[entry.to_dict() for entry in unit] for unit in units],
+    }
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_name(spec: str | Path, path: Path) -> str:
+    """``"demo"``, a Hugging Face directory's name, or a nanoGPT file's (``out/ckpt.pt`` -> out)."""
+    if isinstance(spec, str) and spec == DEMO:
+        return DEMO
+    if path.is_dir() or path.stem == "ckpt":
+        return (path if path.is_dir() else path.parent).resolve().name
+    return path.stem
+
+
+def byte_chunks(tensor: torch.Tensor, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """A CPU tensor's canonical bytes (see tensor_sha256) in pieces of at most ``size``."""
+    t = tensor.detach().to("cpu").contiguous()  # kept alive while the view below is read
+    if not t.nbytes:
+        return
+    view = memoryview((ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr()))
+    for offset in range(0, t.nbytes, size):
+        yield bytes(view[offset : offset + size])
+
+
+@dataclass(frozen=True)
+class ModelCardInfo:
+    """A ModelCard validated and decoded: config, manifest per unit, entries by name."""
+
+    model_id: str
+    name: str
+    config: GPTConfig
+    units: list[list[TensorEntry]]
+    entries: dict[str, TensorEntry]
+
+
+def check_card(card: pb.ModelCard) -> ModelCardInfo:
+    """Decode a ModelCard, refusing one that is not whole and self-consistent.
+
+    The manifest must list exactly the tensors of the config's units, with the config's shapes,
+    a float dtype and a sha256 each, and ``model_id`` must be its hash (manifest_model_id).
+    """
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"the coordinator's model card is malformed: {what}")
+
+    try:
+        config = GPTConfig.from_dict(json.loads(card.config_json))
+    except (ValueError, TypeError, InvalidArgument) as e:
+        raise bad(f"config_json: {e}") from None
+    if len(card.units) != config.n_units:
+        raise bad(f"{len(card.units)} units in the manifest, the config has {config.n_units}")
+    shapes = model_shapes(config)
+    units: list[list[TensorEntry]] = []
+    entries: dict[str, TensorEntry] = {}
+    for u, unit in enumerate(card.units):
+        names = [t.name for t in unit.tensors]
+        if unit.unit != u or names != unit_tensor_names(config, u):
+            raise bad(f"unit {unit.unit} (at position {u}) does not list unit {u}'s tensors")
+        row = []
+        for t in unit.tensors:
+            entry = TensorEntry(t.name, tuple(t.shape), t.dtype, t.sha256)
+            if entry.shape != shapes[t.name]:
+                raise bad(f"{t.name} has shape {list(t.shape)}, expected {list(shapes[t.name])}")
+            if entry.dtype not in WEIGHT_DTYPES or not SHA256_HEX.match(entry.sha256):
+                raise bad(f"{t.name} has dtype {t.dtype!r} and sha256 {t.sha256[:70]!r}")
+            if entries.setdefault(t.name, entry) != entry:
+                raise bad(f"{t.name} is listed twice with different contents")
+            row.append(entry)
+        units.append(row)
+    if manifest_model_id(config, units) != card.model_id:
+        raise bad(f"model_id {card.model_id[:70]!r} is not the hash of its manifest")
+    return ModelCardInfo(card.model_id, card.name, config, units, entries)
+
+
+class ModelStore:
+    """The coordinator's model: a checkpoint, its manifest and card, and tensor reads.
+
+    Build one with :meth:`open`. ``units[u]`` lists unit ``u``'s tensors (the head lists wte
+    too, tied); ``entries`` maps every tensor name to its manifest line.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        name: str,
+        units: list[list[TensorEntry]],
+        vocab_json: bytes = b"",
+        merges_txt: bytes = b"",
+        *,
+        memory_cache_bytes: int = MEMORY_CACHE_BYTES,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.name = name
+        self.units = units
+        self.entries = {e.name: e for unit in units for e in unit}
+        self.vocab_json, self.merges_txt = vocab_json, merges_txt
+        self.model_id = manifest_model_id(self.config, units)
+        self.nbytes = sum(_nbytes(e) for e in self.entries.values())
+        # A small model is read from the file once and then served from memory; a big one is
+        # read per request, so the coordinator never holds it twice.
+        self._cached: dict[str, torch.Tensor] | None = (
+            {} if self.nbytes <= memory_cache_bytes else None
+        )
+        self._card: pb.ModelCard | None = None
+
+    @classmethod
+    def open(
+        cls,
+        spec: str | Path,
+        *,
+        trust_pickle: bool = False,
+        memory_cache_bytes: int = MEMORY_CACHE_BYTES,
+    ) -> ModelStore:
+        """Open ``"demo"`` or a checkpoint path and hash it (reads every tensor once).
+
+        Every problem (missing file, wrong architecture, broken tokenizer files) raises
+        :class:`CheckpointError` naming the file.
+        """
+        checkpoint = open_checkpoint(spec, trust_pickle=trust_pickle)
+        path = Path(checkpoint.path)
+        vocab_json, merges_txt = _tokenizer_files(path if path.is_dir() else path.parent)
+        log.info("hashing %s (%d tensors)", path, len(checkpoint.tensor_names()))
+        units = checkpoint.manifest()
+        store = cls(
+            checkpoint,
+            model_name(spec, path),
+            units,
+            vocab_json,
+            merges_txt,
+            memory_cache_bytes=memory_cache_bytes,
+        )
+        log.info(
+            "model %s: %d units, %.1f MB, id %s",
+            store.name,
+            store.config.n_units,
+            store.nbytes / 1e6,
+            store.model_id[:16],
+        )
+        return store
+
+    def card(self) -> pb.ModelCard:
+        """The ModelCard every node and client asks for (built once)."""
+        if self._card is None:
+            self._card = pb.ModelCard(
+                model_id=self.model_id,
+                name=self.name,
+                config_json=json.dumps(self.config.to_dict(), sort_keys=True),
+                vocab_json=self.vocab_json,
+                merges_txt=self.merges_txt,
+                units=[
+                    pb.UnitManifest(
+                        unit=u,
+                        tensors=[
+                            pb.TensorInfo(
+                                name=e.name, shape=list(e.shape), dtype=e.dtype, sha256=e.sha256
+                            )
+                            for e in unit
+                        ],
+                    )
+                    for u, unit in enumerate(self.units)
+                ],
+            )
+        return self._card
+
+    def unit_nbytes(self) -> list[int]:
+        """Bytes of each unit's tensors as stored (the head counts wte, which it shares with
+        embed: a stage holding both holds it once, see Checkpoint.stage_nbytes)."""
+        return [sum(_nbytes(e) for e in unit) for unit in self.units]
+
+    def check_names(self, names: Sequence[str]) -> list[str]:
+        """A FetchRequest's names, validated: known, each once, at least one."""
+        if not names:
+            raise InvalidArgument("FetchTensors names no tensor")
+        if len(names) > len(self.entries):
+            raise InvalidArgument(
+                f"FetchTensors names {len(names)} tensors; the model has {len(self.entries)}"
+            )
+        unknown = [n for n in names if n not in self.entries]
+        if unknown:
+            shown = ", ".join(repr(n[:100]) for n in unknown[:3])
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise InvalidArgument(
+                f"model {self.name} has no tensor {shown}{more} (names are nanoGPT's, as in "
+                "the model card's manifest)"
+            )
+        if len(set(names)) != len(names):
+            dup = next(n for i, n in enumerate(names) if n in names[:i])
+            raise InvalidArgument(f"FetchTensors names {dup!r} twice")
+        return list(names)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as the manifest describes it (blocking: call it in a thread).
+
+        Read from the file, it is checked against the manifest, so a checkpoint replaced on
+        disk after start is refused rather than sent.
+        """
+        if self._cached is not None and name in self._cached:
+            return self._cached[name]
+        entry = self.entries[name]
+        t = self.checkpoint.read([name])[name].contiguous()
+        if (
+            tuple(t.shape) != entry.shape
+            or str(t.dtype).removeprefix("torch.") != entry.dtype
+            or tensor_sha256(t) != entry.sha256
+        ):
+            raise FailedPrecondition(
+                f"{self.checkpoint.path} changed on disk since the coordinator started (tensor "
+                f"{name!r} no longer matches model {self.model_id[:16]}): restart the coordinator"
+            )
+        if self._cached is not None:
+            self._cached[name] = t
+        return t
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    return torch.Size(entry.shape).numel() * getattr(torch, entry.dtype).itemsize
+
+
+def _tokenizer_files(directory: Path) -> tuple[bytes, bytes]:
+    """``vocab.json`` and ``merges.txt`` of a model directory, checked; empty when absent."""
+    present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not present:
+        return b"", b""  # the standard gpt2 encoding
+    if len(present) != len(TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory}: has {present[0]} but not the rest of a GPT-2 tokenizer "
+            f"({' + '.join(TOKENIZER_FILES)})"
+        )
+    vocab, merges = (directory / name for name in TOKENIZER_FILES)
+    try:  # refuse at start a tokenizer every client would choke on later
+        encoding_from_hf_files(vocab, merges, name=directory.name or "model")
+        return vocab.read_bytes(), merges.read_bytes()
+    except (NanoshardError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: broken tokenizer files: {e}") from None
+
+
+async def fetch_tensors(
+    store: ModelStore, request: pb.FetchRequest, context: Any = None
+) -> AsyncIterator[pb.TensorChunk]:
+    """FetchTensors: the named tensors' canonical bytes, tensor after tensor, in request order.
+
+    Each tensor comes as chunks with increasing ``offset``, each at most CHUNK_BYTES, and
+    ``total`` its size; reads run in a thread so the event loop keeps serving heartbeats.
+    Errors are nanoshard errors; given the call's ``context``, they end the call with their
+    gRPC status instead (the servicer just returns this generator).
+    """
+    try:
+        names = store.check_names(list(request.names))
+        for name in names:
+            tensor = await asyncio.to_thread(store.read, name)
+            total = tensor.nbytes
+            if total == 0:
+                yield pb.TensorChunk(name=name, offset=0, total=0)
+            offset = 0
+            for data in byte_chunks(tensor):
+                yield pb.TensorChunk(name=name, offset=offset, total=total, data=data)
+                offset += len(data)
+    except NanoshardError as exc:
+        if context is None:
+            raise
+        log.info("FetchTensors refused: %s", exc)
+        await rpc.abort(context, exc)

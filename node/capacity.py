@@ -1,0 +1,306 @@
+"""What a node can give: memory for weights and KV caches, and measured speed per unit.
+
+Placement weighs units by time, so a node measures, on its own device and dtype, one decode
+step of one block (with a KV cache of :data:`CONTEXT` positions) and one of the head
+(ln_f + lm_head over the vocabulary), at the swarm model's shape with random weights. Only
+those two units are built, never the whole model. The median of several timed steps after a
+warm-up is kept; on GPT-2 124M's shape on a CPU it takes well under two seconds.
+
+Timings are cached in ``<cache>/capacity.msgpack``, keyed by everything that changes them
+(model shape, device, dtype, torch version, CPU count and threads), so a node that joins
+again does not measure again. Memory is not cached: it is read at every start.
+
+Memory, unless ``max_memory`` says: on a CPU (and on Apple's unified memory) half of the
+available system RAM (``MemAvailable`` in /proc/meminfo, else free pages from sysconf),
+since a volunteer's machine has other work; on CUDA 80% of the GPU's free memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeGuard
+
+import msgpack
+import torch
+
+from nanoshard.config import GPTConfig
+from nanoshard.engine import DTYPES, Stage, parse_dtype
+from nanoshard.errors import InvalidArgument
+from nanoshard.v1 import coordinator_pb2 as pb
+
+from .weights import cache_root, write_atomic
+
+log = logging.getLogger(__name__)
+
+CONTEXT = 96  # positions in the KV cache when a decode step is timed
+WARMUP = 3
+REPEATS = 9
+MEASURE_VERSION = 1  # bump when the method changes: old cached timings are then ignored
+RAM_FRACTION = 0.5
+CUDA_FRACTION = 0.8
+CACHE_FILE = "capacity.msgpack"
+MAX_CACHED = 32  # measurements kept in the cache file (newest win)
+
+# Bounds of a believable Capacity from the wire.
+MAX_STEP_MS = 60_000.0
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+DEVICE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}(:\d{1,3})?$")  # cpu, cuda:0, mps, xpu:1
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a node offers for one model: the wire's Capacity as a dataclass."""
+
+    device: str  # "cpu", "cuda:0", "mps"
+    dtype: str  # weights dtype: fp32 | bf16 | fp16
+    memory_bytes: int  # for weights and KV caches
+    block_ms: float  # one block's decode step
+    head_ms: float  # the head's decode step
+
+
+def _device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        try:
+            dtype = parse_dtype(dtype)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise InvalidArgument(f"unsupported weights dtype {dtype}: choose one of {', '.join(DTYPES)}")
+
+
+# ---- measuring --------------------------------------------------------------------------
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes a node may use by default on ``device`` (see the module docstring)."""
+    device = _device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FRACTION)
+    return int(_available_ram() * RAM_FRACTION)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages: less, safe
+
+
+def _random_stage(config: GPTConfig, unit: int, device: torch.device, dtype: torch.dtype) -> Stage:
+    """One unit with random weights (nn's default init), built straight on the device.
+
+    Not via the meta device: its first use in a process costs about a second here.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(0)  # the node's own random streams are left as they were
+        stage = Stage(config, unit, unit + 1)
+    return stage.to(dtype).eval()
+
+
+def _median_ms(step: Callable[[], object], device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(WARMUP):
+        step()
+    times = []
+    for _ in range(REPEATS):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def measure_timings(
+    config: GPTConfig, device: torch.device | str, dtype: torch.dtype | str
+) -> tuple[float, float]:
+    """(block_ms, head_ms): median decode-step times of one block and of the head."""
+    device = _device(device)
+    dtype = DTYPES[_dtype_name(dtype)]
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, config.n_embd, generator=gen, device=device).to(dtype)
+    with torch.inference_mode():
+        block_ms = _time_block(config, device, dtype, x, gen)
+        head = _random_stage(config, config.head_unit, device, dtype)
+        head_ms = _median_ms(lambda: head(x), device)
+    return block_ms, head_ms
+
+
+def _time_block(
+    config: GPTConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    x: torch.Tensor,
+    gen: torch.Generator,
+) -> float:
+    """One block's decode step over a KV cache of CONTEXT positions (freed on return)."""
+    context = min(CONTEXT, config.block_size - 1)
+    block = _random_stage(config, 1, device, dtype)
+    cache = block.new_cache(context + 1)
+    block(torch.randn(context, config.n_embd, generator=gen, device=device).to(dtype), cache)
+    # Every timed step writes position `context` again: the same work each time.
+    return _median_ms(lambda: block(x, cache, pos=context), device)
+
+
+def measure_capacity(
+    config: GPTConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | str,
+    *,
+    max_memory: int | None = None,
+) -> Capacity:
+    """Measure this machine for ``config``'s shape (no cache; see load_or_measure)."""
+    started = time.perf_counter()
+    block_ms, head_ms = measure_timings(config, device, dtype)
+    capacity = _capacity(device, dtype, max_memory, block_ms, head_ms)
+    log.info(
+        "measured %s %s: block %.2f ms, head %.2f ms per decode step (%.2f s)",
+        capacity.device,
+        capacity.dtype,
+        block_ms,
+        head_ms,
+        time.perf_counter() - started,
+    )
+    return capacity
+
+
+def _capacity(
+    device: torch.device | str,
+    dtype: torch.dtype | str,
+    max_memory: int | None,
+    block_ms: float,
+    head_ms: float,
+) -> Capacity:
+    memory = max_memory if max_memory is not None else available_memory(device)
+    if memory <= 0:
+        raise InvalidArgument(f"max memory must be positive, got {memory}")
+    return Capacity(str(_device(device)), _dtype_name(dtype), int(memory), block_ms, head_ms)
+
+
+# ---- the measurement cache ------------------------------------------------------------
+
+
+def cache_key(config: GPTConfig, device: torch.device | str, dtype: torch.dtype | str) -> str:
+    """What the timings depend on, as one string."""
+    device = _device(device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return (
+        f"v{MEASURE_VERSION} embd={config.n_embd} head={config.n_head} vocab={config.vocab_size} "
+        f"bias={config.bias} ctx={min(CONTEXT, config.block_size - 1)} device={device} "
+        f"{hardware} dtype={_dtype_name(dtype)} torch={torch.__version__} "
+        f"cpus={os.cpu_count()} threads={torch.get_num_threads()}"
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = msgpack.unpackb(path.read_bytes())
+        if isinstance(data, dict):
+            return data
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, msgpack.UnpackException) as e:
+        log.warning("%s: unreadable (%s), measuring again", path, e)
+    return {}
+
+
+def load_or_measure(
+    config: GPTConfig,
+    device: torch.device | str,
+    dtype: torch.dtype | str,
+    *,
+    cache_dir: str | Path | None = None,
+    max_memory: int | None = None,
+) -> Capacity:
+    """The cached timings for this model shape and machine, else a fresh measurement (cached)."""
+    path = cache_root(cache_dir) / CACHE_FILE
+    key = cache_key(config, device, dtype)
+    cached = _read_cache(path)
+    hit = cached.get(key)
+    if isinstance(hit, dict):
+        block_ms, head_ms = hit.get("block_ms"), hit.get("head_ms")
+        if _positive(block_ms) and _positive(head_ms):
+            log.info("capacity from %s: block %.2f ms, head %.2f ms", path, block_ms, head_ms)
+            return _capacity(device, dtype, max_memory, block_ms, head_ms)
+    capacity = measure_capacity(config, device, dtype, max_memory=max_memory)
+    cached[key] = {"block_ms": capacity.block_ms, "head_ms": capacity.head_ms, "at": time.time()}
+    newest = sorted(cached.items(), key=lambda kv: _at(kv[1]), reverse=True)[:MAX_CACHED]
+    try:
+        write_atomic(path, msgpack.packb(dict(newest)))
+    except OSError as e:  # a read-only home is no reason to fail: measure again next time
+        log.warning("cannot cache the capacity measurement in %s: %s", path, e)
+    return capacity
+
+
+def _positive(value: object) -> TypeGuard[float]:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def _at(record: object) -> float:
+    at = record.get("at") if isinstance(record, dict) else None
+    return at if isinstance(at, float) else 0.0
+
+
+# ---- the wire ---------------------------------------------------------------------------
+
+
+def to_wire(capacity: Capacity) -> pb.Capacity:
+    return pb.Capacity(
+        device=capacity.device,
+        dtype=capacity.dtype,
+        memory_bytes=capacity.memory_bytes,
+        block_ms=capacity.block_ms,
+        head_ms=capacity.head_ms,
+    )
+
+
+def check_capacity(msg: pb.Capacity) -> None:
+    """Refuse a Capacity no real node would send (the coordinator checks every Join)."""
+    if not DEVICE_PATTERN.match(msg.device):
+        raise InvalidArgument(
+            f"capacity: device {msg.device[:40]!r} is not a device name like cpu, cuda:0, mps"
+        )
+    if msg.dtype not in DTYPES:
+        raise InvalidArgument(
+            f"capacity: dtype {msg.dtype[:40]!r} is not one of {', '.join(DTYPES)}"
+        )
+    if not 0 < msg.memory_bytes <= MAX_MEMORY_BYTES:
+        raise InvalidArgument(
+            f"capacity: memory_bytes {msg.memory_bytes} is not in (0, {MAX_MEMORY_BYTES}]"
+        )
+    for field in ("block_ms", "head_ms"):
+        value = getattr(msg, field)
+        if not (math.isfinite(value) and 0 < value <= MAX_STEP_MS):
+            raise InvalidArgument(f"capacity: {field} {value} is not in (0, {MAX_STEP_MS:.0f}] ms")
+
+
+def from_wire(msg: pb.Capacity) -> Capacity:
+    """A checked Capacity from the wire (InvalidArgument for nonsense)."""
+    check_capacity(msg)
+    return Capacity(msg.device, msg.dtype, msg.memory_bytes, msg.block_ms, msg.head_ms)
