@@ -106,8 +106,9 @@ def run_demo(config: DemoConfig, console: Console) -> int:
         raise NanoshardError("--nodes must be at least 1")
     checkpoint = open_checkpoint(config.model)
     model_bytes = checkpoint.stage_nbytes(0, checkpoint.config.n_units)
-    # Each node may hold a bit more than its share, so the model must be split across them.
-    share = model_bytes * 1.25 / config.nodes if config.nodes > 1 else model_bytes * 2
+    # Each node may hold a bit more than its share (embed and head both need the token
+    # embedding, so a split model weighs more than the whole), so the model must be split.
+    share = model_bytes * 1.6 / config.nodes if config.nodes > 1 else model_bytes * 2
     memory = int(share / 0.8)  # placement fills 80 % of a node's memory with weights
     swarm = "demo-" + secrets.token_hex(3)
     with tempfile.TemporaryDirectory(prefix="nanoshard-demo-") as tmp:

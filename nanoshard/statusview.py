@@ -49,56 +49,54 @@ def _gib(n: int) -> str:
 
 def status_table(s: cpb.SwarmStatus) -> Group:
     nodes = Table(
-        title=f"swarm {s.swarm!r} · model {s.model_name} ({s.model_id[:12]}…) · placement v{s.placement_version}"
+        title=f"swarm {s.swarm!r} · model {s.model_name} ({s.model_id[:12]}…) · placement v{s.placement_version}",
+        title_justify="left",
     )
-    for col in (
-        "name",
-        "address",
-        "device",
-        "memory",
-        "speed",
-        "stage",
-        "sessions",
-        "load",
-        "heartbeat",
-        "health",
+    for col, justify in (
+        ("name", "left"),
+        ("address", "left"),
+        ("device", "left"),
+        ("memory", "right"),
+        ("block", "right"),
+        ("stage", "left"),
+        ("sessions", "right"),
+        ("load", "right"),
+        ("heartbeat", "right"),
+        ("health", "left"),
     ):
-        nodes.add_column(col, justify="right" if col in ("memory", "sessions", "load") else "left")
+        nodes.add_column(col, justify=justify, no_wrap=col in ("address", "stage"))  # type: ignore[arg-type]
     for n in s.nodes:
-        stage = "idle" if n.assignment.idle else f"[{n.assignment.start}, {n.assignment.end})"
+        stage = "idle" if n.assignment.idle else f"[{n.assignment.start},{n.assignment.end})"
         if not n.assignment.idle and (n.ready_start, n.ready_end) != (
             n.assignment.start,
             n.assignment.end,
         ):
-            stage += " (loading)"
-        health = (
-            Text("healthy", style="green") if n.healthy else Text("unhealthy", style="bold red")
-        )
+            stage += " loading"
+        health = Text("ok", style="green") if n.healthy else Text("DOWN", style="bold red")
         nodes.add_row(
             n.name,
             n.address,
-            f"{n.capacity.device} {n.capacity.dtype}",
+            f"{n.capacity.device}/{n.capacity.dtype}",
             _gib(n.capacity.memory_bytes),
-            f"{n.capacity.block_ms:.2f} ms/block",
+            f"{n.capacity.block_ms:.2f}ms",
             stage,
             str(n.load.sessions),
-            f"q{n.load.queue_length} · {n.load.step_ms_p50:.1f} ms",
-            f"{n.last_heartbeat_s:.1f} s ago",
+            f"q{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
+            f"{n.last_heartbeat_s:.1f}s",
             health,
         )
-    units = Table(title="coverage")
-    units.add_column("unit")
-    units.add_column("replicas", justify="right")
+    units = Table(title="coverage (replicas per unit)", title_justify="left")
+    for u in s.units:
+        units.add_column(u.name.replace("block ", "b"), justify="center")
+    cells = []
     for u in s.units:
         style = (
             "bold red"
             if u.replicas == 0
             else ("yellow" if u.replicas < s.replicas_target else "green")
         )
-        units.add_row(
-            f"{u.unit} {u.name}",
-            Text(str(u.replicas) + (" GAP" if u.replicas == 0 else ""), style=style),
-        )
+        cells.append(Text(str(u.replicas) if u.replicas else "GAP", style=style))
+    units.add_row(*cells)
     gaps = [u.unit for u in s.units if u.replicas == 0]
     summary = Text(
         f"{len(s.nodes)} nodes · estimated {s.tokens_per_s:.1f} tokens/s per session · "
