@@ -18,14 +18,11 @@ import grpc
 from nanoshard import rpc
 from nanoshard.codec import check_codec
 from nanoshard.errors import InvalidArgument, NanoshardError
-from nanoshard.generation import StepResult
+from nanoshard.generation import DEFAULT_PREFILL_CHUNK, StepResult
 from nanoshard.sampling import SamplingParams
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-DEFAULT_PREFILL_CHUNK = (
-    128  # tokens per prefill step: 128 x n_embd x 4 bytes stays far below limits
-)
 _END = object()
 
 

@@ -10,3 +10,12 @@ from __future__ import annotations
 PROTOCOL_VERSION = 1  # of the wire (protos/nanoshard/v1); peers of another version are refused
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``from nanoshard import Client`` without importing the client for every user of the core."""
+    if name in ("Client", "AsyncClient"):
+        from nanoshard import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'nanoshard' has no attribute {name!r}")

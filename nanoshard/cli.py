@@ -11,28 +11,20 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
 import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.sdk import Client, GenerationResult, Token
 from nanoshard.cliutil import run_cli, setup_logging
-from nanoshard.config import GPTConfig
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.demo import DemoConfig, run_demo
 from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
-from nanoshard.generation import (
-    Generation,
-    LocalSession,
-    Session,
-    check_prompt,
-    generate,
-    max_length_for,
-)
+from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import encoding_for
-from nanoshard.trace import summarize_hops
 
 CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, 64 values a scale), int8-32"
 
@@ -129,66 +121,105 @@ def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
     return ids
 
 
-def run_generation(
-    session: Session,
-    config: GPTConfig,
-    enc: tiktoken.Encoding,
-    ids: list[int],
-    args: argparse.Namespace,
-) -> Generation:
+def generate_locally(
+    args: argparse.Namespace, on_token: Callable[[Token], object] | None
+) -> GenerationResult:
+    """The reference path: the whole model in this process, the same loop as the swarm's."""
+    checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
+    enc = encoding_for(checkpoint.path)
+    ids = prompt_ids(enc, args.prompt)
+    check_prompt(ids, config.vocab_size, config.block_size)
+    stage = checkpoint.load_stage(
+        0, config.n_units, parse_dtype(args.dtype), pick_device(args.device)
+    )
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    session = LocalSession(
+        stage, params, max_length_for(len(ids), args.max_new_tokens, config.block_size)
+    )
     eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
     pending: list[int] = []
 
-    def show(token: int) -> None:
-        pending.append(token)
-        text = enc.decode(pending, errors="replace")
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            pending.clear()
+    def each_token(token: int) -> None:
+        if on_token is not None:
+            pending.append(token)
+            text = enc.decode(pending, errors="replace")
+            if not text.endswith("\ufffd"):
+                pending.clear()
+                on_token(Token(token, text))
 
-    try:
-        gen = generate(
-            session,
-            ids,
-            args.max_new_tokens,
-            block_size=config.block_size,
-            eot_id=eot,
-            on_token=None if args.json else show,
-        )
-    finally:
-        session.close()
-    gen.text = enc.decode(gen.token_ids, errors="replace")
-    return gen
+    gen = generate(
+        session,
+        ids,
+        args.max_new_tokens,
+        block_size=config.block_size,
+        eot_id=eot,
+        on_token=each_token,
+    )
+    return GenerationResult(
+        text=enc.decode(gen.token_ids, errors="replace"),
+        token_ids=gen.token_ids,
+        prompt_token_ids=gen.prompt_token_ids,
+        stop_reason=gen.stop_reason,
+        ttft_ms=gen.prefill_ms,
+        token_ms=gen.decode_ms,
+    )
 
 
-def report(gen: Generation, args: argparse.Namespace, with_hops: bool) -> None:
-    step_ms = [gen.prefill_ms, *gen.decode_ms]
-    out: dict[str, Any] = {
-        "text": gen.text,
-        "token_ids": gen.token_ids,
-        "prompt_token_ids": gen.prompt_token_ids,
-        "stop_reason": gen.stop_reason,
-        "timings": {
-            "prefill_ms": round(gen.prefill_ms, 3),
-            "decode_ms": [round(ms, 3) for ms in gen.decode_ms],
-            "decode_ms_mean": round(sum(gen.decode_ms) / len(gen.decode_ms), 3)
-            if gen.decode_ms
-            else None,
-        },
-    }
-    if with_hops:
-        out["hops"] = summarize_hops(gen.hops, step_ms)
+def cmd_generate(args: argparse.Namespace) -> int:
+    def show(token: Token) -> None:
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+
+    on_token = None if args.json else show
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    if args.local:
+        result = generate_locally(args, on_token)
+    else:
+        route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+        if args.route is not None and not route:
+            raise InvalidArgument("--route needs at least one HOST:PORT")
+        with Client(
+            args.coordinator,
+            route=route,
+            model=args.model,
+            mdns_interfaces=args.mdns_interfaces,
+            codec=args.codec,
+        ) as client:
+            result = client.generate(
+                args.prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                on_token=on_token,
+            )
+    report(result, args, with_hops=not args.local)
+    return 0
+
+
+def report(result: GenerationResult, args: argparse.Namespace, with_hops: bool) -> None:
+    out = result.to_dict()
+    if not with_hops:
+        del out["hops"]
     if args.json:
         print(json.dumps(out))
         return
     sys.stdout.write("\n")
     mean = out["timings"]["decode_ms_mean"]
     print(
-        f"[{len(gen.token_ids)} tokens, {gen.note}; prefill {gen.prefill_ms:.1f} ms"
+        f"[{len(result.token_ids)} tokens, {STOP_NOTES.get(result.stop_reason, result.stop_reason)}; "
+        f"prefill {result.ttft_ms:.1f} ms"
         + (f", decode {mean:.1f} ms/token]" if mean is not None else "]"),
         file=sys.stderr,
     )
+    for r in result.recoveries:
+        print(
+            f"  recovered at position {r.pos}: {r.kind} ({r.detail}), {r.ms:.0f} ms",
+            file=sys.stderr,
+        )
     for row in out.get("hops", []):
         print(
             f"  {row['node']} units [{row['units'][0]}, {row['units'][1]}): compute "
@@ -196,62 +227,6 @@ def report(gen: Generation, args: argparse.Namespace, with_hops: bool) -> None:
             f"{row['transfer_ms']:.1f} ms, {row['bytes_out']} bytes out ({row['codec']})",
             file=sys.stderr,
         )
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if not (args.local or args.route):
-        return generate_through_swarm(args, params)
-    checkpoint = open_checkpoint(args.model)
-    config = checkpoint.config
-    enc = encoding_for(checkpoint.path)
-    ids = prompt_ids(enc, args.prompt)
-    check_prompt(ids, config.vocab_size, config.block_size)
-    max_length = max_length_for(len(ids), args.max_new_tokens, config.block_size)
-    session: Session
-    if args.local:
-        device = pick_device(args.device)
-        stage = checkpoint.load_stage(0, checkpoint.config.n_units, parse_dtype(args.dtype), device)
-        session = LocalSession(stage, params, max_length)
-    else:
-        from nanoshard.client.route import RouteSession, route_from_addresses
-
-        addresses = [a.strip() for a in args.route.split(",") if a.strip()]
-        if not addresses:
-            raise InvalidArgument("--route needs at least one ADDRESS")
-        route = route_from_addresses(addresses)
-        if route.n_units != checkpoint.config.n_units:
-            raise InvalidArgument(
-                f"the route's model has {route.n_units} units but --model {args.model} has "
-                f"{checkpoint.config.n_units}: pass the model the nodes serve"
-            )
-        session = RouteSession(route, params, max_length, args.codec)
-    if not args.json:
-        sys.stdout.write(args.prompt)
-    gen = run_generation(session, config, enc, ids, args)
-    report(gen, args, with_hops=not args.local)
-    return 0
-
-
-def generate_through_swarm(args: argparse.Namespace, params: SamplingParams) -> int:
-    from nanoshard.client.route import RouteSession
-    from nanoshard.client.swarm import CoordinatorClient, find_coordinator
-
-    coordinator = CoordinatorClient(
-        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces)
-    )
-    config = coordinator.config()
-    enc = coordinator.encoding()
-    ids = prompt_ids(enc, args.prompt)
-    check_prompt(ids, config.vocab_size, config.block_size)
-    max_length = max_length_for(len(ids), args.max_new_tokens, config.block_size)
-    session = RouteSession(coordinator.route(), params, max_length, args.codec)
-    if not args.json:
-        sys.stdout.write(args.prompt)
-    gen = run_generation(session, config, enc, ids, args)
-    report(gen, args, with_hops=True)
-    coordinator.close()
-    return 0
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:

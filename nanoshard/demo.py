@@ -23,6 +23,7 @@ from rich.table import Table
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.errors import NanoshardError, Unavailable
+from nanoshard.generation import STOP_NOTES
 
 LOOPBACK = "127.0.0.1"
 
@@ -94,13 +95,9 @@ def wait_for_address(procs: Processes, name: str, marker: str, timeout: float) -
 
 
 def run_demo(config: DemoConfig, console: Console) -> int:
-    from nanoshard.cli import prompt_ids
-    from nanoshard.client.route import RouteSession
+    from nanoshard.client.sdk import Client
     from nanoshard.client.swarm import CoordinatorClient
-    from nanoshard.generation import check_prompt, generate, max_length_for
-    from nanoshard.sampling import SamplingParams
     from nanoshard.statusview import status_table
-    from nanoshard.trace import summarize_hops
 
     if config.nodes < 1:
         raise NanoshardError("--nodes must be at least 1")
@@ -170,44 +167,20 @@ def run_demo(config: DemoConfig, console: Console) -> int:
                 status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
             console.print(status_table(status))
 
-            enc = coordinator.encoding()
-            model = coordinator.config()
-            ids = prompt_ids(enc, config.prompt)
-            check_prompt(ids, model.vocab_size, model.block_size)
-            params = SamplingParams(config.temperature, config.top_k, 1.0, config.seed)
-            route = coordinator.route()
-            session = RouteSession(
-                route,
-                params,
-                max_length_for(len(ids), config.max_new_tokens, model.block_size),
-                config.codec,
-            )
             console.rule("generation")
             console.print(config.prompt, end="", style="bold")
-            pending: list[int] = []
-
-            def show(token: int) -> None:
-                pending.append(token)
-                text = enc.decode(pending, errors="replace")
-                if not text.endswith("\ufffd"):
-                    console.print(text, end="", highlight=False)
-                    pending.clear()
-
-            eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
-            try:
-                gen = generate(
-                    session,
-                    ids,
+            with Client(address, codec=config.codec) as client:
+                result = client.generate(
+                    config.prompt,
                     config.max_new_tokens,
-                    block_size=model.block_size,
-                    eot_id=eot,
-                    on_token=show,
+                    temperature=config.temperature,
+                    top_k=config.top_k,
+                    seed=config.seed,
+                    on_token=lambda t: console.print(t.text, end="", highlight=False),
                 )
-            finally:
-                session.close()
             console.print()
             console.rule()
-            print_hops(console, summarize_hops(gen.hops, [gen.prefill_ms, *gen.decode_ms]), gen)
+            print_hops(console, result)
             coordinator.close()
             return 0
         finally:
@@ -229,11 +202,11 @@ def wait_for_coverage(coordinator, procs: Processes, nodes: int, timeout: float)
     raise Unavailable(f"the swarm did not cover every unit within {timeout:.0f} s")
 
 
-def print_hops(console: Console, rows: list[dict], gen) -> None:  # type: ignore[no-untyped-def]
+def print_hops(console: Console, result) -> None:  # type: ignore[no-untyped-def]
     table = Table(title="who ran what (all steps)")
     for col in ("node", "units", "steps", "compute ms", "queue ms", "transfer ms", "bytes out"):
         table.add_column(col, justify="left" if col in ("node", "units") else "right")
-    for r in rows:
+    for r in result.hops:
         table.add_row(
             r["node"],
             f"[{r['units'][0]}, {r['units'][1]})",
@@ -244,8 +217,7 @@ def print_hops(console: Console, rows: list[dict], gen) -> None:  # type: ignore
             f"{r['bytes_out']:,}",
         )
     console.print(table)
-    mean = sum(gen.decode_ms) / len(gen.decode_ms) if gen.decode_ms else 0.0
     console.print(
-        f"{len(gen.token_ids)} tokens ({gen.note}); time to first token {gen.prefill_ms:.0f} ms, "
-        f"then {mean:.1f} ms/token"
+        f"{len(result.token_ids)} tokens ({STOP_NOTES[result.stop_reason]}); time to first token "
+        f"{result.ttft_ms:.0f} ms, then {result.mean_token_ms:.1f} ms/token"
     )

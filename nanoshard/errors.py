@@ -33,7 +33,12 @@ class ResourceExhausted(NanoshardError):
 
 
 class Unavailable(NanoshardError):
-    """A peer cannot be reached or stopped answering."""
+    """A peer cannot be reached or stopped answering. ``failed`` names the addresses that
+    failed behind the one that answered (a node relaying that its next hop is gone)."""
+
+    def __init__(self, message: str, failed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed or []
 
 
 class CheckpointError(NanoshardError):

@@ -19,7 +19,13 @@ from nanoshard.engine import Stage
 from nanoshard.errors import InvalidArgument
 from nanoshard.sampling import SamplingParams, sample
 
-DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill chunk
+DEFAULT_PREFILL_CHUNK = 128  # tokens per prefill chunk (the same chunks on every path)
+STOP_NOTES = {
+    "eot": "stopped at <|endoftext|>",
+    "max_new_tokens": "stopped after max_new_tokens",
+    "context": "stopped at the model's context length",
+    "stop": "stopped at a stop sequence",
+}
 
 
 @dataclass
@@ -48,12 +54,7 @@ class Generation:
 
     @property
     def note(self) -> str:
-        return {
-            "eot": "stopped at <|endoftext|>",
-            "max_new_tokens": "stopped after max_new_tokens",
-            "context": "stopped at the model's context length",
-            "stop": "stopped at a stop sequence",
-        }.get(self.stop_reason, self.stop_reason)
+        return STOP_NOTES.get(self.stop_reason, self.stop_reason)
 
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, block_size: int) -> None:
@@ -82,16 +83,18 @@ def generate(
     block_size: int,
     eot_id: int | None = None,
     on_token: Callable[[int], bool | None] | None = None,
+    start_pos: int = 0,
 ) -> Generation:
     """Run a session until <|endoftext|>, max_new_tokens or the context length.
 
-    ``on_token`` sees every generated token; returning True stops (a stop sequence).
+    ``prompt_ids`` are fed at ``start_pos`` (0 for a new session; later for a session that
+    continues). ``on_token`` sees every generated token; returning True stops.
     """
     if max_new_tokens < 1:
         raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     gen = Generation(list(prompt_ids), [], "max_new_tokens")
     t0 = time.perf_counter()
-    result = session.step(list(prompt_ids), 0)
+    result = session.step(list(prompt_ids), start_pos)
     gen.prefill_ms = (time.perf_counter() - t0) * 1e3
     gen.hops.append(result.hops)
     while True:
@@ -105,7 +108,7 @@ def generate(
             break
         if len(gen.token_ids) >= max_new_tokens:
             break
-        pos = len(prompt_ids) + len(gen.token_ids) - 1  # where this token sits
+        pos = start_pos + len(prompt_ids) + len(gen.token_ids) - 1  # where this token sits
         if pos >= block_size:
             gen.stop_reason = "context"
             break

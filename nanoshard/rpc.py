@@ -11,6 +11,7 @@ from nanoshard import errors
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
+FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: the hops that failed
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,6 +52,8 @@ def status_of(exc: errors.NanoshardError) -> grpc.StatusCode:
 def trailing_metadata_of(exc: errors.NanoshardError) -> tuple[tuple[str, str], ...]:
     if isinstance(exc, errors.CacheMismatch):
         return ((KV_LENGTH_KEY, str(exc.length)),)
+    if isinstance(exc, errors.Unavailable) and exc.failed:
+        return ((FAILED_KEY, ",".join(exc.failed)),)
     return ()
 
 

@@ -199,7 +199,7 @@ class NodeService(pb_grpc.NodeServicer):
         request = pb.OpenRequest(
             spec=self._spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
         )
-        failures = []
+        failures, failed = [], []
         for address in self._candidates(session, hop):
             try:
                 reply = await self.channels.stub(address).Open(request, timeout=self.step_timeout_s)
@@ -207,12 +207,15 @@ class NodeService(pb_grpc.NodeServicer):
                 exc = rpc.error_from_rpc(err, address)
                 if isinstance(exc, InvalidArgument | FailedPrecondition):
                     raise exc from None
+                if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
+                    raise exc from None  # a later hop is gone, not this one
                 failures.append(str(exc))
+                failed.append(address)
                 continue
             self._use_link(session, address)
             return reply
         raise Unavailable(
-            f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(failures)
+            f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(failures), failed
         )
 
     def _spec_to_wire(self, spec: SessionSpec) -> pb.SessionSpec:
@@ -438,6 +441,7 @@ class NodeService(pb_grpc.NodeServicer):
         """Send a step to the next hop. If that hop lost the session or part of its cache,
         reopen and refill it from the replay material; if it is gone, try its replicas."""
         failures: list[str] = []
+        failed: list[str] = []
         for address in self._candidates(session, route[0]):
             link = self._use_link(session, address)
             for _ in range(3):  # a refill can race with expiry or a restart; bounded
@@ -451,7 +455,10 @@ class NodeService(pb_grpc.NodeServicer):
                     await self._open_downstream(session, route)
                     link = await self._refill(session, address, 0, request.pos, request.step_id)
                 except (Unavailable, ResourceExhausted) as exc:
+                    if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
+                        raise  # the next hop is fine; a hop behind it is gone: say so upstream
                     failures.append(str(exc))
+                    failed.append(address)
                     session.downstream = None
                     break
             else:
@@ -459,7 +466,8 @@ class NodeService(pb_grpc.NodeServicer):
         hop = route[0]
         raise Unavailable(
             f"units [{hop.start}, {hop.end}) unreachable from {self.identity.name}: "
-            + "; ".join(failures)
+            + "; ".join(failures),
+            failed,
         )
 
     async def _refill(
