@@ -1,0 +1,454 @@
+"""Placement: which stage each node of the swarm serves.
+
+A pure, deterministic function (no I/O, clock or randomness): the model's units, the nodes
+(memory budget, measured speed) and the previous placement in; one stage per node out. The
+coordinator runs it when nodes join, leave or miss heartbeats. It aims, in order, for:
+
+1. every unit served, as far as memory allows (memory is a hard limit, never exceeded);
+2. ``replicas`` nodes on every unit where memory allows, so one node loss breaks no route;
+3. the weakest unit's throughput as high as possible: a node runs its stage S at
+   ``1000 / stage_ms(S)`` steps per second, and a unit's throughput is the sum over its
+   nodes (a route may enter a node's stage part-way, as in Petals);
+4. few units moved when membership changes (see ``place``).
+
+How: two constructions, keep the better. The *sweep*: for a target throughput tau, walk the
+units from embed to head and stack nodes' longest stages on the first unit below tau; a
+bisection finds the largest tau that reaches the head. Petals' *greedy*: fastest first, each
+node takes the stage that lifts the weakest unit most, so the slowest nodes, last, fill the
+gaps finely. Then slow nodes move to units short of replicas, and a short local search
+smooths what is left. Nodes that cannot hold a single unit stay idle.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from nanoshard.config import GPTConfig
+from nanoshard.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_WINDOW = 16  # nodes the sweep weighs for each stage it hands out
+_MOVES = 24  # local-search moves per placement
+_CANDIDATES = 16  # nodes tried per move
+
+Stage = tuple[int, int]  # half-open unit range [start, end)
+Placement = dict[str, Stage]  # node_id -> stage; idle nodes are absent
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What one unit of the model costs to hold and to run."""
+
+    kind: str  # "embed", "block" or "head"
+    weight_bytes: int
+    cost: float  # compute per decode step, in blocks (one block = 1.0)
+    shared_bytes: int = 0  # bytes that are the embed's too (the head's tied wte)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shared_bytes <= self.weight_bytes:
+            raise InvalidArgument(f"unit cost: need 0 <= shared_bytes <= weight_bytes: {self}")
+        if not (math.isfinite(self.cost) and self.cost >= 0):
+            raise InvalidArgument(f"unit cost: cost must be finite and >= 0: {self}")
+
+
+def unit_costs(config: GPTConfig, dtype_bytes: int = 4) -> list[UnitCost]:
+    """The units of ``config`` (embed, blocks, head) with their weight bytes and relative cost.
+
+    Compute counts the multiply-adds of one decode step: a block does 12 * n_embd^2, the head
+    vocab * n_embd (5.45 blocks for GPT-2; measured here: 11 ms vs 2 ms), the embed a lookup.
+    The head's weight is wte, which the embed holds too: a stage holding both stores it once.
+    """
+    d, vocab = config.n_embd, config.vocab_size
+    norm = (2 if config.bias else 1) * d  # a LayerNorm's weight (+ bias)
+    linears = 12 * d * d + (9 * d if config.bias else 0)  # c_attn, c_proj, c_fc, mlp.c_proj
+    wte = vocab * d * dtype_bytes
+    embed = UnitCost("embed", wte + config.block_size * d * dtype_bytes, 1 / (12 * d))
+    block = UnitCost("block", (linears + 2 * norm) * dtype_bytes, 1.0)
+    head = UnitCost("head", norm * dtype_bytes + wte, vocab / (12 * d), shared_bytes=wte)
+    return [embed, *([block] * config.n_layer), head]
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What a node offers, as measured by the node itself."""
+
+    node_id: str
+    memory_bytes: int  # budget for weights (the node keeps its KV-cache reserve out of it)
+    block_ms: float  # one block's decode step on this node
+    head_ms: float | None = None  # the head's decode step; None: block_ms times the head's cost
+    overhead_ms: float = 0.0  # paid once per step by any stage: RPC, codec, Python
+
+    def __post_init__(self) -> None:
+        # These arrive from remote nodes: validate, never assert.
+        if not self.node_id:
+            raise InvalidArgument("node capacity: node_id is empty")
+        if self.memory_bytes < 0:
+            raise InvalidArgument(f"node {self.node_id}: memory_bytes must be >= 0")
+        for name in ("block_ms", "head_ms", "overhead_ms"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise InvalidArgument(f"node {self.node_id}: {name} must be finite and >= 0")
+        if self.block_ms == 0 or self.head_ms == 0:
+            raise InvalidArgument(f"node {self.node_id}: a measured step cannot take 0 ms")
+
+    def unit_ms(self, unit: UnitCost) -> float:
+        if unit.kind == "head" and self.head_ms is not None:
+            return self.head_ms
+        return unit.cost * self.block_ms
+
+
+def stage_bytes(units: Sequence[UnitCost], start: int, end: int) -> int:
+    """Weight bytes of stage ``[start, end)``; tied weights count once."""
+    shared = sum(u.shared_bytes for u in units[start:end]) if start == 0 else 0
+    return sum(u.weight_bytes for u in units[start:end]) - shared
+
+
+def stage_ms(units: Sequence[UnitCost], node: NodeCapacity, start: int, end: int) -> float:
+    return node.overhead_ms + sum(node.unit_ms(u) for u in units[start:end])
+
+
+def coverage(placement: Mapping[str, Stage], n_units: int) -> list[int]:
+    """How many nodes serve each unit (0 = a gap: no route exists)."""
+    counts = [0] * n_units
+    for start, end in placement.values():
+        for u in range(max(start, 0), min(end, n_units)):
+            counts[u] += 1
+    return counts
+
+
+def unit_throughput(
+    placement: Mapping[str, Stage], units: Sequence[UnitCost], nodes: Iterable[NodeCapacity]
+) -> list[float]:
+    """Steps per second each unit can serve: the sum of its nodes' whole-stage rates."""
+    by_id = {node.node_id: node for node in nodes}
+    rates = [0.0] * len(units)
+    for node_id in sorted(placement):  # a fixed summation order: same input, same floats
+        if node_id not in by_id:
+            raise InvalidArgument(f"placement names node {node_id!r}, which is not in the swarm")
+        start, end = placement[node_id]
+        rate = 1000.0 / max(stage_ms(units, by_id[node_id], start, end), 1e-9)
+        for u in range(start, end):
+            rates[u] += rate
+    return rates
+
+
+def weakest_throughput(
+    placement: Mapping[str, Stage], units: Sequence[UnitCost], nodes: Iterable[NodeCapacity]
+) -> float:
+    """The swarm's throughput for many concurrent sessions: its weakest unit's (0: a gap)."""
+    return min(unit_throughput(placement, units, nodes))
+
+
+def units_moved(old: Mapping[str, Stage], new: Mapping[str, Stage]) -> int:
+    """Units that nodes must newly load to go from ``old`` to ``new`` (dropping is free)."""
+    moved = 0
+    for node_id, (start, end) in new.items():
+        before = range(*old.get(node_id, (0, 0)))
+        moved += sum(1 for u in range(start, end) if u not in before)
+    return moved
+
+
+def place(
+    units: Sequence[UnitCost],
+    nodes: Iterable[NodeCapacity],
+    previous: Mapping[str, Stage] | None = None,
+    *,
+    replicas: int = 2,
+    rebalance_threshold: float = 0.2,
+) -> Placement:
+    """Give each node a stage, or none. A swarm too small is no error: ``coverage`` then
+    shows the units nobody serves as 0.
+
+    ``previous`` is the placement in force. Nodes keep their stage while it fits, and new
+    nodes go where the swarm is weakest, as long as a fresh placement would lift the weakest
+    unit by less than ``rebalance_threshold`` (0.2 = 20 %) and give no more replicas. Else
+    the fewest nodes are released and placed again (1, 2, 4, ...; the most redundant first)
+    that bring it within the threshold.
+    """
+    nodes = list(nodes)
+    if not units:
+        raise InvalidArgument("placement: the model has no units")
+    if replicas < 1:
+        raise InvalidArgument(f"placement: replicas must be >= 1, got {replicas}")
+    if not rebalance_threshold >= 0:
+        raise InvalidArgument(f"placement: rebalance_threshold {rebalance_threshold} is < 0")
+    if len({node.node_id for node in nodes}) != len(nodes):
+        raise InvalidArgument("placement: node ids are not unique")
+    sw = _Swarm(units, nodes)
+    usable = [i for i, reach in enumerate(sw.reach) if any(e > a for a, e in enumerate(reach))]
+    holders = [sum(1 for i in usable if sw.reach[i][u] > u) for u in range(sw.n)]
+
+    # From scratch. Should fastest-first leave a unit short (its few possible holders spent
+    # elsewhere), try smallest-first, which keeps big nodes for big units; then fewer replicas.
+    small_first = sorted(usable, key=lambda i: (sw.memory[i], i))
+    for r, order in itertools.product(range(replicas, 0, -1), (usable, small_first)):
+        need = [min(k, r) for k in holders]
+        fresh = _fill(sw, {}, order, need)
+        if fresh.short(need) == 0:
+            break
+    if not previous:
+        return sw.placement(fresh.stages)
+
+    given = {i: _as_stage(previous.get(sw.ids[i]), sw.n) for i in usable}
+    kept = {i: s for i, s in given.items() if s is not None and s[1] <= sw.reach[i][s[0]]}
+    h, _ = sw.profile(kept)
+    redundant = {i: min(h[slice(*s)]) - sw.rate(i, *s) for i, s in kept.items()}
+    release = sorted(kept, key=lambda i: (-redundant[i], i))  # level its units keep without it
+    target = fresh.weakest(need) / (1 + rebalance_threshold)
+    released = 0
+    while released < len(kept):
+        base = {i: kept[i] for i in release[released:]}
+        result = _fill(sw, base, [i for i in usable if i not in base], need)
+        if result.short(need) <= fresh.short(need) and result.weakest(need) >= target:
+            log.debug("placement: kept %d of %d stages", len(base), len(kept))
+            return sw.placement(result.stages)
+        released = max(1, 2 * released)
+    log.debug("placement: placed again from scratch")
+    return sw.placement(fresh.stages)
+
+
+class _Swarm:
+    """The inputs as plain lists, nodes indexed fastest first (ties by node_id)."""
+
+    def __init__(self, units: Sequence[UnitCost], nodes: Sequence[NodeCapacity]) -> None:
+        self.n = n = len(units)
+        plain = list(itertools.accumulate((u.weight_bytes for u in units), initial=0))
+        # Bytes of [0, e): a stage holding the embed stores tied weights once.
+        from_embed = list(
+            itertools.accumulate((u.weight_bytes - u.shared_bytes for u in units), initial=0)
+        )
+        rows = sorted(
+            ((n.overhead_ms + sum(n.unit_ms(u) for u in units), n.node_id, n) for n in nodes),
+            key=lambda row: row[:2],
+        )
+        self.ids = [node.node_id for _, _, node in rows]
+        self.memory = [node.memory_bytes for _, _, node in rows]
+        self.overhead = [node.overhead_ms for _, _, node in rows]
+        self.prefix = [
+            list(itertools.accumulate((node.unit_ms(u) for u in units), initial=0.0))
+            for _, _, node in rows
+        ]
+        # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
+        self.reach = [
+            [bisect.bisect_right(from_embed, m) - 1]
+            + [bisect.bisect_right(plain, plain[a] + m) - 1 for a in range(1, n)]
+            for m in self.memory
+        ]
+
+    def rate(self, i: int, start: int, end: int) -> float:
+        return 1000.0 / max(self.overhead[i] + self.prefix[i][end] - self.prefix[i][start], 1e-9)
+
+    def profile(self, stages: Mapping[int, Stage]) -> tuple[list[float], list[int]]:
+        h, cnt = [0.0] * self.n, [0] * self.n
+        for i in sorted(stages):
+            _add(h, cnt, stages[i], self.rate(i, *stages[i]))
+        return h, cnt
+
+    def placement(self, stages: Mapping[int, Stage]) -> Placement:
+        return {self.ids[i]: stages[i] for i in sorted(stages, key=lambda i: self.ids[i])}
+
+
+def _add(h: list[float], cnt: list[int], stage: Stage, rate: float, sign: int = 1) -> None:
+    """Add (sign=1) or remove (sign=-1) a node serving ``stage`` at ``rate``."""
+    for u in range(*stage):
+        h[u] += sign * rate
+        cnt[u] += sign
+
+
+@dataclass
+class _Result:
+    stages: dict[int, Stage]
+    h: list[float]  # throughput per unit
+    cnt: list[int]  # replicas per unit
+
+    def weakest(self, need: Sequence[int]) -> float:
+        """Over the units someone can hold (need > 0)."""
+        return min((x for x, k in zip(self.h, need, strict=True) if k), default=0.0)
+
+    def short(self, need: Sequence[int]) -> int:
+        """Replicas missing, summed over units."""
+        return sum(max(k - c, 0) for c, k in zip(self.cnt, need, strict=True))
+
+    def level(self, need: Sequence[int]) -> tuple[float, int]:
+        """The weakest throughput, then (to break ties) how few units are that weak."""
+        low = self.weakest(need)
+        return low, -sum(1 for x, k in zip(self.h, need, strict=True) if k and x <= low * 1.000001)
+
+
+def _fill(sw: _Swarm, base: Mapping[int, Stage], free: list[int], need: Sequence[int]) -> _Result:
+    """Keep ``base`` as it is and place the ``free`` nodes on top of it."""
+    h0, cnt0 = sw.profile(base)
+
+    def sweep(tau: float) -> tuple[_Result, list[int]]:
+        result = _Result(dict(base), h0[:], cnt0[:])
+        return result, _sweep(sw, result, free, tau, need)
+
+    best, left = sweep(0.0)  # replicas only
+    lo = best.weakest(need)
+    if best.short(need) == 0 and lo > 0:
+        # Bisect tau to 1 %. No unit can exceed every free node serving it alone.
+        hi = min(h0[u] + sum(sw.rate(i, u, u + 1) for i in free) for u in range(sw.n) if need[u])
+        while hi > lo * 1.01:
+            mid = math.sqrt(lo * hi)
+            result, rest = sweep(mid)
+            if result.short(need) == 0 and result.weakest(need) >= mid:
+                best, left, lo = result, rest, result.weakest(need)
+            else:
+                hi = mid
+    _greedy(sw, best, left, need)
+    greedy = _Result(dict(base), h0[:], cnt0[:])
+    _greedy(sw, greedy, free, need)
+    _add_replicas(sw, greedy, free, need)
+    best = min(best, greedy, key=lambda r: (r.short(need), -r.weakest(need)))
+    _improve(sw, best, free, need)
+    return best
+
+
+def _sweep(
+    sw: _Swarm, result: _Result, free: list[int], tau: float, need: Sequence[int]
+) -> list[int]:
+    """Stack stages from the first unit below tau or short of replicas, until the head;
+    return the nodes not used. A unit nobody left can hold stays short."""
+    h, cnt = result.h, result.cnt
+    remaining = list(free)
+    for ptr in range(sw.n):
+        while need[ptr] and (h[ptr] < tau or cnt[ptr] < need[ptr]):
+            k = _pick(sw, remaining, ptr, tau - h[ptr], untouched=h[ptr] == 0)
+            if k is None:
+                break
+            i = remaining.pop(k)
+            result.stages[i] = (ptr, sw.reach[i][ptr])
+            _add(h, cnt, result.stages[i], sw.rate(i, ptr, sw.reach[i][ptr]))
+    return remaining
+
+
+def _pick(
+    sw: _Swarm, remaining: list[int], ptr: int, deficit: float, untouched: bool
+) -> int | None:
+    """Which node (an index into ``remaining``, fastest first) adds its longest stage at ptr.
+
+    On untouched ground, the fastest: a node too fast for any deficit wastes least there.
+    Where a little is missing, the first of the next few that does not overshoot, else the
+    one that overshoots least (plain fastest-first piles quick nodes where little was
+    needed). Where only a replica is missing, the slowest: it costs the least throughput.
+    """
+    order = range(len(remaining)) if deficit > 0 else range(len(remaining) - 1, -1, -1)
+    holders = (k for k in order if sw.reach[remaining[k]][ptr] > ptr)
+    best: tuple[float, int] | None = None
+    for k in itertools.islice(holders, _WINDOW):
+        over = sw.rate(remaining[k], ptr, sw.reach[remaining[k]][ptr]) - deficit
+        if over <= 0 or deficit <= 0 or untouched:
+            return k
+        best = min(best or (over, k), (over, k))
+    return best[1] if best else None
+
+
+def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> Stage | None:
+    """Petals' rule: node i's stage that lifts the weakest unit most; ties go to the stage
+    over the weakest, then on average weakest, units.
+
+    Per start, the longest stage; and where its own units would stay the weakest, the
+    shorter (faster) stage that lifts them level with the rest, found by bisection: the
+    shorter the stage, the higher its units and the more units left out below.
+    """
+    n = sw.n
+    level = [x if k else math.inf for x, k in zip(h, need, strict=True)]  # inf: nobody's
+    before = list(itertools.accumulate(level, min, initial=math.inf))
+    after = list(itertools.accumulate(reversed(level), min, initial=math.inf))[::-1]
+    total = list(itertools.accumulate((x if x < math.inf else 0.0 for x in level), initial=0.0))
+    table = [level]  # table[j][u] = min(level[u : u + 2**j]): range minima in O(1)
+    while 2 ** len(table) <= n:
+        prev, half = table[-1], 2 ** (len(table) - 1)
+        table.append([min(prev[u], prev[u + half]) for u in range(len(prev) - half)])
+
+    def own(a: int, e: int) -> tuple[float, float]:  # its weakest unit, before and after
+        j = (e - a).bit_length() - 1
+        low = min(table[j][a], table[j][e - 2**j])
+        return low, low + sw.rate(i, a, e)
+
+    def key(a: int, e: int) -> tuple[float, float, float, int]:
+        low, raised = own(a, e)
+        return (-min(before[a], after[e], raised), low, (total[e] - total[a]) / (e - a), a)
+
+    best: tuple[tuple[float, float, float, int], Stage] | None = None
+    for a in range(n):
+        e = sw.reach[i][a]
+        if e <= a:
+            continue
+        k = key(a, e)
+        if -k[0] < min(before[a], after[e]):  # its own units bind: try shorter stages
+            lo, hi = a + 1, e  # the last end at which its units are not below those after
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if own(a, mid)[1] >= after[mid] else (lo, mid - 1)
+            for end in (lo, lo + 1):
+                if end < e and key(a, end)[0] < k[0]:
+                    e, k = end, key(a, end)
+        if best is None or k < best[0]:
+            best = (k, (a, e))
+    return best[1] if best else None
+
+
+def _greedy(sw: _Swarm, result: _Result, nodes: Iterable[int], need: Sequence[int]) -> None:
+    """Add the nodes one by one, each where it lifts the weakest unit most."""
+    for i in nodes:
+        stage = _raise_weakest(sw, i, result.h, need)
+        if stage is not None:
+            _add(result.h, result.cnt, stage, sw.rate(i, *stage))
+            result.stages[i] = stage
+
+
+def _add_replicas(sw: _Swarm, result: _Result, movable: Sequence[int], need: Sequence[int]) -> None:
+    """Where a unit lacks replicas, move there the slowest node that no unit needs where it
+    is: it adds a route while costing the least throughput."""
+    h, cnt, stages = result.h, result.cnt, result.stages
+    spare = sorted((i for i in movable if i in stages), reverse=True)  # slowest first
+    for u in range(sw.n):
+        while cnt[u] < need[u]:
+            fits = (i for i in spare if sw.reach[i][u] > u)
+            j = next((i for i in fits if all(cnt[v] > need[v] for v in range(*stages[i]))), None)
+            if j is None:
+                break
+            spare.remove(j)
+            _add(h, cnt, stages[j], sw.rate(j, *stages[j]), -1)
+            stages[j] = (u, sw.reach[j][u])
+            _add(h, cnt, stages[j], sw.rate(j, *stages[j]))
+
+
+def _improve(sw: _Swarm, result: _Result, movable: Sequence[int], need: Sequence[int]) -> None:
+    """Local search: move one node at a time, tried from the most redundant, to its best
+    stage (Petals' rule, itself removed) while that lifts the weakest level and costs no
+    replica. Bounded, so that 1000 nodes stay fast."""
+    h, cnt, stages = result.h, result.cnt, result.stages
+    for _ in range(_MOVES):
+        level, short = result.level(need), result.short(need)
+        placed = [i for i in movable if i in stages]
+        redundant = {i: min(h[slice(*stages[i])]) - sw.rate(i, *stages[i]) for i in placed}
+        for i in sorted(placed, key=lambda i: (-redundant[i], i))[:_CANDIDATES]:
+            old = stages[i]
+            _add(h, cnt, old, sw.rate(i, *old), -1)
+            new = _raise_weakest(sw, i, h, need)
+            if new is not None and new != old:
+                _add(h, cnt, new, sw.rate(i, *new))
+                if result.level(need) > level and result.short(need) <= short:
+                    stages[i] = new
+                    break
+                _add(h, cnt, new, sw.rate(i, *new), -1)
+            _add(h, cnt, old, sw.rate(i, *old))
+        else:
+            return
+
+
+def _as_stage(value: object, n_units: int) -> Stage | None:
+    """A previous stage as given (tuple, list), or None if it is not one of this model's."""
+    try:
+        start, end = (int(x) for x in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return (start, end) if 0 <= start < end <= n_units else None
