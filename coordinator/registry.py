@@ -54,11 +54,20 @@ class NodeRecord:
 
 class Registry:
     def __init__(
-        self, config: GPTConfig, *, replicas: int = 2, heartbeat_timeout_s: float = 10.0
+        self,
+        config: GPTConfig,
+        *,
+        replicas: int = 2,
+        heartbeat_timeout_s: float = 10.0,
+        settle_until: float = 0.0,
     ) -> None:
         self.config = config
         self.replicas = replicas
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # A (re)started coordinator first lets the swarm re-register: until then, nodes that
+        # still hold a stage keep it and nothing is re-placed, so a restart moves nothing.
+        self.settle_until = settle_until
+        self.settled = settle_until <= 0
         self.nodes: dict[str, NodeRecord] = {}
         self.version = 0  # placement version, bumped on every change
         self.units: list[UnitCost] = unit_costs(config)
@@ -71,10 +80,17 @@ class Registry:
             record.assigned = previous.assigned
             record.ready = record.ready or previous.ready
         elif record.held is not None:  # coordinator restarted: the node still holds a stage
-            record.assigned = record.held
+            record.assigned = record.ready = record.held
         self.nodes[record.node_id] = record
         log.info("node %s (%s) joined from %s", record.name, record.node_id[:8], record.address)
-        self.replan()
+        if self.settled:
+            self.replan()
+
+    def settle(self, now: float) -> None:
+        """End the re-registration window after a start: place whoever is here."""
+        if not self.settled and now >= self.settle_until:
+            self.settled = True
+            self.replan()
 
     def leave(self, node_id: str) -> bool:
         record = self.nodes.pop(node_id, None)
@@ -103,8 +119,9 @@ class Registry:
                 "node %s (%s) missed its heartbeats: dropped", record.name, record.node_id[:8]
             )
             del self.nodes[record.node_id]
-        if gone:
+        if gone and self.settled:
             self.replan()
+        self.settle(now)
         return gone
 
     # ---- placement ------------------------------------------------------------------
@@ -143,16 +160,11 @@ class Registry:
 
     # ---- routes and status ----------------------------------------------------------
 
-    def step_ms(self, record: NodeRecord, start: int, end: int) -> float:
-        ms = 0.0
-        for u in range(start, end):
-            kind = self.units[u].kind
-            ms += (
-                record.capacity.head_ms
-                if kind == "head"
-                else (record.capacity.block_ms * self.units[u].cost)
-            )
-        return ms
+    def unit_ms(self, record: NodeRecord, unit: int) -> float:
+        """A node's estimated decode-step time for one unit, from its measured capacity."""
+        if self.units[unit].kind == "head":
+            return record.capacity.head_ms
+        return record.capacity.block_ms * self.units[unit].cost
 
     def servers(self) -> list[Server]:
         """Ready nodes as routing sees them."""
@@ -161,8 +173,9 @@ class Registry:
             if r.ready is None:
                 continue
             start, end = r.ready
+            unit_ms = tuple(self.unit_ms(r, u) for u in range(start, end))
             load = r.load.sessions + r.load.queue_length
-            out.append(Server(r.address, start, end, self.step_ms(r, start, end), float(load)))
+            out.append(Server(r.address, start, end, unit_ms, float(load)))
         return out
 
     def coverage(self) -> list[int]:

@@ -1,10 +1,11 @@
 """Routing: which chain of nodes a generation takes. A pure function of the ready nodes.
 
-A route is a chain of hops from unit 0 to the head. Each hop is a stage that some ready
-nodes serve exactly; its addresses are those nodes, best first, so a hop before it can
-switch to a replica when the preferred one fails. Among all chains, the one with the least
-estimated time per step wins: each hop costs its best node's step time, inflated by how
-loaded that node is, plus a fixed transfer overhead.
+A route is a chain of hops from unit 0 to the head. A hop is a unit range ``[u, v)`` that
+some ready nodes hold; a node may serve a hop that starts inside its stage (it runs only
+the units asked for), so stages that overlap without lining up still chain, and every
+node holding a hop's units is a replica the hop before can switch to. Among all chains,
+the one with the least estimated time per step wins: each hop costs its best node's time
+for those units, inflated by how loaded that node is, plus a fixed transfer overhead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from nanoshard.errors import Unavailable
 
 HOP_OVERHEAD_MS = 1.0  # one more hop: serialization, loopback or LAN transfer, gRPC
+AVOIDED_PENALTY_MS = 1e6  # an address the client saw fail is a last resort
 
 
 @dataclass(frozen=True)
@@ -24,78 +26,85 @@ class Server:
     address: str
     start: int
     end: int
-    step_ms: float  # estimated time of one decode step over its whole stage
+    unit_ms: tuple[float, ...]  # estimated decode-step time of each unit of its stage
     load: float = 0.0  # open sessions + queued steps: more load, longer waits
+
+    def holds(self, start: int, end: int) -> bool:
+        return self.start <= start and end <= self.end
+
+    def ms(self, start: int, end: int, avoided: frozenset[str] = frozenset()) -> float:
+        """Estimated time of units ``[start, end)`` here, load and avoidance included."""
+        base = sum(self.unit_ms[start - self.start : end - self.start])
+        penalty = AVOIDED_PENALTY_MS if self.address in avoided else 0.0
+        return base * (1.0 + 0.25 * self.load) + penalty
 
 
 @dataclass(frozen=True)
 class RouteHop:
     start: int
     end: int
-    addresses: tuple[str, ...]  # best first
-
-
-def effective_ms(server: Server) -> float:
-    return server.step_ms * (1.0 + 0.25 * server.load)
+    addresses: tuple[str, ...]  # every ready node holding [start, end), best first
 
 
 def plan_route(
     servers: Iterable[Server], n_units: int, avoid: Sequence[str] = ()
 ) -> list[RouteHop]:
-    """The fastest chain of stages covering ``[0, n_units)``.
+    """The fastest chain of hops covering ``[0, n_units)``.
 
     Addresses in ``avoid`` (recently failed, as the client reports) are kept only as last
     resorts. Raises Unavailable naming the units no ready node serves.
     """
-    groups: dict[tuple[int, int], list[Server]] = {}
-    for s in servers:
-        if 0 <= s.start < s.end <= n_units:
-            groups.setdefault((s.start, s.end), []).append(s)
-    avoided = set(avoid)
-
-    def rank(s: Server) -> tuple[bool, float, str]:
-        return (s.address in avoided, effective_ms(s), s.address)
-
-    for members in groups.values():
-        members.sort(key=rank)
-    # Shortest path over unit boundaries: best[u] = cheapest chain reaching unit u.
+    pool = sorted(
+        (
+            s
+            for s in servers
+            if 0 <= s.start < s.end <= n_units and len(s.unit_ms) == s.end - s.start
+        ),
+        key=lambda s: (s.address, s.start),
+    )
+    avoided = frozenset(avoid)
     inf = float("inf")
-    best: list[tuple[float, int]] = [(inf, 0)] * (n_units + 1)  # (cost, hops)
-    back: list[tuple[int, int] | None] = [None] * (n_units + 1)
-    best[0] = (0.0, 0)
+    # best[u]: the cheapest chain reaching unit u; a hop from u runs to the end of a stage
+    # holding u (the longest hop: fewest transfers, and never fewer ways on).
+    best: list[float] = [inf] * (n_units + 1)
+    back: list[tuple[int, Server] | None] = [None] * (n_units + 1)
+    best[0] = 0.0
     for u in range(n_units):
-        if best[u][0] == inf:
+        if best[u] == inf:
             continue
-        for (start, end), members in sorted(groups.items()):
-            if start != u:
-                continue
-            top = members[0]
-            penalty = 1e6 if top.address in avoided else 0.0
-            cost = (best[u][0] + effective_ms(top) + HOP_OVERHEAD_MS + penalty, best[u][1] + 1)
-            if cost < best[end]:
-                best[end], back[end] = cost, (start, end)
-    if best[n_units][0] == inf:
-        raise Unavailable(uncovered_message(groups, n_units))
+        for s in pool:
+            if s.start <= u < s.end:
+                cost = best[u] + s.ms(u, s.end, avoided) + HOP_OVERHEAD_MS
+                if cost < best[s.end]:
+                    best[s.end], back[s.end] = cost, (u, s)
+    if best[n_units] == inf:
+        raise Unavailable(uncovered_message(pool, n_units))
     hops: list[RouteHop] = []
-    u = n_units
-    while u > 0:
-        start, end = back[u]  # type: ignore[misc]
-        hops.append(RouteHop(start, end, tuple(s.address for s in groups[(start, end)])))
-        u = start
+    v = n_units
+    while v > 0:
+        u, _ = back[v]  # type: ignore[misc]
+        holders = sorted(
+            (s for s in pool if s.holds(u, v)),
+            key=lambda s: (s.ms(u, v, avoided), s.address),
+        )
+        hops.append(RouteHop(u, v, tuple(dict.fromkeys(s.address for s in holders))))
+        v = u
     return hops[::-1]
 
 
-def uncovered_message(groups: dict[tuple[int, int], list[Server]], n_units: int) -> str:
+def route_ms(servers: Iterable[Server], hops: Sequence[RouteHop]) -> float:
+    """Estimated time of one decode step along a route (its preferred nodes)."""
+    by_address = {s.address: s for s in servers}
+    return sum(by_address[h.addresses[0]].ms(h.start, h.end) + HOP_OVERHEAD_MS for h in hops)
+
+
+def uncovered_message(servers: Sequence[Server], n_units: int) -> str:
     covered = [False] * n_units
-    for start, end in groups:
-        for u in range(start, end):
+    for s in servers:
+        for u in range(s.start, s.end):
             covered[u] = True
     gaps = [u for u in range(n_units) if not covered[u]]
-    if gaps:
-        return (
-            f"no ready node serves units {format_units(gaps)}: the swarm cannot run the model now"
-        )
-    return "every unit is served, but the stages do not chain from embed to head (placement is changing): retry shortly"
+    return f"no ready node serves units {format_units(gaps)}: the swarm cannot run the model now"
 
 
 def format_units(units: Sequence[int]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,7 +49,11 @@ async def serve(
 ) -> None:
     store = await asyncio.to_thread(ModelStore.open, config.model)
     registry = Registry(
-        store.config, replicas=config.replicas, heartbeat_timeout_s=config.heartbeat_timeout
+        store.config,
+        replicas=config.replicas,
+        heartbeat_timeout_s=config.heartbeat_timeout,
+        # nodes of a swarm that outlived a previous coordinator re-join within a heartbeat
+        settle_until=time.monotonic() + 2 * config.heartbeat_interval,
     )
     epoch = secrets.token_bytes(8)
     service = CoordinatorService(

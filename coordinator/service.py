@@ -21,7 +21,7 @@ from nanoshard.v1 import node_pb2 as pb
 
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
-from .routing import HOP_OVERHEAD_MS, effective_ms, plan_route
+from .routing import plan_route, route_ms
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,7 @@ class CoordinatorService:
             hops = plan_route(servers, self.registry.config.n_units)
         except NanoshardError:
             return 0.0
-        by_address = {(s.address, s.start, s.end): s for s in servers}
-        ms = sum(
-            effective_ms(by_address[(h.addresses[0], h.start, h.end)]) + HOP_OVERHEAD_MS
-            for h in hops
-        )
+        ms = route_ms(servers, hops)
         return 1000.0 / ms if ms > 0 else 0.0
 
     @handles_errors

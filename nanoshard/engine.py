@@ -139,6 +139,25 @@ class Stage(nn.Module):
     def n_blocks(self) -> int:
         return len(self.blocks)
 
+    def view(self, start: int, end: int) -> Stage:
+        """Units ``[start, end)`` of this stage as a stage of their own, sharing its weights
+        (a route may enter a node's stage part-way, or leave it early)."""
+        if (start, end) == (self.start, self.end):
+            return self
+        if not self.start <= start < end <= self.end:
+            raise ValueError(
+                f"[{start}, {end}) is not inside this stage [{self.start}, {self.end})"
+            )
+        with torch.device("meta"):  # modules are replaced by this stage's own below
+            sub = Stage(self.config, start, end)
+        for name in sub.transformer:
+            if name == "h":
+                blocks = cast(nn.ModuleDict, self.transformer["h"])
+                sub.transformer["h"] = nn.ModuleDict({str(i): blocks[str(i)] for i in sub.blocks})
+            else:
+                sub.transformer[name] = self.transformer[name]
+        return sub.eval()
+
     def new_cache(self, max_length: int) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.config, self.n_blocks, max_length, p.dtype, p.device)
