@@ -1,7 +1,11 @@
-"""``nanoshard``: generate text, locally or through a swarm.
+"""``nanoshard``: run a swarm's coordinator, see its status, generate text, run the demo.
 
-nanoshard generate --local "To be, or not"
-nanoshard generate --route 127.0.0.1:7001,127.0.0.1:7002 "To be, or not"
+    nanoshard coordinator --model demo
+    nanoshard status
+    nanoshard generate "ROMEO:"                           # through the swarm (found by mDNS)
+    nanoshard generate --local "ROMEO:"                   # the reference path, in-process
+    nanoshard generate --route HOST:PORT,HOST:PORT "..."  # a fixed chain of nodes
+    nanoshard demo                                        # a whole swarm on this machine
 """
 
 from __future__ import annotations
@@ -109,9 +113,10 @@ def add_mdns_options(p: argparse.ArgumentParser, advertise: bool = False) -> Non
         dest="mdns_interfaces",
         help="interface address mDNS uses (repeatable; default: all)",
     )
-    p.add_argument("--swarm-name", dest="swarm_name", default=None, help=argparse.SUPPRESS)
     if advertise:
         p.add_argument("--no-mdns", action="store_true", help="do not advertise by mDNS")
+    else:
+        p.add_argument("--swarm", default=None, help="with mDNS: only a coordinator of this swarm")
 
 
 def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
@@ -276,7 +281,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nanoshard.statusview import status_json, status_table
 
     coordinator = CoordinatorClient(
-        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces)
+        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces, swarm=args.swarm)
     )
     if args.json:
         print(json.dumps(status_json(coordinator.status())))
