@@ -1,0 +1,162 @@
+"""Failover that loses nothing, and the SDK: a swarm of real processes on loopback,
+volunteers SIGKILLed in the middle of generations."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+from swarm import Proc, Swarm
+from test_swarm import HEARTBEAT, demo_bytes, wait_until
+
+from nanoshard import AsyncClient, Client
+from nanoshard.errors import NanoshardError
+
+pytestmark = pytest.mark.slow
+
+DATA_PLANE = re.compile(r"data plane on (\S+)")
+PROMPT = "KING HENRY:\n"
+
+
+class FourNodes:
+    """A coordinator with --replicas 2 and four volunteers that each hold about half the model."""
+
+    def __init__(self, swarm: Swarm, tmp: Path) -> None:
+        self.swarm, self.tmp = swarm, tmp
+        self.name = "f" + secrets.token_hex(4)
+        self.memory = str(int(demo_bytes() * 0.75 / 0.8))  # two chains of two hops fit
+        _, self.address = swarm.coordinator("--swarm", self.name, "--replicas", "2", *HEARTBEAT)
+        self.nodes: dict[str, Proc] = {}
+        self.count = 0
+        for _ in range(4):
+            self.add()
+
+    def add(self) -> None:
+        self.count += 1
+        proc = self.swarm.join(
+            "--swarm",
+            self.name,
+            "--coordinator",
+            self.address,
+            "--max-memory",
+            self.memory,
+            "--cache-dir",
+            str(self.tmp / f"n{self.count}"),
+            "--name",
+            f"n{self.count}",
+        )
+        self.nodes[proc.wait_for(DATA_PLANE).group(1)] = proc
+
+    def ready(self, client: Client) -> None:
+        def whole() -> bool:
+            status = client.status()
+            healthy = [n for n in status["nodes"] if n["healthy"]]
+            return len(healthy) == 4 and all(u["replicas"] >= 2 for u in status["units"])
+
+        wait_until("four nodes, two replicas of every unit", whole, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory):
+    with Swarm() as swarm:
+        yield FourNodes(swarm, tmp_path_factory.mktemp("failover"))
+
+
+def kill_during(client: Client, victim: Proc, at_token: int, **options: object):
+    seen = 0
+
+    def on_token(_token: object) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == at_token:
+            victim.kill()  # SIGKILL: no goodbye, no flushing, mid-generation
+
+    return client.generate(PROMPT, 200, on_token=on_token, **options)
+
+
+@pytest.mark.parametrize(
+    ("hop", "sampling"),
+    [
+        ("first", {"temperature": 0.0}),
+        ("last", {"temperature": 0.0}),
+        ("last", {"temperature": 0.9, "top_k": 50, "seed": 1234}),
+    ],
+)
+def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling: dict) -> None:
+    with Client(four.address) as client:
+        four.ready(client)
+        reference = client.generate(PROMPT, 200, **sampling)
+        assert len(reference.token_ids) >= 100
+        route = client._coordinator.route()  # type: ignore[union-attr]
+        assert len(route.hops) >= 2 and all(len(h.addresses) >= 2 for h in route.hops)
+        victim_address = route.hops[0 if hop == "first" else -1].addresses[0]
+        victim = four.nodes.pop(victim_address)
+        result = kill_during(client, victim, at_token=60, **sampling)
+        assert result.token_ids == reference.token_ids
+        assert result.recoveries, "the failure should show in the timings"
+        assert victim.popen.poll() is not None
+    four.add()  # back to four for the next case
+
+
+def test_losing_every_replica_of_a_stage_ends_with_a_clear_error(four: FourNodes) -> None:
+    with Client(four.address) as client:
+        four.ready(client)
+        # Every node holding the head, and one more: the last volunteer cannot hold the
+        # whole model, so the swarm cannot heal by re-placing (as it does with two left).
+        head = client.config.n_units - 1
+        nodes = client.status()["nodes"]
+        holders = [n["address"] for n in nodes if n["stage"] and n["stage"][1] > head]
+        assert len(holders) >= 2
+        others = [n["address"] for n in nodes if n["address"] not in holders]
+        victims = [four.nodes.pop(a) for a in [*holders, others[0]]]
+        started = time.monotonic()
+        with pytest.raises(NanoshardError) as err:
+            seen = []
+
+            def on_token(_token: object) -> None:
+                seen.append(1)
+                if len(seen) == 20:
+                    for v in victims:
+                        v.kill()
+
+            client.generate(PROMPT, 200, temperature=0.0, on_token=on_token)
+        assert time.monotonic() - started < 60  # bounded retries, no hang
+        message = str(err.value)
+        assert "gave up" in message and "no ready node serves units" in message, message
+        assert str(head) in message.split("no ready node serves units")[-1], message
+    for _ in victims:
+        four.add()
+
+
+def test_sdk_stream_equals_generate_and_sessions_continue(four: FourNodes) -> None:
+    with Client(four.address) as client:
+        four.ready(client)
+        whole = client.generate(PROMPT, 40, temperature=0.7, seed=5)
+        streamed = list(client.stream(PROMPT, 40, temperature=0.7, seed=5))
+        assert [t.id for t in streamed] == whole.token_ids
+        assert "".join(t.text for t in streamed) == whole.text
+        with client.session(temperature=0.7, seed=5) as chat:
+            first = chat.generate(PROMPT, 15)
+            second = chat.generate("", 25)  # continue where the first call stopped
+        assert first.token_ids + second.token_ids == whole.token_ids
+        stopped = client.generate(PROMPT, 40, temperature=0.7, seed=5, stop=whole.text[10:14])
+        assert (
+            stopped.stop_reason == "stop"
+            and stopped.text == whole.text[: whole.text.index(whole.text[10:14])]
+        )
+        assert {"nodes", "units"} <= set(client.status())
+
+
+def test_async_client(four: FourNodes) -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        async with AsyncClient(four.address) as client:
+            result = await client.generate(PROMPT, 20, temperature=0.0)
+            streamed = [t.id async for t in client.stream(PROMPT, 20, temperature=0.0)]
+            return result.token_ids, streamed
+
+    ids, streamed = asyncio.run(main())
+    assert ids == streamed and len(ids) == 20
