@@ -1,11 +1,11 @@
 """``nanoshard``: run a swarm's coordinator, see its status, generate text, run the demo.
 
-    nanoshard coordinator --model demo
-    nanoshard status
-    nanoshard generate "ROMEO:"                           # through the swarm (found by mDNS)
-    nanoshard generate --local "ROMEO:"                   # the reference path, in-process
-    nanoshard generate --route HOST:PORT,HOST:PORT "..."  # a fixed chain of nodes
-    nanoshard demo                                        # a whole swarm on this machine
+nanoshard coordinator --model demo
+nanoshard status
+nanoshard generate "ROMEO:"                           # through the swarm (found by mDNS)
+nanoshard generate --local "ROMEO:"                   # the reference path, in-process
+nanoshard generate --route HOST:PORT,HOST:PORT "..."  # a fixed chain of nodes
+nanoshard demo                                        # a whole swarm on this machine
 """
 
 from __future__ import annotations

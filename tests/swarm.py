@@ -120,8 +120,17 @@ class Swarm:
     def coordinator(self, *extra: str, port: int = 0) -> tuple[Proc, str]:
         """Start ``nanoshard coordinator`` on loopback (mDNS on loopback too)."""
         proc = self.start(
-            [str(BIN / "nanoshard"), "coordinator", "--host", "127.0.0.1", "--port", str(port),
-             "--mdns-interface", "127.0.0.1", *extra]
+            [
+                str(BIN / "nanoshard"),
+                "coordinator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--mdns-interface",
+                "127.0.0.1",
+                *extra,
+            ]
         )
         return proc, proc.wait_for(COORDINATOR, timeout=120).group(1)
 
@@ -129,8 +138,17 @@ class Swarm:
         """Start ``nanoshard-node join`` on loopback (it finds the coordinator itself
         unless ``--coordinator`` is among ``extra``)."""
         return self.start(
-            [str(BIN / "nanoshard-node"), "join", "--host", "127.0.0.1",
-             "--mdns-interface", "127.0.0.1", "--threads", "1", *extra]
+            [
+                str(BIN / "nanoshard-node"),
+                "join",
+                "--host",
+                "127.0.0.1",
+                "--mdns-interface",
+                "127.0.0.1",
+                "--threads",
+                "1",
+                *extra,
+            ]
         )
 
     def close(self) -> None:

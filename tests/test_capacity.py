@@ -7,6 +7,9 @@ import time
 
 import pytest
 import torch
+
+from nanoshard.config import GPTConfig
+from nanoshard.errors import InvalidArgument
 from nanoshard.node import capacity
 from nanoshard.node.capacity import (
     CACHE_FILE,
@@ -17,9 +20,6 @@ from nanoshard.node.capacity import (
     measure_capacity,
     to_wire,
 )
-
-from nanoshard.config import GPTConfig
-from nanoshard.errors import InvalidArgument
 from nanoshard.v1 import coordinator_pb2 as pb
 
 # A small block and a big vocabulary: the head is many times one block's work.

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from nanoshard.client.route import Route, RouteSession, route_from_addresses
 from swarm import Swarm, nanoshard
 
 from nanoshard import rpc
 from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.client.route import Route, RouteSession, route_from_addresses
 from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
 from nanoshard.generation import generate

@@ -76,7 +76,9 @@ def test_every_split_is_bit_identical_demo() -> None:
 
 def test_kv_cache_decoding_equals_recomputation(tiny_config: GPTConfig, tiny_weights) -> None:
     stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
-    ids = torch.randint(0, tiny_config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, tiny_config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)
+    )
     cache = stage.new_cache(40)
     with torch.inference_mode():
         stage(ids[:10], cache, 0)

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "protogen.py"), "--out", str(tmp_path)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     fresh = sorted((tmp_path / "nanoshard" / "v1").glob("*_pb2*.py*"))
     assert fresh, "protoc generated nothing"
@@ -28,7 +29,11 @@ def test_every_field_is_documented() -> None:
         lines = proto.read_text().splitlines()
         for i, line in enumerate(lines):
             stripped = line.strip()
-            is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("//", "syntax", "package", "option"))
+            is_field = (
+                stripped.endswith(";")
+                and "=" in stripped
+                and not stripped.startswith(("//", "syntax", "package", "option"))
+            )
             if is_field and "//" not in stripped:
                 above = lines[i - 1].strip()
                 assert above.startswith("//"), f"{proto.name}:{i + 1} has no comment: {stripped}"

@@ -52,13 +52,24 @@ def demo_bytes() -> int:
     return ckpt.stage_nbytes(0, ckpt.config.n_units)
 
 
-def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(tmp_path: Path) -> None:
+def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
+    tmp_path: Path,
+) -> None:
     swarm_name = "t" + secrets.token_hex(4)
     memory = str(int(demo_bytes() * 0.55 / 0.8))  # each node holds about half the model
     with Swarm() as swarm:
         _, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "1", *HEARTBEAT)
         nodes = [
-            swarm.join("--swarm", swarm_name, "--max-memory", memory, "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")
+            swarm.join(
+                "--swarm",
+                swarm_name,
+                "--max-memory",
+                memory,
+                "--cache-dir",
+                str(tmp_path / f"n{i}"),
+                "--name",
+                f"n{i}",
+            )
             for i in range(3)
         ]
         client = CoordinatorClient(address)
@@ -92,15 +103,27 @@ def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(tmp
         client.close()
 
 
-def test_a_killed_node_is_replaced_and_a_restarted_coordinator_regains_everyone(tmp_path: Path) -> None:
+def test_a_killed_node_is_replaced_and_a_restarted_coordinator_regains_everyone(
+    tmp_path: Path,
+) -> None:
     swarm_name = "t" + secrets.token_hex(4)
     memory = str(int(demo_bytes() * 0.55 / 0.8))
     with Swarm() as swarm:
         coord, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "2", *HEARTBEAT)
         port = address.rsplit(":", 1)[1]
         nodes = [
-            swarm.join("--swarm", swarm_name, "--coordinator", address, "--max-memory", memory,
-                       "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")
+            swarm.join(
+                "--swarm",
+                swarm_name,
+                "--coordinator",
+                address,
+                "--max-memory",
+                memory,
+                "--cache-dir",
+                str(tmp_path / f"n{i}"),
+                "--name",
+                f"n{i}",
+            )
             for i in range(4)
         ]
         client = CoordinatorClient(address)

@@ -138,3 +138,12 @@ def test_hf_files_equal_gpt2_on_openai_files_under_hf_names(tmp_path: Path) -> N
     ref = gpt2_encoding()
     assert enc.encode(VARIED_TEXT) == ref.encode(VARIED_TEXT)
     assert enc.decode(enc.encode(VARIED_TEXT)) == VARIED_TEXT
+
+
+def test_endoftext_sharing_an_id_is_refused(tmp_path: Path) -> None:
+    directory = _write_tiny_bpe(tmp_path / "bad", TINY_MERGES)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    vocab[ENDOFTEXT] = 258  # the id of " the"
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(InvalidArgument, match="shares its id"):
+        load_encoding(directory)

@@ -15,7 +15,13 @@ import grpc
 import msgpack
 import pytest
 import torch
+
+from nanoshard import rpc, tokenizer
+from nanoshard.checkpoint import open_checkpoint, save_hf_checkpoint, save_nanogpt_checkpoint
+from nanoshard.config import GPTConfig, stage_tensor_names
 from nanoshard.coordinator.model import CHUNK_BYTES, ModelStore, check_card, fetch_tensors
+from nanoshard.engine import Stage, init_weights
+from nanoshard.errors import CheckpointError
 from nanoshard.node.weights import (
     FetchStats,
     cached_range,
@@ -25,12 +31,6 @@ from nanoshard.node.weights import (
     tensor_path,
     verify_local_stage,
 )
-
-from nanoshard import rpc, tokenizer
-from nanoshard.checkpoint import open_checkpoint, save_hf_checkpoint, save_nanogpt_checkpoint
-from nanoshard.config import GPTConfig, stage_tensor_names
-from nanoshard.engine import Stage, init_weights
-from nanoshard.errors import CheckpointError
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
 
