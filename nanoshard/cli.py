@@ -172,13 +172,17 @@ def generate_locally(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    started = False
+
     def show(token: Token) -> None:
+        nonlocal started
+        if not started:  # the prompt, once the request is known to be good
+            sys.stdout.write(args.prompt)
+            started = True
         sys.stdout.write(token.text)
         sys.stdout.flush()
 
     on_token = None if args.json else show
-    if not args.json:
-        sys.stdout.write(args.prompt)
     if args.local:
         result = generate_locally(args, on_token)
     else:
