@@ -38,8 +38,10 @@ typecheck: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/protogen.py
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+# Benchmarks write JSON + Markdown under benchmarks/results/ (numbers in the README).
+bench: $(STAMP) gpt2-bpe
+	$(BIN)/python benchmarks/hops.py
+	$(BIN)/python benchmarks/placement_sim.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache

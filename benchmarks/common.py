@@ -1,0 +1,312 @@
+"""Helpers the benchmarks share: the GPT-2-124M-shaped random checkpoint, node processes
+on loopback (always stopped by PID), stage splits, timed generations (local, along a
+route, or both in lockstep), statistics and machine facts.
+
+Benchmarks run as scripts (``python benchmarks/NAME.py``), so this module is imported as
+``common`` from the script's own folder; it never imports from ``tests/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.client.route import Route, RouteSession
+from nanoshard.config import GPTConfig
+from nanoshard.engine import Stage, init_weights
+from nanoshard.generation import Generation, LocalSession, generate, max_length_for
+from nanoshard.sampling import SamplingParams
+from nanoshard.tokenizer import gpt2_bpe_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_CACHE = ROOT / ".cache" / "bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+NODE_BIN = Path(sys.executable).parent / "nanoshard-node"
+LISTENING = re.compile(r"listening on (\S+)")
+
+GPT2_124M = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+
+
+# ---- models ---------------------------------------------------------------------------
+
+
+def gpt2_tokenizer_dir(into: Path) -> Path:
+    """GPT-2's BPE files under their Hugging Face names (encoder.json -> vocab.json,
+    vocab.bpe -> merges.txt), copied into ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(gpt2_bpe_dir() / "encoder.json", into / "vocab.json")
+    shutil.copyfile(gpt2_bpe_dir() / "vocab.bpe", into / "merges.txt")
+    return into
+
+
+def random_checkpoint(config: GPTConfig, directory: Path, seed: int = 0) -> Path:
+    """A Hugging Face GPT-2 directory with random weights (``init_weights(config, seed)``)
+    and GPT-2's tokenizer. Made once: a directory whose config.json matches is reused."""
+    config_json = directory / "config.json"
+    if config_json.is_file() and (directory / "model.safetensors").is_file():
+        saved = json.loads(config_json.read_text())
+        same = (
+            saved.get("n_layer"),
+            saved.get("n_head"),
+            saved.get("n_embd"),
+            saved.get("vocab_size"),
+            saved.get("n_positions"),
+        ) == (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
+        if same and (directory / "vocab.json").is_file():
+            return directory
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = gpt2_tokenizer_dir(Path(tmp))
+        save_hf_checkpoint(
+            config, init_weights(config, seed=seed), directory, tokenizer_dir=tokenizer
+        )
+    return directory
+
+
+def even_splits(n_units: int, n_stages: int) -> list[tuple[int, int]]:
+    """``n_units`` cut into ``n_stages`` contiguous stages as even as units allow
+    (14 units, 3 stages -> 0:5, 5:10, 10:14)."""
+    if not 1 <= n_stages <= n_units:
+        raise ValueError(f"cannot cut {n_units} units into {n_stages} stages")
+    cuts = [-(-i * n_units // n_stages) for i in range(n_stages + 1)]  # ceil: bigger stages first
+    return list(itertools.pairwise(cuts))
+
+
+# ---- node processes -------------------------------------------------------------------
+
+
+class NodeProcess:
+    """One ``nanoshard-node serve`` child; its output is collected so a failure can show it."""
+
+    def __init__(self, model: str, units: tuple[int, int], threads: int = 1) -> None:
+        self.model, self.units = model, units
+        self.args = [
+            str(NODE_BIN),
+            "serve",
+            "--model",
+            model,
+            "--units",
+            f"{units[0]}:{units[1]}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+        ]
+        self.lines: list[str] = []
+        self.popen = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.address = ""
+
+    def _read(self) -> None:
+        if self.popen.stdout is not None:
+            for line in self.popen.stdout:
+                self.lines.append(line.rstrip("\n"))
+
+    def wait_listening(self, timeout_s: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := LISTENING.search(line):
+                    self.address = m.group(1)
+                    return self.address
+            if self.popen.poll() is not None:
+                time.sleep(0.2)  # let the reader catch the last lines
+                raise RuntimeError(
+                    f"node {self.units} exited with {self.popen.returncode}:\n"
+                    + "\n".join(self.lines[-30:])
+                )
+            time.sleep(0.05)
+        raise TimeoutError(f"node {self.units} did not start in {timeout_s:.0f} s")
+
+    def terminate(self) -> None:
+        """SIGTERM this child by its PID (it drains its server for up to 2 s)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM this child, SIGKILL it if it has not gone in 10 s."""
+        self.terminate()
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+class Nodes:
+    """Every node process a benchmark started; ``close`` stops each one by PID.
+
+    ``chain`` starts one node per stage and reuses a node already serving the same model
+    and units, so two measurements over the same split share processes.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self.procs: dict[tuple[str, tuple[int, int]], NodeProcess] = {}
+
+    def start(self, model: str, splits: Sequence[tuple[int, int]]) -> None:
+        """Start the missing nodes of ``splits`` without waiting (they load in parallel)."""
+        for units in splits:
+            if (model, units) not in self.procs:
+                self.procs[(model, units)] = NodeProcess(model, units, self.threads)
+
+    def chain(self, model: str, splits: Sequence[tuple[int, int]]) -> list[str]:
+        """The addresses of nodes serving ``splits`` of ``model``, in order."""
+        self.start(model, splits)
+        return [self.procs[(model, units)].wait_listening() for units in splits]
+
+    def close(self) -> None:
+        for proc in self.procs.values():  # all at once: each drains for up to 2 s
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.stop()
+        self.procs.clear()
+
+    def __enter__(self) -> Nodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``finally`` blocks stop the nodes as on Ctrl-C."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---- timed generations ----------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def run_local(stage: Stage, ids: list[int], tokens: int, threads: int) -> Generation:
+    """``tokens`` greedy decode steps (plus the prefill) in this process with ``threads``
+    torch threads; this process goes back to 1 thread afterwards."""
+    torch.set_num_threads(threads)
+    block_size = stage.config.block_size
+    session = LocalSession(stage, GREEDY, max_length_for(len(ids), tokens + 1, block_size))
+    try:
+        return generate(session, ids, tokens + 1, block_size=block_size)
+    finally:
+        session.close()
+        torch.set_num_threads(1)
+
+
+def run_chain(
+    route: Route, ids: list[int], tokens: int, codec: str, block_size: int, eot: int | None = None
+) -> Generation:
+    """``tokens`` decode steps (plus the prefill) along ``route``; stops early only at ``eot``."""
+    max_length = max_length_for(len(ids), tokens + 1, block_size)
+    session = RouteSession(route, GREEDY, max_length, codec)
+    try:
+        return generate(session, ids, tokens + 1, block_size=block_size, eot_id=eot)
+    finally:
+        session.close()
+
+
+@dataclass
+class Paired:
+    """A chain run with the local path stepped in lockstep on the same tokens."""
+
+    chain: Generation
+    local_ms: list[float]  # local decode step k ran just before the chain's step k
+    same_tokens: bool  # the local path predicted every token the chain produced
+
+
+def run_paired(route: Route, stage: Stage, ids: list[int], tokens: int, codec: str) -> Paired:
+    """``tokens`` greedy decode steps along ``route``; between two of them (``on_token``),
+    the local path takes its step for the same token, so both see the same machine load."""
+    block_size = stage.config.block_size
+    local = LocalSession(stage, GREEDY, max_length_for(len(ids), tokens + 1, block_size))
+    expected = [local.step(ids, 0).token]
+    local_ms: list[float] = []
+
+    def lockstep(token: int) -> None:
+        if len(local_ms) == tokens:
+            return  # the chain's last token: it takes no further step
+        pos = len(ids) + len(local_ms)
+        t0 = time.perf_counter()
+        result = local.step([token], pos)
+        local_ms.append((time.perf_counter() - t0) * 1e3)
+        expected.append(result.token)
+
+    session = RouteSession(route, GREEDY, max_length_for(len(ids), tokens + 1, block_size), codec)
+    try:
+        gen = generate(session, ids, tokens + 1, block_size=block_size, on_token=lockstep)
+    finally:
+        session.close()
+        local.close()
+    return Paired(gen, local_ms, gen.token_ids == expected[: len(gen.token_ids)])
+
+
+# ---- statistics and machine facts -----------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> list[float]:
+    """[min, max] of per-repeat values, to show how noisy the machine was."""
+    return [round(min(values), 3), round(max(values), 3)] if values else []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def machine_info(threads: int) -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": load_average(),
+    }
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

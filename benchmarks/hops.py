@@ -1,0 +1,504 @@
+"""The data plane's cost: bytes per token per hop for each codec, and the latency a hop adds
+on loopback against the local path.
+
+    python benchmarks/hops.py             # ~5 min on 2 busy cores; writes benchmarks/results/hops.{json,md}
+    python benchmarks/hops.py --quick     # one repeat, few tokens: checks the script runs
+
+Speed (``--model``, default GPT-2 124M's shape with random weights, made once under
+``.cache/bench/gpt2-124m-random``): greedy decode of ``--tokens`` tokens after a
+``--prompt-tokens`` prompt,
+
+- local: ``LocalSession`` + ``generate`` in this process, ``torch.set_num_threads(1)``
+  (and 2 threads for reference);
+- chains of 1, 2 and 3 ``nanoshard-node serve`` processes on 127.0.0.1 (``--threads 1``
+  each) splitting the units evenly, driven by ``RouteSession`` + ``generate`` from here;
+  the longest chain once per codec.
+
+Configurations run interleaved, in a rotated order, ``--repeats`` times; ms/token is the
+median decode step. A chain of k nodes has k *hops*: the client->node transfer plus k-1
+node->node transfers (each a request forward and its reply back). The machine is shared
+and noisy, so every chain run is *paired* with the local path token by token: between two
+chain steps (``generate``'s ``on_token``) this process runs the local step for the same
+token, timed alike. ``overhead`` is the median over tokens of (chain step - local step),
+``overhead/hop = overhead / k``. Each hop's time splits, from the traces, into compute (the stage, and the
+codec's encode/decode), queue (waiting for the compute worker), handling (the node's own
+Python and gRPC work outside compute) and transfer in (the previous hop's wait minus this
+hop's total: serialization, loopback, gRPC; for the first hop the client's wall time minus
+the hop's total, so it includes the client's own stream handling).
+
+Quality (``--agree-model``, default the demo model, split as the longest chain): greedy agreement of
+each codec with fp32 over ``--agree-tokens`` generated tokens (prompts in turn until that
+many are compared; a generation ends at <|endoftext|> or the context), and, in process, the
+largest |logit error| of each codec over every position of those sequences: the stages are
+run split at the same boundaries, with the activations encoded and decoded between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import (
+    BENCH_CACHE,
+    GPT2_124M,
+    RESULTS,
+    Nodes,
+    Paired,
+    even_splits,
+    load_average,
+    machine_info,
+    markdown_table,
+    median,
+    raise_on_sigterm,
+    random_checkpoint,
+    run_chain,
+    run_local,
+    run_paired,
+    spread,
+)
+
+from nanoshard import codec as codecs
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.route import Route, route_from_addresses
+from nanoshard.engine import Stage
+from nanoshard.generation import Generation
+from nanoshard.tokenizer import encoding_for
+from nanoshard.trace import summarize_hops
+from nanoshard.v1 import node_pb2 as pb
+
+DEFINITIONS = {
+    "hops": "transfers per token: client->first node plus node->node; a chain of k nodes has k",
+    "ms_per_token": "median decode step (client wall time) over every repeat",
+    "local_ms_per_token": "the local path's decode step, run in lockstep with the chain's",
+    "overhead_ms": "median over tokens of (chain step - local step for the same token)",
+    "overhead_per_hop_ms": "overhead_ms / hops",
+    "compute_ms": "the node's stage run, codec encode/decode included (trace compute_ms)",
+    "queue_ms": "waiting for the node's compute worker",
+    "handling_ms": "the node's own time outside compute, queue and its downstream call",
+    "transfer_ms": "into this hop: the caller's wait minus this hop's total time (both ways)",
+    "bytes_out_per_token": "activation payload bytes a hop sends per decode token",
+}
+CODECS = ("fp32", "fp16", "bf16", "int8", "int8-32")
+SPEED_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, "
+PROMPTS = (
+    "ROMEO:\nBut soft, what light through yonder window breaks?",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "KING RICHARD III:\nNow is the winter of our discontent",
+    "HAMLET:\nTo be, or not to be, that is the question:",
+    "MACBETH:\nIs this a dagger which I see before me,",
+    "PORTIA:\nThe quality of mercy is not strain'd,",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
+    "PROSPERO:\nWe are such stuff as dreams are made on,",
+    "KING LEAR:\nBlow, winds, and crack your cheeks! rage! blow!",
+    "OTHELLO:\nIt is the cause, it is the cause, my soul,",
+    "BRUTUS:\nThere is a tide in the affairs of men,",
+    "HELENA:\nLove looks not with the eyes, but with the mind,",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration: the local path (nodes == 0) or a chain of nodes."""
+
+    nodes: int
+    codec: str = "fp32"
+    threads: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.nodes == 0:
+            return f"local, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"{self.nodes} node{'s' if self.nodes > 1 else ''}, {self.codec}"
+
+
+# ---- speed ------------------------------------------------------------------------------
+
+
+def hop_split(gen: Generation) -> list[list[dict]]:
+    """Per decode step, per hop: where the step's time went (ms) and the bytes it moved."""
+    steps = []
+    for traces, wall in zip(gen.hops[1:], gen.decode_ms, strict=True):
+        rows = summarize_hops([traces], [wall])
+        for row, t in zip(rows, traces, strict=True):
+            row["handling_ms"] = max(
+                t["total_ms"] - t["compute_ms"] - t["queue_ms"] - t["downstream_ms"], 0.0
+            )
+        steps.append(rows)
+    return steps
+
+
+def summarize_config(steps: list[list[dict]], n_tokens: int) -> list[dict]:
+    """Median per hop over every decode step; bytes per token are totals over tokens."""
+    out = []
+    for i, first in enumerate(steps[0]):
+        column = [s[i] for s in steps]
+        row = {"units": first["units"], "codec": first["codec"]}
+        for key in ("compute_ms", "queue_ms", "handling_ms", "transfer_ms"):
+            row[key] = round(median([c[key] for c in column]), 3)
+        for key in ("bytes_in", "bytes_out"):
+            row[f"{key}_per_token"] = sum(c[key] for c in column) / n_tokens
+        out.append(row)
+    return out
+
+
+def message_bytes(route: Route, hop: int, codec: str, n_embd: int) -> int:
+    """Size of the StepRequest a node sends to ``hop`` (>= 1) for one decode token, built
+    field for field as NodeService forwards it: payload plus protobuf header."""
+    request = pb.StepRequest(
+        session_id=bytes(16),
+        step_id=100,
+        pos=100,
+        activations=pb.Activations(
+            codec=codec, shape=[1, n_embd], payload=bytes(codecs.encoded_size((1, n_embd), codec))
+        ),
+        route=route.hops[hop + 1 :],
+        sample=True,
+    )
+    return request.ByteSize()
+
+
+def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
+    ckpt = open_checkpoint(opts.model)
+    config = ckpt.config
+    if opts.prompt_tokens + opts.tokens + 1 > config.block_size:
+        raise SystemExit(f"--prompt-tokens + --tokens must stay below {config.block_size}")
+    enc = encoding_for(ckpt.path)
+    ids = (enc.encode(SPEED_TEXT) * opts.prompt_tokens)[: opts.prompt_tokens]
+    chains = [k for k in opts.chains if k <= config.n_units]
+    splits = {k: even_splits(config.n_units, k) for k in chains}
+    for k in chains:  # every node loads at once
+        nodes.start(opts.model, splits[k])
+    stage = ckpt.load_stage(0, config.n_units)
+    routes = {k: route_from_addresses(nodes.chain(opts.model, splits[k])) for k in chains}
+
+    configs = [Config(0)] + ([Config(0, threads=2)] if not opts.quick else [])
+    configs += [Config(k) for k in chains]
+    biggest = max(chains)
+    configs += [Config(biggest, c) for c in opts.codecs if c != "fp32"]
+
+    def run(c: Config, tokens: int) -> Generation | Paired:
+        if c.nodes == 0:
+            return run_local(stage, ids, tokens, c.threads)
+        return run_paired(routes[c.nodes], stage, ids, tokens, c.codec)
+
+    for c in configs:  # warm-up: first calls, channels, allocator
+        run(c, min(4, opts.tokens))
+    runs: dict[Config, list] = {c: [] for c in configs}
+    for r in range(opts.repeats):
+        shift = r % len(configs)  # rotate the order so no configuration always runs first
+        for c in configs[shift:] + configs[:shift]:
+            runs[c].append(run(c, opts.tokens))
+
+    local_ms = [median(g.decode_ms) for g in runs[Config(0)]]
+    results = []
+    for c in configs:
+        gens = [p.chain for p in runs[c]] if c.nodes else runs[c]
+        # the local reference: lockstep for chains, the 1-thread local runs for local ones
+        refs = [median(p.local_ms) for p in runs[c]] if c.nodes else local_ms
+        per_repeat = [median(g.decode_ms) for g in gens]
+        row: dict = {
+            "name": c.name,
+            "nodes": c.nodes,
+            "hops": c.nodes,
+            "codec": c.codec,
+            "threads": c.threads,
+            "units": [list(u) for u in splits[c.nodes]] if c.nodes else [[0, config.n_units]],
+            "ms_per_token": round(median([ms for g in gens for ms in g.decode_ms]), 3),
+            "ms_per_token_repeats": spread(per_repeat),
+            "prefill_ms": round(median([g.prefill_ms for g in gens]), 3),
+            "ratio_to_local": round(
+                median([a / b for a, b in zip(per_repeat, refs, strict=True)]), 4
+            ),
+        }
+        if c.nodes:
+            paired = runs[c]
+            diffs = [
+                a - b for p in paired for a, b in zip(p.chain.decode_ms, p.local_ms, strict=True)
+            ]
+            row["local_ms_per_token"] = round(median([ms for p in paired for ms in p.local_ms]), 3)
+            row["overhead_ms"] = round(median(diffs), 3)
+            row["overhead_per_hop_ms"] = round(row["overhead_ms"] / c.nodes, 3)
+            row["tokens_match_local"] = all(p.same_tokens for p in paired)
+            steps = [s for g in gens for s in hop_split(g)]
+            row["per_hop"] = summarize_config(steps, len(steps))
+            row["compute_ms_sum"] = round(sum(h["compute_ms"] for h in row["per_hop"]), 3)
+            if c.nodes > 1:
+                row["message_bytes_per_token"] = message_bytes(
+                    routes[c.nodes], 1, c.codec, config.n_embd
+                )
+        else:
+            same = [
+                g.token_ids == gl.token_ids for g, gl in zip(gens, runs[Config(0)], strict=True)
+            ]
+            row["tokens_match_local"] = all(same)
+        results.append(row)
+    return {
+        "model": str(ckpt.path),
+        "config": config.to_dict(),
+        "definitions": DEFINITIONS,
+        "prompt_tokens": len(ids),
+        "decode_tokens": opts.tokens,
+        "repeats": opts.repeats,
+        "configs": results,
+    }
+
+
+def codec_bytes(speed: dict, names: tuple[str, ...]) -> list[dict]:
+    """Bytes per token per node->node hop, as the traces of the biggest chain counted them."""
+    n_embd = speed["config"]["n_embd"]
+    chain = {
+        r["codec"]: r
+        for r in speed["configs"]
+        if r["nodes"] == max(r["nodes"] for r in speed["configs"])
+    }
+    out = []
+    for name in names:
+        row = chain.get(name)
+        if row is None or len(row["per_hop"]) < 2:
+            continue
+        sent = [h["bytes_out_per_token"] for h in row["per_hop"][:-1]]
+        out.append(
+            {
+                "codec": name,
+                "bytes_per_token_per_hop": int(sent[0]) if sent[0].is_integer() else sent[0],
+                "all_hops_equal": all(s == sent[0] for s in sent),
+                "expected": codecs.encoded_size((1, n_embd), name),
+                "ratio_to_fp32": round(sent[0] / (4 * n_embd), 4),
+                "message_bytes_per_token": row.get("message_bytes_per_token"),
+                "ms_per_token": row["ms_per_token"],
+                "compute_ms_sum": row["compute_ms_sum"],
+            }
+        )
+    return out
+
+
+# ---- quality ----------------------------------------------------------------------------
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """Position by position against fp32's greedy tokens; and how long each stayed equal."""
+    compared = sum(len(a) for a in reference)
+    same = sum(
+        x == y for a, b in zip(reference, other, strict=True) for x, y in zip(a, b, strict=False)
+    )
+    prefix = 0
+    for a, b in zip(reference, other, strict=True):
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        prefix += n
+    return {
+        "compared": compared,
+        "agree": same,
+        "agreement": round(same / compared, 4) if compared else None,
+        "identical_prefix": prefix,
+        "sequences_identical": sum(a == b for a, b in zip(reference, other, strict=True)),
+    }
+
+
+@torch.inference_mode()
+def logits_through(stages: list[Stage], ids: list[int], codec: str) -> torch.Tensor:
+    """All-position logits of ``ids`` through ``stages``, activations passed by ``codec``."""
+    x: torch.Tensor = torch.tensor(ids, dtype=torch.long)
+    for i, stage in enumerate(stages):
+        if i:
+            x = codecs.decode(codecs.encode(x, codec), tuple(x.shape), codec)
+        x = stage(x, all_logits=True)
+    return x
+
+
+def measure_quality(opts: argparse.Namespace, nodes: Nodes) -> dict:
+    ckpt = open_checkpoint(opts.agree_model)
+    config = ckpt.config
+    enc = encoding_for(ckpt.path)
+    eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
+    splits = even_splits(config.n_units, min(max(opts.chains), config.n_units))
+    route = route_from_addresses(nodes.chain(opts.agree_model, splits))
+    sequences: dict[str, list[list[int]]] = {c: [] for c in opts.codecs}
+    prompts: list[list[int]] = []
+    compared = 0
+    for text in PROMPTS:
+        if compared >= opts.agree_tokens:
+            break
+        ids = enc.encode(text)[: config.block_size // 2]
+        tokens = min(opts.agree_tokens - compared, config.block_size - len(ids))
+        for name in opts.codecs:  # fp32 first
+            gen = run_chain(route, ids, tokens - 1, name, config.block_size, eot)
+            # <|endoftext|> is a greedy choice too: compare it, then the next prompt starts
+            ended = [eot] if eot is not None and gen.stop_reason == "eot" else []
+            sequences[name].append(gen.token_ids + ended)
+        prompts.append(ids)
+        compared += len(sequences["fp32"][-1])
+
+    stages = [ckpt.load_stage(a, b) for a, b in splits]
+    texts = [(p + s)[: config.block_size] for p, s in zip(prompts, sequences["fp32"], strict=True)]
+    reference = [logits_through(stages, t, "fp32") for t in texts]
+    rows = []
+    for name in opts.codecs:
+        errors, top1, positions = 0.0, 0, 0
+        for t, ref in zip(texts, reference, strict=True):
+            logits = logits_through(stages, t, name)
+            errors = max(errors, float((logits - ref).abs().max()))
+            top1 += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+            positions += len(t)
+        rows.append(
+            {
+                "codec": name,
+                **agreement(sequences["fp32"], sequences[name]),
+                "max_abs_logit_error": errors,
+                "teacher_forced_top1": round(top1 / positions, 4),
+                "positions": positions,
+            }
+        )
+    return {
+        "model": opts.agree_model,
+        "path": str(ckpt.path),
+        "config": config.to_dict(),
+        "units": [list(u) for u in splits],
+        "prompts": len(prompts),
+        "max_abs_logit": round(max(float(r.abs().max()) for r in reference), 3),
+        "codecs": rows,
+    }
+
+
+# ---- report ---------------------------------------------------------------------------
+
+
+def render_markdown(result: dict) -> str:
+    m, speed, quality = result["machine"], result["speed"], result["quality"]
+    cfg, qcfg, q = speed["config"], quality["config"], quality["codecs"]
+    k = max(r["nodes"] for r in speed["configs"])
+
+    def units(stages: list) -> str:
+        return " ".join(f"{a}:{b}" for a, b in stages)
+
+    def ms(value: float) -> str:
+        return f"{value:.2f}"
+
+    out = [
+        "# Hops: bytes and latency per hop\n",
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch thread per "
+        f"process unless noted, {m['date']}; load average {m['load_average_start']} at start, "
+        f"{m['load_average_end']} at end (a shared machine: read ratios, not absolutes).\n",
+        f"Speed model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+        f"vocab {cfg['vocab_size']} (random weights); greedy, {speed['prompt_tokens']}-token "
+        f"prompt, {speed['decode_tokens']} decode tokens, median step over "
+        f"{speed['repeats']} interleaved repeats. hops = client->node + node->node transfers "
+        "= nodes. Each chain run is paired token by token with the local path (the local step for "
+        "the same token runs between two chain steps): local (paired) is that step's median, "
+        "overhead the median of (chain step - local step).\n",
+    ]
+
+    def paired(r: dict, key: str) -> str:
+        return ms(r[key]) if r["nodes"] else "-"
+
+    rows = [
+        [r["name"], r["hops"], units(r["units"]), ms(r["ms_per_token"]),
+         "-".join(ms(v) for v in r["ms_per_token_repeats"]), paired(r, "local_ms_per_token"),
+         f"{r['ratio_to_local']:.3f}", paired(r, "overhead_ms"),
+         paired(r, "overhead_per_hop_ms"), paired(r, "compute_ms_sum"),
+         "yes" if r["tokens_match_local"] else "no"]
+        for r in speed["configs"]
+        if r["codec"] == "fp32"
+    ]  # fmt: skip
+    header = (
+        "path|hops|units|ms/token|repeats|local (paired) ms|x local|overhead ms|"
+        "overhead/hop ms|compute ms (sum)|tokens = local"
+    )
+    out += [markdown_table(header.split("|"), rows), ""]
+    out.append("\nWhere each hop's time goes (median ms per decode token):\n")
+    rows = [
+        [r["name"], i + 1, units([h["units"]]), ms(h["transfer_ms"]), ms(h["handling_ms"]),
+         ms(h["queue_ms"]), ms(h["compute_ms"]), int(h["bytes_out_per_token"])]
+        for r in speed["configs"]
+        if r["nodes"] and r["codec"] == "fp32"
+        for i, h in enumerate(r["per_hop"])
+    ]  # fmt: skip
+    header = "chain|hop|units|transfer in|handling|queue|compute|bytes out/token"
+    out += [markdown_table(header.split("|"), rows), ""]
+    out.append(
+        f"\nCodecs. Bytes and ms/token: the {k}-node speed chain (n_embd {cfg['n_embd']}). "
+        f"Quality: {quality['model']} ({qcfg['n_layer']} layers, {qcfg['n_embd']} wide, "
+        f"context {qcfg['block_size']}) as the chain {units(quality['units'])}, "
+        f"{quality['prompts']} prompts; greedy agreement with fp32 position by position "
+        "(identical prefix: tokens before the first difference); logit error and teacher-forced "
+        f"top-1 in process over {q[0]['positions']} positions (largest fp32 |logit| "
+        f"{quality['max_abs_logit']}).\n"
+    )
+    by_name = {c["codec"]: c for c in result["codecs"]}
+    rows = []
+    for c in q:
+        b = by_name.get(c["codec"], {})
+        rows.append(
+            [c["codec"], b.get("bytes_per_token_per_hop", "-"), f"{b['ratio_to_fp32']:.4f}" if b else "-",
+             b.get("message_bytes_per_token", "-"), b.get("ms_per_token", "-"),
+             f"{c['agree']}/{c['compared']}", f"{c['identical_prefix']}/{c['compared']}",
+             f"{c['max_abs_logit_error']:.3g}", f"{c['teacher_forced_top1']:.4f}"]
+        )  # fmt: skip
+    header = (
+        f"codec|bytes/token/hop|x fp32|message bytes|{k}-node ms/token|greedy agreement|"
+        "identical prefix|max logit error|top-1 (forced)"
+    )
+    out += [markdown_table(header.split("|"), rows), ""]
+    out.append(f"\nRuntime {m['runtime_s']} s. Command: `python benchmarks/hops.py`.\n")
+    return "\n".join(out)
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, help="decode tokens per run (default 64; quick 8)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick 1)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens, 1 thread only")
+    p.add_argument("--model", help="speed model (default: random GPT-2 124M, made once)")
+    p.add_argument("--agree-model", default="demo", help="quality model (default: demo)")
+    p.add_argument("--agree-tokens", type=int, help="greedy tokens compared (512; quick 64)")
+    p.add_argument("--chains", default="1,2,3", help="chain lengths (default 1,2,3)")
+    p.add_argument("--codecs", default=",".join(CODECS), help="codecs (fp32 always included)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for hops.json and hops.md")
+    opts = p.parse_args(argv)
+    quick = opts.quick
+    opts.tokens = opts.tokens or (8 if quick else 64)
+    opts.repeats = opts.repeats or (1 if quick else 3)
+    opts.agree_tokens = opts.agree_tokens or (64 if quick else 512)
+    opts.chains = sorted({int(k) for k in opts.chains.split(",")})
+    names = [codecs.check_codec(c) for c in opts.codecs.split(",")]
+    opts.codecs = ("fp32", *[c for c in names if c != "fp32"])
+    if opts.model is None:
+        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    raise_on_sigterm()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result: dict = {"machine": machine_info(threads=1)}
+    nodes = Nodes(threads=1)
+    try:
+        result["speed"] = measure_speed(opts, nodes)
+        result["quality"] = measure_quality(opts, nodes)
+    finally:
+        nodes.close()
+    result["codecs"] = codec_bytes(result["speed"], opts.codecs)
+    result["machine"]["load_average_end"] = load_average()
+    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "hops.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = render_markdown(result)
+    (opts.out / "hops.md").write_text(markdown)
+    sys.stdout.write(markdown)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""benchmarks/hops.py end to end on a tiny model, so the measurement script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.config import GPTConfig
+from nanoshard.engine import init_weights
+from nanoshard.tokenizer import gpt2_bpe_dir
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(block_size=64, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
+CODECS = ("fp32", "fp16", "bf16", "int8", "int8-32")
+
+
+def expected_bytes(codec: str, n: int) -> int:
+    """Payload bytes for n values, from the wire layout (independent of nanoshard.codec)."""
+    if codec.startswith("int8"):
+        block = 32 if codec == "int8-32" else 64
+        return n + 4 * math.ceil(n / block)
+    return n * (4 if codec == "fp32" else 2)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bench-tiny")
+    tokenizer = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(gpt2_bpe_dir() / "encoder.json", tokenizer / "vocab.json")
+    shutil.copy(gpt2_bpe_dir() / "vocab.bpe", tokenizer / "merges.txt")
+    save_hf_checkpoint(TINY, init_weights(TINY, seed=5), directory, tokenizer_dir=tokenizer)
+    return directory
+
+
+def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    script = ROOT / "benchmarks" / "hops.py"
+    args = [
+        "--quick", "--chains=2", "--tokens=3", "--prompt-tokens=8", "--agree-tokens=20",
+        f"--model={tiny_model}", f"--agree-model={tiny_model}", f"--out={out}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert processes_mentioning(str(tiny_model)) == []  # every node was stopped
+
+    result = json.loads((out / "hops.json").read_text())
+    assert set(result) >= {"machine", "speed", "quality", "codecs"}
+    assert set(result["machine"]) >= {"cpu", "cores", "torch", "threads", "date"}
+    assert result["machine"]["threads"] == 1
+
+    configs = {(c["nodes"], c["codec"]): c for c in result["speed"]["configs"]}
+    assert set(configs) == {(0, "fp32")} | {(2, c) for c in CODECS}
+    for c in configs.values():
+        assert c["ms_per_token"] > 0 and c["ratio_to_local"] > 0
+    chain = configs[(2, "fp32")]
+    assert chain["tokens_match_local"]  # fp32 is lossless: the chain is the local path
+    assert chain["local_ms_per_token"] > 0  # the paired local steps ran
+    assert [h["units"] for h in chain["per_hop"]] == [[0, 3], [3, 6]]
+    assert chain["per_hop"][-1]["bytes_out_per_token"] == 0  # the head sends a token id
+    assert chain["overhead_per_hop_ms"] == pytest.approx(chain["overhead_ms"] / 2, abs=1e-3)
+
+    by_codec = {c["codec"]: c for c in result["codecs"]}
+    assert set(by_codec) == set(CODECS)
+    for name, row in by_codec.items():
+        assert row["bytes_per_token_per_hop"] == expected_bytes(name, TINY.n_embd), name
+        assert row["all_hops_equal"]
+        assert row["ratio_to_fp32"] == pytest.approx(
+            expected_bytes(name, TINY.n_embd) / (4 * TINY.n_embd), abs=1e-4
+        )
+        assert row["message_bytes_per_token"] > row["bytes_per_token_per_hop"]
+
+    quality = {c["codec"]: c for c in result["quality"]["codecs"]}
+    fp32 = quality["fp32"]
+    assert fp32["compared"] >= 20 and fp32["agree"] == fp32["compared"]
+    assert fp32["max_abs_logit_error"] == 0.0 and fp32["teacher_forced_top1"] == 1.0
+    for name in CODECS[1:]:
+        assert 0 < quality[name]["max_abs_logit_error"] < 1.0, name
+        assert quality[name]["compared"] == fp32["compared"]
+
+    markdown = (out / "hops.md").read_text()
+    assert "| codec | bytes/token/hop |" in markdown
+    assert markdown in done.stdout
