@@ -23,17 +23,15 @@ from nanoshard.errors import (
     FailedPrecondition,
     InvalidArgument,
     NanoshardError,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
 )
 from nanoshard.kv import KVCache
-from nanoshard.sampling import SamplingParams, sample
+from nanoshard.sampling import sample
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-from .downstream import Channels, Link
+from .downstream import Channels, Forwarder
 from .sessions import NodeSession, Sent, SessionSpec, SessionTable
+from .wire import spec_from_wire
 from .worker import ComputeWorker
 
 log = logging.getLogger(__name__)
@@ -63,21 +61,6 @@ def handles_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def spec_from_wire(msg: pb.SessionSpec, block_size: int) -> SessionSpec:
-    s = msg.sampling
-    spec = SessionSpec(
-        session_id=msg.session_id,
-        max_length=msg.max_length,
-        codec=codecs.check_codec(msg.codec),
-        sampling=SamplingParams(s.temperature, s.top_k, s.top_p if s.top_p else 1.0, s.seed),
-    )
-    if spec.max_length > block_size:
-        raise InvalidArgument(
-            f"max_length {spec.max_length} exceeds the model's context length {block_size}"
-        )
-    return spec
-
-
 class NodeService(pb_grpc.NodeServicer):
     def __init__(
         self,
@@ -94,6 +77,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.worker = worker
         self.sessions = sessions
         self.channels = Channels(max_message_bytes)
+        self.forward = Forwarder(self.channels, identity.name, step_timeout_s)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
@@ -186,48 +170,13 @@ class NodeService(pb_grpc.NodeServicer):
         try:
             handles = [self.handle(session)]
             if route:
-                reply = await self._open_downstream(session, route)
+                reply = await self.forward.open(session, route)
                 handles.extend(reply.handles)
         except NanoshardError:
             if created:
                 self._drop(session)
             raise
         return pb.OpenReply(length=session.length, handles=handles)
-
-    async def _open_downstream(self, session: NodeSession, route: list[pb.Hop]) -> pb.OpenReply:
-        hop = route[0]
-        request = pb.OpenRequest(
-            spec=self._spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
-        )
-        failures, failed = [], []
-        for address in self._candidates(session, hop):
-            try:
-                reply = await self.channels.stub(address).Open(request, timeout=self.step_timeout_s)
-            except Exception as err:  # grpc.aio.AioRpcError
-                exc = rpc.error_from_rpc(err, address)
-                if isinstance(exc, InvalidArgument | FailedPrecondition):
-                    raise exc from None
-                if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
-                    raise exc from None  # a later hop is gone, not this one
-                failures.append(str(exc))
-                failed.append(address)
-                continue
-            self._use_link(session, address)
-            return reply
-        raise Unavailable(
-            f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(failures), failed
-        )
-
-    def _spec_to_wire(self, spec: SessionSpec) -> pb.SessionSpec:
-        s = spec.sampling
-        return pb.SessionSpec(
-            session_id=spec.session_id,
-            max_length=spec.max_length,
-            codec=spec.codec,
-            sampling=pb.SamplingParams(
-                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
-            ),
-        )
 
     @handles_errors
     async def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
@@ -338,7 +287,7 @@ class NodeService(pb_grpc.NodeServicer):
                     sample=req.sample,
                 )
                 sent_at = time.perf_counter()
-                down = await self._forward(session, route, down_req)
+                down = await self.forward.step(session, route, down_req)
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 reply.has_token, reply.token = down.has_token, down.token
                 reply.hops.extend(down.hops)
@@ -416,97 +365,6 @@ class NodeService(pb_grpc.NodeServicer):
         ):
             return session.sent[-1].message
         return None
-
-    # ---- forwarding -----------------------------------------------------------------
-
-    def _candidates(self, session: NodeSession, hop: pb.Hop) -> list[str]:
-        """The current next hop first if it still serves the stage, then the route's order."""
-        current = session.downstream.address if session.downstream else None
-        addresses = list(hop.addresses)
-        if current in addresses:
-            addresses.remove(current)
-            addresses.insert(0, current)
-        return addresses
-
-    def _use_link(self, session: NodeSession, address: str) -> Link:
-        if session.downstream is None or session.downstream.address != address:
-            if session.downstream is not None:
-                session.downstream.close()
-            session.downstream = Link(self.channels.stub(address), address, self.step_timeout_s)
-        return session.downstream
-
-    async def _forward(
-        self, session: NodeSession, route: list[pb.Hop], request: pb.StepRequest
-    ) -> pb.StepReply:
-        """Send a step to the next hop. If that hop lost the session or part of its cache,
-        reopen and refill it from the replay material; if it is gone, try its replicas."""
-        failures: list[str] = []
-        failed: list[str] = []
-        for address in self._candidates(session, route[0]):
-            link = self._use_link(session, address)
-            for _ in range(3):  # a refill can race with expiry or a restart; bounded
-                try:
-                    return await link.step(request)
-                except CacheMismatch as exc:
-                    link = await self._refill(
-                        session, address, exc.length, request.pos, request.step_id
-                    )
-                except NotFound:
-                    await self._open_downstream(session, route)
-                    link = await self._refill(session, address, 0, request.pos, request.step_id)
-                except (Unavailable, ResourceExhausted) as exc:
-                    if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
-                        raise  # the next hop is fine; a hop behind it is gone: say so upstream
-                    failures.append(str(exc))
-                    failed.append(address)
-                    session.downstream = None
-                    break
-            else:
-                failures.append(f"{address}: could not be brought up to position {request.pos}")
-        hop = route[0]
-        raise Unavailable(
-            f"units [{hop.start}, {hop.end}) unreachable from {self.identity.name}: "
-            + "; ".join(failures),
-            failed,
-        )
-
-    async def _refill(
-        self, session: NodeSession, address: str, have: int, upto: int, step_id: int
-    ) -> Link:
-        """Bring the next hop's cache from ``have`` to ``upto`` positions with what this node
-        sent before: no recomputation here or upstream."""
-        if session.downstream is not None:
-            session.downstream.close()
-            session.downstream = None
-        link = self._use_link(session, address)
-        if have > upto:
-            raise FailedPrecondition(
-                f"{address} holds {have} positions, more than this node's {upto}: it belongs to "
-                "another history of this session"
-            )
-        for sent in session.sent_since(have):
-            if sent.pos >= upto:
-                break
-            message, pos = sent.message, sent.pos
-            if pos < have:  # the hop holds part of this chunk: send only the rest
-                message, pos = self._tail(message, have - pos), have
-            fill = pb.StepRequest(
-                session_id=session.spec.session_id,
-                step_id=step_id,  # with a lower pos than the step itself: not a duplicate
-                pos=pos,
-                activations=message,
-            )
-            await link.step(fill)
-        log.info("refilled %s from %d to %d positions", address, have, upto)
-        return link
-
-    def _tail(self, message: pb.Activations, skip: int) -> pb.Activations:
-        rows = codecs.decode(message.payload, tuple(message.shape), message.codec)[skip:]
-        return pb.Activations(
-            codec=message.codec,
-            shape=list(rows.shape),
-            payload=codecs.encode(rows, message.codec),
-        )
 
     # ---- info -----------------------------------------------------------------------
 
