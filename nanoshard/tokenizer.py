@@ -99,6 +99,8 @@ def encoding_from_hf_files(vocab_json: Path, merges_txt: Path, name: str) -> tik
     ranks = {_token_bytes(tok, str(vocab_json)): i for tok, i in vocab.items()}
     if len(ranks) != len(vocab):
         raise InvalidArgument(f"{vocab_json}: two tokens decode to the same bytes")
+    if set(special_tokens.values()) & set(vocab.values()):
+        raise InvalidArgument(f"{vocab_json}: {ENDOFTEXT} shares its id with another token")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise InvalidArgument(
@@ -168,7 +170,12 @@ def gpt2_encoding() -> tiktoken.Encoding:
     NotFound (saying to run ``make gpt2-bpe``) when the files are absent.
     """
     directory = gpt2_bpe_dir()
-    check_gpt2_files(directory)
+    check_gpt2_files(directory)  # hashed on every call, so the cache below is never stale
+    return _gpt2_encoding(directory)
+
+
+@cache
+def _gpt2_encoding(directory: Path) -> tiktoken.Encoding:
     # encoder.json is vocab.json and vocab.bpe is merges.txt under their OpenAI names.
     return encoding_from_hf_files(directory / "encoder.json", directory / "vocab.bpe", "gpt2")
 
