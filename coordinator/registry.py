@@ -75,6 +75,9 @@ class Registry:
     # ---- membership -----------------------------------------------------------------
 
     def join(self, record: NodeRecord) -> None:
+        for other in [r for r in self.nodes.values() if r.address == record.address]:
+            if other.node_id != record.node_id:  # a node restarted on the same address
+                del self.nodes[other.node_id]
         previous = self.nodes.get(record.node_id)
         if previous is not None:  # a re-join: keep what it is known to serve
             record.assigned = previous.assigned

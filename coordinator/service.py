@@ -15,7 +15,13 @@ import grpc
 
 from nanoshard import PROTOCOL_VERSION, rpc
 from nanoshard.config import unit_name
-from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, NotFound
+from nanoshard.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NanoshardError,
+    NotFound,
+)
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
@@ -25,7 +31,6 @@ from .routing import plan_route, route_ms
 
 log = logging.getLogger(__name__)
 
-ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -36,6 +41,11 @@ def handles_errors(method: Callable) -> Callable:
             return await method(self, request, context)
         except NanoshardError as exc:
             await rpc.abort(context, exc)
+        except Exception as exc:  # a bug: INTERNAL, logged
+            log.exception("%s failed", method.__name__)
+            await rpc.abort(
+                context, Internal(f"{method.__name__} failed on the coordinator: {exc}")
+            )
 
     return wrapper
 
@@ -121,7 +131,7 @@ class CoordinatorService:
             )
         if not re.fullmatch(r"[0-9a-f]{8,64}", request.node_id):
             raise InvalidArgument("node_id must be 8 to 64 lowercase hex digits")
-        if not ADDRESS.match(request.address):
+        if not rpc.ADDRESS.fullmatch(request.address):
             raise InvalidArgument(f"address {request.address[:80]!r} is not HOST:PORT")
         capacity = check_capacity(request.capacity)
         held = None

@@ -41,5 +41,9 @@ class Unavailable(NanoshardError):
         self.failed = failed or []
 
 
+class Internal(NanoshardError):
+    """Something failed inside a peer (a bug, or its device ran out of memory)."""
+
+
 class CheckpointError(NanoshardError):
     """A checkpoint is missing, truncated or of another architecture."""

@@ -135,6 +135,8 @@ class LocalSession:
         self.cache = stage.new_cache(max_length)
 
     def step(self, tokens: list[int], pos: int) -> StepResult:
+        if not tokens:
+            raise InvalidArgument("a step needs at least one token")
         device = next(self.stage.parameters()).device
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         with torch.inference_mode():

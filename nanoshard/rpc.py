@@ -3,6 +3,7 @@ exceptions become gRPC statuses (and back)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, NoReturn
 
 import grpc
@@ -11,6 +12,7 @@ from nanoshard import errors
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
+ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # HOST:PORT
 FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: the hops that failed
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
@@ -19,6 +21,7 @@ STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
     errors.CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -63,6 +63,10 @@ class Link:
             reply = await asyncio.wait_for(self._call.read(), self._timeout_s)
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, self.address) from None
+        except asyncio.InvalidStateError:  # the stream already ended
+            raise Unavailable(
+                f"{self.address}: the session stream had ended", [self.address]
+            ) from None
         except asyncio.TimeoutError:
             self.close()
             raise Unavailable(f"{self.address}: no answer within {self._timeout_s:.0f} s") from None
@@ -94,19 +98,19 @@ class Forwarder:
     async def open(self, session: NodeSession, route: list[pb.Hop]) -> pb.OpenReply:
         """Open the session on the next hop (the first of its nodes that takes it)."""
         hop = route[0]
-        request = pb.OpenRequest(
-            spec=spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
-        )
         failures, failed = [], []
         for address in self._candidates(session, hop):
             try:
-                reply = await self.channels.stub(address).Open(request, timeout=self.timeout_s)
-            except Exception as err:  # grpc.aio.AioRpcError
-                exc = rpc.error_from_rpc(err, address)
-                if isinstance(exc, InvalidArgument | FailedPrecondition):
-                    raise exc from None
-                if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
-                    raise exc from None  # a later hop is gone, not this one
+                reply = await self._open_at(session, route, address)
+            except InvalidArgument:
+                raise  # the request itself is wrong: no replica will take it
+            except Unavailable as exc:
+                if exc.failed and address not in exc.failed:
+                    raise  # a later hop is gone, not this one
+                failures.append(str(exc))
+                failed.append(address)
+                continue
+            except (FailedPrecondition, ResourceExhausted) as exc:  # serves other units, or full
                 failures.append(str(exc))
                 failed.append(address)
                 continue
@@ -115,6 +119,18 @@ class Forwarder:
         raise Unavailable(
             f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(failures), failed
         )
+
+    async def _open_at(
+        self, session: NodeSession, route: list[pb.Hop], address: str
+    ) -> pb.OpenReply:
+        hop = route[0]
+        request = pb.OpenRequest(
+            spec=spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
+        )
+        try:
+            return await self.channels.stub(address).Open(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise rpc.error_from_rpc(err, address) from None
 
     def _candidates(self, session: NodeSession, hop: pb.Hop) -> list[str]:
         """The current next hop first if it still serves the stage, then the route's order."""
@@ -132,31 +148,42 @@ class Forwarder:
             session.downstream = Link(self.channels.stub(address), address, self.timeout_s)
         return session.downstream
 
+    @staticmethod
+    def _drop_link(session: NodeSession) -> None:
+        if session.downstream is not None:
+            session.downstream.close()
+            session.downstream = None
+
     async def step(
         self, session: NodeSession, route: list[pb.Hop], request: pb.StepRequest
     ) -> pb.StepReply:
         """Send a step to the next hop. If that hop lost the session or part of its cache,
-        reopen and refill it from the replay material; if it is gone, try its replicas."""
+        reopen and refill it from the replay material; if it is gone, try its replicas.
+        Bounded: a few repairs per replica, each replica once."""
         failures: list[str] = []
         failed: list[str] = []
         for address in self._candidates(session, route[0]):
-            link = self._use_link(session, address)
-            for _ in range(3):  # a refill can race with expiry or a restart; bounded
+            have: int | None = None  # positions the hop holds, once a repair is needed
+            for _ in range(3):  # a refill can race with expiry or a restart
                 try:
-                    return await link.step(request)
+                    if have is not None:
+                        await self._refill(session, route, address, have, request)
+                    return await self._use_link(session, address).step(request)
                 except CacheMismatch as exc:
-                    link = await self._refill(
-                        session, address, exc.length, request.pos, request.step_id
-                    )
+                    self._drop_link(session)
+                    have = exc.length
                 except NotFound:
-                    await self.open(session, route)
-                    link = await self._refill(session, address, 0, request.pos, request.step_id)
-                except (Unavailable, ResourceExhausted) as exc:
+                    self._drop_link(session)
+                    have = -1  # not open there: open it first
+                except InvalidArgument:
+                    self._drop_link(session)
+                    raise
+                except (Unavailable, ResourceExhausted, FailedPrecondition) as exc:
+                    self._drop_link(session)
                     if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
                         raise  # the next hop is fine; a hop behind it is gone: say so upstream
                     failures.append(str(exc))
                     failed.append(address)
-                    session.downstream = None
                     break
             else:
                 failures.append(f"{address}: could not be brought up to position {request.pos}")
@@ -168,39 +195,57 @@ class Forwarder:
         )
 
     async def _refill(
-        self, session: NodeSession, address: str, have: int, upto: int, step_id: int
-    ) -> Link:
-        """Bring the next hop's cache from ``have`` to ``upto`` positions with what this node
-        sent before: no recomputation here or upstream."""
-        if session.downstream is not None:
-            session.downstream.close()
-            session.downstream = None
-        link = self._use_link(session, address)
+        self,
+        session: NodeSession,
+        route: list[pb.Hop],
+        address: str,
+        have: int,
+        request: pb.StepRequest,
+    ) -> None:
+        """Bring the hop at ``address`` from ``have`` positions (-1: session not open there)
+        to ``request.pos`` with what this node sent before: no recomputation here or upstream."""
+        if have < 0:
+            have = (await self._open_at(session, route, address)).length
+        upto = request.pos
         if have > upto:
             raise FailedPrecondition(
                 f"{address} holds {have} positions, more than this node's {upto}: it belongs to "
                 "another history of this session"
             )
+        link = self._use_link(session, address)
         for sent in session.sent_since(have):
             if sent.pos >= upto:
                 break
             message, pos = sent.message, sent.pos
             if pos < have:  # the hop holds part of this chunk: send only the rest
-                message, pos = self._tail(message, have - pos), have
+                message, pos = tail_rows(message, have - pos), have
             fill = pb.StepRequest(
                 session_id=session.spec.session_id,
-                step_id=step_id,  # with a lower pos than the step itself: not a duplicate
+                step_id=request.step_id,  # with a lower pos than the step itself: not a duplicate
                 pos=pos,
                 activations=message,
             )
             await link.step(fill)
         log.info("refilled %s from %d to %d positions", address, have, upto)
-        return link
 
-    def _tail(self, message: pb.Activations, skip: int) -> pb.Activations:
-        rows = codecs.decode(message.payload, tuple(message.shape), message.codec)[skip:]
-        return pb.Activations(
-            codec=message.codec,
-            shape=list(rows.shape),
-            payload=codecs.encode(rows, message.codec),
-        )
+
+def tail_rows(message: pb.Activations, skip: int) -> pb.Activations:
+    """The rows after the first ``skip`` of an encoded (tokens, n_embd) matrix, as the same
+    bytes the whole matrix carried (no re-encoding: a refill must be bit for bit)."""
+    rows, width = message.shape
+    spec = codecs.parse_codec(message.codec)
+    n, keep = rows * width, (rows - skip) * width
+    if spec.kind != "int8":
+        size = spec.nbytes(n) // n
+        payload = message.payload[skip * width * size :]
+    elif width % spec.block == 0:  # int8 blocks never straddle rows: cut scales and values
+        n_blocks = n // spec.block
+        scale_bytes = (spec.nbytes(n) - n) // n_blocks
+        first = skip * width // spec.block
+        payload = message.payload[first * scale_bytes : n_blocks * scale_bytes]
+        payload += message.payload[n_blocks * scale_bytes + skip * width :]
+    else:  # blocks straddle rows: re-encode (exact to within the codec's bound only)
+        decoded = codecs.decode(message.payload, (rows, width), message.codec)[skip:]
+        payload = codecs.encode(decoded, message.codec)
+    assert len(payload) == spec.nbytes(keep)  # our own bytes, not remote input
+    return pb.Activations(codec=message.codec, shape=[rows - skip, width], payload=payload)

@@ -29,10 +29,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import (
-    CheckpointError,
-    NotFound,
-)
+from nanoshard.errors import CheckpointError, NotFound, Unavailable
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
@@ -106,7 +103,6 @@ class Volunteer:
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
         self.wanted: tuple[int, int] | None = None
-        self.bytes_fetched = 0
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -253,6 +249,9 @@ class Volunteer:
         if wanted is None:
             self.events.info("assigned no stage for now: standing by")
             self.loading = None
+            if self.plane is not None:  # open sessions finish on the stage they hold
+                self.plane.service.set_stage(None)
+            self.ready = None
             return
         self.loading = asyncio.create_task(self._load(*wanted))
 
@@ -264,15 +263,24 @@ class Volunteer:
         if local is not None:
             tensors = await asyncio.to_thread(verify_local_stage, local, self.card, start, end)
         else:
-            tensors, fetched = await fetch_stage(
-                self._stub,
-                self.card,
-                start,
-                end,
-                self.config.cache_dir,
-                progress=self.events.progress(f"units [{start}, {end})"),
-            )
-            self.bytes_fetched += fetched
+            delay = 0.5
+            while True:  # the coordinator may be restarting: weights are worth waiting for
+                try:
+                    tensors, _ = await fetch_stage(
+                        self._stub,
+                        self.card,
+                        start,
+                        end,
+                        self.config.cache_dir,
+                        progress=self.events.progress(f"units [{start}, {end})"),
+                    )
+                    break
+                except Unavailable as exc:
+                    self.events.info(
+                        f"fetching units [{start}, {end}) failed ({exc}); retrying in {delay:.1f} s"
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
         device = pick_device(self.config.device)
         dtype = parse_dtype(self.config.dtype)
         stage: Stage = await self.plane.load(

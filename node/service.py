@@ -21,6 +21,7 @@ from nanoshard.engine import Stage
 from nanoshard.errors import (
     CacheMismatch,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NanoshardError,
 )
@@ -35,6 +36,9 @@ from .wire import spec_from_wire
 from .worker import ComputeWorker
 
 log = logging.getLogger(__name__)
+
+
+MAX_REPLICAS_PER_HOP = 8  # addresses a route may name for one hop
 
 
 @dataclass
@@ -54,9 +58,9 @@ def handles_errors(method: Callable) -> Callable:
             return await method(self, request, context)
         except NanoshardError as exc:
             await rpc.abort(context, exc)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # a bug or a device failure (out of memory): INTERNAL
             log.exception("%s failed", method.__name__)
-            await rpc.abort(context, InvalidArgument(f"{method.__name__}: {exc}"))
+            await rpc.abort(context, Internal(f"{method.__name__} failed on this node: {exc}"))
 
     return wrapper
 
@@ -145,8 +149,14 @@ class NodeService(pb_grpc.NodeServicer):
                     f"{stage.end}): a hop covers [{hop.start}, {hop.end}), expected to "
                     f"start at unit {expected}"
                 )
-            if not hop.addresses:
-                raise InvalidArgument(f"route hop [{hop.start}, {hop.end}) names no address")
+            if not 1 <= len(hop.addresses) <= MAX_REPLICAS_PER_HOP:
+                raise InvalidArgument(
+                    f"route hop [{hop.start}, {hop.end}) names {len(hop.addresses)} addresses: "
+                    f"give 1 to {MAX_REPLICAS_PER_HOP}"
+                )
+            for address in hop.addresses:
+                if not rpc.ADDRESS.fullmatch(address):
+                    raise InvalidArgument(f"route address {address[:80]!r} is not HOST:PORT")
             expected = hop.end
         if hops and expected != stage.config.n_units:
             raise InvalidArgument(f"route ends at unit {expected}, before the head")
@@ -155,26 +165,32 @@ class NodeService(pb_grpc.NodeServicer):
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         session = self.sessions.find(request.spec.session_id)
-        stage = session.stage if session else self.current_stage(request.start, request.end)
+        if session is not None:  # opened again (a repair upstream): check, and reach onwards
+            async with session.lock:
+                spec = spec_from_wire(request.spec, session.stage.config.block_size)
+                if session.spec != spec:
+                    raise FailedPrecondition("this session id is already open with another spec")
+                route = self.check_route(session.stage, request.route)
+                handles = [self.handle(session)]
+                if route:
+                    handles.extend((await self.forward.open(session, route)).handles)
+                session.touch()
+                return pb.OpenReply(length=session.length, handles=handles)
+        stage = self.current_stage(request.start, request.end)
         spec = spec_from_wire(request.spec, stage.config.block_size)
         route = self.check_route(stage, request.route)
-        created = session is None
-        if session is None:
-            nbytes = self.reservation_bytes(stage, spec)
-            self.sessions.reserve(nbytes)  # refuse at once, before allocating
+        nbytes = self.reservation_bytes(stage, spec)
+        with self.sessions.reservation(nbytes):  # held while allocating; refused at once if full
             cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
             session = NodeSession(spec, stage, cache, nbytes)
             self.sessions.add(session)
-        elif session.spec != spec:
-            raise FailedPrecondition("this session id is already open with another spec")
         try:
-            handles = [self.handle(session)]
-            if route:
-                reply = await self.forward.open(session, route)
-                handles.extend(reply.handles)
-        except NanoshardError:
-            if created:
-                self._drop(session)
+            async with session.lock:
+                handles = [self.handle(session)]
+                if route:
+                    handles.extend((await self.forward.open(session, route)).handles)
+        except BaseException:  # refused downstream, or the caller went away: nothing stays
+            self._drop(session)
             raise
         return pb.OpenReply(length=session.length, handles=handles)
 
@@ -206,7 +222,10 @@ class NodeService(pb_grpc.NodeServicer):
             await asyncio.sleep(every_s)
             for session in self.sessions.expired():
                 log.info("session %s expired", session.spec.session_id.hex()[:12])
-                self._drop(session)
+                try:
+                    self._drop(session)
+                except Exception:  # never let one session stop expiry for all
+                    log.exception("could not drop session %s", session.spec.session_id.hex()[:12])
 
     # ---- steps ----------------------------------------------------------------------
 
@@ -222,9 +241,9 @@ class NodeService(pb_grpc.NodeServicer):
                 yield await self._step(request)
         except NanoshardError as exc:
             await rpc.abort(context, exc)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except Exception as exc:
             log.exception("Steps failed")
-            await rpc.abort(context, InvalidArgument(f"step: {exc}"))
+            await rpc.abort(context, Internal(f"a step failed on this node: {exc}"))
 
     async def _step(self, req: pb.StepRequest) -> pb.StepReply:
         received = time.perf_counter()
@@ -264,14 +283,18 @@ class NodeService(pb_grpc.NodeServicer):
                 codec=session.spec.codec,
             )
             if resend is None:
-                timed = await self.worker.run(run)
+                # The cache moves on in the worker whatever happens to this call, so what the
+                # step produced is recorded even if the caller goes away: a retry of the same
+                # step is then answered from it instead of refused.
+                job = asyncio.ensure_future(self.worker.run(run))
+                job.add_done_callback(
+                    functools.partial(self._record, session, req.step_id, req.pos, n_tokens)
+                )
+                timed = await asyncio.shield(job)
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 out = timed.value
-                if not stage.has_head:
-                    session.sent.append(Sent(req.pos, n_tokens, out))
-                    session.last_computed = req.step_id
             else:
-                out = resend
+                out = resend[0]
             reply = pb.StepReply()
             if stage.has_head:
                 if out is not None:
@@ -295,8 +318,20 @@ class NodeService(pb_grpc.NodeServicer):
             trace.total_ms = (time.perf_counter() - received) * 1e3
             reply.hops.insert(0, trace)
             session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
+            session.touch()
             self._record_latency(trace.total_ms)
             return reply
+
+    @staticmethod
+    def _record(
+        session: NodeSession, step_id: int, pos: int, n_tokens: int, job: asyncio.Future
+    ) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return
+        out = job.result().value
+        session.last_output = (step_id, pos, n_tokens, out)
+        if not session.stage.has_head:
+            session.sent.append(Sent(pos, n_tokens, out))
 
     def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, Callable]:
         """Validate the step's input; return its token count, bytes, and the compute job."""
@@ -341,29 +376,45 @@ class NodeService(pb_grpc.NodeServicer):
             def make_input() -> torch.Tensor:
                 return codecs.decode(act.payload, shape, act.codec, dtype=dtype, device=device)
 
+        if not stage.has_head:
+            out_bytes = codecs.encoded_size((n_tokens, config.n_embd), spec.codec)
+            if out_bytes + 64 * 1024 > self.max_message_bytes:
+                most = (self.max_message_bytes - 64 * 1024) // codecs.encoded_size(
+                    (1, config.n_embd), spec.codec
+                )
+                raise InvalidArgument(
+                    f"a step of {n_tokens} tokens would forward {out_bytes} bytes, over this node's "
+                    f"message limit: send at most {most} tokens per step"
+                )
         want_token = req.sample and stage.has_head
         pos = req.pos
 
         def run() -> Any:
-            y = stage(make_input(), session.cache, pos)
-            if stage.has_head:
-                return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
-            payload = codecs.encode(y, spec.codec)
+            try:
+                y = stage(make_input(), session.cache, pos)
+                if stage.has_head:
+                    return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
+                payload = codecs.encode(y, spec.codec)
+            except BaseException:
+                session.cache.length = pos  # nothing of a failed step counts (the cache rewinds)
+                raise
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
         return n_tokens, bytes_in, run
 
     @staticmethod
     def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:
-        """A retried step this node already ran but could not forward: resend its output."""
-        if (
-            session.sent
-            and session.last_computed == req.step_id
-            and session.sent[-1].pos == req.pos
-            and session.sent[-1].count == n_tokens
-            and req.pos + n_tokens == session.length
-        ):
-            return session.sent[-1].message
+        """A retried step this node already ran (its answer was lost, or forwarding failed):
+        its output, to answer or forward again without recomputing. A 1-tuple or None."""
+        if session.last_output is None:
+            return None
+        step_id, pos, count, out = session.last_output
+        if (step_id, pos, count) == (
+            req.step_id,
+            req.pos,
+            n_tokens,
+        ) and pos + count == session.length:
+            return (out,)
         return None
 
     # ---- info -----------------------------------------------------------------------

@@ -4,12 +4,14 @@ sent downstream (replay material). No gRPC here: the servicer calls in."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoshard.errors import InvalidArgument, NotFound, ResourceExhausted
+from nanoshard.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from nanoshard.kv import KVCache
 from nanoshard.sampling import SamplingParams
 
@@ -55,13 +57,16 @@ class NodeSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_step_id: int = 0
     last_reply: Any = None  # (pos, reply) of last_step_id, answered again to a duplicate
-    last_computed: int = 0  # the step whose output is sent[-1] (resent if forwarding failed)
+    last_output: Any = None  # (step_id, pos, tokens, output) of the last step computed
     sent: list[Sent] = field(default_factory=list)
     downstream: Any = None  # the open stream to the next hop, if any
 
     @property
     def length(self) -> int:
         return self.cache.length
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
 
     def sent_since(self, pos: int) -> list[Sent]:
         """The replay material covering positions [pos, length), in order."""
@@ -75,13 +80,14 @@ class SessionTable:
         self.budget_bytes = budget_bytes
         self.ttl_s = ttl_s
         self._sessions: dict[bytes, NodeSession] = {}
+        self._held = 0  # reserved by sessions still being opened
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.reserved_bytes for s in self._sessions.values())
+        return self._held + sum(s.reserved_bytes for s in self._sessions.values())
 
     def find(self, session_id: bytes) -> NodeSession | None:
         return self._sessions.get(session_id)
@@ -106,8 +112,21 @@ class SessionTable:
                 "try another replica, a shorter max_length, or later"
             )
 
+    @contextlib.contextmanager
+    def reservation(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget while a session is being opened (refused at once
+        when they do not fit), so concurrent opens cannot overcommit it."""
+        self.reserve(nbytes)
+        self._held += nbytes
+        try:
+            yield
+        finally:
+            self._held -= nbytes
+
     def add(self, session: NodeSession) -> None:
-        self.reserve(session.reserved_bytes)
+        """Register a session whose memory is held by :meth:`reservation`."""
+        if session.spec.session_id in self._sessions:
+            raise FailedPrecondition("this session id is already open")
         self._sessions[session.spec.session_id] = session
 
     def remove(self, session_id: bytes) -> NodeSession | None:
