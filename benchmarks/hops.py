@@ -83,7 +83,7 @@ DEFINITIONS = {
     "transfer_ms": "into this hop: the caller's wait minus this hop's total time (both ways)",
     "bytes_out_per_token": "activation payload bytes a hop sends per decode token",
 }
-CODECS = ("fp32", "fp16", "bf16", "int8", "int8-32")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int8-64")
 SPEED_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, "
 PROMPTS = (
     "ROMEO:\nBut soft, what light through yonder window breaks?",

@@ -30,7 +30,7 @@ from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generat
 from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import encoding_for
 
-CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, 64 values a scale), int8-32"
+CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values), int8-64"
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:

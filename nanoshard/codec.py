@@ -9,16 +9,24 @@ number is little-endian whatever the host's byte order.
     fp32      n x float32 (IEEE 754 binary32)                        4n
     fp16      n x float16 (IEEE 754 binary16)                        2n
     bf16      n x bfloat16 (the upper 16 bits of a binary32)         2n
-    int8-B    ceil(n/B) x float32 scale, then n x int8 value         4*ceil(n/B) + n
+    int8-B    ceil(n/B) x bfloat16 scale, then n x int8 value        2*ceil(n/B) + n
 
-``int8`` is ``int8-64``; ``int8-32`` uses blocks of 32. For int8-B the flat values are cut
+``int8`` is ``int8-32``; ``int8-64`` uses blocks of 64. For int8-B the flat values are cut
 into blocks of B; the last block is *partial* (it holds the n - B*(ceil(n/B)-1) values that
-remain; nothing is padded on the wire). Block k has scale s_k = max|x| over the block / 127
-(0.0 for an all-zero block) and each of its values is q = round_half_even(x / s_k) clamped
-to [-127, 127]; -128 never occurs. Decoding gives s_k * q. Example, shape (1, 768) int8:
-12 scales (48 bytes) then 768 values = 816 bytes, (1 + 4/64)/4 = 0.2656 of fp32
-(int8-32: (1 + 4/32)/4 = 0.28125). Scales are float32 rather than float16 because fp16
-scales overflow above max|x| = 8.3e6 and lose precision below ~1e-2; they would save 3%.
+remain; nothing is padded on the wire). Block k with m_k = max|x| over the block has scale
+s_k = m_k / 127 *rounded up* to bfloat16: the smallest bfloat16 value with 127 * s_k >= m_k
+(exactly, not just in float32), 0 for an all-zero block. Each value is
+q = round_half_even(x / s_k) in float32 (x / 1 for an all-zero block), clamped to
+[-127, 127]; rounding up makes |x / s_k| <= 127, so the clamp never bites and -128 never
+occurs. Decoding gives s_k * q, which is exact in float32 (8 + 7 significant bits).
+Example, shape (1, 768) int8: 24 scales (48 bytes) then 768 values = 816 bytes,
+(1 + 2/32)/4 = 0.265625 of fp32 (int8-64: 12 scales, 792 bytes, (1 + 2/64)/4 = 0.2578).
+
+Why bfloat16 scales: they have float32's exponent range (no overflow, subnormal scales
+down to 2^-133, so any block the encoder accepts gets a nonzero scale), and their 8
+significant bits cost at most 2^-7 of extra step once rounded up. The 2 bytes they save
+pay for blocks twice as fine at the same size; an outlier then widens the step of 32
+values instead of 64. (fp16 scales would overflow above max|x| = 8.3e6.)
 
 Error bounds, per element, for the inputs the encoder accepts (fp32, fp16 or bf16 tensors,
 finite, within the codec's range) decoded to float32 (see :func:`max_abs_error_bound`,
@@ -27,16 +35,24 @@ which the tests check):
     fp32     0: bitwise lossless, including -0.0 and subnormals.
     fp16     max(|x| * 2^-11, 2^-25)     (round to nearest; 2^-25 is half the subnormal step)
     bf16     max(|x| * 2^-8,  2^-134)
-    int8-B   max|x|_block / 254 * (1 + 2^-14) + 2^-140
-             i.e. half a quantisation step; the factor covers fp32 rounding in the scale
-             and the product, the absolute term blocks whose scale is subnormal. int8 turns
-             -0.0 into +0.0.
+    int8-B   m_k / 254 * (1 + 2^-7) * (1 + 2^-14) + 2^-133     for x in block k
+
+Derivation of the int8 bound: with t = x / s_k, float32 division gives t' within half an
+ulp of t, and |t| <= 127 puts that within 2^-18; so |q - t| <= 1/2 + 2^-18 and, the
+product s_k * q being exact, |s_k * q - x| <= s_k * (1/2 + 2^-18). Rounding up to bf16
+adds at most one bf16 step: s_k <= m_k/127 * (1 + 2^-7), or m_k/127 + 2^-133 where the
+scale is a bf16 subnormal. (1 + 2^-14) covers 2^-17 and float32 rounding in computing the
+bound; 2^-133 the subnormal scales. The bound is reached, to within 2^-14, by a value
+halfway between two steps in a block whose m_k/127 lies just above a power of two. int8
+turns -0.0 into +0.0. (Exactness assumes IEEE float32 with subnormals, torch's default;
+``torch.set_flush_denormal(True)`` only matters for blocks with max|x| < 1.5e-36.)
 
 Non-finite values. A NaN or inf is never a valid activation, so :func:`encode` refuses
 them, and values the codec cannot hold (|x| > 65504 for fp16, > 3.39e38 for bf16,
 >= 2^126 for int8) rather than sending inf or clipping silently past the bound: pick a
-wider codec. :func:`decode` rejects NaN/inf values, NaN/inf/negative/over-large scales,
-int8 value -128 and a result that overflows the requested dtype.
+wider codec. :func:`decode` rejects NaN/inf values, int8 scales that are NaN, inf,
+negative (even -0.0: the encoder never sends a sign bit) or above 2^120, int8 value -128,
+and a result that overflows the requested dtype.
 
 Remote input. The payload, shape and codec name come from a peer that may be broken or
 malicious: :func:`decode` validates all of them and raises only
@@ -61,9 +77,10 @@ MAX_ELEMENTS = 64 * 2**20  # default bound on prod(shape) for a decoded payload 
 MAX_RANK = 8
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT8_BLOCKS = (32, 64)
-INT8_DEFAULT_BLOCK = 64
-INT8_MAX_ABS = 2.0**126  # encoder limit: keeps every scale <= INT8_MAX_SCALE
+INT8_DEFAULT_BLOCK = 32
+INT8_MAX_ABS = 2.0**126  # encoder limit: every rounded-up scale is then < 2^120
 INT8_MAX_SCALE = 2.0**120  # decoder limit: 127 * scale stays finite in float32
+_INT8_MAX_SCALE_BITS = 0x7B80  # INT8_MAX_SCALE as bfloat16 bits
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,7 @@ class Codec:
     def nbytes(self, n: int) -> int:
         """Payload size for n values."""
         if self.kind == "int8":
-            return 4 * self.n_blocks(n) + n
+            return 2 * self.n_blocks(n) + n
         return n * (4 if self.kind == "fp32" else 2)
 
 
@@ -209,12 +226,33 @@ def _blocked(flat: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
     return (F.pad(flat, (0, pad)) if pad else flat).view(n_blocks, block)
 
 
+def int8_scales(absmax: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits (uint16) of each block's scale: ``absmax / 127`` rounded up, i.e.
+    the smallest bf16 value s with 127 * s >= absmax exactly (0 for absmax 0).
+
+    ``absmax``: float32 array, >= 0, < INT8_MAX_ABS. Works on the bits, in numpy: a few
+    dozen values per token, where numpy's per-call cost is a tenth of torch's."""
+    # A positive float's bits order like the float: keeping the upper 16 bits and adding
+    # one if any lower bit is set is rounding up to bf16 (0 stays 0).
+    up = ((absmax / np.float32(127)).view(np.int32) + 0xFFFF) >> 16
+    # absmax / 127 was itself rounded to float32, and where the quotient is subnormal
+    # (absmax < 1.5e-36) that can land below it on a bf16 value: then one bf16 step more.
+    # 127 * s is exact in float32 (8 + 7 significant bits), so the test is exact.
+    up += (up << 16).view(np.float32) * np.float32(127) < absmax
+    return up.astype(np.uint16)
+
+
+def _bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) as float32 values, exactly: the same bits, 16 zeros below."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def _encode_int8(x: torch.Tensor, block: int) -> bytes:
     flat = x.to(torch.float32).reshape(-1)
     n = flat.numel()
     n_blocks = -(-n // block)
     blocks = _blocked(flat, n_blocks, block)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = blocks.abs().amax(dim=1).cpu().numpy()  # small: n / block values
     top = float(absmax.max())  # NaN propagates through max, so this also catches NaN/inf
     if not top < INT8_MAX_ABS:
         if not math.isfinite(top):
@@ -222,12 +260,14 @@ def _encode_int8(x: torch.Tensor, block: int) -> bytes:
         raise InvalidArgument(
             f"activation magnitude {top:.4g} is beyond int8's range (< 2^126); use fp32"
         )
-    scale = absmax / 127.0
-    # An all-zero block has scale 0 (so does a block whose tiny scale underflows): divide
-    # its values by 1 instead, they round to 0.
-    safe = torch.where(scale > 0, scale, 1.0)
+    scale = int8_scales(absmax)
+    # Quantise with the scale as sent, so the decoder's s * q is what was meant. Only an
+    # all-zero block has scale 0: divide its values by 1 instead, they round to 0.
+    divisor = _bf16_bits_to_float(scale)
+    divisor[scale == 0] = 1.0
+    safe = torch.from_numpy(divisor).to(flat.device)
     q = torch.div(blocks, safe[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return _le_bytes(scale.cpu()) + _le_bytes(q.reshape(-1)[:n].cpu())
+    return scale.astype("<u2").tobytes() + _le_bytes(q.reshape(-1)[:n].cpu())
 
 
 # ---------------------------------------------------------------------------- decode
@@ -296,21 +336,23 @@ def _decode_int8(
     buf: memoryview, n: int, block: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     n_blocks = -(-n // block)
-    scale = _from_le(buf[: 4 * n_blocks], torch.float32)
-    q = _from_le(buf[4 * n_blocks :], torch.int8)
-    # min/max propagate NaN and NaN compares false, so this one test rejects NaN, inf,
-    # negative and over-large scales; with scales <= 2^120 every decoded fp32 is finite.
-    lo, hi = torch.stack(torch.aminmax(scale)).tolist()
-    if not (lo >= 0 and hi <= INT8_MAX_SCALE):
-        ok = (scale >= 0) & (scale <= INT8_MAX_SCALE)
-        k = int((~ok).nonzero()[0, 0])
+    bits = np.frombuffer(buf[: 2 * n_blocks], dtype="<u2")
+    # Non-negative floats order like their bits, and as uint16 a set sign bit (negative,
+    # -0.0), inf and NaN all lie above 2^120's bits: one max rejects every bad scale. With
+    # scales <= 2^120 every decoded fp32 is finite.
+    if int(bits.max()) > _INT8_MAX_SCALE_BITS:
+        k = int(np.argmax(bits > _INT8_MAX_SCALE_BITS))
         raise InvalidArgument(
-            f"int8 scale {k} is {float(scale[k])!r}; scales must be finite, >= 0 and <= 2^120"
+            f"int8 scale {k} is {float(_bf16_bits_to_float(bits[k : k + 1])[0])!r} "
+            f"(bf16 bits {int(bits[k]):#06x}); scales must be +0.0 or positive, finite "
+            "and <= 2^120"
         )
+    scale = _bf16_bits_to_float(bits)
+    q = _from_le(buf[2 * n_blocks :], torch.int8)
     if int(q.min()) == -128:
         raise InvalidArgument("int8 value -128 is not produced by the encoder (range is ±127)")
-    scale, q = scale.to(device), q.to(device)
-    values = _blocked(q, n_blocks, block).to(torch.float32).mul_(scale[:, None])
+    s, q = torch.from_numpy(scale).to(device), q.to(device)
+    values = _blocked(q, n_blocks, block).to(torch.float32).mul_(s[:, None])
     values = values.view(-1)[:n]
     return values.to(dtype)
 
@@ -334,5 +376,6 @@ def max_abs_error_bound(x: torch.Tensor, codec: str) -> torch.Tensor:
     n, block = flat.numel(), spec.block
     n_blocks = -(-n // block)
     absmax = _blocked(flat, n_blocks, block).amax(dim=1)
-    bound = absmax / 254.0 * (1.0 + 2.0**-14) + 2.0**-140
+    # Half a step of the rounded-up scale; the constants are derived in the module docstring.
+    bound = absmax / 254.0 * ((1.0 + 2.0**-7) * (1.0 + 2.0**-14)) + 2.0**-133
     return bound.repeat_interleave(block)[:n].view(a.shape)

@@ -20,14 +20,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = GPTConfig(block_size=64, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
-CODECS = ("fp32", "fp16", "bf16", "int8", "int8-32")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int8-64")
 
 
 def expected_bytes(codec: str, n: int) -> int:
     """Payload bytes for n values, from the wire layout (independent of nanoshard.codec)."""
-    if codec.startswith("int8"):
-        block = 32 if codec == "int8-32" else 64
-        return n + 4 * math.ceil(n / block)
+    if codec.startswith("int8"):  # one bf16 scale per block of 32 (int8) or 64 values
+        block = 64 if codec == "int8-64" else 32
+        return n + 2 * math.ceil(n / block)
     return n * (4 if codec == "fp32" else 2)
 
 

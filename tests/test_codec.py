@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from nanoshard.codec import (
     decode,
     encode,
     encoded_size,
+    int8_scales,
     max_abs_error_bound,
     parse_codec,
 )
@@ -40,6 +42,34 @@ fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 def bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int32).numpy() if t.dtype == torch.float32 else t.numpy()
+
+
+def bf16_value(word: int) -> float:
+    return float(np.array([word << 16], np.uint32).view(np.float32)[0])
+
+
+def ceil_scale_bits(m: float) -> int:
+    """Bits of the smallest bfloat16 b with 127 * b >= m, exactly (Fractions), independent of
+    the codec: start near m / 127 and walk up or down one bf16 value at a time."""
+    target = Fraction(m) / 127
+    b = int(np.array([m / 127], np.float32).view(np.uint32)[0]) >> 16
+    while Fraction(bf16_value(b)) < target:
+        b += 1
+    while b > 0 and Fraction(bf16_value(b - 1)) >= target:
+        b -= 1
+    return b
+
+
+def int8_bytes(a: np.ndarray, block: int) -> bytes:
+    """The int8-B payload of float32 ``a``, rebuilt from the module docstring with numpy."""
+    chunks = [a[i : i + block] for i in range(0, a.size, block)]
+    words = np.array([ceil_scale_bits(float(np.abs(c).max())) for c in chunks], dtype="<u2")
+    scales = (words.astype(np.uint32) << 16).view(np.float32)
+    q = np.concatenate(
+        [np.rint(c / s) if s > 0 else c * 0 for c, s in zip(chunks, scales, strict=True)]
+    )
+    assert np.abs(q).max() <= 127  # rounded-up scales: the encoder's clamp never bites
+    return words.tobytes() + q.astype(np.int8).tobytes()
 
 
 def assert_within_bound(x: torch.Tensor, codec: str) -> None:
@@ -61,10 +91,10 @@ def test_codec_names() -> None:
     assert CODECS == ("fp32", "fp16", "bf16", "int8", "int8-32", "int8-64")
     for name in CODECS:
         assert check_codec(name) == name
-    assert parse_codec("int8").block == 64 and parse_codec("int8-32").block == 32
-    # "int8" and "int8-64" are the same bytes.
+    assert parse_codec("int8").block == 32 and parse_codec("int8-64").block == 64
+    # "int8" and "int8-32" are the same bytes.
     x = torch.randn(3, 100)
-    assert encode(x, "int8") == encode(x, "int8-64")
+    assert encode(x, "int8") == encode(x, "int8-32")
 
 
 @pytest.mark.parametrize("name", ["int4", "", "INT8", "int8-16", "fp32 ", None, 8, b"fp32"])
@@ -84,9 +114,10 @@ def test_huge_codec_name_is_not_echoed_whole() -> None:
 def test_int8_bytes_per_value_for_n_embd_768() -> None:
     fp32 = encoded_size((1, 768), "fp32")
     assert fp32 == 3072
-    assert encoded_size((1, 768), "int8") == 12 * 4 + 768 == 816
-    assert encoded_size((1, 768), "int8") / fp32 == (1 + 4 / 64) / 4 == 0.265625 <= 0.27
-    assert encoded_size((1, 768), "int8-32") / fp32 == (1 + 4 / 32) / 4 == 0.28125
+    assert encoded_size((1, 768), "int8") == 24 * 2 + 768 == 816
+    assert encoded_size((1, 768), "int8") / fp32 == (1 + 2 / 32) / 4 == 0.265625 <= 0.27
+    assert encoded_size((1, 768), "int8-64") == 12 * 2 + 768 == 792
+    assert encoded_size((1, 768), "int8-64") / fp32 == (1 + 2 / 64) / 4 == 0.2578125
     assert encoded_size((512, 768), "int8") == 512 * 816
     assert encoded_size((1, 768), "fp16") == encoded_size((1, 768), "bf16") == 1536
 
@@ -114,29 +145,75 @@ def test_wire_layouts_byte_by_byte() -> None:
     bf = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
     assert encode(x, "bf16") == bf.tobytes()
     for codec, block in (("int8-64", 64), ("int8-32", 32)):
-        chunks = [a[i : i + block] for i in range(0, 100, block)]
-        scales = np.array([np.abs(c).max() / np.float32(127) for c in chunks], dtype="<f4")
-        q = np.concatenate(
-            [
-                np.clip(np.rint(c / s) if s > 0 else c * 0, -127, 127)
-                for c, s in zip(chunks, scales, strict=True)
-            ]
-        ).astype(np.int8)
         payload = encode(x, codec)
-        assert payload == scales.tobytes() + q.tobytes()
-        assert len(payload) == 4 * math.ceil(100 / block) + 100
-    # The partial last block's scale comes from its own 36 values only.
-    payload = encode(x, "int8")
-    first, last = struct.unpack("<2f", payload[:8])
-    assert first == pytest.approx(float(x[:64].abs().max()) / 127, rel=1e-6)
-    assert last == pytest.approx(float(x[64:].abs().max()) / 127, rel=1e-6)
+        assert payload == int8_bytes(a, block)
+        assert len(payload) == 2 * math.ceil(100 / block) + 100
+    # The partial last block's scale comes from its own 36 values only, rounded up by less
+    # than one bf16 step (2^-7 relative).
+    first, last = (bf16_value(b) for b in struct.unpack("<2H", encode(x, "int8-64")[:4]))
+    for scale, part in ((first, x[:64]), (last, x[64:])):
+        m = float(part.abs().max())
+        assert m / 127 <= scale < m / 127 * (1 + 2**-7)
+
+
+def test_int8_byte_layout_at_the_edges() -> None:
+    """Scales at both ends of the range: subnormal, exact multiples of 127, near 2^126."""
+    top = float(np.nextafter(np.float32(INT8_MAX_ABS), np.float32(0)))
+    for values in (
+        [1e-45, 0.0, -3e-45],  # subnormal inputs: the scale is the smallest bf16, 2^-133
+        [127.0 * 2.0**-130, 2.0**-140],  # a subnormal quotient that is a bf16 exactly
+        [float(np.nextafter(np.float32(127.0 * 2.0**-130), np.float32(1)))],  # ... and above
+        [127.0, 0.5, -63.5, 1.5],  # scale 1 exactly: ties to even
+        [127.0 + 2.0**-16, 0.50390625],  # scale 1 + 2^-7: the largest round-up there is
+        [-top, 1.0, 2.0**100],
+    ):
+        a = np.array(values, np.float32)
+        payload = encode(torch.from_numpy(a), "int8")
+        assert payload == int8_bytes(a, 32), values
+        assert bool(torch.isfinite(decode(payload, a.shape, "int8")).all())
+
+
+def ceil_cases() -> list[float]:
+    """absmax values where rounding up to bf16 is delicate: 127 * (a bf16 value) and its
+    float32 neighbours, across the exponent range including subnormal quotients."""
+    out = [0.0, 1e-45, 2.0**-149 * 127, 2.0**-126, 2.0**-126 * 127]
+    for e in (-149, -140, -133, -130, -127, -126, -125, -60, -1, 0, 1, 60, 118, 119):
+        for frac in (0x00, 0x01, 0x40, 0x7F):
+            b = np.float32(2.0**e * (1 + frac / 128))
+            m = np.float32(b * np.float32(127))
+            for v in (np.nextafter(m, np.float32(0)), m, np.nextafter(m, np.float32(np.inf))):
+                if 0 <= v < INT8_MAX_ABS:
+                    out.append(float(v))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(0, float(np.float32(2.0**126 * (1 - 2**-24))), width=32),
+            st.floats(0, float(np.float32(2e-36)), width=32),  # subnormal m / 127
+            st.sampled_from(ceil_cases()),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_int8_scale_is_absmax_over_127_rounded_up_to_bf16(absmax: list[float]) -> None:
+    words = int8_scales(np.array(absmax, np.float32))
+    assert words.dtype == np.uint16
+    assert [int(b) for b in words] == [ceil_scale_bits(m) for m in absmax]
+    for b, m in zip(words, absmax, strict=True):
+        assert 127 * Fraction(bf16_value(int(b))) >= Fraction(m)  # so |x / s| <= 127
+        assert bf16_value(int(b)) <= 2.0**120  # within what the decoder accepts
 
 
 def test_all_zero_block_has_scale_zero_and_decodes_to_zero() -> None:
     x = torch.zeros(2, 64)
     x[1] = torch.linspace(-1, 1, 64)
-    payload = encode(x, "int8")
-    assert struct.unpack("<2f", payload[:8])[0] == 0.0
+    payload = encode(x, "int8")  # 4 blocks of 32: two all-zero, then two of the linspace
+    assert struct.unpack("<4H", payload[:8])[:2] == (0, 0)
+    assert 0 not in struct.unpack("<4H", payload[:8])[2:]
     assert payload[8 : 8 + 64] == bytes(64)
     y = decode(payload, (2, 64), "int8")
     assert torch.equal(y[0], torch.zeros(64))
@@ -221,23 +298,45 @@ def test_lossy_round_trip_within_bound_on_activations(case: tuple[torch.Tensor, 
 
 
 def test_int8_bound_is_tight() -> None:
-    """The bound is not vacuous: 0.5 next to a 127 lands exactly halfway between steps."""
-    x = torch.tensor([127.0, 0.5] + [0.0] * 62)
-    y = decode(encode(x, "int8"), (64,), "int8")
+    """The bound is not vacuous: it is reached where the scale rounds up the most."""
+    # max|x| = 127 + 2^-16: max/127 lies just above 1, so the scale rounds up to 1 + 2^-7,
+    # and 0.50390625 = (1 + 2^-7) / 2 sits exactly halfway between 0 and one step.
+    x = torch.tensor([127.0 + 2.0**-16, 0.50390625] + [0.0] * 30)
+    y = decode(encode(x, "int8"), (32,), "int8")
     err = float((y - x).abs()[1])
-    assert err == 0.5 == 127 / 254
-    assert err >= 0.9999 * float(max_abs_error_bound(x, "int8")[1])
+    assert err == 0.50390625
+    bound = float(max_abs_error_bound(x, "int8")[1])
+    assert 0.9999 * bound <= err <= bound
+    # This half step is larger than half of the unrounded one: bf16 scales cost up to 2^-7.
+    assert err > float(x[0]) / 254 * (1 + 2**-14)
+    # Where max/127 is a bf16 value the scale is exact and the error half a step: 0.5.
+    x = torch.tensor([127.0, 0.5] + [0.0] * 30)
+    y = decode(encode(x, "int8"), (32,), "int8")
+    assert float((y - x).abs()[1]) == 0.5 == 127 / 254
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8-64"])
+def test_int8_bound_is_approached_on_random_activations(codec: str) -> None:
+    x = torch.randn(128, 768, generator=torch.Generator().manual_seed(0)) * 3
+    err = (decode(encode(x, codec), x.shape, codec) - x).abs()
+    ratio = float((err / max_abs_error_bound(x, codec)).max())
+    assert 0.99 < ratio <= 1.0
 
 
 def test_int8_outlier_only_hurts_its_own_block() -> None:
     x = torch.linspace(-1, 1, 256).view(4, 64).clone()
     x[1, 7] = 1e6
-    y = decode(encode(x, "int8"), (4, 64), "int8")
-    err = (y - x).abs()
-    assert float(err[1].max()) <= 1e6 / 254 * (1 + 2**-14)
-    assert float(err[1].max()) > 0.4  # the outlier's block loses its small values
-    for row in (0, 2, 3):
-        assert float(err[row].max()) <= 1 / 254 * (1 + 2**-14)
+    c = (1 + 2**-7) * (1 + 2**-14)
+    for codec, block in (("int8", 32), ("int8-64", 64)):
+        err = (decode(encode(x, codec), (4, 64), codec) - x).abs().view(-1, block)
+        hit = 64 // block  # the block holding x[1, 7]
+        assert float(err[hit].max()) <= 1e6 / 254 * c
+        assert float(err[hit].max()) > 0.4  # the outlier's block loses its small values
+        others = torch.cat((err[:hit], err[hit + 1 :]))
+        assert float(others.max()) <= 1 / 254 * c
+    # int8's finer blocks: x[1, 32:] keeps its precision, where int8-64 loses it.
+    err = (decode(encode(x, "int8"), (4, 64), "int8") - x).abs()
+    assert float(err[1, 32:].max()) <= 1 / 254 * c
 
 
 def test_fp16_and_bf16_relative_error() -> None:
@@ -261,7 +360,12 @@ def test_encode_refuses_non_finite(codec: str, bad: float) -> None:
 
 @pytest.mark.parametrize(
     ("codec", "ok", "too_big"),
-    [("fp16", 65504.0, 65520.0), ("bf16", 3.38e38, 3.4e38), ("int8", 2.0**125, INT8_MAX_ABS)],
+    [
+        ("fp16", 65504.0, 65520.0),
+        ("bf16", 3.38e38, 3.4e38),
+        ("int8", 2.0**125, INT8_MAX_ABS),
+        ("int8-64", 2.0**126 * (1 - 2**-24), INT8_MAX_ABS),
+    ],
 )
 def test_encode_range(codec: str, ok: float, too_big: float) -> None:
     x = torch.tensor([1.0, -ok])
@@ -360,22 +464,42 @@ def test_max_elements() -> None:
         decode(b"", (8192, 8192, 2), "fp32")  # 128M > the 64M default, refused before reading
 
 
-@pytest.mark.parametrize(
-    "scale", [math.nan, math.inf, -math.inf, -1.0, -1e-45, 2.0**121, 3.0e38, -math.nan]
-)
-@pytest.mark.parametrize("codec", ["int8", "int8-32"])
-def test_decode_refuses_bad_scales(scale: float, codec: str) -> None:
+BAD_SCALES = {  # bfloat16 words a peer may send as a scale
+    "NaN": 0x7FC0,
+    "-NaN": 0xFFC0,
+    "NaN with payload": 0x7F81,
+    "inf": 0x7F80,
+    "-inf": 0xFF80,
+    "-1.0": 0xBF80,
+    "-2^-133": 0x8001,  # the smallest negative subnormal
+    "-0.0": 0x8000,  # harmless, but the encoder never sends a sign bit
+    "2^120 (1 + 2^-7)": 0x7B81,  # the first bf16 above the limit
+    "2^121": 0x7C00,
+    "max finite": 0x7F7F,
+}
+
+
+@pytest.mark.parametrize("word", BAD_SCALES.values(), ids=BAD_SCALES.keys())
+@pytest.mark.parametrize("codec", ["int8", "int8-64"])
+def test_decode_refuses_bad_scales(word: int, codec: str) -> None:
     payload = bytearray(encode(torch.randn(2, 64), codec))
     n_blocks = 128 // parse_codec(codec).block
     k = n_blocks - 1
-    payload[4 * k : 4 * k + 4] = struct.pack("<f", scale)
+    payload[2 * k : 2 * k + 2] = struct.pack("<H", word)
     with pytest.raises(InvalidArgument, match=f"scale {k} is"):
         decode(bytes(payload), (2, 64), codec)
 
 
+def test_decode_accepts_the_largest_scale() -> None:
+    assert bf16_value(0x7B80) == 2.0**120
+    payload = struct.pack("<H", 0x7B80) + struct.pack("<2b", 127, -127)
+    y = decode(payload, (2,), "int8")
+    assert y.tolist() == [127 * 2.0**120, -127 * 2.0**120]
+
+
 def test_decode_refuses_int8_minus_128() -> None:
     payload = bytearray(encode(torch.randn(64), "int8"))
-    payload[4 + 10] = 0x80  # -128
+    payload[2 * 2 + 10] = 0x80  # after 2 scales of 2 bytes: value 10 := -128
     with pytest.raises(InvalidArgument, match="-128"):
         decode(bytes(payload), (64,), "int8")
 
