@@ -95,7 +95,9 @@ def even_splits(n_units: int, n_stages: int) -> list[tuple[int, int]]:
 class NodeProcess:
     """One ``nanoshard-node serve`` child; its output is collected so a failure can show it."""
 
-    def __init__(self, model: str, units: tuple[int, int], threads: int = 1) -> None:
+    def __init__(
+        self, model: str, units: tuple[int, int], threads: int = 1, extra: Sequence[str] = ()
+    ) -> None:
         self.model, self.units = model, units
         self.args = [
             str(NODE_BIN),
@@ -110,6 +112,7 @@ class NodeProcess:
             "0",
             "--threads",
             str(threads),
+            *extra,  # more ``serve`` flags, e.g. --batch
         ]
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
@@ -159,23 +162,31 @@ class Nodes:
     """Every node process a benchmark started; ``close`` stops each one by PID.
 
     ``chain`` starts one node per stage and reuses a node already serving the same model
-    and units, so two measurements over the same split share processes.
+    and units with the same extra flags, so two measurements over the same split share
+    processes.
     """
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads
-        self.procs: dict[tuple[str, tuple[int, int]], NodeProcess] = {}
+        self.procs: dict[tuple[str, tuple[int, int], tuple[str, ...]], NodeProcess] = {}
 
-    def start(self, model: str, splits: Sequence[tuple[int, int]]) -> None:
+    def start(
+        self, model: str, splits: Sequence[tuple[int, int]], extra: Sequence[str] = ()
+    ) -> None:
         """Start the missing nodes of ``splits`` without waiting (they load in parallel)."""
         for units in splits:
-            if (model, units) not in self.procs:
-                self.procs[(model, units)] = NodeProcess(model, units, self.threads)
+            if (model, units, tuple(extra)) not in self.procs:
+                self.procs[(model, units, tuple(extra))] = NodeProcess(
+                    model, units, self.threads, extra
+                )
 
-    def chain(self, model: str, splits: Sequence[tuple[int, int]]) -> list[str]:
-        """The addresses of nodes serving ``splits`` of ``model``, in order."""
-        self.start(model, splits)
-        return [self.procs[(model, units)].wait_listening() for units in splits]
+    def chain(
+        self, model: str, splits: Sequence[tuple[int, int]], extra: Sequence[str] = ()
+    ) -> list[str]:
+        """The addresses of nodes serving ``splits`` of ``model`` (started with the ``serve``
+        flags ``extra``), in order."""
+        self.start(model, splits, extra)
+        return [self.procs[(model, units, tuple(extra))].wait_listening() for units in splits]
 
     def close(self) -> None:
         for proc in self.procs.values():  # all at once: each drains for up to 2 s

@@ -157,6 +157,7 @@ def trace_to_dict(h: pb.HopTrace) -> dict:
         "units": [h.start, h.end],
         "queue_ms": h.queue_ms,
         "compute_ms": h.compute_ms,
+        "batch": h.batch,
         "total_ms": h.total_ms,
         "downstream_ms": h.downstream_ms,
         "bytes_in": h.bytes_in,

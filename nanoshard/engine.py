@@ -4,7 +4,9 @@ Reads top to bottom in the order data flows: attention, MLP, block, stage. A ``S
 holds units ``[start, end)`` under nanoGPT's parameter names (blocks keep their global
 index), so the same checkpoint tensors load into any stage, and the whole model is just
 ``Stage(config, 0, config.n_units)``. The single-process path and the distributed path run
-exactly this code, which is why their fp32 outputs agree bit for bit.
+exactly this code, which is why their fp32 outputs agree bit for bit. (``Stage.decode``, the
+batched decode step of several sessions that a node may opt into, is the one exception: see
+there.)
 """
 
 from __future__ import annotations
@@ -82,6 +84,23 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
+    def decode(
+        self, x: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]
+    ) -> torch.Tensor:
+        """One new token for each of B sessions, ``x`` (B, 1, C): the projections see the
+        whole batch, each query attends to its own session's cache."""
+        B, _, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        ys = []
+        for b, ((k_cache, v_cache), pos) in enumerate(zip(kvs, positions, strict=True)):
+            k_cache[:, pos] = k[b, :, 0]
+            v_cache[:, pos] = v[b, :, 0]
+            kb, vb = k_cache[None, :, : pos + 1], v_cache[None, :, : pos + 1]
+            ys.append(F.scaled_dot_product_attention(q[b : b + 1], kb, vb))
+        y = torch.cat(ys)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, 1, C))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -105,6 +124,12 @@ class Block(nn.Module):
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, pos: int
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+    def decode(
+        self, x: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int]
+    ) -> torch.Tensor:
+        x = x + self.attn.decode(self.ln_1(x), kvs, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,6 +227,44 @@ class Stage(nn.Module):
             wte = cast(nn.Embedding, self.transformer["wte"])
             h = F.linear(self.transformer["ln_f"](h), wte.weight)
         return h if batched else h[0]
+
+    def decode(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """One decode step for each of B sessions at once, the b-th one token at
+        ``positions[b]`` with its own ``caches[b]``.
+
+        Input: token ids ``(B,)`` if the stage holds ``embed``, else activations
+        ``(B, n_embd)``; output: logits ``(B, vocab)`` or activations ``(B, n_embd)``, row b
+        as ``self(x[b:b+1], caches[b], positions[b])`` would give it. The Linear layers read
+        their weights once for all B rows, which is the point; attention stays per session.
+        fp32 rows agree with the unbatched call to about 1e-6, not bit for bit: the matrix
+        library picks another kernel for B rows than for one.
+        """
+        B = x.shape[0]
+        if not B == len(caches) == len(positions):
+            raise ValueError(f"{B} inputs for {len(caches)} caches and {len(positions)} positions")
+        if len({id(c) for c in caches}) != B:
+            raise ValueError("a session appears twice in one decode batch")
+        for cache, pos in zip(caches, positions, strict=True):
+            if not 0 <= pos < min(cache.max_length, self.config.block_size):
+                raise ValueError(
+                    f"position {pos} is outside the cache (max_length {cache.max_length})"
+                )
+        if self.has_embed:
+            where = torch.tensor(positions, device=x.device)
+            h = self.transformer["wte"](x) + self.transformer["wpe"](where)
+        else:
+            h = x
+        h = h.unsqueeze(1)  # (B, 1, C): each session's chunk of one token
+        blocks = cast(nn.ModuleDict, self.transformer["h"])
+        for j, i in enumerate(self.blocks):
+            block = cast(Block, blocks[str(i)])
+            h = block.decode(h, [c.block(j) for c in caches], positions)
+        for cache, pos in zip(caches, positions, strict=True):
+            cache.length = pos + 1
+        if self.has_head:
+            wte = cast(nn.Embedding, self.transformer["wte"])
+            h = F.linear(self.transformer["ln_f"](h), wte.weight)
+        return h[:, 0]
 
     @classmethod
     def from_tensors(

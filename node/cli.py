@@ -15,6 +15,7 @@ from nanoshard.errors import InvalidArgument
 
 from .join import Events, JoinConfig, join
 from .server import ServeConfig, serve
+from .worker import MAX_BATCH
 
 
 class ConsoleEvents(Events):
@@ -24,6 +25,27 @@ class ConsoleEvents(Events):
         from .weights import rich_progress
 
         return rich_progress(what)
+
+
+def batch_size(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"a batch of {n} steps: give 1 to 256")
+    return n
+
+
+def add_batch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch",
+        type=batch_size,
+        nargs="?",
+        const=MAX_BATCH,
+        default=1,
+        metavar="N",
+        help=f"run the decode steps of up to N concurrent sessions as one forward (--batch "
+        f"alone: {MAX_BATCH}; default 1, each alone). More tokens/s under load, but fp32 "
+        "results then differ from the local path in the last bits",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"idle sessions expire after this long (default {d.session_ttl:.0f})",
     )
     s.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = default)")
+    add_batch_flag(s)
     s.add_argument(
         "--max-message",
         type=parse_size,
@@ -98,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
     j.add_argument("--threads", type=int, default=jd.threads, help="torch threads (0 = default)")
+    add_batch_flag(j)
     j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
     return parser
 
@@ -119,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 kv_memory=args.kv_memory,
                 session_ttl=args.session_ttl,
                 threads=args.threads,
+                batch=args.batch,
                 max_message_bytes=args.max_message,
             )
 
@@ -143,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache_dir=args.cache_dir,
                 swarm=args.swarm,
                 threads=args.threads,
+                batch=args.batch,
                 session_ttl=args.session_ttl,
             )
             asyncio.run(join(join_config, ConsoleEvents()))

@@ -59,6 +59,7 @@ class JoinConfig:
     cache_dir: Path = field(default_factory=lambda: DEFAULT_CACHE_DIR)
     swarm: str = "default"
     threads: int = 0
+    batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
     session_ttl: float = 300.0
     discovery_timeout: float = 5.0
 
@@ -182,6 +183,7 @@ class Volunteer:
                 kv_memory=0,
                 session_ttl=config.session_ttl,
                 threads=config.threads,
+                batch=config.batch,
                 advertise_host=reachable_host(config.host, self.target),
             )
             await self.plane.start()

@@ -44,6 +44,7 @@ class ServeConfig:
     kv_memory: int = 1 << 30  # bytes of KV cache (and replay material) all sessions may hold
     session_ttl: float = 300.0  # seconds an idle session lives
     threads: int = 0  # torch threads; 0 = torch's default
+    batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
 
 
@@ -60,10 +61,11 @@ class DataPlane:
         kv_memory: int,
         session_ttl: float,
         threads: int = 0,
+        batch: int = 1,
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         advertise_host: str | None = None,
     ) -> None:
-        self.worker = ComputeWorker(threads=threads or None)
+        self.worker = ComputeWorker(threads=threads or None, max_batch=batch)
         self.server = grpc.aio.server(options=rpc.server_options(max_message_bytes))
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
@@ -124,6 +126,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         kv_memory=config.kv_memory,
         session_ttl=config.session_ttl,
         threads=config.threads,
+        batch=config.batch,
         max_message_bytes=config.max_message_bytes,
     )
     stage = await plane.load(
@@ -132,7 +135,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
     plane.service.set_stage(stage)
     await plane.start()
     log.info(
-        "serving units [%d, %d) (%s) of %s on %s, %s %s",
+        "serving units [%d, %d) (%s) of %s on %s, %s %s, batch %d",
         start,
         end,
         describe_units(checkpoint.config, start, end),
@@ -140,6 +143,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         plane.address,
         device,
         config.dtype,
+        config.batch,
     )
     if on_ready:
         on_ready(plane.address)

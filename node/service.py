@@ -33,7 +33,7 @@ from nanoshard.v1 import node_pb2_grpc as pb_grpc
 from .downstream import Channels, Forwarder
 from .sessions import NodeSession, Sent, SessionSpec, SessionTable
 from .wire import spec_from_wire
-from .worker import ComputeWorker
+from .worker import ComputeWorker, StageStep
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,7 @@ class NodeService(pb_grpc.NodeServicer):
                 )
                 timed = await asyncio.shield(job)
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
+                trace.batch = timed.batch
                 out = timed.value
             else:
                 out = resend[0]
@@ -333,7 +334,7 @@ class NodeService(pb_grpc.NodeServicer):
         if not session.stage.has_head:
             session.sent.append(Sent(pos, n_tokens, out))
 
-    def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, Callable]:
+    def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, StageStep]:
         """Validate the step's input; return its token count, bytes, and the compute job."""
         kind = req.WhichOneof("input")
         stage, spec = session.stage, session.spec
@@ -389,18 +390,17 @@ class NodeService(pb_grpc.NodeServicer):
         want_token = req.sample and stage.has_head
         pos = req.pos
 
-        def run() -> Any:
-            try:
-                y = stage(make_input(), session.cache, pos)
-                if stage.has_head:
-                    return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
-                payload = codecs.encode(y, spec.codec)
-            except BaseException:
-                session.cache.length = pos  # nothing of a failed step counts (the cache rewinds)
-                raise
+        def finish(y: torch.Tensor) -> Any:
+            if stage.has_head:
+                return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
+            payload = codecs.encode(y, spec.codec)
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
-        return n_tokens, bytes_in, run
+        return (
+            n_tokens,
+            bytes_in,
+            StageStep(stage, session.cache, pos, n_tokens, make_input, finish),
+        )
 
     @staticmethod
     def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:

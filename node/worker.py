@@ -1,6 +1,9 @@
 """The compute worker: every torch call of a node runs here, on one thread per device,
 fed by a queue. The gRPC event loop only enqueues and awaits, so it never blocks on torch,
-and because all work for a device passes one place, concurrent sessions can be batched.
+and because all work for a device passes one place, concurrent sessions can be batched:
+with ``max_batch > 1``, the one-token steps of several sessions on the same stage that are
+waiting together run as one forward (``Stage.decode``), which reads each weight once for
+all of them. The worker never waits for a batch to fill; it takes what is already queued.
 """
 
 from __future__ import annotations
@@ -10,29 +13,108 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
+from nanoshard.engine import Stage
+from nanoshard.kv import KVCache
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MAX_BATCH = 16  # decode steps per forward when batching is on
 
 
 @dataclass
 class Timed:
-    """A job's result with where its time went."""
+    """A job's result with where its time went. A batched job's ``compute_ms`` is its share
+    of the forward (the forward's time / ``batch``); the rest of its wait is ``queue_ms``."""
 
     value: Any
     queue_ms: float
     compute_ms: float
+    batch: int = 1  # jobs that ran in the same forward
+
+
+@dataclass
+class StageStep:
+    """One session's step on a stage: ``finish(stage(make_input(), cache, pos))``.
+
+    Calling it runs it alone. The worker may instead run several one-token steps on the
+    same stage together through ``run_decode_batch``; ``finish`` then gets this step's row.
+    """
+
+    stage: Stage
+    cache: KVCache
+    pos: int
+    n_tokens: int
+    make_input: Callable[[], torch.Tensor]  # ids (T,) or activations (T, n_embd)
+    finish: Callable[[torch.Tensor], Any]  # the stage's output (T or 1 rows) -> the answer
+
+    @property
+    def batchable(self) -> bool:
+        return self.n_tokens == 1
+
+    def __call__(self) -> Any:
+        try:
+            return self.finish(self.stage(self.make_input(), self.cache, self.pos))
+        except BaseException:
+            self.cache.length = self.pos  # nothing of a failed step counts (the cache rewinds)
+            raise
+
+
+def run_decode_batch(steps: list[StageStep]) -> tuple[list[tuple[Any, Exception | None]], int]:
+    """Run one-token steps on one stage as one forward: ``(value, error)`` per step, and how
+    many steps the forward held. A step whose input or answer fails fails alone; a failed
+    forward fails every step in it."""
+    results: list[tuple[Any, Exception | None]] = [(None, None)] * len(steps)
+    inputs, ready = [], []
+    for i, step in enumerate(steps):
+        try:
+            inputs.append(step.make_input())
+            ready.append(i)
+        except Exception as exc:
+            results[i] = (None, exc)
+    if not ready:
+        return results, 0
+    batch = [steps[i] for i in ready]
+    try:
+        ys = batch[0].stage.decode(
+            torch.cat(inputs), [s.cache for s in batch], [s.pos for s in batch]
+        )
+    except Exception as exc:
+        for i in ready:
+            steps[i].cache.length = steps[i].pos
+            results[i] = (None, exc)
+        return results, len(ready)
+    for row, i in enumerate(ready):
+        try:
+            results[i] = (steps[i].finish(ys[row : row + 1]), None)
+        except Exception as exc:
+            steps[i].cache.length = steps[i].pos
+            results[i] = (None, exc)
+    return results, len(ready)
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float
 
 
 class ComputeWorker:
-    def __init__(self, name: str = "compute", threads: int | None = None) -> None:
-        self._jobs: queue.Queue[tuple | None] = queue.Queue()
+    def __init__(
+        self, name: str = "compute", threads: int | None = None, max_batch: int = 1
+    ) -> None:
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._threads = threads
+        self.max_batch = max_batch
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -41,10 +123,11 @@ class ComputeWorker:
         return self._jobs.qsize()
 
     async def run(self, fn: Callable[[], T]) -> Timed:
-        """Run ``fn()`` on the worker thread; await its result (exceptions propagate)."""
+        """Run ``fn()`` on the worker thread; await its result (exceptions propagate).
+        A one-token ``StageStep`` may run batched with others queued beside it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Timed] = loop.create_future()
-        self._jobs.put((fn, loop, future, time.perf_counter()))
+        self._jobs.put(_Job(fn, loop, future, time.perf_counter()))
         return await future
 
     def close(self) -> None:
@@ -54,17 +137,75 @@ class ComputeWorker:
     def _run(self) -> None:
         if self._threads:
             torch.set_num_threads(self._threads)
-        while (job := self._jobs.get()) is not None:
-            fn, loop, future, enqueued = job
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    value = fn()
-                done = time.perf_counter()
-                result = Timed(value, (started - enqueued) * 1e3, (done - started) * 1e3)
-                loop.call_soon_threadsafe(_settle, future, result, None)
-            except BaseException as exc:  # handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+        pending: deque[_Job | None] = deque()  # taken off the queue, in arrival order
+        while True:
+            if not pending:
+                pending.append(self._jobs.get())
+            if self.max_batch > 1:
+                while True:  # everything already waiting, so batches can form
+                    try:
+                        pending.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+            job = pending.popleft()
+            if job is None:
+                break
+            with torch.inference_mode():
+                if self.max_batch > 1 and isinstance(job.fn, StageStep) and job.fn.batchable:
+                    self._run_batch([job, *self._take_partners(job.fn, pending)])
+                else:
+                    self._run_one(job)
+        for job in pending:  # closed with jobs still waiting: their callers get an error
+            if job is not None:
+                err = RuntimeError("the compute worker stopped")
+                job.loop.call_soon_threadsafe(_settle, job.future, None, err)
+
+    def _take_partners(self, first: StageStep, pending: deque[_Job | None]) -> list[_Job]:
+        """Queued one-token steps that can share ``first``'s forward: same stage object,
+        another session's cache. They leave ``pending``; the rest keep their order."""
+        partners: list[_Job] = []
+        caches = {id(first.cache)}
+        for job in list(pending):
+            if len(partners) + 1 >= self.max_batch or job is None:
+                break  # never reach past close()
+            fn = job.fn
+            if (
+                isinstance(fn, StageStep)
+                and fn.batchable
+                and fn.stage is first.stage
+                and id(fn.cache) not in caches
+            ):
+                partners.append(job)
+                caches.add(id(fn.cache))
+                pending.remove(job)
+        return partners
+
+    def _run_one(self, job: _Job) -> None:
+        started = time.perf_counter()
+        try:
+            value = job.fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+            return
+        done = time.perf_counter()
+        result = Timed(value, (started - job.enqueued) * 1e3, (done - started) * 1e3)
+        job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        if len(jobs) == 1:  # alone: exactly the unbatched path (bit for bit)
+            self._run_one(jobs[0])
+            return
+        started = time.perf_counter()
+        results, size = run_decode_batch([job.fn for job in jobs])  # type: ignore[misc]
+        done = time.perf_counter()
+        share_ms = (done - started) * 1e3 / max(size, 1)
+        for job, (value, exc) in zip(jobs, results, strict=True):
+            if exc is not None:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+                continue
+            waited_ms = (done - job.enqueued) * 1e3 - share_ms
+            result = Timed(value, waited_ms, share_ms, size)
+            job.loop.call_soon_threadsafe(_settle, job.future, result, None)
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

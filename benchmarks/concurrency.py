@@ -1,0 +1,299 @@
+"""Concurrent sessions on one chain: aggregate tokens/s and per-token latency, with the
+nodes batching decode steps (``nanoshard-node serve --batch``) and without.
+
+    python benchmarks/concurrency.py           # ~3 min on 2 busy cores; writes
+                                               # benchmarks/results/concurrency.{json,md}
+    python benchmarks/concurrency.py --quick   # one repeat, few tokens: checks the script runs
+
+A chain of three ``nanoshard-node serve`` processes on 127.0.0.1 (``--threads 1`` each)
+splits ``--model`` (default GPT-2 124M's shape with random weights, made once under
+``.cache/bench/gpt2-124m-random``) evenly; one chain runs with ``--batch 16``, one without.
+Each configuration (batching on/off x 1 or ``--sessions`` concurrent sessions) opens its
+sessions from threads of this process, prefills a ``--prompt-tokens`` prompt (a different
+one per session), waits until every session has, then decodes ``--tokens`` greedy tokens in
+each, all at once. Only that decode window counts: ``tokens_per_s`` is all sessions'
+decode tokens over the window's wall time, latency the client's wall time of each decode
+step (p50/p99 over every step of every session and repeat). Configurations run
+interleaved in a rotated order, ``--repeats`` times; the median repeat is reported and
+[min, max] shows the machine's noise.
+
+Batched fp32 is not bit for bit the unbatched path (the matrix library uses another
+kernel for a batch), so ``same_tokens`` counts the sessions whose greedy tokens equal those
+the same prompt produced alone on the unbatched chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import (
+    BENCH_CACHE,
+    GPT2_124M,
+    GREEDY,
+    RESULTS,
+    Nodes,
+    even_splits,
+    load_average,
+    machine_info,
+    markdown_table,
+    median,
+    raise_on_sigterm,
+    random_checkpoint,
+    spread,
+)
+
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.route import Route, RouteSession, route_from_addresses
+
+BATCH = 16
+STAGES = 3
+DEFINITIONS = {
+    "tokens_per_s": "decode tokens of all sessions / wall time of the decode window",
+    "speedup": "tokens_per_s / tokens_per_s of one session on the same chain",
+    "p50_ms, p99_ms": "client wall time of one decode step, over every step of every session",
+    "mean_batch": "mean over decode steps and hops of the trace's batch (steps per forward)",
+    "same_tokens": "sessions whose tokens equal the same prompt's alone on the unbatched chain",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    batch: bool
+    sessions: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.sessions} session{'s' if self.sessions > 1 else ''}, " + (
+            f"--batch {BATCH}" if self.batch else "no batching"
+        )
+
+
+@dataclass
+class Run:
+    tokens_per_s: float
+    step_ms: list[float]  # every decode step of every session
+    batches: list[int]  # the trace's batch, per decode step per hop
+    tokens: list[list[int]]  # per session: the prefill's token, then every decode token
+
+
+def run_sessions(route: Route, prompts: list[list[int]], tokens: int, max_length: int) -> Run:
+    """Open one session per prompt (each in its own thread), prefill all, then decode
+    ``tokens`` greedy tokens in every session at once."""
+    n = len(prompts)
+    prefilled = threading.Barrier(n + 1)  # the sessions and this thread
+    go = threading.Event()
+    step_ms: list[list[float]] = [[] for _ in range(n)]
+    batches: list[list[int]] = [[] for _ in range(n)]
+    out: list[list[int]] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def session_thread(s: int) -> None:
+        session = None
+        try:
+            session = RouteSession(route, GREEDY, max_length)
+            ids = prompts[s]
+            out[s].append(session.step(ids, 0).token)
+            prefilled.wait(timeout=300)
+            go.wait()
+            for k in range(tokens):
+                t0 = time.perf_counter()
+                result = session.step([out[s][-1]], len(ids) + k)
+                step_ms[s].append((time.perf_counter() - t0) * 1e3)
+                batches[s].extend(h["batch"] for h in result.hops)
+                out[s].append(result.token)
+        except BaseException as exc:
+            errors.append(exc)
+            prefilled.abort()
+        finally:
+            if session is not None:
+                session.close()
+
+    threads = [threading.Thread(target=session_thread, args=(s,)) for s in range(n)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a session failed: raised below
+        prefilled.wait(timeout=300)
+    started = time.perf_counter()
+    go.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return Run(
+        tokens_per_s=n * tokens / wall,
+        step_ms=[ms for steps in step_ms for ms in steps],
+        batches=[b for bs in batches for b in bs],
+        tokens=out,
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
+    ckpt = open_checkpoint(opts.model)
+    config = ckpt.config
+    if opts.prompt_tokens + opts.tokens + 1 > config.block_size:
+        raise SystemExit(f"--prompt-tokens + --tokens must stay below {config.block_size}")
+    splits = even_splits(config.n_units, STAGES)
+    flags = {False: (), True: ("--batch", str(BATCH))}
+    for extra in flags.values():  # every node loads at once
+        nodes.start(opts.model, splits, extra)
+    routes = {b: route_from_addresses(nodes.chain(opts.model, splits, e)) for b, e in flags.items()}
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, config.vocab_size, (opts.prompt_tokens,), generator=gen).tolist()
+        for _ in range(opts.sessions)
+    ]
+    max_length = opts.prompt_tokens + opts.tokens
+    configs = [Config(b, n) for b in (False, True) for n in (1, opts.sessions)]
+
+    def run(c: Config, tokens: int) -> Run:
+        return run_sessions(routes[c.batch], prompts[: c.sessions], tokens, max_length)
+
+    for c in configs:  # warm-up: first calls, channels, allocator
+        run(c, min(4, opts.tokens))
+    runs: dict[Config, list[Run]] = {c: [] for c in configs}
+    for r in range(opts.repeats):
+        shift = r % len(configs)  # rotate the order so no configuration always runs first
+        for c in configs[shift:] + configs[:shift]:
+            runs[c].append(run(c, opts.tokens))
+
+    alone = runs[Config(False, opts.sessions)][0].tokens  # each prompt on the unbatched chain
+    rows = []
+    for c in configs:
+        rates = [r.tokens_per_s for r in runs[c]]
+        single = median([r.tokens_per_s for r in runs[Config(c.batch, 1)]])
+        steps = [ms for r in runs[c] for ms in r.step_ms]
+        batches = [b for r in runs[c] for b in r.batches]
+        rows.append(
+            {
+                "name": c.name,
+                "batch": BATCH if c.batch else 1,
+                "sessions": c.sessions,
+                "tokens_per_s": round(median(rates), 2),
+                "tokens_per_s_spread": spread(rates),
+                "speedup": round(median(rates) / single, 2),
+                "p50_ms": round(percentile(steps, 50), 1),
+                "p99_ms": round(percentile(steps, 99), 1),
+                "mean_batch": round(sum(batches) / len(batches), 2),
+                "same_tokens": sum(
+                    r.tokens[s] == alone[s] for r in runs[c] for s in range(c.sessions)
+                ),
+                "sessions_run": c.sessions * len(runs[c]),
+            }
+        )
+    unbatched_1 = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_unbatched_1"] = round(row["tokens_per_s"] / unbatched_1, 2)
+    return {
+        "model": opts.model,
+        "stages": [list(s) for s in splits],
+        "prompt_tokens": opts.prompt_tokens,
+        "tokens": opts.tokens,
+        "repeats": opts.repeats,
+        "configs": rows,
+        "definitions": DEFINITIONS,
+    }
+
+
+def render_markdown(result: dict) -> str:
+    m, r = result["machine"], result["concurrency"]
+    header = [
+        "configuration",
+        "tokens/s",
+        "[min, max]",
+        "vs 1 session",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        "same tokens",
+    ]
+    rows = [
+        [
+            c["name"],
+            c["tokens_per_s"],
+            c["tokens_per_s_spread"],
+            f"{c['speedup']}x",
+            c["p50_ms"],
+            c["p99_ms"],
+            c["mean_batch"],
+            f"{c['same_tokens']}/{c['sessions_run']}",
+        ]
+        for c in r["configs"]
+    ]
+    return "\n".join(
+        [
+            "# Concurrent sessions: batched decode",
+            "",
+            f"{m['cpu']}, {m['cores']} cores (shared), torch {m['torch']}, one torch thread per "
+            f"node; load average {m['load_average_start']} -> {m['load_average_end']}; "
+            f"{m['runtime_s']} s.",
+            "",
+            f"Three nodes {r['stages']} on loopback, {r['prompt_tokens']}-token prompts, "
+            f"{r['tokens']} greedy decode tokens per session, median of {r['repeats']} "
+            "repeats.",
+            "",
+            markdown_table(header, rows),
+            "",
+            *[f"- **{k}**: {v}" for k, v in r["definitions"].items()],
+            "",
+        ]
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default 8)")
+    p.add_argument("--tokens", type=int, help="decode tokens per session (default 32; quick 4)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick 1)")
+    p.add_argument("--quick", action="store_true", help="one repeat of a few tokens")
+    p.add_argument("--model", help="checkpoint (default: random GPT-2 124M, made once)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for concurrency.{json,md}")
+    opts = p.parse_args(argv)
+    opts.tokens = opts.tokens or (4 if opts.quick else 32)
+    opts.repeats = opts.repeats or (1 if opts.quick else 3)
+    if opts.model is None:
+        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    raise_on_sigterm()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result: dict = {"machine": machine_info(threads=1)}
+    nodes = Nodes(threads=1)
+    try:
+        result["concurrency"] = measure(opts, nodes)
+    finally:
+        nodes.close()
+    result["machine"]["load_average_end"] = load_average()
+    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "concurrency.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = render_markdown(result)
+    (opts.out / "concurrency.md").write_text(markdown)
+    sys.stdout.write(markdown)
+    return result
+
+
+if __name__ == "__main__":
+    main()

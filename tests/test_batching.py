@@ -1,0 +1,203 @@
+"""Batched decode: the decode steps of concurrent sessions as one forward. Rows agree with
+each session's own step to ~1e-6 (not bit for bit: the matrix library picks another kernel
+for B rows), the worker batches what is queued together, and a node serving 8 sessions
+at once with ``--batch`` answers each one the tokens it would generate alone."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from swarm import Swarm
+
+from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.client.route import RouteSession, route_from_addresses
+from nanoshard.config import GPTConfig
+from nanoshard.engine import Stage, init_weights
+from nanoshard.generation import LocalSession, generate
+from nanoshard.node.worker import ComputeWorker, StageStep
+from nanoshard.sampling import SamplingParams
+from nanoshard.tokenizer import gpt2_bpe_dir
+
+TOL = 1e-5
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def prefilled(stage: Stage, lengths: list[int], seed: int = 0) -> list:
+    """One cache per session, filled with ``lengths[b]`` random positions."""
+    gen = torch.Generator().manual_seed(seed)
+    caches = []
+    with torch.inference_mode():
+        for n in lengths:
+            cache = stage.new_cache(32)
+            stage(random_input(stage, n, gen), cache, 0)
+            caches.append(cache)
+    return caches
+
+
+def random_input(stage: Stage, n: int, gen: torch.Generator) -> torch.Tensor:
+    if stage.has_embed:
+        return torch.randint(0, stage.config.vocab_size, (n,), generator=gen)
+    return torch.randn(n, stage.config.n_embd, generator=gen)
+
+
+@pytest.mark.parametrize("units", [(0, 5), (0, 2), (2, 4), (3, 5)])
+def test_decode_batch_equals_each_session_alone(tiny_config, tiny_weights, units) -> None:
+    stage = Stage.from_tensors(tiny_config, *units, tiny_weights)
+    lengths = [3, 11, 1, 7, 20]  # sessions at different positions
+    batched, alone = prefilled(stage, lengths), prefilled(stage, lengths)
+    x = random_input(stage, len(lengths), torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ys = stage.decode(x, batched, lengths)
+        for b, pos in enumerate(lengths):
+            y = stage(x[b : b + 1], alone[b], pos)
+            assert ys[b : b + 1].shape == y.shape
+            torch.testing.assert_close(ys[b : b + 1], y, rtol=0, atol=TOL)
+            assert batched[b].length == alone[b].length == pos + 1
+            torch.testing.assert_close(batched[b].k, alone[b].k, rtol=0, atol=TOL)
+            torch.testing.assert_close(batched[b].v, alone[b].v, rtol=0, atol=TOL)
+
+
+def test_decode_batch_refuses_a_session_twice(tiny_config, tiny_weights) -> None:
+    stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    cache = prefilled(stage, [4])[0]
+    with pytest.raises(ValueError, match="twice"), torch.inference_mode():
+        stage.decode(torch.tensor([1, 2]), [cache, cache], [4, 4])
+    with pytest.raises(ValueError, match="outside the cache"), torch.inference_mode():
+        stage.decode(torch.tensor([1]), [cache], [32])
+
+
+def step_for(stage: Stage, cache, pos: int, x: torch.Tensor) -> StageStep:
+    return StageStep(stage, cache, pos, len(x), lambda: x, lambda y: y.clone())
+
+
+def test_worker_batches_queued_decode_steps(tiny_config, tiny_weights) -> None:
+    """Steps queued while the worker is busy run as one forward per stage; prefill chunks
+    and other stages run on their own; a step whose input fails fails alone (cache rewound)."""
+    full = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    other = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    lengths = [2, 5, 9, 4, 13, 6, 1, 8]
+    caches, reference = prefilled(full, lengths), prefilled(full, lengths)
+    other_cache = prefilled(other, [3])[0]
+    prefill_cache = full.new_cache(32)
+    ids = torch.arange(len(lengths)) + 10
+    with torch.inference_mode():
+        expected = [full(ids[b : b + 1], reference[b], p) for b, p in enumerate(lengths)]
+
+    def broken() -> torch.Tensor:
+        raise ValueError("bad payload")
+
+    async def main() -> tuple[list, list, object, object]:
+        worker = ComputeWorker(max_batch=16)
+        gate = threading.Event()
+        try:
+            blocker = asyncio.ensure_future(worker.run(gate.wait))  # the worker is busy ...
+            await asyncio.sleep(0.05)
+            steps = [
+                worker.run(step_for(full, caches[b], p, ids[b : b + 1]))
+                for b, p in enumerate(lengths)
+            ]
+            steps.append(worker.run(step_for(other, other_cache, 3, ids[:1])))
+            steps.append(worker.run(step_for(full, prefill_cache, 0, ids[:4])))
+            bad = StageStep(full, full.new_cache(32), 0, 1, broken, lambda y: y)
+            steps.append(worker.run(bad))
+            tasks = [asyncio.ensure_future(s) for s in steps]
+            await asyncio.sleep(0.05)
+            gate.set()  # ... while everything queues up behind it
+            await blocker
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            return done[: len(lengths)], done[len(lengths) : -1], done[-1], bad.cache
+        finally:
+            worker.close()
+
+    decoded, (other_step, prefill_step), failure, bad_cache = asyncio.run(main())
+    assert isinstance(failure, ValueError) and bad_cache.length == 0
+    assert [t.batch for t in decoded] == [len(lengths)] * len(lengths)  # one forward for all
+    assert other_step.batch == 1 and prefill_step.batch == 1
+    for timed, want in zip(decoded, expected, strict=True):
+        torch.testing.assert_close(timed.value, want, rtol=0, atol=TOL)
+        assert timed.compute_ms > 0 and timed.queue_ms > 0
+    assert [c.length for c in caches] == [p + 1 for p in lengths]
+
+
+def test_worker_without_batching_runs_each_step_alone(tiny_config, tiny_weights) -> None:
+    stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    caches = prefilled(stage, [3, 4])
+
+    async def main() -> list:
+        worker = ComputeWorker()  # max_batch=1: the default, bit for bit the local path
+        try:
+            return await asyncio.gather(
+                *(
+                    worker.run(step_for(stage, c, p, torch.tensor([7])))
+                    for c, p in zip(caches, [3, 4], strict=True)
+                )
+            )
+        finally:
+            worker.close()
+
+    reference = prefilled(stage, [3, 4])
+    for timed, cache, pos in zip(asyncio.run(main()), reference, [3, 4], strict=True):
+        assert timed.batch == 1
+        with torch.inference_mode():
+            assert torch.equal(timed.value, stage(torch.tensor([7]), cache, pos))
+
+
+# ---- a node serving concurrent sessions ------------------------------------------------
+
+TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
+SESSIONS = 8
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(gpt2_bpe_dir() / "encoder.json", tokenizer / "vocab.json")
+    shutil.copy(gpt2_bpe_dir() / "vocab.bpe", tokenizer / "merges.txt")
+    save_hf_checkpoint(TINY, init_weights(TINY, seed=3), directory, tokenizer_dir=tokenizer)
+    return directory
+
+
+@pytest.mark.slow
+def test_batching_node_answers_each_of_8_sessions_as_alone(tiny_model: Path) -> None:
+    weights = init_weights(TINY, seed=3)
+    local_stage = Stage.from_tensors(TINY, 0, TINY.n_units, weights)
+    prompts = [[(97 * s + 13 * i) % 50000 for i in range(3 + s)] for s in range(SESSIONS)]
+    expected = []
+    for ids in prompts:
+        local = LocalSession(local_stage, GREEDY, len(ids) + NEW_TOKENS)
+        expected.append(generate(local, ids, NEW_TOKENS, block_size=TINY.block_size).token_ids)
+
+    with Swarm() as swarm:
+        route = route_from_addresses(
+            swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"], "--batch", "16")
+        )
+        results: list = [None] * SESSIONS
+        start = threading.Barrier(SESSIONS)
+
+        def run(s: int) -> None:
+            session = RouteSession(route, GREEDY, len(prompts[s]) + NEW_TOKENS)
+            try:
+                start.wait(timeout=30)
+                results[s] = generate(session, prompts[s], NEW_TOKENS, block_size=TINY.block_size)
+            finally:
+                session.close()
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in range(SESSIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+
+    assert all(r is not None for r in results), "a session did not finish"
+    for s in range(SESSIONS):
+        assert results[s].token_ids == expected[s], f"session {s}"
+    batches = [h["batch"] for r in results for step in r.hops[1:] for h in step]
+    assert max(batches) > 1, "no two sessions ever shared a forward"
+    assert min(batches) >= 1
