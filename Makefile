@@ -41,6 +41,7 @@ protos: $(STAMP)
 # Benchmarks write JSON + Markdown under benchmarks/results/ (numbers in the README).
 bench: $(STAMP) gpt2-bpe
 	$(BIN)/python benchmarks/hops.py
+	$(BIN)/python benchmarks/concurrency.py
 	$(BIN)/python benchmarks/placement_sim.py
 
 clean:

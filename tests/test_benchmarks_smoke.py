@@ -105,3 +105,26 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     markdown = (out / "hops.md").read_text()
     assert "| codec | bytes/token/hop |" in markdown
     assert markdown in done.stdout
+
+
+def test_concurrency_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    script = ROOT / "benchmarks" / "concurrency.py"
+    args = ["--quick", "--sessions=3", "--tokens=3", "--prompt-tokens=4", f"--model={tiny_model}"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, f"--out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert processes_mentioning(str(tiny_model)) == []  # every node was stopped
+
+    result = json.loads((out / "concurrency.json").read_text())["concurrency"]
+    rows = {(c["batch"], c["sessions"]): c for c in result["configs"]}
+    assert set(rows) == {(1, 1), (1, 3), (16, 1), (16, 3)}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+    assert rows[(1, 3)]["mean_batch"] == 1.0  # without --batch every step runs alone
+    assert rows[(1, 3)]["same_tokens"] == 3  # the unbatched chain is deterministic
+    assert (out / "concurrency.md").read_text() in done.stdout
