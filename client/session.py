@@ -73,7 +73,9 @@ class Recovery:
     """A failure the session recovered from, for the result's timings."""
 
     pos: int  # the step's position
-    kind: str  # "retry" (same step again) | "replica" (first hop replaced) | "reroute" | "refill"
+    # "retry" (same step again) | "replica" (first hop replaced) | "reroute" | "refill", or
+    # "repair" (a node replaced or refilled its next hop; detail names both)
+    kind: str
     detail: str
     ms: float
 
@@ -309,6 +311,11 @@ class SwarmSession:
             reply = self._send(pos + i, chunk, sample=last)
             self.history.chunks.append((pos + i, chunk))
             hops.extend(trace_to_dict(h) for h in reply.hops)
+            for h in reply.hops:  # repairs made behind the first hop show in the traces
+                if h.repair:
+                    self.recoveries.append(
+                        Recovery(pos + i, "repair", f"{h.node}: {h.repair}", h.downstream_ms)
+                    )
         if reply is None or not reply.has_token:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
         return StepResult(reply.token, hops)

@@ -21,6 +21,7 @@ def trace_to_dict(h: pb.HopTrace) -> dict[str, Any]:
         "bytes_out": h.bytes_out,
         "codec": h.codec,
         "kv_length": h.handle.length,
+        "repair": h.repair,
     }
 
 
