@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from nanoshard.checkpoint import save_hf_checkpoint
-from nanoshard.client.route import Route, RouteSession
+from nanoshard.client.route import Route
+from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.generation import Generation, LocalSession, generate, max_length_for
@@ -234,7 +235,7 @@ def run_chain(
 ) -> Generation:
     """``tokens`` decode steps (plus the prefill) along ``route``; stops early only at ``eot``."""
     max_length = max_length_for(len(ids), tokens + 1, block_size)
-    session = RouteSession(route, GREEDY, max_length, codec)
+    session = SwarmSession(route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0))
     try:
         return generate(session, ids, tokens + 1, block_size=block_size, eot_id=eot)
     finally:
@@ -267,7 +268,8 @@ def run_paired(route: Route, stage: Stage, ids: list[int], tokens: int, codec: s
         local_ms.append((time.perf_counter() - t0) * 1e3)
         expected.append(result.token)
 
-    session = RouteSession(route, GREEDY, max_length_for(len(ids), tokens + 1, block_size), codec)
+    max_length = max_length_for(len(ids), tokens + 1, block_size)
+    session = SwarmSession(route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0))
     try:
         gen = generate(session, ids, tokens + 1, block_size=block_size, on_token=lockstep)
     finally:

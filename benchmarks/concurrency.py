@@ -52,7 +52,8 @@ from common import (
 )
 
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.client.route import Route, RouteSession, route_from_addresses
+from nanoshard.client.route import Route, route_from_addresses
+from nanoshard.client.session import RetryPolicy, SwarmSession
 
 BATCH = 16
 STAGES = 3
@@ -99,7 +100,9 @@ def run_sessions(route: Route, prompts: list[list[int]], tokens: int, max_length
     def session_thread(s: int) -> None:
         session = None
         try:
-            session = RouteSession(route, GREEDY, max_length)
+            session = SwarmSession(
+                route, GREEDY, max_length, planner=None, retry=RetryPolicy(attempts=0)
+            )
             ids = prompts[s]
             out[s].append(session.step(ids, 0).token)
             prefilled.wait(timeout=300)

@@ -11,7 +11,7 @@ Speed (``--model``, default GPT-2 124M's shape with random weights, made once un
 - local: ``LocalSession`` + ``generate`` in this process, ``torch.set_num_threads(1)``
   (and 2 threads for reference);
 - chains of 1, 2 and 3 ``nanoshard-node serve`` processes on 127.0.0.1 (``--threads 1``
-  each) splitting the units evenly, driven by ``RouteSession`` + ``generate`` from here;
+  each) splitting the units evenly, driven by ``SwarmSession`` + ``generate`` from here;
   the longest chain once per codec.
 
 Configurations run interleaved, in a rotated order, ``--repeats`` times; ms/token is the

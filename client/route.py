@@ -1,29 +1,17 @@
-"""A session along a route of nodes: the client's side of the data plane.
-
-The client talks only to the first hop; each node forwards to the next. ``RouteSession``
-implements :class:`nanoshard.generation.Session`, so ``generate`` drives it exactly like
-the local reference path.
-"""
+"""Routes from the client's side: the chain of hops covering every unit, and how to build
+one from node addresses when no coordinator plans it. Sessions along a route live in
+``session.py``."""
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from nanoshard import rpc
-from nanoshard.codec import check_codec
-from nanoshard.errors import InvalidArgument, NanoshardError
-from nanoshard.generation import DEFAULT_PREFILL_CHUNK, StepResult
-from nanoshard.sampling import SamplingParams
+from nanoshard.errors import InvalidArgument
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
-
-_END = object()
 
 
 @dataclass
@@ -68,100 +56,3 @@ def route_from_addresses(addresses: list[str], timeout_s: float = 10.0) -> Route
     if len(model_ids) > 1:
         raise InvalidArgument(f"the nodes serve different models ({', '.join(sorted(model_ids))})")
     return Route(hops, n_units, model_ids.pop() if model_ids else "", names)
-
-
-class RouteSession:
-    """One generation along a route: open on every hop, steps over one stream, close."""
-
-    def __init__(
-        self,
-        route: Route,
-        params: SamplingParams,
-        max_length: int,
-        codec: str = "fp32",
-        *,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        timeout_s: float = 120.0,
-    ) -> None:
-        self.route = route
-        self.session_id = secrets.token_bytes(16)
-        self.prefill_chunk = prefill_chunk
-        self.timeout_s = timeout_s
-        self._step_id = 0
-        self._address = route.hops[0].addresses[0]
-        self._channel = channel(self._address)
-        self._stub = pb_grpc.NodeStub(self._channel)
-        spec = pb.SessionSpec(
-            session_id=self.session_id,
-            max_length=max_length,
-            codec=check_codec(codec),
-            sampling=pb.SamplingParams(
-                temperature=params.temperature,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                seed=params.seed,
-            ),
-        )
-        first = route.hops[0]
-        self._call(
-            self._stub.Open,
-            pb.OpenRequest(spec=spec, route=route.hops[1:], start=first.start, end=first.end),
-        )
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._replies: Iterator[pb.StepReply] = self._stub.Steps(iter(self._requests.get, _END))
-
-    def _call(self, method, request):  # type: ignore[no-untyped-def]
-        try:
-            return method(request, timeout=self.timeout_s)
-        except grpc.RpcError as err:
-            raise rpc.error_from_rpc(err, self._address) from None
-
-    def step(self, tokens: list[int], pos: int) -> StepResult:
-        hops: list[dict] = []
-        reply = None
-        for i in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[i : i + self.prefill_chunk]
-            self._step_id += 1
-            self._requests.put(
-                pb.StepRequest(
-                    session_id=self.session_id,
-                    step_id=self._step_id,
-                    pos=pos + i,
-                    tokens=pb.Tokens(ids=chunk),
-                    route=self.route.hops[1:],
-                    sample=i + len(chunk) == len(tokens),
-                )
-            )
-            try:
-                reply = next(self._replies)
-            except grpc.RpcError as err:
-                raise rpc.error_from_rpc(err, self._address) from None
-            except StopIteration:
-                raise NanoshardError(f"{self._address} ended the session stream") from None
-            hops.extend(trace_to_dict(h) for h in reply.hops)
-        if reply is None or not reply.has_token:
-            raise NanoshardError("the route answered no token: does its last hop hold the head?")
-        return StepResult(reply.token, hops)
-
-    def close(self) -> None:
-        self._requests.put(_END)
-        with contextlib.suppress(grpc.RpcError):  # else the nodes' TTL frees it
-            self._stub.Close(pb.CloseRequest(session_id=self.session_id), timeout=10)
-        self._channel.close()
-
-
-def trace_to_dict(h: pb.HopTrace) -> dict:
-    return {
-        "node": h.node,
-        "address": h.address,
-        "units": [h.start, h.end],
-        "queue_ms": h.queue_ms,
-        "compute_ms": h.compute_ms,
-        "batch": h.batch,
-        "total_ms": h.total_ms,
-        "downstream_ms": h.downstream_ms,
-        "bytes_in": h.bytes_in,
-        "bytes_out": h.bytes_out,
-        "codec": h.codec,
-        "kv_length": h.handle.length,
-    }

@@ -17,9 +17,10 @@ Every error is a :class:`nanoshard.errors.NanoshardError` (never a raw gRPC one)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from nanoshard.tokenizer import encoding_for
 from nanoshard.trace import summarize_hops
 
 from .route import Route, route_from_addresses
-from .session import Recovery, RetryPolicy, SwarmSession
+from .session import DEFAULT_TIMEOUT_S, Recovery, RetryPolicy, SwarmSession
 from .swarm import CoordinatorClient, find_coordinator
 
 
@@ -96,11 +97,12 @@ class Client:
         swarm: str | None = None,
         codec: str = "fp32",
         retry: RetryPolicy | None = None,
-        timeout_s: float = 120.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         """``coordinator`` is HOST:PORT, or None to find one by mDNS. With ``route`` (node
         addresses from embed to head) no coordinator is used and ``model`` names the
-        checkpoint whose tokenizer and shape the nodes serve."""
+        checkpoint whose tokenizer and shape the nodes serve. ``timeout_s`` bounds every
+        step and call: a node silent for longer counts as gone (failover takes over)."""
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
@@ -196,11 +198,12 @@ class Client:
         seed: int = 0,
         stop: str | Sequence[str] | None = None,
         codec: str | None = None,
-        on_token: Callable[[Token], object] | None = None,
+        on_token: Callable[[Token], bool | None] | None = None,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt`` (text or token ids). Temperature 0 is
         greedy; sampling is a pure function of ``seed`` and position; the text ends before
-        the first ``stop`` string; ``on_token`` sees each token as it arrives."""
+        the first ``stop`` string; ``on_token`` sees each token as it arrives (returning
+        True stops the generation there, with stop_reason "stop")."""
         ids = self.encode(prompt)
         max_length = max_length_for(len(ids), max_new_tokens, self.config.block_size)
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -238,10 +241,10 @@ class ChatSession:
         max_new_tokens: int = 100,
         *,
         stop: str | Sequence[str] | None = None,
-        on_token: Callable[[Token], object] | None = None,
+        on_token: Callable[[Token], bool | None] | None = None,
     ) -> GenerationResult:
         """Continue the text: feed ``prompt`` (may be empty after a first call) and generate.
-        ``on_token`` sees each token as it arrives."""
+        ``on_token`` sees each token as it arrives; returning True stops there."""
         client = self.client
         ids = client.encode(prompt) if prompt != "" else []
         feed = ([self.pending] if self.pending is not None else []) + ids
@@ -266,7 +269,8 @@ class ChatSession:
                     text = ""
                 else:
                     undecoded.clear()
-                on_token(Token(token, text))
+                if on_token(Token(token, text)):
+                    return True
             if stops:
                 text = client.encoding.decode(tokens, errors="replace")
                 return any(s in text for s in stops)
@@ -282,8 +286,14 @@ class ChatSession:
             on_token=each_token,
             start_pos=self.length,
         )
-        self.length += len(feed) + max(len(gen.token_ids) - 1, 0)
-        self.pending = gen.token_ids[-1] if gen.token_ids else None
+        if gen.stop_reason == "eot":
+            # Every generated token was fed (the <|endoftext|> was sampled, never fed): the
+            # next call starts from its own prompt.
+            self.length += len(feed) + len(gen.token_ids)
+            self.pending = None
+        else:  # the last token was sampled but not fed yet: the next call feeds it first
+            self.length += len(feed) + len(gen.token_ids) - 1
+            self.pending = gen.token_ids[-1]
         text = client.encoding.decode(gen.token_ids, errors="replace")
         for s in stops:
             if s in text:
@@ -316,15 +326,26 @@ class ChatSession:
         self.close()
 
 
-def _stream_in_thread(run: Callable[[Callable[[Token], object]], object]) -> Iterator[Token]:
-    """Run a generation on a thread (``run(on_token)``); yield its tokens as they arrive."""
+def _stream_in_thread(
+    run: Callable[[Callable[[Token], bool]], object], stop: threading.Event | None = None
+) -> Generator[Token, None, None]:
+    """Run a generation on a thread (``run(on_token)``); yield its tokens as they arrive.
+
+    When the consumer stops early (closes this generator, or breaks out of its loop) or
+    ``stop`` is set, the generation stops at its next token; closing waits for its thread.
+    """
     events: queue.SimpleQueue = queue.SimpleQueue()
     done = object()
     failure: list[BaseException] = []
+    stop = stop or threading.Event()
+
+    def on_token(token: Token) -> bool:
+        events.put(token)
+        return stop.is_set()
 
     def target() -> None:
         try:
-            run(events.put)
+            run(on_token)
         except BaseException as exc:  # re-raised in the consumer
             failure.append(exc)
         finally:
@@ -332,9 +353,12 @@ def _stream_in_thread(run: Callable[[Callable[[Token], object]], object]) -> Ite
 
     thread = threading.Thread(target=target, name="nanoshard-stream", daemon=True)
     thread.start()
-    while (token := events.get()) is not done:
-        yield token
-    thread.join()
+    try:
+        while (token := events.get()) is not done:
+            yield token
+    finally:  # also on close: the generation ends at its next token, and its session closes
+        stop.set()
+        thread.join()
     if failure:
         raise failure[0]
 
@@ -362,10 +386,21 @@ class AsyncClient:
         self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
     ) -> AsyncIterator[Token]:
         client = await self._get()
-        iterator = client.stream(prompt, max_new_tokens, **options)
+        stop = threading.Event()
+        iterator = _stream_in_thread(
+            lambda on_token: client.generate(prompt, max_new_tokens, on_token=on_token, **options),
+            stop,
+        )
         done = object()
-        while (token := await asyncio.to_thread(next, iterator, done)) is not done:
-            yield token  # type: ignore[misc]
+        try:
+            while (token := await asyncio.to_thread(next, iterator, done)) is not done:
+                yield token  # type: ignore[misc]
+        finally:  # the consumer stopped early (or was cancelled): stop the generation too
+            stop.set()
+            # A next() still running on a worker thread (cancelled above) cannot be joined
+            # here; the stop flag ends its generation all the same.
+            with contextlib.suppress(ValueError):
+                await asyncio.to_thread(iterator.close)
 
     async def status(self) -> dict[str, Any]:
         client = await self._get()

@@ -9,7 +9,10 @@ client is the first hop and the route as a whole:
   token ids it lacks, *in the chunks they were first sent in*, without forwarding (the
   later hops still hold their caches);
 - a hop behind the first is gone with all its replicas (the error names it): avoid it,
-  ask for a new route, open a new session and replay every step through it.
+  ask for a new route, open a new session and replay every step through it;
+- the answer to a step was lost after the first hop ran it: send the step again with the
+  same step id, so the hop answers again (or forwards its stored output) without recompute.
+  Refill and replay steps get fresh ids.
 
 Replaying the original chunks reproduces every cache bit for bit, and sampling is a pure
 function of (seed, position), so the tokens are those of a run without the failure.
@@ -21,9 +24,11 @@ import contextlib
 import logging
 import queue
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -37,15 +42,20 @@ from nanoshard.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from nanoshard.generation import StepResult
+from nanoshard.generation import DEFAULT_PREFILL_CHUNK, StepResult
 from nanoshard.sampling import SamplingParams
+from nanoshard.trace import trace_to_dict
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
+from nanoshard.wire import sampling_to_wire
 
-from .route import DEFAULT_PREFILL_CHUNK, Route, channel, trace_to_dict
+from .route import Route, channel
 
 log = logging.getLogger(__name__)
 _END = object()
+DEFAULT_TIMEOUT_S = 60.0  # per step and per call: a hop silent for longer counts as gone
+CLOSE_TIMEOUT_S = 10.0  # closing a session at the end of a generation
+ABANDON_TIMEOUT_S = 2.0  # closing a session left behind by a failover: best effort, brief
 
 
 @dataclass
@@ -63,7 +73,9 @@ class Recovery:
     """A failure the session recovered from, for the result's timings."""
 
     pos: int  # the step's position
-    kind: str  # "replica" (first hop replaced) | "reroute" (new route) | "refill"
+    # "retry" (same step again) | "replica" (first hop replaced) | "reroute" | "refill", or
+    # "repair" (a node replaced or refilled its next hop; detail names both)
+    kind: str
     detail: str
     ms: float
 
@@ -89,7 +101,8 @@ Planner = Callable[[list[str]], Route]  # avoid list -> a fresh route
 
 
 class FirstHop:
-    """The client's stream to the first hop of a route."""
+    """The client's stream to the first hop of a route. Every step has a deadline: a hop
+    that does not answer within ``timeout_s`` counts as gone."""
 
     def __init__(self, address: str, timeout_s: float) -> None:
         self.address = address
@@ -97,31 +110,63 @@ class FirstHop:
         self._channel = channel(address)
         self.stub = pb_grpc.NodeStub(self._channel)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._replies: Iterator[pb.StepReply] | None = None
+        self._call: Any = None  # the open Steps stream: an iterator of replies, with cancel()
 
-    def call(self, method: str, request: object) -> object:
+    def call(self, method: str, request: object, timeout_s: float | None = None) -> object:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout_s)
+            return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
             raise rpc.error_from_rpc(err, self.address) from None
 
     def step(self, request: pb.StepRequest) -> pb.StepReply:
-        if self._replies is None:
+        if self._call is None:
             self._requests = queue.SimpleQueue()
-            self._replies = self.stub.Steps(iter(self._requests.get, _END))
+            self._call = self.stub.Steps(iter(self._requests.get, _END))
+        call = self._call
         self._requests.put(request)
+        # The stream as a whole has no deadline (it lives as long as the session), so each
+        # step gets its own: cancelling the call wakes the read below.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            call.cancel()
+
+        timer = threading.Timer(self.timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        failure: BaseException | None = None
         try:
-            return next(self._replies)
-        except grpc.RpcError as err:
-            self._replies = None  # the stream ended with this error; the next step opens anew
-            raise rpc.error_from_rpc(err, self.address) from None
-        except StopIteration:
-            self._replies = None
-            raise Unavailable(f"{self.address} ended the session stream", [self.address]) from None
+            reply = next(call)
+        except (grpc.RpcError, StopIteration) as exc:
+            failure = exc
+        finally:
+            timer.cancel()
+            timer.join()  # a deadline firing right now has finished cancelling the call
+        if failure is None and not expired.is_set():
+            return reply
+        self._end_stream()  # the stream is over; the next step opens a new one
+        if failure is None:
+            return reply  # answered just as the deadline cancelled the stream
+        if expired.is_set():
+            raise Unavailable(
+                f"{self.address}: no answer to the step at position {request.pos} within "
+                f"{self.timeout_s:g} s",
+                [self.address],
+            )
+        if isinstance(failure, StopIteration):
+            raise Unavailable(f"{self.address} ended the session stream", [self.address])
+        raise rpc.error_from_rpc(failure, self.address) from None  # type: ignore[arg-type]
+
+    def _end_stream(self) -> None:
+        # gRPC reads the requests on a thread of its own, blocked on this queue until told
+        # the stream is over: without the end marker that thread would live forever.
+        self._requests.put(_END)
+        self._call = None
 
     def close(self) -> None:
-        if self._replies is not None:
-            self._requests.put(_END)
+        if self._call is not None:
+            self._end_stream()
         self._channel.close()
 
 
@@ -152,6 +197,8 @@ class SwarmSession:
 
     Implements :class:`nanoshard.generation.Session`. ``planner`` gives a fresh route
     avoiding some addresses (None: the route is fixed, only its replicas can stand in).
+    With ``planner=None`` and ``RetryPolicy(attempts=0)`` it is a plain session along a
+    fixed route: any failure is raised at once.
     """
 
     def __init__(
@@ -164,7 +211,7 @@ class SwarmSession:
         planner: Planner | None = None,
         retry: RetryPolicy | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        timeout_s: float = 120.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.params, self.max_length = params, max_length
         self.codec = check_codec(codec)
@@ -184,14 +231,11 @@ class SwarmSession:
     # ---- the route's ends -------------------------------------------------------------
 
     def _spec(self) -> pb.SessionSpec:
-        p = self.params
         return pb.SessionSpec(
             session_id=self.session_id,
             max_length=self.max_length,
             codec=self.codec,
-            sampling=pb.SamplingParams(
-                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed
-            ),
+            sampling=sampling_to_wire(self.params),
         )
 
     def _first_candidates(self) -> list[str]:
@@ -219,22 +263,39 @@ class SwarmSession:
                 self.avoid.add([address])
                 errors.append(str(exc))
                 continue
-            if self.first is not None:
-                self.first.close()
-            self.first = first
+            old, self.first = self.first, first
+            if old is not None:
+                # Close reaches every later hop, and those keep this session (that is the
+                # point of switching only the first hop): close it only where nothing
+                # follows. Elsewhere the old hop's TTL frees it.
+                if len(self.route.hops) == 1 and old.address != address:
+                    self._abandon(old, self.session_id)
+                old.close()
             return reply.length  # type: ignore[attr-defined]
         raise Unavailable(
             f"no node could open units [{hop.start}, {hop.end}): " + "; ".join(errors),
             list(candidates),
         )
 
+    @staticmethod
+    def _abandon(first: FirstHop, session_id: bytes) -> None:
+        """Close a session left behind, so its nodes free their KV memory now rather than
+        at their TTL. Best effort and brief: the node may well be gone."""
+        with contextlib.suppress(NanoshardError):
+            first.call("Close", pb.CloseRequest(session_id=session_id), ABANDON_TIMEOUT_S)
+
     # ---- steps ------------------------------------------------------------------------
 
-    def _request(self, pos: int, ids: list[int], *, forward: bool, sample: bool) -> pb.StepRequest:
+    def _next_step_id(self) -> int:
         self._step_id += 1
+        return self._step_id
+
+    def _request(
+        self, step_id: int, pos: int, ids: list[int], *, forward: bool, sample: bool
+    ) -> pb.StepRequest:
         return pb.StepRequest(
             session_id=self.session_id,
-            step_id=self._step_id,
+            step_id=step_id,
             pos=pos,
             tokens=pb.Tokens(ids=ids),
             route=self.route.hops[1:] if forward else [],
@@ -250,13 +311,23 @@ class SwarmSession:
             reply = self._send(pos + i, chunk, sample=last)
             self.history.chunks.append((pos + i, chunk))
             hops.extend(trace_to_dict(h) for h in reply.hops)
+            for h in reply.hops:  # repairs made behind the first hop show in the traces
+                if h.repair:
+                    self.recoveries.append(
+                        Recovery(pos + i, "repair", f"{h.node}: {h.repair}", h.downstream_ms)
+                    )
         if reply is None or not reply.has_token:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
         return StepResult(reply.token, hops)
 
     def _send(self, pos: int, ids: list[int], *, sample: bool) -> pb.StepReply:
+        # One step id for every attempt: a node that ran the step already (and whose answer
+        # was lost) then answers it again, or forwards its stored output, instead of
+        # refusing a second copy of positions it holds.
+        step_id = self._next_step_id()
         delay = self.retry.backoff_s
         last_error: NanoshardError | None = None
+        ahead = 0  # answers "I hold more than pos" to this step
         for attempt in range(self.retry.attempts + 1):
             if attempt:
                 time.sleep(delay)
@@ -264,15 +335,19 @@ class SwarmSession:
             started = time.perf_counter()
             try:
                 if last_error is not None:
-                    self._recover(last_error, pos, started)
+                    self._recover(last_error, pos, len(ids), ahead, started)
                 assert self.first is not None
-                return self.first.step(self._request(pos, ids, forward=True, sample=sample))
+                request = self._request(step_id, pos, ids, forward=True, sample=sample)
+                return self.first.step(request)
             except (Unavailable, NotFound, CacheMismatch) as exc:
                 log.info("step at %d failed (%s); recovering", pos, exc)
                 last_error = exc
+                if isinstance(exc, CacheMismatch) and exc.length > pos:
+                    ahead += 1
         raise Unavailable(f"gave up after {self.retry.attempts} recoveries: {last_error}")
 
-    def _recover(self, error: NanoshardError, pos: int, started: float) -> None:
+    def _recover(self, error: NanoshardError, pos: int, n: int, ahead: int, started: float) -> None:
+        """Make the next attempt of the step at ``pos`` (``n`` tokens) possible."""
         assert self.first is not None
         address = self.first.address
         if isinstance(error, Unavailable) and error.failed and address not in error.failed:
@@ -280,14 +355,24 @@ class SwarmSession:
             self.avoid.add(error.failed)
             self._reroute(pos)
             kind, detail = "reroute", f"{', '.join(error.failed)} unreachable"
-        elif isinstance(error, CacheMismatch):
+        elif isinstance(error, CacheMismatch) and error.length > pos and ahead < 2:
+            # It ran this step before (the answer was lost): the same step id gets its
+            # stored output answered or forwarded again, nothing recomputed.
+            kind, detail = "retry", f"{address} already held {error.length} positions"
+        elif isinstance(error, CacheMismatch) and error.length <= pos:
             self._refill(error.length, pos)
             kind, detail = "refill", f"{address} held {error.length} of {pos} positions"
-        else:  # the first hop is gone, or lost the session
-            if isinstance(error, Unavailable):
+        else:  # the first hop is gone, lost the session, or cannot answer this step again
+            if not isinstance(error, NotFound):
                 self.avoid.add([address])
             try:
                 have = self._open_first(self._first_candidates())
+                if have > pos and (have != pos + n or ahead >= 2):
+                    raise Unavailable(
+                        f"{self.first.address} holds {have} positions, more than the {pos} "
+                        "sent, and cannot answer this step again",
+                        [self.first.address],
+                    )
                 self._refill(have, pos)
                 kind, detail = "replica", f"{address} -> {self.first.address}"
             except Unavailable as exc:  # no node of that stage left: a new route
@@ -297,30 +382,32 @@ class SwarmSession:
         self.recoveries.append(Recovery(pos, kind, detail, (time.perf_counter() - started) * 1e3))
 
     def _refill(self, have: int, pos: int) -> None:
-        """Bring the first hop from ``have`` to ``pos`` positions, without forwarding."""
+        """Bring the first hop from ``have`` to ``pos`` positions, without forwarding (the
+        later hops hold them). A hop already past ``pos`` gets nothing."""
         assert self.first is not None
-        if have > pos:
-            raise FailedPrecondition(
-                f"{self.first.address} holds {have} positions, more than the {pos} sent"
-            )
         for start, ids in self.history.since(have):
-            self.first.step(self._request(start, ids, forward=False, sample=False))
+            request = self._request(self._next_step_id(), start, ids, forward=False, sample=False)
+            self.first.step(request)
 
     def _reroute(self, pos: int) -> None:
         """A new route and a new session on it, refilled with everything sent so far."""
         if self.planner is None:
             raise Unavailable("a hop of this fixed route is gone and no coordinator can re-plan it")
-        self.route = self.planner(self.avoid.now())
+        route = self.planner(self.avoid.now())
+        if self.first is not None:  # the old route's nodes free the old session now
+            self._abandon(self.first, self.session_id)
+        self.route = route
         self.session_id = secrets.token_bytes(16)
         self._open_first(self._first_candidates())
         assert self.first is not None
         for start, ids in self.history.since(0):
-            self.first.step(self._request(start, ids, forward=True, sample=False))
+            request = self._request(self._next_step_id(), start, ids, forward=True, sample=False)
+            self.first.step(request)
 
     def close(self) -> None:
         if self.first is None:
             return
-        with contextlib.suppress(NanoshardError):
-            self.first.call("Close", pb.CloseRequest(session_id=self.session_id))
+        with contextlib.suppress(NanoshardError):  # else the nodes' TTL frees it
+            self.first.call("Close", pb.CloseRequest(session_id=self.session_id), CLOSE_TIMEOUT_S)
         self.first.close()
         self.first = None

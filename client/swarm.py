@@ -28,7 +28,9 @@ def find_coordinator(
     swarm: str | None = None,
     timeout_s: float = 5.0,
 ) -> str:
-    """The coordinator's HOST:PORT: the one given, else the first that answers on mDNS."""
+    """The coordinator's HOST:PORT: the one given, else one advertised on mDNS (of this
+    protocol version, and of ``swarm`` when given): the first found, or the first by name
+    if several were seen at once. Whether it answers is not checked here."""
     if address:
         return address
     found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,24 @@ class SamplingParams:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        # The wire carries them as float32: round here too, so this process and every node
+        # divide by the very same number (and sample the same tokens from a seed).
+        top_p = float32(self.top_p)
+        if top_p == 0.0:
+            raise InvalidArgument(f"top_p {self.top_p} is below float32's range: use >= 1e-38")
+        object.__setattr__(self, "temperature", float32(self.temperature))
+        object.__setattr__(self, "top_p", top_p)
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgument(f"seed must fit in 64 bits, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest float32, as the wire carries it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def uniform(seed: int, position: int) -> float:

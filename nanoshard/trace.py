@@ -1,8 +1,29 @@
-"""Per-hop timing summaries from the traces each step brings back."""
+"""Per-hop traces each step brings back, and timing summaries of them."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from nanoshard.v1 import node_pb2 as pb
+
+
+def trace_to_dict(h: pb.HopTrace) -> dict[str, Any]:
+    """One hop's trace of one step, as the SDK's results and ``--json`` carry it."""
+    return {
+        "node": h.node,
+        "address": h.address,
+        "units": [h.start, h.end],
+        "queue_ms": h.queue_ms,
+        "compute_ms": h.compute_ms,
+        "total_ms": h.total_ms,
+        "downstream_ms": h.downstream_ms,
+        "bytes_in": h.bytes_in,
+        "bytes_out": h.bytes_out,
+        "codec": h.codec,
+        "kv_length": h.handle.length,
+        "repair": h.repair,
+        "batch": h.batch,
+    }
 
 
 def summarize_hops(steps: list[list[dict[str, Any]]], step_ms: list[float]) -> list[dict[str, Any]]:

@@ -156,19 +156,25 @@ class Forwarder:
 
     async def step(
         self, session: NodeSession, route: list[pb.Hop], request: pb.StepRequest
-    ) -> pb.StepReply:
+    ) -> tuple[pb.StepReply, str]:
         """Send a step to the next hop. If that hop lost the session or part of its cache,
         reopen and refill it from the replay material; if it is gone, try its replicas.
-        Bounded: a few repairs per replica, each replica once."""
+        Bounded: a few repairs per replica, each replica once. Returns the reply and what
+        was repaired ("" if nothing)."""
         failures: list[str] = []
         failed: list[str] = []
         for address in self._candidates(session, route[0]):
             have: int | None = None  # positions the hop holds, once a repair is needed
             for _ in range(3):  # a refill can race with expiry or a restart
                 try:
+                    repair = ""
                     if have is not None:
                         await self._refill(session, route, address, have, request)
-                    return await self._use_link(session, address).step(request)
+                        repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
+                    reply = await self._use_link(session, address).step(request)
+                    if failures:
+                        repair = "; ".join([*failures, repair or f"switched to {address}"])
+                    return reply, repair
                 except CacheMismatch as exc:
                     self._drop_link(session)
                     have = exc.length

@@ -311,7 +311,7 @@ class NodeService(pb_grpc.NodeServicer):
                     sample=req.sample,
                 )
                 sent_at = time.perf_counter()
-                down = await self.forward.step(session, route, down_req)
+                down, trace.repair = await self.forward.step(session, route, down_req)
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 reply.has_token, reply.token = down.has_token, down.token
                 reply.hops.extend(down.hops)

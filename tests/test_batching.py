@@ -15,7 +15,8 @@ import torch
 from swarm import Swarm
 
 from nanoshard.checkpoint import save_hf_checkpoint
-from nanoshard.client.route import RouteSession, route_from_addresses
+from nanoshard.client.route import route_from_addresses
+from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.generation import LocalSession, generate
@@ -182,7 +183,13 @@ def test_batching_node_answers_each_of_8_sessions_as_alone(tiny_model: Path) -> 
         start = threading.Barrier(SESSIONS)
 
         def run(s: int) -> None:
-            session = RouteSession(route, GREEDY, len(prompts[s]) + NEW_TOKENS)
+            session = SwarmSession(
+                route,
+                GREEDY,
+                len(prompts[s]) + NEW_TOKENS,
+                planner=None,
+                retry=RetryPolicy(attempts=0),
+            )
             try:
                 start.wait(timeout=30)
                 results[s] = generate(session, prompts[s], NEW_TOKENS, block_size=TINY.block_size)

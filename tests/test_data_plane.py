@@ -14,7 +14,8 @@ from swarm import Swarm, nanoshard
 
 from nanoshard import rpc
 from nanoshard.checkpoint import save_hf_checkpoint
-from nanoshard.client.route import Route, RouteSession, route_from_addresses
+from nanoshard.client.route import Route, route_from_addresses
+from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
 from nanoshard.generation import generate
@@ -27,6 +28,12 @@ pytestmark = pytest.mark.slow
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
 PROMPT = "It was the best of times, it was the worst of times"
+
+
+def fixed_session(route: Route, max_length: int) -> SwarmSession:
+    """A greedy session along a fixed route, failing at once (no failover of the client's)."""
+    greedy = SamplingParams(temperature=0)
+    return SwarmSession(route, greedy, max_length, planner=None, retry=RetryPolicy(attempts=0))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +280,7 @@ def test_bad_input_gets_a_status_and_the_node_keeps_serving(
 
     # ... and everyone is still served: a valid generation through the same nodes
     route = route_from_addresses(tiny_chain)
-    session = RouteSession(route, SamplingParams(temperature=0), max_length=40)
+    session = fixed_session(route, max_length=40)
     gen = generate(session, [464, 3290, 373], 20, block_size=TINY.block_size)
     session.close()
     assert len(gen.token_ids) == 20
@@ -342,12 +349,12 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
         reference_route = route_from_addresses([a, b, c])
-        ref = RouteSession(reference_route, SamplingParams(temperature=0), max_length=60)
+        ref = fixed_session(reference_route, max_length=60)
         expected = generate(ref, prompt, 40, block_size=TINY.block_size).token_ids
         ref.close()
 
         route = route_from_addresses([a, b, c])
-        session = RouteSession(route, SamplingParams(temperature=0), max_length=60)
+        session = fixed_session(route, max_length=60)
         tokens: list[int] = []
         result = session.step(prompt, 0)
         for _ in range(20):

