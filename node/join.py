@@ -311,7 +311,6 @@ class Volunteer:
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]  # a stage that cannot load ends the node
             info = self.plane.service
-            lat = sorted(info._latencies)
             request = cpb.HeartbeatRequest(
                 node_id=self.node_id,
                 ready=self.ready is not None,
@@ -322,7 +321,7 @@ class Volunteer:
                     kv_bytes_used=self.plane.sessions.used_bytes,
                     kv_bytes_budget=self.plane.sessions.budget_bytes,
                     queue_length=self.plane.worker.queue_length,
-                    step_ms_p50=lat[len(lat) // 2] if lat else 0.0,
+                    step_ms_p50=info.step_ms_p50,
                 ),
             )
             try:

@@ -423,9 +423,14 @@ class NodeService(pb_grpc.NodeServicer):
         self._latencies.append(ms)
         del self._latencies[:-200]
 
+    @property
+    def step_ms_p50(self) -> float:
+        """Median time of the last 200 steps here (this hop and those after it)."""
+        lat = sorted(self._latencies)
+        return lat[len(lat) // 2] if lat else 0.0
+
     @handles_errors
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.NodeInfo:
-        lat = sorted(self._latencies)
         stage = self.stage
         param = next(stage.parameters()) if stage is not None else None
         return pb.NodeInfo(
@@ -441,7 +446,7 @@ class NodeService(pb_grpc.NodeServicer):
             kv_bytes_used=self.sessions.used_bytes,
             kv_bytes_budget=self.sessions.budget_bytes,
             queue_length=self.worker.queue_length,
-            step_ms_p50=lat[len(lat) // 2] if lat else 0.0,
+            step_ms_p50=self.step_ms_p50,
             epoch=self.identity.epoch,
             protocol_version=PROTOCOL_VERSION,
         )
