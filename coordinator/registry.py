@@ -67,7 +67,7 @@ class Registry:
         # A (re)started coordinator first lets the swarm re-register: until then, nodes that
         # still hold a stage keep it and nothing is re-placed, so a restart moves nothing.
         self.settle_until = settle_until
-        self.settled = settle_until <= 0
+        self.settled = settle_until <= 0  # 0: no window (tests of placement alone)
         self.nodes: dict[str, NodeRecord] = {}
         self.version = 0  # placement version, bumped on every change
         self.units: list[UnitCost] = unit_costs(config)
@@ -90,9 +90,17 @@ class Registry:
             self.replan()
 
     def settle(self, now: float) -> None:
-        """End the re-registration window after a start: place whoever is here."""
-        if not self.settled and now >= self.settle_until:
-            self.settled = True
+        """End the re-registration window after a start. If the stages the nodes came back
+        with still serve every unit, they stay as they are (a restart moves nothing);
+        otherwise, or if a newcomer waits for a stage, place everyone."""
+        if self.settled or now < self.settle_until:
+            return
+        self.settled = True
+        counts = [0] * self.config.n_units
+        for r in self.nodes.values():
+            for u in range(*(r.assigned or (0, 0))):
+                counts[u] += 1
+        if min(counts) == 0 or any(r.assigned is None for r in self.nodes.values()):
             self.replan()
 
     def leave(self, node_id: str) -> bool:

@@ -52,8 +52,7 @@ async def serve(
         store.config,
         replicas=config.replicas,
         heartbeat_timeout_s=config.heartbeat_timeout,
-        # nodes of a swarm that outlived a previous coordinator re-join within a heartbeat
-        settle_until=time.monotonic() + 2 * config.heartbeat_interval,
+        settle_until=float("inf"),  # set once the coordinator answers, below
     )
     epoch = secrets.token_bytes(8)
     service = CoordinatorService(
@@ -88,6 +87,12 @@ async def serve(
         address,
         config.swarm,
         config.replicas,
+    )
+    # Nodes of a swarm that outlived a previous coordinator re-join at their next heartbeat
+    # (a node still silent after a heartbeat timeout would count as gone anyway): until
+    # then, nothing is re-placed.
+    registry.settle_until = (
+        time.monotonic() + config.heartbeat_timeout + 2 * config.heartbeat_interval
     )
     if on_ready:
         on_ready(address)

@@ -39,7 +39,8 @@ def wait_until(what: str, check: Callable[[], object], timeout: float = 60.0) ->
 
 def covered(client: CoordinatorClient, nodes: int | None = None) -> dict | None:
     status = status_json(client.status())
-    healthy = [n for n in status["nodes"] if n["healthy"]]
+    # healthy, and serving what placement assigned (not still loading a new stage)
+    healthy = [n for n in status["nodes"] if n["healthy"] and n["serving"] == n["stage"]]
     if nodes is not None and len(healthy) != nodes:
         return None
     if all(u["replicas"] >= 1 for u in status["units"]) and len(healthy) == len(status["nodes"]):
