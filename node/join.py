@@ -35,11 +35,9 @@ from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .capacity import load_or_measure, to_wire
 from .server import DataPlane
-from .weights import fetch_stage, verify_local_stage
+from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "nanoshard"
 
 
 @dataclass
@@ -56,7 +54,7 @@ class JoinConfig:
     device: str = "auto"
     dtype: str = "fp32"
     name: str = ""
-    cache_dir: Path = field(default_factory=lambda: DEFAULT_CACHE_DIR)
+    cache_dir: Path = field(default_factory=lambda: DEFAULT_CACHE_DIR.expanduser())
     swarm: str = "default"
     threads: int = 0
     batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone

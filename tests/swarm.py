@@ -76,45 +76,19 @@ class Swarm:
         self.procs.append(proc)
         return proc
 
+    @staticmethod
+    def serve_args(model: str, units: str, *extra: str) -> list[str]:
+        return [str(BIN / "nanoshard-node"), "serve", "--model", model, "--units", units,
+                "--port", "0", "--threads", "1", *extra]  # fmt: skip
+
     def node(self, model: str, units: str, *extra: str) -> tuple[Proc, str]:
         """Start ``nanoshard-node serve`` and wait for its address."""
-        proc = self.start(
-            [
-                str(BIN / "nanoshard-node"),
-                "serve",
-                "--model",
-                model,
-                "--units",
-                units,
-                "--port",
-                "0",
-                "--threads",
-                "1",
-                *extra,
-            ]
-        )
+        proc = self.start(self.serve_args(model, units, *extra))
         return proc, proc.wait_for(LISTENING).group(1)
 
     def chain(self, model: str, splits: list[str], *extra: str) -> list[str]:
         """Start one node per stage (in parallel) and return their addresses in order."""
-        procs = [
-            self.start(
-                [
-                    str(BIN / "nanoshard-node"),
-                    "serve",
-                    "--model",
-                    model,
-                    "--units",
-                    units,
-                    "--port",
-                    "0",
-                    "--threads",
-                    "1",
-                    *extra,
-                ]
-            )
-            for units in splits
-        ]
+        procs = [self.start(self.serve_args(model, units, *extra)) for units in splits]
         return [p.wait_for(LISTENING).group(1) for p in procs]
 
     def coordinator(self, *extra: str, port: int = 0) -> tuple[Proc, str]:
