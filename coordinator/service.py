@@ -31,7 +31,7 @@ from .routing import plan_route, route_ms
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16", "int8")
 
 
 def handles_errors(method: Callable) -> Callable:

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(g)
     g.add_argument("--codec", default="fp32", help=CODECS_HELP)
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--local")
+    g.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="--local"
+    )
     add_mdns_options(g)
 
     c = sub.add_parser("coordinator", help="run a swarm's coordinator")

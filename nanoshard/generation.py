@@ -137,7 +137,7 @@ class LocalSession:
     def step(self, tokens: list[int], pos: int) -> StepResult:
         if not tokens:
             raise InvalidArgument("a step needs at least one token")
-        device = next(self.stage.parameters()).device
+        device = self.stage.device
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         with torch.inference_mode():
             for i in range(0, len(tokens), self.prefill_chunk):

@@ -32,7 +32,7 @@ import msgpack
 import torch
 
 from nanoshard.config import GPTConfig
-from nanoshard.engine import DTYPES, Stage, parse_dtype
+from nanoshard.engine import DTYPES, Stage, parse_dtype, weights_name
 from nanoshard.errors import InvalidArgument
 from nanoshard.v1 import coordinator_pb2 as pb
 
@@ -74,15 +74,10 @@ def _device(device: torch.device | str) -> torch.device:
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
-    if isinstance(dtype, str):
-        try:
-            dtype = parse_dtype(dtype)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise InvalidArgument(f"unsupported weights dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    try:
+        return weights_name(parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 # ---- measuring --------------------------------------------------------------------------
@@ -117,7 +112,7 @@ def _random_stage(config: GPTConfig, unit: int, device: torch.device, dtype: tor
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(0)  # the node's own random streams are left as they were
         stage = Stage(config, unit, unit + 1)
-    return stage.to(dtype).eval()
+    return stage.to_weights(dtype).eval()
 
 
 def _median_ms(step: Callable[[], object], device: torch.device) -> float:
@@ -144,7 +139,8 @@ def measure_timings(
     device = _device(device)
     dtype = DTYPES[_dtype_name(dtype)]
     gen = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(1, config.n_embd, generator=gen, device=device).to(dtype)
+    act = torch.float32 if dtype == torch.int8 else dtype
+    x = torch.randn(1, config.n_embd, generator=gen, device=device).to(act)
     with torch.inference_mode():
         block_ms = _time_block(config, device, dtype, x, gen)
         head = _random_stage(config, config.head_unit, device, dtype)
@@ -163,7 +159,7 @@ def _time_block(
     context = min(CONTEXT, config.block_size - 1)
     block = _random_stage(config, 1, device, dtype)
     cache = block.new_cache(context + 1)
-    block(torch.randn(context, config.n_embd, generator=gen, device=device).to(dtype), cache)
+    block(torch.randn(context, config.n_embd, generator=gen, device=device).to(x.dtype), cache)
     # Every timed step writes position `context` again: the same work each time.
     return _median_ms(lambda: block(x, cache, pos=context), device)
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default)")
     s.add_argument("--name", default=d.name, help="node name shown in traces and status")
     s.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
-    s.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16", "int8"])
     s.add_argument(
         "--kv-memory",
         type=parse_size,
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for weights and KV caches (default: half of what is free)",
     )
     j.add_argument("--device", default=jd.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
-    j.add_argument("--dtype", default=jd.dtype, choices=["fp32", "bf16", "fp16"])
+    j.add_argument("--dtype", default=jd.dtype, choices=["fp32", "bf16", "fp16", "int8"])
     j.add_argument("--name", default=jd.name, help="node name shown in status and traces")
     j.add_argument(
         "--cache-dir",

@@ -286,9 +286,7 @@ class Volunteer:
         stage: Stage = await self.plane.load(
             lambda: Stage.from_tensors(config, start, end, tensors, dtype, device)
         )
-        weights = (
-            sum(t.numel() for t in stage.parameters()) * next(stage.parameters()).element_size()
-        )
+        weights = stage.weight_nbytes
         self.plane.sessions.budget_bytes = max(self.capacity.memory_bytes - weights, 64 * 2**20)
         self.plane.service.set_stage(stage)  # new sessions go here; open ones finish on theirs
         self.ready = (start, end)

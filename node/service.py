@@ -123,8 +123,7 @@ class NodeService(pb_grpc.NodeServicer):
     @staticmethod
     def reservation_bytes(stage: Stage, spec: SessionSpec) -> int:
         """KV cache plus replay material (at most fp32 activations for every position)."""
-        dtype = next(stage.parameters()).dtype
-        kv = KVCache.nbytes_for(stage.config, stage.n_blocks, spec.max_length, dtype)
+        kv = KVCache.nbytes_for(stage.config, stage.n_blocks, spec.max_length, stage.act_dtype)
         replay = 0 if stage.has_head else spec.max_length * stage.config.n_embd * 4
         return kv + replay
 
@@ -339,8 +338,7 @@ class NodeService(pb_grpc.NodeServicer):
         kind = req.WhichOneof("input")
         stage, spec = session.stage, session.spec
         config = stage.config
-        param = next(stage.parameters())
-        device, dtype = param.device, param.dtype
+        device, dtype = stage.device, stage.act_dtype
         if stage.has_embed:
             if kind != "tokens":
                 raise InvalidArgument(
@@ -432,7 +430,6 @@ class NodeService(pb_grpc.NodeServicer):
     @handles_errors
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.NodeInfo:
         stage = self.stage
-        param = next(stage.parameters()) if stage is not None else None
         return pb.NodeInfo(
             name=self.identity.name,
             address=self.identity.address,
@@ -440,8 +437,8 @@ class NodeService(pb_grpc.NodeServicer):
             start=stage.start if stage else 0,
             end=stage.end if stage else 0,
             n_units=stage.config.n_units if stage else 0,
-            device=str(param.device) if param is not None else "",
-            dtype=str(param.dtype).removeprefix("torch.") if param is not None else "",
+            device=str(stage.device) if stage else "",
+            dtype=stage.weights if stage else "",
             sessions=len(self.sessions),
             kv_bytes_used=self.sessions.used_bytes,
             kv_bytes_budget=self.sessions.budget_bytes,

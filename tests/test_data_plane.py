@@ -375,3 +375,16 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
                 assert [h["kv_length"] for h in result.hops] == [len(prompt) + 21] * 3
         session.close()
         assert tokens == expected
+
+
+def test_int8_weights_on_nodes_equal_local_int8(tiny_model: Path) -> None:
+    """`--dtype int8` nodes (weight-only int8) say so in Info and give exactly the local
+    int8 path's tokens: quantization is per stage, so the split does not change it."""
+    with Swarm() as swarm:
+        chain = swarm.chain(str(tiny_model), ["0:3", "3:6"], "--dtype", "int8")
+        info = stub(chain[0]).Info(pb.InfoRequest(), timeout=10)
+        assert info.dtype == "int8"
+        common = ["--model", str(tiny_model), "--max-new-tokens", "40", PROMPT]
+        local = run_json("--local", "--dtype", "int8", *common)
+        routed = run_json("--route", ",".join(chain), *common)
+    assert routed["token_ids"] == local["token_ids"]

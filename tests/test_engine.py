@@ -41,16 +41,19 @@ def run_chain(stages: list[Stage], prompt: torch.Tensor, steps: list[int]) -> li
     return out
 
 
-def check_every_split(config: GPTConfig, weights: dict[str, torch.Tensor]) -> int:
+def check_every_split(
+    config: GPTConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> int:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (12,), generator=gen)
     steps = torch.randint(0, config.vocab_size, (DECODE_STEPS,), generator=gen).tolist()
-    full = run_chain([Stage.from_tensors(config, 0, config.n_units, weights)], prompt, steps)
+    whole = Stage.from_tensors(config, 0, config.n_units, weights, dtype)
+    full = run_chain([whole], prompt, steps)
     stage_cache: dict[tuple[int, int], Stage] = {}
     count = 0
     for split in splits(config.n_units):
         stages = [
-            stage_cache.setdefault((a, b), Stage.from_tensors(config, a, b, weights))
+            stage_cache.setdefault((a, b), Stage.from_tensors(config, a, b, weights, dtype))
             for a, b in split
         ]
         got = run_chain(stages, prompt, steps)
@@ -60,8 +63,9 @@ def check_every_split(config: GPTConfig, weights: dict[str, torch.Tensor]) -> in
     return count
 
 
-def test_every_split_is_bit_identical_tiny(tiny_config: GPTConfig, tiny_weights) -> None:
-    assert check_every_split(tiny_config, tiny_weights) == 1 + 4 + 6 + 4  # C(4, 0..3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_every_split_is_bit_identical_tiny(tiny_config: GPTConfig, tiny_weights, dtype) -> None:
+    assert check_every_split(tiny_config, tiny_weights, dtype) == 1 + 4 + 6 + 4  # C(4, 0..3)
 
 
 def test_every_split_is_bit_identical_demo() -> None:
@@ -94,15 +98,35 @@ def test_kv_cache_decoding_equals_recomputation(tiny_config: GPTConfig, tiny_wei
         assert torch.allclose(torch.cat([a, b]), whole, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 def test_lower_precision_weights_run(tiny_config: GPTConfig, tiny_weights, dtype) -> None:
     full = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
     low = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights, dtype=dtype)
     ids = torch.arange(20) % tiny_config.vocab_size
     with torch.inference_mode():
         ref, got = full(ids, all_logits=True), low(ids, all_logits=True)
-    assert got.dtype == dtype
+    assert got.dtype == (torch.float32 if dtype == torch.int8 else dtype)
     assert torch.allclose(got.float(), ref, atol=0.05), (got.float() - ref).abs().max()
+    assert low.weight_nbytes < full.weight_nbytes
+
+
+def test_int8_weights_follow_fp32_on_the_demo_model() -> None:
+    """Weight-only int8 (activations quantized on the fly where fbgemm runs the product)
+    picks fp32's top token at nearly every position of real text."""
+    ckpt = open_checkpoint("demo")
+    config = ckpt.config
+    full, low = (ckpt.load_stage(0, config.n_units, d) for d in (torch.float32, torch.int8))
+    assert low.weights == "int8" and full.weights == "fp32"
+    ids = torch.randint(0, config.vocab_size, (1,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():  # a greedy fp32 text, then both models read all of it
+        cache = full.new_cache(config.block_size)
+        seq = [int(ids[0])]
+        for p in range(config.block_size - 1):
+            seq.append(int(full(torch.tensor(seq[-1:]), cache, p).argmax()))
+        ref = full(torch.tensor(seq), all_logits=True)
+        got = low(torch.tensor(seq), all_logits=True)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
 
 
 def test_units_are_validated(tiny_config: GPTConfig) -> None:
