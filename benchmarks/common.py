@@ -45,6 +45,22 @@ LISTENING = re.compile(r"listening on (\S+)")
 
 GPT2_124M = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
 
+# Accuracy prompts for the demo model (Shakespeare), used in turn until enough positions.
+PROMPTS = (
+    "ROMEO:\nBut soft, what light through yonder window breaks?",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "KING RICHARD III:\nNow is the winter of our discontent",
+    "HAMLET:\nTo be, or not to be, that is the question:",
+    "MACBETH:\nIs this a dagger which I see before me,",
+    "PORTIA:\nThe quality of mercy is not strain'd,",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
+    "PROSPERO:\nWe are such stuff as dreams are made on,",
+    "KING LEAR:\nBlow, winds, and crack your cheeks! rage! blow!",
+    "OTHELLO:\nIt is the cause, it is the cause, my soul,",
+    "BRUTUS:\nThere is a tide in the affairs of men,",
+    "HELENA:\nLove looks not with the eyes, but with the mind,",
+)
+
 
 # ---- models ---------------------------------------------------------------------------
 
@@ -323,3 +339,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """Position by position against fp32's greedy tokens; and how long each stayed equal."""
+    compared = sum(len(a) for a in reference)
+    same = sum(
+        x == y for a, b in zip(reference, other, strict=True) for x, y in zip(a, b, strict=False)
+    )
+    prefix = 0
+    for a, b in zip(reference, other, strict=True):
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        prefix += n
+    return {
+        "compared": compared,
+        "agree": same,
+        "agreement": round(same / compared, 4) if compared else None,
+        "identical_prefix": prefix,
+        "sequences_identical": sum(a == b for a, b in zip(reference, other, strict=True)),
+    }

@@ -46,9 +46,11 @@ import torch
 from common import (
     BENCH_CACHE,
     GPT2_124M,
+    PROMPTS,
     RESULTS,
     Nodes,
     Paired,
+    agreement,
     even_splits,
     load_average,
     machine_info,
@@ -85,20 +87,6 @@ DEFINITIONS = {
 }
 CODECS = ("fp32", "fp16", "bf16", "int8", "int8-64")
 SPEED_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, "
-PROMPTS = (
-    "ROMEO:\nBut soft, what light through yonder window breaks?",
-    "First Citizen:\nBefore we proceed any further, hear me speak.",
-    "KING RICHARD III:\nNow is the winter of our discontent",
-    "HAMLET:\nTo be, or not to be, that is the question:",
-    "MACBETH:\nIs this a dagger which I see before me,",
-    "PORTIA:\nThe quality of mercy is not strain'd,",
-    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
-    "PROSPERO:\nWe are such stuff as dreams are made on,",
-    "KING LEAR:\nBlow, winds, and crack your cheeks! rage! blow!",
-    "OTHELLO:\nIt is the cause, it is the cause, my soul,",
-    "BRUTUS:\nThere is a tide in the affairs of men,",
-    "HELENA:\nLove looks not with the eyes, but with the mind,",
-)
 
 
 @dataclass(frozen=True)
@@ -278,27 +266,6 @@ def codec_bytes(speed: dict, names: tuple[str, ...]) -> list[dict]:
 
 
 # ---- quality ----------------------------------------------------------------------------
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
-    """Position by position against fp32's greedy tokens; and how long each stayed equal."""
-    compared = sum(len(a) for a in reference)
-    same = sum(
-        x == y for a, b in zip(reference, other, strict=True) for x, y in zip(a, b, strict=False)
-    )
-    prefix = 0
-    for a, b in zip(reference, other, strict=True):
-        n = next(
-            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-        )
-        prefix += n
-    return {
-        "compared": compared,
-        "agree": same,
-        "agreement": round(same / compared, 4) if compared else None,
-        "identical_prefix": prefix,
-        "sequences_identical": sum(a == b for a, b in zip(reference, other, strict=True)),
-    }
 
 
 @torch.inference_mode()

@@ -98,6 +98,9 @@ def prepack_int8(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 class Int8Linear(nn.Module):
     """A ``nn.Linear`` with int8 weights (see ``quantize_rows``) and its float bias."""
 
+    weight_q: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         q, scale = quantize_rows(linear.weight)
@@ -116,6 +119,9 @@ class Int8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """``wte`` with int8 rows: looks tokens up (embed) and projects onto the vocabulary
     (the tied lm_head) with the same per-row scales."""
+
+    weight_q: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
