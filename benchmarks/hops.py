@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
@@ -225,14 +226,42 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
             ]
             row["tokens_match_local"] = all(same)
         results.append(row)
+    prefill = measure_prefill(stage, routes[biggest], enc, opts)
     return {
         "model": str(ckpt.path),
         "config": config.to_dict(),
+        "prefill": prefill,
         "definitions": DEFINITIONS,
         "prompt_tokens": len(ids),
         "decode_tokens": opts.tokens,
         "repeats": opts.repeats,
         "configs": results,
+    }
+
+
+def measure_prefill(stage: Stage, route: Route, enc: Any, opts: argparse.Namespace) -> dict:
+    """A ``--prefill-tokens`` prompt (chunks of 128, as every path sends it) to its first
+    token: locally and through the longest chain, interleaved, ``--repeats`` x 2 times."""
+    ids = (enc.encode(SPEED_TEXT) * opts.prefill_tokens)[: opts.prefill_tokens]
+    block = stage.config.block_size
+    local: list[float] = []
+    chain: list[float] = []
+    for r in range(2 * opts.repeats + 1):  # the first pair warms up
+        pair = [
+            lambda: local.append(run_local(stage, ids, 0, 1).prefill_ms),
+            lambda: chain.append(run_chain(route, ids, 0, "fp32", block).prefill_ms),
+        ]
+        for run in pair if r % 2 else pair[::-1]:
+            run()
+        if r == 0:
+            local.clear()
+            chain.clear()
+    return {
+        "prompt_tokens": len(ids),
+        "nodes": len(route.hops),
+        "local_ms": round(median(local), 1),
+        "chain_ms": round(median(chain), 1),
+        "ratio_to_local": round(median([c / lo for c, lo in zip(chain, local, strict=True)]), 4),
     }
 
 
@@ -378,6 +407,12 @@ def render_markdown(result: dict) -> str:
         "overhead/hop ms|compute ms (sum)|tokens = local"
     )
     out += [markdown_table(header.split("|"), rows), ""]
+    pre = speed["prefill"]
+    out.append(
+        f"\nPrefill of a {pre['prompt_tokens']}-token prompt to its first token: local "
+        f"{pre['local_ms']} ms, {pre['nodes']} nodes {pre['chain_ms']} ms, "
+        f"x local {pre['ratio_to_local']:.3f} (median of paired runs).\n"
+    )
     out.append("\nWhere each hop's time goes (median ms per decode token):\n")
     rows = [
         [r["name"], i + 1, units([h["units"]]), ms(h["transfer_ms"]), ms(h["handling_ms"]),
@@ -423,6 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, help="decode tokens per run (default 64; quick 8)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
+    p.add_argument("--prefill-tokens", type=int, help="prefill prompt (default 512; quick 64)")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick 1)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and tokens, 1 thread only")
     p.add_argument("--model", help="speed model (default: random GPT-2 124M, made once)")
@@ -434,6 +470,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     quick = opts.quick
     opts.tokens = opts.tokens or (8 if quick else 64)
+    opts.prefill_tokens = opts.prefill_tokens or (64 if quick else 512)
     opts.repeats = opts.repeats or (1 if quick else 3)
     opts.agree_tokens = opts.agree_tokens or (64 if quick else 512)
     opts.chains = sorted({int(k) for k in opts.chains.split(",")})

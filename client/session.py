@@ -100,6 +100,50 @@ class Avoid:
 Planner = Callable[[list[str]], Route]  # avoid list -> a fresh route
 
 
+class Watchdog:
+    """Cancels a call whose deadline has passed. One thread for a stream's whole life, so a
+    step costs two lock round trips, not a thread of its own."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._call: Any = None
+        self._deadline: float | None = None
+        self._fired = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="step-deadline", daemon=True)
+        self._thread.start()
+
+    def arm(self, call: Any, timeout_s: float) -> None:
+        with self._cond:
+            self._call, self._deadline, self._fired = call, time.monotonic() + timeout_s, False
+            self._cond.notify()
+
+    def disarm(self) -> bool:
+        """Stop watching; True if the deadline fired (and the call was cancelled)."""
+        with self._cond:
+            self._deadline, self._call = None, None
+            return self._fired
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._fired, self._deadline = True, None
+                self._call.cancel()  # wakes the step blocked reading the call
+
+
 class FirstHop:
     """The client's stream to the first hop of a route. Every step has a deadline: a hop
     that does not answer within ``timeout_s`` counts as gone."""
@@ -111,6 +155,7 @@ class FirstHop:
         self.stub = pb_grpc.NodeStub(self._channel)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call: Any = None  # the open Steps stream: an iterator of replies, with cancel()
+        self._watchdog = Watchdog()
 
     def call(self, method: str, request: object, timeout_s: float | None = None) -> object:
         try:
@@ -126,29 +171,20 @@ class FirstHop:
         self._requests.put(request)
         # The stream as a whole has no deadline (it lives as long as the session), so each
         # step gets its own: cancelling the call wakes the read below.
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            call.cancel()
-
-        timer = threading.Timer(self.timeout_s, expire)
-        timer.daemon = True
-        timer.start()
+        self._watchdog.arm(call, self.timeout_s)
         failure: BaseException | None = None
         try:
             reply = next(call)
         except (grpc.RpcError, StopIteration) as exc:
             failure = exc
         finally:
-            timer.cancel()
-            timer.join()  # a deadline firing right now has finished cancelling the call
-        if failure is None and not expired.is_set():
+            expired = self._watchdog.disarm()  # waits out a deadline firing right now
+        if failure is None and not expired:
             return reply
         self._end_stream()  # the stream is over; the next step opens a new one
         if failure is None:
             return reply  # answered just as the deadline cancelled the stream
-        if expired.is_set():
+        if expired:
             raise Unavailable(
                 f"{self.address}: no answer to the step at position {request.pos} within "
                 f"{self.timeout_s:g} s",
@@ -167,6 +203,7 @@ class FirstHop:
     def close(self) -> None:
         if self._call is not None:
             self._end_stream()
+        self._watchdog.close()
         self._channel.close()
 
 

@@ -11,6 +11,7 @@ there.)
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, cast
@@ -293,11 +294,12 @@ class Stage(nn.Module):
                 sub.transformer[name] = self.transformer[name]
         return sub.eval()
 
-    @property
+    # Read on every step, so worked out once: a stage is not moved or cast once it serves.
+    @functools.cached_property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @property
+    @functools.cached_property
     def act_dtype(self) -> torch.dtype:
         """The dtype activations and the KV cache run in: the weights' float dtype (fp32
         when the weights are int8: their LayerNorms, biases and ``wpe`` stay fp32)."""

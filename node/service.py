@@ -285,7 +285,7 @@ class NodeService(pb_grpc.NodeServicer):
                 # The cache moves on in the worker whatever happens to this call, so what the
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.
-                job = asyncio.ensure_future(self.worker.run(run))
+                job = self.worker.submit(run)
                 job.add_done_callback(
                     functools.partial(self._record, session, req.step_id, req.pos, n_tokens)
                 )

@@ -122,13 +122,17 @@ class ComputeWorker:
     def queue_length(self) -> int:
         return self._jobs.qsize()
 
-    async def run(self, fn: Callable[[], T]) -> Timed:
-        """Run ``fn()`` on the worker thread; await its result (exceptions propagate).
-        A one-token ``StageStep`` may run batched with others queued beside it."""
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[Timed]:
+        """Queue ``fn()`` for the worker thread; the future settles with its result (or
+        exception). A one-token ``StageStep`` may run batched with others queued beside it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Timed] = loop.create_future()
         self._jobs.put(_Job(fn, loop, future, time.perf_counter()))
-        return await future
+        return future
+
+    async def run(self, fn: Callable[[], T]) -> Timed:
+        """Run ``fn()`` on the worker thread and await it."""
+        return await self.submit(fn)
 
     def close(self) -> None:
         self._jobs.put(None)
