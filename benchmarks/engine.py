@@ -13,7 +13,7 @@ under ``.cache/bench/gpt2-124m-random``; greedy; the same torch thread count for
   decode ms/token = (time of ``generate(n + 1)`` - time of ``generate(1)``) / n, so the
   prompt's prefill is taken out as it is for ours;
 - ``nanoGPT-style``: no cache, as nanoGPT's ``GPT.generate`` does: every token re-runs the
-  whole context (here 500 tokens), with this engine's modules.
+  whole context (500 tokens), with this engine's modules.
 
 Weights (``--dtype`` of nodes and ``generate --local``): fp32, bf16 and int8 (weight-only:
 int8 rows with a bf16 scale each; on CPU the products run in fbgemm's dynamic int8 Linear)
@@ -134,22 +134,31 @@ def measure_peers(opts: argparse.Namespace) -> dict:
     stage = ckpt.load_stage(0, config.n_units)
     hf = GPT2LMHeadModel.from_pretrained(ckpt.path, torch_dtype=torch.float32).eval()
     tokens, slow_tokens = opts.tokens, max(2, opts.tokens // 16)
+    long = min(LONG_CONTEXT, config.block_size - tokens - 2)
     rows = []
     for threads in opts.threads:
         torch.set_num_threads(threads)
         runs = {
             "nanoshard": lambda: nanoshard_decode(stage, PROMPT_TOKENS, tokens),
             "transformers": lambda: hf_decode(hf, PROMPT_TOKENS, tokens),
-            "nanoshard@500": lambda: nanoshard_decode(stage, LONG_CONTEXT, tokens),
-            "transformers@500": lambda: hf_decode(hf, LONG_CONTEXT, tokens),
-            "nanoGPT-style no cache@500": lambda: nocache_decode(stage, LONG_CONTEXT, slow_tokens),
+            "nanoshard, long context": lambda: nanoshard_decode(stage, long, tokens),
+            "transformers, long context": lambda: hf_decode(hf, long, tokens),
+            "nanoGPT-style no cache, long context": lambda: nocache_decode(
+                stage, long, slow_tokens
+            ),
         }
         got = interleaved(runs, opts.repeats)
         for name, samples in got.items():
-            ref = got["nanoshard@500" if "500" in name else "nanoshard"]
+            ref = got["nanoshard, long context" if "long" in name else "nanoshard"]
             rows.append({"threads": threads, **row(name, samples, ref)})
     torch.set_num_threads(1)
-    return {"model": str(ckpt.path), "config": config.to_dict(), "rows": rows}
+    return {
+        "model": str(ckpt.path),
+        "config": config.to_dict(),
+        "prompt_tokens": PROMPT_TOKENS,
+        "long_context": long,
+        "rows": rows,
+    }
 
 
 def measure_weights_speed(opts: argparse.Namespace) -> dict:
@@ -254,6 +263,10 @@ def render_markdown(result: dict) -> str:
         f"load {m['load_average_start']} -> {m['load_average_end']}",
         "",
         "## Decode ms/token against the peers (GPT-2 124M shape, random weights, greedy)",
+        "",
+        f"Context {result['peers']['prompt_tokens']} tokens, and {result['peers']['long_context']}"
+        " for the long-context rows. x nanoshard: the row's ms/token over nanoshard's at the same"
+        " context and threads (> 1: slower than nanoshard).",
         "",
     ]
     peers = result["peers"]["rows"]

@@ -9,8 +9,10 @@ Then ``--joiners`` nodes join one after another, each a new ``nanoshard-node joi
 --coordinator ...`` process with an empty cache folder (so it measures its capacity and
 fetches every byte of its stage from the coordinator). The time of each is wall time from
 ``Popen`` to the node's line "serving units [a, b)"; its phases come from when its log
-lines appear: process start and imports (to "measuring capacity" or the first line),
-capacity measured, joined and assigned, stage fetched, loaded and serving.
+lines appear: process start, imports and the capacity measurement; join and assignment;
+the stage fetched and loaded. The first joiner meets a coordinator that has just started,
+which waits a heartbeat timeout for nodes it may have had before it places anything (so a
+restart moves nothing); the later ones join the swarm as it runs.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ LISTENING = re.compile(r"listening on (\S+)")
 SERVING = re.compile(r"serving units \[(\d+), (\d+)\)")
 # Log lines that end each phase (the first line matching each, in this order).
 PHASES = (
-    ("capacity", re.compile(r"capacity on ")),
-    ("joined", re.compile(r"assigned units")),
-    ("serving", SERVING),
+    ("start_and_capacity", re.compile(r"capacity on ")),
+    ("join_and_assign", re.compile(r"assigned units")),
+    ("fetch_and_load", SERVING),
 )
 
 
@@ -108,9 +110,6 @@ def join_once(coordinator: str, cache_dir: Path, timeout_s: float) -> tuple[dict
     try:
         total, match = node.wait_for(SERVING, timeout_s)
         phases, last = {}, 0.0
-        first_line = node.lines[0][0] if node.lines else total
-        phases["start_and_imports"] = round(first_line, 2)
-        last = first_line
         for name, pattern in PHASES:
             at = node.wait_for(pattern, 1)[0]
             phases[name] = round(at - last, 2)
@@ -160,14 +159,13 @@ def render_markdown(result: dict) -> str:
     m = result["machine"]
     rows = [
         [
-            r["joiner"],
+            f"{r['joiner']}" + (" (fresh coordinator)" if r["joiner"] == 1 else ""),
             f"{r['units'][0]}:{r['units'][1]}",
             round(r["fetched_bytes"] / 2**20, 1),
             r["seconds"],
-            r["phases"]["start_and_imports"],
-            r["phases"]["capacity"],
-            r["phases"]["joined"],
-            r["phases"]["serving"],
+            r["phases"]["start_and_capacity"],
+            r["phases"]["join_and_assign"],
+            r["phases"]["fetch_and_load"],
         ]
         for r in result["joins"]
     ]
@@ -176,8 +174,7 @@ def render_markdown(result: dict) -> str:
         "units",
         "MB fetched",
         "s to serving",
-        "start + imports",
-        "capacity",
+        "start, imports, capacity",
         "join + assign",
         "fetch + load",
     ]

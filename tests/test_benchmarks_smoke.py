@@ -1,4 +1,4 @@
-"""benchmarks/hops.py end to end on a tiny model, so the measurement script cannot rot."""
+"""The benchmark scripts end to end on a tiny model, so the measurements cannot rot."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     script = ROOT / "benchmarks" / "hops.py"
     args = [
         "--quick", "--chains=2", "--tokens=3", "--prompt-tokens=8", "--agree-tokens=20",
+        "--prefill-tokens=40",
         f"--model={tiny_model}", f"--agree-model={tiny_model}", f"--out={out}",
     ]  # fmt: skip
     done = subprocess.run(
@@ -102,6 +103,10 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
         assert 0 < quality[name]["max_abs_logit_error"] < 1.0, name
         assert quality[name]["compared"] == fp32["compared"]
 
+    prefill = result["speed"]["prefill"]
+    assert prefill["prompt_tokens"] == 40 and prefill["nodes"] == 2
+    assert prefill["local_ms"] > 0 and prefill["ratio_to_local"] > 0
+
     markdown = (out / "hops.md").read_text()
     assert "| codec | bytes/token/hop |" in markdown
     assert markdown in done.stdout
@@ -128,3 +133,43 @@ def test_concurrency_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert rows[(1, 3)]["mean_batch"] == 1.0  # without --batch every step runs alone
     assert rows[(1, 3)]["same_tokens"] == 3  # the unbatched chain is deterministic
     assert (out / "concurrency.md").read_text() in done.stdout
+
+
+def run_script(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_engine_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run_script("engine", "--quick", f"--model={tiny_model}", "--agree-tokens=24", f"--out={out}")
+    result = json.loads((out / "engine.json").read_text())
+    peers = {r["name"]: r for r in result["peers"]["rows"]}
+    assert set(peers) >= {"nanoshard", "transformers", "nanoGPT-style no cache, long context"}
+    assert all(r["ms_per_token"] > 0 and r["ratio"] > 0 for r in peers.values())
+    assert peers["nanoshard"]["ratio"] == 1.0
+    speed = {r["weights"]: r for r in result["weights_speed"]["rows"]}
+    assert set(speed) == {"fp32", "bf16", "int8"}
+    assert speed["int8"]["weight_mb"] < speed["bf16"]["weight_mb"] < speed["fp32"]["weight_mb"]
+    quality = {r["weights"]: r for r in result["weights_quality"]["rows"]}
+    assert quality["fp32"]["teacher_forced_top1"] == 1.0
+    assert quality["fp32"]["max_abs_logit_error"] == 0.0
+    assert quality["int8"]["positions"] >= 24
+
+
+def test_join_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run_script("join", "--joiners=2", f"--model={tiny_model}", f"--out={out}")
+    assert processes_mentioning(str(tiny_model)) == []
+    joins = json.loads((out / "join.json").read_text())["joins"]
+    assert [j["joiner"] for j in joins] == [1, 2]
+    for j in joins:
+        assert 0 < j["seconds"] < 120 and j["fetched_bytes"] > 0
+        assert j["units"][1] > j["units"][0]
+        assert set(j["phases"]) == {"start_and_capacity", "join_and_assign", "fetch_and_load"}
