@@ -10,6 +10,7 @@ import grpc
 
 from nanoshard import rpc
 from nanoshard.errors import InvalidArgument
+from nanoshard.security import Security
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
@@ -36,15 +37,13 @@ class Route:
             raise InvalidArgument(f"the route stops at unit {expected} of {self.n_units}")
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=rpc.channel_options())
-
-
-def route_from_addresses(addresses: list[str], timeout_s: float = 10.0) -> Route:
+def route_from_addresses(
+    addresses: list[str], timeout_s: float = 10.0, security: Security | None = None
+) -> Route:
     """Ask each node what it serves; the given order must chain embed to head."""
     hops, n_units, model_ids, names = [], 0, set(), {}
     for address in addresses:
-        with channel(address) as ch:
+        with rpc.open_channel(address, security) as ch:
             try:
                 info = pb_grpc.NodeStub(ch).Info(pb.InfoRequest(), timeout=timeout_s)
             except grpc.RpcError as err:

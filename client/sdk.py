@@ -22,6 +22,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import tiktoken
@@ -31,6 +32,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
+from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 from nanoshard.trace import summarize_hops
@@ -98,16 +100,22 @@ class Client:
         codec: str = "fp32",
         retry: RetryPolicy | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        swarm_key: str | SwarmKey | None = None,
+        tls_ca: str | Path | None = None,
     ) -> None:
         """``coordinator`` is HOST:PORT, or None to find one by mDNS. With ``route`` (node
         addresses from embed to head) no coordinator is used and ``model`` names the
         checkpoint whose tokenizer and shape the nodes serve. ``timeout_s`` bounds every
-        step and call: a node silent for longer counts as gone (failover takes over)."""
+        step and call: a node silent for longer counts as gone (failover takes over).
+        A private swarm wants its ``swarm_key`` (default: ``$NANOSHARD_SWARM_KEY``) and,
+        if it runs TLS, ``tls_ca``: the CA that signed its servers' certificates."""
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
+        key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
+        self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
         if route is not None:
-            self._route = route_from_addresses(list(route))
+            self._route = route_from_addresses(list(route), security=self.security)
             checkpoint = open_checkpoint(model)
             self.config: GPTConfig = checkpoint.config
             self.encoding: tiktoken.Encoding = encoding_for(checkpoint.path)
@@ -116,8 +124,13 @@ class Client:
                     f"the route serves a model of {self._route.n_units} units, {model} has {self.config.n_units}"
                 )
         else:
-            address = find_coordinator(coordinator, mdns_interfaces=mdns_interfaces, swarm=swarm)
-            self._coordinator = CoordinatorClient(address)
+            address = find_coordinator(
+                coordinator,
+                mdns_interfaces=mdns_interfaces,
+                swarm=swarm,
+                tls=self.security.tls_ca is not None,
+            )
+            self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
         special = self.encoding.special_tokens_set
@@ -145,6 +158,7 @@ class Client:
             planner=planner,
             retry=self.retry,
             timeout_s=self.timeout_s,
+            security=self.security,
         )
 
     def status(self) -> dict[str, Any]:

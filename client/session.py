@@ -44,12 +44,13 @@ from nanoshard.errors import (
 )
 from nanoshard.generation import DEFAULT_PREFILL_CHUNK, StepResult
 from nanoshard.sampling import SamplingParams
+from nanoshard.security import Security
 from nanoshard.trace import trace_to_dict
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 from nanoshard.wire import sampling_to_wire
 
-from .route import Route, channel
+from .route import Route
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -148,10 +149,10 @@ class FirstHop:
     """The client's stream to the first hop of a route. Every step has a deadline: a hop
     that does not answer within ``timeout_s`` counts as gone."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, security: Security | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = channel(address)
+        self._channel = rpc.open_channel(address, security)
         self.stub = pb_grpc.NodeStub(self._channel)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call: Any = None  # the open Steps stream: an iterator of replies, with cancel()
@@ -249,7 +250,9 @@ class SwarmSession:
         retry: RetryPolicy | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        security: Security | None = None,
     ) -> None:
+        self.security = security
         self.params, self.max_length = params, max_length
         self.codec = check_codec(codec)
         self.planner = planner
@@ -285,7 +288,7 @@ class SwarmSession:
         hop = self.route.hops[0]
         errors: list[str] = []
         for address in candidates:
-            first = FirstHop(address, self.timeout_s)
+            first = FirstHop(address, self.timeout_s, self.security)
             try:
                 reply = first.call(
                     "Open",

@@ -11,7 +11,8 @@ import tiktoken
 
 from nanoshard import discovery, rpc
 from nanoshard.config import GPTConfig
-from nanoshard.errors import NotFound
+from nanoshard.errors import FailedPrecondition, NotFound
+from nanoshard.security import Security
 from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -27,10 +28,12 @@ def find_coordinator(
     mdns_interfaces: list[str] | None = None,
     swarm: str | None = None,
     timeout_s: float = 5.0,
+    tls: bool = False,
 ) -> str:
     """The coordinator's HOST:PORT: the one given, else one advertised on mDNS (of this
     protocol version, and of ``swarm`` when given): the first found, or the first by name
-    if several were seen at once. Whether it answers is not checked here."""
+    if several were seen at once. Whether it answers is not checked here; whether it needs
+    TLS (its TXT record says) is: without ``tls`` that is an error naming the flag."""
     if address:
         return address
     found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm)
@@ -38,16 +41,22 @@ def find_coordinator(
         raise NotFound(
             f"no coordinator answered on mDNS within {timeout_s:.0f} s: pass --coordinator HOST:PORT"
         )
+    if found.properties.get("tls") == "1" and not tls:
+        raise FailedPrecondition(
+            f"the coordinator at {found.target} needs TLS: pass --tls-ca (the swarm's CA)"
+        )
     return found.target
 
 
 class CoordinatorClient:
     """A synchronous stub for the control-plane calls a client makes."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = 10.0, security: Security | None = None
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=rpc.channel_options())
+        self._channel = rpc.open_channel(address, security)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._card: cpb.ModelCard | None = None
 

@@ -14,6 +14,7 @@ import grpc
 from nanoshard import rpc
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.discovery import Advert, Advertiser, coordinator_properties
+from nanoshard.security import Security
 
 from .model import ModelStore
 from .registry import Registry
@@ -39,6 +40,7 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 6.0  # a node silent this long is out
     name: str = "coordinator"
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+    security: Security = field(default_factory=Security)  # swarm key and TLS
     extra: dict = field(default_factory=dict)
 
 
@@ -61,10 +63,11 @@ async def serve(
         swarm=config.swarm,
         heartbeat_interval_s=config.heartbeat_interval,
         epoch=epoch,
+        security=config.security,
     )
     server = grpc.aio.server(options=rpc.server_options(config.max_message_bytes))
     server.add_generic_rpc_handlers((service.rpc_handler(),))
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = rpc.add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     await server.start()
@@ -76,7 +79,7 @@ async def serve(
             f"{config.name}-{epoch.hex()[:8]}",
             config.host,
             port,
-            coordinator_properties(epoch.hex(), config.swarm),
+            coordinator_properties(epoch.hex(), config.swarm, tls=config.security.tls),
         )
         advertiser = await asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
     log.info(

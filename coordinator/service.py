@@ -21,7 +21,9 @@ from nanoshard.errors import (
     InvalidArgument,
     NanoshardError,
     NotFound,
+    Unauthenticated,
 )
+from nanoshard.security import Security, identity_of
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
@@ -86,7 +88,9 @@ class CoordinatorService:
         heartbeat_interval_s: float,
         epoch: bytes,
         clock: Callable[[], float] = time.monotonic,
+        security: Security | None = None,
     ) -> None:
+        self.security = security or Security()
         self.store = store
         self.registry = registry
         self.swarm = swarm
@@ -106,7 +110,13 @@ class CoordinatorService:
                 "GetModelCard": ("unary", self.GetModelCard, cpb.ModelCardRequest),
                 "FetchTensors": ("server_stream", self.FetchTensors, cpb.FetchRequest),
             },
+            guard=self.security.check,
         )
+
+    def _as_itself(self, node_id: str, context: Any) -> None:
+        """In a swarm with a key, a node joins, heartbeats and leaves only as itself."""
+        if self.security.key is not None and identity_of(context) != node_id:
+            raise Unauthenticated(f"this token is not node {node_id[:16]!r}'s own")
 
     def _stage(self, start: int, end: int, what: str) -> tuple[int, int]:
         if not 0 <= start < end <= self.registry.config.n_units:
@@ -115,6 +125,7 @@ class CoordinatorService:
 
     @handles_errors
     async def Join(self, request: cpb.JoinRequest, context: Any) -> cpb.JoinReply:
+        self._as_itself(request.node_id, context)
         if request.protocol_version != PROTOCOL_VERSION:
             raise FailedPrecondition(
                 f"this node speaks protocol v{request.protocol_version}, the coordinator "
@@ -157,6 +168,7 @@ class CoordinatorService:
 
     @handles_errors
     async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any) -> cpb.HeartbeatReply:
+        self._as_itself(request.node_id, context)
         ready = self._stage(request.start, request.end, "ready stage") if request.ready else None
         ld = request.load
         load = Load(
@@ -171,6 +183,7 @@ class CoordinatorService:
 
     @handles_errors
     async def Leave(self, request: cpb.LeaveRequest, context: Any) -> cpb.LeaveReply:
+        self._as_itself(request.node_id, context)
         self.registry.leave(request.node_id)
         return cpb.LeaveReply()
 

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import tiktoken
 
@@ -28,6 +29,7 @@ from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
+from nanoshard.security import add_security_args, read_key, security_from_args
 from nanoshard.tokenizer import encoding_for
 
 CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values), int8-64"
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="--local"
     )
     add_mdns_options(g)
+    add_security_args(g, server=False)
 
     c = sub.add_parser("coordinator", help="run a swarm's coordinator")
     d = CoordinatorConfig()
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node silent this long is out (default 6)",
     )
     add_mdns_options(c, advertise=True)
+    add_security_args(c)
 
     dm = sub.add_parser("demo", help="a coordinator and N nodes on this machine, and a generation")
     dd = DemoConfig()
@@ -104,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     add_mdns_options(st)
+    add_security_args(st, server=False)
+
+    ce = sub.add_parser("certs", help="make a CA and TLS certificates for a LAN swarm")
+    ce.add_argument("folder", type=Path, help="where to write ca.pem and HOST.{pem,key}")
+    ce.add_argument(
+        "--hosts",
+        required=True,
+        metavar="H1,H2,...",
+        help="the names and IP addresses the swarm's servers are reached by",
+    )
+    ce.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
     return parser
 
 
@@ -197,6 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model=args.model,
             mdns_interfaces=args.mdns_interfaces,
             codec=args.codec,
+            swarm_key=read_key(args.swarm_key, args.swarm_key_file),
+            tls_ca=args.tls_ca,
         ) as client:
             result = client.generate(
                 args.prompt,
@@ -253,6 +270,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         mdns_interfaces=args.mdns_interfaces,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
+        security=security_from_args(args, identity="coordinator"),
     )
     if config.replicas < 1:
         raise InvalidArgument("--replicas must be at least 1")
@@ -286,9 +304,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nanoshard.client.swarm import CoordinatorClient, find_coordinator
     from nanoshard.statusview import status_json, status_table
 
-    coordinator = CoordinatorClient(
-        find_coordinator(args.coordinator, mdns_interfaces=args.mdns_interfaces, swarm=args.swarm)
+    security = security_from_args(args)
+    address = find_coordinator(
+        args.coordinator,
+        mdns_interfaces=args.mdns_interfaces,
+        swarm=args.swarm,
+        tls=security.tls_ca is not None,
     )
+    coordinator = CoordinatorClient(address, security=security)
     if args.json:
         print(json.dumps(status_json(coordinator.status())))
         return 0
@@ -302,6 +325,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             live.update(status_table(coordinator.status()))
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from nanoshard.certs import make_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    for path in make_certs(args.folder, hosts, args.days):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -311,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         "coordinator": cmd_coordinator,
         "status": cmd_status,
         "demo": cmd_demo,
+        "certs": cmd_certs,
     }
     run_cli("nanoshard", lambda: commands[args.command](args))
 

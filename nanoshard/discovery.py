@@ -11,6 +11,7 @@ TXT schema (all values are strings; a TXT entry is at most 255 bytes):
     swarm   swarm / model id              device  "cpu", "cuda:0", ...
     mem     free memory, bytes            speed   measured speed (the node's own unit)
     stage   current stage "start-end", or "" when the node serves none yet
+    tls     "1" when the service's gRPC needs TLS (connect with --tls-ca), else "0"
 
 Which interfaces mDNS uses is the caller's choice (``--mdns-interface``): ``None`` means
 every interface, which is what a real LAN wants; tests and demos on this machine pass
@@ -157,9 +158,11 @@ def node_properties(
     free_mem: int,
     speed: float,
     stage: tuple[int, int] | None = None,
+    tls: bool = False,
 ) -> dict[str, str]:
     """The TXT record of a node advert (see the schema at the top of this module)."""
     return {
+        "tls": "1" if tls else "0",
         "id": node_id,
         "proto": str(PROTOCOL_VERSION),
         "swarm": swarm,
@@ -170,9 +173,10 @@ def node_properties(
     }
 
 
-def coordinator_properties(coordinator_id: str, swarm: str) -> dict[str, str]:
-    """The TXT record of a coordinator advert."""
-    return {"id": coordinator_id, "proto": str(PROTOCOL_VERSION), "swarm": swarm}
+def coordinator_properties(coordinator_id: str, swarm: str, tls: bool = False) -> dict[str, str]:
+    """The TXT record of a coordinator advert (``tls``: its gRPC needs TLS)."""
+    props = {"id": coordinator_id, "proto": str(PROTOCOL_VERSION), "swarm": swarm}
+    return props | {"tls": "1" if tls else "0"}
 
 
 def stage_txt(stage: tuple[int, int] | None) -> str:

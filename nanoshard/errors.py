@@ -41,6 +41,10 @@ class Unavailable(NanoshardError):
         self.failed = failed or []
 
 
+class Unauthenticated(NanoshardError):
+    """The call carries no valid swarm token (a private swarm, and a wrong or missing key)."""
+
+
 class Internal(NanoshardError):
     """Something failed inside a peer (a bug, or its device ran out of memory)."""
 

@@ -4,11 +4,13 @@ exceptions become gRPC statuses (and back)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
 
 from nanoshard import errors
+from nanoshard.security import Security, TokenInterceptor
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
@@ -22,6 +24,7 @@ STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Internal: grpc.StatusCode.INTERNAL,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
@@ -48,6 +51,32 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
     ]
+
+
+def open_channel(
+    address: str, security: Security | None = None, *, aio: bool = False, **options: int
+) -> Any:
+    """A channel to ``address`` (a ``grpc.aio`` one with ``aio``): over TLS when
+    ``security`` names a CA. Every channel of nanoshard is made here."""
+    opts = channel_options(**options)
+    creds = security.channel_credentials() if security else None
+    mod: Any = grpc.aio if aio else grpc
+    if creds is None:
+        channel = mod.insecure_channel(address, options=opts)
+    else:
+        channel = mod.secure_channel(address, creds, options=opts)
+    if security is not None and security.key is not None and not aio:
+        # asyncio callers pass ``security.metadata()`` per call; sync ones get it here
+        channel = grpc.intercept_channel(channel, TokenInterceptor(security))
+    return channel
+
+
+def add_port(server: Any, address: str, security: Security | None = None) -> int:
+    """Listen on ``address``: over TLS when ``security`` has a certificate."""
+    creds = security.server_credentials() if security else None
+    if creds is None:
+        return int(server.add_insecure_port(address))
+    return int(server.add_secure_port(address, creds))
 
 
 def status_of(exc: errors.NanoshardError) -> grpc.StatusCode:
@@ -100,13 +129,21 @@ def _parse(cls: Any, raw: bytes) -> Any:
         ) from None
 
 
+Guard = Callable[[Any], None]  # raises a NanoshardError to refuse a call (before parsing)
+
+
+def _no_guard(context: Any) -> None:
+    return None
+
+
 def strict_service(
-    service_name: str, methods: dict[str, tuple[str, Any, Any]]
+    service_name: str, methods: dict[str, tuple[str, Any, Any]], guard: Guard = _no_guard
 ) -> grpc.GenericRpcHandler:
     """A service whose requests are parsed by us, so garbage bytes get INVALID_ARGUMENT
     (gRPC's own deserializer would answer UNKNOWN). ``methods``: name -> (kind, handler,
     request class) with kind "unary", "server_stream" or "stream" (bidirectional); handlers
-    take parsed messages, as generated servicers do."""
+    take parsed messages, as generated servicers do. ``guard`` sees every call first (the
+    swarm key's check)."""
     handlers = {}
     for name, (kind, handler, request_cls) in methods.items():
         if kind == "unary":
@@ -115,6 +152,7 @@ def strict_service(
                 raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> Any:
                 try:
+                    guard(context)
                     request = _parse(_c, raw)
                 except errors.NanoshardError as exc:
                     await abort(context, exc)
@@ -129,6 +167,7 @@ def strict_service(
                 raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> Any:
                 try:
+                    guard(context)
                     request = _parse(_c, raw)
                 except errors.NanoshardError as exc:
                     await abort(context, exc)
@@ -143,6 +182,11 @@ def strict_service(
             async def stream(
                 raw_iterator: Any, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> Any:
+                try:
+                    guard(context)
+                except errors.NanoshardError as exc:
+                    await abort(context, exc)
+
                 async def parsed() -> Any:
                     async for raw in raw_iterator:
                         yield _parse(_c, raw)

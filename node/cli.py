@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nanoshard.cliutil import parse_size, run_cli, setup_logging
 from nanoshard.errors import InvalidArgument
+from nanoshard.security import add_security_args, security_from_args
 
 from .join import Events, JoinConfig, join
 from .server import ServeConfig, serve
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = default)")
     add_batch_flag(s)
+    add_security_args(s)
     s.add_argument(
         "--max-message",
         type=parse_size,
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
     j.add_argument("--threads", type=int, default=jd.threads, help="torch threads (0 = default)")
     add_batch_flag(j)
+    add_security_args(j)
     j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
     return parser
 
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=args.threads,
                 batch=args.batch,
                 max_message_bytes=args.max_message,
+                security=security_from_args(args, identity=f"node:{args.name or args.port}"),
             )
 
             def ready(address: str) -> None:
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=args.threads,
                 batch=args.batch,
                 session_ttl=args.session_ttl,
+                security=security_from_args(args),
             )
             asyncio.run(join(join_config, ConsoleEvents()))
         return 0

@@ -21,6 +21,7 @@ from nanoshard.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from nanoshard.security import Security
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
@@ -33,16 +34,25 @@ log = logging.getLogger(__name__)
 class Channels:
     """gRPC channels to other nodes, by address."""
 
-    def __init__(self, max_message_bytes: int = rpc.MAX_MESSAGE_BYTES) -> None:
-        self._options = rpc.channel_options(max_message_bytes)
+    def __init__(
+        self, max_message_bytes: int = rpc.MAX_MESSAGE_BYTES, security: Security | None = None
+    ) -> None:
+        self._max_message_bytes = max_message_bytes
+        self.security = security or Security()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = rpc.open_channel(
+                address, self.security, aio=True, max_message_bytes=self._max_message_bytes
+            )
             self._channels[address] = channel
         return pb_grpc.NodeStub(channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """For one call to another node: this node's swarm token, if the swarm has a key."""
+        return self.security.metadata()
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -54,10 +64,16 @@ class Link:
     """A session's stream to its next hop. Steps are sent one at a time (the session lock
     orders them), so each write is followed by exactly one read."""
 
-    def __init__(self, stub: pb_grpc.NodeStub, address: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.NodeStub,
+        address: str,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._call = stub.Steps()
+        self._call = stub.Steps(metadata=metadata)
 
     async def step(self, request: pb.StepRequest) -> pb.StepReply:
         try:
@@ -145,7 +161,9 @@ class Forwarder:
             spec=spec_to_wire(session.spec), route=route[1:], start=hop.start, end=hop.end
         )
         try:
-            return await self.channels.stub(address).Open(request, timeout=self.timeout_s)
+            return await self.channels.stub(address).Open(
+                request, timeout=self.timeout_s, metadata=self.channels.metadata()
+            )
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, address) from None
 
@@ -162,7 +180,9 @@ class Forwarder:
         if session.downstream is None or session.downstream.address != address:
             if session.downstream is not None:
                 session.downstream.close()
-            session.downstream = Link(self.channels.stub(address), address, self.timeout_s)
+            session.downstream = Link(
+                self.channels.stub(address), address, self.timeout_s, self.channels.metadata()
+            )
         return session.downstream
 
     @staticmethod

@@ -30,6 +30,7 @@ from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, NotFound, Unavailable
+from nanoshard.security import Security
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
@@ -60,6 +61,7 @@ class JoinConfig:
     batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
     session_ttl: float = 300.0
     discovery_timeout: float = 5.0
+    security: Security = field(default_factory=Security)  # swarm key and TLS
 
 
 class Events:
@@ -93,6 +95,7 @@ class Volunteer:
         self.config = config
         self.events = events or Events()
         self.node_id = secrets.token_hex(8)
+        self.security = config.security.with_identity(self.node_id)  # tokens name this node
         self.stop = asyncio.Event()
         self.target = ""
         self.card: cpb.ModelCard | None = None
@@ -129,7 +132,7 @@ class Volunteer:
         delay = 0.5
         while True:
             try:
-                return await method(request, timeout=10)
+                return await method(request, timeout=10, metadata=self.security.metadata())
             except grpc.aio.AioRpcError as err:
                 exc = rpc.error_from_rpc(err, self.target)
                 if err.code() not in (
@@ -151,7 +154,7 @@ class Volunteer:
         if config.threads:  # before measuring: capacity is what this node will really do
             torch.set_num_threads(config.threads)
         self.target = await self.find_coordinator()
-        channel = grpc.aio.insecure_channel(self.target, options=rpc.channel_options())
+        channel = rpc.open_channel(self.target, self.security, aio=True)
         stub = cpb_grpc.CoordinatorStub(channel)
         self._stub = stub
         try:
@@ -183,6 +186,7 @@ class Volunteer:
                 threads=config.threads,
                 batch=config.batch,
                 advertise_host=reachable_host(config.host, self.target),
+                security=self.security,
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
@@ -214,6 +218,7 @@ class Volunteer:
             self.capacity.memory_bytes,
             self.capacity.block_ms,
             self.ready,
+            tls=self.security.tls,
         )
         host = self.plane.address.rsplit(":", 1)[0]
         advert = discovery.Advert("node", f"node-{self.node_id[:12]}", host, self.plane.port, props)
@@ -273,6 +278,7 @@ class Volunteer:
                         end,
                         self.config.cache_dir,
                         progress=self.events.progress(f"units [{start}, {end})"),
+                        metadata=self.security.metadata(),
                     )
                     break
                 except Unavailable as exc:
@@ -321,7 +327,11 @@ class Volunteer:
                 ),
             )
             try:
-                reply = await stub.Heartbeat(request, timeout=max(self.heartbeat_interval, 2.0))
+                reply = await stub.Heartbeat(
+                    request,
+                    timeout=max(self.heartbeat_interval, 2.0),
+                    metadata=self.security.metadata(),
+                )
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     self.events.info(
@@ -347,7 +357,9 @@ class Volunteer:
         if self.advertiser is not None:
             await asyncio.to_thread(self.advertiser.close)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await stub.Leave(cpb.LeaveRequest(node_id=self.node_id), timeout=3)
+            await stub.Leave(
+                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
+            )
         if self.plane is not None:
             await self.plane.stop()
         self.events.info("left the swarm")

@@ -13,7 +13,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,6 +22,7 @@ from nanoshard.checkpoint import Checkpoint, open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
+from nanoshard.security import Security
 
 from .service import NodeIdentity, NodeService
 from .sessions import SessionTable
@@ -46,6 +47,7 @@ class ServeConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+    security: Security = field(default_factory=Security)  # swarm key and TLS
 
 
 class DataPlane:
@@ -64,10 +66,12 @@ class DataPlane:
         batch: int = 1,
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         advertise_host: str | None = None,
+        security: Security | None = None,
     ) -> None:
+        security = security or Security()
         self.worker = ComputeWorker(threads=threads or None, max_batch=batch)
         self.server = grpc.aio.server(options=rpc.server_options(max_message_bytes))
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = rpc.add_port(self.server, f"{host}:{port}", security)
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port} (in use?)")
         self.address = f"{advertise_host or host}:{self.port}"
@@ -79,7 +83,12 @@ class DataPlane:
         )
         self.sessions = SessionTable(kv_memory, session_ttl)
         self.service = NodeService(
-            None, identity, self.worker, self.sessions, max_message_bytes=max_message_bytes
+            None,
+            identity,
+            self.worker,
+            self.sessions,
+            max_message_bytes=max_message_bytes,
+            security=security,
         )
         self.server.add_generic_rpc_handlers((self.service.rpc_handler(),))
         self._expiry: asyncio.Task | None = None
@@ -128,6 +137,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         threads=config.threads,
         batch=config.batch,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
     )
     stage = await plane.load(
         lambda: checkpoint.load_stage(start, end, parse_dtype(config.dtype), device)

@@ -27,6 +27,7 @@ from nanoshard.errors import (
 )
 from nanoshard.kv import KVCache
 from nanoshard.sampling import sample
+from nanoshard.security import Security
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
@@ -75,12 +76,14 @@ class NodeService(pb_grpc.NodeServicer):
         *,
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         step_timeout_s: float = 120.0,
+        security: Security | None = None,
     ) -> None:
+        self.security = security or Security()
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.identity = identity
         self.worker = worker
         self.sessions = sessions
-        self.channels = Channels(max_message_bytes)
+        self.channels = Channels(max_message_bytes, self.security)
         self.forward = Forwarder(self.channels, identity.name, step_timeout_s)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
@@ -116,6 +119,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "Close": ("unary", self.Close, pb.CloseRequest),
                 "Info": ("unary", self.Info, pb.InfoRequest),
             },
+            guard=self.security.check,
         )
 
     # ---- sessions -------------------------------------------------------------------
@@ -203,7 +207,9 @@ class NodeService(pb_grpc.NodeServicer):
             self._drop(session)
         if link is not None:
             try:
-                await self.channels.stub(link.address).Close(request, timeout=10)
+                await self.channels.stub(link.address).Close(
+                    request, timeout=10, metadata=self.channels.metadata()
+                )
             except Exception:  # the next hop's TTL frees it anyway
                 log.debug("could not close session downstream at %s", link.address)
         return pb.CloseReply(closed=True)

@@ -184,6 +184,7 @@ async def fetch_stage(
     progress: Progress | None = None,
     *,
     stats: FetchStats | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The tensors of units ``[start, end)`` (nanoGPT names, stored dtype, CPU), ready for
     ``Stage.from_tensors``, and the bytes that came over the network: from the cache, the
@@ -191,7 +192,8 @@ async def fetch_stage(
 
     Fetched tensors are checked against the card (size, sha256) before they are cached or
     returned; a mismatch raises CheckpointError naming the tensor. ``progress`` gets
-    (bytes_done, bytes_total) of the download; ``stats`` (filled in) says what came from where.
+    (bytes_done, bytes_total) of the download; ``stats`` (filled in) says what came from where;
+    ``metadata`` goes with the call (the node's swarm token).
     """
     info = await asyncio.to_thread(check_card, card)  # builds shapes: not on the event loop
     check_units(info.config, start, end)
@@ -219,7 +221,7 @@ async def fetch_stage(
             start,
             end,
         )
-        fetched = await _fetch(stub, info, missing, root, total, progress, stats)
+        fetched = await _fetch(stub, info, missing, root, total, progress, stats, metadata)
         tensors.update(fetched)
         log.info(
             "fetched %d bytes (%d tensors) for units [%d, %d); %d bytes were cached",
@@ -243,6 +245,7 @@ async def _fetch(
     total: int,
     progress: Progress | None,
     stats: FetchStats,
+    metadata: tuple[tuple[str, str], ...],
 ) -> dict[str, torch.Tensor]:
     """One FetchTensors call for ``names``; every chunk checked, every tensor verified."""
     wanted = set(names)
@@ -257,7 +260,7 @@ async def _fetch(
         return CheckpointError(f"the coordinator sent bad weights: {what}")
 
     try:
-        async for chunk in stub.FetchTensors(pb.FetchRequest(names=names)):
+        async for chunk in stub.FetchTensors(pb.FetchRequest(names=names), metadata=metadata):
             if chunk.name != current:
                 if current is not None and received != len(buffer):
                     raise bad(f"{current!r} ended after {received} of {len(buffer)} bytes")

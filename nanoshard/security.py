@@ -1,0 +1,243 @@
+"""Private swarms: swarm-key tokens on every call, and TLS on every channel.
+
+A swarm key is a secret shared by the swarm's coordinator, nodes and clients. It never
+travels: each call carries a fresh token in metadata ``nanoshard-token``,
+
+    v1.<identity, base64url>.<milliseconds since the epoch>.<nonce, hex>.<HMAC-SHA256, hex>
+
+signed with a key derived from the swarm key. A server accepts a token only if its MAC
+checks out, it is at most ``TOKEN_TTL_S`` old (``CLOCK_SKEW_S`` of clock difference
+allowed either way) and its nonce was not seen before (replays are refused). The identity
+is the caller's own: the node id for a node, ``client:<random>`` for a client; the
+coordinator only lets a node join, heartbeat or leave as itself. Everyone who holds the key
+can make tokens, so a key shuts strangers out of a swarm; it does not rank its members.
+
+TLS (``--tls-cert/--tls-key`` on servers, ``--tls-ca`` on whoever connects): the server
+proves its name with a certificate signed by the swarm's CA (``nanoshard certs`` makes
+both), so activations and tokens travel encrypted and a client talks to no impostor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from nanoshard.errors import InvalidArgument, Unauthenticated
+
+TOKEN_KEY = "nanoshard-token"
+KEY_ENV = "NANOSHARD_SWARM_KEY"
+TOKEN_TTL_S = 60.0
+CLOCK_SKEW_S = 30.0
+MAX_REMEMBERED = 200_000  # nonces kept to refuse replays (each for TOKEN_TTL_S + skew)
+
+
+class SwarmKey:
+    """Makes and checks tokens for one swarm key."""
+
+    def __init__(self, key: str | bytes, clock: Callable[[], float] = time.time) -> None:
+        raw = key.encode() if isinstance(key, str) else key
+        if len(raw) < 8:
+            raise InvalidArgument("a swarm key needs at least 8 characters")
+        self._secret = hmac.new(raw, b"nanoshard-token-v1", hashlib.sha256).digest()
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it may be forgotten
+        self._lock = threading.Lock()
+
+    def _mac(self, payload: str) -> str:
+        return hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
+
+    def token(self, identity: str) -> str:
+        who = base64.urlsafe_b64encode(identity.encode()).decode().rstrip("=")
+        payload = f"v1.{who}.{int(self._clock() * 1000)}.{secrets.token_hex(12)}"
+        return f"{payload}.{self._mac(payload)}"
+
+    def verify(self, token: str) -> str:
+        """The identity a valid, fresh, first-seen token names; else ``Unauthenticated``."""
+        parts = token.split(".")
+        if len(parts) != 5 or parts[0] != "v1":
+            raise Unauthenticated("malformed swarm token")
+        payload, mac = ".".join(parts[:4]), parts[4]
+        if not hmac.compare_digest(self._mac(payload), mac):
+            raise Unauthenticated("bad swarm token: this swarm uses another key")
+        try:
+            issued = int(parts[2]) / 1000
+            identity = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)).decode()
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise Unauthenticated("malformed swarm token") from None
+        now = self._clock()
+        if issued > now + CLOCK_SKEW_S:
+            raise Unauthenticated("swarm token from the future: check this machine's clock")
+        if issued < now - TOKEN_TTL_S - CLOCK_SKEW_S:
+            raise Unauthenticated("expired swarm token (or the clocks differ by over 30 s)")
+        with self._lock:
+            while self._seen and next(iter(self._seen.values())) < now:
+                self._seen.popitem(last=False)
+            if parts[3] in self._seen:
+                raise Unauthenticated("replayed swarm token refused")
+            if len(self._seen) >= MAX_REMEMBERED:
+                raise Unauthenticated("too many calls in the last minute: try again shortly")
+            self._seen[parts[3]] = now + TOKEN_TTL_S + 2 * CLOCK_SKEW_S
+        return identity
+
+
+def token_of(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == TOKEN_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def identity_of(context: Any) -> str | None:
+    """The identity in a call's (already verified) token, or None without one."""
+    token = token_of(context)
+    if token is None:
+        return None
+    try:
+        who = token.split(".")[1]
+        return base64.urlsafe_b64decode(who + "=" * (-len(who) % 4)).decode()
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+
+
+@dataclass
+class Security:
+    """How one process talks to the swarm: its swarm key and identity, and TLS files."""
+
+    key: SwarmKey | None = None
+    identity: str = ""
+    tls_cert: Path | None = None  # this server's certificate (PEM)
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_ca: Path | None = None  # the CA that signs the swarm's servers (PEM)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("--tls-cert and --tls-key go together")
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not Path(path).is_file():
+                raise InvalidArgument(f"no such TLS file: {path}")
+        if not self.identity:
+            self.identity = f"client:{secrets.token_hex(6)}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether this process serves over TLS."""
+        return self.tls_cert is not None
+
+    def with_identity(self, identity: str) -> Security:
+        return Security(self.key, identity, self.tls_cert, self.tls_key, self.tls_ca)
+
+    # ---- the caller's side --------------------------------------------------------------
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata for one call: a fresh token, or nothing without a swarm key."""
+        return ((TOKEN_KEY, self.key.token(self.identity)),) if self.key else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes())
+
+    # ---- the server's side --------------------------------------------------------------
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        pair = (Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())
+        return grpc.ssl_server_credentials([pair])
+
+    def check(self, context: Any) -> None:
+        """Refuse a call without a valid token (when this swarm has a key)."""
+        if self.key is None:
+            return
+        token = token_of(context)
+        if token is None:
+            raise Unauthenticated("this swarm needs a swarm key: pass --swarm-key")
+        self.key.verify(token)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", "method timeout metadata credentials wait_for_ready compression"
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Puts a fresh swarm token on every call of a (synchronous) channel."""
+
+    def __init__(self, security: Security) -> None:
+        self.security = security
+
+    def _details(self, d: Any) -> _CallDetails:
+        metadata = [*(d.metadata or ()), *self.security.metadata()]
+        compression = getattr(d, "compression", None)
+        return _CallDetails(
+            d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, compression
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def read_key(key: str | None, key_file: str | Path | None) -> SwarmKey | None:
+    """The swarm key from a flag, else a file, else ``$NANOSHARD_SWARM_KEY``; None if none."""
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the swarm key file {key_file}: {exc}") from None
+    key = key or os.environ.get(KEY_ENV) or None
+    return SwarmKey(key) if key else None
+
+
+def security_from_args(args: Any, identity: str = "") -> Security:
+    """A ``Security`` from the flags ``add_security_args`` adds."""
+    return Security(
+        key=read_key(args.swarm_key, args.swarm_key_file),
+        identity=identity,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
+
+
+def add_security_args(parser: Any, server: bool = True) -> None:
+    g = parser.add_argument_group("private swarms")
+    g.add_argument("--swarm-key", help=f"the swarm's shared secret (or ${KEY_ENV})")
+    g.add_argument("--swarm-key-file", type=Path, metavar="PATH", help="read the key from a file")
+    g.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signs the swarm's servers")
+    if server:
+        g.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this cert")
+        g.add_argument("--tls-key", type=Path, metavar="PEM", help="... and this private key")
+    else:
+        parser.set_defaults(tls_cert=None, tls_key=None)
