@@ -3,7 +3,10 @@ fed by a queue. The gRPC event loop only enqueues and awaits, so it never blocks
 and because all work for a device passes one place, concurrent sessions can be batched:
 with ``max_batch > 1``, the one-token steps of several sessions on the same stage that are
 waiting together run as one forward (``Stage.decode``), which reads each weight once for
-all of them. The worker never waits for a batch to fill; it takes what is already queued.
+all of them. To let batches form, a one-token step waits up to ``GATHER_S`` for the steps
+of the other sessions that decoded here in the last ``ACTIVE_S`` (a lone session never
+waits); once sessions have shared a forward they travel the route together, so they keep
+meeting at every hop.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 16  # decode steps per forward when batching is on
+GATHER_S = 0.008  # how long a decode step waits for the other active sessions' steps
+ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
 
 
 @dataclass
@@ -115,6 +120,7 @@ class ComputeWorker:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._threads = threads
         self.max_batch = max_batch
+        self._active: dict[int, float] = {}  # id(KV cache) -> when it last decoded here
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -156,6 +162,7 @@ class ComputeWorker:
                 break
             with torch.inference_mode():
                 if self.max_batch > 1 and isinstance(job.fn, StageStep) and job.fn.batchable:
+                    self._gather(job.fn, pending)
                     self._run_batch([job, *self._take_partners(job.fn, pending)])
                 else:
                     self._run_one(job)
@@ -163,6 +170,31 @@ class ComputeWorker:
             if job is not None:
                 err = RuntimeError("the compute worker stopped")
                 job.loop.call_soon_threadsafe(_settle, job.future, None, err)
+
+    def _gather(self, first: StageStep, pending: deque[_Job | None]) -> None:
+        """Wait (at most GATHER_S) until the decode steps of every session active here are
+        queued beside ``first``."""
+        now = time.perf_counter()
+        self._active = {c: t for c, t in self._active.items() if now - t < ACTIVE_S}
+        self._active[id(first.cache)] = now
+        want = min(len(self._active), self.max_batch)
+        deadline = now + GATHER_S
+        while True:
+            queued = {id(first.cache)}
+            for job in pending:
+                if job is None:
+                    return
+                if isinstance(job.fn, StageStep) and job.fn.batchable:
+                    queued.add(id(job.fn.cache))
+            left = deadline - time.perf_counter()
+            if len(queued) >= want or left <= 0:
+                break
+            try:
+                pending.append(self._jobs.get(timeout=left))
+            except queue.Empty:
+                break
+        for cache in queued:
+            self._active[cache] = time.perf_counter()
 
     def _take_partners(self, first: StageStep, pending: deque[_Job | None]) -> list[_Job]:
         """Queued one-token steps that can share ``first``'s forward: same stage object,

@@ -289,5 +289,8 @@ def test_node_properties_schema() -> None:
         "mem": str(1 << 30),
         "speed": "123.457",
         "stage": "3-9",
+        "tls": "0",
     }
     assert d.node_properties("a", "s", "cpu", 0, 1.0)["stage"] == ""
+    assert d.node_properties("a", "s", "cpu", 0, 1.0, tls=True)["tls"] == "1"
+    assert d.coordinator_properties("c", "s", tls=True)["tls"] == "1"
