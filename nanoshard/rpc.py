@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import grpc
 
 from nanoshard import errors
-from nanoshard.security import Security, TokenInterceptor
+from nanoshard.security import Security, TokenInterceptor, identity_of
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
@@ -77,6 +77,18 @@ def add_port(server: Any, address: str, security: Security | None = None) -> int
     if creds is None:
         return int(server.add_insecure_port(address))
     return int(server.add_secure_port(address, creds))
+
+
+def caller_identity(context: Any) -> str:
+    """Who is calling: the identity in its swarm token, else the host it calls from."""
+    identity = identity_of(context)
+    if identity:
+        return identity
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.find("]")]
+    return rest.rsplit(":", 1)[0] if kind == "ipv4" else peer
 
 
 def status_of(exc: errors.NanoshardError) -> grpc.StatusCode:

@@ -15,8 +15,9 @@ from nanoshard.errors import InvalidArgument
 from nanoshard.security import add_security_args, security_from_args
 
 from .join import Events, JoinConfig, join
+from .quotas import QuotaLimits
 from .server import ServeConfig, serve
-from .worker import MAX_BATCH
+from .worker import MAX_BATCH, MAX_QUEUE
 
 
 class ConsoleEvents(Events):
@@ -33,6 +34,49 @@ def batch_size(text: str) -> int:
     if not 1 <= n <= 256:
         raise argparse.ArgumentTypeError(f"a batch of {n} steps: give 1 to 256")
     return n
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("limits (per caller: the client, or the node before this one)")
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=MAX_QUEUE,
+        metavar="N",
+        help=f"compute jobs waiting before new ones are refused (default {MAX_QUEUE})",
+    )
+    g.add_argument(
+        "--quota-sessions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open sessions per caller (default 0: no limit)",
+    )
+    g.add_argument(
+        "--quota-max-length",
+        type=int,
+        default=0,
+        metavar="N",
+        help="positions one session may reserve (default 0: the context)",
+    )
+    g.add_argument(
+        "--quota-tokens-per-minute",
+        type=int,
+        default=0,
+        metavar="N",
+        help="positions computed per caller per minute (default 0: no limit)",
+    )
+    g.add_argument("--quota-kv-memory", type=parse_size, default=0, metavar="SIZE",
+                   help="KV memory reserved per caller (default 0: no limit)")  # fmt: skip
+
+
+def limits_from_args(args: argparse.Namespace) -> QuotaLimits:
+    if args.max_queue < 1:
+        raise InvalidArgument("--max-queue must be at least 1")
+    values = (args.quota_sessions, args.quota_max_length, args.quota_tokens_per_minute)
+    if min(*values, args.quota_kv_memory) < 0:
+        raise InvalidArgument("quotas are counts or sizes: 0 (no limit) or more")
+    return QuotaLimits(*values, kv_bytes=args.quota_kv_memory)
 
 
 def add_batch_flag(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = default)")
     add_batch_flag(s)
+    add_limit_flags(s)
     add_security_args(s)
     s.add_argument(
         "--max-message",
@@ -124,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
     j.add_argument("--threads", type=int, default=jd.threads, help="torch threads (0 = default)")
     add_batch_flag(j)
+    add_limit_flags(j)
     add_security_args(j)
     j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
     return parser
@@ -149,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch=args.batch,
                 max_message_bytes=args.max_message,
                 security=security_from_args(args, identity=f"node:{args.name or args.port}"),
+                quotas=limits_from_args(args),
+                max_queue=args.max_queue,
             )
 
             def ready(address: str) -> None:
@@ -175,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch=args.batch,
                 session_ttl=args.session_ttl,
                 security=security_from_args(args),
+                quotas=limits_from_args(args),
+                max_queue=args.max_queue,
             )
             asyncio.run(join(join_config, ConsoleEvents()))
         return 0

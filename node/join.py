@@ -35,8 +35,10 @@ from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .capacity import load_or_measure, to_wire
+from .quotas import QuotaLimits
 from .server import DataPlane
 from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
+from .worker import MAX_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class JoinConfig:
     session_ttl: float = 300.0
     discovery_timeout: float = 5.0
     security: Security = field(default_factory=Security)  # swarm key and TLS
+    quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
+    max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
 
 
 class Events:
@@ -187,6 +191,8 @@ class Volunteer:
                 batch=config.batch,
                 advertise_host=reachable_host(config.host, self.target),
                 security=self.security,
+                quotas=config.quotas,
+                max_queue=config.max_queue,
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")

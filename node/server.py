@@ -24,9 +24,10 @@ from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.security import Security
 
+from .quotas import QuotaLimits, Quotas
 from .service import NodeIdentity, NodeService
 from .sessions import SessionTable
-from .worker import ComputeWorker
+from .worker import MAX_QUEUE, ComputeWorker
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class ServeConfig:
     batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
     security: Security = field(default_factory=Security)  # swarm key and TLS
+    quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
+    max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
 
 
 class DataPlane:
@@ -67,9 +70,11 @@ class DataPlane:
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         advertise_host: str | None = None,
         security: Security | None = None,
+        quotas: QuotaLimits | None = None,
+        max_queue: int = MAX_QUEUE,
     ) -> None:
         security = security or Security()
-        self.worker = ComputeWorker(threads=threads or None, max_batch=batch)
+        self.worker = ComputeWorker(threads=threads or None, max_batch=batch, max_queue=max_queue)
         self.server = grpc.aio.server(options=rpc.server_options(max_message_bytes))
         self.port = rpc.add_port(self.server, f"{host}:{port}", security)
         if self.port == 0:
@@ -89,6 +94,7 @@ class DataPlane:
             self.sessions,
             max_message_bytes=max_message_bytes,
             security=security,
+            quotas=Quotas(quotas or QuotaLimits()),
         )
         self.server.add_generic_rpc_handlers((self.service.rpc_handler(),))
         self._expiry: asyncio.Task | None = None
@@ -138,6 +144,8 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         batch=config.batch,
         max_message_bytes=config.max_message_bytes,
         security=config.security,
+        quotas=config.quotas,
+        max_queue=config.max_queue,
     )
     stage = await plane.load(
         lambda: checkpoint.load_stage(start, end, parse_dtype(config.dtype), device)

@@ -32,6 +32,7 @@ from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .downstream import Channels, Forwarder
+from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, Sent, SessionSpec, SessionTable
 from .wire import spec_from_wire
 from .worker import ComputeWorker, StageStep
@@ -77,8 +78,10 @@ class NodeService(pb_grpc.NodeServicer):
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         step_timeout_s: float = 120.0,
         security: Security | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.security = security or Security()
+        self.quotas = quotas or Quotas(QuotaLimits())
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.identity = identity
         self.worker = worker
@@ -183,9 +186,12 @@ class NodeService(pb_grpc.NodeServicer):
         spec = spec_from_wire(request.spec, stage.config.block_size)
         route = self.check_route(stage, request.route)
         nbytes = self.reservation_bytes(stage, spec)
+        caller = rpc.caller_identity(context)
+        held = [Holding(s.caller, s.reserved_bytes) for s in self.sessions.all()]
+        self.quotas.check_open(caller, spec.max_length, nbytes, held)
         with self.sessions.reservation(nbytes):  # held while allocating; refused at once if full
             cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
-            session = NodeSession(spec, stage, cache, nbytes)
+            session = NodeSession(spec, stage, cache, nbytes, caller=caller)
             self.sessions.add(session)
         try:
             async with session.lock:
@@ -288,6 +294,7 @@ class NodeService(pb_grpc.NodeServicer):
                 codec=session.spec.codec,
             )
             if resend is None:
+                self.quotas.charge_tokens(session.caller, n_tokens)
                 # The cache moves on in the worker whatever happens to this call, so what the
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.

@@ -60,6 +60,7 @@ class NodeSession:
     last_output: Any = None  # (step_id, pos, tokens, output) of the last step computed
     sent: list[Sent] = field(default_factory=list)
     downstream: Any = None  # the open stream to the next hop, if any
+    caller: str = ""  # who opened it (rpc.caller_identity): whose quotas it counts against
 
     @property
     def length(self) -> int:

@@ -24,12 +24,14 @@ from typing import Any, TypeVar
 import torch
 
 from nanoshard.engine import Stage
+from nanoshard.errors import ResourceExhausted
 from nanoshard.kv import KVCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 16  # decode steps per forward when batching is on
+MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
 GATHER_S = 0.008  # how long a decode step waits for the other active sessions' steps
 ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
 
@@ -115,11 +117,16 @@ class _Job:
 
 class ComputeWorker:
     def __init__(
-        self, name: str = "compute", threads: int | None = None, max_batch: int = 1
+        self,
+        name: str = "compute",
+        threads: int | None = None,
+        max_batch: int = 1,
+        max_queue: int = MAX_QUEUE,
     ) -> None:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._threads = threads
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self._active: dict[int, float] = {}  # id(KV cache) -> when it last decoded here
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -131,6 +138,12 @@ class ComputeWorker:
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[Timed]:
         """Queue ``fn()`` for the worker thread; the future settles with its result (or
         exception). A one-token ``StageStep`` may run batched with others queued beside it."""
+        waiting = self._jobs.qsize()
+        if waiting >= self.max_queue:
+            raise ResourceExhausted(
+                f"node busy: {waiting} steps are queued for its compute (the limit is "
+                f"{self.max_queue}): retry shortly or use a replica"
+            )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Timed] = loop.create_future()
         self._jobs.put(_Job(fn, loop, future, time.perf_counter()))
