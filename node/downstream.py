@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -31,15 +32,20 @@ from .wire import spec_to_wire
 log = logging.getLogger(__name__)
 
 
+MAX_CHANNELS = 256  # channels kept open to other nodes; the least recently used go first
+
+
 class Channels:
-    """gRPC channels to other nodes, by address."""
+    """gRPC channels to other nodes, by address: at most ``MAX_CHANNELS``, so routes naming
+    endless addresses (garbage, or a huge swarm) cannot grow a node without bound."""
 
     def __init__(
         self, max_message_bytes: int = rpc.MAX_MESSAGE_BYTES, security: Security | None = None
     ) -> None:
         self._max_message_bytes = max_message_bytes
         self.security = security or Security()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Future] = set()  # evicted channels still closing
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         channel = self._channels.get(address)
@@ -48,6 +54,12 @@ class Channels:
                 address, self.security, aio=True, max_message_bytes=self._max_message_bytes
             )
             self._channels[address] = channel
+            while len(self._channels) > MAX_CHANNELS:
+                _, old = self._channels.popitem(last=False)
+                closing = asyncio.ensure_future(old.close(grace=30))  # calls on it may finish
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        self._channels.move_to_end(address)
         return pb_grpc.NodeStub(channel)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
