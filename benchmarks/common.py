@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,6 +333,21 @@ def machine_info(threads: int) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": load_average(),
     }
+
+
+def save_results(
+    result: dict, started: float, out: Path, name: str, render: Callable[[dict], str]
+) -> dict:
+    """Finish ``result`` (the machine's load now, the runtime since ``started``), write it as
+    ``out/NAME.json`` and, through ``render``, ``out/NAME.md``; print the Markdown."""
+    result["machine"]["load_average_end"] = load_average()
+    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = render(result)
+    (out / f"{name}.md").write_text(markdown)
+    sys.stdout.write(markdown)
+    return result
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

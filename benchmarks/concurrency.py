@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,12 +40,12 @@ from common import (
     RESULTS,
     Nodes,
     even_splits,
-    load_average,
     machine_info,
     markdown_table,
     median,
     raise_on_sigterm,
     random_checkpoint,
+    save_results,
     spread,
 )
 
@@ -288,14 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["concurrency"] = measure(opts, nodes)
     finally:
         nodes.close()
-    result["machine"]["load_average_end"] = load_average()
-    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "concurrency.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render_markdown(result)
-    (opts.out / "concurrency.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    return result
+    return save_results(result, started, opts.out, "concurrency", render_markdown)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ median decode step.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,12 +39,12 @@ from common import (
     PROMPTS,
     RESULTS,
     agreement,
-    load_average,
     machine_info,
     markdown_table,
     median,
     raise_on_sigterm,
     random_checkpoint,
+    save_results,
 )
 
 from nanoshard.checkpoint import open_checkpoint
@@ -340,14 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["peers"] = measure_peers(opts)
     result["weights_speed"] = measure_weights_speed(opts)
     result["weights_quality"] = measure_weights_quality(opts)
-    result["machine"]["load_average_end"] = load_average()
-    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render_markdown(result)
-    (opts.out / "engine.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    return result
+    return save_results(result, started, opts.out, "engine", render_markdown)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ run split at the same boundaries, with the activations encoded and decoded betwe
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +51,6 @@ from common import (
     Paired,
     agreement,
     even_splits,
-    load_average,
     machine_info,
     markdown_table,
     median,
@@ -62,6 +59,7 @@ from common import (
     run_chain,
     run_local,
     run_paired,
+    save_results,
     spread,
 )
 
@@ -494,14 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         nodes.close()
     result["codecs"] = codec_bytes(result["speed"], opts.codecs)
-    result["machine"]["load_average_end"] = load_average()
-    result["machine"]["runtime_s"] = round(time.perf_counter() - started, 1)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "hops.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render_markdown(result)
-    (opts.out / "hops.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    return result
+    return save_results(result, started, opts.out, "hops", render_markdown)
 
 
 if __name__ == "__main__":

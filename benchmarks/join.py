@@ -18,7 +18,6 @@ restart moves nothing); the later ones join the swarm as it runs.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -31,11 +30,11 @@ from common import (
     BENCH_CACHE,
     GPT2_124M,
     RESULTS,
-    load_average,
     machine_info,
     markdown_table,
     raise_on_sigterm,
     random_checkpoint,
+    save_results,
 )
 
 BIN = Path(sys.executable).parent
@@ -196,15 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     opts = p.parse_args(argv)
     opts.joiners = opts.joiners or (1 if opts.quick else 3)
     raise_on_sigterm()
+    started = time.perf_counter()
     result: dict = {"machine": machine_info(threads=1)}
     result.update(measure(opts))
-    result["machine"]["load_average_end"] = load_average()
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "join.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render_markdown(result)
-    (opts.out / "join.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    return result
+    return save_results(result, started, opts.out, "join", render_markdown)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
-from nanoshard.errors import InvalidArgument
+from nanoshard.errors import InvalidArgument, Unavailable
 from nanoshard.generation import check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import Security, SwarmKey, read_key
@@ -139,14 +140,30 @@ class Client:
     # ---- the swarm ----------------------------------------------------------------------
 
     def _plan(self, avoid: list[str]) -> Route:
+        """A route avoiding ``avoid``, for a session recovering (its own retries bound it)."""
         assert self._coordinator is not None
         return self._coordinator.route(avoid)
+
+    def _first_route(self) -> Route:
+        """A new session's route. While the coordinator cannot give one (restarting, or its
+        nodes re-registering) it is asked again with backoff, for up to
+        ``retry.route_wait_s``."""
+        assert self._coordinator is not None
+        delay, give_up = self.retry.backoff_s, time.monotonic() + self.retry.route_wait_s
+        while True:
+            try:
+                return self._coordinator.route()
+            except Unavailable:
+                if time.monotonic() + delay > give_up:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, self.retry.max_backoff_s)
 
     def open_session(
         self, params: SamplingParams, max_length: int, codec: str | None = None
     ) -> SwarmSession:
         if self._coordinator is not None:
-            route, planner = self._coordinator.route(), self._plan
+            route, planner = self._first_route(), self._plan
         else:
             assert self._route is not None
             route, planner = self._route, None

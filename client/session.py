@@ -67,6 +67,7 @@ class RetryPolicy:
     backoff_s: float = 0.1  # first wait; doubles each time
     max_backoff_s: float = 2.0
     avoid_s: float = 30.0  # how long a failed node is avoided
+    route_wait_s: float = 20.0  # how long to wait for a route (a coordinator restarting)
 
 
 @dataclass

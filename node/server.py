@@ -25,7 +25,7 @@ from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.security import Security
 
 from .quotas import QuotaLimits, Quotas
-from .service import NodeIdentity, NodeService
+from .service import RELEASE_EVERY_S, NodeIdentity, NodeService
 from .sessions import SessionTable
 from .worker import MAX_QUEUE, ComputeWorker
 
@@ -106,7 +106,8 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.server.start()
-        self._expiry = asyncio.create_task(self.service.expire_forever(max(0.05, self._ttl / 4)))
+        every_s = min(RELEASE_EVERY_S, max(0.05, self._ttl / 4))
+        self._expiry = asyncio.create_task(self.service.expire_forever(every_s))
 
     async def load(self, build: Callable[[], Stage]) -> Stage:
         """Build a stage on the compute worker (torch stays off the event loop)."""

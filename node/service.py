@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_REPLICAS_PER_HOP = 8  # addresses a route may name for one hop
+RELEASE_EVERY_S = 5.0  # freed memory goes back to the OS at least this often
 
 
 @dataclass
@@ -57,6 +59,7 @@ def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS. KV caches are many blocks of tens of KB, which
     glibc's malloc keeps for reuse after they are freed; without this, a node that once held
     many sessions looks as big as then forever. A no-op off glibc."""
+    gc.collect()  # aborted calls leave cycles (exception <-> frame) holding their requests
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -239,6 +242,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def expire_forever(self, every_s: float) -> None:
         """Close sessions idle for longer than the TTL; their memory returns."""
+        released, owed = time.monotonic(), False
         while True:
             await asyncio.sleep(every_s)
             expired = self.sessions.expired()
@@ -248,9 +252,15 @@ class NodeService(pb_grpc.NodeServicer):
                     self._drop(session)
                 except Exception:  # never let one session stop expiry for all
                     log.exception("could not drop session %s", session.spec.session_id.hex()[:12])
-            if expired:
-                expired.clear()  # the last references: the caches can be freed now
+            owed = owed or bool(expired)
+            expired.clear()  # the last references: their caches can be freed now
+            # Freed KV caches and the buffers of big or malformed requests stay with the
+            # process otherwise: give them back after expiries (at most once a second),
+            # and at least every RELEASE_EVERY_S.
+            since = time.monotonic() - released
+            if (owed and since > 1.0) or since > RELEASE_EVERY_S:
                 release_freed_memory()
+                released, owed = time.monotonic(), False
 
     # ---- steps ----------------------------------------------------------------------
 

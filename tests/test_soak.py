@@ -1,10 +1,11 @@
 """CI-sized runs of the soak scripts in tests/soak/ (the full-size figures are in the README):
-garbage on every RPC, and abandoned sessions."""
+garbage on every RPC, abandoned sessions, many clients at once, and volunteers and the
+coordinator killed under load."""
 
 from __future__ import annotations
 
 import pytest
-from soak import fuzz, leak
+from soak import chaos, fuzz, leak, load
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,30 @@ def test_garbage_on_every_rpc_is_answered_and_costs_nothing() -> None:
 
 
 def test_abandoned_sessions_are_freed_after_their_ttl() -> None:
-    result = leak.run(sessions=150)
+    result = leak.run(sessions=150, ttl_s=3.0)
     assert result["held_sessions"] == 150 and result["held_kv_bytes"] > 0
     assert result["sessions_after_ttl"] == 0 and result["kv_bytes_after_ttl"] == 0
     assert result["rss_mb"]["after"] - result["rss_mb"]["baseline"] < 50, result
+
+
+def test_many_clients_at_once_all_finish() -> None:
+    result = load.run(clients=8, seconds=10, tokens=16)
+    assert result["errors"] == [], result["errors"]
+    assert result["generations"] >= 8 and result["tokens_per_s"] > 0
+    assert result["token_latency_ms"]["p99"] >= result["token_latency_ms"]["p50"] > 0
+
+
+def test_volunteers_killed_every_five_seconds_cost_no_token() -> None:
+    result = chaos.run("nodes", seconds=20)
+    assert result["errors"] == [], result
+    assert len(result["events"]) >= 3  # nodes really were killed along the way
+    assert result["completed"] == result["generations"] > 0
+    assert result["equal_to_fault_free"] == result["generations"], result
+
+
+def test_a_restarted_coordinator_loses_no_generation() -> None:
+    result = chaos.run("coordinator", seconds=12)
+    assert result["errors"] == [], result
+    assert result["equal_to_fault_free"] == result["generations"] > 0
+    # whole again within two heartbeat timeouts of the restart (nodes re-register by then)
+    assert result["swarm_whole_again_s"] is not None and result["swarm_whole_again_s"] < 10

@@ -11,8 +11,9 @@ method's own descriptor with hostile values (empty, huge and boundary integers, 
 infinite floats, long and binary strings, routes to ports where nothing listens, thousands
 of repeated entries, activations whose shape, codec and payload disagree, the ids of real
 open sessions at wrong positions). Every call has a deadline; a call that ends without a
-status, or a server that dies, fails the run. RSS (VmRSS) of both servers is read before and
-after; a greedy generation through the node is compared with the local path at the end.
+status, or a server that dies, fails the run. RSS (VmRSS) of both servers is read before,
+right after, and once more after the node's periodic memory release (aborted calls leave
+reference cycles that hold their requests until Python's cycle collector runs); a greedy generation through the node is compared with the local path at the end.
 Results go to ``tests/soak/results/fuzz.json``.
 """
 
@@ -35,6 +36,7 @@ from google.protobuf.descriptor import FieldDescriptor
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: the swarm helpers
 
+from soak.common import rss_mb, save  # noqa: E402
 from swarm import Proc, Swarm, nanoshard  # noqa: E402
 
 from nanoshard.v1 import coordinator_pb2 as cpb  # noqa: E402
@@ -56,18 +58,12 @@ COORDINATOR = {
     "GetModelCard": cpb.ModelCardRequest,
     "FetchTensors": cpb.FetchRequest,
 }
+RELEASE_S = 6.0  # a node hands freed memory back to the OS every 5 s (node/service.py)
 STREAMS = {"Steps": "stream_stream", "FetchTensors": "unary_stream"}
 NASTY_INTS = [0, 1, 2, 7, 8, 127, 128, 255, 256, 1023, 1024, 4097, 65535, 2**31 - 1, 2**32 - 1]
 NASTY_FLOATS = [0.0, -0.0, -1.0, 1e-45, 1e38, float("nan"), float("inf"), float("-inf")]
 NASTY_STRINGS = ["", "fp32", "int8", "bf16", "int9", "127.0.0.1:1", "[::1]:1", "x" * 300,
                  "\x00\xff", "🙂" * 50, "127.0.0.1:99999", "transformer.wte.weight"]  # fmt: skip
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 class Garbage:
@@ -208,6 +204,8 @@ def run(per_method: int, seed: int = 0) -> dict:
                                 lambda: coordinator_proc.popen.poll() is None),
         }  # fmt: skip
         seconds = time.perf_counter() - started
+        right_after = {name: rss_mb(pid) for name, pid in pids.items()}
+        time.sleep(RELEASE_S)  # one round of the node's periodic memory release
         after = {name: rss_mb(pid) for name, pid in pids.items()}
         same = generate_json("--route", node) == generate_json("--local")
     return {
@@ -216,6 +214,7 @@ def run(per_method: int, seed: int = 0) -> dict:
         "seconds": round(seconds, 1),
         "codes": results,
         "rss_mb_before": before,
+        "rss_mb_right_after": right_after,
         "rss_mb_after": after,
         "rss_growth_mb": {k: round(after[k] - before[k], 1) for k in pids},
         "generation_after_equals_local": same,
@@ -228,10 +227,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     result = run(args.per_method, args.seed)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save("fuzz", result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Volunteers and the coordinator killed while clients generate: every generation completes
+and equals its fault-free output.
+
+    python tests/soak/chaos.py                         # nodes: 60 s, a kill every 5 s
+    python tests/soak/chaos.py --seconds 20
+    python tests/soak/chaos.py --scenario coordinator  # the coordinator killed and restarted
+
+``nodes``: a coordinator with ``--replicas 2`` and four volunteers that each hold about half
+of the demo model; four clients generate greedily (48 tokens, a prompt each, again and
+again); every 5 s a random volunteer is SIGKILLed and a fresh one started in its place.
+``coordinator``: the same swarm; the coordinator is SIGKILLed in the middle of the clients'
+generations and restarted on the same address a second later; measured is how long until
+its status shows every node back and every unit served twice. Every output is compared with
+the fault-free one (the same prompt through the swarm before any fault). Results go to
+``tests/soak/results/chaos-SCENARIO.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: the swarm helpers
+
+from soak.common import save  # noqa: E402
+from swarm import Swarm  # noqa: E402
+from test_failover import FourNodes  # noqa: E402
+from test_swarm import HEARTBEAT  # noqa: E402
+
+from nanoshard import Client  # noqa: E402
+
+PROMPTS = ["KING HENRY:\n", "ROMEO:\n", "JULIET:\n", "HAMLET:\n"]
+TOKENS = 48
+HEARTBEAT_S = float(HEARTBEAT[1])
+
+
+def whole(client: Client, nodes: int = 4) -> bool:
+    try:
+        status = client.status()
+    except Exception:  # the coordinator is away
+        return False
+    healthy = [n for n in status["nodes"] if n["healthy"]]
+    return len(healthy) >= nodes and all(u["replicas"] >= 2 for u in status["units"])
+
+
+def run(scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp, Swarm() as swarm:
+        four = FourNodes(swarm, Path(tmp))
+        with Client(four.address) as client:
+            four.ready(client)
+            expected = {p: client.generate(p, TOKENS, temperature=0).token_ids for p in PROMPTS}
+        results: list[dict] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def generate(i: int) -> None:
+            prompt = PROMPTS[i]
+            with Client(four.address) as c:
+                while not stop.is_set():
+                    try:
+                        got = c.generate(prompt, TOKENS, temperature=0)
+                        row = {"client": i, "ok": True, "equal": got.token_ids == expected[prompt],
+                               "recoveries": len(got.recoveries)}  # fmt: skip
+                    except Exception as exc:
+                        row = {"client": i, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    with lock:
+                        results.append(row)
+
+        clients = [threading.Thread(target=generate, args=(i,)) for i in range(len(PROMPTS))]
+        for t in clients:
+            t.start()
+        events: list[str] = []
+        began = time.monotonic()
+        back_s = None
+        if scenario == "nodes":
+            while time.monotonic() - began < seconds:
+                time.sleep(kill_every_s)
+                victim = rng.choice(sorted(four.nodes))
+                four.nodes.pop(victim).kill()
+                four.add()
+                events.append(
+                    f"{time.monotonic() - began:5.1f} s: killed {victim}, started another"
+                )
+        else:
+            time.sleep(min(3.0, seconds / 3))
+            coordinator = next(p for p in swarm.procs if "coordinator" in p.args)
+            port = int(four.address.rsplit(":", 1)[1])
+            coordinator.kill()
+            events.append(f"{time.monotonic() - began:5.1f} s: killed the coordinator")
+            time.sleep(1.0)
+            swarm.coordinator("--swarm", four.name, "--replicas", "2", *HEARTBEAT, port=port)
+            restarted = time.monotonic()
+            events.append(f"{restarted - began:5.1f} s: restarted it on port {port}")
+            with Client(four.address) as watcher:
+                while not whole(watcher) and time.monotonic() - restarted < 60:
+                    time.sleep(0.1)
+            back_s = round(time.monotonic() - restarted, 2)
+            while time.monotonic() - began < seconds:
+                time.sleep(0.5)
+        stop.set()
+        for t in clients:
+            t.join(timeout=180)
+    failed = [r for r in results if not r["ok"]]
+    return {
+        "scenario": scenario,
+        "seconds": seconds,
+        "generations": len(results),
+        "completed": sum(r["ok"] for r in results),
+        "equal_to_fault_free": sum(r.get("equal", False) for r in results),
+        "with_recoveries": sum(r.get("recoveries", 0) > 0 for r in results),
+        "errors": [r["error"] for r in failed],
+        "events": events,
+        "swarm_whole_again_s": back_s,
+        "heartbeat_interval_s": HEARTBEAT_S,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", choices=["nodes", "coordinator"], default="nodes")
+    p.add_argument("--seconds", type=float, default=60.0)
+    args = p.parse_args()
+    result = run(args.scenario, args.seconds)
+    save(f"chaos-{args.scenario}", result)
+
+
+if __name__ == "__main__":
+    main()
