@@ -56,10 +56,12 @@ class NodeIdentity:
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. KV caches are many blocks of tens of KB, which
-    glibc's malloc keeps for reuse after they are freed; without this, a node that once held
-    many sessions looks as big as then forever. A no-op off glibc."""
-    gc.collect()  # aborted calls leave cycles (exception <-> frame) holding their requests
+    """Free what only reference cycles still hold, then hand freed heap memory back to the
+    OS. A call aborted on bad input leaves a cycle (exception, traceback, frame) holding its
+    request until the cycle collector runs, and KV caches are many blocks of tens of KB that
+    glibc's malloc keeps after they are freed: without this, a node that once held many
+    sessions, or was sent big garbage, stays that big. ``malloc_trim`` is skipped off glibc."""
+    gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -34,16 +34,18 @@ from test_failover import FourNodes  # noqa: E402
 from test_swarm import HEARTBEAT  # noqa: E402
 
 from nanoshard import Client  # noqa: E402
+from nanoshard.client.swarm import CoordinatorClient  # noqa: E402
+from nanoshard.statusview import status_json  # noqa: E402
 
 PROMPTS = ["KING HENRY:\n", "ROMEO:\n", "JULIET:\n", "HAMLET:\n"]
 TOKENS = 48
 HEARTBEAT_S = float(HEARTBEAT[1])
 
 
-def whole(client: Client, nodes: int = 4) -> bool:
+def whole(coordinator: CoordinatorClient, nodes: int = 4) -> bool:
     try:
-        status = client.status()
-    except Exception:  # the coordinator is away
+        status = status_json(coordinator.status())
+    except Exception:  # the coordinator is away, or not answering yet
         return False
     healthy = [n for n in status["nodes"] if n["healthy"]]
     return len(healthy) >= nodes and all(u["replicas"] >= 2 for u in status["units"])
@@ -79,34 +81,38 @@ def run(scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0)
         events: list[str] = []
         began = time.monotonic()
         back_s = None
-        if scenario == "nodes":
-            while time.monotonic() - began < seconds:
-                time.sleep(kill_every_s)
-                victim = rng.choice(sorted(four.nodes))
-                four.nodes.pop(victim).kill()
-                four.add()
-                events.append(
-                    f"{time.monotonic() - began:5.1f} s: killed {victim}, started another"
-                )
-        else:
-            time.sleep(min(3.0, seconds / 3))
-            coordinator = next(p for p in swarm.procs if "coordinator" in p.args)
-            port = int(four.address.rsplit(":", 1)[1])
-            coordinator.kill()
-            events.append(f"{time.monotonic() - began:5.1f} s: killed the coordinator")
-            time.sleep(1.0)
-            swarm.coordinator("--swarm", four.name, "--replicas", "2", *HEARTBEAT, port=port)
-            restarted = time.monotonic()
-            events.append(f"{restarted - began:5.1f} s: restarted it on port {port}")
-            with Client(four.address) as watcher:
-                while not whole(watcher) and time.monotonic() - restarted < 60:
+        try:
+            if scenario == "nodes":
+                kills = 0
+                while time.monotonic() - began < seconds:
+                    kills += 1  # on a fixed beat: a restart's own time does not stretch it
+                    time.sleep(max(0.0, began + kills * kill_every_s - time.monotonic()))
+                    victim = rng.choice(sorted(four.nodes))
+                    four.nodes.pop(victim).kill()
+                    four.add()
+                    events.append(f"{time.monotonic() - began:5.1f} s: killed {victim}, restarted")
+            else:
+                time.sleep(min(3.0, seconds / 3))
+                coordinator = next(p for p in swarm.procs if "coordinator" in p.args)
+                port = int(four.address.rsplit(":", 1)[1])
+                coordinator.kill()
+                events.append(f"{time.monotonic() - began:5.1f} s: killed the coordinator")
+                time.sleep(1.0)
+                swarm.coordinator("--swarm", four.name, "--replicas", "2", *HEARTBEAT, port=port)
+                restarted = time.monotonic()
+                events.append(f"{restarted - began:5.1f} s: restarted it on port {port}")
+                watcher = CoordinatorClient(four.address, timeout_s=2)
+                while time.monotonic() - restarted < 60:
+                    if whole(watcher):
+                        back_s = round(time.monotonic() - restarted, 2)
+                        break
                     time.sleep(0.1)
-            back_s = round(time.monotonic() - restarted, 2)
-            while time.monotonic() - began < seconds:
-                time.sleep(0.5)
-        stop.set()
-        for t in clients:
-            t.join(timeout=180)
+                watcher.close()
+                time.sleep(max(0.0, began + seconds - time.monotonic()))
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(timeout=180)
     failed = [r for r in results if not r["ok"]]
     return {
         "scenario": scenario,
