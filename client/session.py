@@ -267,7 +267,7 @@ class SwarmSession:
         self.route = route
         self.session_id = secrets.token_bytes(16)
         self.first: FirstHop | None = None
-        self._open_first(self._first_candidates())
+        self._open()
 
     # ---- the route's ends -------------------------------------------------------------
 
@@ -283,6 +283,24 @@ class SwarmSession:
         avoided = set(self.avoid.now())
         addresses = list(self.route.hops[0].addresses)
         return [a for a in addresses if a not in avoided] + [a for a in addresses if a in avoided]
+
+    def _open(self) -> None:
+        """Open the session on the route's first hop. While no node of the route takes it
+        (a node died since the coordinator last heard from it), ask for a route avoiding
+        the failed ones, with backoff, for up to ``retry.route_wait_s``."""
+        delay, give_up = self.retry.backoff_s, time.monotonic() + self.retry.route_wait_s
+        while True:
+            try:
+                self._open_first(self._first_candidates())
+                return
+            except Unavailable as exc:
+                if self.planner is None or time.monotonic() + delay > give_up:
+                    raise
+                self.avoid.add(exc.failed)
+                time.sleep(delay)
+                delay = min(2 * delay, self.retry.max_backoff_s)
+                with contextlib.suppress(Unavailable):  # no route yet: try again next time
+                    self.route = self.planner(self.avoid.now())
 
     def _open_first(self, candidates: list[str]) -> int:
         """Open the session on the first candidate that takes it; return its length there."""

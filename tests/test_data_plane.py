@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -388,3 +389,27 @@ def test_int8_weights_on_nodes_equal_local_int8(tiny_model: Path) -> None:
         local = run_json("--local", "--dtype", "int8", *common)
         routed = run_json("--route", ",".join(chain), *common)
     assert routed["token_ids"] == local["token_ids"]
+
+
+def test_a_session_whose_first_node_died_opens_on_a_new_route(tiny_chain: list[str]) -> None:
+    """A node can die after the coordinator planned a route through it and before its
+    heartbeat times out: opening the session asks for a route avoiding it, not fail."""
+    live = route_from_addresses(tiny_chain)
+    with socket.socket() as s:  # a port nobody listens on: a node that just died
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    stale = Route([pb.Hop(start=0, end=2, addresses=[dead]), *live.hops[1:]], live.n_units)
+    asked: list[list[str]] = []
+
+    def planner(avoid: list[str]) -> Route:
+        asked.append(avoid)
+        return live
+
+    greedy = SamplingParams(temperature=0)
+    session = SwarmSession(stale, greedy, 40, planner=planner, retry=RetryPolicy(backoff_s=0.01))
+    gen = generate(session, [464, 3290, 373], 20, block_size=TINY.block_size)
+    session.close()
+    assert asked == [[dead]]
+    expected = fixed_session(live, max_length=40)
+    assert gen.token_ids == generate(expected, [464, 3290, 373], 20, block_size=256).token_ids
+    expected.close()
