@@ -38,6 +38,7 @@ from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 from nanoshard.trace import summarize_hops
 
+from .checks import DEFAULT_CHECK_RATE, Checker, CheckResult
 from .route import Route, route_from_addresses
 from .session import DEFAULT_TIMEOUT_S, Recovery, RetryPolicy, SwarmSession
 from .swarm import CoordinatorClient, find_coordinator
@@ -103,13 +104,18 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         swarm_key: str | SwarmKey | None = None,
         tls_ca: str | Path | None = None,
+        check_rate: float = DEFAULT_CHECK_RATE,
+        check_seed: int | None = None,
     ) -> None:
         """``coordinator`` is HOST:PORT, or None to find one by mDNS. With ``route`` (node
         addresses from embed to head) no coordinator is used and ``model`` names the
         checkpoint whose tokenizer and shape the nodes serve. ``timeout_s`` bounds every
         step and call: a node silent for longer counts as gone (failover takes over).
         A private swarm wants its ``swarm_key`` (default: ``$NANOSHARD_SWARM_KEY``) and,
-        if it runs TLS, ``tls_ca``: the CA that signed its servers' certificates."""
+        if it runs TLS, ``tls_ca``: the CA that signed its servers' certificates.
+        ``check_rate`` is the share of steps spot-checked on a replica of their stage (0: no
+        checks; results in :attr:`checks`, disagreements reported to the coordinator);
+        ``check_seed`` makes the choice of steps repeatable."""
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
         key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
         self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)
@@ -134,6 +140,14 @@ class Client:
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
+        report = self._coordinator.report_check if self._coordinator is not None else None
+        self.checker = Checker(
+            check_rate,
+            seed=check_seed,
+            security=self.security,
+            timeout_s=timeout_s,
+            report=report,
+        )
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
 
@@ -176,7 +190,18 @@ class Client:
             retry=self.retry,
             timeout_s=self.timeout_s,
             security=self.security,
+            checker=self.checker,
         )
+
+    @property
+    def checks(self) -> list[CheckResult]:
+        """The spot-checks run so far (the last 1000), oldest first. Checks run in the
+        background: :meth:`wait_for_checks` waits for those still queued."""
+        return list(self.checker.results)
+
+    def wait_for_checks(self) -> list[CheckResult]:
+        self.checker.wait()
+        return self.checks
 
     def status(self) -> dict[str, Any]:
         """The swarm's status, as ``nanoshard status --json`` prints it."""
@@ -185,6 +210,7 @@ class Client:
         return status_json(self._coordinator.status())
 
     def close(self) -> None:
+        self.checker.close()
         if self._coordinator is not None:
             self._coordinator.close()
 

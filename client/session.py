@@ -50,6 +50,7 @@ from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 from nanoshard.wire import sampling_to_wire
 
+from .checks import Checker
 from .route import Route
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,10 @@ class SwarmSession:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         security: Security | None = None,
+        checker: Checker | None = None,
     ) -> None:
         self.security = security
+        self.checker = checker
         self.params, self.max_length = params, max_length
         self.codec = check_codec(codec)
         self.planner = planner
@@ -350,7 +353,14 @@ class SwarmSession:
         return self._step_id
 
     def _request(
-        self, step_id: int, pos: int, ids: list[int], *, forward: bool, sample: bool
+        self,
+        step_id: int,
+        pos: int,
+        ids: list[int],
+        *,
+        forward: bool,
+        sample: bool,
+        return_output: bool = False,
     ) -> pb.StepRequest:
         return pb.StepRequest(
             session_id=self.session_id,
@@ -359,15 +369,21 @@ class SwarmSession:
             tokens=pb.Tokens(ids=ids),
             route=self.route.hops[1:] if forward else [],
             sample=sample,
+            return_output=return_output,
         )
 
     def step(self, tokens: list[int], pos: int) -> StepResult:
         hops: list[dict] = []
         reply = None
+        check = None  # the hop a spot-check re-runs this step on, if any
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i : i + self.prefill_chunk]
             last = i + len(chunk) == len(tokens)
-            reply = self._send(pos + i, chunk, sample=last)
+            if last and self.checker is not None:
+                check = self.checker.plan(self.route)
+            # a check of the head compares logits: the route's last hop answers them
+            head = check is not None and check == len(self.route.hops) - 1
+            reply = self._send(pos + i, chunk, sample=last, return_output=head)
             self.history.chunks.append((pos + i, chunk))
             hops.extend(trace_to_dict(h) for h in reply.hops)
             for h in reply.hops:  # repairs made behind the first hop show in the traces
@@ -377,9 +393,13 @@ class SwarmSession:
                     )
         if reply is None or not reply.has_token:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
+        if check is not None and self.checker is not None:
+            self.checker.gather(self.route, check, self._spec(), self.history.chunks, reply)
         return StepResult(reply.token, hops)
 
-    def _send(self, pos: int, ids: list[int], *, sample: bool) -> pb.StepReply:
+    def _send(
+        self, pos: int, ids: list[int], *, sample: bool, return_output: bool = False
+    ) -> pb.StepReply:
         # One step id for every attempt: a node that ran the step already (and whose answer
         # was lost) then answers it again, or forwards its stored output, instead of
         # refusing a second copy of positions it holds.
@@ -396,7 +416,9 @@ class SwarmSession:
                 if last_error is not None:
                     self._recover(last_error, pos, len(ids), ahead, started)
                 assert self.first is not None
-                request = self._request(step_id, pos, ids, forward=True, sample=sample)
+                request = self._request(
+                    step_id, pos, ids, forward=True, sample=sample, return_output=return_output
+                )
                 return self.first.step(request)
             except (Unavailable, NotFound, CacheMismatch) as exc:
                 log.info("step at %d failed (%s); recovering", pos, exc)

@@ -94,5 +94,9 @@ class CoordinatorClient:
     def status(self) -> cpb.SwarmStatus:
         return self._call(self._stub.GetStatus, cpb.StatusRequest())
 
+    def report_check(self, report: cpb.CheckReport) -> list[str]:
+        """Tell the coordinator a spot-check's result; the addresses it excluded now."""
+        return list(self._call(self._stub.ReportCheck, report).excluded)
+
     def close(self) -> None:
         self._channel.close()

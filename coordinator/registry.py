@@ -50,6 +50,7 @@ class NodeRecord:
     ready: tuple[int, int] | None = None  # the stage it serves now
     load: Load = field(default_factory=Load)
     held: tuple[int, int] | None = None  # what it had when it (re-)joined
+    excluded: str = ""  # why spot-checks had it excluded ("" = it is not)
 
 
 class Registry:
@@ -70,6 +71,7 @@ class Registry:
         self.settled = settle_until <= 0  # 0: no window (tests of placement alone)
         self.nodes: dict[str, NodeRecord] = {}
         self.version = 0  # placement version, bumped on every change
+        self.excluded: dict[str, str] = {}  # address -> why spot-checks excluded it
         self.units: list[UnitCost] = unit_costs(config)
 
     # ---- membership -----------------------------------------------------------------
@@ -84,6 +86,9 @@ class Registry:
             record.ready = record.ready or previous.ready
         elif record.held is not None:  # coordinator restarted: the node still holds a stage
             record.assigned = record.ready = record.held
+        record.excluded = self.excluded.get(record.address, "")
+        if record.excluded:  # back under another id, on the same address: still out
+            record.assigned = record.ready = None
         self.nodes[record.node_id] = record
         log.info("node %s (%s) joined from %s", record.name, record.node_id[:8], record.address)
         if self.settled:
@@ -111,6 +116,16 @@ class Registry:
         self.replan()
         return True
 
+    def exclude(self, address: str, reason: str) -> None:
+        """Take the node at ``address`` out of placement and routes, for ``reason``."""
+        self.excluded[address] = reason
+        for record in self.nodes.values():
+            if record.address == address:
+                log.warning("node %s (%s) excluded: %s", record.name, address, reason)
+                record.excluded = reason
+                record.ready = None  # out of routes at once
+        self.replan()
+
     def heartbeat(
         self, node_id: str, now: float, ready: tuple[int, int] | None, load: Load
     ) -> NodeRecord | None:
@@ -118,7 +133,7 @@ class Registry:
         if record is None:
             return None
         record.last_heartbeat = now
-        record.ready = ready
+        record.ready = None if record.excluded else ready
         record.load = load
         return record
 
@@ -146,11 +161,14 @@ class Registry:
                 head_ms=max(r.capacity.head_ms, 1e-3),
             )
             for r in sorted(self.nodes.values(), key=lambda r: r.node_id)
+            if not r.excluded
         ]
 
     def replan(self) -> None:
         previous: Placement = {
-            nid: r.assigned for nid, r in self.nodes.items() if r.assigned is not None
+            nid: r.assigned
+            for nid, r in self.nodes.items()
+            if r.assigned is not None and not r.excluded
         }
         placement = place(self.units, self.capacities(), previous, replicas=self.replicas)
         changed = False

@@ -30,6 +30,7 @@ from nanoshard.v1 import node_pb2 as pb
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .routing import plan_route, route_ms
+from .trust import Comparison, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class CoordinatorService:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.epoch = epoch
         self.clock = clock
+        self.ledger = Ledger()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return rpc.strict_service(
@@ -109,6 +111,7 @@ class CoordinatorService:
                 "GetStatus": ("unary", self.GetStatus, cpb.StatusRequest),
                 "GetModelCard": ("unary", self.GetModelCard, cpb.ModelCardRequest),
                 "FetchTensors": ("server_stream", self.FetchTensors, cpb.FetchRequest),
+                "ReportCheck": ("unary", self.ReportCheck, cpb.CheckReport),
             },
             guard=self.security.check,
         )
@@ -217,6 +220,7 @@ class CoordinatorService:
         ):
             age = now - r.last_heartbeat
             c, ld = r.capacity, r.load
+            passed, failed = self.ledger.tally(r.address, now)
             nodes.append(
                 cpb.NodeStatus(
                     node_id=r.node_id,
@@ -242,6 +246,9 @@ class CoordinatorService:
                     ),
                     last_heartbeat_s=age,
                     healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,
+                    checks_passed=passed,
+                    checks_failed=failed,
+                    excluded=r.excluded,
                 )
             )
         config = registry.config
@@ -273,3 +280,38 @@ class CoordinatorService:
                 yield chunk
         except NanoshardError as exc:
             await rpc.abort(context, exc)
+
+    @handles_errors
+    async def ReportCheck(self, request: cpb.CheckReport, context: Any) -> cpb.CheckReply:
+        """Record a client's spot-check; exclude whom two other nodes now stand against."""
+        start, end = self._stage(request.start, request.end, "checked stage")
+        tolerance = request.tolerance
+        if not (math.isfinite(tolerance) and 0 < tolerance <= 10):
+            raise InvalidArgument(f"tolerance {tolerance} must be in (0, 10]")
+        if not 1 <= len(request.replicas) <= 8:
+            raise InvalidArgument(f"a check names 1 to 8 replicas, not {len(request.replicas)}")
+        checked = request.checked.address
+        for opinion in [request.checked, *request.replicas]:
+            if not rpc.ADDRESS.fullmatch(opinion.address):
+                raise InvalidArgument(f"address {opinion.address[:80]!r} is not HOST:PORT")
+            if not (math.isfinite(opinion.error) and opinion.error >= 0):
+                raise InvalidArgument(f"error {opinion.error} must be finite and >= 0")
+        if any(o.address == checked for o in request.replicas):
+            raise InvalidArgument("a replica of a check must be another node than the one checked")
+        now = self.clock()
+        known = {r.address for r in self.registry.nodes.values()}
+        comparisons = [
+            Comparison(checked, o.address, start, end, request.pos, o.error, tolerance, now)
+            for o in request.replicas
+            if checked in known and o.address in known  # about nodes gone: nothing to do
+        ]
+        self.ledger.add(comparisons)
+        excluded = []
+        for address in sorted({c.a for c in comparisons} | {c.b for c in comparisons}):
+            if address in self.registry.excluded:
+                continue
+            reason = self.ledger.verdict(address, set(self.registry.excluded), now)
+            if reason is not None:
+                self.registry.exclude(address, reason)
+                excluded.append(address)
+        return cpb.CheckReply(excluded=excluded)

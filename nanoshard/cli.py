@@ -21,6 +21,7 @@ from pathlib import Path
 import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.checks import DEFAULT_CHECK_RATE, CheckResult
 from nanoshard.client.sdk import Client, GenerationResult, Token
 from nanoshard.cliutil import run_cli, setup_logging
 from nanoshard.coordinator.server import CoordinatorConfig
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--route", metavar="ADDR,ADDR,...", help="nodes from embed to head")
     add_generation_options(g)
     g.add_argument("--codec", default="fp32", help=CODECS_HELP)
+    g.add_argument(
+        "--check-rate",
+        type=float,
+        default=DEFAULT_CHECK_RATE,
+        help="share of steps spot-checked on a replica of their stage "
+        f"(default {DEFAULT_CHECK_RATE}; 0 = off)",
+    )
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
     g.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="--local"
@@ -200,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     on_token = None if args.json else show
+    checks: list[CheckResult] = []
     if args.local:
         result = generate_locally(args, on_token)
     else:
@@ -214,6 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             codec=args.codec,
             swarm_key=read_key(args.swarm_key, args.swarm_key_file),
             tls_ca=args.tls_ca,
+            check_rate=args.check_rate,
         ) as client:
             result = client.generate(
                 args.prompt,
@@ -224,14 +234,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 on_token=on_token,
             )
-    report(result, args, with_hops=not args.local)
+            checks = client.wait_for_checks()
+    report(result, args, with_hops=not args.local, checks=checks)
     return 0
 
 
-def report(result: GenerationResult, args: argparse.Namespace, with_hops: bool) -> None:
+def report(
+    result: GenerationResult,
+    args: argparse.Namespace,
+    with_hops: bool,
+    checks: list[CheckResult],
+) -> None:
     out = result.to_dict()
     if not with_hops:
         del out["hops"]
+    else:
+        out["checks"] = [c.to_dict() for c in checks]
     if args.json:
         print(json.dumps(out))
         return
@@ -246,6 +264,14 @@ def report(result: GenerationResult, args: argparse.Namespace, with_hops: bool) 
     for r in result.recoveries:
         print(
             f"  recovered at position {r.pos}: {r.kind} ({r.detail}), {r.ms:.0f} ms",
+            file=sys.stderr,
+        )
+    for c in checks:
+        verdict = "agree" if c.agree else "DISAGREE"
+        distances = ", ".join(f"{a} {d:.2g}" for a, d in c.distances.items())
+        print(
+            f"  spot-check of {c.checked}, units [{c.start}, {c.end}) at position {c.pos}: "
+            f"{verdict} ({distances}; tolerance {c.tolerance:.2g})",
             file=sys.stderr,
         )
     for row in out.get("hops", []):

@@ -36,6 +36,8 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
                 "healthy": n.healthy,
+                "checks": {"passed": n.checks_passed, "failed": n.checks_failed},
+                "excluded": n.excluded or None,
             }
             for n in s.nodes
         ],
@@ -62,6 +64,7 @@ def status_table(s: cpb.SwarmStatus) -> Group:
         ("sessions", "right"),
         ("load", "right"),
         ("heartbeat", "right"),
+        ("checks", "right"),
         ("health", "left"),
     ):
         nodes.add_column(col, justify=justify, no_wrap=col in ("address", "stage"))  # type: ignore[arg-type]
@@ -72,7 +75,15 @@ def status_table(s: cpb.SwarmStatus) -> Group:
             n.assignment.end,
         ):
             stage += " loading"
-        health = Text("ok", style="green") if n.healthy else Text("DOWN", style="bold red")
+        if n.excluded:
+            health = Text("EXCLUDED", style="bold red")
+        elif n.healthy:
+            health = Text("ok", style="green")
+        else:
+            health = Text("DOWN", style="bold red")
+        checks = Text(f"{n.checks_passed}/{n.checks_failed}")
+        if n.checks_failed:
+            checks.stylize("yellow")
         nodes.add_row(
             n.name,
             n.address,
@@ -83,6 +94,7 @@ def status_table(s: cpb.SwarmStatus) -> Group:
             str(n.load.sessions),
             f"q{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
             f"{n.last_heartbeat_s:.1f}s",
+            checks,
             health,
         )
     units = Table(title="coverage (replicas per unit)", title_justify="left")
@@ -103,4 +115,9 @@ def status_table(s: cpb.SwarmStatus) -> Group:
         + ("every unit covered" if not gaps else f"{len(gaps)} units uncovered"),
         style="bold" if not gaps else "bold red",
     )
-    return Group(nodes, units, summary)
+    excluded = [
+        Text(f"excluded {n.name} ({n.address}): {n.excluded}", style="red")
+        for n in s.nodes
+        if n.excluded
+    ]
+    return Group(nodes, units, summary, *excluded)

@@ -27,6 +27,7 @@ from nanoshard.errors import (
     Internal,
     InvalidArgument,
     NanoshardError,
+    ResourceExhausted,
 )
 from nanoshard.kv import KVCache
 from nanoshard.sampling import sample
@@ -35,6 +36,7 @@ from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .downstream import Channels, Forwarder
+from .faults import fault_from_env
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, Sent, SessionSpec, SessionTable
 from .wire import spec_from_wire
@@ -106,6 +108,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
+        self.fault = fault_from_env()
+        if self.fault is not None:
+            log.warning("TEST FAULT ON: this node perturbs its outputs (%s)", self.fault)
 
     def set_stage(self, stage: Stage | None) -> None:
         """Serve another stage from now on. Sessions already open finish on the stage they
@@ -136,6 +141,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "Step": ("unary", self.Step, pb.StepRequest),
                 "Close": ("unary", self.Close, pb.CloseRequest),
                 "Info": ("unary", self.Info, pb.InfoRequest),
+                "Outputs": ("unary", self.Outputs, pb.OutputsRequest),
             },
             guard=self.security.check,
         )
@@ -298,7 +304,9 @@ class NodeService(pb_grpc.NodeServicer):
                     f"this node serves units [{stage.start}, {stage.end}) without "
                     "the head: a step that samples must carry the route to it"
                 )
-            n_tokens, bytes_in, run = self._prepare(req, session)
+            # The route's last hop answers its own output when the step asks for it.
+            returned: list[pb.Activations] = []
+            n_tokens, bytes_in, run = self._prepare(req, session, returned if not route else None)
             if req.pos + n_tokens > session.spec.max_length:
                 raise InvalidArgument(
                     f"positions up to {req.pos + n_tokens} exceed the session's max_length "
@@ -335,6 +343,8 @@ class NodeService(pb_grpc.NodeServicer):
             else:
                 out = resend[0]
             reply = pb.StepReply()
+            if returned:
+                reply.output.CopyFrom(returned[0])
             if stage.has_head:
                 if out is not None:
                     reply.has_token, reply.token = True, out
@@ -347,11 +357,14 @@ class NodeService(pb_grpc.NodeServicer):
                     activations=out,
                     route=route[1:],
                     sample=req.sample,
+                    return_output=req.return_output,
                 )
                 sent_at = time.perf_counter()
                 down, trace.repair = await self.forward.step(session, route, down_req)
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 reply.has_token, reply.token = down.has_token, down.token
+                if down.HasField("output"):
+                    reply.output.CopyFrom(down.output)
                 reply.hops.extend(down.hops)
             trace.handle.CopyFrom(self.handle(session))
             trace.total_ms = (time.perf_counter() - received) * 1e3
@@ -372,8 +385,12 @@ class NodeService(pb_grpc.NodeServicer):
         if not session.stage.has_head:
             session.sent.append(Sent(pos, n_tokens, out))
 
-    def _prepare(self, req: pb.StepRequest, session: NodeSession) -> tuple[int, int, StageStep]:
-        """Validate the step's input; return its token count, bytes, and the compute job."""
+    def _prepare(
+        self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
+    ) -> tuple[int, int, StageStep]:
+        """Validate the step's input; return its token count, bytes, and the compute job.
+        With ``req.return_output`` and a ``returned`` list, the job also puts its fp32
+        output there (a retried step answered from its stored output has none)."""
         kind = req.WhichOneof("input")
         stage, spec = session.stage, session.spec
         config = stage.config
@@ -426,8 +443,17 @@ class NodeService(pb_grpc.NodeServicer):
                 )
         want_token = req.sample and stage.has_head
         pos = req.pos
+        fault = self.fault
+        return_output = req.return_output and returned is not None
 
         def finish(y: torch.Tensor) -> Any:
+            if fault is not None:
+                y = fault(y)
+            if return_output:
+                out = y[-1:] if stage.has_head else y
+                fp32 = codecs.encode(out.float(), "fp32")
+                output = pb.Activations(codec="fp32", shape=list(out.shape), payload=fp32)
+                returned.append(output)  # type: ignore[union-attr]
             if stage.has_head:
                 return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
             payload = codecs.encode(y, spec.codec)
@@ -453,6 +479,28 @@ class NodeService(pb_grpc.NodeServicer):
         ) and pos + count == session.length:
             return (out,)
         return None
+
+    # ---- replay material ------------------------------------------------------------
+
+    @handles_errors
+    async def Outputs(self, request: pb.OutputsRequest, context: Any) -> pb.OutputsReply:
+        if not request.start < request.end:
+            raise InvalidArgument(
+                f"positions [{request.start}, {request.end}) are empty: start must be < end"
+            )
+        session = self.sessions.get(request.session_id)
+        reply = pb.OutputsReply()
+        size = 0
+        for sent in session.sent:
+            if sent.pos < request.end and sent.pos + sent.count > request.start:
+                size += len(sent.message.payload)
+                if size + 64 * 1024 > self.max_message_bytes:
+                    raise ResourceExhausted(
+                        f"positions [{request.start}, {request.end}) hold over {size} bytes, "
+                        "more than one message may carry: ask for fewer"
+                    )
+                reply.chunks.add(pos=sent.pos, activations=sent.message)
+        return reply
 
     # ---- info -----------------------------------------------------------------------
 

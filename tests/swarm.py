@@ -81,9 +81,11 @@ class Swarm:
         return [str(BIN / "nanoshard-node"), "serve", "--model", model, "--units", units,
                 "--port", "0", "--threads", "1", *extra]  # fmt: skip
 
-    def node(self, model: str, units: str, *extra: str) -> tuple[Proc, str]:
+    def node(
+        self, model: str, units: str, *extra: str, env: dict[str, str] | None = None
+    ) -> tuple[Proc, str]:
         """Start ``nanoshard-node serve`` and wait for its address."""
-        proc = self.start(self.serve_args(model, units, *extra))
+        proc = self.start(self.serve_args(model, units, *extra), env)
         return proc, proc.wait_for(LISTENING).group(1)
 
     def chain(self, model: str, splits: list[str], *extra: str) -> list[str]:
@@ -108,7 +110,7 @@ class Swarm:
         )
         return proc, proc.wait_for(COORDINATOR, timeout=120).group(1)
 
-    def join(self, *extra: str) -> Proc:
+    def join(self, *extra: str, env: dict[str, str] | None = None) -> Proc:
         """Start ``nanoshard-node join`` on loopback (it finds the coordinator itself
         unless ``--coordinator`` is among ``extra``)."""
         return self.start(
@@ -122,7 +124,8 @@ class Swarm:
                 "--threads",
                 "1",
                 *extra,
-            ]
+            ],
+            env,
         )
 
     def close(self) -> None:

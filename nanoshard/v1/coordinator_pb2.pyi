@@ -134,7 +134,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "name", "address", "capacity", "assignment", "ready", "ready_start", "ready_end", "load", "last_heartbeat_s", "healthy")
+    __slots__ = ("node_id", "name", "address", "capacity", "assignment", "ready", "ready_start", "ready_end", "load", "last_heartbeat_s", "healthy", "checks_passed", "checks_failed", "excluded")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,9 @@ class NodeStatus(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -157,7 +160,10 @@ class NodeStatus(_message.Message):
     load: NodeLoad
     last_heartbeat_s: float
     healthy: bool
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ready: _Optional[bool] = ..., ready_start: _Optional[int] = ..., ready_end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., last_heartbeat_s: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    checks_passed: int
+    checks_failed: int
+    excluded: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ready: _Optional[bool] = ..., ready_start: _Optional[int] = ..., ready_end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., last_heartbeat_s: _Optional[float] = ..., healthy: _Optional[bool] = ..., checks_passed: _Optional[int] = ..., checks_failed: _Optional[int] = ..., excluded: _Optional[str] = ...) -> None: ...
 
 class UnitCoverage(_message.Message):
     __slots__ = ("unit", "name", "replicas")
@@ -190,6 +196,44 @@ class SwarmStatus(_message.Message):
     replicas_target: int
     placement_version: int
     def __init__(self, swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., n_units: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., units: _Optional[_Iterable[_Union[UnitCoverage, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., replicas_target: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
+
+class CheckOpinion(_message.Message):
+    __slots__ = ("address", "digest", "error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    digest: bytes
+    error: float
+    def __init__(self, address: _Optional[str] = ..., digest: _Optional[bytes] = ..., error: _Optional[float] = ...) -> None: ...
+
+class CheckReport(_message.Message):
+    __slots__ = ("start", "end", "pos", "tokens", "codec", "input_digest", "tolerance", "checked", "replicas")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    pos: int
+    tokens: int
+    codec: str
+    input_digest: bytes
+    tolerance: float
+    checked: CheckOpinion
+    replicas: _containers.RepeatedCompositeFieldContainer[CheckOpinion]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[int] = ..., codec: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., tolerance: _Optional[float] = ..., checked: _Optional[_Union[CheckOpinion, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[CheckOpinion, _Mapping]]] = ...) -> None: ...
+
+class CheckReply(_message.Message):
+    __slots__ = ("excluded",)
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    excluded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, excluded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelCardRequest(_message.Message):
     __slots__ = ()

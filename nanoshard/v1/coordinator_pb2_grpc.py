@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=nanoshard_dot_v1_dot_coordinator__pb2.FetchRequest.SerializeToString,
                 response_deserializer=nanoshard_dot_v1_dot_coordinator__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.ReportCheck = channel.unary_unary(
+                '/nanoshard.v1.Coordinator/ReportCheck',
+                request_serializer=nanoshard_dot_v1_dot_coordinator__pb2.CheckReport.SerializeToString,
+                response_deserializer=nanoshard_dot_v1_dot_coordinator__pb2.CheckReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -126,6 +131,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCheck(self, request, context):
+        """A client's spot-check: one hop's step re-run on replicas of its stage, and whether
+        they agreed. Enough disagreement gets a node excluded (see coordinator/trust.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchTensors,
                     request_deserializer=nanoshard_dot_v1_dot_coordinator__pb2.FetchRequest.FromString,
                     response_serializer=nanoshard_dot_v1_dot_coordinator__pb2.TensorChunk.SerializeToString,
+            ),
+            'ReportCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCheck,
+                    request_deserializer=nanoshard_dot_v1_dot_coordinator__pb2.CheckReport.FromString,
+                    response_serializer=nanoshard_dot_v1_dot_coordinator__pb2.CheckReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class Coordinator:
             '/nanoshard.v1.Coordinator/FetchTensors',
             nanoshard_dot_v1_dot_coordinator__pb2.FetchRequest.SerializeToString,
             nanoshard_dot_v1_dot_coordinator__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nanoshard.v1.Coordinator/ReportCheck',
+            nanoshard_dot_v1_dot_coordinator__pb2.CheckReport.SerializeToString,
+            nanoshard_dot_v1_dot_coordinator__pb2.CheckReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,7 +77,7 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "route", "sample")
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "route", "sample", "return_output")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class StepRequest(_message.Message):
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     step_id: int
     pos: int
@@ -92,17 +93,20 @@ class StepRequest(_message.Message):
     activations: Activations
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     sample: bool
-    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    return_output: bool
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("has_token", "token", "hops")
+    __slots__ = ("has_token", "token", "hops", "output")
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     has_token: bool
     token: int
     hops: _containers.RepeatedCompositeFieldContainer[HopTrace]
-    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
+    output: Activations
+    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
     __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch")
@@ -161,6 +165,30 @@ class CloseReply(_message.Message):
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     closed: bool
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
+class OutputsRequest(_message.Message):
+    __slots__ = ("session_id", "start", "end")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    start: int
+    end: int
+    def __init__(self, session_id: _Optional[bytes] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class SentChunk(_message.Message):
+    __slots__ = ("pos", "activations")
+    POS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    pos: int
+    activations: Activations
+    def __init__(self, pos: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+
+class OutputsReply(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[SentChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[SentChunk, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

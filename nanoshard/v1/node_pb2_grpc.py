@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=nanoshard_dot_v1_dot_node__pb2.InfoRequest.SerializeToString,
                 response_deserializer=nanoshard_dot_v1_dot_node__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.Outputs = channel.unary_unary(
+                '/nanoshard.v1.Node/Outputs',
+                request_serializer=nanoshard_dot_v1_dot_node__pb2.OutputsRequest.SerializeToString,
+                response_deserializer=nanoshard_dot_v1_dot_node__pb2.OutputsReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -102,6 +107,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Outputs(self, request, context):
+        """The activations this node sent downstream for a session, as sent (its replay
+        material): a spot-check takes the next hop's input, or this hop's output, from here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=nanoshard_dot_v1_dot_node__pb2.InfoRequest.FromString,
                     response_serializer=nanoshard_dot_v1_dot_node__pb2.NodeInfo.SerializeToString,
+            ),
+            'Outputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.Outputs,
+                    request_deserializer=nanoshard_dot_v1_dot_node__pb2.OutputsRequest.FromString,
+                    response_serializer=nanoshard_dot_v1_dot_node__pb2.OutputsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class Node:
             '/nanoshard.v1.Node/Info',
             nanoshard_dot_v1_dot_node__pb2.InfoRequest.SerializeToString,
             nanoshard_dot_v1_dot_node__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Outputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nanoshard.v1.Node/Outputs',
+            nanoshard_dot_v1_dot_node__pb2.OutputsRequest.SerializeToString,
+            nanoshard_dot_v1_dot_node__pb2.OutputsReply.FromString,
             options,
             channel_credentials,
             insecure,

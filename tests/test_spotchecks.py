@@ -1,0 +1,255 @@
+"""Spot-checks: a step re-run on replicas of its stage, compared within what the codec and
+the weights allow; the coordinator's policy over the results; a perturbing node (the
+test-only fault switch) found and excluded, and honest nodes never."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from swarm import LISTENING, Swarm, nanoshard
+from test_swarm import HEARTBEAT, wait_until
+
+from nanoshard import Client
+from nanoshard import codec as codecs
+from nanoshard.checkpoint import save_hf_checkpoint
+from nanoshard.client.checks import Checker, distance, tolerance
+from nanoshard.client.route import Route
+from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.client.swarm import CoordinatorClient
+from nanoshard.config import GPTConfig
+from nanoshard.coordinator.trust import Comparison, Ledger
+from nanoshard.engine import init_weights
+from nanoshard.errors import InvalidArgument
+from nanoshard.generation import generate
+from nanoshard.node.faults import fault_from_env
+from nanoshard.sampling import SamplingParams
+from nanoshard.tokenizer import gpt2_bpe_dir
+from nanoshard.v1 import node_pb2 as pb
+
+TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
+LIE = {"NANOSHARD_FAULT": "perturb:0.1"}  # noise of 10% of each output row's RMS
+PROMPT = [464, 3290, 373, 257]
+
+# ---- the policy, pure ----------------------------------------------------------------
+
+
+def test_distance_and_tolerance() -> None:
+    torch.manual_seed(0)
+    y = torch.randn(3, 64) * 4
+    assert distance(y, y) == 0
+    assert distance(y, y * 1.01) == pytest.approx(0.01, rel=1e-4)
+    # fp32 travels exactly: only the weights' slack
+    assert tolerance("fp32", "fp32", y, logits=False) == pytest.approx(1e-3)
+    for codec in ("bf16", "fp16", "int8", "int8-64"):
+        decoded = codecs.decode(codecs.encode(y, codec), tuple(y.shape), codec)
+        tol = tolerance(codec, "fp32", y, logits=False)
+        # what the codec itself does to an honest output is well inside the tolerance ...
+        assert distance(y, decoded) < tol / 2, codec
+        # ... and the test fault is well outside it
+        assert distance(y, y + 0.05 * y.pow(2).mean().sqrt() * torch.randn_like(y)) > 2 * tol
+    assert tolerance("int8", "fp32", y, logits=True) == pytest.approx(1e-3)  # logits: exact
+
+
+def test_fault_switch_is_strict() -> None:
+    assert fault_from_env("") is None
+    fault = fault_from_env("perturb:0.5")
+    assert fault is not None and fault.scale == 0.5
+    y = torch.randn(2, 16)
+    assert 0.3 < distance(y, fault(y)) < 0.7
+    for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1"):
+        with pytest.raises(InvalidArgument):
+            fault_from_env(bad)
+
+
+def cmp(a: str, b: str, error: float, at: float = 0.0) -> Comparison:
+    return Comparison(a, b, 0, 6, 10, error, 1e-3, at)
+
+
+def test_one_disagreement_alone_excludes_nobody() -> None:
+    ledger = Ledger()
+    ledger.add([cmp("H", "L", 0.05), cmp("L", "H", 0.05), cmp("H", "L", 0.04)])
+    # two nodes of a stage disagree: either may be the broken one
+    assert ledger.verdict("L", set(), 0) is None
+    assert ledger.verdict("H", set(), 0) is None
+    assert ledger.tally("L", 0) == (0, 3)
+
+
+def test_two_witnesses_exclude() -> None:
+    confirmed = Ledger()  # L ran the step; both replicas disagree with it
+    confirmed.add([cmp("L", "H1", 0.05), cmp("L", "H2", 0.06)])
+    reason = confirmed.verdict("L", set(), 0)
+    assert reason is not None and "H1 and H2 disagreed" in reason and "0.06 > tolerance" in reason
+    assert confirmed.verdict("H1", set(), 0) is None
+
+    corroborated = Ledger()  # H1 ran it; H2 agrees with H1, L does not
+    corroborated.add([cmp("H1", "L", 0.05), cmp("H1", "H2", 1e-7)])
+    reason = corroborated.verdict("L", set(), 0)
+    assert reason is not None and "H2 agreed with H1" in reason
+    assert corroborated.verdict("H1", set(), 0) is None
+    assert corroborated.verdict("H2", set(), 0) is None
+    assert corroborated.tally("H1", 0) == (1, 1)
+
+
+def test_excluded_nodes_are_no_witnesses_and_old_checks_expire() -> None:
+    ledger = Ledger(window_s=60)
+    # L1 and L2 both lie about H, but both are out already: H stands
+    ledger.add([cmp("H", "L1", 0.05), cmp("H", "L2", 0.05)])
+    assert ledger.verdict("H", set(), 0) is not None
+    assert ledger.verdict("H", {"L1", "L2"}, 0) is None
+    assert ledger.verdict("H", set(), 61) is None  # forgotten after the window
+    assert ledger.tally("H", 61) == (0, 0)
+
+
+# ---- real nodes -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-block GPT-2 (6 units) with GPT-2's tokenizer files."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tmp_path_factory.mktemp("gpt2-tokenizer")
+    shutil.copy(gpt2_bpe_dir() / "encoder.json", tokenizer / "vocab.json")
+    shutil.copy(gpt2_bpe_dir() / "vocab.bpe", tokenizer / "merges.txt")
+    save_hf_checkpoint(TINY, init_weights(TINY, seed=5), directory, tokenizer_dir=tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_model: Path):
+    """Stage [0, 2): two honest nodes and a liar; stage [2, 6): an honest node and a liar."""
+    model = str(tiny_model)
+    with Swarm() as swarm:
+        procs = [
+            swarm.start(swarm.serve_args(model, units), env)
+            for units, env in [("0:2", None), ("0:2", None), ("0:2", LIE), ("2:6", None), ("2:6", LIE)]
+        ]  # fmt: skip
+        a0, a1, a_liar, b0, b_liar = (p.wait_for(LISTENING).group(1) for p in procs)
+        yield {"a": [a0, a1, a_liar], "b": [b0, b_liar]}
+
+
+def checked_generation(first: list[str], second: list[str], codec: str, seed: int) -> Checker:
+    """Generate 12 tokens along [0, 2) -> [2, 6), checking every step (the first address
+    of each hop runs it)."""
+    route = Route(
+        [pb.Hop(start=0, end=2, addresses=first), pb.Hop(start=2, end=6, addresses=second)], 6
+    )
+    checker = Checker(1.0, seed=seed)
+    session = SwarmSession(
+        route,
+        SamplingParams(temperature=0),
+        40,
+        codec,
+        planner=None,
+        retry=RetryPolicy(attempts=0),
+        checker=checker,
+    )
+    generate(session, PROMPT, 12, block_size=TINY.block_size)
+    session.close()
+    checker.wait()
+    return checker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_replicas_agree_and_a_perturbing_one_does_not(replicas: dict, codec: str) -> None:
+    a0, a1, a_liar = replicas["a"]
+    b0, b_liar = replicas["b"]
+    checker = checked_generation([a0, a1, a_liar], [b0, b_liar], codec, seed=1)
+    results = list(checker.results)
+    # one check per step, but no more than MAX_PENDING wait: the rest are skipped
+    assert len(results) >= 6 and len(results) + checker.skipped["busy"] == 12, checker.skipped
+    stages = {(r.start, r.end) for r in results}
+    assert stages == {(0, 2), (2, 6)}  # activations (from tokens) and logits (from activations)
+    for r in results:
+        assert not r.agree
+        if (r.start, r.end) == (0, 2):
+            assert r.checked == a0 and set(r.distances) == {a1, a_liar}
+            # an honest replica: the same (fp32), or within the codec's error (int8)
+            assert r.distances[a1] <= (0 if codec == "fp32" else r.tolerance / 2)
+            assert r.distances[a_liar] > 2 * r.tolerance
+        else:  # logits: the same input bytes, so exact but for the fault
+            assert r.checked == b0 and set(r.distances) == {b_liar}
+            assert r.distances[b_liar] > 10 * r.tolerance
+
+
+@pytest.mark.slow
+def test_a_perturbing_node_on_the_route_disagrees_with_both_replicas(replicas: dict) -> None:
+    a0, a1, a_liar = replicas["a"]
+    b0, _ = replicas["b"]
+    # the liar runs stage [0, 2); hop 2 has no replica, so every check is of the liar
+    checker = checked_generation([a_liar, a0, a1], [b0], "fp32", seed=2)
+    results = list(checker.results)
+    assert len(results) >= 6 and len(results) + checker.skipped["busy"] == 12, checker.skipped
+    for r in results:
+        assert r.checked == a_liar and set(r.distances) == {a0, a1}
+        assert min(r.distances.values()) > 10 * r.tolerance
+
+
+# ---- a swarm: found, excluded, shown --------------------------------------------------
+
+
+def three_replicas(swarm: Swarm, model: Path, liar: bool) -> tuple[str, list[str]]:
+    """A coordinator with --replicas 3 and three nodes that each hold the whole model (the
+    third one perturbing when ``liar``); the coordinator's address and the nodes' names."""
+    _, address = swarm.coordinator("--model", str(model), "--replicas", "3", *HEARTBEAT)
+    names = ["honest-1", "honest-2", "liar" if liar else "honest-3"]
+    for name in names:
+        swarm.join("--coordinator", address, "--name", name, env=LIE if name == "liar" else None)
+    return address, names
+
+
+def run_checked(address: str, names: list[str]) -> tuple[list, dict]:
+    """50 steps (a prompt, then 49 tokens) with spot-checks at 10%; the checks and the
+    status after them."""
+    with Client(address, check_rate=0.1, check_seed=3) as client:
+        wait_until(
+            "three replicas of every unit",
+            lambda: all(u["replicas"] == 3 for u in client.status()["units"]),
+            timeout=120,
+        )
+        got = client.generate(PROMPT, 49, temperature=0)
+        assert len(got.token_ids) == 49
+        checks = client.wait_for_checks()
+        status = client.status()
+    return checks, {n["name"]: n for n in status["nodes"]}
+
+
+@pytest.mark.slow
+def test_a_perturbing_node_is_found_within_50_steps_and_excluded(tiny_model: Path) -> None:
+    with Swarm() as swarm:
+        address, names = three_replicas(swarm, tiny_model, liar=True)
+        checks, nodes = run_checked(address, names)
+        liar = nodes["liar"]
+        assert checks, "no step was checked"
+        assert liar["address"] in {checks[0].checked, *checks[0].distances}  # 3 of 3 nodes
+        for c in checks:  # the liar's checks disagree; once it is out, the rest agree
+            assert c.agree == (liar["address"] not in {c.checked, *c.distances}), c
+        assert liar["excluded"] and "spot-checks" in liar["excluded"], nodes
+        assert liar["checks"]["failed"] >= 1 and liar["stage"] is None
+        for name in ("honest-1", "honest-2"):
+            assert nodes[name]["excluded"] is None and nodes[name]["healthy"]
+        # status says so, to people too
+        shown = nanoshard("status", "--coordinator", address)
+        assert shown.returncode == 0, shown.stderr
+        assert f"excluded liar ({liar['address']}): spot-checks" in " ".join(shown.stdout.split())
+        # and routes go around it
+        coordinator = CoordinatorClient(address)
+        route = coordinator.route()
+        coordinator.close()
+        assert liar["address"] not in {a for h in route.hops for a in h.addresses}
+
+
+@pytest.mark.slow
+def test_honest_nodes_are_never_excluded(tiny_model: Path) -> None:
+    with Swarm() as swarm:
+        address, names = three_replicas(swarm, tiny_model, liar=False)
+        checks, nodes = run_checked(address, names)
+        assert checks and all(c.agree for c in checks), [c.to_dict() for c in checks]
+        for node in nodes.values():
+            assert node["excluded"] is None and node["checks"]["failed"] == 0
+        assert sum(n["checks"]["passed"] for n in nodes.values()) == 2 * sum(
+            len(c.distances) for c in checks
+        )
