@@ -77,7 +77,7 @@ class Ledger:
         evidence = (
             f"units [{worst.start}, {worst.end}) at position {worst.pos}: error "
             f"{worst.error:.3g} > tolerance {worst.tolerance:.3g}; "
-            f"{len(against)} failed check(s)"
+            f"{len(against)} disagreement(s)"
         )
         if len(witnesses) >= 2:
             return f"spot-checks: {' and '.join(witnesses)} disagreed with it ({evidence})"

@@ -32,6 +32,7 @@ from nanoshard.v1 import node_pb2 as pb
 TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
 LIE = {"NANOSHARD_FAULT": "perturb:0.1"}  # noise of 10% of each output row's RMS
 PROMPT = [464, 3290, 373, 257]
+STEPS = 50  # steps per checked generation: the prompt's, then one per new token
 
 # ---- the policy, pure ----------------------------------------------------------------
 
@@ -106,15 +107,20 @@ def test_excluded_nodes_are_no_witnesses_and_old_checks_expire() -> None:
 # ---- real nodes -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 4-block GPT-2 (6 units) with GPT-2's tokenizer files."""
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = tmp_path_factory.mktemp("gpt2-tokenizer")
+def save_tiny_model(directory: Path) -> Path:
+    """A random 4-block GPT-2 (6 units) with GPT-2's tokenizer files, in ``directory``."""
+    tokenizer = directory / "tokenizer"
+    tokenizer.mkdir(parents=True)
     shutil.copy(gpt2_bpe_dir() / "encoder.json", tokenizer / "vocab.json")
     shutil.copy(gpt2_bpe_dir() / "vocab.bpe", tokenizer / "merges.txt")
-    save_hf_checkpoint(TINY, init_weights(TINY, seed=5), directory, tokenizer_dir=tokenizer)
-    return directory
+    model = directory / "tiny-gpt2"
+    save_hf_checkpoint(TINY, init_weights(TINY, seed=5), model, tokenizer_dir=tokenizer)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("spotchecks"))
 
 
 @pytest.fixture(scope="module")
@@ -191,27 +197,27 @@ def test_a_perturbing_node_on_the_route_disagrees_with_both_replicas(replicas: d
 # ---- a swarm: found, excluded, shown --------------------------------------------------
 
 
-def three_replicas(swarm: Swarm, model: Path, liar: bool) -> tuple[str, list[str]]:
+def three_replicas(swarm: Swarm, model: Path, liar: bool) -> str:
     """A coordinator with --replicas 3 and three nodes that each hold the whole model (the
-    third one perturbing when ``liar``); the coordinator's address and the nodes' names."""
+    third one perturbing when ``liar``); the coordinator's address."""
     _, address = swarm.coordinator("--model", str(model), "--replicas", "3", *HEARTBEAT)
     names = ["honest-1", "honest-2", "liar" if liar else "honest-3"]
     for name in names:
         swarm.join("--coordinator", address, "--name", name, env=LIE if name == "liar" else None)
-    return address, names
+    return address
 
 
-def run_checked(address: str, names: list[str]) -> tuple[list, dict]:
-    """50 steps (a prompt, then 49 tokens) with spot-checks at 10%; the checks and the
-    status after them."""
-    with Client(address, check_rate=0.1, check_seed=3) as client:
+def run_checked(address: str, seed: int = 3) -> tuple[list, dict]:
+    """A generation of 50 steps (a prompt, then 49 tokens) with spot-checks at 10%; the
+    checks and the status after it."""
+    with Client(address, check_rate=0.1, check_seed=seed) as client:
         wait_until(
             "three replicas of every unit",
             lambda: all(u["replicas"] == 3 for u in client.status()["units"]),
             timeout=120,
         )
-        got = client.generate(PROMPT, 49, temperature=0)
-        assert len(got.token_ids) == 49
+        got = client.generate(PROMPT, STEPS - 1, temperature=0)
+        assert len(got.token_ids) == STEPS - 1
         checks = client.wait_for_checks()
         status = client.status()
     return checks, {n["name"]: n for n in status["nodes"]}
@@ -220,8 +226,8 @@ def run_checked(address: str, names: list[str]) -> tuple[list, dict]:
 @pytest.mark.slow
 def test_a_perturbing_node_is_found_within_50_steps_and_excluded(tiny_model: Path) -> None:
     with Swarm() as swarm:
-        address, names = three_replicas(swarm, tiny_model, liar=True)
-        checks, nodes = run_checked(address, names)
+        address = three_replicas(swarm, tiny_model, liar=True)
+        checks, nodes = run_checked(address)
         liar = nodes["liar"]
         assert checks, "no step was checked"
         assert liar["address"] in {checks[0].checked, *checks[0].distances}  # 3 of 3 nodes
@@ -245,8 +251,8 @@ def test_a_perturbing_node_is_found_within_50_steps_and_excluded(tiny_model: Pat
 @pytest.mark.slow
 def test_honest_nodes_are_never_excluded(tiny_model: Path) -> None:
     with Swarm() as swarm:
-        address, names = three_replicas(swarm, tiny_model, liar=False)
-        checks, nodes = run_checked(address, names)
+        address = three_replicas(swarm, tiny_model, liar=False)
+        checks, nodes = run_checked(address)
         assert checks and all(c.agree for c in checks), [c.to_dict() for c in checks]
         for node in nodes.values():
             assert node["excluded"] is None and node["checks"]["failed"] == 0

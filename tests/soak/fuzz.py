@@ -48,6 +48,7 @@ NODE = {
     "Step": pb.StepRequest,
     "Close": pb.CloseRequest,
     "Info": pb.InfoRequest,
+    "Outputs": pb.OutputsRequest,
 }
 COORDINATOR = {
     "Join": cpb.JoinRequest,
@@ -57,6 +58,7 @@ COORDINATOR = {
     "GetStatus": cpb.StatusRequest,
     "GetModelCard": cpb.ModelCardRequest,
     "FetchTensors": cpb.FetchRequest,
+    "ReportCheck": cpb.CheckReport,
 }
 RELEASE_S = 6.0  # a node hands freed memory back to the OS every 5 s (node/service.py)
 STREAMS = {"Steps": "stream_stream", "FetchTensors": "unary_stream"}
