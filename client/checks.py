@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECK_RATE = 0.02  # share of steps checked
 MAX_REPLICAS = 2  # re-runs per check: with three opinions the odd one out is known at once
 MAX_PENDING = 4  # checks waiting for the background thread; more are skipped
+MATERIAL_TIMEOUT_S = 5.0  # the calls a checked step waits for: brief, a check is optional
 # What computing the same step twice may differ by, relative RMS, by the weights' dtype:
 # fp32 differs only by summation order (batched or not: ~1e-6); int8 nodes quantize each
 # forward's activations with a scale the batch shares.
@@ -159,7 +160,7 @@ class Checker:
         self.results: deque[CheckResult] = deque(maxlen=1000)
         self.skipped: Counter[str] = Counter()  # why checks did not happen
         self._weights: dict[str, str] = {}  # address -> weights dtype (Node.Info)
-        self.excluded: set[str] = set()  # nodes the coordinator excluded: no replicas
+        self._excluded: set[str] = set()  # nodes the coordinator excluded: no replicas
         self._jobs: queue.Queue[Material | None] = queue.Queue(MAX_PENDING)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -192,6 +193,10 @@ class Checker:
             log.info("spot-check skipped: %s", exc)
             self.skipped["material unavailable"] += 1
             return
+        except Exception:  # what a node sent does not decode: never the generation's problem
+            log.warning("spot-check skipped: its material is malformed", exc_info=True)
+            self.skipped["material malformed"] += 1
+            return
         if material is None:
             return
         try:
@@ -221,7 +226,7 @@ class Checker:
         n, end = len(ids), history[-1][0] + len(ids)
         checked = traces[k].address
         weights = self._weights_of(checked)
-        replicas = [a for a in hop.addresses if a != checked and a not in self.excluded]
+        replicas = [a for a in hop.addresses if a != checked and not self.excluded([a])]
         self.rng.shuffle(replicas)
         replicas = [a for a in replicas if self._weights_of(a) == weights][:MAX_REPLICAS]
         if not replicas:
@@ -262,8 +267,9 @@ class Checker:
 
     def _call(self, address: str, method: str, request: Any) -> Any:
         with rpc.open_channel(address, self.security) as channel:
+            stub = pb_grpc.NodeStub(channel)
             try:
-                return getattr(pb_grpc.NodeStub(channel), method)(request, timeout=self.timeout_s)
+                return getattr(stub, method)(request, timeout=MATERIAL_TIMEOUT_S)
             except grpc.RpcError as err:
                 raise rpc.error_from_rpc(err, address) from None
 
@@ -311,7 +317,8 @@ class Checker:
         if self.report is not None:
             try:
                 result.excluded = self.report(self._report(m, result, outputs))
-                self.excluded.update(result.excluded)
+                with self._lock:
+                    self._excluded.update(result.excluded)
             except NanoshardError as exc:
                 log.info("could not report a spot-check: %s", exc)
         self.results.append(result)
@@ -372,6 +379,11 @@ class Checker:
         )
 
     # ---- the client's side ------------------------------------------------------------
+
+    def excluded(self, addresses: list[str]) -> list[str]:
+        """Those of ``addresses`` the coordinator excluded after this client's checks."""
+        with self._lock:
+            return [a for a in addresses if a in self._excluded]
 
     def wait(self) -> None:
         """Until every queued check has run (tests; ``close`` waits briefly by itself)."""

@@ -266,6 +266,7 @@ class SwarmSession:
         self.timeout_s = timeout_s
         self.history = History()
         self.recoveries: list[Recovery] = []
+        self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
         self.route = route
         self.session_id = secrets.token_bytes(16)
@@ -373,6 +374,7 @@ class SwarmSession:
         )
 
     def step(self, tokens: list[int], pos: int) -> StepResult:
+        self._leave_excluded(pos)
         hops: list[dict] = []
         reply = None
         check = None  # the hop a spot-check re-runs this step on, if any
@@ -393,9 +395,25 @@ class SwarmSession:
                     )
         if reply is None or not reply.has_token:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
+        self._served = [h.address for h in reply.hops]
         if check is not None and self.checker is not None:
             self.checker.gather(self.route, check, self._spec(), self.history.chunks, reply)
         return StepResult(reply.token, hops)
+
+    def _leave_excluded(self, pos: int) -> None:
+        """If spot-checks got a node of this session excluded, go on along a new route
+        (replayed from token ids): what that node computes is not to be trusted."""
+        if self.checker is None or self.planner is None:
+            return
+        bad = sorted(set(self.checker.excluded(self._served)))
+        if not bad:
+            return
+        started = time.perf_counter()
+        self.avoid.add(bad)
+        self._reroute(pos)
+        self._served = []
+        ms = (time.perf_counter() - started) * 1e3
+        self.recoveries.append(Recovery(pos, "reroute", f"{', '.join(bad)} excluded", ms))
 
     def _send(
         self, pos: int, ids: list[int], *, sample: bool, return_output: bool = False

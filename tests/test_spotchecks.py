@@ -27,6 +27,7 @@ from nanoshard.generation import generate
 from nanoshard.node.faults import fault_from_env
 from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import gpt2_bpe_dir
+from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
 TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
@@ -192,6 +193,47 @@ def test_a_perturbing_node_on_the_route_disagrees_with_both_replicas(replicas: d
     for r in results:
         assert r.checked == a_liar and set(r.distances) == {a0, a1}
         assert min(r.distances.values()) > 10 * r.tolerance
+
+
+@pytest.mark.slow
+def test_a_session_leaves_a_node_its_checks_got_excluded(replicas: dict) -> None:
+    a0, a1, a_liar = replicas["a"]
+    b0, _ = replicas["b"]
+    stale = Route(
+        [
+            pb.Hop(start=0, end=2, addresses=[a_liar, a0, a1]),
+            pb.Hop(start=2, end=6, addresses=[b0]),
+        ],
+        6,
+    )
+    clean = Route(
+        [pb.Hop(start=0, end=2, addresses=[a0, a1]), pb.Hop(start=2, end=6, addresses=[b0])], 6
+    )
+    reports: list[cpb.CheckReport] = []
+
+    def coordinator(report: cpb.CheckReport) -> list[str]:  # excludes at the first disagreement
+        reports.append(report)
+        return [report.checked.address] if report.replicas[0].error > report.tolerance else []
+
+    checker = Checker(1.0, seed=4, report=coordinator)
+    session = SwarmSession(
+        stale, SamplingParams(temperature=0), 40, planner=lambda avoid: clean, checker=checker
+    )
+    greedy = generate(session, PROMPT, 12, block_size=TINY.block_size)
+    session.close()
+    checker.wait()
+    assert reports and reports[0].checked.address == a_liar
+    # once the coordinator answered "excluded", the next step left it: a new route, replayed
+    (leave,) = [r for r in session.recoveries if "excluded" in r.detail]
+    assert leave.kind == "reroute" and leave.detail == f"{a_liar} excluded"
+    assert session.route is clean and session._served[0] == a0
+    # from there on the tokens are honest ones: an honest run continues the same prefix so
+    k = leave.pos - len(PROMPT) + 1  # tokens sampled before the switch
+    honest = SwarmSession(clean, SamplingParams(temperature=0), 40, planner=None)
+    prefix = PROMPT + greedy.token_ids[:k]
+    expected = generate(honest, prefix, 12 - k, block_size=TINY.block_size).token_ids
+    honest.close()
+    assert 0 < k < 12 and greedy.token_ids[k:] == expected
 
 
 # ---- a swarm: found, excluded, shown --------------------------------------------------

@@ -7,7 +7,8 @@ and equals its fault-free output.
 
 ``nodes``: a coordinator with ``--replicas 2`` and four volunteers that each hold about half
 of the demo model; four clients generate greedily (48 tokens, a prompt each, again and
-again); every 5 s a random volunteer is SIGKILLed and a fresh one started in its place.
+again); every 5 s a random volunteer is SIGKILLed and started again (the same name and
+cache directory, on a new port).
 ``coordinator``: the same swarm; the coordinator is SIGKILLed in the middle of the clients'
 generations and restarted on the same address a second later; measured is how long until
 its status shows every node back and every unit served twice. Every output is compared with
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: the swarm helpers
 
 from soak.common import save  # noqa: E402
 from swarm import Swarm  # noqa: E402
-from test_failover import FourNodes  # noqa: E402
+from test_failover import DATA_PLANE, FourNodes  # noqa: E402
 from test_swarm import HEARTBEAT  # noqa: E402
 
 from nanoshard import Client  # noqa: E402
@@ -88,8 +89,11 @@ def run(scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0)
                     kills += 1  # on a fixed beat: a restart's own time does not stretch it
                     time.sleep(max(0.0, began + kills * kill_every_s - time.monotonic()))
                     victim = rng.choice(sorted(four.nodes))
-                    four.nodes.pop(victim).kill()
-                    four.add()
+                    killed = four.nodes.pop(victim)
+                    killed.kill()
+                    # the same volunteer again: its name and cache (a new port, as after a reboot)
+                    again = swarm.start(killed.args)
+                    four.nodes[again.wait_for(DATA_PLANE).group(1)] = again
                     events.append(f"{time.monotonic() - began:5.1f} s: killed {victim}, restarted")
             else:
                 time.sleep(min(3.0, seconds / 3))
