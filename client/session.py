@@ -328,11 +328,8 @@ class SwarmSession:
                 continue
             old, self.first = self.first, first
             if old is not None:
-                # Close reaches every later hop, and those keep this session (that is the
-                # point of switching only the first hop): close it only where nothing
-                # follows. Elsewhere the old hop's TTL frees it.
-                if len(self.route.hops) == 1 and old.address != address:
-                    self._abandon(old, self.session_id)
+                if old.address != address:  # free the old hop now; the later ones go on
+                    self._abandon(old, self.session_id, this_hop_only=True)
                 old.close()
             return reply.length  # type: ignore[attr-defined]
         raise Unavailable(
@@ -341,11 +338,12 @@ class SwarmSession:
         )
 
     @staticmethod
-    def _abandon(first: FirstHop, session_id: bytes) -> None:
+    def _abandon(first: FirstHop, session_id: bytes, *, this_hop_only: bool = False) -> None:
         """Close a session left behind, so its nodes free their KV memory now rather than
         at their TTL. Best effort and brief: the node may well be gone."""
+        request = pb.CloseRequest(session_id=session_id, this_hop_only=this_hop_only)
         with contextlib.suppress(NanoshardError):
-            first.call("Close", pb.CloseRequest(session_id=session_id), ABANDON_TIMEOUT_S)
+            first.call("Close", request, ABANDON_TIMEOUT_S)
 
     # ---- steps ------------------------------------------------------------------------
 

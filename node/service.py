@@ -230,7 +230,7 @@ class NodeService(pb_grpc.NodeServicer):
         if session is None:
             return pb.CloseReply(closed=False)
         async with session.lock:
-            link = session.downstream
+            link = None if request.this_hop_only else session.downstream
             self._drop(session)
         if link is not None:
             try:

@@ -413,3 +413,19 @@ def test_a_session_whose_first_node_died_opens_on_a_new_route(tiny_chain: list[s
     expected = fixed_session(live, max_length=40)
     assert gen.token_ids == generate(expected, [464, 3290, 373], 20, block_size=256).token_ids
     expected.close()
+
+
+def test_closing_this_hop_only_leaves_the_later_hops_their_session(tiny_chain: list[str]) -> None:
+    """What a client does when it moves its first hop to a replica: the old first hop frees
+    the session, the later hops keep it for the new one."""
+    s = spec()
+    stub(tiny_chain[0]).Open(pb.OpenRequest(spec=s, route=route_after(tiny_chain, 0)), timeout=30)
+
+    def close(address: str, this_hop_only: bool = False) -> bool:
+        request = pb.CloseRequest(session_id=s.session_id, this_hop_only=this_hop_only)
+        return stub(address).Close(request, timeout=30).closed
+
+    assert close(tiny_chain[0], this_hop_only=True)
+    assert not close(tiny_chain[0])  # gone from the first hop ...
+    assert close(tiny_chain[1])  # ... kept at the second (whose Close reaches the third)
+    assert not close(tiny_chain[2])

@@ -155,10 +155,12 @@ class KVHandle(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., length: _Optional[int] = ..., epoch: _Optional[bytes] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "this_hop_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    THIS_HOP_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
-    def __init__(self, session_id: _Optional[bytes] = ...) -> None: ...
+    this_hop_only: bool
+    def __init__(self, session_id: _Optional[bytes] = ..., this_hop_only: _Optional[bool] = ...) -> None: ...
 
 class CloseReply(_message.Message):
     __slots__ = ("closed",)
