@@ -100,6 +100,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.security = security or Security()
         self.quotas = quotas or Quotas(QuotaLimits())
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
+        self._views: dict[tuple[int, int], Stage] = {}  # parts of it routes asked for
         self.identity = identity
         self.worker = worker
         self.sessions = sessions
@@ -115,21 +116,28 @@ class NodeService(pb_grpc.NodeServicer):
     def set_stage(self, stage: Stage | None) -> None:
         """Serve another stage from now on. Sessions already open finish on the stage they
         opened on, which is freed when the last of them closes."""
-        self.stage = stage
+        self.stage, self._views = stage, {}
 
     def current_stage(self, start: int = 0, end: int = 0) -> Stage:
-        """The stage new sessions open on; refuses when the caller expects another one."""
+        """The stage a new session opens on: the node's, or the part of it the caller's hop
+        covers (a route may enter a stage part-way, or leave it early). Refuses units the
+        node does not hold."""
         stage = self.stage
         if stage is None:
             raise FailedPrecondition(
                 "this node is not serving a stage yet (it is loading): try a replica"
             )
-        if end and (start, end) != (stage.start, stage.end):
+        if not end or (start, end) == (stage.start, stage.end):
+            return stage
+        if not stage.start <= start < end <= stage.end:
             raise FailedPrecondition(
                 f"this node now serves units [{stage.start}, {stage.end}), not [{start}, {end}): "
                 "ask the coordinator for a fresh route"
             )
-        return stage
+        view = self._views.get((start, end))
+        if view is None:
+            view = self._views[start, end] = stage.view(start, end)
+        return view
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """This service for a gRPC server, parsing requests itself (garbage -> INVALID_ARGUMENT)."""

@@ -429,3 +429,24 @@ def test_closing_this_hop_only_leaves_the_later_hops_their_session(tiny_chain: l
     assert not close(tiny_chain[0])  # gone from the first hop ...
     assert close(tiny_chain[1])  # ... kept at the second (whose Close reaches the third)
     assert not close(tiny_chain[2])
+
+
+def test_a_hop_may_enter_a_stage_part_way_and_leave_it_early(
+    tiny_model: Path, tiny_chain: list[str]
+) -> None:
+    """Routes chain overlapping stages: a node holding the whole model serves the hop
+    [2, 4) of a route, between two nodes of other stages, as the coordinator may plan."""
+    with Swarm() as swarm:
+        _, whole = swarm.node(str(tiny_model), "0:6")
+        hops = [
+            pb.Hop(start=0, end=2, addresses=[tiny_chain[0]]),
+            pb.Hop(start=2, end=4, addresses=[whole]),
+            pb.Hop(start=4, end=6, addresses=[tiny_chain[2]]),
+        ]
+        session = fixed_session(Route(hops, 6), max_length=40)
+        got = generate(session, [464, 3290, 373], 20, block_size=TINY.block_size)
+        session.close()
+    reference = fixed_session(route_from_addresses(tiny_chain), max_length=40)
+    expected = generate(reference, [464, 3290, 373], 20, block_size=TINY.block_size)
+    reference.close()
+    assert got.token_ids == expected.token_ids
