@@ -18,6 +18,9 @@ from .routing import Server
 log = logging.getLogger(__name__)
 
 WEIGHT_SHARE = 0.8  # of a node's memory, what placement may fill with weights (rest: KV)
+# Bytes a weight takes in a node's memory, by the dtype it runs (placement sizes units at
+# fp32): int8 rows carry a scale each, and LayerNorms, biases and wpe stay fp32.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.1}
 
 
 @dataclass
@@ -156,7 +159,9 @@ class Registry:
         return [
             NodeCapacity(
                 node_id=r.node_id,
-                memory_bytes=int(r.capacity.memory_bytes * WEIGHT_SHARE),
+                memory_bytes=int(
+                    r.capacity.memory_bytes * WEIGHT_SHARE * 4 / WEIGHT_BYTES[r.capacity.dtype]
+                ),
                 block_ms=max(r.capacity.block_ms, 1e-3),
                 head_ms=max(r.capacity.head_ms, 1e-3),
             )

@@ -22,6 +22,7 @@ from nanoshard.coordinator.placement import (
     units_moved,
     weakest_throughput,
 )
+from nanoshard.coordinator.registry import WEIGHT_SHARE, Capacity, NodeRecord, Registry
 from nanoshard.errors import InvalidArgument
 
 GPT2 = GPTConfig()  # 124M: 14 units, 498 MB in fp32
@@ -327,3 +328,22 @@ def test_properties_on_random_swarms(
     fresh = weakest_throughput(placement, units, nodes) if placement else 0.0
     if nodes and min(counts) > 0:
         assert weakest_throughput(after, units, nodes) >= fresh / 1.2 * (1 - 1e-9)
+
+
+def test_a_node_running_lighter_weights_holds_more_units() -> None:
+    """Units are sized at fp32; a node that runs bf16 or int8 weights fits 2x or ~3.6x as
+    many in the same memory."""
+    fp32_bytes = sum(u.weight_bytes for u in unit_costs(GPT2)) - unit_costs(GPT2)[-1].shared_bytes
+    memory = int(fp32_bytes * 0.4 / WEIGHT_SHARE)  # 40% of the model at fp32
+
+    def held(dtype: str) -> int:
+        registry = Registry(GPT2, replicas=1)
+        registry.join(
+            NodeRecord(
+                "ab" * 8, dtype, "127.0.0.1:1", Capacity("cpu", dtype, memory, 1.0, 2.0), 0, 0
+            )
+        )
+        stage = registry.nodes["ab" * 8].assigned
+        return 0 if stage is None else stage[1] - stage[0]
+
+    assert 0 < held("fp32") < held("bf16") < held("int8") == GPT2.n_units
