@@ -110,6 +110,7 @@ class NodeServicer:
     def Outputs(self, request, context):
         """The activations this node sent downstream for a session, as sent (its replay
         material): a spot-check takes the next hop's input, or this hop's output, from here.
+        The session id is the capability: 16 random bytes only the client and its route know.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
