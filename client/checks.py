@@ -21,13 +21,11 @@ two small calls. ``distance`` and ``tolerance`` are the policy, pure.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import queue
 import random
 import secrets
 import threading
-from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +34,15 @@ from typing import Any
 import grpc
 import torch
 
-from nanoshard import codec as codecs
 from nanoshard import rpc
+from nanoshard.agreement import (
+    distance,
+    from_wire,
+    input_digest,
+    output_digest,
+    to_wire,
+    tolerance,
+)
 from nanoshard.errors import InvalidArgument, NanoshardError
 from nanoshard.security import Security
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -52,30 +57,7 @@ DEFAULT_CHECK_RATE = 0.02  # share of steps checked
 MAX_REPLICAS = 2  # re-runs per check: with three opinions the odd one out is known at once
 MAX_PENDING = 4  # checks waiting for the background thread; more are skipped
 MATERIAL_TIMEOUT_S = 5.0  # the calls a checked step waits for: brief, a check is optional
-# What computing the same step twice may differ by, relative RMS, by the weights' dtype:
-# fp32 differs only by summation order (batched or not: ~1e-6); int8 nodes quantize each
-# forward's activations with a scale the batch shares.
-WEIGHT_SLACK = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 3e-2, "int8": 5e-2}
-CODEC_MARGIN = 3.0  # times the codec's own round-trip error on the output
-
-
-def distance(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Relative RMS distance: rms(other - reference) / rms(reference)."""
-    reference, other = reference.float(), other.float()
-    scale = reference.pow(2).mean().sqrt().clamp_min(1e-12)
-    return float((other - reference).pow(2).mean().sqrt() / scale)
-
-
-def tolerance(codec: str, weights: str, output: torch.Tensor, *, logits: bool) -> float:
-    """The largest distance counted as agreement: the weights' slack, plus (for activations,
-    which travelled encoded) a margin over the codec's own error on ``output``, a replica's
-    fp32 output (the checked one was encoded already: encoding it again loses nothing)."""
-    slack = WEIGHT_SLACK.get(weights, max(WEIGHT_SLACK.values()))
-    if logits or codec == "fp32":
-        return slack
-    shape = tuple(output.shape)
-    decoded = codecs.decode(codecs.encode(output.float(), codec), shape, codec)
-    return slack + CODEC_MARGIN * distance(output, decoded)
+MAX_EVIDENCE_BYTES = 12 * 2**20  # a dispute's input and outputs, sent to the coordinator
 
 
 @dataclass
@@ -123,15 +105,20 @@ class Material:
     pos: int
     tokens: int
 
-    def input_digest(self) -> bytes:
-        h = hashlib.sha256()
+    def evidence(self, outputs: list[torch.Tensor]) -> cpb.CheckEvidence | None:
+        """The step's input and the outputs, for the coordinator to re-run it itself (None
+        when too big to send)."""
+        evidence = cpb.CheckEvidence(
+            checked_output=to_wire(self.output),
+            replica_outputs=[to_wire(o) for o in outputs],
+            weights=self.weights,
+        )
         for pos, item in self.inputs:
-            h.update(pos.to_bytes(4, "little"))
             if isinstance(item, pb.Activations):
-                h.update(item.SerializeToString(deterministic=True))
+                evidence.inputs.add(pos=pos, activations=item)
             else:
-                h.update(array("I", item).tobytes())
-        return h.digest()
+                evidence.inputs.add(pos=pos, tokens=pb.Tokens(ids=item))
+        return evidence if evidence.ByteSize() <= MAX_EVIDENCE_BYTES else None
 
 
 Reporter = Callable[[cpb.CheckReport], list[str]]  # a report -> addresses excluded now
@@ -244,13 +231,13 @@ class Checker:
             if not reply.HasField("output"):  # answered from a retried step's stored output
                 self.skipped["no output"] += 1
                 return None
-            output = _decode(reply.output)
+            output = from_wire(reply.output)
         else:
             sent = self._sent(checked, spec.session_id, pos, end)
             if len(sent) != 1 or sent[0][0] != pos or sent[0][1].shape[0] != n:
                 self.skipped["incomplete replay material"] += 1
                 return None
-            output = _decode(sent[0][1])
+            output = from_wire(sent[0][1])
         return Material(hop, checked, replicas, weights, spec, inputs, output, last, pos, n)
 
     def _weights_of(self, address: str) -> str:
@@ -307,7 +294,7 @@ class Checker:
                 outputs[address] = self._rerun(address, m)
             except NanoshardError as exc:
                 log.info("spot-check re-run on %s failed: %s", address, exc)
-        distances = {a: distance(m.output, out) for a, out in outputs.items()}
+        distances = {a: distance(out, m.output) for a, out in outputs.items()}
         if not distances:
             self.skipped["replicas unavailable"] += 1
             return
@@ -361,28 +348,28 @@ class Checker:
                 raise rpc.error_from_rpc(err, address) from None
         if not reply.HasField("output"):
             raise NanoshardError(f"{address} answered the re-run without its output")
-        return _decode(reply.output)
+        return from_wire(reply.output)
 
     @staticmethod
     def _report(
         m: Material, result: CheckResult, outputs: dict[str, torch.Tensor]
     ) -> cpb.CheckReport:
-        def digest(t: torch.Tensor) -> bytes:
-            return hashlib.sha256(t.float().contiguous().numpy().tobytes()).digest()
-
+        # Two nodes that disagree, and nobody else asked: the coordinator settles it itself.
+        dispute = not result.agree and len(outputs) == 1
         return cpb.CheckReport(
             start=m.hop.start,
             end=m.hop.end,
             pos=m.pos,
             tokens=m.tokens,
             codec=m.spec.codec,
-            input_digest=m.input_digest(),
+            input_digest=input_digest(m.inputs),
             tolerance=result.tolerance,
-            checked=cpb.CheckOpinion(address=m.checked, digest=digest(m.output)),
+            checked=cpb.CheckOpinion(address=m.checked, digest=output_digest(m.output)),
             replicas=[
-                cpb.CheckOpinion(address=a, digest=digest(outputs[a]), error=d)
+                cpb.CheckOpinion(address=a, digest=output_digest(outputs[a]), error=d)
                 for a, d in result.distances.items()
             ],
+            evidence=m.evidence(list(outputs.values())) if dispute else None,
         )
 
     # ---- the client's side ------------------------------------------------------------
@@ -403,11 +390,6 @@ class Checker:
         with contextlib.suppress(queue.Full):
             self._jobs.put(None, timeout=timeout_s)
         thread.join(timeout_s)
-
-
-def _decode(act: pb.Activations) -> torch.Tensor:
-    shape = tuple(act.shape)
-    return codecs.decode(act.payload, shape, act.codec, dtype=torch.float32)
 
 
 def _covers(chunks: list[tuple[int, Any]], start: int, end: int) -> bool:

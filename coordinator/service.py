@@ -3,6 +3,7 @@ weights. Thin: validation here, state in the registry, policy in placement and r
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 
 from nanoshard import PROTOCOL_VERSION, rpc
+from nanoshard.agreement import distance
 from nanoshard.config import unit_name
 from nanoshard.errors import (
     FailedPrecondition,
@@ -27,6 +29,7 @@ from nanoshard.security import Security, identity_of
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
+from .arbiter import ARBITER, Arbiter, read_evidence
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .routing import plan_route, route_ms
@@ -99,6 +102,8 @@ class CoordinatorService:
         self.epoch = epoch
         self.clock = clock
         self.ledger = Ledger()
+        self.arbiter = Arbiter(store)
+        self._arbitrating = asyncio.Lock()  # one dispute re-run at a time
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return rpc.strict_service(
@@ -283,7 +288,8 @@ class CoordinatorService:
 
     @handles_errors
     async def ReportCheck(self, request: cpb.CheckReport, context: Any) -> cpb.CheckReply:
-        """Record a client's spot-check; exclude whom two other nodes now stand against."""
+        """Record a client's spot-check (settling a dispute of two nodes by re-running the
+        step here); exclude whom two others now stand against."""
         start, end = self._stage(request.start, request.end, "checked stage")
         tolerance = request.tolerance
         if not (math.isfinite(tolerance) and 0 < tolerance <= 10):
@@ -298,20 +304,48 @@ class CoordinatorService:
                 raise InvalidArgument(f"error {opinion.error} must be finite and >= 0")
         if any(o.address == checked for o in request.replicas):
             raise InvalidArgument("a replica of a check must be another node than the one checked")
+        evidence = None
+        if request.HasField("evidence"):
+            evidence = read_evidence(request, self.registry.config)
         now = self.clock()
         known = {r.address for r in self.registry.nodes.values()}
+        if checked not in known:
+            return cpb.CheckReply()  # about a node gone: nothing to do
+        replicas = [o for o in request.replicas if o.address in known]
         comparisons = [
             Comparison(checked, o.address, start, end, request.pos, o.error, tolerance, now)
-            for o in request.replicas
-            if checked in known and o.address in known  # about nodes gone: nothing to do
+            for o in replicas
         ]
         self.ledger.add(comparisons)
+        excluded = self._judge({checked, *(o.address for o in replicas)}, now)
+        if evidence is not None and not excluded and not self._arbitrating.locked():
+            async with self._arbitrating:
+                inputs, checked_out, replica_outs, weights = evidence
+                mine = await asyncio.to_thread(self.arbiter.rerun, start, end, weights, inputs)
+            now = self.clock()
+            addresses = [checked, *(o.address for o in request.replicas)]
+            settled = [
+                Comparison(ARBITER, a, start, end, request.pos, distance(mine, out), tolerance, now)
+                for a, out in zip(addresses, [checked_out, *replica_outs], strict=True)
+                if a in known
+            ]
+            log.info(
+                "settled a dispute on units [%d, %d) at position %d: %s",
+                start, end, request.pos,
+                ", ".join(f"{c.b} at {c.error:.3g}" for c in settled),
+            )  # fmt: skip
+            self.ledger.add(settled)
+            excluded = self._judge(set(addresses), now)
+        return cpb.CheckReply(excluded=excluded)
+
+    def _judge(self, addresses: set[str], now: float) -> list[str]:
+        """Exclude those of ``addresses`` the ledger now speaks against; who they are."""
         excluded = []
-        for address in sorted({c.a for c in comparisons} | {c.b for c in comparisons}):
+        for address in sorted(addresses):
             if address in self.registry.excluded:
                 continue
             reason = self.ledger.verdict(address, set(self.registry.excluded), now)
             if reason is not None:
                 self.registry.exclude(address, reason)
                 excluded.append(address)
-        return cpb.CheckReply(excluded=excluded)
+        return excluded

@@ -9,8 +9,9 @@ nodes stand against it:
 - **corroborated**: a node disagreed with it, and a third node agreed with that node.
 
 Nodes already excluded are no witnesses, so the honest partners of an excluded node are
-cleared of what it said about them. With only two nodes serving a stage neither rule can
-fire: both show their failed checks in status, and a third replica settles it.
+cleared of what it said about them. With only two nodes serving a stage, the coordinator
+is the third: it re-runs a disputed step itself (``arbiter.py``) and its comparisons count
+like a node's, under the name ``coordinator``.
 
 Comparisons are kept for ``window_s`` (and at most ``max_entries``); the ledger is soft
 state like the rest of the coordinator's: a restart forgets it, and the exclusions.

@@ -14,8 +14,9 @@ from test_swarm import HEARTBEAT, wait_until
 
 from nanoshard import Client
 from nanoshard import codec as codecs
+from nanoshard.agreement import distance, tolerance
 from nanoshard.checkpoint import save_hf_checkpoint
-from nanoshard.client.checks import Checker, distance, tolerance
+from nanoshard.client.checks import Checker
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.client.swarm import CoordinatorClient
@@ -239,23 +240,23 @@ def test_a_session_leaves_a_node_its_checks_got_excluded(replicas: dict) -> None
 # ---- a swarm: found, excluded, shown --------------------------------------------------
 
 
-def three_replicas(swarm: Swarm, model: Path, liar: bool) -> str:
-    """A coordinator with --replicas 3 and three nodes that each hold the whole model (the
-    third one perturbing when ``liar``); the coordinator's address."""
-    _, address = swarm.coordinator("--model", str(model), "--replicas", "3", *HEARTBEAT)
-    names = ["honest-1", "honest-2", "liar" if liar else "honest-3"]
+def whole_model_swarm(swarm: Swarm, model: Path, nodes: int, liar: bool) -> str:
+    """A coordinator with ``--replicas nodes`` and that many nodes that each hold the whole
+    model (the last one perturbing when ``liar``); the coordinator's address."""
+    _, address = swarm.coordinator("--model", str(model), "--replicas", str(nodes), *HEARTBEAT)
+    names = [f"honest-{i + 1}" for i in range(nodes - 1)] + ["liar" if liar else f"honest-{nodes}"]
     for name in names:
         swarm.join("--coordinator", address, "--name", name, env=LIE if name == "liar" else None)
     return address
 
 
-def run_checked(address: str, seed: int = 3) -> tuple[list, dict]:
-    """A generation of 50 steps (a prompt, then 49 tokens) with spot-checks at 10%; the
-    checks and the status after it."""
+def run_checked(address: str, replicas: int, seed: int = 3) -> tuple[list, dict]:
+    """A generation of 50 steps (a prompt, then 49 tokens) with spot-checks at 10%, once
+    every unit has ``replicas``; the checks and the status after it."""
     with Client(address, check_rate=0.1, check_seed=seed) as client:
         wait_until(
-            "three replicas of every unit",
-            lambda: all(u["replicas"] == 3 for u in client.status()["units"]),
+            f"{replicas} replicas of every unit",
+            lambda: all(u["replicas"] == replicas for u in client.status()["units"]),
             timeout=120,
         )
         got = client.generate(PROMPT, STEPS - 1, temperature=0)
@@ -266,18 +267,25 @@ def run_checked(address: str, seed: int = 3) -> tuple[list, dict]:
 
 
 @pytest.mark.slow
-def test_a_perturbing_node_is_found_within_50_steps_and_excluded(tiny_model: Path) -> None:
+@pytest.mark.parametrize("replicas", [3, 2])
+def test_a_perturbing_node_is_found_within_50_steps_and_excluded(
+    tiny_model: Path, replicas: int
+) -> None:
+    """Three replicas: the two honest nodes are the witnesses. Two: the honest node and the
+    coordinator, which re-runs the disputed step itself."""
     with Swarm() as swarm:
-        address = three_replicas(swarm, tiny_model, liar=True)
-        checks, nodes = run_checked(address)
+        address = whole_model_swarm(swarm, tiny_model, replicas, liar=True)
+        checks, nodes = run_checked(address, replicas)
         liar = nodes["liar"]
         assert checks, "no step was checked"
-        assert liar["address"] in {checks[0].checked, *checks[0].distances}  # 3 of 3 nodes
+        assert liar["address"] in {checks[0].checked, *checks[0].distances}  # every node
         for c in checks:  # the liar's checks disagree; once it is out, the rest agree
             assert c.agree == (liar["address"] not in {c.checked, *c.distances}), c
         assert liar["excluded"] and "spot-checks" in liar["excluded"], nodes
+        if replicas == 2:
+            assert "coordinator" in liar["excluded"]
         assert liar["checks"]["failed"] >= 1 and liar["stage"] is None
-        for name in ("honest-1", "honest-2"):
+        for name in [n for n in nodes if n != "liar"]:
             assert nodes[name]["excluded"] is None and nodes[name]["healthy"]
         # status says so, to people too
         shown = nanoshard("status", "--coordinator", address)
@@ -293,8 +301,8 @@ def test_a_perturbing_node_is_found_within_50_steps_and_excluded(tiny_model: Pat
 @pytest.mark.slow
 def test_honest_nodes_are_never_excluded(tiny_model: Path) -> None:
     with Swarm() as swarm:
-        address = three_replicas(swarm, tiny_model, liar=False)
-        checks, nodes = run_checked(address)
+        address = whole_model_swarm(swarm, tiny_model, 3, liar=False)
+        checks, nodes = run_checked(address, 3)
         assert checks and all(c.agree for c in checks), [c.to_dict() for c in checks]
         for node in nodes.values():
             assert node["excluded"] is None and node["checks"]["failed"] == 0

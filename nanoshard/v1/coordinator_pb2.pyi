@@ -208,7 +208,7 @@ class CheckOpinion(_message.Message):
     def __init__(self, address: _Optional[str] = ..., digest: _Optional[bytes] = ..., error: _Optional[float] = ...) -> None: ...
 
 class CheckReport(_message.Message):
-    __slots__ = ("start", "end", "pos", "tokens", "codec", "input_digest", "tolerance", "checked", "replicas")
+    __slots__ = ("start", "end", "pos", "tokens", "codec", "input_digest", "tolerance", "checked", "replicas", "evidence")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class CheckReport(_message.Message):
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     CHECKED_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     pos: int
@@ -227,7 +228,30 @@ class CheckReport(_message.Message):
     tolerance: float
     checked: CheckOpinion
     replicas: _containers.RepeatedCompositeFieldContainer[CheckOpinion]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[int] = ..., codec: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., tolerance: _Optional[float] = ..., checked: _Optional[_Union[CheckOpinion, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[CheckOpinion, _Mapping]]] = ...) -> None: ...
+    evidence: CheckEvidence
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[int] = ..., codec: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., tolerance: _Optional[float] = ..., checked: _Optional[_Union[CheckOpinion, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[CheckOpinion, _Mapping]]] = ..., evidence: _Optional[_Union[CheckEvidence, _Mapping]] = ...) -> None: ...
+
+class CheckInput(_message.Message):
+    __slots__ = ("pos", "tokens", "activations")
+    POS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    pos: int
+    tokens: _node_pb2.Tokens
+    activations: _node_pb2.Activations
+    def __init__(self, pos: _Optional[int] = ..., tokens: _Optional[_Union[_node_pb2.Tokens, _Mapping]] = ..., activations: _Optional[_Union[_node_pb2.Activations, _Mapping]] = ...) -> None: ...
+
+class CheckEvidence(_message.Message):
+    __slots__ = ("inputs", "checked_output", "replica_outputs", "weights")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[CheckInput]
+    checked_output: _node_pb2.Activations
+    replica_outputs: _containers.RepeatedCompositeFieldContainer[_node_pb2.Activations]
+    weights: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[CheckInput, _Mapping]]] = ..., checked_output: _Optional[_Union[_node_pb2.Activations, _Mapping]] = ..., replica_outputs: _Optional[_Iterable[_Union[_node_pb2.Activations, _Mapping]]] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class CheckReply(_message.Message):
     __slots__ = ("excluded",)

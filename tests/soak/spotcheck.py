@@ -1,14 +1,17 @@
 """How soon spot-checks find a perturbing node, and that they never accuse honest ones.
 
-    python tests/soak/spotcheck.py               # 20 trials with a liar, 20 clean ones
+    python tests/soak/spotcheck.py               # 20 trials with a liar, 20 clean ones,
+                                                 # with 3 replicas and with 2
     python tests/soak/spotcheck.py --trials 5
 
-Each trial is a fresh swarm: a coordinator with ``--replicas 3`` and three nodes that each
-hold a tiny 4-block model, one of them started with ``NANOSHARD_FAULT=perturb:0.1`` (noise
-of 10% of each output row's RMS) in the liar trials. A client with ``check_rate=0.1`` and
-the trial's seed generates greedily in runs of 50 steps, up to four; measured is the step
-whose check got the liar excluded. A clean trial is one 50-step run on three honest nodes:
-nobody may be excluded. Results go to ``tests/soak/results/spotcheck.json``.
+Each trial is a fresh swarm: a coordinator with ``--replicas N`` and N nodes that each hold
+a tiny 4-block model, one of them started with ``NANOSHARD_FAULT=perturb:0.1`` (noise of
+10% of each output row's RMS) in the liar trials. With three, the two honest nodes are the
+witnesses; with two, the honest node and the coordinator, which re-runs a disputed step
+itself. A client with ``check_rate=0.1`` and the trial's seed generates greedily in runs of
+50 steps, up to four; measured is the step whose check got the liar excluded. A clean trial
+is one 50-step run on N honest nodes: nobody may be excluded. Results go to
+``tests/soak/results/spotcheck.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from test_spotchecks import (  # noqa: E402
     STEPS,
     run_checked,
     save_tiny_model,
-    three_replicas,
+    whole_model_swarm,
 )
 
 MAX_RUNS = 4  # 200 steps at most per liar trial
@@ -40,12 +43,12 @@ def step_of(pos: int, run: int) -> int:
     return run * STEPS + (1 if pos == 0 else pos - len(PROMPT) + 2)
 
 
-def liar_trial(model: Path, seed: int) -> dict:
+def liar_trial(model: Path, replicas: int, seed: int) -> dict:
     with Swarm() as swarm:
-        address = three_replicas(swarm, model, liar=True)
+        address = whole_model_swarm(swarm, model, replicas, liar=True)
         earlier = 0  # checks of the runs before
         for run in range(MAX_RUNS):
-            checks, nodes = run_checked(address, seed=seed * 100 + run)
+            checks, nodes = run_checked(address, replicas, seed=seed * 100 + run)
             found = [c for c in checks if c.excluded]
             if found:
                 honest_out = [n for name, n in nodes.items() if name != "liar" and n["excluded"]]
@@ -60,10 +63,10 @@ def liar_trial(model: Path, seed: int) -> dict:
         return {"seed": seed, "excluded_at_step": None, "honest_excluded": 0}
 
 
-def clean_trial(model: Path, seed: int) -> dict:
+def clean_trial(model: Path, replicas: int, seed: int) -> dict:
     with Swarm() as swarm:
-        address = three_replicas(swarm, model, liar=False)
-        checks, nodes = run_checked(address, seed=seed)
+        address = whole_model_swarm(swarm, model, replicas, liar=False)
+        checks, nodes = run_checked(address, replicas, seed=seed)
         return {
             "seed": seed,
             "checks": len(checks),
@@ -78,10 +81,15 @@ def clean_trial(model: Path, seed: int) -> dict:
 def run(trials: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_model(Path(tmp))
-        liars = [liar_trial(model, seed) for seed in range(trials)]
-        cleans = [clean_trial(model, 1000 + seed) for seed in range(trials)]
+        return {f"replicas_{n}": run_with(model, n, trials) for n in (3, 2)}
+
+
+def run_with(model: Path, replicas: int, trials: int) -> dict:
+    liars = [liar_trial(model, replicas, seed) for seed in range(trials)]
+    cleans = [clean_trial(model, replicas, 1000 + seed) for seed in range(trials)]
     steps = [t["excluded_at_step"] for t in liars if t["excluded_at_step"] is not None]
     return {
+        "replicas": replicas,
         "trials": trials,
         "check_rate": 0.1,
         "fault": "perturb:0.1",
