@@ -1,7 +1,9 @@
 """Spot-checks: the client re-runs a random hop's step on replicas of the same stage and
 compares their outputs with the one the generation used, within what the codec and the
 weights' dtype allow. Every result goes to the coordinator, which excludes a node once
-two others stand against it (``coordinator/trust.py``).
+two others stand against it (``coordinator/trust.py``). When the one replica asked
+disagrees, the report carries the step's input and both outputs, and the coordinator
+re-runs the step itself (``coordinator/arbiter.py``).
 
 A check of hop k at the step (pos, n):
 
@@ -15,7 +17,7 @@ A check of hop k at the step (pos, n):
 
 The material is fetched right after the step, while the session's nodes still hold it;
 the re-runs happen on a background thread, so a checked step costs the generation one or
-two small calls. ``distance`` and ``tolerance`` are the policy, pure.
+two small calls. What counts as agreement is ``nanoshard/agreement.py``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ from .trust import Comparison, Ledger
 log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "bf16", "fp16", "int8")
+# Re-running a disputed step costs the coordinator up to a prefill of a stage: a client
+# (or many) cannot keep it busier than this.
+ARBITRATE_EVERY_S = 1.0
 
 
 def handles_errors(method: Callable) -> Callable:
@@ -103,7 +106,8 @@ class CoordinatorService:
         self.clock = clock
         self.ledger = Ledger()
         self.arbiter = Arbiter(store)
-        self._arbitrating = asyncio.Lock()  # one dispute re-run at a time
+        self._arbitrating = asyncio.Lock()  # one dispute re-run at a time ...
+        self._arbitrated_at = -math.inf  # ... and at most one per ARBITRATE_EVERY_S
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return rpc.strict_service(
@@ -318,7 +322,9 @@ class CoordinatorService:
         ]
         self.ledger.add(comparisons)
         excluded = self._judge({checked, *(o.address for o in replicas)}, now)
-        if evidence is not None and not excluded and not self._arbitrating.locked():
+        idle = now - self._arbitrated_at >= ARBITRATE_EVERY_S and not self._arbitrating.locked()
+        if evidence is not None and not excluded and idle:
+            self._arbitrated_at = now
             async with self._arbitrating:
                 inputs, checked_out, replica_outs, weights = evidence
                 mine = await asyncio.to_thread(self.arbiter.rerun, start, end, weights, inputs)
