@@ -119,6 +119,9 @@ class Client:
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
         key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
         self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)
+        self.checker = Checker(
+            check_rate, seed=check_seed, security=self.security, timeout_s=timeout_s
+        )
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
         if route is not None:
@@ -140,14 +143,8 @@ class Client:
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
-        report = self._coordinator.report_check if self._coordinator is not None else None
-        self.checker = Checker(
-            check_rate,
-            seed=check_seed,
-            security=self.security,
-            timeout_s=timeout_s,
-            report=report,
-        )
+        if self._coordinator is not None:
+            self.checker.report = self._coordinator.report_check
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
 

@@ -281,3 +281,9 @@ def test_a_step_deadline_names_the_node_and_frees_the_stream_thread(node: Script
         time.sleep(0.05)
     assert consumers() == before  # gRPC's request reader ended with the stream
     first.close()
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_a_bad_check_rate_is_refused_before_anything_connects(rate: float) -> None:
+    with pytest.raises(InvalidArgument, match="spot-check rate"):
+        Client("127.0.0.1:1", check_rate=rate)
