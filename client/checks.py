@@ -212,7 +212,8 @@ class Checker:
             self.skipped["route changed"] += 1
             return None
         pos, ids = history[-1]
-        n, end = len(ids), history[-1][0] + len(ids)
+        n = len(ids)
+        end = pos + n
         checked = traces[k].address
         weights = self._weights_of(checked)
         replicas = [a for a in hop.addresses if a != checked and not self.excluded([a])]

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
-from nanoshard.errors import InvalidArgument, Unavailable
+from nanoshard.errors import InvalidArgument
 from nanoshard.generation import check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import Security, SwarmKey, read_key
@@ -143,7 +142,6 @@ class Client:
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
-        if self._coordinator is not None:
             self.checker.report = self._coordinator.report_check
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
@@ -155,29 +153,12 @@ class Client:
         assert self._coordinator is not None
         return self._coordinator.route(avoid)
 
-    def _first_route(self) -> Route:
-        """A new session's route. While the coordinator cannot give one (restarting, or its
-        nodes re-registering) it is asked again with backoff, for up to
-        ``retry.route_wait_s``."""
-        assert self._coordinator is not None
-        delay, give_up = self.retry.backoff_s, time.monotonic() + self.retry.route_wait_s
-        while True:
-            try:
-                return self._coordinator.route()
-            except Unavailable:
-                if time.monotonic() + delay > give_up:
-                    raise
-                time.sleep(delay)
-                delay = min(2 * delay, self.retry.max_backoff_s)
-
     def open_session(
         self, params: SamplingParams, max_length: int, codec: str | None = None
     ) -> SwarmSession:
-        if self._coordinator is not None:
-            route, planner = self._first_route(), self._plan
-        else:
-            assert self._route is not None
-            route, planner = self._route, None
+        # With a coordinator, the session asks it for its route (waiting out a restart).
+        planner = self._plan if self._coordinator is not None else None
+        route = self._route
         return SwarmSession(
             route,
             params,

@@ -37,6 +37,7 @@ from nanoshard.codec import check_codec
 from nanoshard.errors import (
     CacheMismatch,
     FailedPrecondition,
+    InvalidArgument,
     NanoshardError,
     NotFound,
     ResourceExhausted,
@@ -236,14 +237,14 @@ class SwarmSession:
     """A generation along a route, surviving the loss of nodes (see the module doc).
 
     Implements :class:`nanoshard.generation.Session`. ``planner`` gives a fresh route
-    avoiding some addresses (None: the route is fixed, only its replicas can stand in).
-    With ``planner=None`` and ``RetryPolicy(attempts=0)`` it is a plain session along a
+    avoiding some addresses (None: the route is fixed, only its replicas can stand in);
+    with ``route=None`` it gives the first route too. With ``planner=None`` and ``RetryPolicy(attempts=0)`` it is a plain session along a
     fixed route: any failure is raised at once.
     """
 
     def __init__(
         self,
-        route: Route,
+        route: Route | None,
         params: SamplingParams,
         max_length: int,
         codec: str = "fp32",
@@ -268,10 +269,9 @@ class SwarmSession:
         self.recoveries: list[Recovery] = []
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
-        self.route = route
         self.session_id = secrets.token_bytes(16)
         self.first: FirstHop | None = None
-        self._open()
+        self._open(route)
 
     # ---- the route's ends -------------------------------------------------------------
 
@@ -288,23 +288,29 @@ class SwarmSession:
         addresses = list(self.route.hops[0].addresses)
         return [a for a in addresses if a not in avoided] + [a for a in addresses if a in avoided]
 
-    def _open(self) -> None:
-        """Open the session on the route's first hop. While no node of the route takes it
-        (a node died since the coordinator last heard from it), ask for a route avoiding
-        the failed ones, with backoff, for up to ``retry.route_wait_s``."""
+    def _open(self, route: Route | None) -> None:
+        """Open the session on the first hop of ``route``, or of one the planner gives.
+        While the planner has none (a coordinator restarting) or no node of the first hop
+        takes the session (one died since the coordinator last heard from it), ask again,
+        avoiding the failed nodes, with backoff, for up to ``retry.route_wait_s``."""
+        if route is None and self.planner is None:
+            raise InvalidArgument("a session needs a route, or a planner to ask for one")
         delay, give_up = self.retry.backoff_s, time.monotonic() + self.retry.route_wait_s
         while True:
             try:
+                if route is None:
+                    assert self.planner is not None
+                    route = self.planner(self.avoid.now())
+                self.route = route
                 self._open_first(self._first_candidates())
                 return
             except Unavailable as exc:
                 if self.planner is None or time.monotonic() + delay > give_up:
                     raise
                 self.avoid.add(exc.failed)
+                route = None
                 time.sleep(delay)
                 delay = min(2 * delay, self.retry.max_backoff_s)
-                with contextlib.suppress(Unavailable):  # no route yet: try again next time
-                    self.route = self.planner(self.avoid.now())
 
     def _open_first(self, candidates: list[str]) -> int:
         """Open the session on the first candidate that takes it; return its length there."""

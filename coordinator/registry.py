@@ -53,7 +53,6 @@ class NodeRecord:
     ready: tuple[int, int] | None = None  # the stage it serves now
     load: Load = field(default_factory=Load)
     held: tuple[int, int] | None = None  # what it had when it (re-)joined
-    excluded: str = ""  # why spot-checks had it excluded ("" = it is not)
 
 
 class Registry:
@@ -89,8 +88,7 @@ class Registry:
             record.ready = record.ready or previous.ready
         elif record.held is not None:  # coordinator restarted: the node still holds a stage
             record.assigned = record.ready = record.held
-        record.excluded = self.excluded.get(record.address, "")
-        if record.excluded:  # back under another id, on the same address: still out
+        if record.address in self.excluded:  # back under another id, same address: still out
             record.assigned = record.ready = None
         self.nodes[record.node_id] = record
         log.info("node %s (%s) joined from %s", record.name, record.node_id[:8], record.address)
@@ -125,7 +123,6 @@ class Registry:
         for record in self.nodes.values():
             if record.address == address:
                 log.warning("node %s (%s) excluded: %s", record.name, address, reason)
-                record.excluded = reason
                 record.ready = None  # out of routes at once
         self.replan()
 
@@ -136,7 +133,7 @@ class Registry:
         if record is None:
             return None
         record.last_heartbeat = now
-        record.ready = None if record.excluded else ready
+        record.ready = None if record.address in self.excluded else ready
         record.load = load
         return record
 
@@ -166,14 +163,14 @@ class Registry:
                 head_ms=max(r.capacity.head_ms, 1e-3),
             )
             for r in sorted(self.nodes.values(), key=lambda r: r.node_id)
-            if not r.excluded
+            if r.address not in self.excluded
         ]
 
     def replan(self) -> None:
         previous: Placement = {
             nid: r.assigned
             for nid, r in self.nodes.items()
-            if r.assigned is not None and not r.excluded
+            if r.assigned is not None and r.address not in self.excluded
         }
         placement = place(self.units, self.capacities(), previous, replicas=self.replicas)
         changed = False

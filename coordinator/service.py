@@ -257,7 +257,7 @@ class CoordinatorService:
                     healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,
                     checks_passed=passed,
                     checks_failed=failed,
-                    excluded=r.excluded,
+                    excluded=registry.excluded.get(r.address, ""),
                 )
             )
         config = registry.config
