@@ -143,7 +143,6 @@ def message_bytes(route: Route, hop: int, codec: str, n_embd: int) -> int:
         activations=pb.Activations(
             codec=codec, shape=[1, n_embd], payload=bytes(codecs.encoded_size((1, n_embd), codec))
         ),
-        route=route.hops[hop + 1 :],
         sample=True,
     )
     return request.ByteSize()

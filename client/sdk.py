@@ -11,16 +11,16 @@
         chat.generate(", or not", max_new_tokens=10)
 
 Every error is a :class:`nanoshard.errors.NanoshardError` (never a raw gRPC one).
-``AsyncClient`` offers the same calls for asyncio.
+
+``AsyncClient`` is the core: asyncio on ``grpc.aio``, every step's deadline an asyncio
+timeout, no thread per stream. ``Client`` is a thin synchronous wrapper that runs it on one
+event loop thread (:mod:`nanoshard.client.loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ import tiktoken
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
 from nanoshard.errors import InvalidArgument
-from nanoshard.generation import check_prompt, generate, max_length_for
+from nanoshard.generation import agenerate, check_prompt, max_length_for
+from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
@@ -38,6 +39,7 @@ from nanoshard.tokenizer import encoding_for
 from nanoshard.trace import summarize_hops
 
 from .checks import DEFAULT_CHECK_RATE, Checker, CheckResult
+from .loop import LoopThread
 from .route import Route, route_from_addresses
 from .session import DEFAULT_TIMEOUT_S, Recovery, RetryPolicy, SwarmSession
 from .swarm import CoordinatorClient, find_coordinator
@@ -87,8 +89,9 @@ class GenerationResult:
         }
 
 
-class Client:
-    """A connection to a swarm (through its coordinator) or to a fixed route of nodes."""
+class AsyncClient:
+    """A connection to a swarm (through its coordinator) or to a fixed route of nodes, for
+    asyncio. It connects on first use (or ``async with``); every call is awaited."""
 
     def __init__(
         self,
@@ -106,36 +109,54 @@ class Client:
         check_rate: float = DEFAULT_CHECK_RATE,
         check_seed: int | None = None,
     ) -> None:
-        """``coordinator`` is HOST:PORT, or None to find one by mDNS. With ``route`` (node
-        addresses from embed to head) no coordinator is used and ``model`` names the
-        checkpoint whose tokenizer and shape the nodes serve. ``timeout_s`` bounds every
-        step and call: a node silent for longer counts as gone (failover takes over).
-        A private swarm wants its ``swarm_key`` (default: ``$NANOSHARD_SWARM_KEY``) and,
-        if it runs TLS, ``tls_ca``: the CA that signed its servers' certificates.
-        ``check_rate`` is the share of steps spot-checked on a replica of their stage (0: no
-        checks; results in :attr:`checks`, disagreements reported to the coordinator);
-        ``check_seed`` makes the choice of steps repeatable."""
+        """``coordinator`` is HOST:PORT, or None to find one by mDNS (of ``swarm``, when
+        given). With ``route`` (node addresses from embed to head) no coordinator is used
+        and ``model`` names the checkpoint whose tokenizer and shape the nodes serve.
+        ``timeout_s`` bounds every step and call: a node silent for longer counts as gone
+        (failover takes over). A private swarm wants its ``swarm_key`` (default:
+        ``$NANOSHARD_SWARM_KEY``) and, if it runs TLS, ``tls_ca``: the CA that signed its
+        servers' certificates. ``check_rate`` is the share of steps spot-checked on a
+        replica of their stage (0: no checks; results in :attr:`checks`, disagreements
+        reported to the coordinator); ``check_seed`` makes the choice of steps repeatable."""
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
         key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
         self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)
         self.checker = Checker(
             check_rate, seed=check_seed, security=self.security, timeout_s=timeout_s
         )
+        self._where = (coordinator, list(route) if route is not None else None, model)
+        self._discovery = (mdns_interfaces, swarm)
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
+        self._channels = Channels(self.security)
+        self._connected = False
+
+    # ---- the swarm ----------------------------------------------------------------------
+
+    async def connect(self) -> AsyncClient:
+        """Find the swarm and read its model card (done once; every call does it first)."""
+        if not self._connected:
+            await asyncio.to_thread(self._connect)
+            self._connected = True
+        return self
+
+    def _connect(self) -> None:
+        coordinator, route, model = self._where
         if route is not None:
-            self._route = route_from_addresses(list(route), security=self.security)
+            self._route = route_from_addresses(route, security=self.security)
             checkpoint = open_checkpoint(model)
             self.config: GPTConfig = checkpoint.config
             self.encoding: tiktoken.Encoding = encoding_for(checkpoint.path)
             if self._route.n_units != self.config.n_units:
                 raise InvalidArgument(
-                    f"the route serves a model of {self._route.n_units} units, {model} has {self.config.n_units}"
+                    f"the route serves a model of {self._route.n_units} units, {model} has "
+                    f"{self.config.n_units}"
                 )
         else:
+            interfaces, swarm = self._discovery
             address = find_coordinator(
                 coordinator,
-                mdns_interfaces=mdns_interfaces,
+                mdns_interfaces=interfaces,
                 swarm=swarm,
                 tls=self.security.tls_ca is not None,
             )
@@ -146,30 +167,29 @@ class Client:
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
 
-    # ---- the swarm ----------------------------------------------------------------------
-
-    def _plan(self, avoid: list[str]) -> Route:
-        """A route avoiding ``avoid``, for a session recovering (its own retries bound it)."""
+    async def _plan(self, avoid: list[str]) -> Route:
+        """A route avoiding ``avoid``, from the coordinator (a rare control-plane call)."""
         assert self._coordinator is not None
-        return self._coordinator.route(avoid)
+        return await asyncio.to_thread(self._coordinator.route, avoid)
 
-    def open_session(
+    async def open_session(
         self, params: SamplingParams, max_length: int, codec: str | None = None
     ) -> SwarmSession:
-        # With a coordinator, the session asks it for its route (waiting out a restart).
-        planner = self._plan if self._coordinator is not None else None
-        route = self._route
-        return SwarmSession(
-            route,
+        """A session on the swarm, open along its route (the coordinator's, or the fixed one)."""
+        await self.connect()
+        session = SwarmSession(
+            self._channels,
+            self._route,
             params,
             max_length,
             codec or self.codec,
-            planner=planner,
+            planner=self._plan if self._coordinator is not None else None,
             retry=self.retry,
             timeout_s=self.timeout_s,
-            security=self.security,
             checker=self.checker,
         )
+        await session.open()
+        return session
 
     @property
     def checks(self) -> list[CheckResult]:
@@ -177,26 +197,28 @@ class Client:
         background: :meth:`wait_for_checks` waits for those still queued."""
         return list(self.checker.results)
 
-    def wait_for_checks(self) -> list[CheckResult]:
-        self.checker.wait()
+    async def wait_for_checks(self) -> list[CheckResult]:
+        await asyncio.to_thread(self.checker.wait)
         return self.checks
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """The swarm's status, as ``nanoshard status --json`` prints it."""
+        await self.connect()
         if self._coordinator is None:
             raise InvalidArgument("a client of a fixed route has no coordinator to ask for status")
-        return status_json(self._coordinator.status())
+        return status_json(await asyncio.to_thread(self._coordinator.status))
 
-    def close(self) -> None:
-        self.checker.close()
+    async def close(self) -> None:
+        await asyncio.to_thread(self.checker.close)
         if self._coordinator is not None:
             self._coordinator.close()
+        await self._channels.close()
 
-    def __enter__(self) -> Client:
-        return self
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -208,7 +230,7 @@ class Client:
             return ids
         return [int(t) for t in prompt]
 
-    def session(
+    async def session(
         self,
         *,
         max_length: int | None = None,
@@ -217,12 +239,15 @@ class Client:
         top_p: float = 1.0,
         seed: int = 0,
         codec: str | None = None,
-    ) -> ChatSession:
+    ) -> AsyncChatSession:
         """A session that keeps its KV caches between calls (sampling fixed for its life)."""
+        await self.connect()
         params = SamplingParams(temperature, top_k, top_p, seed)
-        return ChatSession(self, params, max_length or self.config.block_size, codec)
+        return await AsyncChatSession.open(
+            self, params, max_length or self.config.block_size, codec
+        )
 
-    def generate(
+    async def generate(
         self,
         prompt: str | Sequence[int],
         max_new_tokens: int = 100,
@@ -239,38 +264,42 @@ class Client:
         greedy; sampling is a pure function of ``seed`` and position; the text ends before
         the first ``stop`` string; ``on_token`` sees each token as it arrives (returning
         True stops the generation there, with stop_reason "stop")."""
+        await self.connect()
         ids = self.encode(prompt)
         max_length = max_length_for(len(ids), max_new_tokens, self.config.block_size)
         params = SamplingParams(temperature, top_k, top_p, seed)
-        with ChatSession(self, params, max_length, codec) as chat:
-            return chat.generate(ids, max_new_tokens, stop=stop, on_token=on_token)
+        async with await AsyncChatSession.open(self, params, max_length, codec) as chat:
+            return await chat.generate(ids, max_new_tokens, stop=stop, on_token=on_token)
 
     def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int = 100,
-        **options: Any,
-    ) -> Iterator[Token]:
+        self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
+    ) -> AsyncIterator[Token]:
         """Like :meth:`generate`, yielding each token as it arrives."""
-        return _stream_in_thread(
+        return _stream(
             lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options)
         )
 
 
-class ChatSession:
+class AsyncChatSession:
     """A session on the swarm that lives across calls: each call continues the text."""
 
     def __init__(
-        self, client: Client, params: SamplingParams, max_length: int, codec: str | None
+        self, client: AsyncClient, params: SamplingParams, max_length: int, session: SwarmSession
     ) -> None:
         self.client = client
         self.params = params
         self.max_length = max_length
-        self._session = client.open_session(params, max_length, codec)
+        self._session = session
         self.length = 0  # positions the nodes hold
         self.pending: int | None = None  # the last token generated, not yet fed
 
-    def generate(
+    @classmethod
+    async def open(
+        cls, client: AsyncClient, params: SamplingParams, max_length: int, codec: str | None
+    ) -> AsyncChatSession:
+        return cls(client, params, max_length, await client.open_session(params, max_length, codec))
+
+    async def generate(
         self,
         prompt: str | Sequence[int] = "",
         max_new_tokens: int = 100,
@@ -312,7 +341,7 @@ class ChatSession:
             return False
 
         budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
-        gen = generate(
+        gen = await agenerate(
             self._session,
             feed,
             budget,
@@ -346,133 +375,153 @@ class ChatSession:
 
     def stream(
         self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
-    ) -> Iterator[Token]:
-        return _stream_in_thread(
+    ) -> AsyncIterator[Token]:
+        return _stream(
             lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options)
         )
 
-    def close(self) -> None:
-        self._session.close()
-
-    def __enter__(self) -> ChatSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _stream_in_thread(
-    run: Callable[[Callable[[Token], bool]], object], stop: threading.Event | None = None
-) -> Generator[Token, None, None]:
-    """Run a generation on a thread (``run(on_token)``); yield its tokens as they arrive.
-
-    When the consumer stops early (closes this generator, or breaks out of its loop) or
-    ``stop`` is set, the generation stops at its next token; closing waits for its thread.
-    """
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    done = object()
-    failure: list[BaseException] = []
-    stop = stop or threading.Event()
-
-    def on_token(token: Token) -> bool:
-        events.put(token)
-        return stop.is_set()
-
-    def target() -> None:
-        try:
-            run(on_token)
-        except BaseException as exc:  # re-raised in the consumer
-            failure.append(exc)
-        finally:
-            events.put(done)
-
-    thread = threading.Thread(target=target, name="nanoshard-stream", daemon=True)
-    thread.start()
-    try:
-        while (token := events.get()) is not done:
-            yield token
-    finally:  # also on close: the generation ends at its next token, and its session closes
-        stop.set()
-        thread.join()
-    if failure:
-        raise failure[0]
-
-
-class AsyncClient:
-    """:class:`Client` for asyncio: the same calls, awaited; ``stream`` is an async iterator."""
-
-    def __init__(self, coordinator: str | None = None, **options: Any) -> None:
-        self._options = (coordinator, options)
-        self._client: Client | None = None
-
-    async def _get(self) -> Client:
-        if self._client is None:
-            coordinator, options = self._options
-            self._client = await asyncio.to_thread(Client, coordinator, **options)
-        return self._client
-
-    async def generate(
-        self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
-    ) -> GenerationResult:
-        client = await self._get()
-        return await asyncio.to_thread(client.generate, prompt, max_new_tokens, **options)
-
-    async def stream(
-        self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
-    ) -> AsyncIterator[Token]:
-        client = await self._get()
-        stop = threading.Event()
-        iterator = _stream_in_thread(
-            lambda on_token: client.generate(prompt, max_new_tokens, on_token=on_token, **options),
-            stop,
-        )
-        done = object()
-        try:
-            while (token := await asyncio.to_thread(next, iterator, done)) is not done:
-                yield token  # type: ignore[misc]
-        finally:  # the consumer stopped early (or was cancelled): stop the generation too
-            stop.set()
-            # A next() still running on a worker thread (cancelled above) cannot be joined
-            # here; the stop flag ends its generation all the same.
-            with contextlib.suppress(ValueError):
-                await asyncio.to_thread(iterator.close)
-
-    async def status(self) -> dict[str, Any]:
-        client = await self._get()
-        return await asyncio.to_thread(client.status)
-
-    async def session(self, **options: Any) -> AsyncChatSession:
-        client = await self._get()
-        return AsyncChatSession(await asyncio.to_thread(client.session, **options))
-
     async def close(self) -> None:
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
-
-    async def __aenter__(self) -> AsyncClient:
-        await self._get()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class AsyncChatSession:
-    """:class:`ChatSession` for asyncio."""
-
-    def __init__(self, session: ChatSession) -> None:
-        self._session = session
-
-    async def generate(
-        self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
-    ) -> GenerationResult:
-        return await asyncio.to_thread(self._session.generate, prompt, max_new_tokens, **options)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._session.close)
+        await self._session.close()
 
     async def __aenter__(self) -> AsyncChatSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _stream(
+    run: Callable[[Callable[[Token], bool]], Awaitable[object]],
+) -> AsyncIterator[Token]:
+    """Run a generation (``run(on_token)``) as a task; yield its tokens as they arrive.
+
+    When the consumer stops early (closes this iterator, or breaks out of its loop), the
+    generation stops at its next token and its session closes before this returns."""
+    tokens: asyncio.Queue[Token | None] = asyncio.Queue()
+    stopped = False
+
+    def on_token(token: Token) -> bool:
+        tokens.put_nowait(token)
+        return stopped
+
+    task = asyncio.ensure_future(run(on_token))
+    task.add_done_callback(lambda _: tokens.put_nowait(None))
+    try:
+        while (token := await tokens.get()) is not None:
+            yield token
+    finally:
+        stopped = True
+        if not task.done():
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # the consumer left: its error is nobody's to see
+    await task  # the generation's error, if it failed
+
+
+class Client:
+    """:class:`AsyncClient` for synchronous code: the same options and calls, run on one
+    event loop thread of its own. Connects when made (errors are raised here)."""
+
+    def __init__(self, coordinator: str | None = None, **options: Any) -> None:
+        self._loop = LoopThread()
+        self.core = AsyncClient(coordinator, **options)
+        try:
+            self._loop.run(self.core.connect())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.core.config
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return self.core.encoding
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.core.eot_id
+
+    @property
+    def checks(self) -> list[CheckResult]:
+        return self.core.checks
+
+    def wait_for_checks(self) -> list[CheckResult]:
+        return self._loop.run(self.core.wait_for_checks())
+
+    def status(self) -> dict[str, Any]:
+        return self._loop.run(self.core.status())
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.core.encode(prompt)
+
+    def route(self, avoid: Sequence[str] = ()) -> Route:
+        """The route the coordinator would give a new session now (or the fixed one)."""
+        if self.core._coordinator is None:
+            assert self.core._route is not None
+            return self.core._route
+        return self.core._coordinator.route(list(avoid))
+
+    def session(self, **options: Any) -> ChatSession:
+        """As :meth:`AsyncClient.session`."""
+        return ChatSession(self._loop, self._loop.run(self.core.session(**options)))
+
+    def generate(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
+    ) -> GenerationResult:
+        """As :meth:`AsyncClient.generate` (``on_token`` runs on the client's loop thread)."""
+        return self._loop.run(self.core.generate(prompt, max_new_tokens, **options))
+
+    def stream(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 100, **options: Any
+    ) -> Iterator[Token]:
+        """Like :meth:`generate`, yielding each token as it arrives."""
+        return self._loop.iterate(self.core.stream(prompt, max_new_tokens, **options))
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self.core.close())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatSession:
+    """:class:`AsyncChatSession` for synchronous code."""
+
+    def __init__(self, loop: LoopThread, core: AsyncChatSession) -> None:
+        self._loop = loop
+        self.core = core
+
+    @property
+    def length(self) -> int:
+        return self.core.length
+
+    @property
+    def pending(self) -> int | None:
+        return self.core.pending
+
+    def generate(
+        self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
+    ) -> GenerationResult:
+        return self._loop.run(self.core.generate(prompt, max_new_tokens, **options))
+
+    def stream(
+        self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
+    ) -> Iterator[Token]:
+        return self._loop.iterate(self.core.stream(prompt, max_new_tokens, **options))
+
+    def close(self) -> None:
+        self._loop.run(self.core.close())
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -379,3 +379,27 @@ def max_abs_error_bound(x: torch.Tensor, codec: str) -> torch.Tensor:
     # Half a step of the rounded-up scale; the constants are derived in the module docstring.
     bound = absmax / 254.0 * ((1.0 + 2.0**-7) * (1.0 + 2.0**-14)) + 2.0**-133
     return bound.repeat_interleave(block)[:n].view(a.shape)
+
+
+def cut_rows(payload: bytes, shape: Sequence[int], codec: str, skip: int) -> bytes:
+    """The payload of a (rows, width) matrix without its first ``skip`` rows, as the same
+    bytes the whole payload carried where the layout allows it (a refill must be bit for
+    bit): fp32/fp16/bf16 always, int8-B when B divides the width (blocks never straddle
+    rows). Otherwise the rows are re-encoded, exact to within the codec's bound only.
+    ``payload`` is this process's own (already validated) bytes."""
+    rows, width = shape
+    spec = parse_codec(codec)
+    n, keep = rows * width, (rows - skip) * width
+    if spec.kind != "int8":
+        size = spec.nbytes(n) // n
+        out = payload[skip * width * size :]
+    elif width % spec.block == 0:  # cut scales and values alike
+        n_blocks = n // spec.block
+        scale_bytes = (spec.nbytes(n) - n) // n_blocks
+        first = skip * width // spec.block
+        out = payload[first * scale_bytes : n_blocks * scale_bytes]
+        out += payload[n_blocks * scale_bytes + skip * width :]
+    else:
+        out = encode(decode(payload, (rows, width), codec)[skip:], codec)
+    assert len(out) == spec.nbytes(keep)  # our own bytes, not remote input
+    return out

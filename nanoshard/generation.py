@@ -3,13 +3,14 @@
 A *session* is one sequence being generated: give it tokens starting at a position, it
 answers the next token. ``LocalSession`` runs the whole model in this process (the
 reference path); the client SDK's remote session sends the same steps along a route of
-nodes. ``generate`` drives either one, so both paths stop, time and count identically.
+nodes, awaited. One loop (``_loop``) decides every step, and two thin drivers run it
+(``generate``, ``agenerate``), so both paths stop, time and count identically.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +41,14 @@ class Session(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AsyncSession(Protocol):
+    async def step(self, tokens: list[int], pos: int) -> StepResult:
+        """As :meth:`Session.step`, awaited."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -75,26 +84,22 @@ def max_length_for(prompt_len: int, max_new_tokens: int, block_size: int) -> int
     return min(block_size, prompt_len + max(max_new_tokens - 1, 0))
 
 
-def generate(
-    session: Session,
+def _loop(
     prompt_ids: list[int],
     max_new_tokens: int,
-    *,
     block_size: int,
-    eot_id: int | None = None,
-    on_token: Callable[[int], bool | None] | None = None,
-    start_pos: int = 0,
-) -> Generation:
-    """Run a session until <|endoftext|>, max_new_tokens or the context length.
-
-    ``prompt_ids`` are fed at ``start_pos`` (0 for a new session; later for a session that
-    continues). ``on_token`` sees every generated token; returning True stops.
-    """
+    eot_id: int | None,
+    on_token: Callable[[int], bool | None] | None,
+    start_pos: int,
+) -> Generator[tuple[list[int], int], StepResult, Generation]:
+    """The generation loop, as a generator: it yields each step to run (tokens, position)
+    and is sent its result; it returns the Generation. The drivers below run the steps on
+    a session, synchronously or awaited, so every path shares this one loop."""
     if max_new_tokens < 1:
         raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     gen = Generation(list(prompt_ids), [], "max_new_tokens")
     t0 = time.perf_counter()
-    result = session.step(list(prompt_ids), start_pos)
+    result = yield list(prompt_ids), start_pos
     gen.prefill_ms = (time.perf_counter() - t0) * 1e3
     gen.hops.append(result.hops)
     while True:
@@ -113,10 +118,54 @@ def generate(
             gen.stop_reason = "context"
             break
         t0 = time.perf_counter()
-        result = session.step([token], pos)
+        result = yield [token], pos
         gen.decode_ms.append((time.perf_counter() - t0) * 1e3)
         gen.hops.append(result.hops)
     return gen
+
+
+def generate(
+    session: Session,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    block_size: int,
+    eot_id: int | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+    start_pos: int = 0,
+) -> Generation:
+    """Run a session until <|endoftext|>, max_new_tokens or the context length.
+
+    ``prompt_ids`` are fed at ``start_pos`` (0 for a new session; later for a session that
+    continues). ``on_token`` sees every generated token; returning True stops.
+    """
+    loop = _loop(prompt_ids, max_new_tokens, block_size, eot_id, on_token, start_pos)
+    try:
+        step = next(loop)
+        while True:
+            step = loop.send(session.step(*step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def agenerate(
+    session: AsyncSession,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    block_size: int,
+    eot_id: int | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+    start_pos: int = 0,
+) -> Generation:
+    """:func:`generate` for a session whose steps are awaited (the swarm's)."""
+    loop = _loop(prompt_ids, max_new_tokens, block_size, eot_id, on_token, start_pos)
+    try:
+        step = next(loop)
+        while True:
+            step = loop.send(await session.step(*step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 class LocalSession:

@@ -16,6 +16,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills ar
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
 ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # HOST:PORT
 FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: the hops that failed
+MAX_FAILED = 64  # addresses read from FAILED_KEY
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -118,18 +119,26 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
     code = err.code() if hasattr(err, "code") else None
     detail = (err.details() if hasattr(err, "details") else None) or str(err)
     where = f"{peer}: " if peer else ""
+    trailers = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        for key, value in (
-            (err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else ()
-        ):
-            if key == KV_LENGTH_KEY:
-                return errors.CacheMismatch(where + detail, int(value))
+        if KV_LENGTH_KEY in trailers:
+            return errors.CacheMismatch(where + detail, int(trailers[KV_LENGTH_KEY]))
         return errors.FailedPrecondition(where + detail)
-    by_code = {
-        status: cls for cls, status in STATUS_OF.items() if cls is not errors.CheckpointError
-    }
-    cls = by_code.get(code, errors.Unavailable)  # type: ignore[arg-type]
+    cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]
+    if cls is errors.Unavailable:
+        # Relayed by a node: the hops behind it that failed. Otherwise the peer itself
+        # could not be reached, or did not answer in time.
+        # (Remote input: only well-formed addresses count, and only a route's worth.)
+        relayed = trailers.get(FAILED_KEY)
+        if isinstance(relayed, str) and relayed:
+            failed = [a for a in relayed.split(",")[:MAX_FAILED] if ADDRESS.fullmatch(a)]
+        else:
+            failed = [peer] if peer else []
+        return errors.Unavailable(where + detail, failed)
     return cls(where + detail)
+
+
+_BY_CODE = {status: cls for cls, status in STATUS_OF.items() if cls is not errors.CheckpointError}
 
 
 def _parse(cls: Any, raw: bytes) -> Any:

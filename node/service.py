@@ -29,17 +29,17 @@ from nanoshard.errors import (
     NanoshardError,
     ResourceExhausted,
 )
+from nanoshard.hop import Channels, NextHop
 from nanoshard.kv import KVCache
 from nanoshard.sampling import sample
 from nanoshard.security import Security
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-from .downstream import Channels, Forwarder
 from .faults import fault_from_env
 from .quotas import Holding, QuotaLimits, Quotas
-from .sessions import NodeSession, Sent, SessionSpec, SessionTable
-from .wire import spec_from_wire
+from .sessions import NodeSession, SessionSpec, SessionTable
+from .wire import spec_from_wire, spec_to_wire
 from .worker import ComputeWorker, StageStep
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.identity = identity
         self.worker = worker
         self.sessions = sessions
-        self.channels = Channels(max_message_bytes, self.security)
-        self.forward = Forwarder(self.channels, identity.name, step_timeout_s)
+        self.channels = Channels(self.security, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
@@ -197,6 +196,32 @@ class NodeService(pb_grpc.NodeServicer):
             raise InvalidArgument(f"route ends at unit {expected}, before the head")
         return hops
 
+    def _bind(self, session: NodeSession, route: list[pb.Hop]) -> None:
+        """Bind the session to ``route``, the hops after this node: its steps go on along
+        it. A link already open keeps its node if the new route still names it."""
+        if not route:
+            if session.next is not None:
+                session.next.drop_stream()
+            session.next = None
+        elif session.next is None:
+            session.next = NextHop(
+                self.channels,
+                spec_to_wire(session.spec),
+                route,
+                session.sent,
+                timeout_s=self.step_timeout_s,
+                owner=self.identity.name,
+            )
+        else:
+            session.next.route = route
+
+    async def _open_onwards(self, session: NodeSession) -> list[pb.KVHandle]:
+        """This node's KV handle, then those of the later hops (opened along the route)."""
+        handles = [self.handle(session)]
+        if session.next is not None:
+            handles.extend((await session.next.open()).handles)
+        return handles
+
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         session = self.sessions.find(request.spec.session_id)
@@ -205,10 +230,8 @@ class NodeService(pb_grpc.NodeServicer):
                 spec = spec_from_wire(request.spec, session.stage.config.block_size)
                 if session.spec != spec:
                     raise FailedPrecondition("this session id is already open with another spec")
-                route = self.check_route(session.stage, request.route)
-                handles = [self.handle(session)]
-                if route:
-                    handles.extend((await self.forward.open(session, route)).handles)
+                self._bind(session, self.check_route(session.stage, request.route))
+                handles = await self._open_onwards(session)
                 session.touch()
                 return pb.OpenReply(length=session.length, handles=handles)
         stage = self.current_stage(request.start, request.end)
@@ -224,9 +247,8 @@ class NodeService(pb_grpc.NodeServicer):
             self.sessions.add(session)
         try:
             async with session.lock:
-                handles = [self.handle(session)]
-                if route:
-                    handles.extend((await self.forward.open(session, route)).handles)
+                self._bind(session, route)
+                handles = await self._open_onwards(session)
         except BaseException:  # refused downstream, or the caller went away: nothing stays
             self._drop(session)
             raise
@@ -238,22 +260,16 @@ class NodeService(pb_grpc.NodeServicer):
         if session is None:
             return pb.CloseReply(closed=False)
         async with session.lock:
-            link = None if request.this_hop_only else session.downstream
+            link = None if request.this_hop_only else session.next
             self._drop(session)
-        if link is not None:
-            try:
-                await self.channels.stub(link.address).Close(
-                    request, timeout=10, metadata=self.channels.metadata()
-                )
-            except Exception:  # the next hop's TTL frees it anyway
-                log.debug("could not close session downstream at %s", link.address)
+        if link is not None:  # best effort: the next hop's TTL frees it anyway
+            await link.close()
         return pb.CloseReply(closed=True)
 
     def _drop(self, session: NodeSession) -> None:
         self.sessions.remove(session.spec.session_id)
-        if session.downstream is not None:
-            session.downstream.close()
-            session.downstream = None
+        if session.next is not None:
+            session.next.drop_stream()
         session.sent.clear()
 
     async def expire_forever(self, every_s: float) -> None:
@@ -306,15 +322,15 @@ class NodeService(pb_grpc.NodeServicer):
             if last is not None and session.last_step_id == req.step_id and last[0] == req.pos:
                 return last[1]  # a duplicate: same answer, nothing recomputed
             stage = session.stage
-            route = self.check_route(stage, req.route)
-            if req.sample and not route and not stage.has_head:
+            forward = session.next is not None and not req.this_hop_only
+            if req.sample and not forward and not stage.has_head:
                 raise InvalidArgument(
-                    f"this node serves units [{stage.start}, {stage.end}) without "
-                    "the head: a step that samples must carry the route to it"
+                    f"this node serves units [{stage.start}, {stage.end}) without the head: a "
+                    "step that samples must go on along a route to it (open the session with one)"
                 )
             # The route's last hop answers its own output when the step asks for it.
             returned: list[pb.Activations] = []
-            n_tokens, bytes_in, run = self._prepare(req, session, returned if not route else None)
+            n_tokens, bytes_in, run = self._prepare(req, session, None if forward else returned)
             if req.pos + n_tokens > session.spec.max_length:
                 raise InvalidArgument(
                     f"positions up to {req.pos + n_tokens} exceed the session's max_length "
@@ -356,19 +372,19 @@ class NodeService(pb_grpc.NodeServicer):
             if stage.has_head:
                 if out is not None:
                     reply.has_token, reply.token = True, out
-            elif route:
+            elif forward:
+                assert session.next is not None
                 trace.bytes_out = len(out.payload)
                 down_req = pb.StepRequest(
                     session_id=req.session_id,
                     step_id=req.step_id,
                     pos=req.pos,
                     activations=out,
-                    route=route[1:],
                     sample=req.sample,
                     return_output=req.return_output,
                 )
                 sent_at = time.perf_counter()
-                down, trace.repair = await self.forward.step(session, route, down_req)
+                down, trace.repair = await session.next.step(down_req)
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 reply.has_token, reply.token = down.has_token, down.token
                 if down.HasField("output"):
@@ -391,7 +407,7 @@ class NodeService(pb_grpc.NodeServicer):
         out = job.result().value
         session.last_output = (step_id, pos, n_tokens, out)
         if not session.stage.has_head:
-            session.sent.append(Sent(pos, n_tokens, out))
+            session.sent.add(pos, out)
 
     def _prepare(
         self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
@@ -499,15 +515,15 @@ class NodeService(pb_grpc.NodeServicer):
         session = self.sessions.get(request.session_id)
         reply = pb.OutputsReply()
         size = 0
-        for sent in session.sent:
-            if sent.pos < request.end and sent.pos + sent.count > request.start:
-                size += len(sent.message.payload)
+        for pos, message in session.sent.chunks:
+            if pos < request.end and pos + message.shape[0] > request.start:
+                size += len(message.payload)
                 if size + 64 * 1024 > self.max_message_bytes:
                     raise ResourceExhausted(
                         f"positions [{request.start}, {request.end}) hold over {size} bytes, "
                         "more than one message may carry: ask for fewer"
                     )
-                reply.chunks.add(pos=sent.pos, activations=sent.message)
+                reply.chunks.add(pos=pos, activations=message)
         return reply
 
     # ---- info -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoshard.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from nanoshard.hop import NextHop, Replay, activation_replay
 from nanoshard.kv import KVCache
 from nanoshard.sampling import SamplingParams
 
@@ -39,15 +40,6 @@ class SessionSpec:
 
 
 @dataclass
-class Sent:
-    """One chunk of activations this node sent downstream, kept to refill a replacement."""
-
-    pos: int
-    count: int
-    message: Any  # the wire's Activations, exactly as sent
-
-
-@dataclass
 class NodeSession:
     spec: SessionSpec
     stage: Any  # the engine Stage the session runs on (kept even if the node moves on)
@@ -58,8 +50,9 @@ class NodeSession:
     last_step_id: int = 0
     last_reply: Any = None  # (pos, reply) of last_step_id, answered again to a duplicate
     last_output: Any = None  # (step_id, pos, tokens, output) of the last step computed
-    sent: list[Sent] = field(default_factory=list)
-    downstream: Any = None  # the open stream to the next hop, if any
+    # What this node sent on, as sent: its replay material (refills, spot-checks).
+    sent: Replay[Any] = field(default_factory=activation_replay)
+    next: NextHop | None = None  # the link to the next hop of the bound route, if any
     caller: str = ""  # who opened it (rpc.caller_identity): whose quotas it counts against
 
     @property
@@ -68,10 +61,6 @@ class NodeSession:
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
-
-    def sent_since(self, pos: int) -> list[Sent]:
-        """The replay material covering positions [pos, length), in order."""
-        return [s for s in self.sent if s.pos + s.count > pos]
 
 
 class SessionTable:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from routes import fixed_session
 from swarm import Swarm
 
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.route import route_from_addresses
-from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.generation import LocalSession, generate
@@ -183,13 +183,7 @@ def test_batching_node_answers_each_of_8_sessions_as_alone(tiny_model: Path) -> 
         start = threading.Barrier(SESSIONS)
 
         def run(s: int) -> None:
-            session = SwarmSession(
-                route,
-                GREEDY,
-                len(prompts[s]) + NEW_TOKENS,
-                planner=None,
-                retry=RetryPolicy(attempts=0),
-            )
+            session = fixed_session(route, len(prompts[s]) + NEW_TOKENS)
             try:
                 start.wait(timeout=30)
                 results[s] = generate(session, prompts[s], NEW_TOKENS, block_size=TINY.block_size)

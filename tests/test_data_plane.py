@@ -11,16 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from routes import RouteSession, fixed_session
 from swarm import Swarm, nanoshard
 
 from nanoshard import rpc
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
-from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
 from nanoshard.generation import generate
-from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import gpt2_bpe_dir
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.slow
 
 TINY = GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
 PROMPT = "It was the best of times, it was the worst of times"
-
-
-def fixed_session(route: Route, max_length: int) -> SwarmSession:
-    """A greedy session along a fixed route, failing at once (no failover of the client's)."""
-    greedy = SamplingParams(temperature=0)
-    return SwarmSession(route, greedy, max_length, planner=None, retry=RetryPolicy(attempts=0))
 
 
 @pytest.fixture(scope="module")
@@ -225,17 +219,14 @@ def test_bad_input_gets_a_status_and_the_node_keeps_serving(
         ),
         "sample without the head": (
             middle.Step,
-            pb.StepRequest(session_id=sid, step_id=1, activations=act(1), sample=True),
+            pb.StepRequest(
+                session_id=sid, step_id=1, activations=act(1), sample=True, this_hop_only=True
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         "route with a gap": (
-            first.Step,
-            pb.StepRequest(
-                session_id=sid,
-                step_id=1,
-                tokens=pb.Tokens(ids=[1]),
-                route=[pb.Hop(start=3, end=6, addresses=[tiny_chain[2]])],
-            ),
+            first.Open,
+            pb.OpenRequest(spec=spec(), route=[pb.Hop(start=3, end=6, addresses=[tiny_chain[2]])]),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         "wrong position": (
@@ -297,7 +288,6 @@ def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str
         step_id=1,
         pos=0,
         tokens=pb.Tokens(ids=[1, 2, 3]),
-        route=hops,
         sample=True,
     )
     a = first.Step(req, timeout=30)
@@ -310,7 +300,6 @@ def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str
         step_id=9,
         pos=0,
         tokens=pb.Tokens(ids=[1]),
-        route=hops,
         sample=True,
     )
     code, _, trailers = code_of(lambda: first.Step(late, timeout=30))
@@ -344,36 +333,38 @@ def test_kv_budget_refuses_at_once_and_memory_returns(tiny_model: Path) -> None:
 
 
 def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
-    """The middle node dies; its replacement gets exactly what it lacks from the hop before
-    (no recomputation upstream) and the generation goes on with the same tokens."""
+    """The middle node dies; its replica (named in the route the session was opened with)
+    gets exactly what it lacks from the hop before (no recomputation upstream) and the
+    generation goes on with the same tokens."""
     prompt = [464, 3290, 373, 257, 1332]
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
+        _, b2 = swarm.node(str(tiny_model), "2:4")
         reference_route = route_from_addresses([a, b, c])
         ref = fixed_session(reference_route, max_length=60)
         expected = generate(ref, prompt, 40, block_size=TINY.block_size).token_ids
         ref.close()
 
-        route = route_from_addresses([a, b, c])
+        hops = reference_route.hops
+        route = Route([hops[0], pb.Hop(start=2, end=4, addresses=[b, b2]), hops[2]], 6)
         session = fixed_session(route, max_length=60)
         tokens: list[int] = []
         result = session.step(prompt, 0)
         for _ in range(20):
             tokens.append(result.token)
             result = session.step([result.token], len(prompt) + len(tokens) - 1)
+        assert [h["address"] for h in result.hops] == [a, b, c]
         middle = next(p for p in swarm.procs if b in p.output)
         middle.kill()
-        _, b2 = swarm.node(str(tiny_model), "2:4")
-        session.route = Route(
-            [route.hops[0], pb.Hop(start=2, end=4, addresses=[b2]), route.hops[2]], 6
-        )
         while len(tokens) < 40:
             tokens.append(result.token)
             if len(tokens) == 40:
                 break
             result = session.step([result.token], len(prompt) + len(tokens) - 1)
-            if len(tokens) == 21:  # the first step after the loss: the new node was refilled
+            if len(tokens) == 21:  # the first step after the loss: the replica was refilled
+                assert [h["address"] for h in result.hops] == [a, b2, c]
                 assert [h["kv_length"] for h in result.hops] == [len(prompt) + 21] * 3
+                assert f"refilled {b2} from 0 to {len(prompt) + 20}" in result.hops[0]["repair"]
         session.close()
         assert tokens == expected
 
@@ -405,8 +396,7 @@ def test_a_session_whose_first_node_died_opens_on_a_new_route(tiny_chain: list[s
         asked.append(avoid)
         return live
 
-    greedy = SamplingParams(temperature=0)
-    session = SwarmSession(stale, greedy, 40, planner=planner, retry=RetryPolicy(backoff_s=0.01))
+    session = RouteSession(stale, 40, planner=planner, retry=RetryPolicy(backoff_s=0.01))
     gen = generate(session, [464, 3290, 373], 20, block_size=TINY.block_size)
     session.close()
     assert asked == [[dead]]

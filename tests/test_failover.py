@@ -91,7 +91,7 @@ def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling
         four.ready(client)
         reference = client.generate(PROMPT, 200, **sampling)
         assert len(reference.token_ids) >= 100
-        route = client._coordinator.route()  # type: ignore[union-attr]
+        route = client.route()
         assert len(route.hops) >= 2 and all(len(h.addresses) >= 2 for h in route.hops)
         victim_address = route.hops[0 if hop == "first" else -1].addresses[0]
         victim = four.nodes.pop(victim_address)

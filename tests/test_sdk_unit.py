@@ -4,23 +4,24 @@ over a fake node on loopback whose failures are scripted (lost answers, rewinds,
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-import traceback
 from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
+from routes import RouteSession
 
 from nanoshard import rpc
 from nanoshard.client import AsyncClient, Client
+from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
-from nanoshard.client.session import FirstHop, RetryPolicy, SwarmSession
+from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
 from nanoshard.errors import InvalidArgument, Unavailable
 from nanoshard.generation import StepResult
+from nanoshard.hop import Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams, float32
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -46,13 +47,13 @@ class FakeSession:
         self.recoveries: list[Any] = []
         self.closed = False
 
-    def step(self, tokens: list[int], pos: int) -> StepResult:
-        time.sleep(self.step_s)
+    async def step(self, tokens: list[int], pos: int) -> StepResult:
+        await asyncio.sleep(self.step_s)
         self.fed.append((list(tokens), pos))
         at = pos + len(tokens)
         return StepResult(EOT if at in self.eot_at else answer(at))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.closed = True
 
 
@@ -61,20 +62,35 @@ class FakeEncoding:
         return "".join(f"<{i}>" for i in ids)
 
 
-class FakeClient(Client):
-    """The real SDK (sessions, generate, stream) on fake sessions."""
+class FakeCore(AsyncClient):
+    """The real asyncio SDK (sessions, generate, stream) on fake sessions."""
 
     def __init__(self, **session_options: Any) -> None:  # no coordinator, no nodes
+        super().__init__(check_rate=0)
         self.config = GPTConfig(block_size=64, vocab_size=2000, n_layer=1, n_head=1, n_embd=8)
         self.encoding = FakeEncoding()  # type: ignore[assignment]
         self.eot_id = EOT
-        self.codec, self._coordinator, self._route = "fp32", None, None
+        self._connected = True
         self.session_options = session_options
         self.sessions: list[FakeSession] = []
 
-    def open_session(self, params: SamplingParams, max_length: int, codec: str | None = None):
+    async def open_session(  # type: ignore[override]
+        self, params: SamplingParams, max_length: int, codec: str | None = None
+    ) -> FakeSession:
         self.sessions.append(FakeSession(**self.session_options))
         return self.sessions[-1]
+
+
+class FakeClient(Client):
+    """The real synchronous SDK around :class:`FakeCore`, on a loop thread of its own."""
+
+    def __init__(self, **session_options: Any) -> None:
+        self._loop = LoopThread()
+        self.core = FakeCore(**session_options)
+
+    @property
+    def sessions(self) -> list[FakeSession]:
+        return self.core.sessions  # type: ignore[attr-defined, no-any-return]
 
 
 def contiguous(fed: list[tuple[list[int], int]]) -> bool:
@@ -123,22 +139,29 @@ def test_breaking_out_of_a_stream_stops_the_generation() -> None:
     session = client.sessions[0]
     assert seen == [1002, 1003, 1004]
     assert session.closed and len(session.fed) <= 5  # stopped at its next token, not 1000
-    assert not [t for t in threading.enumerate() if t.name == "nanoshard-stream"]
+    client.close()
+
+
+def test_the_sync_client_runs_every_stream_on_its_one_loop_thread() -> None:
+    client = FakeClient(step_s=0.001)
+    before = threading.active_count()
+    streams = [client.stream([1, 2], 5) for _ in range(4)]
+    assert [[t.id for t in s] for s in streams] == [[1002, 1003, 1004, 1005, 1006]] * 4
+    assert threading.active_count() == before  # no thread per stream
+    client.close()
 
 
 def test_closing_an_async_stream_stops_the_generation() -> None:
-    client = FakeClient(step_s=0.005)
+    core = FakeCore(step_s=0.005)
 
     async def main() -> list[int]:
-        async_client = AsyncClient()
-        async_client._client = client
-        stream = async_client.stream([1, 2], 1000)
+        stream = core.stream([1, 2], 1000)
         seen = [(await stream.__anext__()).id for _ in range(3)]
-        await stream.aclose()
+        await stream.aclose()  # type: ignore[attr-defined]
         return seen
 
     assert asyncio.run(main()) == [1002, 1003, 1004]
-    assert client.sessions[0].closed and len(client.sessions[0].fed) <= 5
+    assert core.sessions[0].closed and len(core.sessions[0].fed) <= 5
 
 
 def test_sampling_params_are_what_the_wire_carries() -> None:
@@ -205,13 +228,14 @@ def node() -> Any:
     server.stop(0)
 
 
-def session_on(node: ScriptedNode, timeout_s: float = 10.0) -> SwarmSession:
+def session_on(node: ScriptedNode, timeout_s: float = 10.0) -> RouteSession:
+    """A session along a fixed route of one node: failures are retried on the same node."""
     route = Route([pb.Hop(start=0, end=3, addresses=[node.address])], 3)
     retry = RetryPolicy(attempts=3, backoff_s=0.01)
-    return SwarmSession(route, SamplingParams(0), 32, retry=retry, timeout_s=timeout_s)
+    return RouteSession(route, 32, retry=retry, timeout_s=timeout_s)
 
 
-def run(session: SwarmSession, prompt: list[int], n: int) -> list[int]:
+def run(session: RouteSession, prompt: list[int], n: int) -> list[int]:
     tokens = [session.step(prompt, 0).token]
     while len(tokens) < n:
         tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
@@ -229,12 +253,13 @@ def test_a_lost_answer_is_asked_again_with_the_same_step_id(node: ScriptedNode) 
     assert run(session, [1, 2, 3], 4) == [1003, 1004, 1005, 1006]
     first, again = attempts_at(node, 4)
     assert first == again  # the node ran it once and answered the retry from what it kept
-    assert node.length == 6 and [r.kind for r in session.recoveries] == ["replica"]
+    assert node.length == 6 and [r.kind for r in session.recoveries] == ["retry"]
     assert node.closed == []  # its own session on the same node: not closed behind it
     ids = [step_id for step_id, *_ in node.log if step_id != first]
     assert len(set(ids)) == len(ids)  # every other step has an id of its own
+    sid = session.session.session_id
     session.close()
-    assert node.closed == [session.session_id]
+    assert node.closed == [sid]
 
 
 def test_a_rewound_first_hop_is_refilled_then_asked_again(node: ScriptedNode) -> None:
@@ -244,7 +269,9 @@ def test_a_rewound_first_hop_is_refilled_then_asked_again(node: ScriptedNode) ->
     refills = [(p, n) for _, p, n, sample in node.log if not sample]
     assert refills == [(2, 1), (3, 1), (4, 1)]  # the prompt chunk cut at 2, then each token
     first, again = attempts_at(node, 5)
-    assert first == again and [r.kind for r in session.recoveries] == ["refill"]
+    assert first == again
+    (recovery,) = session.recoveries
+    assert recovery.kind == "repair" and f"refilled {node.address} from 2 to 5" in recovery.detail
     session.close()
 
 
@@ -257,30 +284,35 @@ def test_a_silent_first_hop_times_out_and_its_answer_is_not_lost(node: ScriptedN
     first, again = attempts_at(node, 3)
     assert first == again
     (recovery,) = session.recoveries
-    assert recovery.kind == "replica"
+    assert recovery.kind == "retry" and "within 0.3 s" in recovery.detail
     session.close()
 
 
-def test_a_step_deadline_names_the_node_and_frees_the_stream_thread(node: ScriptedNode) -> None:
-    def consumers() -> int:  # threads reading a stream's requests for gRPC, by their stack
-        stacks = [traceback.extract_stack(f) for f in sys._current_frames().values()]
-        return sum(any(f.name == "consume_request_iterator" for f in s) for s in stacks)
-
-    before = consumers()
+def test_a_step_deadline_names_the_node_and_the_link_goes_on(node: ScriptedNode) -> None:
+    """The hop protocol alone: a deadline is an asyncio timeout (no thread), the error
+    names the node, and the next step on the same link opens a new stream."""
     node.hang_at = {1: 1.0}
-    first = FirstHop(node.address, timeout_s=0.2)
-    sid = b"s" * 16
-    first.step(pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1])))
-    assert consumers() == before + 1  # the open stream's reader
-    request = pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
-    with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d+.*within 0\.2 s") as err:
-        first.step(request)
-    assert err.value.failed == [node.address]
-    deadline = time.monotonic() + 5
-    while consumers() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert consumers() == before  # gRPC's request reader ended with the stream
-    first.close()
+
+    async def main() -> tuple[Unavailable, int]:
+        channels = Channels()
+        spec = pb.SessionSpec(session_id=b"s" * 16, max_length=8, codec="fp32")
+        hop = pb.Hop(start=0, end=3, addresses=[node.address])
+        link = NextHop(channels, spec, [hop], token_replay(), timeout_s=0.2)
+        await link.open()
+        sid = spec.session_id
+        first = pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1]))
+        await link.step(first)
+        request = pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
+        threads = threading.active_count()
+        with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d+.*within 0\.2 s") as err:
+            await link.step(request)
+        assert threading.active_count() == threads
+        reply, _ = await link.step(request)  # answered from what the node kept
+        await channels.close()
+        return err.value, reply.token
+
+    error, token = asyncio.run(main())
+    assert error.failed == [node.address] and token == answer(2)
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from routes import RouteSession, fixed_session
 from swarm import LISTENING, Swarm, nanoshard
 from test_swarm import HEARTBEAT, wait_until
 
@@ -18,7 +19,6 @@ from nanoshard.agreement import distance, tolerance
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.checks import Checker
 from nanoshard.client.route import Route
-from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
 from nanoshard.coordinator.trust import Comparison, Ledger
@@ -26,7 +26,6 @@ from nanoshard.engine import init_weights
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import generate
 from nanoshard.node.faults import fault_from_env
-from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import gpt2_bpe_dir
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
@@ -145,15 +144,7 @@ def checked_generation(first: list[str], second: list[str], codec: str, seed: in
         [pb.Hop(start=0, end=2, addresses=first), pb.Hop(start=2, end=6, addresses=second)], 6
     )
     checker = Checker(1.0, seed=seed)
-    session = SwarmSession(
-        route,
-        SamplingParams(temperature=0),
-        40,
-        codec,
-        planner=None,
-        retry=RetryPolicy(attempts=0),
-        checker=checker,
-    )
+    session = fixed_session(route, 40, codec=codec, checker=checker)
     generate(session, PROMPT, 12, block_size=TINY.block_size)
     session.close()
     checker.wait()
@@ -217,9 +208,7 @@ def test_a_session_leaves_a_node_its_checks_got_excluded(replicas: dict) -> None
         return [report.checked.address] if report.replicas[0].error > report.tolerance else []
 
     checker = Checker(1.0, seed=4, report=coordinator)
-    session = SwarmSession(
-        stale, SamplingParams(temperature=0), 40, planner=lambda avoid: clean, checker=checker
-    )
+    session = RouteSession(stale, 40, planner=lambda avoid: clean, checker=checker)
     greedy = generate(session, PROMPT, 12, block_size=TINY.block_size)
     session.close()
     checker.wait()
@@ -227,10 +216,10 @@ def test_a_session_leaves_a_node_its_checks_got_excluded(replicas: dict) -> None
     # once the coordinator answered "excluded", the next step left it: a new route, replayed
     (leave,) = [r for r in session.recoveries if "excluded" in r.detail]
     assert leave.kind == "reroute" and leave.detail == f"{a_liar} excluded"
-    assert session.route is clean and session._served[0] == a0
+    assert session.session.route is clean and session.session._served[0] == a0
     # from there on the tokens are honest ones: an honest run continues the same prefix so
     k = leave.pos - len(PROMPT) + 1  # tokens sampled before the switch
-    honest = SwarmSession(clean, SamplingParams(temperature=0), 40, planner=None)
+    honest = RouteSession(clean, 40)
     prefix = PROMPT + greedy.token_ids[:k]
     expected = generate(honest, prefix, 12 - k, block_size=TINY.block_size).token_ids
     honest.close()

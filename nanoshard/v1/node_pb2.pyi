@@ -77,13 +77,13 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "route", "sample", "return_output")
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    THIS_HOP_ONLY_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
@@ -91,10 +91,10 @@ class StepRequest(_message.Message):
     pos: int
     tokens: Tokens
     activations: Activations
-    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    this_hop_only: bool
     sample: bool
     return_output: bool
-    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("has_token", "token", "hops", "output")

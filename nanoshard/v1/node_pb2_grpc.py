@@ -80,6 +80,7 @@ class NodeServicer:
 
     def Steps(self, request_iterator, context):
         """The persistent per-session stream: one StepRequest in, one StepReply out, in order.
+        Each step goes on along the route the session was opened with.
         A failed step ends the stream with its status; the session itself stays open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,391 @@
+"""The hop protocol, written once: a caller's link to the next hop of a session's route.
+
+Both ends of the data plane use it. Every node keeps one per session for the hop after
+its own (its replay material: the activations it sent on); the client keeps one for the
+route's first hop (its replay material: the token ids it sent). A link:
+
+- **opens** the session on the first node of its hop that takes it, binding the rest of
+  the route there (that node opens it onwards in turn);
+- **steps** over one persistent bidirectional stream, each step within a deadline;
+- **repairs** its hop when a step fails: a node that lost the session is opened again, a
+  node that holds fewer positions than the step starts at is **refilled** from the replay
+  material, in the chunks first sent (so its KV cache is rebuilt bit for bit), with
+  ``this_hop_only`` (the hops after it hold those positions already); a node that is gone,
+  full, serving other units or failing inside is replaced by the next **replica** of the
+  hop;
+- applies the **who-failed rule**: an UNAVAILABLE that names failed addresses other than
+  the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
+  replicas. The link cannot repair that; it raises it unchanged, so the error travels up
+  to the caller that can (the client re-plans the route).
+
+Nothing is recomputed here or upstream: a repair costs the replacement's refill only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from nanoshard import codec as codecs
+from nanoshard import rpc
+from nanoshard.errors import (
+    CacheMismatch,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from nanoshard.security import Security
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_CHANNELS = 256  # channels kept open to nodes; the least recently used go first
+REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries per node
+CLOSE_TIMEOUT_S = 10.0
+
+# What makes a link give up on a node and try the hop's next one: gone or silent, full or
+# busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
+# error from Core" when a peer dies mid-stream).
+NODE_FAILURES = (Unavailable, ResourceExhausted, FailedPrecondition, Internal)
+
+P = TypeVar("P")  # a chunk's payload: token ids (list[int]) or pb.Activations
+
+
+class Channels:
+    """``grpc.aio`` channels to nodes, by address, shared by every session of a process: at
+    most ``MAX_CHANNELS``, so routes naming endless addresses (garbage, or a huge swarm)
+    cannot grow a process without bound."""
+
+    def __init__(
+        self, security: Security | None = None, max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+    ) -> None:
+        self.security = security or Security()
+        self._max_message_bytes = max_message_bytes
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Future] = set()  # evicted channels still closing
+
+    def stub(self, address: str) -> pb_grpc.NodeStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = rpc.open_channel(
+                address, self.security, aio=True, max_message_bytes=self._max_message_bytes
+            )
+            self._channels[address] = channel
+            while len(self._channels) > MAX_CHANNELS:
+                _, old = self._channels.popitem(last=False)
+                closing = asyncio.ensure_future(old.close(grace=30))  # calls on it may finish
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        self._channels.move_to_end(address)
+        return pb_grpc.NodeStub(channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """For one call: this process's swarm token, if the swarm has a key."""
+        return self.security.metadata()
+
+    async def call(self, address: str, method: str, request: Any, timeout_s: float) -> Any:
+        """A unary call to the node at ``address``; failures as nanoshard errors."""
+        try:
+            return await getattr(self.stub(address), method)(
+                request, timeout=timeout_s, metadata=self.metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise rpc.error_from_rpc(err, address) from None
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+@dataclass
+class Replay(Generic[P]):
+    """What a caller sent down a hop, chunk by chunk and exactly as sent: what a
+    replacement is refilled with. ``rows`` counts a payload's positions; ``cut(payload, k)``
+    is the payload without its first ``k`` positions, as the same bytes."""
+
+    rows: Callable[[P], int]
+    cut: Callable[[P, int], P]
+    chunks: list[tuple[int, P]] = field(default_factory=list)  # (pos, payload), in order
+
+    @property
+    def length(self) -> int:
+        if not self.chunks:
+            return 0
+        pos, payload = self.chunks[-1]
+        return pos + self.rows(payload)
+
+    def add(self, pos: int, payload: P) -> None:
+        self.chunks.append((pos, payload))
+
+    def since(self, pos: int) -> list[tuple[int, P]]:
+        """Chunks covering [pos, length), in order; a chunk that straddles ``pos`` is cut."""
+        out = []
+        for start, payload in self.chunks:
+            rows = self.rows(payload)
+            if start + rows <= pos:
+                continue
+            if start < pos:
+                payload, start = self.cut(payload, pos - start), pos
+            out.append((start, payload))
+        return out
+
+    def clear(self) -> None:
+        self.chunks.clear()
+
+
+def token_replay() -> Replay[list[int]]:
+    """The client's replay material: the token ids it sent."""
+    return Replay(rows=len, cut=lambda ids, k: ids[k:])
+
+
+def activation_replay() -> Replay[pb.Activations]:
+    """A node's replay material: the encoded activations it sent on."""
+    return Replay(rows=lambda message: message.shape[0], cut=tail_rows)
+
+
+def tail_rows(message: pb.Activations, skip: int) -> pb.Activations:
+    """The activations without their first ``skip`` rows, as the bytes first sent."""
+    rows, width = message.shape
+    payload = codecs.cut_rows(message.payload, (rows, width), message.codec, skip)
+    return pb.Activations(codec=message.codec, shape=[rows - skip, width], payload=payload)
+
+
+def with_input(request: pb.StepRequest, payload: list[int] | pb.Activations) -> pb.StepRequest:
+    """``request`` carrying ``payload`` as its input: token ids or activations."""
+    if isinstance(payload, pb.Activations):
+        request.activations.CopyFrom(payload)
+    else:
+        request.tokens.ids.extend(payload)
+    return request
+
+
+if sys.version_info >= (3, 11):
+
+    async def _write_read(call: Any, request: pb.StepRequest, timeout_s: float) -> Any:
+        """Write a step on the stream and read its reply within ``timeout_s`` (no task of
+        its own, unlike ``wait_for`` before Python 3.12: this is on every step's path)."""
+        async with asyncio.timeout(timeout_s):
+            await call.write(request)
+            return await call.read()
+
+else:
+
+    async def _write_read(call: Any, request: pb.StepRequest, timeout_s: float) -> Any:
+        await asyncio.wait_for(call.write(request), timeout_s)
+        return await asyncio.wait_for(call.read(), timeout_s)
+
+
+class NextHop:
+    """One session's link to the next hop of its route (see the module doc).
+
+    ``route`` is the hop this link reaches, then the hops after it; ``spec`` the session;
+    ``replay`` what the owner sent down this link so far (the owner adds each step's input
+    once the step is answered). ``avoided()`` names nodes to try last (the client's recent
+    failures). ``owner`` names the caller in error messages."""
+
+    def __init__(
+        self,
+        channels: Channels,
+        spec: pb.SessionSpec,
+        route: Sequence[pb.Hop],
+        replay: Replay,
+        *,
+        timeout_s: float,
+        owner: str = "the client",
+        avoided: Callable[[], Collection[str]] = frozenset,
+    ) -> None:
+        if not route:
+            raise InvalidArgument("a next hop needs a route")
+        self.channels = channels
+        self.spec = spec
+        self.route = list(route)
+        self.replay = replay
+        self.timeout_s = timeout_s
+        self.owner = owner
+        self.avoided = avoided
+        self.address: str | None = None  # the node this link steps on, once open
+        self._call: Any = None  # the open Steps stream to it
+
+    @property
+    def hop(self) -> pb.Hop:
+        return self.route[0]
+
+    def candidates(self) -> list[str]:
+        """The current node first, then the hop's replicas in route order, avoided last."""
+        avoided = set(self.avoided())
+        addresses = list(self.hop.addresses)
+        if self.address in addresses:
+            addresses.remove(self.address)
+            addresses.insert(0, self.address)
+        return [a for a in addresses if a not in avoided] + [a for a in addresses if a in avoided]
+
+    # ---- opening ----------------------------------------------------------------------
+
+    async def open(self) -> pb.OpenReply:
+        """Open the session on the first node of the hop that takes it; its answer (the
+        positions it holds, and the KV handles of it and the hops after it)."""
+        failures: list[str] = []
+        failed: list[str] = []
+        for address in self.candidates():
+            try:
+                reply = await self._open_at(address)
+            except InvalidArgument:
+                raise  # the request itself is wrong: no replica will take it
+            except NODE_FAILURES as exc:
+                _raise_if_behind(exc, address)
+                failures.append(str(exc))
+                failed.append(address)
+                continue
+            self._use(address)
+            return reply
+        raise self._gone(failures, failed)
+
+    async def _open_at(self, address: str) -> pb.OpenReply:
+        request = pb.OpenRequest(
+            spec=self.spec, route=self.route[1:], start=self.hop.start, end=self.hop.end
+        )
+        return await self.channels.call(address, "Open", request, self.timeout_s)
+
+    # ---- stepping ---------------------------------------------------------------------
+
+    async def step(self, request: pb.StepRequest) -> tuple[pb.StepReply, str]:
+        """Send a step to the hop, repairing it on the way (module doc). Returns the reply
+        and what was repaired ("" if nothing). Bounded: a few repairs per node, each node
+        of the hop once; then UNAVAILABLE naming every node of the hop that failed."""
+        failures: list[str] = []
+        failed: list[str] = []
+        for address in self.candidates():
+            have: int | None = None  # positions the node holds, once a repair is needed
+            for _ in range(REPAIRS_PER_NODE):
+                try:
+                    repair = ""
+                    if have is not None:
+                        await self._refill(address, have, request.pos, request.step_id)
+                        repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
+                    reply = await self._exchange(address, request)
+                    if failures:
+                        repair = "; ".join([*failures, repair or f"switched to {address}"])
+                    return reply, repair
+                except CacheMismatch as exc:
+                    self.drop_stream()
+                    have = exc.length
+                except NotFound:
+                    self.drop_stream()
+                    have = -1  # not open there (expired, restarted): open it first
+                except InvalidArgument:
+                    self.drop_stream()
+                    raise
+                except NODE_FAILURES as exc:
+                    self.drop_stream()
+                    _raise_if_behind(exc, address)
+                    failures.append(str(exc))
+                    failed.append(address)
+                    break
+            else:
+                failures.append(f"{address}: could not be brought up to position {request.pos}")
+                failed.append(address)
+        raise self._gone(failures, failed)
+
+    async def _refill(self, address: str, have: int, upto: int, step_id: int) -> None:
+        """Bring the node at ``address`` from ``have`` positions (-1: the session is not
+        open there) to ``upto`` with the replay material: nothing recomputed."""
+        if have < 0:
+            have = (await self._open_at(address)).length
+        if have > upto:
+            raise FailedPrecondition(
+                f"{address} holds {have} positions, more than the {upto} sent to it: it "
+                "belongs to another history of this session"
+            )
+        for pos, payload in self.replay.since(have):
+            if pos >= upto:
+                break
+            # The step's own id with a lower position: not taken for a duplicate of it.
+            fill = pb.StepRequest(
+                session_id=self.spec.session_id, step_id=step_id, pos=pos, this_hop_only=True
+            )
+            await self._exchange(address, with_input(fill, payload))
+        log.info("%s refilled %s from %d to %d positions", self.owner, address, have, upto)
+
+    async def _exchange(self, address: str, request: pb.StepRequest) -> pb.StepReply:
+        """One step on the stream to ``address`` (opened on first use)."""
+        self._use(address)
+        if self._call is None:
+            self._call = self.channels.stub(address).Steps(metadata=self.channels.metadata())
+        try:
+            reply = await _write_read(self._call, request, self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise rpc.error_from_rpc(err, address) from None
+        except asyncio.InvalidStateError:  # the stream had already ended
+            raise Unavailable(f"{address}: the session stream had ended", [address]) from None
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"{address}: no answer to the step at position {request.pos} within "
+                f"{self.timeout_s:g} s",
+                [address],
+            ) from None
+        if reply is grpc.aio.EOF:
+            raise await self._ended(address)
+        return reply
+
+    async def _ended(self, address: str) -> Exception:
+        call = self._call
+        err = grpc.aio.AioRpcError(
+            await call.code(),
+            grpc.aio.Metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+        )
+        return rpc.error_from_rpc(err, address)
+
+    # ---- the node it talks to -----------------------------------------------------------
+
+    def _use(self, address: str) -> None:
+        if self.address != address:
+            self.drop_stream()
+            self.address = address
+
+    def drop_stream(self) -> None:
+        """End the stream (the next step opens a new one); the session stays open."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _gone(self, failures: list[str], failed: list[str]) -> Unavailable:
+        hop = self.hop
+        return Unavailable(
+            f"units [{hop.start}, {hop.end}) unreachable from {self.owner}: " + "; ".join(failures),
+            failed,
+        )
+
+    async def close(
+        self, *, this_hop_only: bool = False, timeout_s: float = CLOSE_TIMEOUT_S
+    ) -> None:
+        """Close the session on the current node (and, unless ``this_hop_only``, the hops
+        after it). Best effort: a node that is gone frees it at its TTL."""
+        self.drop_stream()
+        if self.address is None:
+            return
+        request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=this_hop_only)
+        try:
+            await self.channels.call(self.address, "Close", request, timeout_s)
+        except Exception:
+            log.debug("could not close session at %s", self.address)
+
+
+def _raise_if_behind(exc: Exception, address: str) -> None:
+    """The who-failed rule: an UNAVAILABLE naming other nodes than ``address`` comes from a
+    hop behind it, which this link cannot repair: pass it on unchanged."""
+    if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
+        raise exc
