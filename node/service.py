@@ -11,7 +11,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,11 +301,11 @@ class NodeService(pb_grpc.NodeServicer):
         return await self._step(request)
 
     async def Steps(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: Any
-    ) -> AsyncIterator[pb.StepReply]:
+        self, next_request: Callable[[], Awaitable[pb.StepRequest | None]], context: Any
+    ) -> None:
         try:
-            async for request in request_iterator:
-                yield await self._step(request)
+            while (request := await next_request()) is not None:
+                await context.write(await self._step(request))
         except NanoshardError as exc:
             await rpc.abort(context, exc)
         except Exception as exc:
