@@ -8,6 +8,7 @@ Benchmarks run as scripts (``python benchmarks/NAME.py``), so this module is imp
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import itertools
 import json
@@ -33,7 +34,8 @@ from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
-from nanoshard.generation import Generation, LocalSession, generate, max_length_for
+from nanoshard.generation import Generation, LocalSession, agenerate, generate, max_length_for
+from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams
 from nanoshard.tokenizer import gpt2_bpe_dir
 
@@ -246,16 +248,30 @@ def run_local(stage: Stage, ids: list[int], tokens: int, threads: int) -> Genera
         torch.set_num_threads(1)
 
 
+async def _open(route: Route, max_length: int, codec: str) -> tuple[Channels, SwarmSession]:
+    channels = Channels()
+    session = SwarmSession(
+        channels, route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0)
+    )
+    await session.open()
+    return channels, session
+
+
 def run_chain(
     route: Route, ids: list[int], tokens: int, codec: str, block_size: int, eot: int | None = None
 ) -> Generation:
     """``tokens`` decode steps (plus the prefill) along ``route``; stops early only at ``eot``."""
     max_length = max_length_for(len(ids), tokens + 1, block_size)
-    session = SwarmSession(route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0))
-    try:
-        return generate(session, ids, tokens + 1, block_size=block_size, eot_id=eot)
-    finally:
-        session.close()
+
+    async def main() -> Generation:
+        channels, session = await _open(route, max_length, codec)
+        try:
+            return await agenerate(session, ids, tokens + 1, block_size=block_size, eot_id=eot)
+        finally:
+            await session.close()
+            await channels.close()
+
+    return asyncio.run(main())
 
 
 @dataclass
@@ -285,11 +301,20 @@ def run_paired(route: Route, stage: Stage, ids: list[int], tokens: int, codec: s
         expected.append(result.token)
 
     max_length = max_length_for(len(ids), tokens + 1, block_size)
-    session = SwarmSession(route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0))
+
+    async def main() -> Generation:
+        channels, session = await _open(route, max_length, codec)
+        try:
+            return await agenerate(
+                session, ids, tokens + 1, block_size=block_size, on_token=lockstep
+            )
+        finally:
+            await session.close()
+            await channels.close()
+
     try:
-        gen = generate(session, ids, tokens + 1, block_size=block_size, on_token=lockstep)
+        gen = asyncio.run(main())
     finally:
-        session.close()
         local.close()
     return Paired(gen, local_ms, gen.token_ids == expected[: len(gen.token_ids)])
 

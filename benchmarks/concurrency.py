@@ -25,9 +25,8 @@ the same prompt produced alone on the unbatched chain.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from common import (
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.hop import Channels
 
 BATCH = 16
 STAGES = 3
@@ -85,51 +85,43 @@ class Run:
 
 
 def run_sessions(route: Route, prompts: list[list[int]], tokens: int, max_length: int) -> Run:
-    """Open one session per prompt (each in its own thread), prefill all, then decode
-    ``tokens`` greedy tokens in every session at once."""
+    """Open one session per prompt (each an asyncio task of one client loop, as a gateway
+    would hold them), prefill all, then decode ``tokens`` greedy tokens in every one at once."""
     n = len(prompts)
-    prefilled = threading.Barrier(n + 1)  # the sessions and this thread
-    go = threading.Event()
     step_ms: list[list[float]] = [[] for _ in range(n)]
     batches: list[list[int]] = [[] for _ in range(n)]
     out: list[list[int]] = [[] for _ in range(n)]
-    errors: list[BaseException] = []
 
-    def session_thread(s: int) -> None:
-        session = None
+    async def main() -> float:
+        channels = Channels()
+        sessions = [
+            SwarmSession(channels, route, GREEDY, max_length, retry=RetryPolicy(attempts=0))
+            for _ in range(n)
+        ]
         try:
-            session = SwarmSession(
-                route, GREEDY, max_length, planner=None, retry=RetryPolicy(attempts=0)
-            )
-            ids = prompts[s]
-            out[s].append(session.step(ids, 0).token)
-            prefilled.wait(timeout=300)
-            go.wait()
-            for k in range(tokens):
-                t0 = time.perf_counter()
-                result = session.step([out[s][-1]], len(ids) + k)
-                step_ms[s].append((time.perf_counter() - t0) * 1e3)
-                batches[s].extend(h["batch"] for h in result.hops)
-                out[s].append(result.token)
-        except BaseException as exc:
-            errors.append(exc)
-            prefilled.abort()
-        finally:
-            if session is not None:
-                session.close()
+            for session in sessions:
+                await session.open()
+            for s, session in enumerate(sessions):
+                out[s].append((await session.step(prompts[s], 0)).token)
 
-    threads = [threading.Thread(target=session_thread, args=(s,)) for s in range(n)]
-    for t in threads:
-        t.start()
-    with contextlib.suppress(threading.BrokenBarrierError):  # a session failed: raised below
-        prefilled.wait(timeout=300)
-    started = time.perf_counter()
-    go.set()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+            async def decode(s: int) -> None:
+                ids = prompts[s]
+                for k in range(tokens):
+                    t0 = time.perf_counter()
+                    result = await sessions[s].step([out[s][-1]], len(ids) + k)
+                    step_ms[s].append((time.perf_counter() - t0) * 1e3)
+                    batches[s].extend(h["batch"] for h in result.hops)
+                    out[s].append(result.token)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(decode(s) for s in range(n)))
+            return time.perf_counter() - started
+        finally:
+            for session in sessions:
+                await session.close()
+            await channels.close()
+
+    wall = asyncio.run(main())
     return Run(
         tokens_per_s=n * tokens / wall,
         step_ms=[ms for steps in step_ms for ms in steps],
