@@ -36,10 +36,9 @@ from nanoshard import rpc
 from nanoshard.checkpoint import Checkpoint, TensorEntry, tensor_sha256
 from nanoshard.config import check_units, stage_tensor_names
 from nanoshard.errors import CheckpointError
+from nanoshard.modelcard import CHUNK_BYTES, ModelCardInfo, check_card
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
-
-from ..coordinator.model import CHUNK_BYTES, ModelCardInfo, check_card
 
 log = logging.getLogger(__name__)
 

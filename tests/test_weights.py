@@ -19,9 +19,10 @@ import torch
 from nanoshard import rpc, tokenizer
 from nanoshard.checkpoint import open_checkpoint, save_hf_checkpoint, save_nanogpt_checkpoint
 from nanoshard.config import GPTConfig, stage_tensor_names
-from nanoshard.coordinator.model import CHUNK_BYTES, ModelStore, check_card, fetch_tensors
+from nanoshard.coordinator.model import ModelStore, fetch_tensors
 from nanoshard.engine import Stage, init_weights
 from nanoshard.errors import CheckpointError
+from nanoshard.modelcard import CHUNK_BYTES, check_card
 from nanoshard.node.weights import (
     FetchStats,
     cached_range,
