@@ -155,11 +155,6 @@ class ModelStore:
             )
         return self._card
 
-    def unit_nbytes(self) -> list[int]:
-        """Bytes of each unit's tensors as stored (the head counts wte, which it shares with
-        embed: a stage holding both holds it once, see Checkpoint.stage_nbytes)."""
-        return [sum(_nbytes(e) for e in unit) for unit in self.units]
-
     def check_names(self, names: Sequence[str]) -> list[str]:
         """A FetchRequest's names, validated: known, each once, at least one."""
         if not names:

@@ -164,14 +164,12 @@ class CoordinatorService:
         held = None
         if request.held_end:
             held = self._stage(request.held_start, request.held_end, "held stage")
-        now = self.clock()
         record = NodeRecord(
             node_id=request.node_id,
             name=request.name[:64] or request.node_id[:8],
             address=request.address,
             capacity=capacity,
-            joined_at=now,
-            last_heartbeat=now,
+            last_heartbeat=self.clock(),
             held=held,
         )
         self.registry.join(record)
