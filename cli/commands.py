@@ -138,6 +138,17 @@ def add_mdns_options(p: argparse.ArgumentParser, advertise: bool = False) -> Non
         p.add_argument("--swarm", default=None, help="with mDNS: only a coordinator of this swarm")
 
 
+def check_swarm_flag(args: argparse.Namespace) -> None:
+    """``--swarm`` picks among the coordinators mDNS finds: with an address (or none needed)
+    it would be silently ignored, so say so."""
+    if args.command in ("generate", "status") and args.swarm:
+        given = [f for f in ("coordinator", "route", "local") if getattr(args, f, None)]
+        if given:
+            raise InvalidArgument(
+                f"--swarm chooses a coordinator found by mDNS; drop it with --{given[0]}"
+            )
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from nanoshard.coordinator.server import serve
 
@@ -185,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nanoshard.client.swarm import CoordinatorClient, find_coordinator
     from nanoshard.statusview import status_json
 
-    from .statusview import status_table
+    from .statusview import StatusView
 
     security = security_from_args(args)
     address = find_coordinator(
@@ -200,12 +211,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     if not args.watch:
-        console.print(status_table(coordinator.status()))
+        console.print(StatusView(coordinator.status()))
         return 0
-    with Live(status_table(coordinator.status()), console=console, refresh_per_second=1) as live:
+    with Live(StatusView(coordinator.status()), console=console, refresh_per_second=1) as live:
         while True:
             time.sleep(2)
-            live.update(status_table(coordinator.status()))
+            live.update(StatusView(coordinator.status()))
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -228,4 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         "demo": cmd_demo,
         "certs": cmd_certs,
     }
-    run_cli("nanoshard", lambda: commands[args.command](args))
+
+    def run() -> int:
+        check_swarm_flag(args)
+        return commands[args.command](args)
+
+    run_cli("nanoshard", run)

@@ -29,7 +29,7 @@ from nanoshard.errors import NanoshardError, Unavailable
 from nanoshard.generation import STOP_NOTES
 from nanoshard.v1 import coordinator_pb2 as cpb
 
-from .statusview import status_table
+from .statusview import StatusView
 
 LOOPBACK = "127.0.0.1"
 
@@ -168,7 +168,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             coordinator = CoordinatorClient(address)
             with console.status("waiting until every unit is served…"):
                 status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
-            console.print(status_table(status))
+            console.print(StatusView(status))
 
             console.rule("generation")
             console.print(config.prompt, end="", style="bold")

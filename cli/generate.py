@@ -96,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             route=route,
             model=args.model,
             mdns_interfaces=args.mdns_interfaces,
+            swarm=args.swarm,
             codec=args.codec,
             swarm_key=read_key(args.swarm_key, args.swarm_key_file),
             tls_ca=args.tls_ca,
