@@ -28,6 +28,7 @@ COPY nanoshard ./nanoshard
 COPY node ./node
 COPY coordinator ./coordinator
 COPY client ./client
+COPY cli ./cli
 RUN pip install . && useradd --create-home volunteer
 
 USER volunteer

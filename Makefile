@@ -32,7 +32,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy nanoshard node coordinator client
+	$(BIN)/mypy nanoshard node coordinator client cli
 
 # Regenerate the Python code of protos/ into nanoshard/v1 (committed; a test checks it is fresh).
 protos: $(STAMP)

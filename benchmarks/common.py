@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -32,6 +31,7 @@ import torch
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.cliutil import listening_pattern
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.generation import Generation, LocalSession, agenerate, generate, max_length_for
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_CACHE = ROOT / ".cache" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE_BIN = Path(sys.executable).parent / "nanoshard-node"
-LISTENING = re.compile(r"listening on (\S+)")
+LISTENING = listening_pattern()
 
 GPT2_124M = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
 

@@ -37,8 +37,10 @@ from common import (
     save_results,
 )
 
+from nanoshard.cliutil import listening_pattern
+
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"listening on (\S+)")
+LISTENING = listening_pattern()
 SERVING = re.compile(r"serving units \[(\d+), (\d+)\)")
 # Log lines that end each phase (the first line matching each, in this order).
 PHASES = (

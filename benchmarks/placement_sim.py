@@ -56,6 +56,7 @@ from nanoshard.coordinator.placement import (
     unit_costs,
     unit_throughput,
     units_moved,
+    weakest_throughput,
 )
 
 MODELS = {
@@ -321,7 +322,7 @@ def simulate(
                 i: s for i, s in after.items() if stage_bytes(units, *s) <= by_id[i].memory_bytes
             }
             tally.infeasible += len(served) < len(after)
-            weakest = min(unit_throughput(served, units, nodes))
+            weakest = weakest_throughput(served, units, nodes)
             tally.weakest.append(weakest)
             tally.share.append(weakest / bound)
             tally.min_replicas.append(min(coverage(served, len(units))))

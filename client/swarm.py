@@ -38,8 +38,10 @@ def find_coordinator(
         return address
     found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm)
     if found is None:
+        which = f"of swarm {swarm!r} " if swarm else ""
         raise NotFound(
-            f"no coordinator answered on mDNS within {timeout_s:.0f} s: pass --coordinator HOST:PORT"
+            f"no coordinator {which}answered on mDNS within {timeout_s:.0f} s: "
+            "pass --coordinator HOST:PORT"
         )
     if found.properties.get("tls") == "1" and not tls:
         raise FailedPrecondition(

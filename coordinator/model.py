@@ -3,21 +3,19 @@
 The coordinator opens the checkpoint once at start, hashes every tensor into a manifest
 (per unit: name, shape, dtype, sha256 of the canonical bytes, see
 :func:`nanoshard.checkpoint.tensor_sha256`) and names the model by that manifest
-(:func:`manifest_model_id`). Nodes then fetch only their stage's tensors with FetchTensors:
-each tensor's canonical bytes (nanoGPT layout, stored dtype, row-major, little-endian: exactly
-what the hash covers), in chunks of at most :data:`CHUNK_BYTES`.
+(:func:`nanoshard.modelcard.manifest_model_id`; the card's shared parts live there). Nodes
+then fetch only their stage's tensors with FetchTensors: each tensor's canonical bytes
+(nanoGPT layout, stored dtype, row-major, little-endian: exactly what the hash covers), in
+chunks of at most :data:`nanoshard.modelcard.CHUNK_BYTES`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +27,22 @@ from nanoshard.checkpoint import (
     TOKENIZER_FILES,
     Checkpoint,
     TensorEntry,
-    model_shapes,
     open_checkpoint,
     tensor_sha256,
 )
-from nanoshard.config import GPTConfig, unit_tensor_names
 from nanoshard.errors import (
     CheckpointError,
     FailedPrecondition,
     InvalidArgument,
     NanoshardError,
 )
+from nanoshard.modelcard import CHUNK_BYTES, manifest_model_id
 from nanoshard.tokenizer import encoding_from_hf_files
 from nanoshard.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # TensorChunk.data, at most (the proto's promise)
 MEMORY_CACHE_BYTES = 256 << 20  # a model at most this big is kept in memory once read
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a manifest may name
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-def manifest_model_id(config: GPTConfig, units: Sequence[Sequence[TensorEntry]]) -> str:
-    """The model id: sha256 hex of the canonical JSON of the config and the manifest.
-
-    The document is ``{"config": GPTConfig.to_dict(), "units": [[{"name", "shape", "dtype",
-    "sha256"}, ...] per unit, in unit order]}`` serialised by ``json.dumps`` with sorted keys,
-    ``separators=(",", ":")`` and ASCII only, then UTF-8 encoded. The config is in it because
-    two models with the same tensors but another ``layer_norm_epsilon`` compute different
-    things; the model's name is not (the same weights in another folder are the same model).
-    A node recomputes it from a ModelCard to check that the card is whole.
-    """
-    doc = {
-        "config": config.to_dict(),
-        "units": [[entry.to_dict() for entry in unit] for unit in units],
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def model_name(spec: str | Path, path: Path) -> str:
@@ -86,56 +62,6 @@ def byte_chunks(tensor: torch.Tensor, size: int = CHUNK_BYTES) -> Iterator[bytes
     view = memoryview((ctypes.c_ubyte * t.nbytes).from_address(t.data_ptr()))
     for offset in range(0, t.nbytes, size):
         yield bytes(view[offset : offset + size])
-
-
-@dataclass(frozen=True)
-class ModelCardInfo:
-    """A ModelCard validated and decoded: config, manifest per unit, entries by name."""
-
-    model_id: str
-    name: str
-    config: GPTConfig
-    units: list[list[TensorEntry]]
-    entries: dict[str, TensorEntry]
-
-
-def check_card(card: pb.ModelCard) -> ModelCardInfo:
-    """Decode a ModelCard, refusing one that is not whole and self-consistent.
-
-    The manifest must list exactly the tensors of the config's units, with the config's shapes,
-    a float dtype and a sha256 each, and ``model_id`` must be its hash (manifest_model_id).
-    """
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"the coordinator's model card is malformed: {what}")
-
-    try:
-        config = GPTConfig.from_dict(json.loads(card.config_json))
-    except (ValueError, TypeError, InvalidArgument) as e:
-        raise bad(f"config_json: {e}") from None
-    if len(card.units) != config.n_units:
-        raise bad(f"{len(card.units)} units in the manifest, the config has {config.n_units}")
-    shapes = model_shapes(config)
-    units: list[list[TensorEntry]] = []
-    entries: dict[str, TensorEntry] = {}
-    for u, unit in enumerate(card.units):
-        names = [t.name for t in unit.tensors]
-        if unit.unit != u or names != unit_tensor_names(config, u):
-            raise bad(f"unit {unit.unit} (at position {u}) does not list unit {u}'s tensors")
-        row = []
-        for t in unit.tensors:
-            entry = TensorEntry(t.name, tuple(t.shape), t.dtype, t.sha256)
-            if entry.shape != shapes[t.name]:
-                raise bad(f"{t.name} has shape {list(t.shape)}, expected {list(shapes[t.name])}")
-            if entry.dtype not in WEIGHT_DTYPES or not SHA256_HEX.match(entry.sha256):
-                raise bad(f"{t.name} has dtype {t.dtype!r} and sha256 {t.sha256[:70]!r}")
-            if entries.setdefault(t.name, entry) != entry:
-                raise bad(f"{t.name} is listed twice with different contents")
-            row.append(entry)
-        units.append(row)
-    if manifest_model_id(config, units) != card.model_id:
-        raise bad(f"model_id {card.model_id[:70]!r} is not the hash of its manifest")
-    return ModelCardInfo(card.model_id, card.name, config, units, entries)
 
 
 class ModelStore:
@@ -228,11 +154,6 @@ class ModelStore:
                 ],
             )
         return self._card
-
-    def unit_nbytes(self) -> list[int]:
-        """Bytes of each unit's tensors as stored (the head counts wte, which it shares with
-        embed: a stage holding both holds it once, see Checkpoint.stage_nbytes)."""
-        return [sum(_nbytes(e) for e in unit) for unit in self.units]
 
     def check_names(self, names: Sequence[str]) -> list[str]:
         """A FetchRequest's names, validated: known, each once, at least one."""

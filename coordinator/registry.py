@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from nanoshard.config import GPTConfig
 
-from .placement import NodeCapacity, Placement, UnitCost, place, stage_bytes, unit_costs
+from .placement import NodeCapacity, Placement, UnitCost, place, unit_costs
 from .routing import Server
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ class NodeRecord:
     name: str
     address: str
     capacity: Capacity
-    joined_at: float
     last_heartbeat: float
     assigned: tuple[int, int] | None = None  # None = idle
     ready: tuple[int, int] | None = None  # the stage it serves now
@@ -216,6 +215,3 @@ class Registry:
                 for u in range(*r.ready):
                     counts[u] += 1
         return counts
-
-    def weight_bytes(self, start: int, end: int) -> int:
-        return stage_bytes(self.units, start, end)

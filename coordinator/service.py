@@ -17,6 +17,7 @@ import grpc
 from nanoshard import PROTOCOL_VERSION, rpc
 from nanoshard.agreement import distance
 from nanoshard.config import unit_name
+from nanoshard.engine import DTYPES
 from nanoshard.errors import (
     FailedPrecondition,
     Internal,
@@ -37,7 +38,10 @@ from .trust import Comparison, Ledger
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "bf16", "fp16", "int8")
+# Bounds of a believable Capacity from a volunteer.
+MAX_STEP_MS = 60_000.0
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+DEVICE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}(:\d{1,3})?$")  # cpu, cuda:0, mps, xpu:1
 # Re-running a disputed step costs the coordinator up to a prefill of a stage: a client
 # (or many) cannot keep it busier than this.
 ARBITRATE_EVERY_S = 1.0
@@ -60,21 +64,21 @@ def handles_errors(method: Callable) -> Callable:
 
 
 def check_capacity(c: cpb.Capacity) -> Capacity:
-    """Capacity figures come from volunteers: refuse what makes no sense."""
-    if c.dtype not in DTYPES:
+    """Capacity figures come from volunteers: refuse what no real node would send."""
+    if not DEVICE_PATTERN.match(c.device):
         raise InvalidArgument(
-            f"capacity: dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}"
+            f"capacity: device {c.device[:40]!r} is not a device name like cpu, cuda:0, mps"
         )
-    if not 0 < c.memory_bytes <= 2**50:
+    if c.dtype not in DTYPES:
+        raise InvalidArgument(f"capacity: dtype {c.dtype[:40]!r} is not one of {', '.join(DTYPES)}")
+    if not 0 < c.memory_bytes <= MAX_MEMORY_BYTES:
         raise InvalidArgument(
-            f"capacity: memory_bytes {c.memory_bytes} is not between 1 byte and 1 PiB"
+            f"capacity: memory_bytes {c.memory_bytes} is not in (0, {MAX_MEMORY_BYTES}]"
         )
     for name in ("block_ms", "head_ms"):
         value = getattr(c, name)
-        if not (math.isfinite(value) and 0 < value <= 60_000):
-            raise InvalidArgument(f"capacity: {name} {value} must be in (0, 60000] ms")
-    if not c.device or len(c.device) > 64:
-        raise InvalidArgument("capacity: device must be named (cpu, cuda:0, mps)")
+        if not (math.isfinite(value) and 0 < value <= MAX_STEP_MS):
+            raise InvalidArgument(f"capacity: {name} {value} is not in (0, {MAX_STEP_MS:.0f}] ms")
     return Capacity(c.device, c.dtype, c.memory_bytes, c.block_ms, c.head_ms)
 
 
@@ -160,14 +164,12 @@ class CoordinatorService:
         held = None
         if request.held_end:
             held = self._stage(request.held_start, request.held_end, "held stage")
-        now = self.clock()
         record = NodeRecord(
             node_id=request.node_id,
             name=request.name[:64] or request.node_id[:8],
             address=request.address,
             capacity=capacity,
-            joined_at=now,
-            last_heartbeat=now,
+            last_heartbeat=self.clock(),
             held=held,
         )
         self.registry.join(record)

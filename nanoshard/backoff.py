@@ -1,4 +1,4 @@
-"""Waits between retries: one helper for every retry loop."""
+"""Waiting between retries: exponential backoff, the one schedule every retry loop uses."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 
 def backoff_delays(first_s: float, max_s: float) -> Iterator[float]:
-    """``first_s``, then doubling, capped at ``max_s``, forever."""
+    """Seconds to wait before each retry: ``first_s``, then doubling, capped at ``max_s``,
+    forever (the caller decides when to give up)."""
     delay = first_s
     while True:
         yield delay
-        delay = min(2 * delay, max_s)
+        delay = min(delay * 2, max_s)

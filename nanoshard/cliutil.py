@@ -1,4 +1,4 @@
-"""What both command-line tools share: one-line errors, sizes, logging."""
+"""What both command-line tools share: one-line errors, sizes, logging, the "listening on" line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 from nanoshard.errors import NanoshardError
 
+# Who prints a "listening on" line: the coordinator and a node's data plane.
+COORDINATOR = "nanoshard coordinator"
+NODE = "nanoshard-node"
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -21,6 +24,20 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 512M or 2G)")
     scale = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
     return int(float(m.group(1)) * scale)
+
+
+def listening_line(who: str, address: str) -> str:
+    """The line a server prints on stdout once it accepts calls (``who``: COORDINATOR or NODE).
+
+    Scripts, tests and the demo wait for it to learn the port: see listening_pattern.
+    """
+    return f"{who}: listening on {address}"
+
+
+def listening_pattern(who: str | None = None) -> re.Pattern[str]:
+    """Finds a listening_line (of ``who``, else of any server) in output; group 1 is the
+    HOST:PORT."""
+    return re.compile((re.escape(who) if who else r"\S+") + r": listening on (\S+)")
 
 
 def setup_logging(verbose: bool) -> None:

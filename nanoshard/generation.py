@@ -61,10 +61,6 @@ class Generation:
     hops: list[list[dict[str, Any]]] = field(default_factory=list)  # trace of each step
     text: str = ""
 
-    @property
-    def note(self) -> str:
-        return STOP_NOTES.get(self.stop_reason, self.stop_reason)
-
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, block_size: int) -> None:
     if not prompt_ids:

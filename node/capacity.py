@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -49,18 +48,13 @@ CUDA_FRACTION = 0.8
 CACHE_FILE = "capacity.msgpack"
 MAX_CACHED = 32  # measurements kept in the cache file (newest win)
 
-# Bounds of a believable Capacity from the wire.
-MAX_STEP_MS = 60_000.0
-MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
-DEVICE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}(:\d{1,3})?$")  # cpu, cuda:0, mps, xpu:1
-
 
 @dataclass(frozen=True)
 class Capacity:
     """What a node offers for one model: the wire's Capacity as a dataclass."""
 
     device: str  # "cpu", "cuda:0", "mps"
-    dtype: str  # weights dtype: fp32 | bf16 | fp16
+    dtype: str  # weights dtype: a name of nanoshard.engine.DTYPES
     memory_bytes: int  # for weights and KV caches
     block_ms: float  # one block's decode step
     head_ms: float  # the head's decode step
@@ -274,29 +268,3 @@ def to_wire(capacity: Capacity) -> pb.Capacity:
         block_ms=capacity.block_ms,
         head_ms=capacity.head_ms,
     )
-
-
-def check_capacity(msg: pb.Capacity) -> None:
-    """Refuse a Capacity no real node would send (the coordinator checks every Join)."""
-    if not DEVICE_PATTERN.match(msg.device):
-        raise InvalidArgument(
-            f"capacity: device {msg.device[:40]!r} is not a device name like cpu, cuda:0, mps"
-        )
-    if msg.dtype not in DTYPES:
-        raise InvalidArgument(
-            f"capacity: dtype {msg.dtype[:40]!r} is not one of {', '.join(DTYPES)}"
-        )
-    if not 0 < msg.memory_bytes <= MAX_MEMORY_BYTES:
-        raise InvalidArgument(
-            f"capacity: memory_bytes {msg.memory_bytes} is not in (0, {MAX_MEMORY_BYTES}]"
-        )
-    for field in ("block_ms", "head_ms"):
-        value = getattr(msg, field)
-        if not (math.isfinite(value) and 0 < value <= MAX_STEP_MS):
-            raise InvalidArgument(f"capacity: {field} {value} is not in (0, {MAX_STEP_MS:.0f}] ms")
-
-
-def from_wire(msg: pb.Capacity) -> Capacity:
-    """A checked Capacity from the wire (InvalidArgument for nonsense)."""
-    check_capacity(msg)
-    return Capacity(msg.device, msg.dtype, msg.memory_bytes, msg.block_ms, msg.head_ms)

@@ -10,7 +10,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from nanoshard.cliutil import parse_size, run_cli, setup_logging
+from nanoshard.cliutil import NODE, listening_line, parse_size, run_cli, setup_logging
+from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
 from nanoshard.security import add_security_args, security_from_args
 
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default)")
     s.add_argument("--name", default=d.name, help="node name shown in traces and status")
     s.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
-    s.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16", "int8"])
+    s.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     s.add_argument(
         "--kv-memory",
         type=parse_size,
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for weights and KV caches (default: half of what is free)",
     )
     j.add_argument("--device", default=jd.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
-    j.add_argument("--dtype", default=jd.dtype, choices=["fp32", "bf16", "fp16", "int8"])
+    j.add_argument("--dtype", default=jd.dtype, choices=list(DTYPES))
     j.add_argument("--name", default=jd.name, help="node name shown in status and traces")
     j.add_argument(
         "--cache-dir",
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
             def ready(address: str) -> None:
-                print(f"nanoshard-node: listening on {address}", flush=True)
+                print(listening_line(NODE, address), flush=True)
 
             asyncio.run(serve(config, ready))
         elif args.command == "join":

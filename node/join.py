@@ -25,6 +25,7 @@ import grpc
 import torch
 
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
+from nanoshard.backoff import backoff_delays
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
@@ -133,7 +134,7 @@ class Volunteer:
 
     async def call(self, method: Callable, request: object, what: str) -> object:
         """A control-plane call, retried with backoff while the coordinator is unreachable."""
-        delay = 0.5
+        delays = backoff_delays(0.5, 10.0)
         while True:
             try:
                 return await method(request, timeout=10, metadata=self.security.metadata())
@@ -144,14 +145,13 @@ class Volunteer:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 ):
                     raise exc from None
+                delay = next(delays)
                 self.events.info(
-                    f"cannot reach the coordinator at {self.target} ({what}); retrying in {delay:.0f} s"
+                    f"cannot reach the coordinator at {self.target} ({what}); retrying in {delay:g} s"
                 )
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
                 raise asyncio.CancelledError
-            except asyncio.TimeoutError:
-                delay = min(delay * 2, 10.0)
 
     async def run(self) -> None:
         config = self.config
@@ -274,7 +274,7 @@ class Volunteer:
         if local is not None:
             tensors = await asyncio.to_thread(verify_local_stage, local, self.card, start, end)
         else:
-            delay = 0.5
+            delays = backoff_delays(0.5, 10.0)
             while True:  # the coordinator may be restarting: weights are worth waiting for
                 try:
                     tensors, _ = await fetch_stage(
@@ -288,11 +288,11 @@ class Volunteer:
                     )
                     break
                 except Unavailable as exc:
+                    delay = next(delays)
                     self.events.info(
                         f"fetching units [{start}, {end}) failed ({exc}); retrying in {delay:.1f} s"
                     )
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
         device = pick_device(self.config.device)
         dtype = parse_dtype(self.config.dtype)
         stage: Stage = await self.plane.load(

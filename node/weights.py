@@ -36,10 +36,9 @@ from nanoshard import rpc
 from nanoshard.checkpoint import Checkpoint, TensorEntry, tensor_sha256
 from nanoshard.config import check_units, stage_tensor_names
 from nanoshard.errors import CheckpointError
+from nanoshard.modelcard import CHUNK_BYTES, ModelCardInfo, check_card
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
-
-from ..coordinator.model import CHUNK_BYTES, ModelCardInfo, check_card
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class FetchStats:
     cached_bytes: int = 0
     fetched_tensors: int = 0
     fetched_bytes: int = 0  # TensorChunk data received
-    corrupt_files: int = 0  # cached files that failed their hash, deleted and fetched again
 
 
 def entry_nbytes(entry: TensorEntry) -> int:
@@ -157,21 +155,6 @@ def write_index(cache_dir: Path, info: ModelCardInfo, names: list[str]) -> None:
     write_atomic(path, msgpack.packb(index))
 
 
-def cached_range(cache_dir: str | Path | None, card: pb.ModelCard) -> tuple[int, int] | None:
-    """The longest run of units whose tensors are all in the cache (files present, not yet
-    verified): what a node may report as held when it joins. None when it has none."""
-    info = check_card(card)
-    root = cache_root(cache_dir)
-    held = [all(tensor_path(root, e.sha256).is_file() for e in unit) for unit in info.units]
-    best, start = (0, 0), 0
-    for u, ok in enumerate(held):
-        if not ok:
-            start = u + 1
-        elif u + 1 - start > best[1] - best[0]:
-            best = (start, u + 1)
-    return best if best[1] > best[0] else None
-
-
 # ---- fetching a stage ------------------------------------------------------------------
 
 
@@ -204,8 +187,7 @@ async def fetch_stage(
     for name in names:
         try:
             t = await asyncio.to_thread(read_cached, root, info.entries[name])
-        except _Corrupt:
-            stats.corrupt_files += 1
+        except _Corrupt:  # deleted (and logged): fetched again below
             t = None
         if t is not None:
             tensors[name] = t
@@ -224,12 +206,13 @@ async def fetch_stage(
         fetched = await _fetch(stub, info, missing, root, total, progress, stats, metadata)
         tensors.update(fetched)
         log.info(
-            "fetched %d bytes (%d tensors) for units [%d, %d); %d bytes were cached",
+            "fetched %d bytes (%d tensors) for units [%d, %d); %d bytes (%d tensors) were cached",
             stats.fetched_bytes,
             stats.fetched_tensors,
             start,
             end,
             stats.cached_bytes,
+            stats.cached_tensors,
         )
     elif progress is not None:
         progress(0, 0)

@@ -40,8 +40,10 @@ from netlab import SimulatedLan, unavailable
 from rich.console import Console
 from rich.table import Table
 
+from nanoshard.cliutil import COORDINATOR, listening_pattern
+
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"coordinator: listening on (\S+)")
+LISTENING = listening_pattern(COORDINATOR)
 
 
 def refusal() -> str | None:

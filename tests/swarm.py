@@ -11,9 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+from nanoshard.cliutil import COORDINATOR as COORDINATOR_NAME
+from nanoshard.cliutil import listening_pattern
+
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"listening on (\S+)")
-COORDINATOR = re.compile(r"coordinator: listening on (\S+)")
+LISTENING = listening_pattern()  # any server's "listening on" line
+COORDINATOR = listening_pattern(COORDINATOR_NAME)
 
 
 class Proc:

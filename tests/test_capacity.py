@@ -1,4 +1,5 @@
-"""A node's capacity: measured per unit at the model's shape, cached, checked on the wire."""
+"""A node's capacity: measured per unit at the model's shape, cached, checked on the wire
+(by the coordinator, which takes it from volunteers)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import pytest
 import torch
 
 from nanoshard.config import GPTConfig
+from nanoshard.coordinator.service import check_capacity
 from nanoshard.errors import InvalidArgument
 from nanoshard.node import capacity
 from nanoshard.node.capacity import (
     CACHE_FILE,
     Capacity,
-    check_capacity,
-    from_wire,
     load_or_measure,
     measure_capacity,
     to_wire,
@@ -102,9 +102,16 @@ def test_measurements_are_cached_per_shape_and_dtype(tmp_path, monkeypatch):
     assert len(calls) == 5
 
 
-def test_wire_round_trip():
+def test_what_a_node_sends_the_coordinator_reads_whole():
     cap = Capacity("cuda:1", "bf16", 8 << 30, 0.5, 3.25)
-    assert from_wire(to_wire(cap)) == cap
+    got = check_capacity(to_wire(cap))
+    assert (got.device, got.dtype, got.memory_bytes, got.block_ms, got.head_ms) == (
+        cap.device,
+        cap.dtype,
+        cap.memory_bytes,
+        cap.block_ms,
+        cap.head_ms,
+    )
 
 
 GOOD = dict(device="cpu", dtype="fp32", memory_bytes=4 << 30, block_ms=2.0, head_ms=11.0)

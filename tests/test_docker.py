@@ -11,7 +11,7 @@ import pytest
 import tomllib
 import yaml
 
-from nanoshard.cli import build_parser as nanoshard_parser
+from nanoshard.cli.commands import build_parser as nanoshard_parser
 from nanoshard.node.cli import build_parser as node_parser
 
 ROOT = Path(__file__).resolve().parent.parent

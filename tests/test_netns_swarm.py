@@ -25,6 +25,7 @@ import pytest
 from netns import SimulatedLan, unavailable
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.cliutil import COORDINATOR, listening_pattern
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -32,7 +33,7 @@ _REASON = unavailable()
 
 BIN = Path(sys.executable).parent
 HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]
-LISTENING = re.compile(r"coordinator: listening on (\S+)")
+LISTENING = listening_pattern(COORDINATOR)
 NODES = 3  # on hosts 1..3; host 0 runs the coordinator and the client
 
 

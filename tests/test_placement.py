@@ -339,9 +339,7 @@ def test_a_node_running_lighter_weights_holds_more_units() -> None:
     def held(dtype: str) -> int:
         registry = Registry(GPT2, replicas=1)
         registry.join(
-            NodeRecord(
-                "ab" * 8, dtype, "127.0.0.1:1", Capacity("cpu", dtype, memory, 1.0, 2.0), 0, 0
-            )
+            NodeRecord("ab" * 8, dtype, "127.0.0.1:1", Capacity("cpu", dtype, memory, 1.0, 2.0), 0)
         )
         stage = registry.nodes["ab" * 8].assigned
         return 0 if stage is None else stage[1] - stage[0]

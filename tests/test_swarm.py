@@ -101,6 +101,18 @@ def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
         routed = nanoshard("generate", "--coordinator", address, *common)
         assert routed.returncode == 0, routed.stderr
         assert json.loads(routed.stdout)["token_ids"] == local["token_ids"]
+
+        # --swarm picks this swarm's coordinator among whatever mDNS sees on the link ...
+        mdns = ["--mdns-interface", "127.0.0.1"]
+        found = nanoshard("generate", "--swarm", swarm_name, *mdns, *common)
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)["token_ids"] == local["token_ids"]
+        # ... and finds none of another swarm: one line, no traceback
+        other = nanoshard("generate", "--swarm", swarm_name + "x", *mdns, *common)
+        assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr
+        assert other.stderr.splitlines()[-1].startswith(
+            f"nanoshard: error: no coordinator of swarm '{swarm_name}x' answered on mDNS"
+        ), other.stderr
         client.close()
 
 

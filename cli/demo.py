@@ -22,8 +22,14 @@ from rich.console import Console
 from rich.table import Table
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.sdk import Client, GenerationResult
+from nanoshard.client.swarm import CoordinatorClient
+from nanoshard.cliutil import COORDINATOR, listening_pattern
 from nanoshard.errors import NanoshardError, Unavailable
 from nanoshard.generation import STOP_NOTES
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+from .statusview import StatusView
 
 LOOPBACK = "127.0.0.1"
 
@@ -83,22 +89,19 @@ class Processes:
                 popen.wait()
 
 
-def wait_for_address(procs: Processes, name: str, marker: str, timeout: float) -> str:
+def wait_for_address(procs: Processes, name: str, who: str, timeout: float) -> str:
+    """The address in ``name``'s listening line (printed by ``who``), once it is there."""
+    pattern = listening_pattern(who)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in procs.log(name).splitlines():
-            if marker in line:
-                return line.rsplit(" ", 1)[-1]
+        if m := pattern.search(procs.log(name)):
+            return m.group(1)
         procs.check()
         time.sleep(0.1)
     raise Unavailable(f"{name} did not start within {timeout:.0f} s")
 
 
 def run_demo(config: DemoConfig, console: Console) -> int:
-    from nanoshard.client.sdk import Client
-    from nanoshard.client.swarm import CoordinatorClient
-    from nanoshard.statusview import status_table
-
     if config.nodes < 1:
         raise NanoshardError("--nodes must be at least 1")
     checkpoint = open_checkpoint(config.model)
@@ -138,7 +141,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
                     "3",
                 ],
             )
-            address = wait_for_address(procs, "coordinator", "listening on", config.timeout)
+            address = wait_for_address(procs, "coordinator", COORDINATOR, config.timeout)
             for i in range(config.nodes):
                 procs.start(
                     f"node{i + 1}",
@@ -165,7 +168,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             coordinator = CoordinatorClient(address)
             with console.status("waiting until every unit is served…"):
                 status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
-            console.print(status_table(status))
+            console.print(StatusView(status))
 
             console.rule("generation")
             console.print(config.prompt, end="", style="bold")
@@ -189,7 +192,9 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             console.print("[dim]all demo processes stopped[/]")
 
 
-def wait_for_coverage(coordinator, procs: Processes, nodes: int, timeout: float):  # type: ignore[no-untyped-def]
+def wait_for_coverage(
+    coordinator: CoordinatorClient, procs: Processes, nodes: int, timeout: float
+) -> cpb.SwarmStatus:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         procs.check()
@@ -202,7 +207,7 @@ def wait_for_coverage(coordinator, procs: Processes, nodes: int, timeout: float)
     raise Unavailable(f"the swarm did not cover every unit within {timeout:.0f} s")
 
 
-def print_hops(console: Console, result) -> None:  # type: ignore[no-untyped-def]
+def print_hops(console: Console, result: GenerationResult) -> None:
     table = Table(title="who ran what (all steps)")
     for col in ("node", "units", "steps", "compute ms", "queue ms", "transfer ms", "bytes out"):
         table.add_column(col, justify="left" if col in ("node", "units") else "right")

@@ -1,5 +1,8 @@
 """``nanoshard``: run a swarm's coordinator, see its status, generate text, run the demo.
 
+The parser (every flag) and the small commands; ``generate`` is in generate.py, the demo in
+demo.py, the status tables in statusview.py.
+
 nanoshard coordinator --model demo
 nanoshard status
 nanoshard generate "ROMEO:"                           # through the swarm (found by mDNS)
@@ -13,25 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import tiktoken
-
-from nanoshard.checkpoint import open_checkpoint
-from nanoshard.client.checks import DEFAULT_CHECK_RATE, CheckResult
-from nanoshard.client.sdk import Client, GenerationResult, Token
-from nanoshard.cliutil import run_cli, setup_logging
+from nanoshard.client.checks import DEFAULT_CHECK_RATE
+from nanoshard.cliutil import COORDINATOR, listening_line, run_cli, setup_logging
 from nanoshard.coordinator.server import CoordinatorConfig
-from nanoshard.demo import DemoConfig, run_demo
-from nanoshard.engine import parse_dtype, pick_device
+from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
-from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
-from nanoshard.sampling import SamplingParams
-from nanoshard.security import add_security_args, read_key, security_from_args
-from nanoshard.tokenizer import encoding_for
+from nanoshard.security import add_security_args, security_from_args
+
+from .demo import DemoConfig, run_demo
+from .generate import cmd_generate
 
 CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values), int8-64"
 
@@ -71,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_CHECK_RATE}; 0 = off)",
     )
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
-    g.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="--local"
-    )
+    g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="--local: weights dtype")
     add_mdns_options(g)
     add_security_args(g, server=False)
 
@@ -144,143 +138,15 @@ def add_mdns_options(p: argparse.ArgumentParser, advertise: bool = False) -> Non
         p.add_argument("--swarm", default=None, help="with mDNS: only a coordinator of this swarm")
 
 
-def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
-    ids = enc.encode(prompt, allowed_special="all")
-    if not ids and "<|endoftext|>" in enc.special_tokens_set:
-        ids = [enc.eot_token]  # GPT-2 starts an unconditioned text at <|endoftext|>
-    return ids
-
-
-def generate_locally(
-    args: argparse.Namespace, on_token: Callable[[Token], object] | None
-) -> GenerationResult:
-    """The reference path: the whole model in this process, the same loop as the swarm's."""
-    checkpoint = open_checkpoint(args.model)
-    config = checkpoint.config
-    enc = encoding_for(checkpoint.path)
-    ids = prompt_ids(enc, args.prompt)
-    check_prompt(ids, config.vocab_size, config.block_size)
-    stage = checkpoint.load_stage(
-        0, config.n_units, parse_dtype(args.dtype), pick_device(args.device)
-    )
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    session = LocalSession(
-        stage, params, max_length_for(len(ids), args.max_new_tokens, config.block_size)
-    )
-    eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
-    pending: list[int] = []
-
-    def each_token(token: int) -> None:
-        if on_token is not None:
-            pending.append(token)
-            text = enc.decode(pending, errors="replace")
-            if not text.endswith("\ufffd"):
-                pending.clear()
-                on_token(Token(token, text))
-
-    gen = generate(
-        session,
-        ids,
-        args.max_new_tokens,
-        block_size=config.block_size,
-        eot_id=eot,
-        on_token=each_token,
-    )
-    return GenerationResult(
-        text=enc.decode(gen.token_ids, errors="replace"),
-        token_ids=gen.token_ids,
-        prompt_token_ids=gen.prompt_token_ids,
-        stop_reason=gen.stop_reason,
-        ttft_ms=gen.prefill_ms,
-        token_ms=gen.decode_ms,
-    )
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    started = False
-
-    def show(token: Token) -> None:
-        nonlocal started
-        if not started:  # the prompt, once the request is known to be good
-            sys.stdout.write(args.prompt)
-            started = True
-        sys.stdout.write(token.text)
-        sys.stdout.flush()
-
-    on_token = None if args.json else show
-    checks: list[CheckResult] = []
-    if args.local:
-        result = generate_locally(args, on_token)
-    else:
-        route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
-        if args.route is not None and not route:
-            raise InvalidArgument("--route needs at least one HOST:PORT")
-        with Client(
-            args.coordinator,
-            route=route,
-            model=args.model,
-            mdns_interfaces=args.mdns_interfaces,
-            codec=args.codec,
-            swarm_key=read_key(args.swarm_key, args.swarm_key_file),
-            tls_ca=args.tls_ca,
-            check_rate=args.check_rate,
-        ) as client:
-            result = client.generate(
-                args.prompt,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                on_token=on_token,
+def check_swarm_flag(args: argparse.Namespace) -> None:
+    """``--swarm`` picks among the coordinators mDNS finds: with an address (or none needed)
+    it would be silently ignored, so say so."""
+    if args.command in ("generate", "status") and args.swarm:
+        given = [f for f in ("coordinator", "route", "local") if getattr(args, f, None)]
+        if given:
+            raise InvalidArgument(
+                f"--swarm chooses a coordinator found by mDNS; drop it with --{given[0]}"
             )
-            checks = client.wait_for_checks()
-    report(result, args, with_hops=not args.local, checks=checks)
-    return 0
-
-
-def report(
-    result: GenerationResult,
-    args: argparse.Namespace,
-    with_hops: bool,
-    checks: list[CheckResult],
-) -> None:
-    out = result.to_dict()
-    if not with_hops:
-        del out["hops"]
-    else:
-        out["checks"] = [c.to_dict() for c in checks]
-    if args.json:
-        print(json.dumps(out))
-        return
-    sys.stdout.write("\n")
-    mean = out["timings"]["decode_ms_mean"]
-    print(
-        f"[{len(result.token_ids)} tokens, {STOP_NOTES.get(result.stop_reason, result.stop_reason)}; "
-        f"prefill {result.ttft_ms:.1f} ms"
-        + (f", decode {mean:.1f} ms/token]" if mean is not None else "]"),
-        file=sys.stderr,
-    )
-    for r in result.recoveries:
-        print(
-            f"  recovered at position {r.pos}: {r.kind} ({r.detail}), {r.ms:.0f} ms",
-            file=sys.stderr,
-        )
-    for c in checks:
-        verdict = "agree" if c.agree else "DISAGREE"
-        distances = ", ".join(f"{a} {d:.2g}" for a, d in c.distances.items())
-        print(
-            f"  spot-check of {c.checked}, units [{c.start}, {c.end}) at position {c.pos}: "
-            f"{verdict} ({distances}; tolerance {c.tolerance:.2g})",
-            file=sys.stderr,
-        )
-    for row in out.get("hops", []):
-        print(
-            f"  {row['node']} units [{row['units'][0]}, {row['units'][1]}): compute "
-            f"{row['compute_ms']:.1f} ms, queue {row['queue_ms']:.1f} ms, transfer "
-            f"{row['transfer_ms']:.1f} ms, {row['bytes_out']} bytes out ({row['codec']})",
-            file=sys.stderr,
-        )
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -302,7 +168,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise InvalidArgument("--replicas must be at least 1")
 
     def ready(address: str) -> None:
-        print(f"nanoshard coordinator: listening on {address}", flush=True)
+        print(listening_line(COORDINATOR, address), flush=True)
 
     asyncio.run(serve(config, ready))
     return 0
@@ -328,7 +194,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from nanoshard.client.swarm import CoordinatorClient, find_coordinator
-    from nanoshard.statusview import status_json, status_table
+    from nanoshard.statusview import status_json
+
+    from .statusview import StatusView
 
     security = security_from_args(args)
     address = find_coordinator(
@@ -343,12 +211,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     if not args.watch:
-        console.print(status_table(coordinator.status()))
+        console.print(StatusView(coordinator.status()))
         return 0
-    with Live(status_table(coordinator.status()), console=console, refresh_per_second=1) as live:
+    with Live(StatusView(coordinator.status()), console=console, refresh_per_second=1) as live:
         while True:
             time.sleep(2)
-            live.update(status_table(coordinator.status()))
+            live.update(StatusView(coordinator.status()))
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -371,8 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         "demo": cmd_demo,
         "certs": cmd_certs,
     }
-    run_cli("nanoshard", lambda: commands[args.command](args))
 
+    def run() -> int:
+        check_swarm_flag(args)
+        return commands[args.command](args)
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli("nanoshard", run)

@@ -1,0 +1,160 @@
+"""``nanoshard generate``: through the swarm, along a fixed route, or in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import tiktoken
+
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.checks import CheckResult
+from nanoshard.client.sdk import Client, GenerationResult, Token
+from nanoshard.engine import parse_dtype, pick_device
+from nanoshard.errors import InvalidArgument
+from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
+from nanoshard.sampling import SamplingParams
+from nanoshard.security import read_key
+from nanoshard.tokenizer import encoding_for
+
+
+def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
+    ids = enc.encode(prompt, allowed_special="all")
+    if not ids and "<|endoftext|>" in enc.special_tokens_set:
+        ids = [enc.eot_token]  # GPT-2 starts an unconditioned text at <|endoftext|>
+    return ids
+
+
+def generate_locally(
+    args: argparse.Namespace, on_token: Callable[[Token], object] | None
+) -> GenerationResult:
+    """The reference path: the whole model in this process, the same loop as the swarm's."""
+    checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
+    enc = encoding_for(checkpoint.path)
+    ids = prompt_ids(enc, args.prompt)
+    check_prompt(ids, config.vocab_size, config.block_size)
+    stage = checkpoint.load_stage(
+        0, config.n_units, parse_dtype(args.dtype), pick_device(args.device)
+    )
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    session = LocalSession(
+        stage, params, max_length_for(len(ids), args.max_new_tokens, config.block_size)
+    )
+    eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
+    pending: list[int] = []
+
+    def each_token(token: int) -> None:
+        if on_token is not None:
+            pending.append(token)
+            text = enc.decode(pending, errors="replace")
+            if not text.endswith("\ufffd"):
+                pending.clear()
+                on_token(Token(token, text))
+
+    gen = generate(
+        session,
+        ids,
+        args.max_new_tokens,
+        block_size=config.block_size,
+        eot_id=eot,
+        on_token=each_token,
+    )
+    return GenerationResult(
+        text=enc.decode(gen.token_ids, errors="replace"),
+        token_ids=gen.token_ids,
+        prompt_token_ids=gen.prompt_token_ids,
+        stop_reason=gen.stop_reason,
+        ttft_ms=gen.prefill_ms,
+        token_ms=gen.decode_ms,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    started = False
+
+    def show(token: Token) -> None:
+        nonlocal started
+        if not started:  # the prompt, once the request is known to be good
+            sys.stdout.write(args.prompt)
+            started = True
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+
+    on_token = None if args.json else show
+    checks: list[CheckResult] = []
+    if args.local:
+        result = generate_locally(args, on_token)
+    else:
+        route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+        if args.route is not None and not route:
+            raise InvalidArgument("--route needs at least one HOST:PORT")
+        with Client(
+            args.coordinator,
+            route=route,
+            model=args.model,
+            mdns_interfaces=args.mdns_interfaces,
+            swarm=args.swarm,
+            codec=args.codec,
+            swarm_key=read_key(args.swarm_key, args.swarm_key_file),
+            tls_ca=args.tls_ca,
+            check_rate=args.check_rate,
+        ) as client:
+            result = client.generate(
+                args.prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                on_token=on_token,
+            )
+            checks = client.wait_for_checks()
+    report(result, args, with_hops=not args.local, checks=checks)
+    return 0
+
+
+def report(
+    result: GenerationResult,
+    args: argparse.Namespace,
+    with_hops: bool,
+    checks: list[CheckResult],
+) -> None:
+    out = result.to_dict()
+    if not with_hops:
+        del out["hops"]
+    else:
+        out["checks"] = [c.to_dict() for c in checks]
+    if args.json:
+        print(json.dumps(out))
+        return
+    sys.stdout.write("\n")
+    mean = out["timings"]["decode_ms_mean"]
+    print(
+        f"[{len(result.token_ids)} tokens, {STOP_NOTES.get(result.stop_reason, result.stop_reason)}; "
+        f"prefill {result.ttft_ms:.1f} ms"
+        + (f", decode {mean:.1f} ms/token]" if mean is not None else "]"),
+        file=sys.stderr,
+    )
+    for r in result.recoveries:
+        print(
+            f"  recovered at position {r.pos}: {r.kind} ({r.detail}), {r.ms:.0f} ms",
+            file=sys.stderr,
+        )
+    for c in checks:
+        verdict = "agree" if c.agree else "DISAGREE"
+        distances = ", ".join(f"{a} {d:.2g}" for a, d in c.distances.items())
+        print(
+            f"  spot-check of {c.checked}, units [{c.start}, {c.end}) at position {c.pos}: "
+            f"{verdict} ({distances}; tolerance {c.tolerance:.2g})",
+            file=sys.stderr,
+        )
+    for row in out.get("hops", []):
+        print(
+            f"  {row['node']} units [{row['units'][0]}, {row['units'][1]}): compute "
+            f"{row['compute_ms']:.1f} ms, queue {row['queue_ms']:.1f} ms, transfer "
+            f"{row['transfer_ms']:.1f} ms, {row['bytes_out']} bytes out ({row['codec']})",
+            file=sys.stderr,
+        )

@@ -1,0 +1,173 @@
+"""``nanoshard status``: the swarm for the terminal (the JSON form is
+:func:`nanoshard.statusview.status_json`).
+
+The layout follows the terminal's width: one row per node with a column per figure when
+that fits, else two lines per node with the figures paired (an 80-column terminal), so
+names, addresses and devices always show whole. Coverage is a column per unit when that
+fits, else runs of units with the same number of replicas.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+
+class StatusView:
+    """A SwarmStatus as rich renderables, laid out for the width it is drawn at."""
+
+    def __init__(self, status: cpb.SwarmStatus) -> None:
+        self.status = status
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        s = self.status
+        yield Text(
+            f"swarm {s.swarm!r} · model {s.model_name} ({s.model_id[:12]}…) · "
+            f"placement v{s.placement_version}",
+            style="italic",
+        )
+        wide = _nodes_wide(s)
+        yield wide if _fits(wide, console, options) else _nodes_narrow(s)
+        units = _coverage_table(s)
+        yield units if _fits(units, console, options) else _coverage_runs(s)
+        gaps = sum(1 for u in s.units if u.replicas == 0)
+        yield Text(
+            f"{len(s.nodes)} nodes · estimated {s.tokens_per_s:.1f} tokens/s per session · "
+            + (f"{gaps} units uncovered" if gaps else "every unit covered"),
+            style="bold red" if gaps else "bold",
+        )
+        for n in s.nodes:
+            if n.excluded:
+                yield Text(f"excluded {n.name} ({n.address}): {n.excluded}", style="red")
+
+
+def _fits(table: Table, console: Console, options: ConsoleOptions) -> bool:
+    """Whether ``table`` shows every cell unwrapped at this width (measured unbounded: a
+    measurement is clamped to the width it is given)."""
+    natural = Measurement.get(console, options.update_width(1 << 16), table).maximum
+    return natural <= options.max_width
+
+
+def _add_row(table: Table, *cells: str | Text) -> None:
+    """A row of plain text: names and addresses come from the swarm, and rich would read
+    ``[fd00::1]:7961`` or ``[bold]`` in them as markup."""
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _stage(n: cpb.NodeStatus) -> str:
+    a = n.assignment
+    if a.idle:
+        return "idle"
+    stage = f"[{a.start},{a.end})"
+    return stage if (n.ready_start, n.ready_end) == (a.start, a.end) else stage + " loading"
+
+
+def _health(n: cpb.NodeStatus) -> Text:
+    if n.excluded:
+        return Text("EXCLUDED", style="bold red")
+    return Text("ok", style="green") if n.healthy else Text("DOWN", style="bold red")
+
+
+def _checks(n: cpb.NodeStatus) -> Text:
+    return Text(f"{n.checks_passed}/{n.checks_failed}", style="yellow" if n.checks_failed else "")
+
+
+def _nodes_wide(s: cpb.SwarmStatus) -> Table:
+    table = Table()
+    for col, justify in (
+        ("name", "left"),
+        ("address", "left"),
+        ("device", "left"),
+        ("memory", "right"),
+        ("block", "right"),
+        ("stage", "left"),
+        ("sessions", "right"),
+        ("load", "right"),
+        ("heartbeat", "right"),
+        ("checks", "right"),
+        ("health", "left"),
+    ):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for n in s.nodes:
+        _add_row(
+            table,
+            n.name,
+            n.address,
+            f"{n.capacity.device}/{n.capacity.dtype}",
+            _gib(n.capacity.memory_bytes),
+            f"{n.capacity.block_ms:.2f}ms",
+            _stage(n),
+            str(n.load.sessions),
+            f"q{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
+            f"{n.last_heartbeat_s:.1f}s",
+            _checks(n),
+            _health(n),
+        )
+    return table
+
+
+def _nodes_narrow(s: cpb.SwarmStatus) -> Table:
+    """Two lines per node: name over address, device over memory and block time, and so on."""
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("node\naddress", overflow="fold")
+    table.add_column("device\nmemory, block", overflow="fold")
+    table.add_column("stage")
+    table.add_column("sessions\nload", justify="right")
+    table.add_column("health\nbeat, checks")
+    for n in s.nodes:
+        checks = _checks(n)
+        _add_row(
+            table,
+            Text(n.name, style="bold") + "\n" + n.address,
+            f"{n.capacity.device}/{n.capacity.dtype}\n"
+            f"{_gib(n.capacity.memory_bytes)}, {n.capacity.block_ms:.2f}ms",
+            _stage(n).replace(" ", "\n"),
+            f"{n.load.sessions}\nq{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
+            _health(n) + "\n" + f"{n.last_heartbeat_s:.1f}s, " + checks,
+        )
+    return table
+
+
+def _replicas_style(replicas: int, target: int) -> str:
+    return "bold red" if replicas == 0 else ("yellow" if replicas < target else "green")
+
+
+def _coverage_table(s: cpb.SwarmStatus) -> Table:
+    table = Table(title="coverage (replicas per unit)", title_justify="left")
+    for u in s.units:
+        table.add_column(Text(u.name.replace("block ", "b")), justify="center", no_wrap=True)
+    table.add_row(
+        *(
+            Text(
+                str(u.replicas) if u.replicas else "GAP",
+                _replicas_style(u.replicas, s.replicas_target),
+            )
+            for u in s.units
+        )
+    )
+    return table
+
+
+def _coverage_runs(s: cpb.SwarmStatus) -> Text:
+    """Coverage as runs of units with the same number of replicas: ``embed–b3 2, b4–head 1``."""
+    text = Text("coverage (replicas): ")
+    runs = [list(run) for _, run in groupby(s.units, key=lambda u: u.replicas)]
+    for i, run in enumerate(runs):
+        first, last = run[0].name.replace("block ", "b"), run[-1].name.replace("block ", "b")
+        count = run[0].replicas
+        text.append(first if first == last else f"{first}–{last}")
+        text.append(f" {count}" if count else " GAP", _replicas_style(count, s.replicas_target))
+        if i < len(runs) - 1:
+            text.append(", ")
+    return text

@@ -1,0 +1,129 @@
+"""The ``nanoshard`` command's own behaviour: the status view at any terminal width, and
+flags that would be silently ignored."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from nanoshard.cli import main
+from nanoshard.cli.statusview import StatusView
+from nanoshard.config import GPTConfig, unit_name
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+GPT2 = GPTConfig(n_layer=12, n_head=12, n_embd=768)
+NODES = [  # (name, address, device, dtype): the second is still loading, the third excluded
+    ("alice-laptop", "192.168.178.23:50051", "cuda:0", "bf16"),
+    ("node-7f3a9c21", "[fd00::1a2b:3c4d]:7961", "cpu", "fp32"),
+    ("bob-workstation", "10.0.0.7:7961", "mps", "int8"),
+]
+
+
+def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
+    """Three nodes assigned [0, 5), [5, n) and [0, n) of ``config``'s units."""
+    n = config.n_units
+    stages = [(0, 5), (5, n), (0, n)]
+    nodes = []
+    for i, ((name, address, device, dtype), (start, end)) in enumerate(
+        zip(NODES, stages, strict=True)
+    ):
+        nodes.append(
+            cpb.NodeStatus(
+                node_id=f"{i:016x}",
+                name=name,
+                address=address,
+                capacity=cpb.Capacity(
+                    device=device, dtype=dtype, memory_bytes=(i + 1) * 3 << 30, block_ms=2.125
+                ),
+                assignment=cpb.Assignment(start=start, end=end),
+                ready=i != 1,
+                ready_start=start if i != 1 else 0,
+                ready_end=end if i != 1 else 0,
+                load=cpb.NodeLoad(sessions=12, queue_length=3, step_ms_p50=41.25),
+                last_heartbeat_s=1.5,
+                healthy=i != 1,
+                checks_passed=120,
+                checks_failed=i,
+                excluded="disagreed 3 times" if i == 2 else "",
+            )
+        )
+    served = [0] * n
+    for start, end in stages[::2]:  # node 1 is still loading
+        for u in range(start, end):
+            served[u] += 1
+    return cpb.SwarmStatus(
+        swarm="lab",
+        model_id="ab" * 32,
+        model_name="gpt2",
+        n_units=config.n_units,
+        nodes=nodes,
+        units=[
+            cpb.UnitCoverage(unit=u, name=unit_name(config, u), replicas=served[u])
+            for u in range(config.n_units)
+        ],
+        tokens_per_s=21.5,
+        replicas_target=2,
+        placement_version=7,
+    )
+
+
+def render(status: cpb.SwarmStatus, width: int) -> str:
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    console.print(StatusView(status))
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: int) -> None:
+    out = render(swarm_status(), width)
+    assert max(len(line) for line in out.splitlines()) <= width
+    for name, address, device, dtype in NODES:
+        for whole in (name, address, f"{device}/{dtype}"):
+            assert whole in out, (whole, out)
+    for figure in ("1.5s", "2.12ms", "q3 41.2ms", "120/1", "EXCLUDED", "DOWN", "loading"):
+        assert figure in out, (figure, out)
+    assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
+
+
+def test_a_wide_terminal_gets_one_row_per_node() -> None:
+    wide = render(swarm_status(), 200)
+    rows = [line for line in wide.splitlines() if "alice-laptop" in line]
+    assert len(rows) == 1 and "192.168.178.23:50051" in rows[0] and "cuda:0/bf16" in rows[0]
+    assert "heartbeat" in wide
+
+
+def test_an_80_column_terminal_gets_two_lines_per_node() -> None:
+    narrow = render(swarm_status(), 80)
+    lines = narrow.splitlines()
+    at = next(i for i, line in enumerate(lines) if "alice-laptop" in line)
+    assert "cuda:0/bf16" in lines[at] and "192.168.178.23:50051" in lines[at + 1]
+
+
+def test_coverage_of_a_long_model_is_runs_of_units() -> None:
+    xl = GPTConfig(n_layer=48, n_head=25, n_embd=1600)  # 50 units: no column each at 80
+    out = render(swarm_status(xl), 80)
+    assert "┃ b47" not in out
+    assert "coverage (replicas): embed–b3 2, b4–head 1" in " ".join(out.split())
+
+
+def test_names_from_the_swarm_are_not_read_as_markup() -> None:
+    status = swarm_status()
+    status.nodes[0].name = "[bold]mallory[/bold]"
+    for width in (80, 200):
+        assert "[bold]mallory[/bold]" in render(status, width)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--local"], ["--route", "127.0.0.1:1"], ["--coordinator", "127.0.0.1:1"]]
+)
+def test_swarm_with_an_address_is_refused_in_one_line(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--swarm", "lab", *flags, "hi"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (
+        f"nanoshard: error: --swarm chooses a coordinator found by mDNS; drop it with {flags[0]}\n"
+    )

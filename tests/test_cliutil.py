@@ -1,0 +1,42 @@
+"""What both command-line tools share: the backoff schedule, the "listening on" line, sizes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from nanoshard.backoff import backoff_delays
+from nanoshard.cliutil import COORDINATOR, NODE, listening_line, listening_pattern, parse_size
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap_and_stays_there() -> None:
+    assert list(itertools.islice(backoff_delays(0.5, 10.0), 8)) == [
+        0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0,
+    ]  # fmt: skip
+    assert list(itertools.islice(backoff_delays(3.0, 2.0), 3)) == [3.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:7960", "[::1]:50051", "10.0.0.7:1"])
+def test_the_listening_line_is_found_by_its_pattern(address: str) -> None:
+    for who in (COORDINATOR, NODE):
+        output = f"some log line\n{listening_line(who, address)}\nanother line"
+        assert listening_pattern(who).search(output).group(1) == address  # type: ignore[union-attr]
+        assert listening_pattern().search(output).group(1) == address  # type: ignore[union-attr]
+    node_only = listening_line(NODE, address)
+    assert listening_pattern(COORDINATOR).search(node_only) is None
+    assert listening_pattern(NODE).search(listening_line(COORDINATOR, address)) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("1000000", 10**6), ("4 kb", 4096)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "2X", "-1G", "1.2.3"])
+def test_not_a_size(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
