@@ -40,9 +40,9 @@ def test_many_clients_at_once_all_finish() -> None:
 
 
 def test_volunteers_killed_every_five_seconds_cost_no_token() -> None:
-    result = chaos.run("nodes", seconds=20)
+    result = chaos.run("nodes", seconds=20, min_kills=3)
     assert result["errors"] == [], result
-    assert len(result["events"]) >= 3  # nodes really were killed along the way
+    assert len(result["events"]) >= 3  # nodes really were killed (and started again) along the way
     assert result["completed"] == result["generations"] > 0
     assert result["equal_to_fault_free"] == result["generations"], result
 
