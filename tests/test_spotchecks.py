@@ -62,7 +62,9 @@ def test_fault_switch_is_strict() -> None:
     assert fault is not None and fault.scale == 0.5
     y = torch.randn(2, 16)
     assert 0.3 < distance(y, fault(y)) < 0.7
-    for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1"):
+    delay = fault_from_env("delay:0.25")
+    assert delay is not None and delay.seconds == 0.25 and torch.equal(delay(y), y)
+    for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61"):
         with pytest.raises(InvalidArgument):
             fault_from_env(bad)
 
