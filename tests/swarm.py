@@ -55,13 +55,6 @@ def settled(status: dict[str, Any], nodes: int | None = None, replicas: int = 1)
     return status
 
 
-def route_with_replicas(coordinator: Any, replicas: int = 2) -> Any:
-    """The route the coordinator gives a client now (``coordinator``: a CoordinatorClient)
-    if every hop of it lists at least ``replicas`` addresses, else None."""
-    route = coordinator.route()
-    return route if all(len(h.addresses) >= replicas for h in route.hops) else None
-
-
 class Proc:
     """A child process whose stdout we scan for its address; stopped by PID."""
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from swarm import Proc, Swarm, route_with_replicas, settled, wait_until
+from swarm import Proc, Swarm, settled, wait_until
 from test_swarm import HEARTBEAT, demo_bytes
 
 from nanoshard import AsyncClient, Client
@@ -22,6 +22,7 @@ from nanoshard.statusview import status_json
 pytestmark = pytest.mark.slow
 
 DATA_PLANE = re.compile(r"data plane on (\S+)")
+HEARTBEAT_S = float(HEARTBEAT[HEARTBEAT.index("--heartbeat-interval") + 1])
 PROMPT = "KING HENRY:\n"
 
 
@@ -54,21 +55,32 @@ class FourNodes:
         )
         self.nodes[proc.wait_for(DATA_PLANE).group(1)] = proc
 
-    def ready(self, hop_replicas: int = 1) -> Route:
+    def ready(self, hop_replicas: int = 1, steady_s: float = 0.0) -> Route:
         """Wait until the four nodes are at rest (each serving the stage placement gave it,
         none still loading), every unit has two of them, and the route a client gets now
-        lists ``hop_replicas`` addresses for every hop; return that route."""
+        lists ``hop_replicas`` addresses for every hop; return that route.
+
+        With ``steady_s``, also until the inputs of routing (what each node serves, its
+        open sessions and queue, as heartbeats report them) and the route have not changed
+        for that long: the route a session opened next will get is then this one."""
         coordinator = CoordinatorClient(self.address)
+        seen: list = [None, 0.0]  # the last state, and since when it holds
 
         def whole() -> Route:
             status = status_json(coordinator.status())
             stages = [(n["name"], n["stage"], n["serving"], n["healthy"]) for n in status["nodes"]]
             if not settled(status, nodes=4, replicas=2):
                 raise AssertionError(f"not at rest: (name, stage, serving, healthy) {stages}")
-            route = route_with_replicas(coordinator, hop_replicas)
-            if route is None:
-                hops = [(h.start, h.end, list(h.addresses)) for h in coordinator.route().hops]
+            route = coordinator.route()
+            hops = [(h.start, h.end, tuple(h.addresses)) for h in route.hops]
+            if not all(len(addresses) >= hop_replicas for _, _, addresses in hops):
                 raise AssertionError(f"a hop with fewer addresses: {hops}; stages {stages}")
+            loads = sorted((n["address"], n["sessions"], n["queue"]) for n in status["nodes"])
+            state, now = (stages, loads, hops), time.monotonic()
+            if state != seen[0]:
+                seen[:] = [state, now]
+            if now - seen[1] < steady_s:
+                raise AssertionError(f"changed within {steady_s} s: {state}")
             return route
 
         what = f"four nodes at rest and {hop_replicas} addresses for every hop of the route"
@@ -93,13 +105,16 @@ def four(tmp_path_factory: pytest.TempPathFactory):
     ],
 )
 def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling: dict) -> None:
-    route = four.ready(hop_replicas=2)
+    four.ready()
     with Client(four.address) as client:
         reference = client.generate(PROMPT, 200, **sampling)
         assert len(reference.token_ids) >= 100
+        # The route the next session gets (routing weighs each node's open sessions, so it
+        # waits until the reference's are gone from the heartbeats) has two addresses for
+        # every hop ...
+        route = four.ready(hop_replicas=2, steady_s=2 * HEARTBEAT_S)
         with client.session(**sampling) as chat:
-            # The first token shows which nodes this session's route runs on: the victim is
-            # one of those, on a route with a replica for every hop (checked just above).
+            # ... and the first token shows the nodes this session runs on: the victim is one.
             first = chat.generate(PROMPT, 1)
             served = list(dict.fromkeys((h["address"], tuple(h["units"])) for h in first.steps[0]))
             assert [units for _, units in served] == [(h.start, h.end) for h in route.hops]
