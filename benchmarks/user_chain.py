@@ -47,10 +47,11 @@ from common import (
 )
 
 from nanoshard.client.swarm import CoordinatorClient
-from nanoshard.cliutil import parse_listening
+from nanoshard.cliutil import listening_pattern
 from nanoshard.errors import NanoshardError
 
 BIN = Path(sys.executable).parent
+LISTENING = listening_pattern()
 HF_RUN = """
 import sys, torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
@@ -79,9 +80,8 @@ class Swarm:
         deadline = time.monotonic() + timeout_s
         log = self.logs / f"{name}.log"
         while time.monotonic() < deadline:
-            for line in log.read_text().splitlines():
-                if address := parse_listening(line):
-                    return address
+            if found := LISTENING.search(log.read_text()):
+                return found.group(1)
             time.sleep(0.1)
         raise TimeoutError(f"{name} did not start:\n{log.read_text()}")
 

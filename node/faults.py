@@ -1,12 +1,16 @@
-"""A test-only fault switch: a node that lies. ``NANOSHARD_FAULT=perturb:SCALE`` makes the
-node add Gaussian noise of SCALE times each output row's RMS to everything it computes
-(activations it sends, logits it samples from, outputs it returns to a spot-check), the way
-broken hardware or a tampered build would. Tests and soak runs use it to show that
-spot-checks find such a node; nothing else should set it."""
+"""A test-only fault switch: a node that lies, or one that is slow.
+``NANOSHARD_FAULT=perturb:SCALE`` makes the node add Gaussian noise of SCALE times each
+output row's RMS to everything it computes (activations it sends, logits it samples from,
+outputs it returns to a spot-check), the way broken hardware or a tampered build would.
+Tests and soak runs use it to show that spot-checks find such a node.
+``NANOSHARD_FAULT=delay:SECONDS`` makes every step hold the node's compute worker that much
+longer (outputs unchanged), so a test can fill the node's queue without betting on timing.
+Nothing else should set it."""
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +30,30 @@ class Fault:
         return (y.float() + noise).to(y.dtype)
 
 
-def fault_from_env(value: str | None = None) -> Fault | None:
+@dataclass(frozen=True)
+class Delay:
+    seconds: float  # added to every step, on the compute worker
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return y
+
+
+def fault_from_env(value: str | None = None) -> Fault | Delay | None:
     """The fault ``$NANOSHARD_FAULT`` asks for, or None (the normal case)."""
     value = os.environ.get(ENV, "") if value is None else value
     if not value:
         return None
     kind, _, arg = value.partition(":")
     try:
-        scale = float(arg)
+        number = float(arg)
     except ValueError:
-        scale = -1.0
-    if kind != "perturb" or not 0 < scale <= 100:
-        raise InvalidArgument(f"{ENV}={value!r}: expected perturb:SCALE with 0 < SCALE <= 100")
-    return Fault(scale)
+        number = -1.0
+    if kind == "perturb" and 0 < number <= 100:
+        return Fault(number)
+    if kind == "delay" and 0 < number <= 60:
+        return Delay(number)
+    raise InvalidArgument(
+        f"{ENV}={value!r}: expected perturb:SCALE with 0 < SCALE <= 100, "
+        "or delay:SECONDS with 0 < SECONDS <= 60"
+    )

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from nanoshard.cliutil import COORDINATOR as COORDINATOR_NAME
 from nanoshard.cliutil import listening_pattern
@@ -17,6 +19,43 @@ from nanoshard.cliutil import listening_pattern
 BIN = Path(sys.executable).parent
 LISTENING = listening_pattern()  # any server's "listening on" line
 COORDINATOR = listening_pattern(COORDINATOR_NAME)
+T = TypeVar("T")
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float = 60.0, every: float = 0.3) -> T:
+    """Poll ``check`` until it returns something true, and return that. A test waits here
+    on exactly the condition it then asserts (never on a sleep, never on a weaker sign such
+    as "listening"); a check that raises counts as not yet (the swarm is still forming).
+    Fails after ``timeout`` seconds naming ``what`` and the last answer."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = check()
+            if last:
+                return last  # type: ignore[return-value]
+        except Exception as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(every)
+
+
+def settled(status: dict[str, Any], nodes: int | None = None, replicas: int = 1) -> dict | None:
+    """``status`` (``status_json``'s form) if the swarm is at rest: ``nodes`` nodes (any
+    number if None), each healthy and serving the stage placement gave it (none is still
+    loading a new one, so routes will not change under the test), and every unit served by
+    at least ``replicas`` of them; otherwise None."""
+    members = status["nodes"]
+    if nodes is not None and len(members) != nodes:
+        return None
+    if not all(n["healthy"] and n["serving"] == n["stage"] for n in members):
+        return None
+    if not all(u["replicas"] >= replicas for u in status["units"]):
+        return None
+    return status
 
 
 class Proc:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from swarm import Swarm, nanoshard
-from test_swarm import HEARTBEAT, covered, wait_until
+from swarm import Swarm, nanoshard, wait_until
+from test_swarm import HEARTBEAT, covered
 
 from nanoshard import Client
 from nanoshard.client.swarm import CoordinatorClient

@@ -94,10 +94,15 @@ def test_worker_batches_queued_decode_steps(tiny_config, tiny_weights) -> None:
 
     async def main() -> tuple[list, list, object, object]:
         worker = ComputeWorker(max_batch=16)
-        gate = threading.Event()
+        gate, busy = threading.Event(), threading.Event()
+
+        def block() -> None:
+            busy.set()
+            assert gate.wait(timeout=30)
+
         try:
-            blocker = asyncio.ensure_future(worker.run(gate.wait))  # the worker is busy ...
-            await asyncio.sleep(0.05)
+            blocker = asyncio.ensure_future(worker.run(block))  # the worker is busy ...
+            assert await asyncio.to_thread(busy.wait, 30)
             steps = [
                 worker.run(step_for(full, caches[b], p, ids[b : b + 1]))
                 for b, p in enumerate(lengths)
@@ -107,7 +112,11 @@ def test_worker_batches_queued_decode_steps(tiny_config, tiny_weights) -> None:
             bad = StageStep(full, full.new_cache(32), 0, 1, broken, lambda y: y)
             steps.append(worker.run(bad))
             tasks = [asyncio.ensure_future(s) for s in steps]
-            await asyncio.sleep(0.05)
+            for _ in range(10_000):  # each task queues its job when it starts
+                if worker.queue_length == len(steps):
+                    break
+                await asyncio.sleep(0.001)
+            assert worker.queue_length == len(steps), worker.queue_length
             gate.set()  # ... while everything queues up behind it
             await blocker
             done = await asyncio.gather(*tasks, return_exceptions=True)

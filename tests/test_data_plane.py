@@ -6,13 +6,12 @@ import json
 import secrets
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from routes import RouteSession, fixed_session
-from swarm import Swarm, nanoshard
+from swarm import LISTENING, Swarm, nanoshard, wait_until
 
 from nanoshard import rpc
 from nanoshard.checkpoint import save_hf_checkpoint
@@ -45,7 +44,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_chain(tiny_model: Path):
     with Swarm() as swarm:
-        yield swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"], "--session-ttl", "2")
+        # sessions these tests leave open expire, but never while a test still uses them
+        yield swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"], "--session-ttl", "120")
 
 
 @pytest.fixture(scope="module")
@@ -308,9 +308,15 @@ def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str
 
 
 def test_kv_budget_refuses_at_once_and_memory_returns(tiny_model: Path) -> None:
+    # Two nodes: on the first no session can expire while the test counts (whatever the
+    # machine's speed); on the second one expires by itself (TTL 1 s).
+    budget = ["--kv-memory", "600K"]
     with Swarm() as swarm:
-        _, address = swarm.node(str(tiny_model), "0:6", "--kv-memory", "600K", "--session-ttl", "1")
-        node = stub(address)
+        procs = [
+            swarm.start(Swarm.serve_args(str(tiny_model), "0:6", *budget, "--session-ttl", ttl))
+            for ttl in ("600", "1")
+        ]
+        node, expiring = (stub(p.wait_for(LISTENING).group(1)) for p in procs)
         info = node.Info(pb.InfoRequest(), timeout=30)
         assert info.kv_bytes_used == 0 and info.kv_bytes_budget == 600 * 1024
         opened = []
@@ -325,11 +331,17 @@ def test_kv_budget_refuses_at_once_and_memory_returns(tiny_model: Path) -> None:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in details
         assert node.Close(pb.CloseRequest(session_id=opened[0]), timeout=30).closed
         assert node.Info(pb.InfoRequest(), timeout=30).kv_bytes_used == 262144
-        deadline = time.monotonic() + 10  # the other one expires (TTL 1 s)
-        while node.Info(pb.InfoRequest(), timeout=30).kv_bytes_used and time.monotonic() < deadline:
-            time.sleep(0.2)
-        info = node.Info(pb.InfoRequest(), timeout=30)
-        assert info.kv_bytes_used == 0 and info.sessions == 0
+
+        # an idle session expires after its TTL, and its memory returns
+        for _ in range(2):
+            expiring.Open(pb.OpenRequest(spec=spec(max_length=256)), timeout=30)
+
+        def freed() -> bool:
+            info = expiring.Info(pb.InfoRequest(), timeout=30)
+            return info.kv_bytes_used == 0 and info.sessions == 0
+
+        wait_until("the idle sessions to expire (TTL 1 s)", freed, timeout=15, every=0.2)
+        expiring.Open(pb.OpenRequest(spec=spec(max_length=256)), timeout=30)  # room again
 
 
 def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:

@@ -169,11 +169,11 @@ def test_adverts_seen_updated_and_gone_in_another_process(swarm: str, watcher: L
         )
         assert row["found"]["properties"] == {**node_props, "stage": "1-5", "mem": "123"}
 
-        # Graceful leave: the goodbye reaches the browser, long before any TTL.
+        # Graceful leave: the goodbye reaches the browser, long before any TTL (minutes).
         t0 = time.monotonic()
         node.close()
-        watcher.expect(lambda r: r.get("name") == node_ad.name and r["found"] is None, timeout_s=5)
-        assert time.monotonic() - t0 < 5
+        watcher.expect(lambda r: r.get("name") == node_ad.name and r["found"] is None, timeout_s=15)
+        assert time.monotonic() - t0 < 15
         with pytest.raises(FailedPrecondition):
             node.update({"stage": "0-1"})
     finally:
@@ -200,29 +200,32 @@ def test_find_coordinator_filters_by_swarm_and_protocol(swarm: str) -> None:
     )
     ads = advertise(mine, theirs, future)
     try:
+        # Finds that succeed have a long timeout (they return when found: the assertion is
+        # that they took far less, which holds on a busy machine too); those that cannot
+        # succeed have a short one.
         queries = [
-            {"op": "find", "swarm": swarm, "timeout": 5.0},
-            {"op": "find", "swarm": other, "timeout": 5.0},
+            {"op": "find", "swarm": swarm, "timeout": 30.0},
+            {"op": "find", "swarm": other, "timeout": 30.0},
             {"op": "find", "swarm": old, "timeout": 1.0},
             {"op": "find", "swarm": uuid.uuid4().hex, "timeout": 0.5},
-            {"op": "browse", "swarms": [swarm, other], "want": 2, "timeout": 5.0},
+            {"op": "browse", "swarms": [swarm, other], "want": 2, "timeout": 30.0},
         ]
         out = subprocess.run(
             [sys.executable, "-c", FIND, json.dumps(queries)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         mine_r, theirs_r, future_r, absent_r, both_r = map(json.loads, out.stdout.splitlines())
         assert mine_r["names"] == [mine.name]
-        assert mine_r["seconds"] < 3  # returns as soon as it is found, not at the timeout
+        assert mine_r["seconds"] < 10  # returns as soon as it is found, not at the timeout
         assert theirs_r["names"] == [theirs.name]
         assert future_r["names"] == []
         assert absent_r["names"] == []
-        assert absent_r["seconds"] < 1.5  # a timeout returns promptly
+        assert absent_r["seconds"] < 0.5 + 2.0  # a timeout returns promptly
         assert both_r["names"] == sorted([mine.name, theirs.name])
-        assert both_r["seconds"] < 3
+        assert both_r["seconds"] < 10
     finally:
         for ad in ads:
             ad.close()

@@ -10,15 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-from swarm import Proc, Swarm
-from test_swarm import HEARTBEAT, demo_bytes, wait_until
+from swarm import Proc, Swarm, settled, wait_until
+from test_swarm import HEARTBEAT, demo_bytes
 
 from nanoshard import AsyncClient, Client
+from nanoshard.client.route import Route
+from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.errors import NanoshardError
+from nanoshard.statusview import status_json
 
 pytestmark = pytest.mark.slow
 
 DATA_PLANE = re.compile(r"data plane on (\S+)")
+HEARTBEAT_S = float(HEARTBEAT[HEARTBEAT.index("--heartbeat-interval") + 1])
 PROMPT = "KING HENRY:\n"
 
 
@@ -51,31 +55,45 @@ class FourNodes:
         )
         self.nodes[proc.wait_for(DATA_PLANE).group(1)] = proc
 
-    def ready(self, client: Client) -> None:
-        def whole() -> bool:
-            status = client.status()
-            healthy = [n for n in status["nodes"] if n["healthy"]]
-            return len(healthy) == 4 and all(u["replicas"] >= 2 for u in status["units"])
+    def ready(self, hop_replicas: int = 1, steady_s: float = 0.0) -> Route:
+        """Wait until the four nodes are at rest (each serving the stage placement gave it,
+        none still loading), every unit has two of them, and the route a client gets now
+        lists ``hop_replicas`` addresses for every hop; return that route.
 
-        wait_until("four nodes, two replicas of every unit", whole, timeout=120)
+        With ``steady_s``, also until the inputs of routing (what each node serves, its
+        open sessions and queue, as heartbeats report them) and the route have not changed
+        for that long: the route a session opened next will get is then this one."""
+        coordinator = CoordinatorClient(self.address)
+        seen: list = [None, 0.0]  # the last state, and since when it holds
+
+        def whole() -> Route:
+            status = status_json(coordinator.status())
+            stages = [(n["name"], n["stage"], n["serving"], n["healthy"]) for n in status["nodes"]]
+            if not settled(status, nodes=4, replicas=2):
+                raise AssertionError(f"not at rest: (name, stage, serving, healthy) {stages}")
+            route = coordinator.route()
+            hops = [(h.start, h.end, tuple(h.addresses)) for h in route.hops]
+            if not all(len(addresses) >= hop_replicas for _, _, addresses in hops):
+                raise AssertionError(f"a hop with fewer addresses: {hops}; stages {stages}")
+            loads = sorted((n["address"], n["sessions"], n["queue"]) for n in status["nodes"])
+            state, now = (stages, loads, hops), time.monotonic()
+            if state != seen[0]:
+                seen[:] = [state, now]
+            if now - seen[1] < steady_s:
+                raise AssertionError(f"changed within {steady_s} s: {state}")
+            return route
+
+        what = f"four nodes at rest and {hop_replicas} addresses for every hop of the route"
+        try:
+            return wait_until(what, whole, timeout=120)
+        finally:
+            coordinator.close()
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory):
     with Swarm() as swarm:
         yield FourNodes(swarm, tmp_path_factory.mktemp("failover"))
-
-
-def kill_during(client: Client, victim: Proc, at_token: int, **options: object):
-    seen = 0
-
-    def on_token(_token: object) -> None:
-        nonlocal seen
-        seen += 1
-        if seen == at_token:
-            victim.kill()  # SIGKILL: no goodbye, no flushing, mid-generation
-
-    return client.generate(PROMPT, 200, on_token=on_token, **options)
 
 
 @pytest.mark.parametrize(
@@ -87,25 +105,43 @@ def kill_during(client: Client, victim: Proc, at_token: int, **options: object):
     ],
 )
 def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling: dict) -> None:
+    four.ready()
     with Client(four.address) as client:
-        four.ready(client)
         reference = client.generate(PROMPT, 200, **sampling)
         assert len(reference.token_ids) >= 100
-        route = client.route()
-        assert len(route.hops) >= 2 and all(len(h.addresses) >= 2 for h in route.hops)
-        victim_address = route.hops[0 if hop == "first" else -1].addresses[0]
-        victim = four.nodes.pop(victim_address)
-        result = kill_during(client, victim, at_token=60, **sampling)
-        assert result.token_ids == reference.token_ids
-        assert result.recoveries, "the failure should show in the timings"
-        assert any(victim_address in r.detail for r in result.recoveries), result.recoveries
+        # The route the next session gets (routing weighs each node's open sessions, so it
+        # waits until the reference's are gone from the heartbeats) has two addresses for
+        # every hop ...
+        route = four.ready(hop_replicas=2, steady_s=2 * HEARTBEAT_S)
+        with client.session(**sampling) as chat:
+            # ... and the first token shows the nodes this session runs on: the victim is one.
+            first = chat.generate(PROMPT, 1)
+            served = list(dict.fromkeys((h["address"], tuple(h["units"])) for h in first.steps[0]))
+            assert [units for _, units in served] == [(h.start, h.end) for h in route.hops]
+            k = 0 if hop == "first" else -1
+            victim_address = served[k][0]
+            assert victim_address in route.hops[k].addresses and len(route.hops[k].addresses) >= 2
+            victim = four.nodes.pop(victim_address)
+            seen = 0
+
+            def on_token(_token: object) -> None:
+                nonlocal seen
+                seen += 1
+                if seen == 60:
+                    victim.kill()  # SIGKILL: no goodbye, no flushing, mid-generation
+
+            rest = chat.generate("", 199, on_token=on_token)
+        assert seen == len(rest.token_ids) >= 60
+        assert first.token_ids + rest.token_ids == reference.token_ids
+        assert rest.recoveries, "the failure should show in the timings"
+        assert any(victim_address in r.detail for r in rest.recoveries), rest.recoveries
         assert victim.popen.poll() is not None
     four.add()  # back to four for the next case
 
 
 def test_losing_every_replica_of_a_stage_ends_with_a_clear_error(four: FourNodes) -> None:
+    four.ready()
     with Client(four.address) as client:
-        four.ready(client)
         # Every node holding the head, and one more: the last volunteer cannot hold the
         # whole model, so the swarm cannot heal by re-placing (as it does with two left).
         head = client.config.n_units - 1
@@ -136,8 +172,8 @@ def test_losing_every_replica_of_a_stage_ends_with_a_clear_error(four: FourNodes
 
 
 def test_sdk_stream_equals_generate_and_sessions_continue(four: FourNodes) -> None:
+    four.ready()
     with Client(four.address) as client:
-        four.ready(client)
         whole = client.generate(PROMPT, 40, temperature=0.7, seed=5)
         streamed = list(client.stream(PROMPT, 40, temperature=0.7, seed=5))
         assert [t.id for t in streamed] == whole.token_ids
@@ -155,6 +191,8 @@ def test_sdk_stream_equals_generate_and_sessions_continue(four: FourNodes) -> No
 
 
 def test_async_client(four: FourNodes) -> None:
+    four.ready()
+
     async def main() -> tuple[list[int], list[int]]:
         async with AsyncClient(four.address) as client:
             result = await client.generate(PROMPT, 20, temperature=0.0)

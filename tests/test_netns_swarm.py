@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from netns import SimulatedLan, unavailable
+from swarm import wait_until
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import COORDINATOR, listening_pattern
@@ -111,17 +112,18 @@ def test_nodes_on_separate_hosts_find_the_coordinator_by_mdns_and_generate(tmp_p
         formed_s = time.monotonic() - t0
 
         # Coverage as a user on host 1 sees it (placement may still move a stage or two).
-        status: dict[str, Any] = {}
-        for _ in range(20):
+        def covered_from_host_1() -> dict[str, Any]:
             done = lan.run(
                 1, [str(BIN / "nanoshard"), "status", "--coordinator", coordinator, "--json"]
             )
             assert done.returncode == 0, done.stderr
             status = json.loads(done.stdout)
-            if _covered(status):
-                break
-            time.sleep(0.5)
-        assert _covered(status), json.dumps(status, indent=1)
+            assert _covered(status), json.dumps(status, indent=1)
+            return status
+
+        status = wait_until(
+            "every node serving its stage, seen from host 1", covered_from_host_1, 90
+        )
         by_name = {n["name"]: n for n in status["nodes"]}
         assert set(by_name) == {f"n{i}" for i in nodes}
         for i in nodes:  # each node listens and is reached on its own host's address

@@ -16,6 +16,8 @@ from nanoshard.node.quotas import Holding, QuotaLimits, Quotas
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
+SLOW = {"NANOSHARD_FAULT": "delay:0.5"}
+
 
 class Clock:
     def __init__(self) -> None:
@@ -98,15 +100,19 @@ def test_a_node_enforces_each_quota(tmp_path: Path) -> None:
 
 
 def test_a_full_queue_refuses_at_once(tmp_path: Path) -> None:
+    # Each step holds the node's compute for 0.5 s (the test-only delay fault): 12 steps
+    # sent at once cannot all fit a queue of one, however fast or slow the machine is.
     with Swarm() as swarm:
-        (address,) = swarm.chain("demo", ["0:8"], "--max-queue", "1")
+        _, address = swarm.node("demo", "0:8", "--max-queue", "1", env=SLOW)
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.NodeStub(channel)
             sessions = [open_session(stub, 200) for _ in range(12)]
             outcomes: list[str] = []
+            together = threading.Barrier(len(sessions))
 
             def prefill(s: pb.SessionSpec) -> None:
                 try:
+                    together.wait(timeout=30)
                     step(stub, s, 0, 128)
                     outcomes.append("ok")
                 except grpc.RpcError as err:

@@ -26,8 +26,10 @@ def test_garbage_on_every_rpc_is_answered_and_costs_nothing() -> None:
 
 
 def test_abandoned_sessions_are_freed_after_their_ttl() -> None:
-    result = leak.run(sessions=150, ttl_s=3.0)
-    assert result["held_sessions"] == 150 and result["held_kv_bytes"] > 0
+    # The TTL is well over the time opening them all takes (about 1.5 s on a busy 2-core
+    # machine), so all 150 are held at once before any expires.
+    result = leak.run(sessions=150, ttl_s=6.0)
+    assert result["held_sessions"] == 150 and result["held_kv_bytes"] > 0, result
     assert result["sessions_after_ttl"] == 0 and result["kv_bytes_after_ttl"] == 0
     assert result["rss_mb"]["after"] - result["rss_mb"]["baseline"] < 50, result
 
@@ -40,9 +42,9 @@ def test_many_clients_at_once_all_finish() -> None:
 
 
 def test_volunteers_killed_every_five_seconds_cost_no_token() -> None:
-    result = chaos.run("nodes", seconds=20)
+    result = chaos.run("nodes", seconds=20, min_kills=3)
     assert result["errors"] == [], result
-    assert len(result["events"]) >= 3  # nodes really were killed along the way
+    assert len(result["events"]) >= 3  # nodes really were killed (and started again) along the way
     assert result["completed"] == result["generations"] > 0
     assert result["equal_to_fault_free"] == result["generations"], result
 

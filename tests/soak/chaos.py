@@ -7,8 +7,8 @@ and equals its fault-free output.
 
 ``nodes``: a coordinator with ``--replicas 2`` and four volunteers that each hold about half
 of the demo model; four clients generate greedily (48 tokens, a prompt each, again and
-again); every 5 s a random volunteer is SIGKILLed and started again (the same name and
-cache directory, on a new port).
+again); every 5 s, once the swarm is whole again after the last kill, a random volunteer
+is SIGKILLed and started again (the same name and cache directory, on a new port).
 ``coordinator``: the same swarm; the coordinator is SIGKILLed in the middle of the clients'
 generations and restarted on the same address a second later; measured is how long until
 its status shows every node back and every unit served twice. Every output is compared with
@@ -52,12 +52,15 @@ def whole(coordinator: CoordinatorClient, nodes: int = 4) -> bool:
     return len(healthy) >= nodes and all(u["replicas"] >= 2 for u in status["units"])
 
 
-def run(scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0) -> dict:
+def run(
+    scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0, min_kills: int = 0
+) -> dict:
+    """``min_kills``: in the ``nodes`` scenario, go on past ``seconds`` until that many."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp, Swarm() as swarm:
         four = FourNodes(swarm, Path(tmp))
         with Client(four.address) as client:
-            four.ready(client)
+            four.ready()
             expected = {p: client.generate(p, TOKENS, temperature=0).token_ids for p in PROMPTS}
         results: list[dict] = []
         lock = threading.Lock()
@@ -85,9 +88,12 @@ def run(scenario: str, seconds: float, kill_every_s: float = 5.0, seed: int = 0)
         try:
             if scenario == "nodes":
                 kills = 0
-                while time.monotonic() - began < seconds:
+                while time.monotonic() - began < seconds or kills < min_kills:
                     kills += 1  # on a fixed beat: a restart's own time does not stretch it
                     time.sleep(max(0.0, began + kills * kill_every_s - time.monotonic()))
+                    # one loss at a time (what replicas promise to survive): the swarm is
+                    # whole again, the last victim's successor serving, before the next kill
+                    four.ready()
                     victim = rng.choice(sorted(four.nodes))
                     killed = four.nodes.pop(victim)
                     killed.kill()

@@ -47,7 +47,10 @@ def run(sessions: int, ttl_s: float = 10.0) -> dict:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.NodeStub(channel)
             abandon(stub)  # warm: first-call allocations are not a leak
-            time.sleep(ttl_s * 2)
+            deadline = time.monotonic() + ttl_s * 4 + 10
+            while stub.Info(pb.InfoRequest(), timeout=10).sessions and time.monotonic() < deadline:
+                time.sleep(0.2)  # until the warm-up session has expired too ...
+            time.sleep(ttl_s / 4 + 0.5)  # ... and the memory release at the next expiry tick
             baseline = rss_mb(pid)
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
