@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+CANCEL_GRACE_S = 10.0  # how long an interrupted call may take to clean up (close its session)
 
 
 class LoopThread:
-    """An asyncio loop running on a daemon thread; :meth:`run` waits for a coroutine on it."""
+    """An asyncio loop running on a daemon thread; :meth:`run` waits for a coroutine on it.
+
+    A caller interrupted while it waits (Ctrl-C) cancels the coroutine and waits for its
+    clean-up (a session closes on its nodes) before the interruption goes on."""
 
     def __init__(self, name: str = "nanoshard-client") -> None:
         self.loop = asyncio.new_event_loop()
@@ -23,7 +28,21 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a synchronous nanoshard call from its own event loop thread")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        finished = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except BaseException:  # interrupted here (or the call failed: then it is over)
+            future.cancel()
+            finished.wait(CANCEL_GRACE_S)
+            raise
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
         """``items`` as a synchronous iterator; closing it early closes ``items`` too."""
@@ -36,17 +55,25 @@ class LoopThread:
                 yield item
         finally:
             aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                self.run(aclose())
+            if aclose is not None and not self.loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # already finished or running
+                    self.run(aclose())
 
     def close(self) -> None:
+        """Cancel what still runs, let it finish, and stop the loop and its thread."""
         if self.loop.is_closed():
             return
 
-        async def drain() -> None:  # let async generators and channels finish closing
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.loop.shutdown_asyncgens()
+            await self.loop.shutdown_default_executor()
 
-        self.run(drain())
+        with contextlib.suppress(Exception):
+            self.run(drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()

@@ -29,7 +29,7 @@ import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
-from nanoshard.errors import InvalidArgument
+from nanoshard.errors import FailedPrecondition, InvalidArgument
 from nanoshard.generation import agenerate, check_prompt, max_length_for
 from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams
@@ -130,14 +130,16 @@ class AsyncClient:
         self._route: Route | None = None
         self._channels = Channels(self.security)
         self._connected = False
+        self._connecting = asyncio.Lock()
 
     # ---- the swarm ----------------------------------------------------------------------
 
     async def connect(self) -> AsyncClient:
         """Find the swarm and read its model card (done once; every call does it first)."""
-        if not self._connected:
-            await asyncio.to_thread(self._connect)
-            self._connected = True
+        async with self._connecting:  # the first calls of several tasks connect once
+            if not self._connected:
+                await asyncio.to_thread(self._connect)
+                self._connected = True
         return self
 
     def _connect(self) -> None:
@@ -167,10 +169,17 @@ class AsyncClient:
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
 
+    async def route(self, avoid: Sequence[str] = ()) -> Route:
+        """The route a new session gets now (avoiding ``avoid``), or the fixed one. The
+        coordinator's calls are rare and small: they run on a worker thread."""
+        await self.connect()
+        if self._coordinator is None:
+            assert self._route is not None
+            return self._route
+        return await asyncio.to_thread(self._coordinator.route, list(avoid))
+
     async def _plan(self, avoid: list[str]) -> Route:
-        """A route avoiding ``avoid``, from the coordinator (a rare control-plane call)."""
-        assert self._coordinator is not None
-        return await asyncio.to_thread(self._coordinator.route, avoid)
+        return await self.route(avoid)
 
     async def open_session(
         self, params: SamplingParams, max_length: int, codec: str | None = None
@@ -292,6 +301,7 @@ class AsyncChatSession:
         self._session = session
         self.length = 0  # positions the nodes hold
         self.pending: int | None = None  # the last token generated, not yet fed
+        self._broken = ""  # why the session cannot go on (a generation failed midway)
 
     @classmethod
     async def open(
@@ -310,6 +320,8 @@ class AsyncChatSession:
         """Continue the text: feed ``prompt`` (may be empty after a first call) and generate.
         ``on_token`` sees each token as it arrives; returning True stops there."""
         client = self.client
+        if self._broken:
+            raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
         ids = client.encode(prompt) if prompt != "" else []
         feed = ([self.pending] if self.pending is not None else []) + ids
         if self.length == 0:
@@ -341,15 +353,19 @@ class AsyncChatSession:
             return False
 
         budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
-        gen = await agenerate(
-            self._session,
-            feed,
-            budget,
-            block_size=min(client.config.block_size, self.max_length),
-            eot_id=client.eot_id,
-            on_token=each_token,
-            start_pos=self.length,
-        )
+        try:
+            gen = await agenerate(
+                self._session,
+                feed,
+                budget,
+                block_size=min(client.config.block_size, self.max_length),
+                eot_id=client.eot_id,
+                on_token=each_token,
+                start_pos=self.length,
+            )
+        except BaseException as exc:  # the nodes may hold more than this session counted
+            self._broken = f"a generation failed midway: {type(exc).__name__}"
+            raise
         if gen.stop_reason == "eot":
             # Every generated token was fed (the <|endoftext|> was sampled, never fed): the
             # next call starts from its own prompt.
@@ -409,12 +425,15 @@ async def _stream(
     try:
         while (token := await tokens.get()) is not None:
             yield token
+    except asyncio.CancelledError:  # the consumer was cancelled: so is the generation
+        task.cancel()
+        raise
     finally:
         stopped = True
         if not task.done():
             await asyncio.wait([task])
-            if not task.cancelled():
-                task.exception()  # the consumer left: its error is nobody's to see
+        if not task.cancelled():
+            task.exception()  # a consumer that left early does not see it
     await task  # the generation's error, if it failed
 
 
@@ -457,11 +476,7 @@ class Client:
         return self.core.encode(prompt)
 
     def route(self, avoid: Sequence[str] = ()) -> Route:
-        """The route the coordinator would give a new session now (or the fixed one)."""
-        if self.core._coordinator is None:
-            assert self.core._route is not None
-            return self.core._route
-        return self.core._coordinator.route(list(avoid))
+        return self._loop.run(self.core.route(avoid))
 
     def session(self, **options: Any) -> ChatSession:
         """As :meth:`AsyncClient.session`."""
@@ -480,6 +495,8 @@ class Client:
         return self._loop.iterate(self.core.stream(prompt, max_new_tokens, **options))
 
     def close(self) -> None:
+        if self._loop.loop.is_closed():
+            return
         try:
             self._loop.run(self.core.close())
         finally:

@@ -94,9 +94,9 @@ class SwarmSession:
 
     Implements :class:`nanoshard.generation.AsyncSession`; :meth:`open` it first.
     ``planner`` gives a fresh route avoiding some addresses (None: the route is fixed, only
-    its replicas can stand in); with ``route=None`` it gives the first route too. With
-    ``planner=None`` it is a session along a fixed route: a hop gone with all its replicas
-    is raised at once.
+    its replicas can stand in); with ``route=None`` it gives the first route too. Along a
+    fixed route (``planner=None``) a hop gone with all its replicas is tried again
+    ``retry.attempts`` times (``RetryPolicy(attempts=0)``: raised at once).
     """
 
     def __init__(
@@ -124,7 +124,7 @@ class SwarmSession:
         self.avoid = Avoid(self.retry.avoid_s)
         self.prefill_chunk = prefill_chunk
         self.timeout_s = timeout_s
-        self.history = token_replay()  # every chunk of token ids sent, as sent
+        self.replay = token_replay()  # every chunk of token ids sent, as sent
         self.recoveries: list[Recovery] = []
         self.route: Route | None = route
         self.first: NextHop | None = None
@@ -174,7 +174,7 @@ class SwarmSession:
             self.channels,
             self._spec(),
             route.hops,
-            self.history,
+            self.replay,
             timeout_s=self.timeout_s,
             avoided=self.avoid.now,
         )
@@ -184,7 +184,7 @@ class SwarmSession:
         """A new route and a new session on it, replayed with everything sent so far."""
         await self._open_on(None)
         assert self.first is not None
-        for pos, ids in self.history.since(0):
+        for pos, ids in self.replay.since(0):
             await self.first.step(self._request(self._next_step_id(), pos, ids, sample=False))
 
     # ---- steps ------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class SwarmSession:
             # a check of the head compares logits: the route's last hop answers them
             head = check is not None and check == len(self.route.hops) - 1
             reply = await self._send(pos + i, chunk, sample=last, return_output=head)
-            self.history.add(pos + i, chunk)
+            self.replay.add(pos + i, chunk)
             hops.extend(trace_to_dict(h) for h in reply.hops)
             for h in reply.hops:  # repairs made behind the first hop show in the traces
                 if h.repair:
@@ -235,7 +235,7 @@ class SwarmSession:
             # The material comes over blocking calls: off the event loop (a checked step
             # is a small share of all).
             await asyncio.to_thread(
-                self.checker.gather, self.route, check, self._spec(), self.history.chunks, reply
+                self.checker.gather, self.route, check, self._spec(), self.replay.chunks, reply
             )
         return StepResult(reply.token, hops)
 

@@ -7,7 +7,7 @@ server roles.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1  # of the wire (protos/nanoshard/v1); peers of another version are refused
+PROTOCOL_VERSION = 2  # of the wire (protos/nanoshard/v1); peers of another version are refused (2: routes bound at Open)
 
 __version__ = "0.1.0"
 

@@ -33,8 +33,8 @@ class ResourceExhausted(NanoshardError):
 
 
 class Unavailable(NanoshardError):
-    """A peer cannot be reached or stopped answering. ``failed`` names the addresses that
-    failed behind the one that answered (a node relaying that its next hop is gone)."""
+    """A peer cannot be reached or stopped answering. ``failed`` names the nodes that
+    failed: the peer called itself, or, relayed by it, nodes behind it on the route."""
 
     def __init__(self, message: str, failed: list[str] | None = None) -> None:
         super().__init__(message)

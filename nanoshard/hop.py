@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_CHANNELS = 256  # channels kept open to nodes; the least recently used go first
 REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries per node
 CLOSE_TIMEOUT_S = 10.0
+LEAVE_TIMEOUT_S = 2.0  # freeing the session on a node a link moved away from
 
 # What makes a link give up on a node and try the hop's next one: gone or silent, full or
 # busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
@@ -104,9 +105,11 @@ class Channels:
             raise rpc.error_from_rpc(err, address) from None
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        channels, self._channels = list(self._channels.values()), OrderedDict()
+        for channel in channels:
             await channel.close()
-        self._channels.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 @dataclass
@@ -118,13 +121,6 @@ class Replay(Generic[P]):
     rows: Callable[[P], int]
     cut: Callable[[P, int], P]
     chunks: list[tuple[int, P]] = field(default_factory=list)  # (pos, payload), in order
-
-    @property
-    def length(self) -> int:
-        if not self.chunks:
-            return 0
-        pos, payload = self.chunks[-1]
-        return pos + self.rows(payload)
 
     def add(self, pos: int, payload: P) -> None:
         self.chunks.append((pos, payload))
@@ -191,9 +187,10 @@ class NextHop:
     """One session's link to the next hop of its route (see the module doc).
 
     ``route`` is the hop this link reaches, then the hops after it; ``spec`` the session;
-    ``replay`` what the owner sent down this link so far (the owner adds each step's input
-    once the step is answered). ``avoided()`` names nodes to try last (the client's recent
-    failures). ``owner`` names the caller in error messages."""
+    ``replay`` what the owner sent down this link so far (the client adds a step's token
+    ids once it is answered, a node its output once computed, before forwarding it: so a
+    refill stops at the step's own position). ``avoided()`` names nodes to try last (the
+    client's recent failures). ``owner`` names the caller in error messages."""
 
     def __init__(
         self,
@@ -217,6 +214,12 @@ class NextHop:
         self.avoided = avoided
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
+        self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
+
+    def rebind(self, route: Sequence[pb.Hop]) -> None:
+        """Go on along ``route`` (the session was opened again with it). The current node
+        stays first if the route still names it."""
+        self.route = list(route)
 
     @property
     def hop(self) -> pb.Hop:
@@ -244,7 +247,7 @@ class NextHop:
             except InvalidArgument:
                 raise  # the request itself is wrong: no replica will take it
             except NODE_FAILURES as exc:
-                _raise_if_behind(exc, address)
+                self._raise_if_behind(exc, address)
                 failures.append(str(exc))
                 failed.append(address)
                 continue
@@ -289,7 +292,7 @@ class NextHop:
                     raise
                 except NODE_FAILURES as exc:
                     self.drop_stream()
-                    _raise_if_behind(exc, address)
+                    self._raise_if_behind(exc, address)
                     failures.append(str(exc))
                     failed.append(address)
                     break
@@ -311,6 +314,8 @@ class NextHop:
         for pos, payload in self.replay.since(have):
             if pos >= upto:
                 break
+            # Chunks end where steps ended, and a refill goes up to where one begins.
+            assert pos + self.replay.rows(payload) <= upto, "a replay chunk straddles a step"
             # The step's own id with a lower position: not taken for a duplicate of it.
             fill = pb.StepRequest(
                 session_id=self.spec.session_id, step_id=step_id, pos=pos, this_hop_only=True
@@ -325,6 +330,9 @@ class NextHop:
             self._call = self.channels.stub(address).Steps(metadata=self.channels.metadata())
         try:
             reply = await _write_read(self._call, request, self.timeout_s)
+        except asyncio.CancelledError:  # our own caller left mid-step: never reuse this stream
+            self.drop_stream()
+            raise
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, address) from None
         except asyncio.InvalidStateError:  # the stream had already ended
@@ -354,13 +362,35 @@ class NextHop:
     def _use(self, address: str) -> None:
         if self.address != address:
             self.drop_stream()
+            if self.address is not None:
+                self._leave(self.address)
             self.address = address
+
+    def _leave(self, address: str) -> None:
+        """Free the session on a node this link moved away from, now rather than at its
+        TTL; the hops after it keep theirs. In the background: the node may well be gone."""
+        request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
+        task = asyncio.ensure_future(self.channels.call(address, "Close", request, LEAVE_TIMEOUT_S))
+        self._leaving.add(task)
+        task.add_done_callback(_forget(self._leaving))
 
     def drop_stream(self) -> None:
         """End the stream (the next step opens a new one); the session stays open."""
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+    def _raise_if_behind(self, exc: Exception, address: str) -> None:
+        """The who-failed rule: an UNAVAILABLE from ``address`` naming nodes of the later
+        hops of this route (and not ``address`` itself) comes from behind it, which this
+        link cannot repair: pass it on. What it names is a peer's word, so only nodes of
+        the bound route count; one naming nobody behind counts against ``address``."""
+        if not isinstance(exc, Unavailable) or address in exc.failed:
+            return
+        behind = {a for hop in self.route[1:] for a in hop.addresses}
+        named = [a for a in exc.failed if a in behind]
+        if named:
+            raise Unavailable(str(exc), named)
 
     def _gone(self, failures: list[str], failed: list[str]) -> Unavailable:
         hop = self.hop
@@ -369,23 +399,23 @@ class NextHop:
             failed,
         )
 
-    async def close(
-        self, *, this_hop_only: bool = False, timeout_s: float = CLOSE_TIMEOUT_S
-    ) -> None:
-        """Close the session on the current node (and, unless ``this_hop_only``, the hops
-        after it). Best effort: a node that is gone frees it at its TTL."""
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close the session on the current node and the hops after it. Best effort: a
+        node that is gone frees it at its TTL."""
         self.drop_stream()
         if self.address is None:
             return
-        request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=this_hop_only)
+        request = pb.CloseRequest(session_id=self.spec.session_id)
         try:
             await self.channels.call(self.address, "Close", request, timeout_s)
         except Exception:
             log.debug("could not close session at %s", self.address)
 
 
-def _raise_if_behind(exc: Exception, address: str) -> None:
-    """The who-failed rule: an UNAVAILABLE naming other nodes than ``address`` comes from a
-    hop behind it, which this link cannot repair: pass it on unchanged."""
-    if isinstance(exc, Unavailable) and exc.failed and address not in exc.failed:
-        raise exc
+def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a node that is gone: nothing to report
+
+    return done

@@ -121,8 +121,9 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
     where = f"{peer}: " if peer else ""
     trailers = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        if KV_LENGTH_KEY in trailers:
-            return errors.CacheMismatch(where + detail, int(trailers[KV_LENGTH_KEY]))
+        length = trailers.get(KV_LENGTH_KEY)  # a peer's word: a plain, short number or nothing
+        if isinstance(length, str) and length.isdigit() and len(length) <= 10:
+            return errors.CacheMismatch(where + detail, int(length))
         return errors.FailedPrecondition(where + detail)
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]
     if cls is errors.Unavailable:
@@ -130,11 +131,10 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
         # could not be reached, or did not answer in time.
         # (Remote input: only well-formed addresses count, and only a route's worth.)
         relayed = trailers.get(FAILED_KEY)
-        if isinstance(relayed, str) and relayed:
+        failed = []
+        if isinstance(relayed, str):
             failed = [a for a in relayed.split(",")[:MAX_FAILED] if ADDRESS.fullmatch(a)]
-        else:
-            failed = [peer] if peer else []
-        return errors.Unavailable(where + detail, failed)
+        return errors.Unavailable(where + detail, failed or ([peer] if peer else []))
     return cls(where + detail)
 
 

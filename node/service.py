@@ -115,7 +115,15 @@ class NodeService(pb_grpc.NodeServicer):
     def set_stage(self, stage: Stage | None) -> None:
         """Serve another stage from now on. Sessions already open finish on the stage they
         opened on, which is freed when the last of them closes."""
+        first = self.stage is None and not self.sessions
         self.stage, self._views = stage, {}
+        if first and stage is not None:
+            # What is alive now (torch, the weights' modules: ~300k objects) stays for
+            # good: leave it out of every later collection, each of which would otherwise
+            # walk it all on the event loop (100-300 ms, mid-generation). Once, before any
+            # session exists; garbage goes first.
+            gc.collect()
+            gc.freeze()
 
     def current_stage(self, start: int = 0, end: int = 0) -> Stage:
         """The stage a new session opens on: the node's, or the part of it the caller's hop
@@ -213,7 +221,7 @@ class NodeService(pb_grpc.NodeServicer):
                 owner=self.identity.name,
             )
         else:
-            session.next.route = route
+            session.next.rebind(route)
 
     async def _open_onwards(self, session: NodeSession) -> list[pb.KVHandle]:
         """This node's KV handle, then those of the later hops (opened along the route)."""
@@ -384,7 +392,10 @@ class NodeService(pb_grpc.NodeServicer):
                     return_output=req.return_output,
                 )
                 sent_at = time.perf_counter()
-                down, trace.repair = await session.next.step(down_req)
+                try:
+                    down, trace.repair = await session.next.step(down_req)
+                except InvalidArgument as exc:  # what this node sent was refused: its fault
+                    raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 reply.has_token, reply.token = down.has_token, down.token
                 if down.HasField("output"):

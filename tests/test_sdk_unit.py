@@ -3,6 +3,7 @@ over a fake node on loopback whose failures are scripted (lost answers, rewinds,
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import threading
 import time
@@ -142,12 +143,25 @@ def test_breaking_out_of_a_stream_stops_the_generation() -> None:
     client.close()
 
 
+def test_ctrl_c_in_a_sync_call_stops_the_generation_and_closes_its_session() -> None:
+    client = FakeClient(step_s=0.01)
+    threading.Timer(0.2, _thread.interrupt_main).start()  # as if Ctrl-C were pressed
+    with pytest.raises(KeyboardInterrupt):
+        client.generate([1, 2], 1000)
+    session = client.sessions[0]
+    steps = len(session.fed)
+    time.sleep(0.1)
+    assert session.closed and len(session.fed) == steps < 100  # stopped, and for good
+    client.close()
+    client.close()  # twice is fine
+
+
 def test_the_sync_client_runs_every_stream_on_its_one_loop_thread() -> None:
     client = FakeClient(step_s=0.001)
-    before = threading.active_count()
+    before = set(threading.enumerate())
     streams = [client.stream([1, 2], 5) for _ in range(4)]
     assert [[t.id for t in s] for s in streams] == [[1002, 1003, 1004, 1005, 1006]] * 4
-    assert threading.active_count() == before  # no thread per stream
+    assert not set(threading.enumerate()) - before  # no thread per stream
     client.close()
 
 
@@ -219,7 +233,7 @@ class ScriptedNode(pb_grpc.NodeServicer):
 @pytest.fixture
 def node() -> Any:
     servicer = ScriptedNode()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(4, thread_name_prefix="scripted-node"))
     pb_grpc.add_NodeServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -303,10 +317,11 @@ def test_a_step_deadline_names_the_node_and_the_link_goes_on(node: ScriptedNode)
         first = pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1]))
         await link.step(first)
         request = pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
-        threads = threading.active_count()
+        threads = set(threading.enumerate())
         with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d+.*within 0\.2 s") as err:
             await link.step(request)
-        assert threading.active_count() == threads
+        new = set(threading.enumerate()) - threads
+        assert not [t for t in new if not t.name.startswith("scripted-node")]  # no deadline thread
         reply, _ = await link.step(request)  # answered from what the node kept
         await channels.close()
         return err.value, reply.token

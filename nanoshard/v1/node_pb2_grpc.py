@@ -72,7 +72,8 @@ class NodeServicer:
     def Open(self, request, context):
         """Opens a session on this node and, through it, on every later hop of the route.
         Reserves KV memory for max_length positions, or fails at once with RESOURCE_EXHAUSTED.
-        Opening a session that is already open with the same spec is a no-op (answers its length).
+        Opening a session that is already open with the same spec binds the route it carries
+        and opens it onwards; it answers the positions held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
