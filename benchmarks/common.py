@@ -4,6 +4,11 @@ route, or both in lockstep), statistics and machine facts.
 
 Benchmarks run as scripts (``python benchmarks/NAME.py``), so this module is imported as
 ``common`` from the script's own folder; it never imports from ``tests/``.
+
+Nodes start with default flags (a thread per core, batching on) and this process runs the
+local path with torch's default thread count, as ``nanoshard generate --local`` does: the
+benchmarks measure what users get. Each script imports ``nanoshard.threads`` before torch
+so the local path waits for work as the nodes do.
 """
 
 from __future__ import annotations
@@ -115,7 +120,11 @@ class NodeProcess:
     """One ``nanoshard-node serve`` child; its output is collected so a failure can show it."""
 
     def __init__(
-        self, model: str, units: tuple[int, int], threads: int = 1, extra: Sequence[str] = ()
+        self,
+        model: str,
+        units: tuple[int, int],
+        threads: int | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.model, self.units = model, units
         self.args = [
@@ -129,9 +138,8 @@ class NodeProcess:
             "127.0.0.1",
             "--port",
             "0",
-            "--threads",
-            str(threads),
-            *extra,  # more ``serve`` flags, e.g. --batch
+            *(["--threads", str(threads)] if threads is not None else []),  # None: default
+            *extra,  # more ``serve`` flags, e.g. --batch 1
         ]
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
@@ -185,8 +193,8 @@ class Nodes:
     processes.
     """
 
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads  # --threads of every node; None: the default
         self.procs: dict[tuple[str, tuple[int, int], tuple[str, ...]], NodeProcess] = {}
 
     def start(
@@ -235,17 +243,19 @@ def raise_on_sigterm() -> None:
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def run_local(stage: Stage, ids: list[int], tokens: int, threads: int) -> Generation:
-    """``tokens`` greedy decode steps (plus the prefill) in this process with ``threads``
-    torch threads; this process goes back to 1 thread afterwards."""
-    torch.set_num_threads(threads)
+def run_local(stage: Stage, ids: list[int], tokens: int, threads: int = 0) -> Generation:
+    """``tokens`` greedy decode steps (plus the prefill) in this process, with ``threads``
+    torch threads (0: the process's own count, torch's default unless a script set it)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     block_size = stage.config.block_size
     session = LocalSession(stage, GREEDY, max_length_for(len(ids), tokens + 1, block_size))
     try:
         return generate(session, ids, tokens + 1, block_size=block_size)
     finally:
         session.close()
-        torch.set_num_threads(1)
+        torch.set_num_threads(before)
 
 
 async def _open(route: Route, max_length: int, codec: str) -> tuple[Channels, SwarmSession]:
@@ -348,13 +358,17 @@ def load_average() -> list[float]:
         return []
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int = 0) -> dict:
+    """Facts of the machine and this process; ``threads`` is the nodes' --threads (0: the
+    default, one per core)."""
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: spinning)"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": load_average(),
     }

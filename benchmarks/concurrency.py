@@ -1,13 +1,14 @@
 """Concurrent sessions on one chain: aggregate tokens/s and per-token latency, with the
-nodes batching decode steps (``nanoshard-node serve --batch``) and without.
+nodes batching decode steps (the default) and without (``nanoshard-node serve --batch 1``).
 
     python benchmarks/concurrency.py           # ~3 min on 2 busy cores; writes
                                                # benchmarks/results/concurrency.{json,md}
     python benchmarks/concurrency.py --quick   # one repeat, few tokens: checks the script runs
 
-A chain of three ``nanoshard-node serve`` processes on 127.0.0.1 (``--threads 1`` each)
-splits ``--model`` (default GPT-2 124M's shape with random weights, made once under
-``.cache/bench/gpt2-124m-random``) evenly; one chain runs with ``--batch 16``, one without.
+A chain of three ``nanoshard-node serve`` processes on 127.0.0.1 (default flags) splits
+``--model`` (default GPT-2 124M's shape with random weights, made once under
+``.cache/bench/gpt2-124m-random``) evenly; one chain runs as started by default (batches of
+up to 16), one with ``--batch 1``.
 Each configuration (batching on/off x 1 or ``--sessions`` concurrent sessions) opens its
 sessions from threads of this process, prefills a ``--prompt-tokens`` prompt (a different
 one per session), waits until every session has, then decodes ``--tokens`` greedy tokens in
@@ -17,9 +18,9 @@ step (p50/p99 over every step of every session and repeat). Configurations run
 interleaved in a rotated order, ``--repeats`` times; the median repeat is reported and
 [min, max] shows the machine's noise.
 
-Batched fp32 is not bit for bit the unbatched path (the matrix library uses another
-kernel for a batch), so ``same_tokens`` counts the sessions whose greedy tokens equal those
-the same prompt produced alone on the unbatched chain.
+A batched step gives each session exactly what it gets alone (``Stage.decode``), so
+``same_tokens``, the sessions whose greedy tokens equal those the same prompt produced on
+the unbatched chain, should be all of them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# isort: off
+import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (see there)
+
+# isort: on
 import torch
 from common import (
     BENCH_CACHE,
@@ -52,8 +57,9 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.hop import Channels
+from nanoshard.node.worker import MAX_BATCH
 
-BATCH = 16
+BATCH = MAX_BATCH  # the nodes' default
 STAGES = 3
 DEFINITIONS = {
     "tokens_per_s": "decode tokens of all sessions / wall time of the decode window",
@@ -72,7 +78,7 @@ class Config:
     @property
     def name(self) -> str:
         return f"{self.sessions} session{'s' if self.sessions > 1 else ''}, " + (
-            f"--batch {BATCH}" if self.batch else "no batching"
+            f"batching (default, {BATCH})" if self.batch else "--batch 1"
         )
 
 
@@ -144,7 +150,7 @@ def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
     if opts.prompt_tokens + opts.tokens + 1 > config.block_size:
         raise SystemExit(f"--prompt-tokens + --tokens must stay below {config.block_size}")
     splits = even_splits(config.n_units, STAGES)
-    flags = {False: (), True: ("--batch", str(BATCH))}
+    flags = {False: ("--batch", "1"), True: ()}
     for extra in flags.values():  # every node loads at once
         nodes.start(opts.model, splits, extra)
     routes = {b: route_from_addresses(nodes.chain(opts.model, splits, e)) for b, e in flags.items()}
@@ -234,8 +240,8 @@ def render_markdown(result: dict) -> str:
         [
             "# Concurrent sessions: batched decode",
             "",
-            f"{m['cpu']}, {m['cores']} cores (shared), torch {m['torch']}, one torch thread per "
-            f"node; load average {m['load_average_start']} -> {m['load_average_end']}; "
+            f"{m['cpu']}, {m['cores']} cores (shared), torch {m['torch']}, nodes with default "
+            f"flags; load average {m['load_average_start']} -> {m['load_average_end']}; "
             f"{m['runtime_s']} s.",
             "",
             f"Three nodes {r['stages']} on loopback, {r['prompt_tokens']}-token prompts, "
@@ -270,10 +276,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     raise_on_sigterm()
-    torch.set_num_threads(1)
     started = time.perf_counter()
-    result: dict = {"machine": machine_info(threads=1)}
-    nodes = Nodes(threads=1)
+    result: dict = {"machine": machine_info()}
+    nodes = Nodes()
     try:
         result["concurrency"] = measure(opts, nodes)
     finally:

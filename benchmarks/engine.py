@@ -32,6 +32,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# isort: off
+import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (see there)
+
+# isort: on
 import torch
 from common import (
     BENCH_CACHE,

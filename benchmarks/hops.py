@@ -8,11 +8,13 @@ Speed (``--model``, default GPT-2 124M's shape with random weights, made once un
 ``.cache/bench/gpt2-124m-random``): greedy decode of ``--tokens`` tokens after a
 ``--prompt-tokens`` prompt,
 
-- local: ``LocalSession`` + ``generate`` in this process, ``torch.set_num_threads(1)``
-  (and 2 threads for reference);
-- chains of 1, 2 and 3 ``nanoshard-node serve`` processes on 127.0.0.1 (``--threads 1``
-  each) splitting the units evenly, driven by ``SwarmSession`` + ``generate`` from here;
-  the longest chain once per codec.
+- local: ``LocalSession`` + ``generate`` in this process with torch's default thread count,
+  as ``nanoshard generate --local`` runs (and 1 thread for reference);
+- chains of 1, 2 and 3 ``nanoshard-node serve`` processes on 127.0.0.1 with default flags
+  (a thread per core, batching on) splitting the units evenly, driven by ``SwarmSession`` +
+  ``generate`` from here; the longest chain once per codec;
+- the gRPC echo floor (``echo.py``): a bare grpc.aio bidi-stream round trip of one decode
+  step's activations, measured between the chain runs so both see the same load.
 
 Configurations run interleaved, in a rotated order, ``--repeats`` times; ms/token is the
 median decode step. A chain of k nodes has k *hops*: the client->node transfer plus k-1
@@ -24,7 +26,8 @@ token, timed alike. ``overhead`` is the median over tokens of (chain step - loca
 codec's encode/decode), queue (waiting for the compute worker), handling (the node's own
 Python and gRPC work outside compute) and transfer in (the previous hop's wait minus this
 hop's total: serialization, loopback, gRPC; for the first hop the client's wall time minus
-the hop's total, so it includes the client's own stream handling).
+the hop's total, so it includes the client's own stream handling). ``overhead/hop`` minus
+the echo floor is what nanoshard's own code adds to a hop above Python gRPC's round trip.
 
 Quality (``--agree-model``, default the demo model, split as the longest chain): greedy agreement of
 each codec with fp32 over ``--agree-tokens`` generated tokens (prompts in turn until that
@@ -41,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (see there)
+
+# isort: on
 import torch
 from common import (
     BENCH_CACHE,
@@ -62,6 +69,7 @@ from common import (
     save_results,
     spread,
 )
+from echo import EchoServer, measure_floor
 
 from nanoshard import codec as codecs
 from nanoshard.checkpoint import open_checkpoint
@@ -78,6 +86,7 @@ DEFINITIONS = {
     "local_ms_per_token": "the local path's decode step, run in lockstep with the chain's",
     "overhead_ms": "median over tokens of (chain step - local step for the same token)",
     "overhead_per_hop_ms": "overhead_ms / hops",
+    "echo_floor_ms": "a bare grpc.aio bidi-stream round trip of n_embd fp32 values (echo.py)",
     "compute_ms": "the node's stage run, codec encode/decode included (trace compute_ms)",
     "queue_ms": "waiting for the node's compute worker",
     "handling_ms": "the node's own time outside compute, queue and its downstream call",
@@ -94,11 +103,13 @@ class Config:
 
     nodes: int
     codec: str = "fp32"
-    threads: int = 1
+    threads: int = 0  # the local path's torch threads; 0: the default (one per core)
 
     @property
     def name(self) -> str:
         if self.nodes == 0:
+            if not self.threads:
+                return "local"
             return f"local, {self.threads} thread{'s' if self.threads > 1 else ''}"
         return f"{self.nodes} node{'s' if self.nodes > 1 else ''}, {self.codec}"
 
@@ -148,7 +159,7 @@ def message_bytes(route: Route, hop: int, codec: str, n_embd: int) -> int:
     return request.ByteSize()
 
 
-def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
+def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> dict:
     ckpt = open_checkpoint(opts.model)
     config = ckpt.config
     if opts.prompt_tokens + opts.tokens + 1 > config.block_size:
@@ -162,7 +173,7 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
     stage = ckpt.load_stage(0, config.n_units)
     routes = {k: route_from_addresses(nodes.chain(opts.model, splits[k])) for k in chains}
 
-    configs = [Config(0)] + ([Config(0, threads=2)] if not opts.quick else [])
+    configs = [Config(0)] + ([Config(0, threads=1)] if not opts.quick else [])
     configs += [Config(k) for k in chains]
     biggest = max(chains)
     configs += [Config(biggest, c) for c in opts.codecs if c != "fp32"]
@@ -175,12 +186,15 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
     for c in configs:  # warm-up: first calls, channels, allocator
         run(c, min(4, opts.tokens))
     runs: dict[Config, list] = {c: [] for c in configs}
+    floor: list[list[float]] = []  # the echo's round trips, one list per repeat
     for r in range(opts.repeats):
         shift = r % len(configs)  # rotate the order so no configuration always runs first
         for c in configs[shift:] + configs[:shift]:
             runs[c].append(run(c, opts.tokens))
+        floor.append(measure_floor(echo.address, config.n_embd, 4 * opts.tokens))
 
     local_ms = [median(g.decode_ms) for g in runs[Config(0)]]
+    echo_ms = median([ms for f in floor for ms in f])
     results = []
     for c in configs:
         gens = [p.chain for p in runs[c]] if c.nodes else runs[c]
@@ -209,6 +223,7 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
             row["local_ms_per_token"] = round(median([ms for p in paired for ms in p.local_ms]), 3)
             row["overhead_ms"] = round(median(diffs), 3)
             row["overhead_per_hop_ms"] = round(row["overhead_ms"] / c.nodes, 3)
+            row["above_echo_floor_ms"] = round(row["overhead_per_hop_ms"] - echo_ms, 3)
             row["tokens_match_local"] = all(p.same_tokens for p in paired)
             steps = [s for g in gens for s in hop_split(g)]
             row["per_hop"] = summarize_config(steps, len(steps))
@@ -232,6 +247,8 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes) -> dict:
         "prompt_tokens": len(ids),
         "decode_tokens": opts.tokens,
         "repeats": opts.repeats,
+        "echo_floor_ms": round(echo_ms, 3),
+        "echo_floor_repeats": spread([median(f) for f in floor]),
         "configs": results,
     }
 
@@ -245,7 +262,7 @@ def measure_prefill(stage: Stage, route: Route, enc: Any, opts: argparse.Namespa
     chain: list[float] = []
     for r in range(2 * opts.repeats + 1):  # the first pair warms up
         pair = [
-            lambda: local.append(run_local(stage, ids, 0, 1).prefill_ms),
+            lambda: local.append(run_local(stage, ids, 0).prefill_ms),
             lambda: chain.append(run_chain(route, ids, 0, "fp32", block).prefill_ms),
         ]
         for run in pair if r % 2 else pair[::-1]:
@@ -375,8 +392,9 @@ def render_markdown(result: dict) -> str:
 
     out = [
         "# Hops: bytes and latency per hop\n",
-        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch thread per "
-        f"process unless noted, {m['date']}; load average {m['load_average_start']} at start, "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, default flags (a torch thread "
+        f"per core, {m['omp_wait_policy']} OpenMP waits; nodes batch) unless noted, "
+        f"{m['date']}; load average {m['load_average_start']} at start, "
         f"{m['load_average_end']} at end (a shared machine: read ratios, not absolutes).\n",
         f"Speed model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
         f"vocab {cfg['vocab_size']} (random weights); greedy, {speed['prompt_tokens']}-token "
@@ -394,16 +412,21 @@ def render_markdown(result: dict) -> str:
         [r["name"], r["hops"], units(r["units"]), ms(r["ms_per_token"]),
          "-".join(ms(v) for v in r["ms_per_token_repeats"]), paired(r, "local_ms_per_token"),
          f"{r['ratio_to_local']:.3f}", paired(r, "overhead_ms"),
-         paired(r, "overhead_per_hop_ms"), paired(r, "compute_ms_sum"),
-         "yes" if r["tokens_match_local"] else "no"]
+         paired(r, "overhead_per_hop_ms"), paired(r, "above_echo_floor_ms"),
+         paired(r, "compute_ms_sum"), "yes" if r["tokens_match_local"] else "no"]
         for r in speed["configs"]
         if r["codec"] == "fp32"
     ]  # fmt: skip
     header = (
         "path|hops|units|ms/token|repeats|local (paired) ms|x local|overhead ms|"
-        "overhead/hop ms|compute ms (sum)|tokens = local"
+        "overhead/hop ms|above echo floor ms|compute ms (sum)|tokens = local"
     )
     out += [markdown_table(header.split("|"), rows), ""]
+    out.append(
+        f"\ngRPC echo floor (a bare grpc.aio bidi-stream round trip of {cfg['n_embd']} fp32 "
+        f"values, `echo.py`, between the chain runs): {ms(speed['echo_floor_ms'])} ms "
+        f"(per repeat {speed['echo_floor_repeats']}).\n"
+    )
     pre = speed["prefill"]
     out.append(
         f"\nPrefill of a {pre['prompt_tokens']}-token prompt to its first token: local "
@@ -457,7 +480,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
     p.add_argument("--prefill-tokens", type=int, help="prefill prompt (default 512; quick 64)")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick 1)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens, 1 thread only")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats and tokens, no 1-thread local"
+    )
     p.add_argument("--model", help="speed model (default: random GPT-2 124M, made once)")
     p.add_argument("--agree-model", default="demo", help="quality model (default: demo)")
     p.add_argument("--agree-tokens", type=int, help="greedy tokens compared (512; quick 64)")
@@ -481,14 +506,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     raise_on_sigterm()
-    torch.set_num_threads(1)
     started = time.perf_counter()
-    result: dict = {"machine": machine_info(threads=1)}
-    nodes = Nodes(threads=1)
+    result: dict = {"machine": machine_info()}
+    nodes = Nodes()
+    echo = EchoServer()
     try:
-        result["speed"] = measure_speed(opts, nodes)
+        result["speed"] = measure_speed(opts, nodes, echo)
         result["quality"] = measure_quality(opts, nodes)
     finally:
+        echo.close()
         nodes.close()
     result["codecs"] = codec_bytes(result["speed"], opts.codecs)
     return save_results(result, started, opts.out, "hops", render_markdown)

@@ -102,8 +102,6 @@ def join_once(coordinator: str, cache_dir: Path, timeout_s: float) -> tuple[dict
             "--port",
             "0",
             "--no-mdns",
-            "--threads",
-            "1",
             "--cache-dir",
             str(cache_dir),
         ]
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts.joiners = opts.joiners or (1 if opts.quick else 3)
     raise_on_sigterm()
     started = time.perf_counter()
-    result: dict = {"machine": machine_info(threads=1)}
+    result: dict = {"machine": machine_info()}
     result.update(measure(opts))
     return save_results(result, started, opts.out, "join", render_markdown)
 

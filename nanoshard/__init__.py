@@ -7,6 +7,10 @@ server roles.
 
 from __future__ import annotations
 
+# Every nanoshard process (CLI, coordinator, node, SDK user) takes the thread policy of
+# nanoshard/threads.py: OpenMP threads that sleep when they wait, set before torch loads.
+from nanoshard import threads as _threads  # noqa: F401
+
 PROTOCOL_VERSION = 2  # of the wire (protos/nanoshard/v1); peers of another version are refused (2: routes bound at Open)
 
 __version__ = "0.1.0"

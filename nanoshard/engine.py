@@ -4,14 +4,15 @@ Reads top to bottom in the order data flows: attention, MLP, block, stage. A ``S
 holds units ``[start, end)`` under nanoGPT's parameter names (blocks keep their global
 index), so the same checkpoint tensors load into any stage, and the whole model is just
 ``Stage(config, 0, config.n_units)``. The single-process path and the distributed path run
-exactly this code, which is why their fp32 outputs agree bit for bit. (``Stage.decode``, the
-batched decode step of several sessions that a node may opt into, is the one exception: see
-there.)
+exactly this code, which is why their fp32 outputs agree bit for bit. A node's batched
+decode step (``Stage.decode``: one token for each of several sessions in one forward) agrees
+with each session's step alone bit for bit too, on a CPU: see there.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from typing import Any, cast
@@ -22,6 +23,8 @@ from torch import nn
 
 from nanoshard.config import GPTConfig, block_indices, check_units
 from nanoshard.kv import KVCache
+
+log = logging.getLogger(__name__)
 
 # Weights: floats run the whole stage in that dtype; "int8" is weight-only quantization (int8
 # Linear and embedding weights with one bf16 scale per output row, activations stay fp32).
@@ -96,6 +99,16 @@ def prepack_int8(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
         return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
+def linear_dynamic(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """fbgemm's dynamic int8 Linear, one activation scale per sequence: the sessions of a
+    decode batch ``(B, 1, C)`` run one by one, so none shifts another's scale and each gets
+    exactly what it gets alone (the int8 weights are re-read per session, a quarter of fp32's
+    bytes)."""
+    if x.dim() == 3 and len(x) > 1:
+        return torch.cat([torch.ops.quantized.linear_dynamic(r, packed, True) for r in x.split(1)])
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 class Int8Linear(nn.Module):
     """A ``nn.Linear`` with int8 weights (see ``quantize_rows``) and its float bias."""
 
@@ -112,7 +125,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dtype == torch.float32:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return linear_dynamic(x, self.packed)
         y = int8_matmul(x, self.weight_q, self.scale)
         return y if self.bias is None else y + self.bias
 
@@ -137,7 +150,7 @@ class Int8Embedding(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.dtype == torch.float32:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return linear_dynamic(x, self.packed)
         return int8_matmul(x, self.weight_q, self.scale)
 
 
@@ -151,6 +164,124 @@ def quantize_int8(module: nn.Module) -> None:
             setattr(module, name, Int8Embedding(child))
         else:
             quantize_int8(child)
+
+
+# ---- packed Linear layers: one kernel whatever the number of rows (CPU) -----------------
+#
+# A node runs the decode steps of concurrent sessions as one forward, and a session's output
+# must not depend on who shared that forward. A matrix library picks its kernel by the
+# number of rows, and each kernel sums in its own order: on this project's CPU, MKL
+# (``F.linear``) has one kernel for 1 row, another for 2-3 and a third for 4+; oneDNN with
+# plain weights takes an AVX2 kernel for 1 row and AVX-512 for more. With the weight laid out
+# once in oneDNN's blocked format, every row count runs one kernel family whose rows depend
+# only on themselves, from some row count on (below it, oneDNN's AVX-512 kernel sums a
+# long row differently). So each layer runs at least ``min_rows`` rows, a shorter input
+# padded with zero rows, and ``min_rows`` is probed when the layer is packed: the first
+# candidate whose lone-row result equals the same row inside a batch. The packed kernel
+# is also faster than MKL here, for one row and more so for a batch.
+
+PACK_ROWS = 16  # the batch size oneDNN lays the weight out for (MAX_BATCH's default)
+PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def row_candidates() -> tuple[int, ...]:
+    """``min_rows`` to try, fastest first: oneDNN's AVX-512 kernel for fewer than 4 rows is
+    slower than for 4 (and sums long rows differently); on AVX2 one row is fastest."""
+    return (4, 1, 2) if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else (1, 2, 4)
+
+
+def _packed_mm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _probe_min_rows(packed: torch.Tensor, bias: torch.Tensor | None, shape: tuple) -> int:
+    """The fewest rows a layer of this shape must run for each row's result to equal that
+    row's inside a batch (of 5 and of PACK_ROWS rows)."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * 7919 + k)
+    x = torch.randn(PACK_ROWS, k, generator=gen).to(packed.dtype)
+    whole = _packed_mm(x, packed, bias)
+    small = _packed_mm(x[:5], packed, bias)
+    candidates = row_candidates()
+    for rows in candidates:
+        lone = _packed_mm(F.pad(x[:1], (0, 0, 0, rows - 1)), packed, bias)[:1]
+        if torch.equal(lone, whole[:1]) and torch.equal(small, whole[:5]):
+            return rows
+    log.warning(
+        "no row count makes a [%d x %d] %s layer's rows independent of the batch on this CPU: "
+        "batched decode steps may differ from lone ones in the last bits",
+        n,
+        k,
+        packed.dtype,
+    )
+    return candidates[0]
+
+
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` (CPU, fp32 or bf16) on oneDNN with its weight packed
+    once; runs at least ``min_rows`` rows so a row's result never depends on the others."""
+
+    weight_packed: torch.Tensor
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, probed: dict[tuple, int]
+    ) -> None:
+        super().__init__()
+        weight = weight.detach()
+        self.register_buffer(
+            "weight_packed", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        )
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        key = (*weight.shape, weight.dtype, bias is not None)
+        if key not in probed:
+            probed[key] = _probe_min_rows(self.weight_packed, self.bias, tuple(weight.shape))
+        self.min_rows = probed[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows < self.min_rows:
+            x2 = F.pad(x2, (0, 0, 0, self.min_rows - rows))
+        y = _packed_mm(x2, self.weight_packed, self.bias)
+        return y[:rows].view(*x.shape[:-1], y.shape[-1])
+
+
+class PackedEmbedding(nn.Module):
+    """``wte`` of a stage holding the head: the tied lm_head as a ``PackedLinear`` and, only if
+    the stage embeds too, the plain rows for the lookup (wte is then held twice)."""
+
+    def __init__(self, embedding: nn.Embedding, lookup: bool, probed: dict[tuple, int]) -> None:
+        super().__init__()
+        self.head = PackedLinear(embedding.weight, None, probed)
+        self.weight = embedding.weight if lookup else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError("this stage holds the head only: it has no embedding rows")
+        return F.embedding(ids, self.weight)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``pack_linears`` applies: oneDNN on a CPU, for weights of this dtype."""
+    if device.type != "cpu" or dtype not in PACKABLE or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears(stage: Stage) -> None:
+    """Replace every ``nn.Linear`` of ``stage`` (and its tied head) by a ``PackedLinear``, in
+    place. Inference only: packed layers have no gradient."""
+    probed: dict[tuple, int] = {}  # min_rows per layer shape: blocks repeat a few shapes
+    for module in list(stage.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child.weight, child.bias, probed))
+    if stage.has_head:
+        wte = cast(nn.Embedding, stage.transformer["wte"])
+        stage.transformer["wte"] = PackedEmbedding(wte, stage.has_embed, probed)
 
 
 class LayerNorm(nn.Module):
@@ -320,16 +451,21 @@ class Stage(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The tied lm_head: normalized activations -> logits."""
         wte = self.transformer["wte"]
-        if isinstance(wte, Int8Embedding):
+        if isinstance(wte, Int8Embedding | PackedEmbedding):
             return wte.project(x)
         return F.linear(x, cast(nn.Embedding, wte).weight)
 
     def to_weights(self, dtype: torch.dtype) -> Stage:
-        """This stage with its weights cast to ``dtype`` (``torch.int8``: quantized)."""
+        """This stage with its weights cast to ``dtype`` (``torch.int8``: quantized) and, where
+        oneDNN runs them (CPU, fp32 or bf16), its Linear layers packed: ready for inference,
+        no longer for training."""
         if dtype == torch.int8:
             quantize_int8(self.float())
             return self
-        return self.to(dtype)
+        self.to(dtype)
+        if can_pack(next(self.parameters()).device, dtype):
+            pack_linears(self)
+        return self
 
     def new_cache(self, max_length: int) -> KVCache:
         return KVCache(self.config, self.n_blocks, max_length, self.act_dtype, self.device)
@@ -358,6 +494,8 @@ class Stage(nn.Module):
             raise ValueError(
                 f"positions up to {pos + T} exceed the context length {self.config.block_size}"
             )
+        if cache is not None and T == 1:  # a decode step: exactly a batch of one (see decode)
+            return self.decode(x[0], [cache], [pos])
         if self.has_embed:
             positions = torch.arange(pos, pos + T, device=x.device)
             h = self.transformer["wte"](x) + self.transformer["wpe"](positions)
@@ -382,8 +520,14 @@ class Stage(nn.Module):
         ``(B, n_embd)``; output: logits ``(B, vocab)`` or activations ``(B, n_embd)``, row b
         as ``self(x[b:b+1], caches[b], positions[b])`` would give it. The Linear layers read
         their weights once for all B rows, which is the point; attention stays per session.
-        fp32 rows agree with the unbatched call to about 1e-6, not bit for bit: the matrix
-        library picks another kernel for B rows than for one.
+
+        On a CPU row b equals that lone step bit for bit, whatever the other rows: a lone
+        decode step *is* this code with B = 1, fp32 and bf16 Linear layers are packed so
+        their rows do not depend on B (``PackedLinear``), and int8 layers quantize each
+        session's activations on their own (``linear_dynamic``). On CUDA and MPS the
+        Linear layers are plain ``F.linear``, and the matrix library may pick another kernel
+        for B rows than for one: rows may then differ from a lone step by rounding (about
+        1e-6 relative in fp32; not measured here, this machine has no GPU).
         """
         B = x.shape[0]
         if not B == len(caches) == len(positions):

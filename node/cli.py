@@ -10,6 +10,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torch loads
 from nanoshard.cliutil import NODE, listening_line, parse_size, run_cli, setup_logging
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
@@ -86,11 +87,22 @@ def add_batch_flag(parser: argparse.ArgumentParser) -> None:
         type=batch_size,
         nargs="?",
         const=MAX_BATCH,
-        default=1,
+        default=MAX_BATCH,
         metavar="N",
-        help=f"run the decode steps of up to N concurrent sessions as one forward (--batch "
-        f"alone: {MAX_BATCH}; default 1, each alone). More tokens/s under load, but fp32 "
-        "results then differ from the local path in the last bits",
+        help=f"run the decode steps of up to N concurrent sessions as one forward (default "
+        f"{MAX_BATCH}; 1: each alone). On a CPU each session gets exactly the output it gets "
+        "alone",
+    )
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default,
+        metavar="N",
+        help="torch threads (default 0: one per core; idle threads sleep, so several nodes "
+        "can share a machine)",
     )
 
 
@@ -121,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"idle sessions expire after this long (default {d.session_ttl:.0f})",
     )
-    s.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = default)")
+    add_threads_flag(s, d.threads)
     add_batch_flag(s)
     add_limit_flags(s)
     add_security_args(s)
@@ -168,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"weights and measurements (default {jd.cache_dir})",
     )
     j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
-    j.add_argument("--threads", type=int, default=jd.threads, help="torch threads (0 = default)")
+    add_threads_flag(j, jd.threads)
     add_batch_flag(j)
     add_limit_flags(j)
     add_security_args(j)

@@ -39,7 +39,7 @@ from .capacity import load_or_measure, to_wire
 from .quotas import QuotaLimits
 from .server import DataPlane
 from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
-from .worker import MAX_QUEUE
+from .worker import MAX_BATCH, MAX_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class JoinConfig:
     name: str = ""
     cache_dir: Path = field(default_factory=lambda: DEFAULT_CACHE_DIR.expanduser())
     swarm: str = "default"
-    threads: int = 0
-    batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
+    threads: int = 0  # torch threads; 0 = one per core (see nanoshard.threads)
+    batch: int = MAX_BATCH  # decode steps of concurrent sessions per forward; 1 = each alone
     session_ttl: float = 300.0
     discovery_timeout: float = 5.0
     security: Security = field(default_factory=Security)  # swarm key and TLS

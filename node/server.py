@@ -27,7 +27,7 @@ from nanoshard.security import Security
 from .quotas import QuotaLimits, Quotas
 from .service import RELEASE_EVERY_S, NodeIdentity, NodeService
 from .sessions import SessionTable
-from .worker import MAX_QUEUE, ComputeWorker
+from .worker import MAX_BATCH, MAX_QUEUE, ComputeWorker
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class ServeConfig:
     dtype: str = "fp32"
     kv_memory: int = 1 << 30  # bytes of KV cache (and replay material) all sessions may hold
     session_ttl: float = 300.0  # seconds an idle session lives
-    threads: int = 0  # torch threads; 0 = torch's default
-    batch: int = 1  # decode steps of concurrent sessions per forward; 1 = each alone
+    threads: int = 0  # torch threads; 0 = one per core (see nanoshard.threads)
+    batch: int = MAX_BATCH  # decode steps of concurrent sessions per forward; 1 = each alone
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
@@ -66,7 +66,7 @@ class DataPlane:
         kv_memory: int,
         session_ttl: float,
         threads: int = 0,
-        batch: int = 1,
+        batch: int = MAX_BATCH,
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         advertise_host: str | None = None,
         security: Security | None = None,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# isort: off
+import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (see there)
+
+# isort: on
 import pytest
 import torch
 

@@ -72,7 +72,9 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     result = json.loads((out / "hops.json").read_text())
     assert set(result) >= {"machine", "speed", "quality", "codecs"}
     assert set(result["machine"]) >= {"cpu", "cores", "torch", "threads", "date"}
-    assert result["machine"]["threads"] == 1
+    assert result["machine"]["threads"] == 0  # the nodes' default
+    assert result["machine"]["omp_wait_policy"] == "PASSIVE"  # the nodes' thread policy
+    assert result["speed"]["echo_floor_ms"] > 0
 
     configs = {(c["nodes"], c["codec"]): c for c in result["speed"]["configs"]}
     assert set(configs) == {(0, "fp32")} | {(2, c) for c in CODECS}
@@ -84,6 +86,10 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert [h["units"] for h in chain["per_hop"]] == [[0, 3], [3, 6]]
     assert chain["per_hop"][-1]["bytes_out_per_token"] == 0  # the head sends a token id
     assert chain["overhead_per_hop_ms"] == pytest.approx(chain["overhead_ms"] / 2, abs=1e-3)
+    floor = result["speed"]["echo_floor_ms"]
+    assert chain["above_echo_floor_ms"] == pytest.approx(
+        chain["overhead_per_hop_ms"] - floor, abs=2e-3
+    )
 
     by_codec = {c["codec"]: c for c in result["codecs"]}
     assert set(by_codec) == set(CODECS)
@@ -130,8 +136,9 @@ def test_concurrency_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert set(rows) == {(1, 1), (1, 3), (16, 1), (16, 3)}
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
-    assert rows[(1, 3)]["mean_batch"] == 1.0  # without --batch every step runs alone
+    assert rows[(1, 3)]["mean_batch"] == 1.0  # with --batch 1 every step runs alone
     assert rows[(1, 3)]["same_tokens"] == 3  # the unbatched chain is deterministic
+    assert rows[(16, 3)]["same_tokens"] == 3  # batched steps equal unbatched ones
     assert (out / "concurrency.md").read_text() in done.stdout
 
 
