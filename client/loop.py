@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 CANCEL_GRACE_S = 10.0  # how long an interrupted call may take to clean up (close its session)
+WAIT_SLICE_S = 0.1  # a waiting caller looks for signals (Ctrl-C) this often
 
 
 class LoopThread:
@@ -38,7 +40,12 @@ class LoopThread:
 
         future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
         try:
-            return future.result()
+            while True:  # waits in slices, so a Ctrl-C is seen at once, not at the end
+                try:
+                    return future.result(timeout=WAIT_SLICE_S)
+                except concurrent.futures.TimeoutError:
+                    if future.done():  # the coroutine's own TimeoutError
+                        raise
         except BaseException:  # interrupted here (or the call failed: then it is over)
             future.cancel()
             finished.wait(CANCEL_GRACE_S)

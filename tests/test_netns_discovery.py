@@ -14,6 +14,8 @@ import uuid
 import pytest
 from netns import SimulatedLan, unavailable
 
+from nanoshard import PROTOCOL_VERSION
+
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 _REASON = unavailable()
@@ -104,7 +106,7 @@ def test_coordinator_found_across_bridge() -> None:
             assert found is not None, f"coordinator not found across the bridge: {result}"
             assert found["target"] == f"{coord.address}:50051"
             assert found["properties"]["swarm"] == swarm
-            assert found["properties"]["proto"] == "1"
+            assert found["properties"]["proto"] == str(PROTOCOL_VERSION)
             assert result["seconds"] < 5, result
         assert time.monotonic() - t0 < 25
         adv.stdin.close()

@@ -15,7 +15,7 @@ import pytest
 from routes import RouteSession
 
 from nanoshard import rpc
-from nanoshard.client import AsyncClient, Client
+from nanoshard.client import AsyncClient, Client, Token
 from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy
@@ -144,14 +144,18 @@ def test_breaking_out_of_a_stream_stops_the_generation() -> None:
 
 
 def test_ctrl_c_in_a_sync_call_stops_the_generation_and_closes_its_session() -> None:
-    client = FakeClient(step_s=0.01)
-    threading.Timer(0.2, _thread.interrupt_main).start()  # as if Ctrl-C were pressed
+    client = FakeClient(step_s=0.05)  # 62 steps to the context's end: about 3 s
+
+    def ctrl_c_at_the_third_token(token: Token) -> None:
+        if token.id == 1004:
+            _thread.interrupt_main()  # as if Ctrl-C were pressed in the waiting thread
+
     with pytest.raises(KeyboardInterrupt):
-        client.generate([1, 2], 1000)
+        client.generate([1, 2], 1000, on_token=ctrl_c_at_the_third_token)
     session = client.sessions[0]
     steps = len(session.fed)
-    time.sleep(0.1)
-    assert session.closed and len(session.fed) == steps < 100  # stopped, and for good
+    time.sleep(0.2)
+    assert session.closed and len(session.fed) == steps < 62  # stopped, and for good
     client.close()
     client.close()  # twice is fine
 
