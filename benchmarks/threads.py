@@ -72,10 +72,8 @@ def measure(opts: argparse.Namespace) -> dict:
     splits = even_splits(config.n_units, 3)
     procs = {name: start(opts.model, splits, t, env) for name, (t, env) in POLICIES.items()}
     try:
-        routes = {
-            name: route_from_addresses([p.wait_listening() for p in ps])
-            for name, ps in procs.items()
-        }
+        addresses = {name: [p.wait_listening() for p in ps] for name, ps in procs.items()}
+        routes = {name: route_from_addresses(a) for name, a in addresses.items()}  # all loaded
         ids = list(range(100, 132))
         gen = torch.Generator().manual_seed(0)
         prompts = [
