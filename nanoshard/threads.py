@@ -6,11 +6,12 @@ spin after each parallel region by default, so a process that has just computed 
 every core busy for a while doing nothing. Several nodes on one machine then steal each
 other's cores: in a pipeline only one node computes at a time for a session, but the others
 still spin; and a parallel region whose second thread has been parked by the OS waits for
-it. Measured on this project's 2-core machine (README, "Threads"): a 3-node chain plus its
-client with torch's defaults decoded at 846 ms/token where the same chain with passive
-waiting took 68 ms; one thread per node took 85 ms. Passive waiting did not cost a lone
-process anything measurable either (a small parallel op back to back: 40 µs passive, 46-65
-µs spinning), so a node still gets every core when it is alone.
+it. Measured on this project's 2-core machine (``benchmarks/threads.py``, README "Threads"):
+a 3-node chain plus its client decoded at 407 ms/token with torch's defaults, 58 ms with
+passive waits (the local path: 57.5), 73 ms with one passive thread per node; 8 concurrent
+sessions got 2.6, 40 and 21 tokens/s. Passive waiting did not cost a lone process anything
+measurable either (a small parallel op back to back: 40 µs passive, 46-65 µs spinning), so a
+node keeps a thread per core and can use the cores that are free when it is alone.
 
 OpenMP reads its wait policy once, when torch loads it, so this module sets it when it is
 imported: import it before torch (``nanoshard-node`` does so first thing). A value already
