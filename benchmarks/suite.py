@@ -27,7 +27,7 @@ from pathlib import Path
 from common import RESULTS, load_average, machine_info, markdown_table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("engine", "hops", "concurrency", "join")
+BENCHMARKS = ("engine", "hops", "user_chain", "concurrency", "join")
 
 
 @dataclass
@@ -82,6 +82,19 @@ def targets(r: dict) -> list[Target]:
             f"{three['ratio_to_local']:.3f}x; {per_hop:.2f} ms per hop, gRPC echo floor "
             f"{floor:.2f} ms (+{per_hop - floor:.2f} ms)",
             three["ratio_to_local"] <= 1.10 and (per_hop <= 0.6 or per_hop - floor <= 0.2),
+        )
+    )
+    users = {row["name"]: row for row in r["user_chain"]["rows"]}
+    swarm, checked = users["swarm"], users["swarm, checks"]
+    out.append(
+        Target(
+            "2b. a user's three hops",
+            "README commands, default flags, wall clock from outside: <= 1.10x local and "
+            "<= 1.10x transformers with spot-checks off (their default rate beside)",
+            f"{swarm['vs_local']:.3f}x local, {swarm['vs_transformers']:.3f}x transformers "
+            f"({swarm['ms_per_token']} ms/token); checks on: {checked['vs_local']:.3f}x, "
+            f"{checked['vs_transformers']:.3f}x",
+            swarm["vs_local"] <= 1.10 and swarm["vs_transformers"] <= 1.10,
         )
     )
     pre = r["hops"]["speed"]["prefill"]
