@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -58,12 +57,10 @@ def test_measurement_is_sane_and_the_head_costs_more_than_a_block():
     check_capacity(to_wire(cap))
 
 
-def test_gpt2_small_shape_is_measured_quickly():
-    started = time.perf_counter()
+def test_gpt2_small_shape_is_measured():
+    # How long measuring takes is part of a node's join time: benchmarks/join.py holds it
+    # to its target (a timed unit test fails on a busy machine, not on slow code).
     cap = measure_capacity(GPTConfig(), "cpu", "fp32", max_memory=1 << 30)
-    elapsed = time.perf_counter() - started
-    # Under 2 s on an idle machine; the bound leaves room for neighbours on a shared CPU.
-    assert elapsed < 5.0, f"measuring GPT-2 124M's shape took {elapsed:.1f} s"
     assert 0 < cap.block_ms < cap.head_ms * 20
 
 

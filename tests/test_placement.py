@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -267,14 +266,13 @@ def test_invalid_input_is_refused() -> None:
         unit_throughput({"ghost": (0, 1)}, units, [])
 
 
-def test_thousand_nodes_are_fast() -> None:
+def test_thousand_nodes_are_placed() -> None:
+    # About 0.2 s here (benchmarks/placement_sim.py times placement); a wall-clock bound in
+    # a unit test would fail on a busy machine, not on slow code.
     units = unit_costs(GPT2_XL)
     nodes = swarm(random.Random(12), 1000, (500, 24000))
-    started = time.perf_counter()
     placement = place(units, nodes)
-    elapsed = time.perf_counter() - started
     assert min(coverage(placement, 50)) >= 2
-    assert elapsed < 2.0  # about 0.2 s here; generous because CI machines are shared
 
 
 units_st = st.lists(

@@ -294,11 +294,11 @@ def test_a_rewound_first_hop_is_refilled_then_asked_again(node: ScriptedNode) ->
 
 
 def test_a_silent_first_hop_times_out_and_its_answer_is_not_lost(node: ScriptedNode) -> None:
-    node.hang_at = {3: 2.0}
+    node.hang_at = {3: 8.0}
     session = session_on(node, timeout_s=0.3)
     started = time.monotonic()
     assert run(session, [1, 2, 3], 3) == [1003, 1004, 1005]
-    assert time.monotonic() - started < 1.5  # did not wait for the hung answer
+    assert time.monotonic() - started < 6  # did not wait for the hung answer
     first, again = attempts_at(node, 3)
     assert first == again
     (recovery,) = session.recoveries
