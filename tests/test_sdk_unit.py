@@ -309,23 +309,25 @@ def test_a_silent_first_hop_times_out_and_its_answer_is_not_lost(node: ScriptedN
 def test_a_step_deadline_names_the_node_and_the_link_goes_on(node: ScriptedNode) -> None:
     """The hop protocol alone: a deadline is an asyncio timeout (no thread), the error
     names the node, and the next step on the same link opens a new stream."""
-    node.hang_at = {1: 1.0}
+    node.hang_at = {1: 3.0}
 
     async def main() -> tuple[Unavailable, int]:
         channels = Channels()
         spec = pb.SessionSpec(session_id=b"s" * 16, max_length=8, codec="fp32")
         hop = pb.Hop(start=0, end=3, addresses=[node.address])
-        link = NextHop(channels, spec, [hop], token_replay(), timeout_s=0.2)
+        link = NextHop(channels, spec, [hop], token_replay(), timeout_s=30)
         await link.open()
         sid = spec.session_id
         first = pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1]))
         await link.step(first)
         request = pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
+        link.timeout_s = 0.2  # the step that hangs: the deadline is what is tested
         threads = set(threading.enumerate())
         with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d+.*within 0\.2 s") as err:
             await link.step(request)
         new = set(threading.enumerate()) - threads
         assert not [t for t in new if not t.name.startswith("scripted-node")]  # no deadline thread
+        link.timeout_s = 30
         reply, _ = await link.step(request)  # answered from what the node kept
         await channels.close()
         return err.value, reply.token
