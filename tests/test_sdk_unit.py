@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import signal
 import threading
 import time
 from concurrent import futures
@@ -150,8 +151,13 @@ def test_ctrl_c_in_a_sync_call_stops_the_generation_and_closes_its_session() -> 
         if token.id == 1004:
             _thread.interrupt_main()  # as if Ctrl-C were pressed in the waiting thread
 
-    with pytest.raises(KeyboardInterrupt):
-        client.generate([1, 2], 1000, on_token=ctrl_c_at_the_third_token)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.generate([1, 2], 1000, on_token=ctrl_c_at_the_third_token)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     session = client.sessions[0]
     steps = len(session.fed)
     time.sleep(0.2)
