@@ -19,7 +19,9 @@ from nanoshard.statusview import status_json
 pytestmark = pytest.mark.slow
 
 HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
-FETCHED = re.compile(r"fetched (\d+) bytes .*units \[(\d+), (\d+)\); (\d+) bytes were cached")
+FETCHED = re.compile(
+    r"fetched (\d+) bytes .*units \[(\d+), (\d+)\); (\d+) bytes \(\d+ tensors\) were cached"
+)
 
 
 def covered(client: CoordinatorClient, nodes: int | None = None) -> dict | None:
