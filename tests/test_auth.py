@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from swarm import Swarm, nanoshard, wait_until
-from test_swarm import HEARTBEAT, covered
+from test_swarm import STEADY, covered
 
 from nanoshard import Client
 from nanoshard.client.swarm import CoordinatorClient
@@ -128,7 +128,7 @@ def raw_call(address: str, service: str, method: str, metadata=()) -> grpc.Statu
 def keyed_swarm(tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("keyed")
     with Swarm() as swarm:
-        _, coordinator = swarm.coordinator("--swarm-key", KEY, "--no-mdns", *HEARTBEAT)
+        _, coordinator = swarm.coordinator("--swarm-key", KEY, "--no-mdns", *STEADY)
         for i in range(2):
             swarm.join(
                 "--coordinator", coordinator, "--no-mdns", "--swarm-key", KEY,
@@ -212,7 +212,7 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
     tls = ["--tls-cert", str(certs / "127.0.0.1.pem"), "--tls-key", str(certs / "127.0.0.1.key")]
     tls += ["--tls-ca", str(certs / "ca.pem"), "--swarm-key", KEY]
     with Swarm() as swarm:
-        _, coordinator = swarm.coordinator("--no-mdns", *tls, *HEARTBEAT)
+        _, coordinator = swarm.coordinator("--no-mdns", *tls, *STEADY)
         for i in range(2):
             swarm.join(
                 "--coordinator", coordinator, "--no-mdns", *tls,
