@@ -161,8 +161,6 @@ def run_demo(config: DemoConfig, console: Console) -> int:
                         str(memory),
                         "--cache-dir",
                         str(Path(tmp) / f"cache{i + 1}"),
-                        "--threads",
-                        "1",
                     ],
                 )
             coordinator = CoordinatorClient(address)

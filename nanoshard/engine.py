@@ -181,6 +181,7 @@ def quantize_int8(module: nn.Module) -> None:
 # is also faster than MKL here, for one row and more so for a batch.
 
 PACK_ROWS = 16  # the batch size oneDNN lays the weight out for (MAX_BATCH's default)
+SMALL_LINEAR = 1 << 18  # weights below which a layer runs row by row instead (``RowLinear``)
 PACKABLE = (torch.float32, torch.bfloat16)
 
 
@@ -246,13 +247,39 @@ class PackedLinear(nn.Module):
         return y[:rows].view(*x.shape[:-1], y.shape[-1])
 
 
+class RowLinear(nn.Module):
+    """A Linear layer too small to be worth packing (oneDNN's fixed cost, ~0.1 ms a call here,
+    is ten times ``F.linear``'s on a toy layer): each row runs alone, on the one-row kernel, so
+    no row depends on the others either. Weights are read once per row, which a small layer
+    does not notice."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.cat([F.linear(row, self.weight, self.bias) for row in rows.split(1)])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fast_linear(weight: torch.Tensor, bias: torch.Tensor | None, probed: dict) -> nn.Module:
+    """The layer ``pack_linears`` puts in place of a Linear layer with these weights."""
+    if weight.numel() < SMALL_LINEAR:
+        return RowLinear(weight, bias)
+    return PackedLinear(weight, bias, probed)
+
+
 class PackedEmbedding(nn.Module):
-    """``wte`` of a stage holding the head: the tied lm_head as a ``PackedLinear`` and, only if
+    """``wte`` of a stage holding the head: the tied lm_head as a packed layer and, only if
     the stage embeds too, the plain rows for the lookup (wte is then held twice)."""
 
     def __init__(self, embedding: nn.Embedding, lookup: bool, probed: dict[tuple, int]) -> None:
         super().__init__()
-        self.head = PackedLinear(embedding.weight, None, probed)
+        self.head = fast_linear(embedding.weight, None, probed)
         self.weight = embedding.weight if lookup else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -272,13 +299,13 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(stage: Stage) -> None:
-    """Replace every ``nn.Linear`` of ``stage`` (and its tied head) by a ``PackedLinear``, in
-    place. Inference only: packed layers have no gradient."""
+    """Replace every ``nn.Linear`` of ``stage`` (and its tied head) by a ``PackedLinear``, or a
+    ``RowLinear`` if it is small, in place. Inference only: packed layers have no gradient."""
     probed: dict[tuple, int] = {}  # min_rows per layer shape: blocks repeat a few shapes
     for module in list(stage.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias, probed))
+                setattr(module, name, fast_linear(child.weight, child.bias, probed))
     if stage.has_head:
         wte = cast(nn.Embedding, stage.transformer["wte"])
         stage.transformer["wte"] = PackedEmbedding(wte, stage.has_embed, probed)

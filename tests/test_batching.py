@@ -86,6 +86,21 @@ def test_gpt2_shaped_decode_batch_equals_alone() -> None:
             assert torch.equal(ys[b : b + 1], stage(ids[b : b + 1], alone[b], pos)), b
 
 
+@pytest.mark.parametrize("n_embd", [20, 36, 100])
+def test_odd_width_decode_batch_equals_alone(n_embd) -> None:
+    """Widths that are not a multiple of the vector length: vectorized gelu takes part of a
+    row on its scalar path, and which part depends on the number of rows."""
+    config = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=n_embd)
+    stage = Stage.from_tensors(config, 0, config.n_units, init_weights(config, seed=2))
+    lengths = [3, 9, 1, 5, 12, 7, 2]
+    batched, alone = prefilled(stage, lengths), prefilled(stage, lengths)
+    ids = torch.tensor([5, 96, 17, 30, 42, 0, 61])
+    with torch.inference_mode():
+        ys = stage.decode(ids, batched, lengths)
+        for b, pos in enumerate(lengths):
+            assert torch.equal(ys[b : b + 1], stage(ids[b : b + 1], alone[b], pos)), b
+
+
 def test_decode_batch_refuses_a_session_twice(tiny_config, tiny_weights) -> None:
     stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
     cache = prefilled(stage, [4])[0]
