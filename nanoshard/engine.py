@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -306,8 +307,8 @@ def pack_linears(stage: Stage) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, fast_linear(child.weight, child.bias, probed))
-    if stage.has_head:
-        wte = cast(nn.Embedding, stage.transformer["wte"])
+    wte = stage.transformer["wte"] if stage.has_head else None
+    if isinstance(wte, nn.Embedding):  # not a vocabulary-parallel slice (tp.py)
         stage.transformer["wte"] = PackedEmbedding(wte, stage.has_embed, probed)
 
 
@@ -329,14 +330,16 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.n_head = config.n_head
+        self.n_head = config.n_head  # heads this module computes (fewer when tensor parallel)
+        self.head_dim = config.head_dim
 
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, pos: int
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
+        C = self.n_head * self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if kv is not None:
             # Write this chunk's keys and values at [pos, pos+T), then attend over [0, pos+T).
             k_cache, v_cache = kv
@@ -358,9 +361,10 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """One new token for each of B sessions, ``x`` (B, 1, C): the projections see the
         whole batch, each query attends to its own session's cache."""
-        B, _, C = x.shape
+        B = x.shape[0]
+        C = self.n_head * self.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, 1, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, 1, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         ys = []
         for b, ((k_cache, v_cache), pos) in enumerate(zip(kvs, positions, strict=True)):
             k_cache[:, pos] = k[b, :, 0]
@@ -418,6 +422,9 @@ class Stage(nn.Module):
         self.has_embed = start == 0
         self.has_head = end == config.n_units
         self.blocks = block_indices(config, start, end)
+        self.heads = config.n_head  # attention heads per block it computes and caches
+        self.vocab = (0, config.vocab_size)  # the token ids its logits cover
+        self.shard: Any = None  # a tp.Shard when its blocks are split across a group
         self.transformer = nn.ModuleDict()
         if self.has_embed or self.has_head:  # the head reads wte too (tied lm_head)
             self.transformer["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
@@ -450,6 +457,7 @@ class Stage(nn.Module):
                 sub.transformer["h"] = nn.ModuleDict({str(i): blocks[str(i)] for i in sub.blocks})
             else:
                 sub.transformer[name] = self.transformer[name]
+        sub.heads, sub.vocab, sub.shard = self.heads, self.vocab, self.shard
         return sub.eval()
 
     # Read on every step, so worked out once: a stage is not moved or cast once it serves.
@@ -478,7 +486,7 @@ class Stage(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The tied lm_head: normalized activations -> logits."""
         wte = self.transformer["wte"]
-        if isinstance(wte, Int8Embedding | PackedEmbedding):
+        if hasattr(wte, "project"):  # packed, quantized or vocabulary-parallel
             return wte.project(x)
         return F.linear(x, cast(nn.Embedding, wte).weight)
 
@@ -495,7 +503,9 @@ class Stage(nn.Module):
         return self
 
     def new_cache(self, max_length: int) -> KVCache:
-        return KVCache(self.config, self.n_blocks, max_length, self.act_dtype, self.device)
+        return KVCache(
+            self.config, self.n_blocks, max_length, self.act_dtype, self.device, self.heads
+        )
 
     def forward(
         self,
@@ -591,8 +601,10 @@ class Stage(nn.Module):
         tensors: dict[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        transform: Callable[[Stage], Stage] | None = None,
     ) -> Stage:
-        """Build a stage straight from its checkpoint tensors (nanoGPT names), no init pass."""
+        """Build a stage straight from its checkpoint tensors (nanoGPT names), no init pass;
+        ``transform`` (e.g. ``tp.shard``) rewrites it before its weights are cast and packed."""
         with torch.device("meta"):
             stage = cls(config, start, end)
         expected = set(stage.state_dict())
@@ -602,6 +614,8 @@ class Stage(nn.Module):
         load_as = torch.float32 if dtype == torch.int8 else dtype
         state = {name: tensors[name].to(device=device, dtype=load_as) for name in expected}
         stage.load_state_dict(state, assign=True)
+        if transform is not None:
+            stage = transform(stage)
         return stage.to_weights(dtype).eval()
 
 

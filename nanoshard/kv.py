@@ -16,17 +16,26 @@ class KVCache:
         max_length: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        heads: int | None = None,
     ) -> None:
-        shape = (n_blocks, config.n_head, max_length, config.head_dim)
+        """``heads``: the heads it caches (a tensor-parallel member caches its own only)."""
+        shape = (n_blocks, heads or config.n_head, max_length, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # positions filled so far
 
     @staticmethod
-    def nbytes_for(config: GPTConfig, n_blocks: int, max_length: int, dtype: torch.dtype) -> int:
+    def nbytes_for(
+        config: GPTConfig,
+        n_blocks: int,
+        max_length: int,
+        dtype: torch.dtype,
+        heads: int | None = None,
+    ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * n_blocks * max_length * config.n_embd * itemsize
+        width = (heads or config.n_head) * config.head_dim
+        return 2 * n_blocks * max_length * width * itemsize
 
     @property
     def nbytes(self) -> int:

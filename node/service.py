@@ -166,7 +166,9 @@ class NodeService(pb_grpc.NodeServicer):
     @staticmethod
     def reservation_bytes(stage: Stage, spec: SessionSpec) -> int:
         """KV cache plus replay material (at most fp32 activations for every position)."""
-        kv = KVCache.nbytes_for(stage.config, stage.n_blocks, spec.max_length, stage.act_dtype)
+        kv = KVCache.nbytes_for(
+            stage.config, stage.n_blocks, spec.max_length, stage.act_dtype, stage.heads
+        )
         replay = 0 if stage.has_head else spec.max_length * stage.config.n_embd * 4
         return kv + replay
 

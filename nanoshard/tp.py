@@ -1,0 +1,225 @@
+"""Tensor parallel: one stage's blocks, embedding and head split across a group of k nodes.
+
+A stage served by a group is the same ``Stage`` with its modules replaced (``shard``), the
+way gpt-fast's ``tp.py`` does it, so the model file stays the plain model. Member ``rank``
+of ``size`` holds, for every block:
+
+- attention: its ``n_head / size`` heads — their rows of ``c_attn`` (queries, keys and
+  values alike) and their columns of ``c_proj`` — and a KV cache of those heads only;
+- MLP: its ``1 / size`` of the hidden units — rows of ``c_fc``, columns of ``c_proj``.
+
+Each block's two output projections give partial sums; they are summed across the group
+(two all-reduces per block), then the bias is added once. LayerNorms and ``wpe`` are
+replicated. Embedding and head are split by vocabulary (``VocabParallelEmbedding``): member
+r holds rows ``vocab_range(vocab_size, r, size)`` of ``wte``; the lookup is a masked lookup
+plus an all-reduce, and the head gives this member's slice of the logits only, which
+``sampling.sample_slice`` samples from without ever gathering the full row.
+
+What crosses the group per token, per block: 2 all-reduces of n_embd values (the hidden
+state), plus one all-reduce at the embedding and a few bytes per member for sampling.
+
+The collectives run on ``torch.distributed`` (gloo on CPU, NCCL when every member has
+CUDA), one process group per TP group (``Collective``), each with a timeout: a member that
+dies makes the others' collective fail at once, one that hangs makes it fail at the
+timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanoshard.engine import Block, CausalSelfAttention, Stage
+from nanoshard.errors import InvalidArgument
+
+SIZES = (2, 4)  # group sizes placement forms (each must divide n_head)
+
+
+def check_split(n_head: int, size: int) -> None:
+    if size < 1 or n_head % size:
+        raise InvalidArgument(f"a group of {size} cannot split {n_head} heads evenly")
+
+
+def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
+    """The token ids ``[lo, hi)`` member ``rank`` of ``size`` holds: contiguous, the first
+    ``vocab_size % size`` members one more."""
+    base, extra = divmod(vocab_size, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+@dataclass
+class CollectiveStats:
+    """What the group's collectives cost this member, summed since the last ``take``."""
+
+    ms: float = 0.0
+    bytes: int = 0
+    calls: int = 0
+
+
+class Collective:
+    """The collectives of one TP group: a ``torch.distributed`` process group of its own
+    (not the process-wide default group, so a node can leave one group and join another).
+
+    ``all_reduce`` and ``all_gather`` block the calling thread (a node's compute worker)
+    and raise ``RuntimeError`` if a member is gone or does not answer within ``timeout_s``.
+    """
+
+    def __init__(self, pg: dist.ProcessGroup, rank: int, size: int, group: str) -> None:
+        self.pg, self.rank, self.size, self.group = pg, rank, size, group
+        self.stats = CollectiveStats()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def form(
+        cls,
+        group: str,
+        rank: int,
+        size: int,
+        store: dist.Store,
+        host: str,
+        timeout_s: float,
+    ) -> Collective:
+        """Join the group's process group through ``store`` (hosted by rank 0), with gloo
+        bound to ``host`` (the member's own data-plane address, never every interface).
+        Blocks until every member has joined or ``timeout_s`` passes."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        options._timeout = timeout
+        prefixed = dist.PrefixStore(f"nanoshard/{group}/", store)
+        pg = dist.ProcessGroupGloo(prefixed, rank, size, options)
+        return cls(pg, rank, size, group)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` across the group, in place (and return it)."""
+        started = time.perf_counter()
+        work = t if t.is_contiguous() and t.dtype == torch.float32 else t.float().contiguous()
+        self.pg.allreduce([work]).wait()
+        if work is not t:
+            t.copy_(work)
+        self._count(started, work.nbytes)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's ``t`` (same shape and dtype on all), in rank order."""
+        started = time.perf_counter()
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        self.pg.allgather([out], [t]).wait()
+        self._count(started, t.nbytes)
+        return out
+
+    def _count(self, started: float, nbytes: int) -> None:
+        with self._lock:
+            self.stats.ms += (time.perf_counter() - started) * 1e3
+            self.stats.bytes += nbytes
+            self.stats.calls += 1
+
+    def take(self) -> CollectiveStats:
+        """The stats since the last call, reset."""
+        with self._lock:
+            stats, self.stats = self.stats, CollectiveStats()
+        return stats
+
+
+@dataclass
+class Shard:
+    """Where a stage's member sits in its group."""
+
+    rank: int
+    size: int
+    collective: Collective = field(repr=False)
+
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return self.collective.all_gather(t)
+
+
+class RowParallel(nn.Module):
+    """A Linear layer whose input features are split across the group: this member's
+    partial product, summed across the group, plus the bias once."""
+
+    def __init__(self, linear: nn.Linear, lo: int, hi: int, collective: Collective) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hi - lo, linear.out_features, bias=False)
+        self.linear.weight = nn.Parameter(linear.weight.detach()[:, lo:hi].clone())
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.collective = collective
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.collective.all_reduce(self.linear(x).contiguous())
+        return y if self.bias is None else y + self.bias
+
+
+def column_slice(linear: nn.Linear, rows: list[tuple[int, int]]) -> nn.Linear:
+    """A Linear layer computing only these output features (row ranges of the weight)."""
+    weight = torch.cat([linear.weight.detach()[lo:hi] for lo, hi in rows])
+    out = nn.Linear(linear.in_features, weight.shape[0], bias=linear.bias is not None)
+    out.weight = nn.Parameter(weight.clone())
+    if linear.bias is not None:
+        out.bias = nn.Parameter(torch.cat([linear.bias.detach()[lo:hi] for lo, hi in rows]))
+    return out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[lo, hi)`` of the tied ``wte``: a lookup of ids outside them gives zeros and
+    the group's all-reduce fills them in; ``project`` gives this slice of the logits."""
+
+    def __init__(self, embedding: nn.Embedding, lo: int, hi: int, collective: Collective):
+        super().__init__()
+        self.weight = nn.Parameter(embedding.weight.detach()[lo:hi].clone())
+        self.lo, self.hi = lo, hi
+        self.collective = collective
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        inside = (ids >= self.lo) & (ids < self.hi)
+        local = (ids - self.lo).clamp(0, self.hi - self.lo - 1)
+        rows = F.embedding(local, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return self.collective.all_reduce(rows.contiguous())
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def shard(stage: Stage, collective: Collective) -> Stage:
+    """``stage`` (full fp32 weights, not yet packed or quantized) as member
+    ``collective.rank`` of a group of ``collective.size``: in place, and returned."""
+    rank, size = collective.rank, collective.size
+    config = stage.config
+    check_split(config.n_head, size)
+    if stage.shard is not None:
+        raise ValueError("this stage is already sharded")
+    width = config.n_embd // size  # this member's heads' share of the model's width
+    lo, hi = rank * width, (rank + 1) * width
+    hidden = 4 * config.n_embd // size
+    blocks = cast(nn.ModuleDict, stage.transformer["h"])
+    for name in list(blocks):
+        block = cast(Block, blocks[name])
+        attn = cast(CausalSelfAttention, block.attn)
+        C = config.n_embd
+        attn.c_attn = column_slice(
+            attn.c_attn, [(lo, hi), (C + lo, C + hi), (2 * C + lo, 2 * C + hi)]
+        )
+        attn.c_proj = RowParallel(attn.c_proj, lo, hi, collective)  # type: ignore[assignment]
+        attn.n_head = config.n_head // size
+        mlp = block.mlp
+        h_lo = rank * hidden
+        mlp.c_fc = column_slice(mlp.c_fc, [(h_lo, h_lo + hidden)])
+        mlp.c_proj = RowParallel(mlp.c_proj, h_lo, h_lo + hidden, collective)  # type: ignore[assignment]
+    if "wte" in stage.transformer:
+        v_lo, v_hi = vocab_range(config.vocab_size, rank, size)
+        wte = cast(nn.Embedding, stage.transformer["wte"])
+        stage.transformer["wte"] = VocabParallelEmbedding(wte, v_lo, v_hi, collective)
+        stage.vocab = (v_lo, v_hi)
+    stage.heads = config.n_head // size
+    stage.shard = Shard(rank, size, collective)
+    return stage

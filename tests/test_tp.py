@@ -1,0 +1,131 @@
+"""Tensor-parallel stages (``nanoshard.tp``): k real processes joined by a gloo process group
+on 127.0.0.1, each holding its shard; their output equals the unsharded stage's."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import io
+import itertools
+import multiprocessing as mp
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanoshard.config import GPTConfig
+from nanoshard.engine import Stage, init_weights
+from nanoshard.tp import Collective, shard, vocab_range
+
+CONFIG = GPTConfig(block_size=96, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
+PROMPT = [3, 17, 99, 0, 42, 5, 64, 8]
+DECODE = 50
+TIMEOUT_S = 60.0
+
+
+def weights() -> dict[str, torch.Tensor]:
+    w = init_weights(CONFIG, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    for t in w.values():
+        if t.dim() == 1:
+            t.add_(0.05 * torch.randn(t.shape, generator=gen))
+    return w
+
+
+def run_member(rank: int, size: int, port: int, job: Any, out: Any) -> None:
+    """One member: join the group through the parent's store, run ``job``, send its result."""
+    try:
+        torch.set_num_threads(1)
+        store = dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+        )
+        collective = Collective.form("test", rank, size, store, "127.0.0.1", TIMEOUT_S)
+        buf = io.BytesIO()  # bytes, not tensors: a tensor in a queue outlives its process
+        torch.save(job(collective), buf)
+        out.put((rank, buf.getvalue()))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put((rank, exc))
+
+
+def in_group(size: int, job: Any) -> list[Any]:
+    """``job(collective)`` on each of ``size`` member processes; their results by rank."""
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )  # fmt: skip
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=run_member, args=(r, size, store.port, job, out)) for r in range(size)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=TIMEOUT_S * 2) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for r in range(size):
+        if isinstance(results[r], BaseException):
+            raise results[r]
+    return [torch.load(io.BytesIO(results[r])) for r in range(size)]
+
+
+def generate_outputs(start: int, end: int, dtype: torch.dtype, collective: Collective | None):
+    """A prefill of PROMPT and DECODE one-token steps through units [start, end), the
+    decode inputs fixed (teacher-forced): every step's output."""
+    transform = None if collective is None else functools.partial(shard, collective=collective)
+    stage = Stage.from_tensors(CONFIG, start, end, weights(), dtype, transform=transform)
+    cache = stage.new_cache(len(PROMPT) + DECODE)
+    gen = torch.Generator().manual_seed(7)
+    if stage.has_embed:
+        x = torch.tensor(PROMPT)
+        steps = torch.randint(0, CONFIG.vocab_size, (DECODE,), generator=gen)
+    else:
+        x = torch.randn(len(PROMPT), CONFIG.n_embd, generator=gen)
+        steps = torch.randn(DECODE, CONFIG.n_embd, generator=gen)
+    outs = []
+    with torch.inference_mode():
+        outs.append(stage(x, cache, 0, all_logits=True) if stage.has_head else stage(x, cache, 0))
+        for i in range(DECODE):
+            outs.append(stage(steps[i : i + 1], cache, len(PROMPT) + i))
+    return [o.clone() for o in outs], stage.vocab, cache.k.shape
+
+
+UNITS = [(0, 4), (1, 3), (2, 4), (0, 1)]  # the whole model, blocks, blocks + head, embed
+
+
+def every_stage(collective: Collective | None) -> list:
+    return [generate_outputs(*units, torch.float32, collective) for units in UNITS]
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_stage_equals_unsharded(size: int) -> None:
+    """Prefill and 50 decode steps of each stage: each member's hidden states equal the
+    whole stage's to fp32 summation order; a head's logits are the member's vocabulary
+    slice of the whole stage's; a member caches its own heads only."""
+    wholes = every_stage(None)
+    members = in_group(size, every_stage)
+    for units, (whole, _, full_kv) in zip(UNITS, wholes, strict=True):
+        head = units[1] == CONFIG.n_units
+        for rank, member in enumerate(members):
+            outs, (lo, hi), kv_shape = member[UNITS.index(units)]
+            assert kv_shape[1] == CONFIG.n_head // size and full_kv[1] == CONFIG.n_head
+            if head:
+                assert (lo, hi) == vocab_range(CONFIG.vocab_size, rank, size)
+            for step, (got, want) in enumerate(zip(outs, whole, strict=True)):
+                want = want[..., lo:hi] if head else want
+                assert got.shape == want.shape
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                assert err <= 1e-5, (units, rank, step, err)
+
+
+def test_vocab_range_covers_the_vocabulary_once() -> None:
+    for vocab in (1, 7, 50257):
+        for size in (1, 2, 3, 4):
+            ranges = [vocab_range(vocab, r, size) for r in range(size)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == vocab
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
