@@ -36,7 +36,7 @@ class NodeLoad(_message.Message):
     def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end")
+    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class JoinRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HELD_START_FIELD_NUMBER: _ClassVar[int]
     HELD_END_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -55,19 +56,36 @@ class JoinRequest(_message.Message):
     capacity: Capacity
     held_start: int
     held_end: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ...) -> None: ...
+    store_port: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("idle", "start", "end", "version")
+    __slots__ = ("idle", "start", "end", "version", "tp")
     IDLE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
     idle: bool
     start: int
     end: int
     version: int
-    def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    tp: TpGroup
+    def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., tp: _Optional[_Union[TpGroup, _Mapping]] = ...) -> None: ...
+
+class TpGroup(_message.Message):
+    __slots__ = ("id", "rank", "size", "members", "rendezvous")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    rank: int
+    size: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    rendezvous: str
+    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., rendezvous: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("model_id", "assignment", "heartbeat_interval_s", "coordinator_epoch")
@@ -82,18 +100,20 @@ class JoinReply(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., coordinator_epoch: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "ready", "start", "end", "load")
+    __slots__ = ("node_id", "ready", "start", "end", "load", "tp_group")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    TP_GROUP_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     ready: bool
     start: int
     end: int
     load: NodeLoad
-    def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+    tp_group: str
+    def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., tp_group: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("assignment", "coordinator_epoch")

@@ -6,6 +6,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GroupCommand(_message.Message):
+    __slots__ = ("group", "open", "step", "close")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    open: OpenRequest
+    step: StepRequest
+    close: CloseRequest
+    def __init__(self, group: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ...) -> None: ...
+
+class GroupAck(_message.Message):
+    __slots__ = ("has_token", "token", "compute_ms", "collective_ms")
+    HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
+    has_token: bool
+    token: int
+    compute_ms: float
+    collective_ms: float
+    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., compute_ms: _Optional[float] = ..., collective_ms: _Optional[float] = ...) -> None: ...
+
 class Hop(_message.Message):
     __slots__ = ("start", "end", "addresses")
     START_FIELD_NUMBER: _ClassVar[int]
@@ -109,7 +133,7 @@ class StepReply(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch")
+    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +148,9 @@ class HopTrace(_message.Message):
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     REPAIR_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     start: int
@@ -138,7 +165,10 @@ class HopTrace(_message.Message):
     handle: KVHandle
     repair: str
     batch: int
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ...) -> None: ...
+    tp: int
+    collective_ms: float
+    collective_bytes: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("session_id", "start", "end", "length", "epoch")
@@ -197,7 +227,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version")
+    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +243,8 @@ class NodeInfo(_message.Message):
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     model_id: str
@@ -228,4 +260,6 @@ class NodeInfo(_message.Message):
     step_ms_p50: float
     epoch: bytes
     protocol_version: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    tp_rank: int
+    tp_size: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class NodeStub:
                 request_serializer=nanoshard_dot_v1_dot_node__pb2.OutputsRequest.SerializeToString,
                 response_deserializer=nanoshard_dot_v1_dot_node__pb2.OutputsReply.FromString,
                 _registered_method=True)
+        self.Group = channel.stream_stream(
+                '/nanoshard.v1.Node/Group',
+                request_serializer=nanoshard_dot_v1_dot_node__pb2.GroupCommand.SerializeToString,
+                response_deserializer=nanoshard_dot_v1_dot_node__pb2.GroupAck.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -118,6 +123,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Group(self, request_iterator, context):
+        """Rank 0 of a tensor-parallel group to one of its other members: the group's opens, steps
+        and closes, in the order rank 0 runs them (every member must run the group's
+        collectives in one order). One stream per member for all sessions; one ack per command.
+        A member that fails a command ends the stream with its status: the group is broken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +165,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Outputs,
                     request_deserializer=nanoshard_dot_v1_dot_node__pb2.OutputsRequest.FromString,
                     response_serializer=nanoshard_dot_v1_dot_node__pb2.OutputsReply.SerializeToString,
+            ),
+            'Group': grpc.stream_stream_rpc_method_handler(
+                    servicer.Group,
+                    request_deserializer=nanoshard_dot_v1_dot_node__pb2.GroupCommand.FromString,
+                    response_serializer=nanoshard_dot_v1_dot_node__pb2.GroupAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +334,33 @@ class Node:
             '/nanoshard.v1.Node/Outputs',
             nanoshard_dot_v1_dot_node__pb2.OutputsRequest.SerializeToString,
             nanoshard_dot_v1_dot_node__pb2.OutputsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Group(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nanoshard.v1.Node/Group',
+            nanoshard_dot_v1_dot_node__pb2.GroupCommand.SerializeToString,
+            nanoshard_dot_v1_dot_node__pb2.GroupAck.FromString,
             options,
             channel_credentials,
             insecure,
