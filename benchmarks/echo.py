@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -26,13 +27,20 @@ from pathlib import Path
 import grpc
 
 METHOD = "/nanoshard.bench.Echo/Stream"
+HOLD = struct.Struct("<f")  # a message's first bytes: how long the server holds it (ms)
+HELD = struct.Struct("<d")  # then, in the reply, how long it did (s): not counted
 N_EMBD = 768  # GPT-2 124M: one decode step's activations are 768 fp32 values
 
 
 async def serve() -> None:
     async def stream(requests, context):  # type: ignore[no-untyped-def]
         async for message in requests:
-            yield message
+            received = time.perf_counter()
+            (hold_ms,) = HOLD.unpack_from(message)
+            if hold_ms > 0:  # as a node computes before it answers (and sleeps meanwhile)
+                await asyncio.sleep(hold_ms / 1e3)
+            held = time.perf_counter() - received
+            yield message[: HOLD.size] + HELD.pack(held) + message[HOLD.size + HELD.size :]
 
     server = grpc.aio.server()
     handler = grpc.stream_stream_rpc_method_handler(stream)  # bytes in, bytes out
@@ -76,10 +84,11 @@ class EchoServer:
         self.close()
 
 
-async def round_trips(address: str, n_bytes: int, count: int) -> list[float]:
+async def round_trips(address: str, n_bytes: int, count: int, hold_ms: float = 0.0) -> list[float]:
     """ms of each of ``count`` round trips of an ``n_bytes`` message on one bidi stream
-    (after 20 unmeasured ones: the connection, the stream, first calls)."""
-    payload = bytes(n_bytes)
+    (after 20 unmeasured ones: the connection, the stream, first calls), less the time the
+    server held it (``hold_ms``: as a hop that computes for that long before answering)."""
+    payload = HOLD.pack(hold_ms) + bytes(n_bytes - HOLD.size)
     times = []
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.stream_stream(METHOD)()
@@ -87,17 +96,22 @@ async def round_trips(address: str, n_bytes: int, count: int) -> list[float]:
             t0 = time.perf_counter()
             await call.write(payload)
             reply = await call.read()
-            if i >= 20:
-                times.append((time.perf_counter() - t0) * 1e3)
             if len(reply) != n_bytes:
                 raise RuntimeError(f"the echo answered {len(reply)} bytes, not {n_bytes}")
+            if i >= 20:
+                (held_s,) = HELD.unpack_from(reply, HOLD.size)
+                times.append((time.perf_counter() - t0 - held_s) * 1e3)
         await call.done_writing()
     return times
 
 
-def measure_floor(address: str, n_embd: int = N_EMBD, count: int = 200) -> list[float]:
-    """Round trips (ms) of n_embd fp32 values each way, through the server at ``address``."""
-    return asyncio.run(round_trips(address, 4 * n_embd, count))
+def measure_floor(
+    address: str, n_embd: int = N_EMBD, count: int = 200, hold_ms: float = 0.0
+) -> list[float]:
+    """Round trips (ms) of n_embd fp32 values each way, through the server at ``address``,
+    the server's hold of ``hold_ms`` taken out. Held, both processes sleep between a
+    message and its answer, as on a hop; waking costs more than back-to-back calls do."""
+    return asyncio.run(round_trips(address, 4 * n_embd, count, hold_ms))
 
 
 def render_markdown(result: dict) -> str:
@@ -109,7 +123,12 @@ def render_markdown(result: dict) -> str:
         f"on 127.0.0.1, {e['bytes']}-byte messages ({e['n_embd']} fp32 values), one at a time: "
         f"**{e['round_trip_ms']:.3f} ms** per round trip (median of {e['count']} x "
         f"{e['repeats']}; p10 {e['p10_ms']:.3f}, p90 {e['p90_ms']:.3f}; per repeat "
-        f"{e['per_repeat_ms']}).\n"
+        f"{e['per_repeat_ms']}).\n\n"
+        f"Held: the server holds each message {e['hold_ms']:g} ms before answering (asleep, as "
+        "a node waits for its compute), that time taken out: "
+        f"**{e['held_round_trip_ms']:.3f} ms** (per repeat {e['held_per_repeat_ms']}). "
+        "Both processes sleep between a message and its answer, as on a hop, and waking up "
+        "costs more than calls back to back do.\n"
     )
 
 
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--serve", action="store_true", help="run only the echo server")
     p.add_argument("--quick", action="store_true", help="one repeat of 100 round trips")
     p.add_argument("--n-embd", type=int, default=N_EMBD, help="values per message (768)")
+    p.add_argument("--hold-ms", type=float, default=20.0, help="the held echo's hold (20)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for echo.{json,md}")
     opts = p.parse_args(argv)
     if opts.serve:
@@ -130,9 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"machine": machine_info(threads=0)}
     repeats, count = (1, 100) if opts.quick else (5, 400)
     samples: list[list[float]] = []
+    held: list[list[float]] = []
     with EchoServer() as server:
         for _ in range(repeats):
             samples.append(measure_floor(server.address, opts.n_embd, count))
+            held.append(measure_floor(server.address, opts.n_embd, count // 4, opts.hold_ms))
     every = sorted(t for s in samples for t in s)
     result["echo"] = {
         "n_embd": opts.n_embd,
@@ -143,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         "p10_ms": round(every[len(every) // 10], 4),
         "p90_ms": round(every[9 * len(every) // 10], 4),
         "per_repeat_ms": [round(statistics.median(s), 3) for s in samples],
+        "hold_ms": opts.hold_ms,
+        "held_round_trip_ms": round(statistics.median([t for s in held for t in s]), 4),
+        "held_per_repeat_ms": [round(statistics.median(s), 3) for s in held],
         "load_average": load_average(),
     }
     return save_results(result, started, opts.out, "echo", render_markdown)

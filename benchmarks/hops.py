@@ -87,6 +87,8 @@ DEFINITIONS = {
     "overhead_ms": "median over tokens of (chain step - local step for the same token)",
     "overhead_per_hop_ms": "overhead_ms / hops",
     "echo_floor_ms": "a bare grpc.aio bidi-stream round trip of n_embd fp32 values (echo.py)",
+    "held_floor_ms": "the same round trip, the echo holding each message as long as a hop "
+    "computes (asleep, then answering), the hold taken out",
     "compute_ms": "the node's stage run, codec encode/decode included (trace compute_ms)",
     "queue_ms": "waiting for the node's compute worker",
     "handling_ms": "the node's own time outside compute, queue and its downstream call",
@@ -187,14 +189,18 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
         run(c, min(4, opts.tokens))
     runs: dict[Config, list] = {c: [] for c in configs}
     floor: list[list[float]] = []  # the echo's round trips, one list per repeat
+    held: list[list[float]] = []  # the same, the server holding each as long as a hop computes
     for r in range(opts.repeats):
         shift = r % len(configs)  # rotate the order so no configuration always runs first
         for c in configs[shift:] + configs[:shift]:
             runs[c].append(run(c, opts.tokens))
         floor.append(measure_floor(echo.address, config.n_embd, 4 * opts.tokens))
+        hold = median(runs[Config(0)][-1].decode_ms) / biggest  # a hop's share of a token
+        held.append(measure_floor(echo.address, config.n_embd, opts.tokens, hold))
 
     local_ms = [median(g.decode_ms) for g in runs[Config(0)]]
     echo_ms = median([ms for f in floor for ms in f])
+    held_ms = median([ms for f in held for ms in f])
     results = []
     for c in configs:
         gens = [p.chain for p in runs[c]] if c.nodes else runs[c]
@@ -224,6 +230,7 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
             row["overhead_ms"] = round(median(diffs), 3)
             row["overhead_per_hop_ms"] = round(row["overhead_ms"] / c.nodes, 3)
             row["above_echo_floor_ms"] = round(row["overhead_per_hop_ms"] - echo_ms, 3)
+            row["above_held_floor_ms"] = round(row["overhead_per_hop_ms"] - held_ms, 3)
             row["tokens_match_local"] = all(p.same_tokens for p in paired)
             steps = [s for g in gens for s in hop_split(g)]
             row["per_hop"] = summarize_config(steps, len(steps))
@@ -249,6 +256,8 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
         "repeats": opts.repeats,
         "echo_floor_ms": round(echo_ms, 3),
         "echo_floor_repeats": spread([median(f) for f in floor]),
+        "held_floor_ms": round(held_ms, 3),
+        "held_floor_repeats": spread([median(f) for f in held]),
         "configs": results,
     }
 
@@ -413,19 +422,21 @@ def render_markdown(result: dict) -> str:
          "-".join(ms(v) for v in r["ms_per_token_repeats"]), paired(r, "local_ms_per_token"),
          f"{r['ratio_to_local']:.3f}", paired(r, "overhead_ms"),
          paired(r, "overhead_per_hop_ms"), paired(r, "above_echo_floor_ms"),
-         paired(r, "compute_ms_sum"), "yes" if r["tokens_match_local"] else "no"]
+         paired(r, "above_held_floor_ms"), paired(r, "compute_ms_sum"), "yes" if r["tokens_match_local"] else "no"]
         for r in speed["configs"]
         if r["codec"] == "fp32"
     ]  # fmt: skip
     header = (
         "path|hops|units|ms/token|repeats|local (paired) ms|x local|overhead ms|"
-        "overhead/hop ms|above echo floor ms|compute ms (sum)|tokens = local"
+        "overhead/hop ms|above echo floor ms|above held floor ms|compute ms (sum)|tokens = local"
     )
     out += [markdown_table(header.split("|"), rows), ""]
     out.append(
         f"\ngRPC echo floor (a bare grpc.aio bidi-stream round trip of {cfg['n_embd']} fp32 "
         f"values, `echo.py`, between the chain runs): {ms(speed['echo_floor_ms'])} ms "
-        f"(per repeat {speed['echo_floor_repeats']}).\n"
+        f"(per repeat {speed['echo_floor_repeats']}); held as long as a hop computes (the "
+        f"local ms/token / nodes; the hold taken out): {ms(speed['held_floor_ms'])} ms (per "
+        f"repeat {speed['held_floor_repeats']}).\n"
     )
     pre = speed["prefill"]
     out.append(
