@@ -82,9 +82,11 @@ def add_port(server: Any, address: str, security: Security | None = None) -> int
 
 def caller_identity(context: Any) -> str:
     """Who is calling: the identity in its swarm token, else the host it calls from."""
-    identity = identity_of(context)
-    if identity:
-        return identity
+    return identity_of(context) or peer_host(context)
+
+
+def peer_host(context: Any) -> str:
+    """The host a call comes from."""
     peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
     kind, _, rest = peer.partition(":")
     if kind == "ipv6" and rest.startswith("["):

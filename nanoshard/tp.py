@@ -56,6 +56,10 @@ def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
+class CollectiveError(RuntimeError):
+    """A collective of the group failed: a member is gone, or did not answer in time."""
+
+
 @dataclass
 class CollectiveStats:
     """What the group's collectives cost this member, summed since the last ``take``."""
@@ -103,7 +107,7 @@ class Collective:
         """Sum ``t`` across the group, in place (and return it)."""
         started = time.perf_counter()
         work = t if t.is_contiguous() and t.dtype == torch.float32 else t.float().contiguous()
-        self.pg.allreduce([work]).wait()
+        self._wait(self.pg.allreduce([work]))
         if work is not t:
             t.copy_(work)
         self._count(started, work.nbytes)
@@ -114,9 +118,15 @@ class Collective:
         started = time.perf_counter()
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.size)]
-        self.pg.allgather([out], [t]).wait()
+        self._wait(self.pg.allgather([out], [t]))
         self._count(started, t.nbytes)
         return out
+
+    def _wait(self, work: dist.Work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as exc:  # gloo: a peer closed the connection, or the timeout
+            raise CollectiveError(f"tensor-parallel group {self.group}: {exc}") from None
 
     def _count(self, started: float, nbytes: int) -> None:
         with self._lock:
@@ -141,6 +151,16 @@ class Shard:
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         return self.collective.all_gather(t)
+
+
+def gather_vocab(shard: Shard, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The whole vocabulary's logits from every member's slice (rows ``(T, slice)`` ->
+    ``(T, vocab_size)``): what a spot-check compares. Sampling never needs it."""
+    widest = vocab_range(vocab_size, 0, shard.size)[1]  # rank 0's slice is the widest
+    padded = F.pad(logits.float(), (0, widest - logits.shape[-1]))
+    parts = shard.gather(padded.contiguous())
+    ranges = [vocab_range(vocab_size, r, shard.size) for r in range(shard.size)]
+    return torch.cat([p[..., : hi - lo] for p, (lo, hi) in zip(parts, ranges, strict=True)], -1)
 
 
 class RowParallel(nn.Module):

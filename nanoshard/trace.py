@@ -23,6 +23,9 @@ def trace_to_dict(h: pb.HopTrace) -> dict[str, Any]:
         "kv_length": h.handle.length,
         "repair": h.repair,
         "batch": h.batch,
+        "tp": h.tp or 1,  # nodes of the tensor-parallel group serving the hop
+        "collective_ms": h.collective_ms,
+        "collective_bytes": h.collective_bytes,
     }
 
 
@@ -47,8 +50,10 @@ def summarize_hops(steps: list[list[dict[str, Any]]], step_ms: list[float]) -> l
                     "address": h["address"],
                     "units": list(h["units"]),
                     "codec": h["codec"],
+                    "tp": h.get("tp", 1),
                     "steps": 0,
                     "compute_ms": 0.0,
+                    "collective_ms": 0.0,
                     "queue_ms": 0.0,
                     "transfer_ms": 0.0,
                     "bytes_in": 0,
@@ -57,6 +62,7 @@ def summarize_hops(steps: list[list[dict[str, Any]]], step_ms: list[float]) -> l
             )
             row["steps"] += 1
             row["compute_ms"] += h["compute_ms"]
+            row["collective_ms"] += h.get("collective_ms", 0.0)
             row["queue_ms"] += h["queue_ms"]
             row["bytes_in"] += h["bytes_in"]
             row["bytes_out"] += h["bytes_out"]
@@ -72,6 +78,6 @@ def summarize_hops(steps: list[list[dict[str, Any]]], step_ms: list[float]) -> l
             rows[key]["transfer_ms"] += max(wall - first_total, 0.0)
     out = list(rows.values())
     for row in out:
-        for k in ("compute_ms", "queue_ms", "transfer_ms"):
+        for k in ("compute_ms", "collective_ms", "queue_ms", "transfer_ms"):
             row[k] = round(row[k], 3)
     return out

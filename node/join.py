@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import functools
 import json
 import logging
 import secrets
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import torch
+import torch.distributed as dist
 
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
 from nanoshard.backoff import backoff_delays
@@ -32,16 +35,21 @@ from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, NotFound, Unavailable
 from nanoshard.security import Security
+from nanoshard.tp import Collective, CollectiveError, shard
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .capacity import load_or_measure, to_wire
+from .group import MemberLink, Membership
 from .quotas import QuotaLimits
 from .server import DataPlane
 from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
 from .worker import MAX_BATCH, MAX_QUEUE
 
 log = logging.getLogger(__name__)
+
+FORM_TIMEOUT_S = 300.0  # a group forms once every member has its weights: wait this long
+COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
 
 
 @dataclass
@@ -109,7 +117,9 @@ class Volunteer:
         self.advertiser: discovery.Advertiser | None = None
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
-        self.wanted: tuple[int, int] | None = None
+        self.wanted: tuple[int, int, str] | None = None  # the stage, and its group's id
+        self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
+        self.unformed = ""  # why the group it was assigned to did not form ("" = it did)
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -196,6 +206,7 @@ class Volunteer:
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
+            self.store = await asyncio.to_thread(self._open_store)
             if config.mdns:
                 self.advertiser = await asyncio.to_thread(self._advertise)
             await self._join(stub)
@@ -244,14 +255,35 @@ class Volunteer:
             capacity=to_wire(self.capacity),
             held_start=self.ready[0] if self.ready else 0,
             held_end=self.ready[1] if self.ready else 0,
+            store_port=self.store.port if self.store is not None else 0,
         )
         reply: cpb.JoinReply = await self.call(stub.Join, request, "join")  # type: ignore[assignment]
         self.heartbeat_interval = reply.heartbeat_interval_s or 2.0
         self.events.info(f"joined the swarm at {self.target}")
         self._follow(reply.assignment)
 
+    @property
+    def host(self) -> str:
+        """The host its data plane is reached at (its groups' collectives use it too)."""
+        assert self.plane is not None
+        return self.plane.address.rsplit(":", 1)[0].strip("[]")
+
+    def _open_store(self) -> dist.TCPStore:
+        """The torch.distributed store of the groups this node will be rank 0 of: one for
+        the process (each formation uses its own key prefix), on its data plane's host."""
+        return dist.TCPStore(
+            self.host,
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
+        )
+
     def _follow(self, assignment: cpb.Assignment) -> None:
-        wanted = None if assignment.idle else (assignment.start, assignment.end)
+        tp = assignment.tp if assignment.tp.size > 1 else None
+        wanted = (
+            None if assignment.idle else (assignment.start, assignment.end, tp.id if tp else "")
+        )
         if wanted == self.wanted:
             return
         self.wanted = wanted
@@ -264,9 +296,9 @@ class Volunteer:
                 self.plane.service.set_stage(None)
             self.ready = None
             return
-        self.loading = asyncio.create_task(self._load(*wanted))
+        self.loading = asyncio.create_task(self._load(wanted[0], wanted[1], tp))
 
-    async def _load(self, start: int, end: int) -> None:
+    async def _load(self, start: int, end: int, tp: cpb.TpGroup | None = None) -> None:
         assert self.plane is not None and self.card is not None and self.model_config
         config = self.model_config
         self.events.info(f"assigned units [{start}, {end}) ({describe_units(config, start, end)})")
@@ -295,17 +327,91 @@ class Volunteer:
                     await asyncio.sleep(delay)
         device = pick_device(self.config.device)
         dtype = parse_dtype(self.config.dtype)
+        try:
+            group = None if tp is None else await self._form(tp)
+        except CollectiveError as exc:
+            self.events.info(str(exc))
+            self.unformed = str(exc)  # the heartbeat loop joins again: placement re-forms
+            return
+        transform = None if group is None else functools.partial(shard, collective=group.collective)
         stage: Stage = await self.plane.load(
-            lambda: Stage.from_tensors(config, start, end, tensors, dtype, device)
+            lambda: Stage.from_tensors(config, start, end, tensors, dtype, device, transform)
         )
         weights = stage.weight_nbytes
         self.plane.sessions.budget_bytes = max(self.capacity.memory_bytes - weights, 64 * 2**20)
-        self.plane.service.set_stage(stage)  # new sessions go here; open ones finish on theirs
+        self.plane.service.set_stage(stage, group)  # new sessions go here; open ones finish
         self.ready = (start, end)
-        self.events.info(f"serving units [{start}, {end}) on {self.plane.address}")
+        where = "" if tp is None else f" as rank {tp.rank} of tensor-parallel group {tp.id}"
+        self.events.info(f"serving units [{start}, {end}) on {self.plane.address}{where}")
         if self.advertiser is not None:
             props = dict(self.advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
             await asyncio.to_thread(self.advertiser.update, props)
+
+    async def _form(self, tp: cpb.TpGroup) -> Membership:
+        """Join the group's process group (rank 0 hosts its rendezvous) and, on rank 0,
+        open the ordered links to the other members."""
+        assert self.plane is not None
+        if not 0 <= tp.rank < tp.size == len(tp.members) or not tp.id:
+            raise Unavailable(f"the coordinator sent a malformed group: {tp}")
+        self.events.info(
+            f"forming tensor-parallel group {tp.id} as rank {tp.rank} of {tp.size} "
+            f"(rendezvous {tp.rendezvous})"
+        )
+
+        def form() -> Collective:
+            if tp.rank == 0:
+                assert self.store is not None
+                store: dist.Store = self.store
+            else:
+                host, port = tp.rendezvous.rsplit(":", 1)
+                store = dist.TCPStore(
+                    host.strip("[]"),
+                    int(port),
+                    is_master=False,
+                    timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
+                )
+            return Collective.form(tp.id, tp.rank, tp.size, store, self.host, COLLECTIVE_TIMEOUT_S)
+
+        try:
+            collective = await asyncio.to_thread(form)
+        except (RuntimeError, ValueError) as exc:  # a member never came, or a bad address
+            raise CollectiveError(f"group {tp.id} did not form: {exc}") from None
+        group = Membership(tp, collective)
+        if tp.rank == 0:
+            service = self.plane.service
+            for address in tp.members[1:]:
+                link = MemberLink(
+                    service.channels,
+                    address,
+                    functools.partial(self._group_broke, group),
+                )
+                link.start()
+                group.links.append(link)
+        return group
+
+    def _group_broke(self, group: Membership, why: str) -> None:
+        if self.plane is not None:
+            self.plane.service.break_group(group, why)
+
+    async def _rejoin_if_broken(self, stub: cpb_grpc.CoordinatorStub) -> None:
+        """A broken group cannot mend: leave and join again, so placement forms a new one."""
+        assert self.plane is not None
+        group = self.plane.service.group
+        if group is not None and group.broken:
+            why = f"tensor-parallel group {group.id} broke ({group.broken})"
+        elif self.unformed:
+            why = self.unformed
+        else:
+            return
+        self.events.info(f"{why}: joining the swarm again")
+        self.unformed = ""
+        self.plane.service.set_stage(None)
+        self.ready, self.wanted = None, None
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await stub.Leave(
+                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
+            )
+        await self._join(stub)
 
     async def _heartbeats(self, stub: cpb_grpc.CoordinatorStub, local: object) -> None:
         assert self.plane is not None
@@ -318,12 +424,15 @@ class Volunteer:
             task = self.loading
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]  # a stage that cannot load ends the node
+            await self._rejoin_if_broken(stub)
             info = self.plane.service
+            group = info.group
             request = cpb.HeartbeatRequest(
                 node_id=self.node_id,
                 ready=self.ready is not None,
                 start=self.ready[0] if self.ready else 0,
                 end=self.ready[1] if self.ready else 0,
+                tp_group=group.id if group is not None and self.ready else "",
                 load=cpb.NodeLoad(
                     sessions=len(self.plane.sessions),
                     kv_bytes_used=self.plane.sessions.used_bytes,

@@ -28,15 +28,18 @@ from nanoshard.errors import (
     InvalidArgument,
     NanoshardError,
     ResourceExhausted,
+    Unavailable,
 )
 from nanoshard.hop import Channels, NextHop
 from nanoshard.kv import KVCache
-from nanoshard.sampling import sample
+from nanoshard.sampling import sample, sample_slice
 from nanoshard.security import Security
+from nanoshard.tp import CollectiveError, gather_vocab
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .faults import fault_from_env
+from .group import GroupStep, Membership, acks
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
@@ -100,6 +103,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.security = security or Security()
         self.quotas = quotas or Quotas(QuotaLimits())
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
+        self.group: Membership | None = None  # the tensor-parallel group serving it, if any
         self._views: dict[tuple[int, int], Stage] = {}  # parts of it routes asked for
         self.identity = identity
         self.worker = worker
@@ -108,15 +112,21 @@ class NodeService(pb_grpc.NodeServicer):
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
+        self._tasks: set[asyncio.Future] = set()
         self.fault = fault_from_env()
         if self.fault is not None:
             log.warning("TEST FAULT ON: this node perturbs its outputs (%s)", self.fault)
 
-    def set_stage(self, stage: Stage | None) -> None:
-        """Serve another stage from now on. Sessions already open finish on the stage they
-        opened on, which is freed when the last of them closes."""
+    def set_stage(self, stage: Stage | None, group: Membership | None = None) -> None:
+        """Serve another stage from now on (``group``: as a member of that tensor-parallel
+        group). Sessions already open finish on the stage they opened on, which is freed
+        when the last of them closes; a group's sessions end with the group."""
         first = self.stage is None and not self.sessions
-        self.stage, self._views = stage, {}
+        old = self.group
+        self.stage, self._views, self.group = stage, {}, group
+        if old is not None and old is not group:
+            self.break_group(old, "the node was given another stage")
+            self._background(old.close())
         if first and stage is not None:
             # What is alive now (torch, the weights' modules: ~300k objects) stays for
             # good: leave it out of every later collection, each of which would otherwise
@@ -125,15 +135,45 @@ class NodeService(pb_grpc.NodeServicer):
             gc.collect()
             gc.freeze()
 
+    def break_group(self, group: Membership, why: str) -> None:
+        """The group cannot run steps any more: its sessions fail over, and the node serves
+        nothing until the coordinator forms a new group (the volunteer re-joins)."""
+        if group.broken:
+            return
+        group.broken = why
+        log.warning("tensor-parallel group %s is broken: %s", group.id, why)
+        if self.group is group:
+            self.stage, self._views = None, {}
+        for session in self.sessions.all():
+            if (
+                session.stage.shard is not None
+                and session.stage.shard.collective is group.collective
+            ):
+                self._drop(session)
+
+    def _background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def current_stage(self, start: int = 0, end: int = 0) -> Stage:
         """The stage a new session opens on: the node's, or the part of it the caller's hop
         covers (a route may enter a stage part-way, or leave it early). Refuses units the
-        node does not hold."""
+        node does not hold, and a group's stage on any member but rank 0."""
         stage = self.stage
         if stage is None:
             raise FailedPrecondition(
-                "this node is not serving a stage yet (it is loading): try a replica"
+                "this node is not serving a stage now (loading, or its group broke): try a replica"
             )
+        group = self.group
+        if group is not None and group.rank != 0:
+            raise FailedPrecondition(
+                f"this node is rank {group.rank} of a tensor-parallel group: its steps go to "
+                f"rank 0 at {group.tp.members[0]}"
+            )
+        return self._stage_view(stage, start, end)
+
+    def _stage_view(self, stage: Stage, start: int, end: int) -> Stage:
         if not end or (start, end) == (stage.start, stage.end):
             return stage
         if not stage.start <= start < end <= stage.end:
@@ -157,6 +197,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "Close": ("unary", self.Close, pb.CloseRequest),
                 "Info": ("unary", self.Info, pb.InfoRequest),
                 "Outputs": ("unary", self.Outputs, pb.OutputsRequest),
+                "Group": ("stream", self.Group, pb.GroupCommand),
             },
             guard=self.security.check,
         )
@@ -245,24 +286,46 @@ class NodeService(pb_grpc.NodeServicer):
                 session.touch()
                 return pb.OpenReply(length=session.length, handles=handles)
         stage = self.current_stage(request.start, request.end)
-        spec = spec_from_wire(request.spec, stage.config.block_size)
         route = self.check_route(stage, request.route)
-        nbytes = self.reservation_bytes(stage, spec)
-        caller = rpc.caller_identity(context)
-        held = [Holding(s.caller, s.reserved_bytes) for s in self.sessions.all()]
-        self.quotas.check_open(caller, spec.max_length, nbytes, held)
-        with self.sessions.reservation(nbytes):  # held while allocating; refused at once if full
-            cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
-            session = NodeSession(spec, stage, cache, nbytes, caller=caller)
-            self.sessions.add(session)
+        group = self.group
+        session = await self._open_here(stage, request, rpc.caller_identity(context))
         try:
             async with session.lock:
+                if group is not None and stage.shard is not None:  # rank 0: every member too
+                    opened = pb.OpenRequest(spec=request.spec, start=stage.start, end=stage.end)
+                    await self._group_acks(group, group.send(pb.GroupCommand(open=opened)))
                 self._bind(session, route)
                 handles = await self._open_onwards(session)
         except BaseException:  # refused downstream, or the caller went away: nothing stays
             self._drop(session)
             raise
         return pb.OpenReply(length=session.length, handles=handles)
+
+    async def _open_here(self, stage: Stage, request: pb.OpenRequest, caller: str) -> NodeSession:
+        """A new session on ``stage`` here: its KV cache reserved and allocated."""
+        spec = spec_from_wire(request.spec, stage.config.block_size)
+        nbytes = self.reservation_bytes(stage, spec)
+        held = [Holding(s.caller, s.reserved_bytes) for s in self.sessions.all()]
+        self.quotas.check_open(caller, spec.max_length, nbytes, held)
+        with self.sessions.reservation(nbytes):  # held while allocating; refused at once if full
+            cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
+            session = NodeSession(spec, stage, cache, nbytes, caller=caller)
+            self.sessions.add(session)
+        return session
+
+    async def _group_acks(
+        self, group: Membership, futures: list[asyncio.Future[pb.GroupAck]]
+    ) -> list[pb.GroupAck]:
+        """The other members' acks to a command; a member that fails breaks the group."""
+        try:
+            return await acks(futures)
+        except Unavailable as exc:
+            self.break_group(group, str(exc))
+            raise
+        except TimeoutError:
+            why = f"a member of tensor-parallel group {group.id} did not answer in time"
+            self.break_group(group, why)
+            raise Unavailable(why, [self.identity.address]) from None
 
     @handles_errors
     async def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
@@ -272,6 +335,11 @@ class NodeService(pb_grpc.NodeServicer):
         async with session.lock:
             link = None if request.this_hop_only else session.next
             self._drop(session)
+            group = self.group
+            if group is not None and group.links and session.stage.shard is not None:
+                closed = pb.CloseRequest(session_id=request.session_id, this_hop_only=True)
+                for ack in group.send(pb.GroupCommand(close=closed)):  # answered in order
+                    ack.add_done_callback(lambda f: f.cancelled() or f.exception())
         if link is not None:  # best effort: the next hop's TTL frees it anyway
             await link.close()
         return pb.CloseReply(closed=True)
@@ -322,6 +390,85 @@ class NodeService(pb_grpc.NodeServicer):
             log.exception("Steps failed")
             await rpc.abort(context, Internal(f"a step failed on this node: {exc}"))
 
+    def _group_of(self, stage: Stage) -> Membership | None:
+        """The group a sharded stage runs in; Unavailable if it is broken or gone."""
+        if stage.shard is None:
+            return None
+        group = self.group
+        if group is None or group.broken or group.collective is not stage.shard.collective:
+            why = group.broken if group is not None and group.broken else "it was dissolved"
+            raise Unavailable(
+                f"the tensor-parallel group serving this session cannot run steps: {why}",
+                [self.identity.address],
+            )
+        return group
+
+    async def Group(
+        self, next_request: Callable[[], Awaitable[pb.GroupCommand | None]], context: Any
+    ) -> None:
+        """A member's side of its group: rank 0's commands, run in the order they come."""
+        group = self.group
+        try:
+            while (command := await next_request()) is not None:
+                self._check_member(group, command, rpc.peer_host(context))
+                assert group is not None
+                await context.write(await self._run_command(group, command, context))
+        except NanoshardError as exc:
+            if group is not None and not isinstance(exc, FailedPrecondition | InvalidArgument):
+                self.break_group(group, str(exc))
+            await rpc.abort(context, exc)
+        except Exception as exc:
+            log.exception("a group command failed")
+            if group is not None:
+                self.break_group(group, f"a group command failed: {exc}")
+            await rpc.abort(context, Internal(f"a group command failed on this node: {exc}"))
+
+    def _check_member(
+        self, group: Membership | None, command: pb.GroupCommand, peer_host: str
+    ) -> None:
+        """Only rank 0 of this node's own group, now, may command it."""
+        if group is None or group is not self.group or group.rank == 0:
+            raise FailedPrecondition(
+                f"this node is not a member of tensor-parallel group {command.group[:40]!r} "
+                "under another rank 0"
+            )
+        if command.group != group.id:
+            raise FailedPrecondition(
+                f"this node is in tensor-parallel group {group.id}, not {command.group[:40]!r}"
+            )
+        if group.broken:
+            raise FailedPrecondition(f"tensor-parallel group {group.id} is broken: {group.broken}")
+        rank0_host = group.tp.members[0].rsplit(":", 1)[0].strip("[]")
+        if peer_host != rank0_host:
+            raise FailedPrecondition(
+                f"group commands come from rank 0 ({group.tp.members[0]}), not from {peer_host}"
+            )
+
+    async def _run_command(
+        self, group: Membership, command: pb.GroupCommand, context: Any
+    ) -> pb.GroupAck:
+        kind = command.WhichOneof("command")
+        if kind == "open":
+            if self.sessions.find(command.open.spec.session_id) is None:
+                assert self.stage is not None  # a group's stage goes when the group breaks
+                stage = self._stage_view(self.stage, command.open.start, command.open.end)
+                await self._open_here(stage, command.open, rpc.caller_identity(context))
+            return pb.GroupAck()
+        if kind == "step":
+            reply = await self._step(command.step)
+            return pb.GroupAck(
+                has_token=reply.has_token,
+                token=reply.token,
+                compute_ms=reply.hops[0].compute_ms,
+                collective_ms=reply.hops[0].collective_ms,
+            )
+        if kind == "close":
+            session = self.sessions.find(command.close.session_id)
+            if session is not None:
+                self._drop(session)
+            return pb.GroupAck()
+        raise InvalidArgument("a group command needs open, step or close")
+
     async def _step(self, req: pb.StepRequest) -> pb.StepReply:
         received = time.perf_counter()
         if req.step_id == 0:
@@ -363,6 +510,16 @@ class NodeService(pb_grpc.NodeServicer):
             )
             if resend is None:
                 self.quotas.charge_tokens(session.caller, n_tokens)
+                group = self._group_of(stage)
+                # Rank 0 hands the step to the other members in the same turn as it queues
+                # its own compute: every member runs the group's steps in one order.
+                if group is not None and group.links:
+                    member_req = pb.StepRequest()
+                    member_req.CopyFrom(req)
+                    member_req.this_hop_only = True
+                    member_acks = group.send(pb.GroupCommand(step=member_req))
+                else:
+                    member_acks = []
                 # The cache moves on in the worker whatever happens to this call, so what the
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.
@@ -370,10 +527,24 @@ class NodeService(pb_grpc.NodeServicer):
                 job.add_done_callback(
                     functools.partial(self._record, session, req.step_id, req.pos, n_tokens)
                 )
-                timed = await asyncio.shield(job)
+                try:
+                    timed = await asyncio.shield(job)
+                except CollectiveError as exc:
+                    assert group is not None
+                    self.break_group(group, str(exc))
+                    raise Unavailable(str(exc), [self.identity.address]) from None
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
+                if group is not None:
+                    assert isinstance(run, GroupStep)
+                    trace.tp = group.size
+                    trace.collective_ms, trace.collective_bytes = run.stats.ms, run.stats.bytes
+                    for ack in await self._group_acks(group, member_acks):
+                        if ack.has_token and (not stage.has_head or ack.token != out):
+                            why = f"a member drew token {ack.token}, rank 0 drew {out}"
+                            self.break_group(group, why)
+                            raise Unavailable(why, [self.identity.address])
             else:
                 out = resend[0]
             reply = pb.StepReply()
@@ -488,19 +659,23 @@ class NodeService(pb_grpc.NodeServicer):
                 y = fault(y)
             if return_output:
                 out = y[-1:] if stage.has_head else y
+                if stage.has_head and stage.shard is not None:  # the whole row, for a check
+                    out = gather_vocab(stage.shard, out, config.vocab_size)
                 fp32 = codecs.encode(out.float(), "fp32")
                 output = pb.Activations(codec="fp32", shape=list(out.shape), payload=fp32)
                 returned.append(output)  # type: ignore[union-attr]
             if stage.has_head:
-                return sample(y[-1], spec.sampling, pos + n_tokens) if want_token else None
+                if not want_token:
+                    return None
+                if stage.shard is None:
+                    return sample(y[-1], spec.sampling, pos + n_tokens)
+                at = pos + n_tokens  # the vocabulary is split: sampled together, not gathered
+                return sample_slice(y[-1], stage.vocab[0], spec.sampling, at, stage.shard.gather)
             payload = codecs.encode(y, spec.codec)
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
-        return (
-            n_tokens,
-            bytes_in,
-            StageStep(stage, session.cache, pos, n_tokens, make_input, finish),
-        )
+        step = GroupStep if stage.shard is not None else StageStep
+        return n_tokens, bytes_in, step(stage, session.cache, pos, n_tokens, make_input, finish)
 
     @staticmethod
     def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:

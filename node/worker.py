@@ -70,7 +70,9 @@ class StageStep:
 
     @property
     def batchable(self) -> bool:
-        return self.n_tokens == 1
+        # A tensor-parallel group's steps run one at a time, in the order rank 0 set: every
+        # member must run the same collectives in the same order (node/group.py).
+        return self.n_tokens == 1 and self.stage.shard is None
 
     def __call__(self) -> Any:
         try:

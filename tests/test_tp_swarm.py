@@ -1,0 +1,63 @@
+"""Tensor-parallel groups end to end: a coordinator forming groups and volunteers as real
+processes on loopback; each group's members join a gloo process group on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+from swarm import Swarm, nanoshard, settled, wait_until
+
+from nanoshard.client.swarm import CoordinatorClient
+from nanoshard.statusview import status_json
+
+pytestmark = pytest.mark.slow
+
+STEADY = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "30"]
+HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]
+
+
+def groups_ready(client: CoordinatorClient, nodes: int, size: int) -> dict | None:
+    """The status once ``nodes`` nodes serve, every one of them in a group of ``size``."""
+    status = settled(status_json(client.status()), nodes)
+    if status is None or not all(n["tp"]["size"] == size for n in status["nodes"]):
+        return None
+    return status
+
+
+def generate(*args: str) -> list[int]:
+    done = nanoshard("generate", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["token_ids"]
+
+
+def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> None:
+    """Four volunteers, --tp 2: two groups of two, each serving a stage; greedy and seeded
+    sampling through them give the tokens of the whole model in one process."""
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", name, "--tp", "2", "--replicas", "1", *STEADY)
+        for i in range(4):
+            swarm.join("--swarm", name, "--coordinator", address, "--cache-dir",
+                       str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
+        client = CoordinatorClient(address)
+        status = wait_until("two TP-2 groups", lambda: groups_ready(client, 4, 2), timeout=240)
+        groups = {n["tp"]["group"] for n in status["nodes"]}
+        assert len(groups) == 2
+        assert sorted(n["tp"]["rank"] for n in status["nodes"]) == [0, 0, 1, 1]
+        assert all(u["replicas"] == 1 for u in status["units"])  # a group counts once
+        route = client.route()
+        assert len(route.hops) == 2 and all(len(h.addresses) == 1 for h in route.hops)
+
+        coordinator = ["--coordinator", address, "--check-rate", "0"]
+        greedy = ["--max-new-tokens", "100", "--temperature", "0", "JULIET:"]
+        assert generate(*coordinator, *greedy) == generate("--local", *greedy)
+        seeded = ["--max-new-tokens", "40", "--temperature", "0.9", "--top-k", "40",
+                  "--top-p", "0.95", "--seed", "11", "ROMEO:"]  # fmt: skip
+        assert generate(*coordinator, *seeded) == generate("--local", *seeded)
+        done = nanoshard("generate", "--json", *coordinator, *greedy)
+        hops = json.loads(done.stdout)["hops"]
+        assert [h["tp"] for h in hops] == [2, 2]
+        assert all(h["collective_ms"] > 0 for h in hops)
