@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas", type=int, default=d.replicas, help="copies of every unit to aim for"
     )
     c.add_argument("--swarm", default=d.swarm, help="swarm name nodes must match")
+    c.add_argument(
+        "--tp",
+        default=str(d.tp),
+        metavar="{auto,off,2,4}",
+        help="tensor-parallel groups: auto (default: where a unit fits no node alone, or "
+        "where predicted faster), off, or 2/4 (every stage in groups of that size)",
+    )
     c.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, metavar="S")
     c.add_argument(
         "--heartbeat-timeout",
@@ -150,6 +157,7 @@ def check_swarm_flag(args: argparse.Namespace) -> None:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from nanoshard.coordinator.groups import parse_mode
     from nanoshard.coordinator.server import serve
 
     config = CoordinatorConfig(
@@ -157,6 +165,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         replicas=args.replicas,
+        tp=parse_mode(args.tp),
         swarm=args.swarm,
         mdns=not args.no_mdns,
         mdns_interfaces=args.mdns_interfaces,

@@ -4,7 +4,9 @@
 The layout follows the terminal's width: one row per node with a column per figure when
 that fits, else two lines per node with the figures paired (an 80-column terminal), so
 names, addresses and devices always show whole. Coverage is a column per unit when that
-fits, else runs of units with the same number of replicas.
+fits, else runs of units with the same number of replicas. A node in a tensor-parallel
+group shows its group's size and its rank beside its stage (``tp2 r0``), and each group
+gets a line: its id, stage and members in rank order.
 """
 
 from __future__ import annotations
@@ -46,6 +48,30 @@ class StatusView:
         for n in s.nodes:
             if n.excluded:
                 yield Text(f"excluded {n.name} ({n.address}): {n.excluded}", style="red")
+        yield from _groups(s)
+
+
+def _groups(s: cpb.SwarmStatus) -> list[Text]:
+    """A line per group: ``group ab12-v3-0 [0,14) up: alice r0, bob r1`` (members in rank
+    order; ``forming`` until every member serves it)."""
+    members: dict[str, list[cpb.NodeStatus]] = {}
+    for n in s.nodes:
+        if not n.assignment.idle and n.assignment.tp.size > 1:
+            members.setdefault(n.assignment.tp.id, []).append(n)
+    lines = []
+    for gid, nodes in sorted(members.items(), key=lambda item: (_stage_of(item[1][0]), item[0])):
+        nodes.sort(key=lambda n: n.assignment.tp.rank)
+        a = nodes[0].assignment
+        up = all(n.ready for n in nodes) and len(nodes) == a.tp.size
+        text = Text(f"group {gid} [{a.start},{a.end}) ")
+        text.append("up" if up else "forming", style="green" if up else "yellow")
+        text.append(": " + ", ".join(f"{n.name} r{n.assignment.tp.rank}" for n in nodes))
+        lines.append(text)
+    return lines
+
+
+def _stage_of(n: cpb.NodeStatus) -> tuple[int, int]:
+    return (n.assignment.start, n.assignment.end)
 
 
 def _fits(table: Table, console: Console, options: ConsoleOptions) -> bool:
@@ -65,12 +91,18 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _stage(n: cpb.NodeStatus) -> str:
+def _stage(n: cpb.NodeStatus, sep: str = " ") -> str:
+    """``[0,14)``, its group (``tp2 r0``: size 2, rank 0) and ``loading`` until it serves
+    them, joined by ``sep``."""
     a = n.assignment
     if a.idle:
         return "idle"
-    stage = f"[{a.start},{a.end})"
-    return stage if (n.ready_start, n.ready_end) == (a.start, a.end) else stage + " loading"
+    parts = [f"[{a.start},{a.end})"]
+    if a.tp.size > 1:
+        parts.append(f"tp{a.tp.size} r{a.tp.rank}")
+    if not n.ready:
+        parts.append("loading")
+    return sep.join(parts)
 
 
 def _health(n: cpb.NodeStatus) -> Text:
@@ -132,7 +164,7 @@ def _nodes_narrow(s: cpb.SwarmStatus) -> Table:
             Text(n.name, style="bold") + "\n" + n.address,
             f"{n.capacity.device}/{n.capacity.dtype}\n"
             f"{_gib(n.capacity.memory_bytes)}, {n.capacity.block_ms:.2f}ms",
-            _stage(n).replace(" ", "\n"),
+            _stage(n, "\n"),
             f"{n.load.sessions}\nq{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
             _health(n) + "\n" + f"{n.last_heartbeat_s:.1f}s, " + checks,
         )

@@ -17,6 +17,12 @@ bisection finds the largest tau that reaches the head. Petals' *greedy*: fastest
 node takes the stage that lifts the weakest unit most, so the slowest nodes, last, fill the
 gaps finely. Then slow nodes move to units short of replicas, and a short local search
 smooths what is left. Nodes that cannot hold a single unit stay idle.
+
+A tensor-parallel group (``groups.py`` decides which nodes form one) enters placement as
+one ``NodeCapacity`` of ``size`` k: each of its members holds ``UnitCost.member_bytes(k)``
+of a unit (its share of the sharded weights, the replicated ones whole), so its memory is
+its smallest member's, and a unit takes its slowest member's time over k plus the unit's
+collectives (``syncs``) at ``sync_ms`` each.
 """
 
 from __future__ import annotations
@@ -49,12 +55,37 @@ class UnitCost:
     weight_bytes: int
     cost: float  # compute per decode step, in blocks (one block = 1.0)
     shared_bytes: int = 0  # bytes that are the embed's too (the head's tied wte)
+    # In a tensor-parallel group: bytes every member holds whole (LayerNorms, wpe, biases
+    # added after the all-reduce); the rest is split across the members in whole grains
+    # (a row of wte: members 0 .. vocab % k - 1 hold one row more); collectives per step.
+    replicated_bytes: int = 0
+    grain_bytes: int = 1
+    syncs: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.shared_bytes <= self.weight_bytes:
-            raise InvalidArgument(f"unit cost: need 0 <= shared_bytes <= weight_bytes: {self}")
+        if not 0 <= self.replicated_bytes <= self.weight_bytes:
+            raise InvalidArgument(f"unit cost: need 0 <= replicated_bytes <= weight_bytes: {self}")
+        if not 0 <= self.shared_bytes <= self.weight_bytes - self.replicated_bytes:
+            raise InvalidArgument(
+                f"unit cost: need 0 <= shared_bytes <= weight_bytes - replicated_bytes: {self}"
+            )
         if not (math.isfinite(self.cost) and self.cost >= 0):
             raise InvalidArgument(f"unit cost: cost must be finite and >= 0: {self}")
+        if self.grain_bytes < 1 or self.syncs < 0:
+            raise InvalidArgument(f"unit cost: need grain_bytes >= 1 and syncs >= 0: {self}")
+
+    def member_bytes(self, size: int = 1) -> int:
+        """What one member of a group of ``size`` holds of this unit (the most any holds)."""
+        if size <= 1:
+            return self.weight_bytes
+        return self.replicated_bytes + self._share(self.weight_bytes - self.replicated_bytes, size)
+
+    def member_shared(self, size: int = 1) -> int:
+        """The part of ``member_bytes(size)`` that is the embed's too."""
+        return self.shared_bytes if size <= 1 else self._share(self.shared_bytes, size)
+
+    def _share(self, nbytes: int, size: int) -> int:
+        return -(-nbytes // (self.grain_bytes * size)) * self.grain_bytes
 
 
 def unit_costs(config: GPTConfig, dtype_bytes: int = 4) -> list[UnitCost]:
@@ -63,26 +94,56 @@ def unit_costs(config: GPTConfig, dtype_bytes: int = 4) -> list[UnitCost]:
     Compute counts the multiply-adds of one decode step: a block does 12 * n_embd^2, the head
     vocab * n_embd (5.45 blocks for GPT-2; measured here: 11 ms vs 2 ms), the embed a lookup.
     The head's weight is wte, which the embed holds too: a stage holding both stores it once.
+
+    In a tensor-parallel group (``nanoshard/tp.py``) a block's heads and MLP columns are
+    split and its LayerNorms and output-projection biases replicated, with two all-reduces
+    per step; the embed and the head split wte by rows (one all-reduce at the lookup, one
+    merge of the sampling candidates), wpe and ln_f replicated.
     """
     d, vocab = config.n_embd, config.vocab_size
     norm = (2 if config.bias else 1) * d  # a LayerNorm's weight (+ bias)
     linears = 12 * d * d + (9 * d if config.bias else 0)  # c_attn, c_proj, c_fc, mlp.c_proj
+    after_reduce = 2 * d if config.bias else 0  # the two c_proj biases, added once
     wte = vocab * d * dtype_bytes
-    embed = UnitCost("embed", wte + config.block_size * d * dtype_bytes, 1 / (12 * d))
-    block = UnitCost("block", (linears + 2 * norm) * dtype_bytes, 1.0)
-    head = UnitCost("head", norm * dtype_bytes + wte, vocab / (12 * d), shared_bytes=wte)
+    row = d * dtype_bytes
+    wpe = config.block_size * d * dtype_bytes
+    embed = UnitCost(
+        "embed", wte + wpe, 1 / (12 * d), replicated_bytes=wpe, grain_bytes=row, syncs=1
+    )
+    block = UnitCost(
+        "block",
+        (linears + 2 * norm) * dtype_bytes,
+        1.0,
+        replicated_bytes=(2 * norm + after_reduce) * dtype_bytes,
+        grain_bytes=dtype_bytes,
+        syncs=2,
+    )
+    head = UnitCost(
+        "head",
+        norm * dtype_bytes + wte,
+        vocab / (12 * d),
+        shared_bytes=wte,
+        replicated_bytes=norm * dtype_bytes,
+        grain_bytes=row,
+        syncs=1,
+    )
     return [embed, *([block] * config.n_layer), head]
 
 
 @dataclass(frozen=True)
 class NodeCapacity:
-    """What a node offers, as measured by the node itself."""
+    """What a node offers, as measured by the node itself; or what a tensor-parallel group
+    offers (``size`` >= 2; see ``groups.group_capacity``): then ``memory_bytes`` is each
+    member's, ``block_ms``/``head_ms`` are a member's unsharded times (the slowest's) and
+    ``sync_ms`` the cost of one of the group's collectives."""
 
     node_id: str
     memory_bytes: int  # budget for weights (the node keeps its KV-cache reserve out of it)
     block_ms: float  # one block's decode step on this node
     head_ms: float | None = None  # the head's decode step; None: block_ms times the head's cost
     overhead_ms: float = 0.0  # paid once per step by any stage: RPC, codec, Python
+    size: int = 1  # nodes it stands for: 1 = a node, k >= 2 = a tensor-parallel group
+    sync_ms: float = 0.0  # a group's: one all-reduce of the hidden state across its members
 
     def __post_init__(self) -> None:
         # These arrive from remote nodes: validate, never assert.
@@ -90,7 +151,9 @@ class NodeCapacity:
             raise InvalidArgument("node capacity: node_id is empty")
         if self.memory_bytes < 0:
             raise InvalidArgument(f"node {self.node_id}: memory_bytes must be >= 0")
-        for name in ("block_ms", "head_ms", "overhead_ms"):
+        if self.size < 1:
+            raise InvalidArgument(f"node {self.node_id}: size must be >= 1")
+        for name in ("block_ms", "head_ms", "overhead_ms", "sync_ms"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise InvalidArgument(f"node {self.node_id}: {name} must be finite and >= 0")
@@ -99,14 +162,19 @@ class NodeCapacity:
 
     def unit_ms(self, unit: UnitCost) -> float:
         if unit.kind == "head" and self.head_ms is not None:
-            return self.head_ms
-        return unit.cost * self.block_ms
+            ms = self.head_ms
+        else:
+            ms = unit.cost * self.block_ms
+        if self.size > 1:
+            return ms / self.size + unit.syncs * self.sync_ms
+        return ms
 
 
-def stage_bytes(units: Sequence[UnitCost], start: int, end: int) -> int:
-    """Weight bytes of stage ``[start, end)``; tied weights count once."""
-    shared = sum(u.shared_bytes for u in units[start:end]) if start == 0 else 0
-    return sum(u.weight_bytes for u in units[start:end]) - shared
+def stage_bytes(units: Sequence[UnitCost], start: int, end: int, size: int = 1) -> int:
+    """Weight bytes of stage ``[start, end)`` (for one member of a group of ``size``); tied
+    weights count once."""
+    shared = sum(u.member_shared(size) for u in units[start:end]) if start == 0 else 0
+    return sum(u.member_bytes(size) for u in units[start:end]) - shared
 
 
 def stage_ms(units: Sequence[UnitCost], node: NodeCapacity, start: int, end: int) -> float:
@@ -218,11 +286,6 @@ class _Swarm:
 
     def __init__(self, units: Sequence[UnitCost], nodes: Sequence[NodeCapacity]) -> None:
         self.n = n = len(units)
-        plain = list(itertools.accumulate((u.weight_bytes for u in units), initial=0))
-        # Bytes of [0, e): a stage holding the embed stores tied weights once.
-        from_embed = list(
-            itertools.accumulate((u.weight_bytes - u.shared_bytes for u in units), initial=0)
-        )
         rows = sorted(
             ((n.overhead_ms + sum(n.unit_ms(u) for u in units), n.node_id, n) for n in nodes),
             key=lambda row: row[:2],
@@ -235,10 +298,13 @@ class _Swarm:
             for _, _, node in rows
         ]
         # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
+        sums = {size: _byte_sums(units, size) for size in {node.size for _, _, node in rows}}
         self.reach = [
             [bisect.bisect_right(from_embed, m) - 1]
             + [bisect.bisect_right(plain, plain[a] + m) - 1 for a in range(1, n)]
-            for m in self.memory
+            for m, (plain, from_embed) in (
+                (node.memory_bytes, sums[node.size]) for _, _, node in rows
+            )
         ]
 
     def rate(self, i: int, start: int, end: int) -> float:
@@ -252,6 +318,18 @@ class _Swarm:
 
     def placement(self, stages: Mapping[int, Stage]) -> Placement:
         return {self.ids[i]: stages[i] for i in sorted(stages, key=lambda i: self.ids[i])}
+
+
+def _byte_sums(units: Sequence[UnitCost], size: int) -> tuple[list[int], list[int]]:
+    """Prefix sums of a member's bytes per unit (``size`` 1: a node's): plain, and from the
+    embed on (a stage holding the embed stores tied weights once)."""
+    plain = list(itertools.accumulate((u.member_bytes(size) for u in units), initial=0))
+    from_embed = list(
+        itertools.accumulate(
+            (u.member_bytes(size) - u.member_shared(size) for u in units), initial=0
+        )
+    )
+    return plain, from_embed
 
 
 def _add(h: list[float], cnt: list[int], stage: Stage, rate: float, sign: int = 1) -> None:

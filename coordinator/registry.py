@@ -2,21 +2,33 @@
 it serves now, how loaded it is. Everything here can be rebuilt from the nodes' next
 join or heartbeat, so a restarted coordinator loses nothing.
 
+Tensor-parallel groups (``groups.py`` decides them): each formation gets an id of its own
+(the coordinator's salt, the placement version, an index), so a re-formed group never
+reuses one. A group is servable while every member heartbeats ready on its stage with
+``tp_group`` = its id; a member that leaves, times out, is excluded, or stops serving a
+group that was up breaks it, and placement runs again (the group is re-formed with a new
+id, or dissolved).
+
 No gRPC and no wall clock: the servicer passes ``now`` in, so tests can drive time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from nanoshard.config import GPTConfig
 
-from .placement import NodeCapacity, Placement, UnitCost, place, unit_costs
+from . import groups
+from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs
 from .routing import Server
 
 log = logging.getLogger(__name__)
 
+# A group not up this long after its members first heartbeat since its formation (weights
+# fetched, shards loaded, process group joined) is taken for broken and formed again.
+FORM_TIMEOUT_S = 300.0
 WEIGHT_SHARE = 0.8  # of a node's memory, what placement may fill with weights (rest: KV)
 # Bytes a weight takes in a node's memory, by the dtype it runs (placement sizes units at
 # fp32): int8 rows carry a scale each, and LayerNorms, biases and wpe stay fp32.
@@ -52,6 +64,38 @@ class NodeRecord:
     ready: tuple[int, int] | None = None  # the stage it serves now
     load: Load = field(default_factory=Load)
     held: tuple[int, int] | None = None  # what it had when it (re-)joined
+    store_port: int = 0  # its torch.distributed store's port (0: it joins no group)
+    group: str = ""  # the group (formation id) it is assigned to serve its stage in
+    tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
+
+
+@dataclass
+class Group:
+    """One formation of a tensor-parallel group."""
+
+    id: str
+    members: tuple[str, ...]  # node ids, in rank order
+    addresses: tuple[str, ...]  # their data-plane addresses, in rank order
+    rendezvous: str  # rank 0's host : store_port
+    stage: tuple[int, int]
+    up: bool = False  # every member has reported it ready at least once
+    first_heard: float | None = None  # a member's first heartbeat since it was formed
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A node's place in its group, as its Assignment carries it."""
+
+    id: str
+    rank: int
+    size: int
+    members: tuple[str, ...]  # data-plane addresses, rank order
+    rendezvous: str
+
+
+def host_of(address: str) -> str:
+    """``"10.0.0.7:7961"`` -> ``"10.0.0.7"``; ``"[fd00::1]:7961"`` -> ``"[fd00::1]"``."""
+    return address.rsplit(":", 1)[0]
 
 
 class Registry:
@@ -62,9 +106,18 @@ class Registry:
         replicas: int = 2,
         heartbeat_timeout_s: float = 10.0,
         settle_until: float = 0.0,
+        tp: groups.Mode = "auto",
+        link: groups.Link = groups.LINK,
+        group_salt: str = "",
+        form_timeout_s: float = FORM_TIMEOUT_S,
     ) -> None:
         self.config = config
         self.replicas = replicas
+        self.tp = groups.check_mode(tp, config.n_head)
+        self.link = link
+        self.group_salt = group_salt  # per coordinator process: ids never repeat a restart's
+        self.form_timeout_s = form_timeout_s
+        self.groups: dict[str, Group] = {}  # formations assigned, or still reported by a node
         self.heartbeat_timeout_s = heartbeat_timeout_s
         # A (re)started coordinator first lets the swarm re-register: until then, nodes that
         # still hold a stage keep it and nothing is re-placed, so a restart moves nothing.
@@ -82,17 +135,30 @@ class Registry:
             if other.node_id != record.node_id:  # a node restarted on the same address
                 del self.nodes[other.node_id]
         previous = self.nodes.get(record.node_id)
+        broken: set[str] = set()
         if previous is not None:  # a re-join: keep what it is known to serve
             record.assigned = previous.assigned
             record.ready = record.ready or previous.ready
-        elif record.held is not None:  # coordinator restarted: the node still holds a stage
+            record.group, record.tp_group = previous.group, previous.tp_group
+            moved = (record.address, record.store_port) != (previous.address, previous.store_port)
+            if record.group and moved:  # its group's members or rendezvous changed
+                broken.add(record.group)
+        elif record.held is not None and self._fits_alone(record, record.held):
+            # Coordinator restarted: the node still holds a stage. (A group member's share
+            # of a stage it could not hold alone is not adopted: its group is re-formed.)
             record.assigned = record.ready = record.held
         if record.address in self.excluded:  # back under another id, same address: still out
             record.assigned = record.ready = None
+            record.group = ""
         self.nodes[record.node_id] = record
         log.info("node %s (%s) joined from %s", record.name, record.node_id[:8], record.address)
         if self.settled:
-            self.replan()
+            self.replan(broken)
+
+    def _fits_alone(self, record: NodeRecord, stage: tuple[int, int]) -> bool:
+        start, end = stage
+        budget = self._budget(record)
+        return 0 <= start < end <= len(self.units) and stage_bytes(self.units, *stage) <= budget
 
     def settle(self, now: float) -> None:
         """End the re-registration window after a start. If the stages the nodes came back
@@ -126,14 +192,39 @@ class Registry:
         self.replan()
 
     def heartbeat(
-        self, node_id: str, now: float, ready: tuple[int, int] | None, load: Load
+        self,
+        node_id: str,
+        now: float,
+        ready: tuple[int, int] | None,
+        load: Load,
+        tp_group: str = "",
     ) -> NodeRecord | None:
         record = self.nodes.get(node_id)
         if record is None:
             return None
         record.last_heartbeat = now
         record.ready = None if record.address in self.excluded else ready
+        reported, record.tp_group = record.tp_group, tp_group if record.ready is not None else ""
         record.load = load
+        if reported != record.tp_group:
+            self._prune()
+        group = self.groups.get(record.group)
+        if group is not None:
+            if group.first_heard is None:
+                group.first_heard = now
+            if self._servable(group):
+                if not group.up:
+                    log.info("group %s is up: units %s", group.id, list(group.stage))
+                group.up = True
+            elif group.up and (record.ready, record.tp_group) != (group.stage, group.id):
+                # A member stopped serving a group that was up: a peer died or hung.
+                log.warning(
+                    "group %s broke (%s no longer serves it): placing again",
+                    group.id,
+                    record.name,
+                )
+                if self.settled:
+                    self.replan({group.id})
         return record
 
     def expire(self, now: float) -> list[NodeRecord]:
@@ -144,48 +235,144 @@ class Registry:
                 "node %s (%s) missed its heartbeats: dropped", record.name, record.node_id[:8]
             )
             del self.nodes[record.node_id]
-        if gone and self.settled:
-            self.replan()
+        late = {
+            g.id
+            for g in self._assigned_groups()
+            if not g.up and g.first_heard is not None and now - g.first_heard > self.form_timeout_s
+        }
+        for gid in sorted(late):
+            log.warning("group %s is not up after %.0f s: placing again", gid, self.form_timeout_s)
+        if (gone or late) and self.settled:
+            self.replan(late)
         self.settle(now)
         return gone
 
     # ---- placement ------------------------------------------------------------------
 
+    def _budget(self, r: NodeRecord) -> int:
+        """Weight bytes (sized at fp32, as placement counts them) the node may hold."""
+        return int(r.capacity.memory_bytes * WEIGHT_SHARE * 4 / WEIGHT_BYTES[r.capacity.dtype])
+
+    def _capacity(self, r: NodeRecord) -> NodeCapacity:
+        return NodeCapacity(
+            node_id=r.node_id,
+            memory_bytes=self._budget(r),
+            block_ms=max(r.capacity.block_ms, 1e-3),
+            head_ms=max(r.capacity.head_ms, 1e-3),
+        )
+
     def capacities(self) -> list[NodeCapacity]:
         return [
-            NodeCapacity(
-                node_id=r.node_id,
-                memory_bytes=int(
-                    r.capacity.memory_bytes * WEIGHT_SHARE * 4 / WEIGHT_BYTES[r.capacity.dtype]
-                ),
-                block_ms=max(r.capacity.block_ms, 1e-3),
-                head_ms=max(r.capacity.head_ms, 1e-3),
-            )
+            self._capacity(r)
             for r in sorted(self.nodes.values(), key=lambda r: r.node_id)
             if r.address not in self.excluded
         ]
 
-    def replan(self) -> None:
+    @property
+    def hidden_bytes(self) -> int:
+        """What one token's hidden state is on the wire inside a group (fp32)."""
+        return self.config.n_embd * 4
+
+    def replan(self, broken: Collection[str] = ()) -> None:
+        """Place the swarm again; the groups named in ``broken`` are re-formed or dissolved."""
+        active = {nid: r for nid, r in self.nodes.items() if r.address not in self.excluded}
         previous: Placement = {
-            nid: r.assigned
-            for nid, r in self.nodes.items()
-            if r.assigned is not None and r.address not in self.excluded
+            nid: r.assigned for nid, r in active.items() if r.assigned is not None and not r.group
         }
-        placement = place(self.units, self.capacities(), previous, replicas=self.replicas)
-        changed = False
-        for node_id, record in self.nodes.items():
-            stage = placement.get(node_id)
-            if stage != record.assigned:
-                record.assigned = stage
-                changed = True
-        if changed:
-            self.version += 1
-            log.info("placement v%d: %s", self.version, self.describe())
+        in_force = []
+        for group in self._assigned_groups():
+            if group.id not in broken and all(
+                m in active and active[m].group == group.id for m in group.members
+            ):
+                in_force.append(group.members)
+                previous[groups.group_key(group.members)] = group.stage
+        plan = groups.plan(
+            self.units,
+            self.capacities(),
+            previous,
+            in_force,
+            mode=self.tp,
+            n_head=self.config.n_head,
+            hidden_bytes=self.hidden_bytes,
+            eligible={nid for nid, r in active.items() if r.store_port > 0},
+            replicas=self.replicas,
+            link=self.link,
+        )
+        # Which formations stay (same members, same rank order, same stage, not broken).
+        current = {(g.members, g.stage): g for g in self._assigned_groups() if g.id not in broken}
+        new: dict[str, tuple[tuple[int, int] | None, Group | None]] = {
+            nid: (plan.placement.get(nid), None) for nid in self.nodes
+        }
+        formed: list[tuple[tuple[str, ...], tuple[int, int]]] = []
+        for members, stage in sorted(plan.groups.items(), key=lambda item: (item[1], item[0])):
+            kept = current.get((members, stage))
+            if kept is None:
+                formed.append((members, stage))
+            for m in members:
+                new[m] = (stage, kept)
+        changed = bool(formed) or any(
+            (assigned, in_group.id if in_group else "")
+            != (self.nodes[nid].assigned, self.nodes[nid].group)
+            for nid, (assigned, in_group) in new.items()
+        )
+        if not changed:
+            return
+        self.version += 1
+        for index, (members, stage) in enumerate(formed):
+            fresh = self._form(f"{self.group_salt}v{self.version}-{index}", members, stage)
+            for m in members:
+                new[m] = (stage, fresh)
+            prediction = plan.predictions.get(members)
+            log.info(
+                "placement v%d forms group %s of %d (%s): %s; route %.2f ms per token "
+                "(%s without groups)",
+                self.version,
+                fresh.id,
+                len(members),
+                ", ".join(self.nodes[m].name for m in members),
+                prediction,
+                plan.token_ms,
+                _ms(plan.baseline_ms),
+            )
+        for nid, (assigned, in_group) in new.items():
+            record = self.nodes[nid]
+            record.assigned = assigned
+            record.group = in_group.id if in_group else ""
+        self._prune()
+        log.info("placement v%d: %s", self.version, self.describe())
+
+    def _form(self, gid: str, members: tuple[str, ...], stage: tuple[int, int]) -> Group:
+        records = [self.nodes[m] for m in members]
+        rendezvous = f"{host_of(records[0].address)}:{records[0].store_port}"
+        group = Group(gid, members, tuple(r.address for r in records), rendezvous, stage)
+        self.groups[gid] = group
+        return group
+
+    def _assigned_groups(self) -> list[Group]:
+        ids = {r.group for r in self.nodes.values() if r.group}
+        return [self.groups[gid] for gid in sorted(ids) if gid in self.groups]
+
+    def _prune(self) -> None:
+        """Forget formations that nobody is assigned to or reports serving any more."""
+        named = {r.group for r in self.nodes.values()} | {r.tp_group for r in self.nodes.values()}
+        for gid in [gid for gid in self.groups if gid not in named]:
+            del self.groups[gid]
+
+    def seat(self, record: NodeRecord) -> Seat | None:
+        """The node's place in the group it is assigned to (None: it serves alone)."""
+        group = self.groups.get(record.group)
+        if group is None or record.node_id not in group.members:
+            return None
+        rank = group.members.index(record.node_id)
+        return Seat(group.id, rank, len(group.members), group.addresses, group.rendezvous)
 
     def describe(self) -> str:
         parts = []
-        for r in sorted(self.nodes.values(), key=lambda r: r.assigned or (999, 999)):
-            parts.append(f"{r.name}={list(r.assigned) if r.assigned else 'idle'}")
+        for r in sorted(self.nodes.values(), key=lambda r: (r.assigned or (999, 999), r.name)):
+            stage = list(r.assigned) if r.assigned else "idle"
+            seat = self.seat(r)
+            where = f" in {seat.id} rank {seat.rank}/{seat.size}" if seat else ""
+            parts.append(f"{r.name}={stage}{where}")
         return ", ".join(parts)
 
     # ---- routes and status ----------------------------------------------------------
@@ -196,22 +383,59 @@ class Registry:
             return record.capacity.head_ms
         return record.capacity.block_ms * self.units[unit].cost
 
+    def _servable(self, group: Group) -> bool:
+        """Every member here, not excluded, ready on the group's stage, in the group."""
+        for m in group.members:
+            r = self.nodes.get(m)
+            if r is None or r.address in self.excluded:
+                return False
+            if (r.ready, r.tp_group) != (group.stage, group.id):
+                return False
+        return True
+
     def servers(self) -> list[Server]:
-        """Ready nodes as routing sees them."""
+        """Ready nodes and servable groups as routing sees them: a group is one server at
+        its rank 0's address (a node serving in a group serves nothing alone)."""
         out = []
         for r in self.nodes.values():
-            if r.ready is None:
+            if r.ready is None or r.tp_group:
                 continue
             start, end = r.ready
             unit_ms = tuple(self.unit_ms(r, u) for u in range(start, end))
             load = r.load.sessions + r.load.queue_length
             out.append(Server(r.address, start, end, unit_ms, float(load)))
+        for group in sorted(self.groups.values(), key=lambda g: g.id):
+            if not self._servable(group):
+                continue
+            records = [self.nodes[m] for m in group.members]
+            cap = groups.group_capacity(
+                [self._capacity(r) for r in records], self.hidden_bytes, self.link
+            )
+            start, end = group.stage
+            unit_ms = tuple(cap.unit_ms(self.units[u]) for u in range(start, end))
+            load = max(r.load.sessions + r.load.queue_length for r in records)
+            out.append(
+                Server(
+                    group.addresses[0],
+                    start,
+                    end,
+                    unit_ms,
+                    float(load),
+                    overhead_ms=cap.overhead_ms,
+                    whole=True,
+                    size=cap.size,
+                )
+            )
         return out
 
     def coverage(self) -> list[int]:
+        """Servers per unit: a node alone, or a group, counts once."""
         counts = [0] * self.config.n_units
-        for r in self.nodes.values():
-            if r.ready is not None:
-                for u in range(*r.ready):
-                    counts[u] += 1
+        for s in self.servers():
+            for u in range(s.start, s.end):
+                counts[u] += 1
         return counts
+
+
+def _ms(value: float) -> str:
+    return "no route" if value == float("inf") else f"{value:.2f} ms"

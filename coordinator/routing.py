@@ -6,6 +6,10 @@ the units asked for), so stages that overlap without lining up still chain, and 
 node holding a hop's units is a replica the hop before can switch to. Among all chains,
 the one with the least estimated time per step wins: each hop costs its best node's time
 for those units, inflated by how loaded that node is, plus a fixed transfer overhead.
+
+A tensor-parallel group is one server: its rank 0's address, the group's stage and its
+predicted times. It serves only its whole stage (its members run the stage they sharded
+together), so a hop enters it at its first unit and leaves at its last.
 """
 
 from __future__ import annotations
@@ -28,13 +32,22 @@ class Server:
     end: int
     unit_ms: tuple[float, ...]  # estimated decode-step time of each unit of its stage
     load: float = 0.0  # open sessions + queued steps: more load, longer waits
+    overhead_ms: float = 0.0  # paid once per step (a group's: rank 0 sending the input on)
+    whole: bool = False  # serves only [start, end) whole (a tensor-parallel group)
+    size: int = 1  # nodes serving together (a group's size)
 
     def holds(self, start: int, end: int) -> bool:
+        if self.whole:
+            return (self.start, self.end) == (start, end)
         return self.start <= start and end <= self.end
+
+    def enters(self, u: int) -> bool:
+        """Whether a hop may start at unit ``u`` here."""
+        return u == self.start if self.whole else self.start <= u < self.end
 
     def ms(self, start: int, end: int, avoided: frozenset[str] = frozenset()) -> float:
         """Estimated time of units ``[start, end)`` here, load and avoidance included."""
-        base = sum(self.unit_ms[start - self.start : end - self.start])
+        base = self.overhead_ms + sum(self.unit_ms[start - self.start : end - self.start])
         penalty = AVOIDED_PENALTY_MS if self.address in avoided else 0.0
         return base * (1.0 + 0.25 * self.load) + penalty
 
@@ -73,7 +86,7 @@ def plan_route(
         if best[u] == inf:
             continue
         for s in pool:
-            if s.start <= u < s.end:
+            if s.enters(u):
                 cost = best[u] + s.ms(u, s.end, avoided) + HOP_OVERHEAD_MS
                 if cost < best[s.end]:
                     best[s.end], back[s.end] = cost, (u, s)

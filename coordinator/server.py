@@ -16,6 +16,7 @@ from nanoshard.cliutil import stop_on_signals
 from nanoshard.discovery import Advert, Advertiser, coordinator_properties
 from nanoshard.security import Security
 
+from . import groups
 from .model import ModelStore
 from .registry import Registry
 from .service import CoordinatorService
@@ -33,6 +34,7 @@ class CoordinatorConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT  # 0 picks a free port
     replicas: int = 2  # copies of every unit placement aims for
+    tp: str | int = "auto"  # tensor-parallel groups: "auto", "off", 2 or 4 (groups.parse_mode)
     swarm: str = "default"  # nodes and clients of another swarm are refused
     mdns: bool = True
     mdns_interfaces: list[str] | None = None  # None = every interface
@@ -50,13 +52,15 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     store = await asyncio.to_thread(ModelStore.open, config.model)
+    epoch = secrets.token_bytes(8)
     registry = Registry(
         store.config,
         replicas=config.replicas,
         heartbeat_timeout_s=config.heartbeat_timeout,
         settle_until=float("inf"),  # set once the coordinator answers, below
+        tp=groups.parse_mode(str(config.tp)),
+        group_salt=epoch.hex()[:6] + "-",  # a group id never repeats a previous process's
     )
-    epoch = secrets.token_bytes(8)
     service = CoordinatorService(
         store,
         registry,
@@ -83,13 +87,14 @@ async def serve(
         )
         advertiser = await asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
     log.info(
-        "coordinator for %s (%d units, model %s…) on %s, swarm %r, replicas %d",
+        "coordinator for %s (%d units, model %s…) on %s, swarm %r, replicas %d, --tp %s",
         store.name,
         store.config.n_units,
         store.model_id[:12],
         address,
         config.swarm,
         config.replicas,
+        registry.tp,
     )
     # Nodes of a swarm that outlived a previous coordinator re-join at their next heartbeat
     # (a node still silent after a heartbeat timeout would count as gone anyway): until

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Bounds of a believable Capacity from a volunteer.
 MAX_STEP_MS = 60_000.0
 MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+MAX_GROUP_ID = 64  # a group id the coordinator hands out is far shorter
 DEVICE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}(:\d{1,3})?$")  # cpu, cuda:0, mps, xpu:1
 # Re-running a disputed step costs the coordinator up to a prefill of a stage: a client
 # (or many) cannot keep it busier than this.
@@ -82,11 +83,22 @@ def check_capacity(c: cpb.Capacity) -> Capacity:
     return Capacity(c.device, c.dtype, c.memory_bytes, c.block_ms, c.head_ms)
 
 
-def assignment(record: NodeRecord | None, version: int) -> cpb.Assignment:
+def assignment(registry: Registry, record: NodeRecord | None) -> cpb.Assignment:
+    version = registry.version
     if record is None or record.assigned is None:
         return cpb.Assignment(idle=True, version=version)
     start, end = record.assigned
-    return cpb.Assignment(idle=False, start=start, end=end, version=version)
+    seat = registry.seat(record)
+    tp = None
+    if seat is not None:
+        tp = cpb.TpGroup(
+            id=seat.id,
+            rank=seat.rank,
+            size=seat.size,
+            members=seat.members,
+            rendezvous=seat.rendezvous,
+        )
+    return cpb.Assignment(idle=False, start=start, end=end, version=version, tp=tp)
 
 
 class CoordinatorService:
@@ -161,6 +173,8 @@ class CoordinatorService:
         if not rpc.ADDRESS.fullmatch(request.address):
             raise InvalidArgument(f"address {request.address[:80]!r} is not HOST:PORT")
         capacity = check_capacity(request.capacity)
+        if request.store_port > 65535:
+            raise InvalidArgument(f"store_port {request.store_port} is not a port (0 to 65535)")
         held = None
         if request.held_end:
             held = self._stage(request.held_start, request.held_end, "held stage")
@@ -171,11 +185,12 @@ class CoordinatorService:
             capacity=capacity,
             last_heartbeat=self.clock(),
             held=held,
+            store_port=request.store_port,
         )
         self.registry.join(record)
         return cpb.JoinReply(
             model_id=self.store.model_id,
-            assignment=assignment(record, self.registry.version),
+            assignment=assignment(self.registry, record),
             heartbeat_interval_s=self.heartbeat_interval_s,
             coordinator_epoch=self.epoch,
         )
@@ -188,11 +203,15 @@ class CoordinatorService:
         load = Load(
             ld.sessions, ld.kv_bytes_used, ld.kv_bytes_budget, ld.queue_length, ld.step_ms_p50
         )
-        record = self.registry.heartbeat(request.node_id, self.clock(), ready, load)
+        if len(request.tp_group) > MAX_GROUP_ID:
+            raise InvalidArgument(f"tp_group is longer than {MAX_GROUP_ID} characters")
+        record = self.registry.heartbeat(
+            request.node_id, self.clock(), ready, load, request.tp_group if ready else ""
+        )
         if record is None:
             raise NotFound("this coordinator does not know the node (it restarted?): join again")
         return cpb.HeartbeatReply(
-            assignment=assignment(record, self.registry.version), coordinator_epoch=self.epoch
+            assignment=assignment(self.registry, record), coordinator_epoch=self.epoch
         )
 
     @handles_errors
@@ -244,8 +263,8 @@ class CoordinatorService:
                         block_ms=c.block_ms,
                         head_ms=c.head_ms,
                     ),
-                    assignment=assignment(r, registry.version),
-                    ready=r.ready is not None and r.ready == r.assigned,
+                    assignment=assignment(registry, r),
+                    ready=r.ready is not None and (r.ready, r.tp_group) == (r.assigned, r.group),
                     ready_start=r.ready[0] if r.ready else 0,
                     ready_end=r.ready[1] if r.ready else 0,
                     load=cpb.NodeLoad(

@@ -28,6 +28,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "block_ms": round(n.capacity.block_ms, 3),
                 "head_ms": round(n.capacity.head_ms, 3),
                 "stage": None if n.assignment.idle else [n.assignment.start, n.assignment.end],
+                "tp": _tp(n),
                 "serving": [n.ready_start, n.ready_end] if n.ready_end else None,
                 "sessions": n.load.sessions,
                 "queue": n.load.queue_length,
@@ -42,3 +43,11 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
         ],
         "units": [{"unit": u.unit, "name": u.name, "replicas": u.replicas} for u in s.units],
     }
+
+
+def _tp(n: cpb.NodeStatus) -> dict[str, Any]:
+    """The node's tensor-parallel group: its id, this node's rank, its size (1: alone)."""
+    tp = n.assignment.tp
+    if n.assignment.idle or tp.size <= 1:
+        return {"group": "", "rank": 0, "size": 1}
+    return {"group": tp.id, "rank": tp.rank, "size": tp.size}

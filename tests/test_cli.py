@@ -127,3 +127,69 @@ def test_swarm_with_an_address_is_refused_in_one_line(
     assert capsys.readouterr().err == (
         f"nanoshard: error: --swarm chooses a coordinator found by mDNS; drop it with {flags[0]}\n"
     )
+
+
+def grouped_status() -> cpb.SwarmStatus:
+    """Four nodes in two tensor-parallel groups of two, each serving the whole model; the
+    second group's rank 1 still loading."""
+    status = swarm_status()
+    del status.nodes[:]
+    n = GPT2.n_units
+    for i in range(4):
+        gid = f"5e1f00-v3-{i // 2}"
+        members = [f"10.0.0.{2 * (i // 2) + k}:7961" for k in range(2)]
+        loading = i == 3
+        status.nodes.append(
+            cpb.NodeStatus(
+                node_id=f"{i:016x}",
+                name=f"volunteer-{i}-laptop",
+                address=f"10.0.0.{i}:7961",
+                capacity=cpb.Capacity(device="cpu", dtype="fp32", memory_bytes=3 << 30),
+                assignment=cpb.Assignment(
+                    start=0,
+                    end=n,
+                    tp=cpb.TpGroup(
+                        id=gid, rank=i % 2, size=2, members=members, rendezvous="10.0.0.0:1"
+                    ),
+                ),
+                ready=not loading,
+                ready_start=0,
+                ready_end=0 if loading else n,
+                healthy=not loading,
+            )
+        )
+    for u in status.units:
+        u.replicas = 1  # the first group; the second is still forming
+    return status
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_status_shows_each_nodes_group_and_each_groups_stage(width: int) -> None:
+    out = render(grouped_status(), width)
+    assert max(len(line) for line in out.splitlines()) <= width
+    flat = " ".join(out.split())
+    for i in range(4):
+        assert f"volunteer-{i}-laptop" in out
+    assert "tp2 r0" in flat and "tp2 r1" in flat
+    up = "group 5e1f00-v3-0 [0,14) up: volunteer-0-laptop r0, volunteer-1-laptop r1"
+    forming = "group 5e1f00-v3-1 [0,14) forming: volunteer-2-laptop r0, volunteer-3-laptop r1"
+    assert up in flat and forming in flat
+
+
+def test_the_status_json_carries_each_nodes_group() -> None:
+    from nanoshard.statusview import status_json
+
+    nodes = status_json(grouped_status())["nodes"]
+    assert nodes[1]["tp"] == {"group": "5e1f00-v3-0", "rank": 1, "size": 2}
+    alone = status_json(swarm_status())["nodes"]
+    assert all(n["tp"] == {"group": "", "rank": 0, "size": 1} for n in alone)
+
+
+@pytest.mark.parametrize("value", ["8", "yes"])
+def test_a_bad_tp_is_refused_in_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["coordinator", "--tp", value])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (
+        f"nanoshard: error: --tp must be one of auto, off, 2, 4, not {value!r}\n"
+    )

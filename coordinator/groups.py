@@ -1,0 +1,409 @@
+"""Tensor-parallel groups: which nodes serve a stage together, and whether they should.
+
+A *group* is 2 or 4 nodes serving one stage together (``nanoshard/tp.py``: each member
+holds its share of every block's heads and MLP and of the vocabulary, and the members sum
+their partial results with two all-reduces per block). To placement a group is one
+``NodeCapacity`` of ``size`` k (``group_capacity``); to routing it is one hop, its rank 0's.
+
+Pure, like placement: nodes and the groups in force in, groups and stages out (``plan``).
+``--tp`` chooses the policy:
+
+- ``off``: no groups;
+- ``2`` / ``4``: every eligible node (one with a ``store_port``) goes into a group of that
+  size, as far as the count allows; the nodes left over (and those that take part in no
+  group) stay idle while the groups alone serve every unit, else they serve alone too;
+- ``auto``: groups where (a) some unit fits no single node (the model must still run) or
+  (b) the cost model predicts a faster token than without them; never a group predicted
+  slower than its own members serving its stage apart, unless it is what covers a unit.
+
+The cost model, per decode step of one token (``predict`` gives both sides):
+
+- a node alone on units U: ``sum(unit_ms(u))``, its measured ``block_ms`` (``head_ms`` for
+  the head), plus ``routing.HOP_OVERHEAD_MS`` per hop;
+- a group of k on a stage: per unit, its slowest member's time / k plus the unit's
+  collectives (block 2, embed 1, head 1: the sampler's merge), each
+  ``allreduce_ms = latency_ms * ceil(log2 k) + 2 (k-1)/k * n_embd * 4 B / bandwidth``
+  (recursive doubling latency, ring bandwidth); plus, once per step, rank 0 sending the
+  step's input on to the others: ``message_ms + (k-1) * n_embd * 4 B / bandwidth``; plus
+  one ``HOP_OVERHEAD_MS`` (the hop into the group).
+
+Nodes do not measure their links yet: ``LINK`` holds the figures for every pair of nodes,
+the one place to replace with measurements.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from nanoshard import tp
+from nanoshard.errors import InvalidArgument, NanoshardError
+
+from .placement import (
+    NodeCapacity,
+    Placement,
+    Stage,
+    UnitCost,
+    coverage,
+    place,
+    stage_bytes,
+    stage_ms,
+)
+from .routing import HOP_OVERHEAD_MS, Server, plan_route, route_ms
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "off", *(str(k) for k in tp.SIZES))
+Mode = str | int  # "auto", "off", or a group size from tp.SIZES
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a link between two members costs (until nodes measure and report it)."""
+
+    latency_ms: float  # one small gloo all-reduce step: gloo on loopback here ~0.25 ms
+    bytes_per_s: float  # bandwidth
+    message_ms: float  # one data-plane message (Python gRPC), rank 0 to a member
+
+
+# Loopback or a LAN: ~0.3 ms per collective step, ~1 GB/s, ~0.4 ms per gRPC message
+# (DESIGN.md: gloo ~0.25 ms per small all-reduce on loopback, gRPC 0.35-0.5 ms per round trip).
+LINK = Link(latency_ms=0.3, bytes_per_s=1e9, message_ms=0.4)
+
+
+def parse_mode(text: str) -> Mode:
+    """``--tp``'s value: "auto", "off", or a group size (2 or 4)."""
+    value = text.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if value.isdigit() and int(value) in tp.SIZES:
+        return int(value)
+    raise InvalidArgument(f"--tp must be one of {', '.join(MODES)}, not {text[:20]!r}")
+
+
+def check_mode(mode: Mode, n_head: int) -> Mode:
+    """``mode`` if this model can run it: a forced size must divide its heads."""
+    if mode in ("auto", "off"):
+        return mode
+    if not isinstance(mode, int) or mode not in tp.SIZES:
+        raise InvalidArgument(f"tensor-parallel mode must be one of {', '.join(MODES)}: {mode!r}")
+    if n_head % mode:
+        raise InvalidArgument(
+            f"--tp {mode}: groups of {mode} cannot split this model's {n_head} attention heads "
+            "evenly (use --tp auto or off)"
+        )
+    tp.check_split(n_head, mode)
+    return mode
+
+
+def sizes(mode: Mode, n_head: int) -> list[int]:
+    """The group sizes ``mode`` may form for a model of ``n_head`` heads."""
+    if mode == "off":
+        return []
+    if mode == "auto":
+        return [k for k in tp.SIZES if n_head % k == 0]
+    return [int(check_mode(mode, n_head))]
+
+
+def allreduce_ms(nbytes: int, size: int, link: Link = LINK) -> float:
+    """One all-reduce of ``nbytes`` across ``size`` members."""
+    if size <= 1:
+        return 0.0
+    steps = math.ceil(math.log2(size))
+    return link.latency_ms * steps + 2 * (size - 1) / size * nbytes / link.bytes_per_s * 1e3
+
+
+def broadcast_ms(nbytes: int, size: int, link: Link = LINK) -> float:
+    """Rank 0 sending a step's input (``nbytes``) on to the ``size - 1`` other members."""
+    if size <= 1:
+        return 0.0
+    return link.message_ms + (size - 1) * nbytes / link.bytes_per_s * 1e3
+
+
+def group_key(members: Sequence[str]) -> str:
+    """The id a group stands under in placement: its members in rank order (node ids are
+    hex, so it names no node)."""
+    return "tp:" + "+".join(members)
+
+
+def group_capacity(
+    members: Sequence[NodeCapacity], hidden_bytes: int, link: Link = LINK
+) -> NodeCapacity:
+    """What ``members`` (in rank order) offer as one group: every member must hold its
+    share (the smallest budget binds), and every collective waits for the slowest."""
+    if len(members) not in tp.SIZES:
+        raise InvalidArgument(f"a group has {' or '.join(map(str, tp.SIZES))} members")
+    heads = [m.head_ms for m in members]
+    size = len(members)
+    return NodeCapacity(
+        node_id=group_key([m.node_id for m in members]),
+        memory_bytes=min(m.memory_bytes for m in members),
+        block_ms=max(m.block_ms for m in members),
+        head_ms=None if None in heads else max(h for h in heads if h is not None),
+        overhead_ms=max(m.overhead_ms for m in members) + broadcast_ms(hidden_bytes, size, link),
+        size=size,
+        sync_ms=allreduce_ms(hidden_bytes, size, link),
+    )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted ms per token of a stage: served by a group, and by the same nodes apart
+    (a pipeline of them, or the fastest alone if it holds the stage; inf: they cannot)."""
+
+    start: int
+    end: int
+    size: int
+    group_ms: float
+    pipeline_ms: float
+
+    @property
+    def faster(self) -> bool:
+        return self.group_ms < self.pipeline_ms
+
+    def __str__(self) -> str:
+        apart = "cannot hold it" if math.isinf(self.pipeline_ms) else f"{self.pipeline_ms:.2f} ms"
+        return (
+            f"units [{self.start}, {self.end}) in a group of {self.size}: predicted "
+            f"{self.group_ms:.2f} ms per token, its members apart {apart}"
+        )
+
+
+def predict(
+    units: Sequence[UnitCost],
+    members: Sequence[NodeCapacity],
+    start: int,
+    end: int,
+    hidden_bytes: int,
+    link: Link = LINK,
+) -> Prediction:
+    """The cost model for one stage: ``members`` (rank order) as a group, and apart."""
+    group = group_capacity(members, hidden_bytes, link)
+    group_ms = stage_ms(units, group, start, end) + HOP_OVERHEAD_MS
+    if stage_bytes(units, start, end, group.size) > group.memory_bytes:
+        group_ms = math.inf
+    return Prediction(start, end, group.size, group_ms, _apart_ms(units, members, start, end))
+
+
+def _apart_ms(
+    units: Sequence[UnitCost], nodes: Sequence[NodeCapacity], start: int, end: int
+) -> float:
+    """The fastest chain of ``nodes`` (each once, alone) through ``[start, end)``: each in
+    turn takes the longest piece that fits it. Tried in every order (k <= 4: 24 orders)."""
+    best = math.inf
+    for order in itertools.permutations(nodes):
+        u, ms = start, 0.0
+        for node in order:
+            if u == end:
+                break
+            v = u
+            while v < end and stage_bytes(units, u, v + 1) <= node.memory_bytes:
+                v += 1
+            if v > u:
+                ms += stage_ms(units, node, u, v) + HOP_OVERHEAD_MS
+                u = v
+        if u == end:
+            best = min(best, ms)
+    return best
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``plan`` decided: the nodes serving alone, the groups, and why."""
+
+    placement: Placement  # node_id -> stage, for nodes serving alone
+    groups: dict[tuple[str, ...], Stage]  # members (node ids, rank order) -> their stage
+    token_ms: float  # predicted ms per token along the best route (inf: a unit uncovered)
+    baseline_ms: float  # the same without any group (inf: a unit uncovered)
+    gaps: int  # units nobody serves
+    predictions: dict[tuple[str, ...], Prediction] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """The group size in use (1: none)."""
+        return max((len(m) for m in self.groups), default=1)
+
+
+def plan(
+    units: Sequence[UnitCost],
+    nodes: Iterable[NodeCapacity],
+    previous: Mapping[str, Stage] | None = None,
+    previous_groups: Iterable[Sequence[str]] = (),
+    *,
+    mode: Mode = "auto",
+    n_head: int,
+    hidden_bytes: int,
+    eligible: Collection[str] | None = None,
+    replicas: int = 2,
+    rebalance_threshold: float = 0.2,
+    link: Link = LINK,
+) -> Plan:
+    """Place ``nodes``, in groups as ``mode`` says.
+
+    ``previous`` is the placement in force (node ids, and ``group_key``s for groups);
+    ``previous_groups`` the groups in force (members in rank order): those whose members
+    are all still here and eligible stay together, so a join or a leave elsewhere re-forms
+    no group. ``eligible``: the nodes that may join a group (None: all).
+    """
+    nodes = sorted(nodes, key=lambda n: n.node_id)
+    if any(n.size != 1 for n in nodes):
+        raise InvalidArgument("plan: nodes are single nodes (size 1)")
+    by_id = {n.node_id: n for n in nodes}
+    ok = set(by_id) if eligible is None else set(eligible) & set(by_id)
+    previous = dict(previous or {})
+    kept = [
+        tuple(g)
+        for g in previous_groups
+        if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
+    ]
+    ctx = _Context(units, by_id, previous, replicas, rebalance_threshold, hidden_bytes, link)
+    allowed = sizes(mode, n_head)
+    if not allowed or len(ok) < min(allowed):
+        return ctx.evaluate([])
+    forced = mode not in ("auto", "off")
+    largest = max(u.weight_bytes for u in units)
+
+    candidates: list[Plan] = []
+    baseline = ctx.evaluate([])
+    for k in allowed:
+        variants = [_form(k, kept, ok, by_id, lambda n: True)]
+        if not forced:  # also: only the nodes that hold no unit alone pooled
+            small = _form(k, kept, ok, by_id, lambda n: n.memory_bytes < largest)
+            if small and small != variants[0]:
+                variants.append(small)
+        for formation in variants:
+            if formation:
+                candidates.append(ctx.evaluate(formation, leftovers_idle=forced))
+    if forced:
+        return _against(candidates[0], baseline) if candidates else baseline
+    better = [c for c in candidates if (c.gaps, c.token_ms) < (baseline.gaps, baseline.token_ms)]
+    if not better:
+        return baseline
+    best = min(better, key=lambda c: (c.gaps, c.token_ms))
+    # Hysteresis: the group size in force stays while it is nearly as good.
+    in_force = max((len(g) for g in kept), default=0)
+    same = [c for c in better if c.size == in_force and c.gaps == best.gaps]
+    if same and min(c.token_ms for c in same) <= best.token_ms * (1 + rebalance_threshold):
+        best = min(same, key=lambda c: c.token_ms)
+    # Refuse the groups predicted slower than their members apart (or left without a stage),
+    # unless that leaves a unit uncovered.
+    slow = [g for g in best.groups if not best.predictions[g].faster]
+    if slow:
+        refined = ctx.evaluate([g for g in best.groups if g not in slow])
+        if refined.gaps <= best.gaps:
+            best = refined
+        if (best.gaps, best.token_ms) >= (baseline.gaps, baseline.token_ms):
+            return baseline
+    return _against(best, baseline)
+
+
+def _against(chosen: Plan, baseline: Plan) -> Plan:
+    """``chosen``, with the prediction without groups beside it."""
+    return Plan(
+        chosen.placement,
+        chosen.groups,
+        chosen.token_ms,
+        baseline.token_ms,
+        chosen.gaps,
+        chosen.predictions,
+    )
+
+
+def _form(
+    k: int,
+    kept: Sequence[tuple[str, ...]],
+    ok: Collection[str],
+    by_id: Mapping[str, NodeCapacity],
+    wanted: Callable[[NodeCapacity], bool],
+) -> list[tuple[str, ...]]:
+    """Groups of ``k``: those in force, then the other ``wanted`` eligible nodes, fastest
+    first, in runs of k (nodes of like speed together: a group waits for its slowest)."""
+    groups = [g for g in kept if len(g) == k]
+    taken = {m for g in groups for m in g}
+    free = sorted(
+        (by_id[i] for i in ok if i not in taken and wanted(by_id[i])),
+        key=_speed,
+    )
+    for at in range(0, len(free) - k + 1, k):
+        groups.append(tuple(n.node_id for n in free[at : at + k]))  # rank order: fastest first
+    return groups
+
+
+def _speed(n: NodeCapacity) -> tuple[float, float, str]:
+    return (n.block_ms, n.head_ms or 0.0, n.node_id)
+
+
+@dataclass
+class _Context:
+    units: Sequence[UnitCost]
+    by_id: Mapping[str, NodeCapacity]
+    previous: Mapping[str, Stage]
+    replicas: int
+    rebalance_threshold: float
+    hidden_bytes: int
+    link: Link
+
+    def evaluate(self, groups: Sequence[tuple[str, ...]], leftovers_idle: bool = False) -> Plan:
+        """Place these groups and every other node alone (with ``leftovers_idle``: the
+        groups alone first, and the rest too only if the groups leave a unit uncovered)."""
+        n_units = len(self.units)
+        caps = {
+            group_key(g): group_capacity([self.by_id[m] for m in g], self.hidden_bytes, self.link)
+            for g in groups
+        }
+        grouped = {m for g in groups for m in g}
+        singles = {i: n for i, n in self.by_id.items() if i not in grouped}
+        placement: Placement = {}
+        if leftovers_idle and caps:
+            placement = self._place(list(caps.values()))
+            if min(coverage(placement, n_units)) == 0:
+                placement = {}
+        if not placement:
+            placement = self._place([*caps.values(), *singles.values()])
+        all_caps = {**caps, **singles}
+        servers = [
+            Server(
+                key,
+                *stage,
+                tuple(all_caps[key].unit_ms(u) for u in self.units[slice(*stage)]),
+                overhead_ms=all_caps[key].overhead_ms,
+                whole=all_caps[key].size > 1,
+                size=all_caps[key].size,
+            )
+            for key, stage in placement.items()
+        ]
+        try:
+            token_ms = route_ms(servers, plan_route(servers, n_units))
+        except NanoshardError:
+            token_ms = math.inf
+        gaps = coverage(placement, n_units).count(0)
+        by_key = {group_key(g): g for g in groups}
+        placed_groups = {by_key[key]: stage for key, stage in placement.items() if key in by_key}
+        predictions = {
+            g: predict(self.units, [self.by_id[m] for m in g], *stage, self.hidden_bytes, self.link)
+            for g, stage in placed_groups.items()
+        }
+        # A group placement left without a stage is no group: its members serve alone.
+        idle = [g for g in groups if g not in placed_groups]
+        if idle and not leftovers_idle:
+            return self.evaluate([g for g in groups if g in placed_groups])
+        return Plan(
+            {i: s for i, s in placement.items() if i in singles},
+            placed_groups,
+            token_ms,
+            math.inf if placed_groups else token_ms,
+            gaps,
+            predictions,
+        )
+
+    def _place(self, caps: list[NodeCapacity]) -> Placement:
+        return place(
+            self.units,
+            caps,
+            self.previous,
+            replicas=self.replicas,
+            rebalance_threshold=self.rebalance_threshold,
+        )

@@ -1,0 +1,553 @@
+"""Tensor-parallel groups on the coordinator: which nodes placement groups and why (the cost
+model), group ids, routes through groups, a group breaking, and what status shows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from nanoshard.config import GPTConfig
+from nanoshard.coordinator import groups
+from nanoshard.coordinator.groups import LINK, allreduce_ms, broadcast_ms, plan, predict
+from nanoshard.coordinator.placement import (
+    NodeCapacity,
+    coverage,
+    stage_bytes,
+    stage_ms,
+    unit_costs,
+)
+from nanoshard.coordinator.registry import (
+    WEIGHT_SHARE,
+    Capacity,
+    Load,
+    NodeRecord,
+    Registry,
+)
+from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, plan_route
+from nanoshard.coordinator.service import CoordinatorService
+from nanoshard.errors import InvalidArgument
+from nanoshard.statusview import status_json
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+GPT2 = GPTConfig()  # 124M: 14 units; a block 28 MB, embed 154 MB + wpe, head 154 MB (tied)
+UNITS = unit_costs(GPT2)
+HIDDEN = GPT2.n_embd * 4
+MB = 1_000_000
+
+
+def nodes(count: int, memory_mb: float, block_ms: float, head_ms: float | None = None) -> list:
+    return [NodeCapacity(f"n{i}", int(memory_mb * MB), block_ms, head_ms) for i in range(count)]
+
+
+def grouped(p: groups.Plan) -> set[str]:
+    return {m for g in p.groups for m in g}
+
+
+# ---- memory and the cost model ------------------------------------------------------
+
+
+def test_a_member_holds_its_share_and_the_replicated_weights_whole() -> None:
+    block, head = UNITS[1], UNITS[-1]
+    d = GPT2.n_embd
+    replicated = (2 * 2 * d + 2 * d) * 4  # two LayerNorms (weight, bias), two c_proj biases
+    assert block.member_bytes(2) == replicated + (block.weight_bytes - replicated) // 2
+    assert block.member_bytes(4) == replicated + (block.weight_bytes - replicated) // 4
+    # wte's 50257 rows split 25129 + 25128: a member is sized by the larger share.
+    assert head.member_bytes(2) == 2 * d * 4 + 25129 * d * 4
+    whole = stage_bytes(UNITS, 0, 14)
+    # The whole model in a group of 2: the embed and head share their wte rows, as alone.
+    assert stage_bytes(UNITS, 0, 14, 2) == (
+        UNITS[0].member_bytes(2) + 12 * block.member_bytes(2) + 2 * d * 4
+    )
+    assert whole / 2 < stage_bytes(UNITS, 0, 14, 2) < whole / 2 + 5 * MB
+    assert stage_bytes(UNITS, 0, 14, 1) == whole
+
+
+def test_the_cost_model_adds_collectives_to_the_share_of_compute() -> None:
+    # One all-reduce of 768 fp32 values between 2 members: a link latency + bytes/bandwidth.
+    assert allreduce_ms(HIDDEN, 2) == pytest.approx(
+        LINK.latency_ms + HIDDEN / LINK.bytes_per_s * 1e3
+    )
+    assert allreduce_ms(HIDDEN, 4) > allreduce_ms(HIDDEN, 2) > allreduce_ms(HIDDEN, 1) == 0
+    members = [NodeCapacity("a", 10**10, 2.0, 11.0), NodeCapacity("b", 10**10, 2.5, 12.0)]
+    p = predict(UNITS, members, 1, 13, HIDDEN)  # the 12 blocks
+    # The slowest member's time over 2, two all-reduces per block, rank 0 sending the input
+    # on once, one hop; apart: the fastest member alone holds them all.
+    expected = 12 * (2.5 / 2 + 2 * allreduce_ms(HIDDEN, 2)) + broadcast_ms(HIDDEN, 2)
+    assert p.group_ms == pytest.approx(expected + HOP_OVERHEAD_MS)
+    assert p.pipeline_ms == pytest.approx(12 * 2.0 + HOP_OVERHEAD_MS)
+    assert p.faster and p.size == 2
+    # A slower partner: the group waits for it at every all-reduce, and loses.
+    members[1] = NodeCapacity("b", 10**10, 3.0, 12.0)
+    assert not predict(UNITS, members, 1, 13, HIDDEN).faster
+    assert "predicted" in str(p) and f"{p.group_ms:.2f}" in str(p)
+    # Members that cannot hold the stage apart: only the group can.
+    small = [NodeCapacity("a", 100 * MB, 2.0, 11.0), NodeCapacity("b", 100 * MB, 2.0, 11.0)]
+    p = predict(UNITS, small, 0, 1, HIDDEN)
+    assert math.isinf(p.pipeline_ms) and p.faster
+    # Apart, they chain: each takes what fits it.
+    p = predict(UNITS, small, 1, 7, HIDDEN)
+    assert p.pipeline_ms == pytest.approx(6 * 2.0 + 2 * HOP_OVERHEAD_MS)
+
+
+# ---- the policy ----------------------------------------------------------------------
+
+
+def test_forced_2_puts_every_stage_in_a_group() -> None:
+    # Four nodes that each hold the model: two groups of two, each serving it whole (each
+    # other's replica); none serves alone.
+    p = plan(UNITS, nodes(4, 2000, 2.0, 11.0), mode=2, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {("n0", "n1"): (0, 14), ("n2", "n3"): (0, 14)} and p.placement == {}
+    # Two nodes: one group serving the whole model.
+    p = plan(UNITS, nodes(2, 2000, 2.0, 11.0), mode=2, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {("n0", "n1"): (0, 14)} and p.placement == {}
+    # Where a member holds about half the model, the groups form a 2-stage pipeline.
+    p = plan(UNITS, nodes(4, 200, 2.0, 11.0), mode=2, n_head=12, hidden_bytes=HIDDEN)
+    assert len(p.groups) == 2 and p.placement == {} and p.gaps == 0
+    assert sorted(p.groups.values())[0][0] == 0 and sorted(p.groups.values())[1][1] == 14
+    assert sorted(p.groups.values())[0][1] == sorted(p.groups.values())[1][0]
+    # Forced even where predicted slower: fast nodes, whose blocks cost less than a collective.
+    p = plan(UNITS, nodes(2, 2000, 0.2, 1.1), mode=2, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {("n0", "n1"): (0, 14)} and p.token_ms > p.baseline_ms
+
+
+def test_forced_4_and_the_nodes_left_over() -> None:
+    # Six nodes, --tp 4: one group of four; the two left over stay idle while it serves
+    # every unit.
+    p = plan(UNITS, nodes(6, 2000, 2.0, 11.0), mode=4, n_head=12, hidden_bytes=HIDDEN)
+    assert list(p.groups.values()) == [(0, 14)] and p.size == 4 and p.placement == {}
+    # Three nodes: too few for a group of four; they serve alone.
+    p = plan(UNITS, nodes(3, 2000, 2.0, 11.0), mode=4, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {} and set(p.placement) == {"n0", "n1", "n2"}
+
+
+def test_a_group_size_must_divide_the_heads() -> None:
+    with pytest.raises(InvalidArgument, match="cannot split this model's 6 attention heads"):
+        groups.check_mode(4, 6)
+    with pytest.raises(InvalidArgument):
+        Registry(GPTConfig(n_head=6, n_embd=384), tp=4)
+    with pytest.raises(InvalidArgument):
+        plan(UNITS, nodes(4, 2000, 2.0), mode=4, n_head=6, hidden_bytes=HIDDEN)
+    assert groups.sizes("auto", 12) == [2, 4] and groups.sizes("auto", 6) == [2]
+    assert groups.sizes("auto", 25) == [] and groups.sizes("off", 12) == []
+    # GPT-2 XL's 25 heads split no way: auto forms no group even for slow nodes.
+    xl = GPTConfig(n_layer=48, n_head=25, n_embd=1600)
+    p = plan(unit_costs(xl), nodes(4, 10_000, 20.0), n_head=25, hidden_bytes=1600 * 4)
+    assert p.groups == {}
+
+
+@pytest.mark.parametrize("text", ["8", "tp2", "", "1", "on"])
+def test_a_bad_mode_is_refused(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="--tp must be one of auto, off, 2, 4"):
+        groups.parse_mode(text)
+    assert groups.parse_mode("AUTO") == "auto" and groups.parse_mode("4") == 4
+
+
+def test_nodes_without_a_store_never_join_a_group() -> None:
+    swarm = nodes(4, 2000, 2.0, 11.0)
+    for mode in (2, "auto"):
+        p = plan(UNITS, swarm, mode=mode, n_head=12, hidden_bytes=HIDDEN, eligible={"n1", "n3"})
+        assert p.groups == {("n1", "n3"): (0, 14)}
+        assert not grouped(p) & {"n0", "n2"}
+    p = plan(UNITS, swarm, mode=2, n_head=12, hidden_bytes=HIDDEN, eligible={"n1"})
+    assert p.groups == {}  # one eligible node: no group
+
+
+def test_auto_groups_nodes_that_cannot_hold_a_unit_alone() -> None:
+    # 100 MB each: more than a block (28 MB), less than the embed or the head (154 MB). Alone
+    # they leave the embed and head uncovered; in groups they serve the whole model.
+    swarm = nodes(8, 100, 2.0, 11.0)
+    off = plan(UNITS, swarm, mode="off", n_head=12, hidden_bytes=HIDDEN)
+    assert off.gaps == 2 and math.isinf(off.token_ms)
+    p = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)
+    assert p.gaps == 0 and math.isfinite(p.token_ms) and math.isinf(p.baseline_ms)
+    served = coverage({**p.placement, **{groups.group_key(g): s for g, s in p.groups.items()}}, 14)
+    assert min(served) >= 1
+    for members, (start, end) in p.groups.items():  # every member holds its share
+        assert stage_bytes(UNITS, start, end, len(members)) <= 100 * MB
+
+
+def test_auto_covers_a_model_whose_every_block_is_bigger_than_any_node() -> None:
+    # A model whose blocks are its largest units, and nodes smaller than one block: alone,
+    # no node serves a block; in groups they serve the whole model.
+    config = GPTConfig(vocab_size=1024, block_size=64, n_embd=256, n_head=4, n_layer=4)
+    units = unit_costs(config)
+    block = units[1].weight_bytes
+    assert block == max(u.weight_bytes for u in units)
+    swarm = [NodeCapacity(f"n{i}", int(block * 0.7), 1.0) for i in range(8)]
+    assert plan(units, swarm, mode="off", n_head=4, hidden_bytes=256 * 4).gaps == 4
+    p = plan(units, swarm, n_head=4, hidden_bytes=256 * 4)
+    assert p.gaps == 0 and math.isfinite(p.token_ms) and p.groups
+    assert all(e - s == 1 and s in (0, 5) for s, e in p.placement.values())  # embed, head alone
+    assert all(stage_bytes(units, *s, len(g)) <= block * 0.7 for g, s in p.groups.items())
+
+
+def test_auto_forms_a_group_predicted_faster() -> None:
+    # Slow nodes (2 ms a block, as GPT-2 124M here) that each hold the model: a group of two
+    # halves each block for two all-reduces of ~0.3 ms.
+    p = plan(UNITS, nodes(2, 2000, 2.0, 11.0), n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {("n0", "n1"): (0, 14)}
+    assert p.token_ms < p.baseline_ms
+    assert p.predictions[("n0", "n1")].faster
+
+
+def test_auto_refuses_a_group_predicted_slower() -> None:
+    # Fast nodes (0.2 ms a block): two all-reduces cost more than half a block saves.
+    swarm = nodes(4, 2000, 0.2, 1.1)
+    p = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {} and p.token_ms == p.baseline_ms
+    assert not predict(UNITS, swarm[:2], 0, 14, HIDDEN).faster
+    # A slower link refuses what a fast one forms.
+    slow_link = groups.Link(latency_ms=5.0, bytes_per_s=1e7, message_ms=5.0)
+    slow = nodes(2, 2000, 2.0, 11.0)
+    assert plan(UNITS, slow, n_head=12, hidden_bytes=HIDDEN, link=slow_link).groups == {}
+
+
+def test_auto_keeps_fast_nodes_alone_and_groups_only_where_it_pays() -> None:
+    # One fast node holding the model beats any group of the slow ones: no group.
+    swarm = [NodeCapacity("fast", 2000 * MB, 0.5, 3.0), *nodes(2, 2000, 4.0, 20.0)]
+    p = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)
+    assert p.groups == {}
+
+
+def test_groups_in_force_stay_together_when_others_join() -> None:
+    swarm = nodes(4, 2000, 2.0, 11.0)
+    first = plan(UNITS, swarm, mode=2, n_head=12, hidden_bytes=HIDDEN)
+    previous = {groups.group_key(g): s for g, s in first.groups.items()}
+    # A newcomer faster than all: without the groups in force, it would pair with n0.
+    newcomer = NodeCapacity("a-new", 2000 * MB, 1.0, 5.0)
+    again = plan(
+        UNITS, [*swarm, newcomer], previous, first.groups, mode=2, n_head=12, hidden_bytes=HIDDEN
+    )
+    assert set(first.groups) <= set(again.groups)
+
+
+def test_plan_is_deterministic_and_order_independent() -> None:
+    swarm = [NodeCapacity(f"n{i}", (100 + 37 * i) * MB, 1.5 + i % 3, 11.0) for i in range(10)]
+    first = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)
+    assert plan(UNITS, swarm[::-1], n_head=12, hidden_bytes=HIDDEN) == first
+
+
+# ---- the registry: ids, routes, breaking ----------------------------------------------
+
+
+def record(
+    i: int,
+    memory_mb: float = 4000,
+    block_ms: float = 2.0,
+    *,
+    store_port: int = 29500,
+    address: str | None = None,
+) -> NodeRecord:
+    return NodeRecord(
+        node_id=f"{i:016x}",
+        name=f"n{i}",
+        address=address or f"10.0.0.{i + 1}:7961",
+        capacity=Capacity("cpu", "fp32", int(memory_mb * MB / WEIGHT_SHARE), block_ms, 11.0),
+        last_heartbeat=0.0,
+        store_port=store_port,
+    )
+
+
+def nid(i: int) -> str:
+    return f"{i:016x}"
+
+
+def serve_all(registry: Registry, now: float = 1.0) -> None:
+    """Every node reports ready on what it was assigned, in its group."""
+    for r in list(registry.nodes.values()):
+        registry.heartbeat(r.node_id, now, r.assigned, Load(), r.group)
+
+
+def seats(registry: Registry) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    for r in registry.nodes.values():
+        seat = registry.seat(r)
+        if seat is not None:
+            out[r.name] = (seat.id, seat.rank, seat.size)
+    return out
+
+
+def test_a_group_gets_an_id_per_formation_a_rank_per_member_and_a_rendezvous() -> None:
+    registry = Registry(GPT2, tp=2, group_salt="c0ffee-")
+    for i in range(4):
+        registry.join(record(i, block_ms=2.0 + i / 10))
+    found = seats(registry)
+    assert {(rank, size) for _, rank, size in found.values()} == {(0, 2), (1, 2)}
+    assert found["n0"][0] == found["n1"][0] != found["n2"][0] == found["n3"][0]
+    assert all(re.fullmatch(r"c0ffee-v\d+-\d+", gid) for gid, _, _ in found.values())
+    seat = registry.seat(registry.nodes[nid(1)])
+    assert seat is not None
+    assert seat.members == ("10.0.0.1:7961", "10.0.0.2:7961")  # rank order: fastest first
+    assert seat.rendezvous == "10.0.0.1:29500"  # rank 0's host, its store's port
+    assert registry.nodes[nid(0)].assigned == (0, 14)
+
+
+def test_the_rendezvous_of_an_ipv6_rank_0() -> None:
+    registry = Registry(GPT2, tp=2)
+    registry.join(record(0, store_port=29511, address="[fd00::1a]:7961"))
+    registry.join(record(1, address="[fd00::1b]:7961"))
+    seat = registry.seat(registry.nodes[nid(1)])
+    assert seat is not None and seat.rendezvous == "[fd00::1a]:29511"
+
+
+def test_routes_name_rank_0_only_and_a_group_counts_once() -> None:
+    registry = Registry(GPT2, tp=2)
+    for i in range(4):
+        registry.join(record(i))
+    assert registry.servers() == [] and registry.coverage() == [0] * 14  # nobody ready yet
+    serve_all(registry)
+    servers = registry.servers()
+    assert len(servers) == 2 and all(s.whole and s.size == 2 for s in servers)
+    hops = plan_route(servers, 14)
+    assert len(hops) == 1 and (hops[0].start, hops[0].end) == (0, 14)
+    assert sorted(hops[0].addresses) == ["10.0.0.1:7961", "10.0.0.3:7961"]  # the rank 0s
+    assert registry.coverage() == [2] * 14  # two groups of two: two replicas, not four
+
+
+def test_a_group_serves_only_when_every_member_serves_it() -> None:
+    registry = Registry(GPT2, tp=2)
+    registry.join(record(0))
+    registry.join(record(1))
+    r0, r1 = registry.nodes[nid(0)], registry.nodes[nid(1)]
+    registry.heartbeat(r0.node_id, 1.0, r0.assigned, Load(), r0.group)
+    registry.heartbeat(r1.node_id, 1.0, None, Load(), "")  # still loading its share
+    assert registry.servers() == []
+    registry.heartbeat(r1.node_id, 1.0, r1.assigned, Load(), "another-group")
+    assert registry.servers() == []  # ready, but in another formation
+    registry.heartbeat(r1.node_id, 1.0, r1.assigned, Load(), r1.group)
+    assert [s.address for s in registry.servers()] == ["10.0.0.1:7961"]
+
+
+def test_a_hops_replicas_are_groups_and_single_nodes_alike() -> None:
+    # auto, three slow nodes that hold the model: a group of two (faster) and the third alone.
+    registry = Registry(GPT2, tp="auto")
+    for i in range(3):
+        registry.join(record(i))
+    assert sorted(
+        len(registry.seat(r).members) if registry.seat(r) else 1 for r in registry.nodes.values()
+    ) == [1, 2, 2]  # type: ignore[union-attr]
+    serve_all(registry)
+    (hop,) = plan_route(registry.servers(), 14)
+    assert hop.addresses == ("10.0.0.1:7961", "10.0.0.3:7961")  # the group first: faster
+    assert registry.coverage() == [2] * 14
+
+
+def test_a_member_leaving_dissolves_its_group_and_ids_are_never_reused() -> None:
+    registry = Registry(GPT2, tp=2)
+    for i in range(4):
+        registry.join(record(i))
+    serve_all(registry)
+    before = seats(registry)
+    registry.leave(nid(1))
+    after = seats(registry)
+    assert "n0" not in after  # alone, it cannot form a group of two: idle (the other serves)
+    assert registry.nodes[nid(0)].assigned is None
+    assert after["n2"] == before["n2"] and after["n3"] == before["n3"]  # untouched
+    assert [s.address for s in registry.servers()] == ["10.0.0.3:7961"]
+    registry.join(record(4))  # a new member: a new formation, a new id
+    again = seats(registry)
+    assert again["n0"][0] == again["n4"][0]
+    assert again["n0"][0] not in {gid for gid, _, _ in before.values()}
+
+
+def test_a_member_timing_out_reforms_the_group_with_a_new_id() -> None:
+    registry = Registry(GPT2, tp=2, heartbeat_timeout_s=10)
+    for i in range(5):
+        registry.join(record(i))
+    serve_all(registry, now=1.0)
+    old = seats(registry)["n0"][0]
+    for i in (0, 2, 3, 4):
+        r = registry.nodes[nid(i)]
+        registry.heartbeat(r.node_id, 20.0, r.ready, Load(), r.tp_group)
+    assert [r.name for r in registry.expire(20.0)] == ["n1"]
+    new = seats(registry)
+    assert new["n0"][0] == new["n4"][0] != old  # n4, idle until now, takes n1's place
+
+
+def test_a_group_that_broke_is_formed_again_under_a_new_id() -> None:
+    registry = Registry(GPT2, tp=2)
+    registry.join(record(0))
+    registry.join(record(1))
+    serve_all(registry)
+    old = seats(registry)["n0"][0]
+    assert registry.servers()
+    # n1's collective failed (n0 hung): it stops serving the group and waits.
+    registry.heartbeat(nid(1), 2.0, None, Load(), "")
+    new = seats(registry)
+    assert new["n0"][0] == new["n1"][0] != old
+    assert registry.servers() == []  # until both serve the new formation
+    serve_all(registry, 3.0)
+    assert len(registry.servers()) == 1
+
+
+def test_rank_0_rejoining_with_another_store_re_forms_its_group() -> None:
+    registry = Registry(GPT2, tp=2)
+    registry.join(record(0))
+    registry.join(record(1))
+    serve_all(registry)
+    old = registry.seat(registry.nodes[nid(1)])
+    registry.join(record(0, store_port=29999))  # restarted its store: the rendezvous moved
+    new = registry.seat(registry.nodes[nid(1)])
+    assert old is not None and new is not None
+    assert new.id != old.id and new.rendezvous == "10.0.0.1:29999"
+
+
+def test_a_group_that_never_comes_up_is_formed_again() -> None:
+    registry = Registry(GPT2, tp=2, heartbeat_timeout_s=1e9, form_timeout_s=60)
+    registry.join(record(0))
+    registry.join(record(1))
+    old = seats(registry)["n0"][0]
+    for now in (1.0, 30.0, 61.0):
+        for i in (0, 1):
+            registry.heartbeat(nid(i), now, None, Load(), "")  # rendezvous never completes
+        registry.expire(now)
+    assert seats(registry)["n0"][0] == old
+    registry.expire(62.0 + 1)
+    assert seats(registry)["n0"][0] != old
+
+
+def test_forming_a_group_logs_its_prediction(caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry(GPT2, tp="auto")
+    with caplog.at_level(logging.INFO, logger="nanoshard.coordinator.registry"):
+        registry.join(record(0))
+        registry.join(record(1))
+    lines = [r.getMessage() for r in caplog.records if "forms group" in r.getMessage()]
+    assert len(lines) == 1
+    assert "predicted" in lines[0] and "without groups" in lines[0] and "n0, n1" in lines[0]
+
+
+def test_off_dissolves_nothing_it_never_formed_and_store_port_0_stays_alone() -> None:
+    registry = Registry(GPT2, tp="off")
+    for i in range(2):
+        registry.join(record(i))
+    assert seats(registry) == {}
+    registry = Registry(GPT2, tp=2)
+    for i in range(2):
+        registry.join(record(i, store_port=0))
+    assert seats(registry) == {} and all(r.assigned == (0, 14) for r in registry.nodes.values())
+
+
+def test_a_restarted_coordinator_adopts_no_share_as_a_whole_stage() -> None:
+    # After a restart a node says what it holds. A member of a group held a share of its
+    # stage: a stage it could not hold alone is not adopted.
+    registry = Registry(GPT2, tp=2, settle_until=10.0)
+    small = record(0, memory_mb=300)
+    small.held = (0, 14)
+    big = record(1)
+    big.held = (0, 14)
+    registry.join(small)
+    registry.join(big)
+    assert registry.nodes[nid(0)].assigned is None
+    assert registry.nodes[nid(1)].assigned == (0, 14)
+
+
+# ---- the servicer: join, heartbeat, route, status ---------------------------------------
+
+
+class Context:
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+def service(registry: Registry) -> CoordinatorService:
+    store = SimpleNamespace(model_id="ab" * 32, name="gpt2")
+    return CoordinatorService(
+        store,  # type: ignore[arg-type]
+        registry,
+        swarm="default",
+        heartbeat_interval_s=2.0,
+        epoch=b"\0" * 8,
+        clock=lambda: 1.0,
+    )
+
+
+def join_request(i: int, store_port: int) -> cpb.JoinRequest:
+    r = record(i)
+    c = r.capacity
+    from nanoshard import PROTOCOL_VERSION
+
+    return cpb.JoinRequest(
+        node_id=r.node_id,
+        name=r.name,
+        address=r.address,
+        protocol_version=PROTOCOL_VERSION,
+        swarm="default",
+        capacity=cpb.Capacity(
+            device=c.device,
+            dtype=c.dtype,
+            memory_bytes=c.memory_bytes,
+            block_ms=c.block_ms,
+            head_ms=c.head_ms,
+        ),
+        store_port=store_port,
+    )
+
+
+def test_the_wire_carries_groups_to_members_routes_and_status() -> None:
+    async def run() -> None:
+        svc = service(Registry(GPT2, tp=2))
+        ctx = Context()
+        assignments = {}
+        for i in range(4):
+            reply = await svc.Join(join_request(i, 29500 + i), ctx)
+            assignments[i] = reply.assignment
+        # Joins place again: the last assignments are in the heartbeat replies.
+        for i in range(4):
+            a = (await svc.Heartbeat(cpb.HeartbeatRequest(node_id=nid(i)), ctx)).assignment
+            assert (a.start, a.end, a.tp.size) == (0, 14, 2)
+            assignments[i] = a
+        a1 = assignments[1]
+        assert a1.tp.rank == 1 and a1.tp.members == ["10.0.0.1:7961", "10.0.0.2:7961"]
+        assert a1.tp.rendezvous == "10.0.0.1:29500" and a1.tp.id == assignments[0].tp.id
+        for i, a in assignments.items():
+            request = cpb.HeartbeatRequest(
+                node_id=nid(i), ready=True, start=a.start, end=a.end, tp_group=a.tp.id
+            )
+            await svc.Heartbeat(request, ctx)
+        route = await svc.GetRoute(cpb.RouteRequest(), ctx)
+        assert [list(h.addresses) for h in route.hops] == [["10.0.0.1:7961", "10.0.0.3:7961"]]
+        status = status_json(await svc.GetStatus(cpb.StatusRequest(), ctx))
+        tps = {n["name"]: n["tp"] for n in status["nodes"]}
+        assert tps["n1"] == {"group": a1.tp.id, "rank": 1, "size": 2}
+        assert {u["replicas"] for u in status["units"]} == {2}
+        assert all(n["healthy"] for n in status["nodes"])
+
+    asyncio.run(run())
+
+
+def test_the_wire_refuses_a_bad_store_port_and_group_id() -> None:
+    async def run() -> None:
+        svc = service(Registry(GPT2, tp=2))
+        with pytest.raises(RuntimeError, match="store_port 70000"):
+            await svc.Join(join_request(0, 70000), Context())
+        await svc.Join(join_request(0, 0), Context())
+        request = cpb.HeartbeatRequest(node_id=nid(0), ready=True, end=14, tp_group="x" * 65)
+        with pytest.raises(RuntimeError, match="tp_group is longer"):
+            await svc.Heartbeat(request, Context())
+        status = status_json(await svc.GetStatus(cpb.StatusRequest(), Context()))
+        assert status["nodes"][0]["tp"] == {"group": "", "rank": 0, "size": 1}
+
+    asyncio.run(run())
+
+
+def test_stage_ms_of_a_group_is_the_cost_model() -> None:
+    cap = groups.group_capacity(nodes(2, 2000, 2.0, 11.0), HIDDEN)
+    ms = stage_ms(UNITS, cap, 0, 14)
+    sync = allreduce_ms(HIDDEN, 2)
+    expected = (
+        UNITS[0].cost * 2.0 / 2 + sync  # the embed: a lookup and an all-reduce
+        + 12 * (2.0 / 2 + 2 * sync)  # blocks: half each, two all-reduces
+        + 11.0 / 2 + sync  # the head: half the vocabulary, a merge of candidates
+        + broadcast_ms(HIDDEN, 2)
+    )  # fmt: skip
+    assert ms == pytest.approx(expected)
