@@ -27,6 +27,7 @@ timeout.
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from torch import nn
 
 from nanoshard.engine import Block, CausalSelfAttention, Stage
 from nanoshard.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 SIZES = (2, 4)  # group sizes placement forms (each must divide n_head)
 
@@ -121,6 +124,13 @@ class Collective:
         self._wait(self.pg.allgather([out], [t]))
         self._count(started, t.nbytes)
         return out
+
+    def abort(self) -> None:
+        """Fail every collective of this member, waiting or to come (the group is over)."""
+        try:
+            self.pg.abort()
+        except RuntimeError as exc:
+            log.debug("aborting group %s: %s", self.group, exc)
 
     def _wait(self, work: dist.Work) -> None:
         try:

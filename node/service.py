@@ -142,6 +142,7 @@ class NodeService(pb_grpc.NodeServicer):
             return
         group.broken = why
         log.warning("tensor-parallel group %s is broken: %s", group.id, why)
+        group.collective.abort()  # a collective waiting on the group fails now, not at its timeout
         if self.group is group:
             self.stage, self._views = None, {}
         for session in self.sessions.all():
@@ -406,10 +407,13 @@ class NodeService(pb_grpc.NodeServicer):
     async def Group(
         self, next_request: Callable[[], Awaitable[pb.GroupCommand | None]], context: Any
     ) -> None:
-        """A member's side of its group: rank 0's commands, run in the order they come."""
-        group = self.group
+        """A member's side of its group: rank 0's commands, run in the order they come. Rank
+        0 opens the stream as soon as the group's process group forms, maybe before this
+        member has its shard: each command is checked against the group it serves then."""
+        group = None
         try:
             while (command := await next_request()) is not None:
+                group = self.group
                 self._check_member(group, command, rpc.peer_host(context))
                 assert group is not None
                 await context.write(await self._run_command(group, command, context))
@@ -427,7 +431,7 @@ class NodeService(pb_grpc.NodeServicer):
         self, group: Membership | None, command: pb.GroupCommand, peer_host: str
     ) -> None:
         """Only rank 0 of this node's own group, now, may command it."""
-        if group is None or group is not self.group or group.rank == 0:
+        if group is None or group.rank == 0:
             raise FailedPrecondition(
                 f"this node is not a member of tensor-parallel group {command.group[:40]!r} "
                 "under another rank 0"
@@ -516,7 +520,9 @@ class NodeService(pb_grpc.NodeServicer):
                 if group is not None and group.links:
                     member_req = pb.StepRequest()
                     member_req.CopyFrom(req)
-                    member_req.this_hop_only = True
+                    member_req.this_hop_only = True  # its output goes nowhere ...
+                    member_req.sample = req.sample and stage.has_head  # ... but it samples
+                    member_req.return_output = req.return_output and stage.has_head
                     member_acks = group.send(pb.GroupCommand(step=member_req))
                 else:
                     member_acks = []

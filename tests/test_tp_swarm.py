@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from swarm import Swarm, nanoshard, settled, wait_until
 
+from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.statusview import status_json
 
@@ -34,14 +35,17 @@ def generate(*args: str) -> list[int]:
 
 
 def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> None:
-    """Four volunteers, --tp 2: two groups of two, each serving a stage; greedy and seeded
-    sampling through them give the tokens of the whole model in one process."""
+    """Four volunteers, --tp 2, each with memory for about a third of the model: two groups
+    of two, each serving a stage; greedy and seeded sampling through them give the tokens
+    of the whole model in one process."""
     name = "tp" + secrets.token_hex(4)
+    ckpt = open_checkpoint("demo")
+    memory = str(int(ckpt.stage_nbytes(0, ckpt.config.n_units) * 0.35 / 0.8))
     with Swarm() as swarm:
         _, address = swarm.coordinator("--swarm", name, "--tp", "2", "--replicas", "1", *STEADY)
         for i in range(4):
-            swarm.join("--swarm", name, "--coordinator", address, "--cache-dir",
-                       str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
+            swarm.join("--swarm", name, "--coordinator", address, "--max-memory", memory,
+                       "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
         client = CoordinatorClient(address)
         status = wait_until("two TP-2 groups", lambda: groups_ready(client, 4, 2), timeout=240)
         groups = {n["tp"]["group"] for n in status["nodes"]}
