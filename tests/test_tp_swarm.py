@@ -11,6 +11,7 @@ import pytest
 from swarm import Swarm, nanoshard, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.statusview import status_json
 
@@ -65,3 +66,55 @@ def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> Non
         hops = json.loads(done.stdout)["hops"]
         assert [h["tp"] for h in hops] == [2, 2]
         assert all(h["collective_ms"] > 0 for h in hops)
+
+
+def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
+    """Two TP-2 groups, each serving the whole model (replicas of each other): a member of
+    the group a session runs on is killed mid-generation; the session goes on on the other
+    group, replayed, with the same tokens, and the coordinator re-forms the swarm."""
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", name, "--tp", "2", "--replicas", "2", *HEARTBEAT)
+        join = ["--swarm", name, "--coordinator", address]
+        procs = [
+            swarm.join(*join, "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")
+            for i in range(4)
+        ]
+        client = CoordinatorClient(address)
+        status = wait_until("two TP-2 groups", lambda: groups_ready(client, 4, 2), timeout=240)
+        route = wait_until(
+            "a route with both groups", lambda: (r := client.route()).hops[0].addresses[1:] and r
+        )
+        assert len(route.hops) == 1 and len(route.hops[0].addresses) == 2
+        sampling = {"temperature": 0.9, "top_k": 50, "seed": 5}
+        with Client(address, check_rate=0) as sdk:
+            reference = sdk.generate("JULIET:", 120, **sampling)
+            with sdk.session(**sampling) as chat:
+                first = chat.generate("JULIET:", 1)
+                rank0 = first.steps[0][0]["address"]
+                group = next(n["tp"]["group"] for n in status["nodes"] if n["address"] == rank0)
+                member = next(
+                    n for n in status["nodes"] if n["tp"]["group"] == group and n["tp"]["rank"] == 1
+                )
+                victim = procs[int(member["name"].removeprefix("n"))]
+                seen = 0
+
+                def on_token(_token: object) -> None:
+                    nonlocal seen
+                    seen += 1
+                    if seen == 30:
+                        victim.kill()  # SIGKILL, mid-generation
+
+                rest = chat.generate("", 119, on_token=on_token)
+        assert seen == len(rest.token_ids) >= 30
+        assert first.token_ids + rest.token_ids == reference.token_ids
+        assert rest.recoveries, "the failure should show in the timings"
+        # the three nodes left are placed again: none of them still in the broken group
+        wait_until(
+            "the broken group dissolved",
+            lambda: (
+                (s := settled(status_json(client.status()), 3))
+                and group not in {n["tp"]["group"] for n in s["nodes"]}
+            ),
+            timeout=120,
+        )
