@@ -121,3 +121,31 @@ def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
             return s if all(u["replicas"] >= 1 for u in s["units"]) else None
 
         wait_until("the broken group dissolved", reformed, timeout=120)
+
+
+def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
+    """--tp auto (the default): volunteers whose memory holds the head but not the embedding
+    unit; placement groups nodes for it, and the swarm gives --local's tokens."""
+    name = "tp" + secrets.token_hex(4)
+    ckpt = open_checkpoint("demo")
+    units = [ckpt.stage_nbytes(u, u + 1) for u in range(ckpt.config.n_units)]
+    assert units[0] == max(units)
+    weights = (units[0] + units[-1]) / 2  # under the embedding unit, over the head
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", name, "--replicas", "1", *STEADY)
+        for i in range(5):
+            swarm.join("--swarm", name, "--coordinator", address, "--max-memory",
+                       str(int(weights / 0.8)), "--cache-dir", str(tmp_path / f"n{i}"))  # fmt: skip
+        client = CoordinatorClient(address)
+
+        def covered_by_a_group() -> dict | None:
+            s = settled(status_json(client.status()), 5)
+            return s if s and any(n["tp"]["size"] > 1 for n in s["nodes"]) else None
+
+        status = wait_until("a group covering the embedding", covered_by_a_group, timeout=240)
+        embed = [n for n in status["nodes"] if n["stage"] and n["stage"][0] == 0]
+        assert embed and all(n["tp"]["size"] > 1 for n in embed)
+        greedy = ["--max-new-tokens", "60", "--temperature", "0", "JULIET:"]
+        assert generate("--coordinator", address, "--check-rate", "0", *greedy) == generate(
+            "--local", *greedy
+        )
