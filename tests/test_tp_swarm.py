@@ -7,6 +7,7 @@ import json
 import secrets
 from pathlib import Path
 
+import grpc
 import pytest
 from swarm import Swarm, nanoshard, settled, wait_until
 
@@ -14,6 +15,8 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.statusview import status_json
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +69,23 @@ def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> Non
         hops = json.loads(done.stdout)["hops"]
         assert [h["tp"] for h in hops] == [2, 2]
         assert all(h["collective_ms"] > 0 for h in hops)
+
+        # A member takes no session of its own, and no command but from its rank 0 ...
+        member = next(n for n in status["nodes"] if n["tp"]["rank"] == 1)
+        with grpc.insecure_channel(member["address"]) as channel:
+            stub = pb_grpc.NodeStub(channel)
+            spec = pb.SessionSpec(session_id=secrets.token_bytes(16), max_length=16, codec="fp32")
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Open(pb.OpenRequest(spec=spec), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "rank 1 of a tensor-parallel group" in refused.value.details()
+            forged = pb.GroupCommand(group="not-" + member["tp"]["group"], open=pb.OpenRequest())
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Group(iter([forged]), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert member["tp"]["group"] in refused.value.details()
+        # ... and its group still serves
+        assert generate(*coordinator, *greedy) == generate("--local", *greedy)
 
 
 def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
