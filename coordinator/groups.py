@@ -64,14 +64,17 @@ Mode = str | int  # "auto", "off", or a group size from tp.SIZES
 class Link:
     """What a link between two members costs (until nodes measure and report it)."""
 
-    latency_ms: float  # one small gloo all-reduce step: gloo on loopback here ~0.25 ms
+    latency_ms: float  # one small gloo all-reduce step, members computing in between
     bytes_per_s: float  # bandwidth
     message_ms: float  # one data-plane message (Python gRPC), rank 0 to a member
 
 
-# Loopback or a LAN: ~0.3 ms per collective step, ~1 GB/s, ~0.4 ms per gRPC message
-# (DESIGN.md: gloo ~0.25 ms per small all-reduce on loopback, gRPC 0.35-0.5 ms per round trip).
-LINK = Link(latency_ms=0.3, bytes_per_s=1e9, message_ms=0.4)
+# Measured on this project's 2-core machine, loopback (benchmarks/tp.py, benchmarks/echo.py):
+# a gloo all-reduce of n_embd fp32 values costs 0.8 ms back to back but 1.7 ms between two
+# members that compute in between (each wakes the other), and a data-plane message held
+# while a hop computes ~1.1 ms. A LAN adds its own latency; nodes do not measure their
+# links yet, so these stand for every link.
+LINK = Link(latency_ms=1.7, bytes_per_s=1e9, message_ms=1.1)
 
 
 def parse_mode(text: str) -> Mode:
@@ -146,6 +149,7 @@ def group_capacity(
         overhead_ms=max(m.overhead_ms for m in members) + broadcast_ms(hidden_bytes, size, link),
         size=size,
         sync_ms=allreduce_ms(hidden_bytes, size, link),
+        hosts=len({m.host or m.node_id for m in members}),
     )
 
 

@@ -144,6 +144,8 @@ class NodeCapacity:
     overhead_ms: float = 0.0  # paid once per step by any stage: RPC, codec, Python
     size: int = 1  # nodes it stands for: 1 = a node, k >= 2 = a tensor-parallel group
     sync_ms: float = 0.0  # a group's: one all-reduce of the hidden state across its members
+    host: str = ""  # where it runs (a node's address's host): nodes on one host share its cores
+    hosts: int = 1  # a group's: the hosts its members run on (what its compute divides by)
 
     def __post_init__(self) -> None:
         # These arrive from remote nodes: validate, never assert.
@@ -165,8 +167,8 @@ class NodeCapacity:
             ms = self.head_ms
         else:
             ms = unit.cost * self.block_ms
-        if self.size > 1:
-            return ms / self.size + unit.syncs * self.sync_ms
+        if self.size > 1:  # members on one host share its cores: they divide its work, not its time
+            return ms / min(self.hosts, self.size) + unit.syncs * self.sync_ms
         return ms
 
 

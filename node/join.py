@@ -17,6 +17,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -334,9 +335,13 @@ class Volunteer:
             self.unformed = str(exc)  # the heartbeat loop joins again: placement re-forms
             return
         transform = None if group is None else functools.partial(shard, collective=group.collective)
-        stage: Stage = await self.plane.load(
-            lambda: Stage.from_tensors(config, start, end, tensors, dtype, device, transform)
-        )
+        threads = self._threads_for(tp)
+
+        def build() -> Stage:  # on the compute worker, whose thread count this sets
+            torch.set_num_threads(threads)
+            return Stage.from_tensors(config, start, end, tensors, dtype, device, transform)
+
+        stage: Stage = await self.plane.load(build)
         weights = stage.weight_nbytes
         self.plane.sessions.budget_bytes = max(self.capacity.memory_bytes - weights, 64 * 2**20)
         self.plane.service.set_stage(stage, group)  # new sessions go here; open ones finish
@@ -346,6 +351,17 @@ class Volunteer:
         if self.advertiser is not None:
             props = dict(self.advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
             await asyncio.to_thread(self.advertiser.update, props)
+
+    def _threads_for(self, tp: cpb.TpGroup | None) -> int:
+        """torch threads for the compute worker: --threads if given; else a thread per core,
+        shared with the members of its group on this host, which compute at the same time
+        (a pipeline's nodes take turns, a group's do not)."""
+        if self.config.threads:
+            return self.config.threads
+        here = (
+            sum(1 for m in tp.members if m.rsplit(":", 1)[0].strip("[]") == self.host) if tp else 1
+        )
+        return max(1, (os.cpu_count() or 1) // max(here, 1))
 
     async def _form(self, tp: cpb.TpGroup) -> Membership:
         """Join the group's process group (rank 0 hosts its rendezvous) and, on rank 0,

@@ -75,17 +75,23 @@ def test_the_cost_model_adds_collectives_to_the_share_of_compute() -> None:
         LINK.latency_ms + HIDDEN / LINK.bytes_per_s * 1e3
     )
     assert allreduce_ms(HIDDEN, 4) > allreduce_ms(HIDDEN, 2) > allreduce_ms(HIDDEN, 1) == 0
-    members = [NodeCapacity("a", 10**10, 2.0, 11.0), NodeCapacity("b", 10**10, 2.5, 12.0)]
+    members = [NodeCapacity("a", 10**10, 20.0, 110.0), NodeCapacity("b", 10**10, 25.0, 120.0)]
     p = predict(UNITS, members, 1, 13, HIDDEN)  # the 12 blocks
     # The slowest member's time over 2, two all-reduces per block, rank 0 sending the input
     # on once, one hop; apart: the fastest member alone holds them all.
-    expected = 12 * (2.5 / 2 + 2 * allreduce_ms(HIDDEN, 2)) + broadcast_ms(HIDDEN, 2)
+    expected = 12 * (25.0 / 2 + 2 * allreduce_ms(HIDDEN, 2)) + broadcast_ms(HIDDEN, 2)
     assert p.group_ms == pytest.approx(expected + HOP_OVERHEAD_MS)
-    assert p.pipeline_ms == pytest.approx(12 * 2.0 + HOP_OVERHEAD_MS)
+    assert p.pipeline_ms == pytest.approx(12 * 20.0 + HOP_OVERHEAD_MS)
     assert p.faster and p.size == 2
     # A slower partner: the group waits for it at every all-reduce, and loses.
-    members[1] = NodeCapacity("b", 10**10, 3.0, 12.0)
+    members[1] = NodeCapacity("b", 10**10, 40.0, 120.0)
     assert not predict(UNITS, members, 1, 13, HIDDEN).faster
+    # Members on one host share its cores: the group divides the work, not the time.
+    shared = [
+        NodeCapacity("a", 10**10, 20.0, 110.0, host="h"),
+        NodeCapacity("b", 10**10, 20.0, 110.0, host="h"),
+    ]
+    assert not predict(UNITS, shared, 1, 13, HIDDEN).faster
     assert "predicted" in str(p) and f"{p.group_ms:.2f}" in str(p)
     # Members that cannot hold the stage apart: only the group can.
     small = [NodeCapacity("a", 100 * MB, 2.0, 11.0), NodeCapacity("b", 100 * MB, 2.0, 11.0)]
@@ -150,7 +156,7 @@ def test_a_bad_mode_is_refused(text: str) -> None:
 
 
 def test_nodes_without_a_store_never_join_a_group() -> None:
-    swarm = nodes(4, 2000, 2.0, 11.0)
+    swarm = nodes(4, 2000, 20.0, 110.0)
     for mode in (2, "auto"):
         p = plan(UNITS, swarm, mode=mode, n_head=12, hidden_bytes=HIDDEN, eligible={"n1", "n3"})
         assert p.groups == {("n1", "n3"): (0, 14)}
@@ -189,9 +195,9 @@ def test_auto_covers_a_model_whose_every_block_is_bigger_than_any_node() -> None
 
 
 def test_auto_forms_a_group_predicted_faster() -> None:
-    # Slow nodes (2 ms a block, as GPT-2 124M here) that each hold the model: a group of two
-    # halves each block for two all-reduces of ~0.3 ms.
-    p = plan(UNITS, nodes(2, 2000, 2.0, 11.0), n_head=12, hidden_bytes=HIDDEN)
+    # Slow nodes (20 ms a block: a big model on a small machine) that each hold the model,
+    # on two hosts: a group of two halves each block for two all-reduces of ~1.7 ms.
+    p = plan(UNITS, nodes(2, 2000, 20.0, 110.0), n_head=12, hidden_bytes=HIDDEN)
     assert p.groups == {("n0", "n1"): (0, 14)}
     assert p.token_ms < p.baseline_ms
     assert p.predictions[("n0", "n1")].faster
@@ -240,7 +246,7 @@ def test_plan_is_deterministic_and_order_independent() -> None:
 def record(
     i: int,
     memory_mb: float = 4000,
-    block_ms: float = 2.0,
+    block_ms: float = 20.0,
     *,
     store_port: int = 29500,
     address: str | None = None,
@@ -249,7 +255,9 @@ def record(
         node_id=f"{i:016x}",
         name=f"n{i}",
         address=address or f"10.0.0.{i + 1}:7961",
-        capacity=Capacity("cpu", "fp32", int(memory_mb * MB / WEIGHT_SHARE), block_ms, 11.0),
+        capacity=Capacity(
+            "cpu", "fp32", int(memory_mb * MB / WEIGHT_SHARE), block_ms, 5.5 * block_ms
+        ),
         last_heartbeat=0.0,
         store_port=store_port,
     )
