@@ -486,9 +486,9 @@ class Stage(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The tied lm_head: normalized activations -> logits."""
         wte = self.transformer["wte"]
-        if hasattr(wte, "project"):  # packed, quantized or vocabulary-parallel
-            return wte.project(x)
-        return F.linear(x, cast(nn.Embedding, wte).weight)
+        if isinstance(wte, nn.Embedding):
+            return F.linear(x, wte.weight)
+        return cast(Any, wte).project(x)  # packed, quantized or vocabulary-parallel
 
     def to_weights(self, dtype: torch.dtype) -> Stage:
         """This stage with its weights cast to ``dtype`` (``torch.int8``: quantized) and, where

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -80,7 +80,7 @@ class Collective:
     and raise ``RuntimeError`` if a member is gone or does not answer within ``timeout_s``.
     """
 
-    def __init__(self, pg: dist.ProcessGroup, rank: int, size: int, group: str) -> None:
+    def __init__(self, pg: Any, rank: int, size: int, group: str) -> None:
         self.pg, self.rank, self.size, self.group = pg, rank, size, group
         self.stats = CollectiveStats()
         self._lock = threading.Lock()
@@ -99,7 +99,7 @@ class Collective:
         bound to ``host`` (the member's own data-plane address, never every interface).
         Blocks until every member has joined or ``timeout_s`` passes."""
         timeout = datetime.timedelta(seconds=timeout_s)
-        options = dist.ProcessGroupGloo._Options()
+        options = cast(Any, dist.ProcessGroupGloo)._Options()  # not in torch's stubs
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         options._timeout = timeout
         prefixed = dist.PrefixStore(f"nanoshard/{group}/", store)
