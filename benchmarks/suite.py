@@ -1,11 +1,12 @@
 """Every benchmark, then one page that holds each performance target against what was measured.
 
-    make bench                        # the same as: python benchmarks/suite.py (~25 min here)
+    make bench                        # the same as: python benchmarks/suite.py (~40 min here)
     python benchmarks/suite.py --quick
 
 Runs ``engine.py`` (peers, weights), ``hops.py`` (hop overhead against the gRPC echo floor
 of ``echo.py``, prefill, codecs),
-``concurrency.py`` and ``join.py`` one after another, each as its own process writing
+``user_chain.py`` (the README's commands as a user runs them), ``concurrency.py``, ``join.py`` and
+``tp.py`` (tensor parallel against the pipeline) one after another, each as its own process writing
 ``results/NAME.{json,md}``, then ``placement_sim.py``; reads their JSON back and writes
 ``results/suite.json`` (every number, the machine, and each target with met / missed) and
 ``results/suite.md`` (the targets table, then each benchmark's own page). With matplotlib
@@ -27,7 +28,7 @@ from pathlib import Path
 from common import RESULTS, load_average, machine_info, markdown_table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("engine", "hops", "user_chain", "concurrency", "join")
+BENCHMARKS = ("engine", "hops", "user_chain", "concurrency", "join", "tp")
 
 
 @dataclass
@@ -152,6 +153,23 @@ def targets(r: dict) -> list[Target]:
             f"{max(running):.1f} s at most joining a running swarm "
             f"(first node of a fresh coordinator: {joins[0]['seconds']:.1f} s)",
             max(running) <= 10.0,
+        )
+    )
+    head = r["tp"]["head"]
+    errors = [
+        row["prediction_error"]
+        for shape in r["tp"]["shapes"]
+        for row in shape["rows"]
+        if "prediction_error" in row
+    ]
+    out.append(
+        Target(
+            "8. tensor parallel",
+            "the TP-2 head beats the unsliced head; the cost model within 25 % of every "
+            "measured pipeline and TP-2 row",
+            f"head {head['tp2_ms']} vs {head['unsliced_ms']} ms; model errors "
+            f"{min(errors):+.0%} to {max(errors):+.0%}",
+            head["tp2_ms"] < head["unsliced_ms"] and all(abs(e) <= 0.25 for e in errors),
         )
     )
     return out
