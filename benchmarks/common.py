@@ -123,7 +123,6 @@ class NodeProcess:
         self,
         model: str,
         units: tuple[int, int],
-        threads: int | None = None,
         extra: Sequence[str] = (),
     ) -> None:
         self.model, self.units = model, units
@@ -138,8 +137,7 @@ class NodeProcess:
             "127.0.0.1",
             "--port",
             "0",
-            *(["--threads", str(threads)] if threads is not None else []),  # None: default
-            *extra,  # more ``serve`` flags, e.g. --batch 1
+            *extra,  # more ``serve`` flags: only for a reference row (--batch 1), never a target
         ]
         self.lines: list[str] = []
         self.popen = subprocess.Popen(
@@ -193,8 +191,7 @@ class Nodes:
     processes.
     """
 
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads  # --threads of every node; None: the default
+    def __init__(self) -> None:
         self.procs: dict[tuple[str, tuple[int, int], tuple[str, ...]], NodeProcess] = {}
 
     def start(
@@ -203,9 +200,7 @@ class Nodes:
         """Start the missing nodes of ``splits`` without waiting (they load in parallel)."""
         for units in splits:
             if (model, units, tuple(extra)) not in self.procs:
-                self.procs[(model, units, tuple(extra))] = NodeProcess(
-                    model, units, self.threads, extra
-                )
+                self.procs[(model, units, tuple(extra))] = NodeProcess(model, units, extra)
 
     def chain(
         self, model: str, splits: Sequence[tuple[int, int]], extra: Sequence[str] = ()

@@ -121,8 +121,11 @@ def targets(r: dict) -> list[Target]:
         )
     )
     conc = {c["name"]: c for c in r["concurrency"]["concurrency"]["configs"]}
+    # The default node (batching on), never the --batch 1 reference row.
     best = max(
-        (c for c in conc.values() if c["sessions"] > 1), key=lambda c: c["speedup"], default=None
+        (c for c in conc.values() if c["sessions"] > 1 and c["batch"] > 1),
+        key=lambda c: c["speedup"],
+        default=None,
     )
     if best is not None:
         out.append(

@@ -59,7 +59,8 @@ def start(model: str, splits: list[tuple[int, int]], threads: int | None, env: d
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        return [NodeProcess(model, units, threads) for units in splits]
+        flags = ["--threads", str(threads)] if threads is not None else []  # policies compared
+        return [NodeProcess(model, units, flags) for units in splits]
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -58,6 +58,7 @@ from common import (
 )
 from user_chain import Swarm, wait_served
 
+from nanoshard import rpc
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
@@ -144,7 +145,7 @@ def capacities(nodes: list[dict]) -> list[NodeCapacity]:
             memory_bytes=10**12,
             block_ms=n["block_ms"],
             head_ms=n["head_ms"],
-            host=n["address"].rsplit(":", 1)[0],
+            host=rpc.host_of(n["address"]),
         )
         for n in nodes
     ]

@@ -259,7 +259,7 @@ class Registry:
             memory_bytes=self._budget(r),
             block_ms=max(r.capacity.block_ms, 1e-3),
             head_ms=max(r.capacity.head_ms, 1e-3),
-            host=r.address.rsplit(":", 1)[0],
+            host=host_of(r.address),
         )
 
     def capacities(self) -> list[NodeCapacity]:

@@ -85,6 +85,11 @@ def caller_identity(context: Any) -> str:
     return identity_of(context) or peer_host(context)
 
 
+def host_of(address: str) -> str:
+    """The host of ``"host:port"``, IPv6 brackets off: ``"[fd00::1]:7961"`` -> ``"fd00::1"``."""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
 def peer_host(context: Any) -> str:
     """The host a call comes from."""
     peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,9 @@ class Membership:
         command.group = self.tp.id
         return [link.send(command) for link in self.links]
 
-    async def close(self) -> None:
+    def close(self) -> None:
         for link in self.links:
-            await link.close()
+            link.close()
         self.links.clear()
 
 
@@ -89,12 +90,12 @@ class MemberLink:
     """Rank 0's ordered stream to one other member: commands go out in the order ``send``
     is called, each answered by one ack, in order."""
 
-    def __init__(self, channels: Channels, address: str, on_broken: Any) -> None:
+    def __init__(self, channels: Channels, address: str, on_broken: Callable[[str], None]) -> None:
         self.channels = channels
         self.address = address
         self.on_broken = on_broken
         self._call: Any = None
-        self._outbox: asyncio.Queue[pb.GroupCommand | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[pb.GroupCommand] = asyncio.Queue()
         self._waiting: deque[asyncio.Future[pb.GroupAck]] = deque()
         self._tasks: list[asyncio.Task] = []
         self.error: Exception | None = None
@@ -117,9 +118,8 @@ class MemberLink:
 
     async def _write(self) -> None:
         try:
-            while (command := await self._outbox.get()) is not None:
-                await self._call.write(command)
-            await self._call.done_writing()
+            while True:
+                await self._call.write(await self._outbox.get())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._fail(f"cannot send to group member {self.address}: {exc}")
 
@@ -140,23 +140,23 @@ class MemberLink:
         except grpc.aio.AioRpcError as err:
             self._fail(f"group member {self.address} failed: {err.code().name} {err.details()}")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, broken: bool = True) -> None:
         if self.error is None:
             self.error = Unavailable(why, [self.address])
-            log.warning("%s", why)
-            self.on_broken(why)
+            if broken:
+                log.warning("%s", why)
+                self.on_broken(why)
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(self.error)
 
-    async def close(self) -> None:
-        self._outbox.put_nowait(None)
+    def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         if self._call is not None:
             self._call.cancel()
-        self._fail(f"the group link to {self.address} was closed")
+        self._fail(f"the group link to {self.address} was closed", broken=False)
 
 
 async def acks(futures: list[asyncio.Future[pb.GroupAck]]) -> list[pb.GroupAck]:

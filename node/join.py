@@ -93,7 +93,7 @@ def reachable_host(listen_host: str, coordinator: str) -> str:
     wildcard, the local address of the route towards the coordinator."""
     if listen_host not in ("", "0.0.0.0", "::"):
         return listen_host
-    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    host = rpc.host_of(coordinator)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect((host, 9))  # UDP: no packet is sent, only a route chosen
@@ -267,7 +267,7 @@ class Volunteer:
     def host(self) -> str:
         """The host its data plane is reached at (its groups' collectives use it too)."""
         assert self.plane is not None
-        return self.plane.address.rsplit(":", 1)[0].strip("[]")
+        return rpc.host_of(self.plane.address)
 
     def _open_store(self) -> dist.TCPStore:
         """The torch.distributed store of the groups this node will be rank 0 of: one for
@@ -358,9 +358,7 @@ class Volunteer:
         (a pipeline's nodes take turns, a group's do not)."""
         if self.config.threads:
             return self.config.threads
-        here = (
-            sum(1 for m in tp.members if m.rsplit(":", 1)[0].strip("[]") == self.host) if tp else 1
-        )
+        here = sum(1 for m in tp.members if rpc.host_of(m) == self.host) if tp else 1
         return max(1, (os.cpu_count() or 1) // max(here, 1))
 
     async def _form(self, tp: cpb.TpGroup) -> Membership:
@@ -379,10 +377,9 @@ class Volunteer:
                 assert self.store is not None
                 store: dist.Store = self.store
             else:
-                host, port = tp.rendezvous.rsplit(":", 1)
                 store = dist.TCPStore(
-                    host.strip("[]"),
-                    int(port),
+                    rpc.host_of(tp.rendezvous),
+                    int(tp.rendezvous.rsplit(":", 1)[1]),
                     is_master=False,
                     timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
                 )

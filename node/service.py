@@ -112,7 +112,6 @@ class NodeService(pb_grpc.NodeServicer):
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
-        self._tasks: set[asyncio.Future] = set()
         self.fault = fault_from_env()
         if self.fault is not None:
             log.warning("TEST FAULT ON: this node perturbs its outputs (%s)", self.fault)
@@ -126,7 +125,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.stage, self._views, self.group = stage, {}, group
         if old is not None and old is not group:
             self.break_group(old, "the node was given another stage")
-            self._background(old.close())
+            old.close()
         if first and stage is not None:
             # What is alive now (torch, the weights' modules: ~300k objects) stays for
             # good: leave it out of every later collection, each of which would otherwise
@@ -151,11 +150,6 @@ class NodeService(pb_grpc.NodeServicer):
                 and session.stage.shard.collective is group.collective
             ):
                 self._drop(session)
-
-    def _background(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def current_stage(self, start: int = 0, end: int = 0) -> Stage:
         """The stage a new session opens on: the node's, or the part of it the caller's hop
@@ -442,8 +436,7 @@ class NodeService(pb_grpc.NodeServicer):
             )
         if group.broken:
             raise FailedPrecondition(f"tensor-parallel group {group.id} is broken: {group.broken}")
-        rank0_host = group.tp.members[0].rsplit(":", 1)[0].strip("[]")
-        if peer_host != rank0_host:
+        if peer_host != rpc.host_of(group.tp.members[0]):
             raise FailedPrecondition(
                 f"group commands come from rank 0 ({group.tp.members[0]}), not from {peer_host}"
             )

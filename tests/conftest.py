@@ -26,8 +26,12 @@ def tiny_config() -> GPTConfig:
 def tiny_weights(tiny_config: GPTConfig) -> dict[str, torch.Tensor]:
     """Random weights (nanoGPT names). Biases and norms get noise too, so that a bias or norm
     read from the wrong place shows: nanoGPT's init leaves them all exactly 0 or 1."""
-    weights = init_weights(tiny_config, seed=0)
-    gen = torch.Generator().manual_seed(1)
+    return with_noisy_biases(init_weights(tiny_config, seed=0), seed=1)
+
+
+def with_noisy_biases(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """``weights`` with noise on every bias and norm (in place)."""
+    gen = torch.Generator().manual_seed(seed)
     for t in weights.values():
         if t.dim() == 1:
             t.add_(0.05 * torch.randn(t.shape, generator=gen))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import with_noisy_biases
 
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
@@ -25,12 +26,7 @@ TIMEOUT_S = 60.0
 
 
 def weights() -> dict[str, torch.Tensor]:
-    w = init_weights(CONFIG, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    for t in w.values():
-        if t.dim() == 1:
-            t.add_(0.05 * torch.randn(t.shape, generator=gen))
-    return w
+    return with_noisy_biases(init_weights(CONFIG, seed=3), seed=4)
 
 
 def run_member(rank: int, size: int, port: int, job: Any, out: Any) -> None:
