@@ -20,8 +20,10 @@ demo: $(STAMP)
 gpt2-bpe: $(STAMP)
 	$(BIN)/python scripts/fetch_gpt2_bpe.py
 
+# A worker per core: most tests wait on the processes they start, so two run at once; an
+# idle worker takes tests from the end of the other's queue (conftest.py puts short ones last).
 test: $(STAMP) gpt2-bpe
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

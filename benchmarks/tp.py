@@ -15,7 +15,11 @@ For GPT-2's shapes (random weights, made once under ``.cache/bench``), greedy de
 For each: ms/token (median decode step, the SDK's clock), weight bytes per node, bytes per
 token per node (activations in and out, plus what the node sent into the group's
 collectives), and the coordinator's cost model (``coordinator/groups.py``: each node's
-measured block and head times, its link constants) next to the measurement.
+measured block and head times) next to the measurement, twice for a group: priced with the
+link the group's members measured and reported (``predicted``: the formation probe and the
+live per-collective figure, read from the coordinator *before* the run it predicts, after
+a warm-up) and with the model's link constants (``LINK``: what a group not yet formed is
+priced with).
 
 Then the head alone: GPT-2's tied head (50257 x n_embd) on one process against the same
 head split across two processes of a gloo group, each computing its half of the logits and
@@ -63,7 +67,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
-from nanoshard.coordinator.groups import group_capacity
+from nanoshard.coordinator.groups import LINK, Link, LinkReport, group_capacity, measured_link
 from nanoshard.coordinator.placement import NodeCapacity, stage_bytes, stage_ms, unit_costs
 from nanoshard.coordinator.routing import HOP_OVERHEAD_MS
 from nanoshard.generation import LocalSession, generate
@@ -81,6 +85,7 @@ SHAPES = {
 }
 GREEDY = SamplingParams(temperature=0.0)
 MDNS = ["--mdns-interface", "127.0.0.1"]
+HEARTBEAT_S = 2.5  # the coordinator's default heartbeat interval, and a margin
 
 
 # ---- swarms -------------------------------------------------------------------------------
@@ -117,9 +122,10 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
 def through(address: str, ids: list[int], tokens: int) -> dict:
     """Greedy ``tokens`` through the swarm: ms/token, and per node what crossed it."""
     with Client(address, check_rate=0) as client:
-        client.generate(ids, 4, temperature=0.0)  # warm-up: channels, first calls
+        client.generate(ids, 8, temperature=0.0)  # warm-up: channels, first calls ...
+        time.sleep(HEARTBEAT_S)  # ... and a group's live link, reported in a heartbeat
+        status = status_json(CoordinatorClient(address).status())  # the model's inputs
         result = client.generate(ids, tokens, temperature=0.0)
-        status = status_json(CoordinatorClient(address).status())
     per_node: dict[str, dict] = {}
     collective = [sum(h.get("collective_ms", 0.0) for h in step) for step in result.steps[1:]]
     compute = [sum(h["compute_ms"] for h in step) for step in result.steps[1:]]
@@ -160,9 +166,14 @@ def predicted_pipeline(config: GPTConfig, nodes: list[dict]) -> float:
     return total
 
 
-def predicted_group(config: GPTConfig, nodes: list[dict]) -> float:
+def group_link(nodes: list[dict]) -> Link:
+    """The group's link as its members reported it to the coordinator."""
+    return measured_link(LinkReport(**n["tp"]["link"]) for n in nodes if n["tp"]["size"] > 1)
+
+
+def predicted_group(config: GPTConfig, nodes: list[dict], link: Link = LINK) -> float:
     units = unit_costs(config)
-    group = group_capacity(capacities(nodes), 4 * config.n_embd)
+    group = group_capacity(capacities(nodes), 4 * config.n_embd, link)
     return stage_ms(units, group, 0, config.n_units) + HOP_OVERHEAD_MS
 
 
@@ -259,7 +270,10 @@ def measure_shape(name: str, config: GPTConfig, opts: argparse.Namespace) -> dic
         with swarm_of_two(model, "2", None) as address:
             for _ in range(opts.repeats):
                 r = through(address, ids, opts.tokens)
-                r["predicted_ms"] = predicted_group(config, r["nodes"])
+                link = group_link(r["nodes"])
+                r["link"] = {"latency_ms": link.latency_ms, "bytes_per_s": link.bytes_per_s}
+                r["predicted_ms"] = predicted_group(config, r["nodes"], link)
+                r["predicted_constants_ms"] = predicted_group(config, r["nodes"])
                 rows["TP-2"].append(r)
     units = unit_costs(config)
     out = []
@@ -287,6 +301,11 @@ def measure_shape(name: str, config: GPTConfig, opts: argparse.Namespace) -> dic
             predicted = median([r["predicted_ms"] for r in runs])
             row["predicted_ms"] = round(predicted, 2)
             row["prediction_error"] = round(predicted / ms - 1, 3)
+            if kind == "TP-2":
+                constants = median([r["predicted_constants_ms"] for r in runs])
+                row["predicted_constants_ms"] = round(constants, 2)
+                row["constants_error"] = round(constants / ms - 1, 3)
+                row["measured_link_ms"] = round(median([r["link"]["latency_ms"] for r in runs]), 2)
         out.append(row)
     return {"shape": name, "config": config.to_dict(), "rows": out}
 
@@ -296,21 +315,33 @@ def render(result: dict) -> str:
     for shape in result["shapes"]:
         for r in shape["rows"]:
             if "skipped" in r:
-                table.append([r["shape"], r["path"], f"- ({r['skipped']})", "", "", "", "", ""])
+                table.append([r["shape"], r["path"], f"- ({r['skipped']})", *[""] * 7])
                 continue
             table.append([
                 r["shape"], r["path"], r["ms_per_token"], r.get("predicted_ms", "-"),
                 f"{r['prediction_error']:+.0%}" if "prediction_error" in r else "-",
+                (f"{r['predicted_constants_ms']} ({r['constants_error']:+.0%})"
+                 if "predicted_constants_ms" in r else "-"),
                 f"{r['weight_bytes_per_node'] / 2**20:.0f} MiB", r["bytes_per_token_per_node"],
                 {True: "yes", False: "no"}.get(r.get("tokens_equal_local"), "-"),
             ])  # fmt: skip
     head = result["head"]
-    header = ["shape", "path", "ms/token", "predicted", "error", "weights/node"]
+    header = ["shape", "path", "ms/token", "predicted", "error", "with LINK constants"]
+    header += ["weights/node"]
     header += ["bytes/token/node", "tokens = local"]
     return (
         "# Tensor parallel against the pipeline (`benchmarks/tp.py`)\n\n"
         f"{result['tokens']} greedy decode tokens, median step, {result['repeats']} repeats; "
-        "random weights; every process on this machine's 2 cores.\n\n"
+        "random weights; every process on this machine's 2 cores. A group is predicted with "
+        "the link its members measured (a collective's live cost, "
+        + ", ".join(
+            f"{r['shape']} {r['measured_link_ms']} ms"
+            for shape in result["shapes"]
+            for r in shape["rows"]
+            if "measured_link_ms" in r
+        )
+        + ") and with the model's constants (LINK, for a group not yet formed: "
+        f"{LINK.latency_ms} ms).\n\n"
         + markdown_table(header, table)
         + f"\n\nThe head alone (50257 x {head['n_embd']}, greedy): unsliced "
         f"{head['unsliced_ms']} ms, split across a TP-2 group {head['tp2_ms']} ms (the slower "

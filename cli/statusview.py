@@ -53,7 +53,7 @@ class StatusView:
 
 def _groups(s: cpb.SwarmStatus) -> list[Text]:
     """A line per group: ``group ab12-v3-0 [0,14) up: alice r0, bob r1`` (members in rank
-    order; ``forming`` until every member serves it)."""
+    order; ``forming`` until every member serves it), and its links as measured."""
     members: dict[str, list[cpb.NodeStatus]] = {}
     for n in s.nodes:
         if not n.assignment.idle and n.assignment.tp.size > 1:
@@ -66,6 +66,13 @@ def _groups(s: cpb.SwarmStatus) -> list[Text]:
         text = Text(f"group {gid} [{a.start},{a.end}) ")
         text.append("up" if up else "forming", style="green" if up else "yellow")
         text.append(": " + ", ".join(f"{n.name} r{n.assignment.tp.rank}" for n in nodes))
+        links = [n.load.tp_link for n in nodes]
+        live = max(link.live_ms for link in links)
+        probe = max(link.probe_ms for link in links)
+        if live or probe:  # as measured: the slowest member's figure counts
+            text.append(f" · all-reduce {probe:.2f} ms at formation", style="dim")
+            if live:
+                text.append(f", {live:.2f} ms per collective serving", style="dim")
         lines.append(text)
     return lines
 

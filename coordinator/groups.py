@@ -27,8 +27,10 @@ The cost model, per decode step of one token (``predict`` gives both sides):
   step's input on to the others: ``message_ms + (k-1) * n_embd * 4 B / bandwidth``; plus
   one ``HOP_OVERHEAD_MS`` (the hop into the group).
 
-Nodes do not measure their links yet: ``LINK`` holds the figures for every pair of nodes,
-the one place to replace with measurements.
+A group's members measure its links (an all-reduce probe at formation, then each
+collective as steps run it, waits for the slower member included) and report them in
+heartbeats; ``measured_link`` turns the reports into the group's ``Link``. Groups not yet
+formed are priced with ``LINK``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ Mode = str | int  # "auto", "off", or a group size from tp.SIZES
 
 @dataclass(frozen=True)
 class Link:
-    """What a link between two members costs (until nodes measure and report it)."""
+    """What a link between two members costs."""
 
     latency_ms: float  # one small gloo all-reduce step, members computing in between
     bytes_per_s: float  # bandwidth
@@ -72,9 +74,31 @@ class Link:
 # Measured on this project's 2-core machine, loopback (benchmarks/tp.py, benchmarks/echo.py):
 # a gloo all-reduce of n_embd fp32 values costs 0.8 ms back to back but 1.7 ms between two
 # members that compute in between (each wakes the other), and a data-plane message held
-# while a hop computes ~1.1 ms. A LAN adds its own latency; nodes do not measure their
-# links yet, so these stand for every link.
+# while a hop computes ~1.1 ms. They price a group before its members measured its links.
 LINK = Link(latency_ms=1.7, bytes_per_s=1e9, message_ms=1.1)
+
+
+@dataclass(frozen=True)
+class LinkReport:
+    """What one member measured of its group's links (0: not measured)."""
+
+    probe_ms: float = 0.0  # an all-reduce of n_embd values back to back, at formation
+    bytes_per_s: float = 0.0  # all-reduce bandwidth, at formation
+    live_ms: float = 0.0  # one collective as the group's steps run it (EWMA)
+
+
+def measured_link(reports: Iterable[LinkReport], default: Link = LINK) -> Link:
+    """A group's link from its members' reports. A collective waits for the slowest
+    member, so the worst figure counts: the live one where steps have run (it holds the
+    waits between members that compute in between), else the formation probe, which a
+    back-to-back loop measures below that, so never under ``default``'s latency; what no
+    member measured stays ``default``'s."""
+    reports = list(reports)
+    live = max((r.live_ms for r in reports), default=0.0)
+    probe = max((r.probe_ms for r in reports), default=0.0)
+    latency = live if live > 0 else max(probe, default.latency_ms)
+    rates = [r.bytes_per_s for r in reports if r.bytes_per_s > 0]
+    return Link(latency, min(rates) if rates else default.bytes_per_s, default.message_ms)
 
 
 def parse_mode(text: str) -> Mode:
@@ -244,13 +268,15 @@ def plan(
     replicas: int = 2,
     rebalance_threshold: float = 0.2,
     link: Link = LINK,
+    measured: Mapping[tuple[str, ...], Link] | None = None,
 ) -> Plan:
     """Place ``nodes``, in groups as ``mode`` says.
 
     ``previous`` is the placement in force (node ids, and ``group_key``s for groups);
     ``previous_groups`` the groups in force (members in rank order): those whose members
     are all still here and eligible stay together, so a join or a leave elsewhere re-forms
-    no group. ``eligible``: the nodes that may join a group (None: all).
+    no group. ``eligible``: the nodes that may join a group (None: all). A group is priced
+    with its ``measured`` link where its members reported one, else with ``link``.
     """
     nodes = sorted(nodes, key=lambda n: n.node_id)
     if any(n.size != 1 for n in nodes):
@@ -263,7 +289,9 @@ def plan(
         for g in previous_groups
         if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
     ]
-    ctx = _Context(units, by_id, previous, replicas, rebalance_threshold, hidden_bytes, link)
+    ctx = _Context(
+        units, by_id, previous, replicas, rebalance_threshold, hidden_bytes, link, measured or {}
+    )
     allowed = sizes(mode, n_head)
     if not allowed or len(ok) < min(allowed):
         return ctx.evaluate([])
@@ -349,13 +377,19 @@ class _Context:
     rebalance_threshold: float
     hidden_bytes: int
     link: Link
+    measured: Mapping[tuple[str, ...], Link]
+
+    def link_of(self, group: tuple[str, ...]) -> Link:
+        return self.measured.get(group, self.link)
 
     def evaluate(self, groups: Sequence[tuple[str, ...]], leftovers_idle: bool = False) -> Plan:
         """Place these groups and every other node alone (with ``leftovers_idle``: the
         groups alone first, and the rest too only if the groups leave a unit uncovered)."""
         n_units = len(self.units)
         caps = {
-            group_key(g): group_capacity([self.by_id[m] for m in g], self.hidden_bytes, self.link)
+            group_key(g): group_capacity(
+                [self.by_id[m] for m in g], self.hidden_bytes, self.link_of(g)
+            )
             for g in groups
         }
         grouped = {m for g in groups for m in g}
@@ -387,7 +421,9 @@ class _Context:
         by_key = {group_key(g): g for g in groups}
         placed_groups = {by_key[key]: stage for key, stage in placement.items() if key in by_key}
         predictions = {
-            g: predict(self.units, [self.by_id[m] for m in g], *stage, self.hidden_bytes, self.link)
+            g: predict(
+                self.units, [self.by_id[m] for m in g], *stage, self.hidden_bytes, self.link_of(g)
+            )
             for g, stage in placed_groups.items()
         }
         # A group placement left without a stage is no group: its members serve alone.

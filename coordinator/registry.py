@@ -51,6 +51,7 @@ class Load:
     kv_bytes_budget: int = 0
     queue_length: int = 0
     step_ms_p50: float = 0.0
+    tp_link: groups.LinkReport = field(default_factory=groups.LinkReport)  # a member's links
 
 
 @dataclass
@@ -298,6 +299,7 @@ class Registry:
             eligible={nid for nid, r in active.items() if r.store_port > 0},
             replicas=self.replicas,
             link=self.link,
+            measured={g: self.link_of(g) for g in in_force},
         )
         # Which formations stay (same members, same rank order, same stage, not broken).
         current = {(g.members, g.stage): g for g in self._assigned_groups() if g.id not in broken}
@@ -394,6 +396,12 @@ class Registry:
                 return False
         return True
 
+    def link_of(self, members: tuple[str, ...]) -> groups.Link:
+        """The link of the group of ``members`` as they last measured it (``self.link``
+        until they report)."""
+        reports = [self.nodes[m].load.tp_link for m in members if m in self.nodes]
+        return groups.measured_link(reports, self.link)
+
     def servers(self) -> list[Server]:
         """Ready nodes and servable groups as routing sees them: a group is one server at
         its rank 0's address (a node serving in a group serves nothing alone)."""
@@ -410,7 +418,7 @@ class Registry:
                 continue
             records = [self.nodes[m] for m in group.members]
             cap = groups.group_capacity(
-                [self._capacity(r) for r in records], self.hidden_bytes, self.link
+                [self._capacity(r) for r in records], self.hidden_bytes, self.link_of(group.members)
             )
             start, end = group.stage
             unit_ms = tuple(cap.unit_ms(self.units[u]) for u in range(start, end))

@@ -13,7 +13,7 @@ import grpc
 
 from nanoshard import rpc
 from nanoshard.cliutil import stop_on_signals
-from nanoshard.discovery import Advert, Advertiser, coordinator_properties
+from nanoshard.discovery import Advert, Advertiser, coordinator_properties, zeroconf_interfaces
 from nanoshard.security import Security
 
 from . import groups
@@ -51,6 +51,8 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
+    if config.mdns:  # a wrong --mdns-interface is refused before anything starts
+        zeroconf_interfaces(config.mdns_interfaces)
     store = await asyncio.to_thread(ModelStore.open, config.model)
     epoch = secrets.token_bytes(8)
     registry = Registry(
@@ -76,7 +78,7 @@ async def serve(
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     await server.start()
     address = f"{config.host}:{port}"
-    advertiser = None
+    advertising = None  # mDNS probing takes about 1.5 s: the coordinator answers meanwhile
     if config.mdns:
         advert = Advert(
             "coordinator",
@@ -85,7 +87,9 @@ async def serve(
             port,
             coordinator_properties(epoch.hex(), config.swarm, tls=config.security.tls),
         )
-        advertiser = await asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
+        advertising = asyncio.create_task(
+            asyncio.to_thread(Advertiser, advert, config.mdns_interfaces)
+        )
     log.info(
         "coordinator for %s (%d units, model %s…) on %s, swarm %r, replicas %d, --tp %s",
         store.name,
@@ -112,7 +116,10 @@ async def serve(
                 await asyncio.wait_for(stop.wait(), config.heartbeat_interval / 2)
             except asyncio.TimeoutError:
                 registry.expire(service.clock())
+            if advertising is not None and advertising.done() and advertising.exception():
+                raise advertising.exception()  # type: ignore[misc]  # e.g. a wrong interface
     finally:
-        if advertiser is not None:
+        if advertising is not None and not (advertising.done() and advertising.exception()):
+            advertiser = await advertising  # registering cannot be cut short
             await asyncio.to_thread(advertiser.close)
         await server.stop(grace=1)

@@ -31,6 +31,7 @@ from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
 from .arbiter import ARBITER, Arbiter, read_evidence
+from .groups import LinkReport
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .routing import plan_route, route_ms
@@ -200,8 +201,16 @@ class CoordinatorService:
         self._as_itself(request.node_id, context)
         ready = self._stage(request.start, request.end, "ready stage") if request.ready else None
         ld = request.load
+        link = ld.tp_link
+        if not all(0 <= v < 1e12 for v in (link.probe_ms, link.bytes_per_s, link.live_ms)):
+            raise InvalidArgument("tp_link: every figure must be >= 0 and finite")
         load = Load(
-            ld.sessions, ld.kv_bytes_used, ld.kv_bytes_budget, ld.queue_length, ld.step_ms_p50
+            ld.sessions,
+            ld.kv_bytes_used,
+            ld.kv_bytes_budget,
+            ld.queue_length,
+            ld.step_ms_p50,
+            LinkReport(link.probe_ms, link.bytes_per_s, link.live_ms),
         )
         if len(request.tp_group) > MAX_GROUP_ID:
             raise InvalidArgument(f"tp_group is longer than {MAX_GROUP_ID} characters")
@@ -273,6 +282,11 @@ class CoordinatorService:
                         kv_bytes_budget=ld.kv_bytes_budget,
                         queue_length=ld.queue_length,
                         step_ms_p50=ld.step_ms_p50,
+                        tp_link=cpb.GroupLink(
+                            probe_ms=ld.tp_link.probe_ms,
+                            bytes_per_s=ld.tp_link.bytes_per_s,
+                            live_ms=ld.tp_link.live_ms,
+                        ),
                     ),
                     last_heartbeat_s=age,
                     healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,

@@ -50,4 +50,14 @@ def _tp(n: cpb.NodeStatus) -> dict[str, Any]:
     tp = n.assignment.tp
     if n.assignment.idle or tp.size <= 1:
         return {"group": "", "rank": 0, "size": 1}
-    return {"group": tp.id, "rank": tp.rank, "size": tp.size}
+    link = n.load.tp_link
+    return {
+        "group": tp.id,
+        "rank": tp.rank,
+        "size": tp.size,
+        "link": {
+            "probe_ms": link.probe_ms,
+            "bytes_per_s": link.bytes_per_s,
+            "live_ms": link.live_ms,
+        },
+    }

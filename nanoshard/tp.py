@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from nanoshard.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 SIZES = (2, 4)  # group sizes placement forms (each must divide n_head)
+PROBE_BYTES = 4 * 2**20  # the all-reduce a new group measures its bandwidth with ...
+PROBE_BIG_ROUNDS = 3  # ... this many times
 
 
 def check_split(n_head: int, size: int) -> None:
@@ -124,6 +127,24 @@ class Collective:
         self._wait(self.pg.allgather([out], [t]))
         self._count(started, t.nbytes)
         return out
+
+    def probe(self, n_embd: int, rounds: int = 20) -> tuple[float, float]:
+        """Measure the group's links, every member at once (right after forming, before any
+        step): the median ms of an all-reduce of ``n_embd`` fp32 values back to back, and
+        the all-reduce bandwidth in bytes/s (a 4 MiB all-reduce, net of that latency)."""
+        small, big = torch.zeros(n_embd), torch.zeros(PROBE_BYTES // 4)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            self._wait(self.pg.allreduce([small]))
+            times.append(time.perf_counter() - started)
+        latency = statistics.median(times)
+        started = time.perf_counter()
+        for _ in range(PROBE_BIG_ROUNDS):
+            self._wait(self.pg.allreduce([big]))
+        per_call = (time.perf_counter() - started) / PROBE_BIG_ROUNDS
+        moved = 2 * (self.size - 1) / self.size * big.nbytes  # a ring all-reduce's traffic
+        return latency * 1e3, moved / max(per_call - latency, 1e-6)
 
     def abort(self) -> None:
         """Fail every collective of this member, waiting or to come (the group is over)."""

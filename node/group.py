@@ -36,6 +36,7 @@ from .worker import StageStep
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 120.0  # a member's answer to one command (its compute and collectives)
+LIVE_WEIGHT = 0.05  # of a step's collectives in the live figure (about the last 20 steps)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Membership:
     collective: Collective
     links: list[MemberLink] = field(default_factory=list)
     broken: str = ""  # why the group no longer works ("" while it does)
+    # Its links as this member measures them, for the coordinator's cost model.
+    link: cpb.GroupLink = field(default_factory=cpb.GroupLink)
 
     @property
     def rank(self) -> int:
@@ -58,6 +61,13 @@ class Membership:
     @property
     def id(self) -> str:
         return self.tp.id
+
+    def observe(self, stats: CollectiveStats) -> None:
+        """Fold one step's collectives into ``link.live_ms`` (an EWMA of one collective)."""
+        if stats.calls:
+            ms = stats.ms / stats.calls
+            live = self.link.live_ms
+            self.link.live_ms = ms if live == 0 else live + LIVE_WEIGHT * (ms - live)
 
     def send(self, command: pb.GroupCommand) -> list[asyncio.Future[pb.GroupAck]]:
         """Rank 0: hand ``command`` to every other member, in order; their acks to await.

@@ -115,7 +115,8 @@ class Volunteer:
         self.card: cpb.ModelCard | None = None
         self.model_config: GPTConfig | None = None
         self.plane: DataPlane | None = None
-        self.advertiser: discovery.Advertiser | None = None
+        # mDNS probing takes about 1.5 s: the node joins meanwhile (``_advertise``)
+        self.advertising: asyncio.Task[discovery.Advertiser] | None = None
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
         self.wanted: tuple[int, int, str] | None = None  # the stage, and its group's id
@@ -168,6 +169,8 @@ class Volunteer:
         config = self.config
         if config.threads:  # before measuring: capacity is what this node will really do
             torch.set_num_threads(config.threads)
+        if config.mdns:  # a wrong --mdns-interface is refused before anything starts
+            discovery.zeroconf_interfaces(config.mdns_interfaces)
         self.target = await self.find_coordinator()
         channel = rpc.open_channel(self.target, self.security, aio=True)
         stub = cpb_grpc.CoordinatorStub(channel)
@@ -209,7 +212,7 @@ class Volunteer:
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
             self.store = await asyncio.to_thread(self._open_store)
             if config.mdns:
-                self.advertiser = await asyncio.to_thread(self._advertise)
+                self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
             await self._join(stub)
             await self._heartbeats(stub, local)
         finally:
@@ -348,9 +351,10 @@ class Volunteer:
         self.ready = (start, end)
         where = "" if tp is None else f" as rank {tp.rank} of tensor-parallel group {tp.id}"
         self.events.info(f"serving units [{start}, {end}) on {self.plane.address}{where}")
-        if self.advertiser is not None:
-            props = dict(self.advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
-            await asyncio.to_thread(self.advertiser.update, props)
+        if self.advertising is not None:
+            advertiser = await self.advertising
+            props = dict(advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
+            await asyncio.to_thread(advertiser.update, props)
 
     def _threads_for(self, tp: cpb.TpGroup | None) -> int:
         """torch threads for the compute worker: --threads if given; else a thread per core,
@@ -364,7 +368,8 @@ class Volunteer:
     async def _form(self, tp: cpb.TpGroup) -> Membership:
         """Join the group's process group (rank 0 hosts its rendezvous) and, on rank 0,
         open the ordered links to the other members."""
-        assert self.plane is not None
+        assert self.plane is not None and self.model_config is not None
+        config = self.model_config
         if not 0 <= tp.rank < tp.size == len(tp.members) or not tp.id:
             raise Unavailable(f"the coordinator sent a malformed group: {tp}")
         self.events.info(
@@ -372,7 +377,7 @@ class Volunteer:
             f"(rendezvous {tp.rendezvous})"
         )
 
-        def form() -> Collective:
+        def form() -> tuple[Collective, float, float]:
             if tp.rank == 0:
                 assert self.store is not None
                 store: dist.Store = self.store
@@ -383,13 +388,22 @@ class Volunteer:
                     is_master=False,
                     timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
                 )
-            return Collective.form(tp.id, tp.rank, tp.size, store, self.host, COLLECTIVE_TIMEOUT_S)
+            collective = Collective.form(
+                tp.id, tp.rank, tp.size, store, self.host, COLLECTIVE_TIMEOUT_S
+            )
+            # every member measures the links at once, before the group's first step
+            return collective, *collective.probe(config.n_embd)
 
         try:
-            collective = await asyncio.to_thread(form)
+            collective, probe_ms, bytes_per_s = await asyncio.to_thread(form)
         except (RuntimeError, ValueError) as exc:  # a member never came, or a bad address
             raise CollectiveError(f"group {tp.id} did not form: {exc}") from None
         group = Membership(tp, collective)
+        group.link.probe_ms, group.link.bytes_per_s = probe_ms, bytes_per_s
+        self.events.info(
+            f"group {tp.id}: an all-reduce of {config.n_embd} values takes {probe_ms:.2f} ms, "
+            f"{bytes_per_s / 1e6:.0f} MB/s"
+        )
         if tp.rank == 0:
             service = self.plane.service
             for address in tp.members[1:]:
@@ -437,6 +451,9 @@ class Volunteer:
             task = self.loading
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]  # a stage that cannot load ends the node
+            task = self.advertising
+            if task is not None and task.done() and not task.cancelled() and task.exception():
+                raise task.exception()  # type: ignore[misc]  # so does an advert that failed
             await self._rejoin_if_broken(stub)
             info = self.plane.service
             group = info.group
@@ -452,6 +469,7 @@ class Volunteer:
                     kv_bytes_budget=self.plane.sessions.budget_bytes,
                     queue_length=self.plane.worker.queue_length,
                     step_ms_p50=info.step_ms_p50,
+                    tp_link=group.link if group is not None and self.ready else None,
                 ),
             )
             try:
@@ -482,8 +500,10 @@ class Volunteer:
     async def _shutdown(self, stub: cpb_grpc.CoordinatorStub) -> None:
         if self.loading is not None:
             self.loading.cancel()
-        if self.advertiser is not None:
-            await asyncio.to_thread(self.advertiser.close)
+        if self.advertising is not None:
+            with contextlib.suppress(Exception):  # (a failed advert ended the node already)
+                advertiser = await self.advertising  # registering cannot be cut short
+                await asyncio.to_thread(advertiser.close)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
             await stub.Leave(
                 cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()

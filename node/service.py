@@ -539,6 +539,7 @@ class NodeService(pb_grpc.NodeServicer):
                     assert isinstance(run, GroupStep)
                     trace.tp = group.size
                     trace.collective_ms, trace.collective_bytes = run.stats.ms, run.stats.bytes
+                    group.observe(run.stats)
                     for ack in await self._group_acks(group, member_acks):
                         if ack.has_token and (not stage.has_head or ack.token != out):
                             why = f"a member drew token {ack.token}, rank 0 drew {out}"

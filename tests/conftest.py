@@ -16,6 +16,13 @@ from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Multi-process tests first, in file order: with a worker per core (``make test``),
+    the short in-process tests fill in at the end, so no worker is left alone on a long
+    test while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     """A 3-block GPT-2 small enough that every test can afford it."""

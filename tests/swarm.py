@@ -182,6 +182,18 @@ class Swarm:
         self.close()
 
 
+def local_tokens(*args: str) -> list[int]:
+    """The token ids ``nanoshard generate --local ARGS`` gives, from the CLI's own parser and
+    function run in this process: the reference a swarm's output must equal, without a new
+    interpreter's seconds of imports (tests/test_cli.py runs the command itself)."""
+    from nanoshard.cli.commands import build_parser
+    from nanoshard.cli.generate import generate_locally
+
+    return generate_locally(
+        build_parser().parse_args(["generate", "--local", *args]), None
+    ).token_ids
+
+
 def nanoshard(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the ``nanoshard`` CLI as a user would."""
     return subprocess.run(

@@ -3,12 +3,11 @@ calls without one, and TLS end to end."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc
 import pytest
-from swarm import Swarm, nanoshard, wait_until
+from swarm import Swarm, local_tokens, nanoshard, wait_until
 from test_swarm import STEADY, covered
 
 from nanoshard import Client
@@ -182,19 +181,7 @@ def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> No
     coordinator, _ = keyed_swarm
     with Client(coordinator, swarm_key=KEY) as client:
         text = client.generate("ROMEO:", 20, temperature=0).token_ids
-    local = json.loads(
-        nanoshard(
-            "generate",
-            "--local",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "20",
-            "--json",
-            "ROMEO:",
-        ).stdout
-    )
-    assert text == local["token_ids"]
+    assert text == local_tokens("--temperature", "0", "--max-new-tokens", "20", "ROMEO:")
     with pytest.raises(Unauthenticated):
         Client(coordinator, swarm_key="a guess at the key")
     done = nanoshard("status", "--coordinator", coordinator)
@@ -223,17 +210,8 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
         wait_until("full coverage over TLS", lambda: covered(client, 2), timeout=120)
         with Client(coordinator, swarm_key=KEY, tls_ca=certs / "ca.pem") as sdk:
             tokens = sdk.generate("ROMEO:", 20, temperature=0).token_ids
-        local = nanoshard(
-            "generate",
-            "--local",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "20",
-            "--json",
-            "ROMEO:",
-        )
-        assert tokens == json.loads(local.stdout)["token_ids"]
+        local = local_tokens("--temperature", "0", "--max-new-tokens", "20", "ROMEO:")
+        assert tokens == local
         # a client trusting another CA does not talk to these servers
         with pytest.raises(NanoshardError):
             Client(coordinator, swarm_key=KEY, tls_ca=other / "ca.pem", timeout_s=5)

@@ -180,7 +180,8 @@ def test_the_status_json_carries_each_nodes_group() -> None:
     from nanoshard.statusview import status_json
 
     nodes = status_json(grouped_status())["nodes"]
-    assert nodes[1]["tp"] == {"group": "5e1f00-v3-0", "rank": 1, "size": 2}
+    link = {"probe_ms": 0.0, "bytes_per_s": 0.0, "live_ms": 0.0}  # (none measured)
+    assert nodes[1]["tp"] == {"group": "5e1f00-v3-0", "rank": 1, "size": 2, "link": link}
     alone = status_json(swarm_status())["nodes"]
     assert all(n["tp"] == {"group": "", "rank": 0, "size": 1} for n in alone)
 

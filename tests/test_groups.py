@@ -222,6 +222,48 @@ def test_auto_keeps_fast_nodes_alone_and_groups_only_where_it_pays() -> None:
     assert p.groups == {}
 
 
+def test_a_groups_measured_link_is_its_slowest_members_figure() -> None:
+    report = groups.LinkReport
+    assert groups.measured_link([]) == LINK  # nobody measured: the default
+    # at formation: the probe, never under the default latency (a back-to-back loop is
+    # faster than collectives between computing members); the slowest bandwidth
+    probed = groups.measured_link([report(0.8, 5e8), report(3.0, 2e8)])
+    assert probed == groups.Link(3.0, 2e8, LINK.message_ms)
+    assert groups.measured_link([report(0.8, 5e8)]).latency_ms == LINK.latency_ms
+    # serving: the live figure, waits included, whatever the probe said
+    live = groups.measured_link([report(0.8, 5e8, 4.5), report(0.9, 5e8, 2.0)])
+    assert live.latency_ms == 4.5
+
+
+def test_a_group_whose_measured_link_is_slow_is_dissolved_under_auto() -> None:
+    swarm = nodes(2, 2000, 20.0, 110.0)
+    first = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)
+    assert first.groups == {("n0", "n1"): (0, 14)}  # priced with LINK: it pays
+    previous = {groups.group_key(g): s for g, s in first.groups.items()}
+    slow = {("n0", "n1"): groups.Link(40.0, 1e9, 1.1)}  # what its members then measured
+    again = plan(
+        UNITS, swarm, previous, first.groups, n_head=12, hidden_bytes=HIDDEN, measured=slow
+    )
+    assert again.groups == {} and again.token_ms == again.baseline_ms
+
+
+def test_heartbeats_carry_a_groups_link_to_routing_and_status() -> None:
+    registry = Registry(GPT2, tp=2)
+    registry.join(record(0))
+    registry.join(record(1))
+    serve_all(registry)
+    (before,) = registry.servers()
+    members = (nid(0), nid(1))
+    assert registry.link_of(members) == LINK
+    for i, live in ((0, 6.0), (1, 3.0)):
+        r = registry.nodes[nid(i)]
+        load = Load(tp_link=groups.LinkReport(0.9, 4e8, live))
+        registry.heartbeat(r.node_id, 2.0, r.assigned, load, r.group)
+    assert registry.link_of(members) == groups.Link(6.0, 4e8, LINK.message_ms)
+    (after,) = registry.servers()
+    assert sum(after.unit_ms) > sum(before.unit_ms)  # routing prices the group as measured
+
+
 def test_groups_in_force_stay_together_when_others_join() -> None:
     swarm = nodes(4, 2000, 2.0, 11.0)
     first = plan(UNITS, swarm, mode=2, n_head=12, hidden_bytes=HIDDEN)
@@ -518,15 +560,22 @@ def test_the_wire_carries_groups_to_members_routes_and_status() -> None:
         assert a1.tp.rank == 1 and a1.tp.members == ["10.0.0.1:7961", "10.0.0.2:7961"]
         assert a1.tp.rendezvous == "10.0.0.1:29500" and a1.tp.id == assignments[0].tp.id
         for i, a in assignments.items():
+            link = cpb.GroupLink(probe_ms=0.5, bytes_per_s=3e8, live_ms=2.5 + i)
             request = cpb.HeartbeatRequest(
-                node_id=nid(i), ready=True, start=a.start, end=a.end, tp_group=a.tp.id
+                node_id=nid(i),
+                ready=True,
+                start=a.start,
+                end=a.end,
+                tp_group=a.tp.id,
+                load=cpb.NodeLoad(tp_link=link),
             )
             await svc.Heartbeat(request, ctx)
         route = await svc.GetRoute(cpb.RouteRequest(), ctx)
         assert [list(h.addresses) for h in route.hops] == [["10.0.0.1:7961", "10.0.0.3:7961"]]
         status = status_json(await svc.GetStatus(cpb.StatusRequest(), ctx))
         tps = {n["name"]: n["tp"] for n in status["nodes"]}
-        assert tps["n1"] == {"group": a1.tp.id, "rank": 1, "size": 2}
+        link = {"probe_ms": 0.5, "bytes_per_s": 3e8, "live_ms": 3.5}
+        assert tps["n1"] == {"group": a1.tp.id, "rank": 1, "size": 2, "link": link}
         assert {u["replicas"] for u in status["units"]} == {2}
         assert all(n["healthy"] for n in status["nodes"])
 
@@ -539,6 +588,9 @@ def test_the_wire_refuses_a_bad_store_port_and_group_id() -> None:
         with pytest.raises(RuntimeError, match="store_port 70000"):
             await svc.Join(join_request(0, 70000), Context())
         await svc.Join(join_request(0, 0), Context())
+        bad = cpb.NodeLoad(tp_link=cpb.GroupLink(live_ms=float("nan")))
+        with pytest.raises(RuntimeError, match="tp_link"):
+            await svc.Heartbeat(cpb.HeartbeatRequest(node_id=nid(0), load=bad), Context())
         request = cpb.HeartbeatRequest(node_id=nid(0), ready=True, end=14, tp_group="x" * 65)
         with pytest.raises(RuntimeError, match="tp_group is longer"):
             await svc.Heartbeat(request, Context())

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from swarm import Swarm, nanoshard, settled, wait_until
+from swarm import Swarm, local_tokens, nanoshard, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.swarm import CoordinatorClient
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "2"]
 # Swarms where nobody dies: the same beat, but a node starved of CPU for a few seconds (a
 # busy 2-core machine running several swarms) is not taken for dead and its units re-placed.
-STEADY = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "30"]
+STEADY = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"]
 FETCHED = re.compile(
     r"fetched (\d+) bytes .*units \[(\d+), (\d+)\); (\d+) bytes \(\d+ tensors\) were cached"
 )
@@ -87,7 +87,7 @@ def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
         assert {"name", "address", "stage", "healthy"} <= set(status["nodes"][0])
 
         common = ["--max-new-tokens", "60", "--temperature", "0", "--json", "JULIET:"]
-        local = json.loads(nanoshard("generate", "--local", *common).stdout)
+        local = {"token_ids": local_tokens(*common)}
         routed = nanoshard("generate", "--coordinator", address, *common)
         assert routed.returncode == 0, routed.stderr
         assert json.loads(routed.stdout)["token_ids"] == local["token_ids"]

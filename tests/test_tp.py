@@ -119,6 +119,20 @@ def test_sharded_stage_equals_unsharded(size: int) -> None:
                 assert err <= 1e-5, (units, rank, step, err)
 
 
+def probe_then_sum(collective: Collective) -> tuple[float, float, float]:
+    probe_ms, bytes_per_s = collective.probe(CONFIG.n_embd, rounds=5)
+    total = collective.all_reduce(torch.full((3,), float(collective.rank + 1)))
+    return probe_ms, bytes_per_s, total[0].item()
+
+
+def test_a_new_group_measures_its_links_and_still_sums() -> None:
+    """The formation probe gives a positive latency and bandwidth on every member, and the
+    group's collectives stay matched after it."""
+    for probe_ms, bytes_per_s, total in in_group(2, probe_then_sum):
+        assert 0 < probe_ms < 1000 and bytes_per_s > 1e6
+        assert total == 3.0  # 1 + 2
+
+
 def test_vocab_range_covers_the_vocabulary_once() -> None:
     for vocab in (1, 7, 50257):
         for size in (1, 2, 3, 4):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from swarm import Swarm, nanoshard, settled, wait_until
+import torch
+from swarm import Swarm, local_tokens, nanoshard, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client import Client
@@ -20,7 +22,7 @@ from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-STEADY = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "30"]
+STEADY = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"]
 HEARTBEAT = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]
 
 
@@ -61,10 +63,10 @@ def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> Non
 
         coordinator = ["--coordinator", address, "--check-rate", "0"]
         greedy = ["--max-new-tokens", "100", "--temperature", "0", "JULIET:"]
-        assert generate(*coordinator, *greedy) == generate("--local", *greedy)
+        assert generate(*coordinator, *greedy) == local_tokens(*greedy)
         seeded = ["--max-new-tokens", "40", "--temperature", "0.9", "--top-k", "40",
                   "--top-p", "0.95", "--seed", "11", "ROMEO:"]  # fmt: skip
-        assert generate(*coordinator, *seeded) == generate("--local", *seeded)
+        assert generate(*coordinator, *seeded) == local_tokens(*seeded)
         done = nanoshard("generate", "--json", *coordinator, *greedy)
         hops = json.loads(done.stdout)["hops"]
         assert [h["tp"] for h in hops] == [2, 2]
@@ -85,7 +87,59 @@ def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> Non
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert member["tp"]["group"] in refused.value.details()
         # ... and its group still serves
-        assert generate(*coordinator, *greedy) == generate("--local", *greedy)
+        assert generate(*coordinator, *greedy) == local_tokens(*greedy)
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A random GPT2LMHeadModel with GPT-2's vocabulary, saved by transformers itself."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, n_positions=160, bos_token_id=None,
+        eos_token_id=None, initializer_range=0.1,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # biases and norms away from 0 and 1, so each one matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("hf-gpt2")
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def test_a_tp2_group_gives_transformers_greedy_tokens(
+    hf_gpt2: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """A coordinator serving a Hugging Face checkpoint with --tp 2 and two volunteers: one
+    group of two (heads, MLP and vocabulary split) gives transformers' own greedy tokens."""
+    model, directory = hf_gpt2
+    name = "tp" + secrets.token_hex(4)
+    prompt, n_new = [5, 17, 99, 3, 42, 8, 64, 1], 100
+    with torch.inference_mode():
+        reference = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    with Swarm() as swarm:
+        _, address = swarm.coordinator(
+            "--model", str(directory), "--swarm", name, "--tp", "2", "--replicas", "1", *STEADY
+        )
+        for i in range(2):
+            swarm.join("--swarm", name, "--coordinator", address,
+                       "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
+        client = CoordinatorClient(address)
+        wait_until("a TP-2 group", lambda: groups_ready(client, 2, 2), timeout=240)
+        with Client(address, check_rate=0) as sdk:
+            result = sdk.generate(prompt, n_new, temperature=0.0)
+        client.close()
+    assert result.steps[-1][0]["tp"] == 2  # through the group
+    assert result.token_ids == reference
+    assert len(set(reference)) > 5  # a real sequence, not one token repeated
 
 
 def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
@@ -166,6 +220,6 @@ def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
         embed = [n for n in status["nodes"] if n["stage"] and n["stage"][0] == 0]
         assert embed and all(n["tp"]["size"] > 1 for n in embed)
         greedy = ["--max-new-tokens", "60", "--temperature", "0", "JULIET:"]
-        assert generate("--coordinator", address, "--check-rate", "0", *greedy) == generate(
-            "--local", *greedy
+        assert generate("--coordinator", address, "--check-rate", "0", *greedy) == local_tokens(
+            *greedy
         )

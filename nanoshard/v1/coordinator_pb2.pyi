@@ -22,18 +22,30 @@ class Capacity(_message.Message):
     def __init__(self, device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., block_ms: _Optional[float] = ..., head_ms: _Optional[float] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50")
+    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    TP_LINK_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     kv_bytes_used: int
     kv_bytes_budget: int
     queue_length: int
     step_ms_p50: float
-    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ...) -> None: ...
+    tp_link: GroupLink
+    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ...) -> None: ...
+
+class GroupLink(_message.Message):
+    __slots__ = ("probe_ms", "bytes_per_s", "live_ms")
+    PROBE_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LIVE_MS_FIELD_NUMBER: _ClassVar[int]
+    probe_ms: float
+    bytes_per_s: float
+    live_ms: float
+    def __init__(self, probe_ms: _Optional[float] = ..., bytes_per_s: _Optional[float] = ..., live_ms: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port")
