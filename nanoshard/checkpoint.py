@@ -39,7 +39,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nanoshard
-from nanoshard.config import GPTConfig, check_units, stage_tensor_names, unit_tensor_names
+from nanoshard.config import (
+    GPTConfig,
+    check_units,
+    stage_tensor_names,
+    tensor_shape,
+    unit_tensor_names,
+)
 from nanoshard.engine import Stage
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound
 
@@ -66,11 +72,11 @@ def resolve_model(spec: str | Path) -> Path:
 
 
 def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model, nanoGPT name -> shape (nn.Linear layout), in unit order."""
-    with torch.device("meta"):  # shapes only: no memory, no init
-        state = Stage(config, 0, config.n_units).state_dict()
+    """Every tensor of the model, nanoGPT name -> shape (nn.Linear layout), in unit order.
+    (Not from a ``Stage`` on the meta device: its init imports torch._dynamo, seconds of
+    CPU in every process that opens a checkpoint.)"""
     return {
-        name: tuple(state[name].shape) for name in stage_tensor_names(config, 0, config.n_units)
+        name: tensor_shape(config, name) for name in stage_tensor_names(config, 0, config.n_units)
     }
 
 

@@ -126,6 +126,25 @@ def unit_tensor_names(config: GPTConfig, unit: int) -> list[str]:
     return names
 
 
+# A block's Linear layers: (out, in) features in n_embd, nn.Linear's layout.
+_LINEAR = {"attn.c_attn": (3, 1), "attn.c_proj": (1, 1), "mlp.c_fc": (4, 1), "mlp.c_proj": (1, 4)}
+
+
+def tensor_shape(config: GPTConfig, name: str) -> tuple[int, ...]:
+    """The shape of the checkpoint tensor ``name`` (a nanoGPT name of ``unit_tensor_names``;
+    nn.Linear layout), as the engine's ``Stage`` holds it (tests/test_engine.py checks)."""
+    n = config.n_embd
+    if name == "transformer.wte.weight":
+        return (config.vocab_size, n)
+    if name == "transformer.wpe.weight":
+        return (config.block_size, n)
+    layer, kind = name.rsplit(".", 1)
+    if layer.endswith(("ln_1", "ln_2", "ln_f")):
+        return (n,)
+    out, inp = _LINEAR[layer.split(".", 3)[3]]  # transformer.h.{i}.{attn|mlp}.{name}
+    return (out * n, inp * n) if kind == "weight" else (out * n,)
+
+
 def stage_tensor_names(config: GPTConfig, start: int, end: int) -> list[str]:
     """The tensors of a stage, each once, in unit order."""
     seen: dict[str, None] = {}

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from nanoshard.config import GPTConfig, block_indices, check_units
 from nanoshard.kv import KVCache
@@ -406,6 +407,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _SkipInit(TorchFunctionMode):
+    """Module constructors without their init pass: ``torch.nn.init``'s functions leave the
+    tensor as it is (its values are loaded next). On the meta device those inits run Python
+    decompositions that import torch._dynamo: seconds of CPU in every process that builds a
+    stage. A torch function mode is per thread, so other threads keep their inits."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else next(iter((kwargs or {}).values()))
+        return func(*args, **(kwargs or {}))
+
+
 class Stage(nn.Module):
     """Units ``[start, end)`` of a GPT-2.
 
@@ -449,7 +462,7 @@ class Stage(nn.Module):
             raise ValueError(
                 f"[{start}, {end}) is not inside this stage [{self.start}, {self.end})"
             )
-        with torch.device("meta"):  # modules are replaced by this stage's own below
+        with torch.device("meta"), _SkipInit():  # its modules are replaced by ours below
             sub = Stage(self.config, start, end)
         for name in sub.transformer:
             if name == "h":
@@ -605,7 +618,7 @@ class Stage(nn.Module):
     ) -> Stage:
         """Build a stage straight from its checkpoint tensors (nanoGPT names), no init pass;
         ``transform`` (e.g. ``tp.shard``) rewrites it before its weights are cast and packed."""
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             stage = cls(config, start, end)
         expected = set(stage.state_dict())
         missing = sorted(expected - tensors.keys())

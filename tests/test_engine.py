@@ -161,3 +161,35 @@ def test_local_generation_stops_at_the_context(tiny_config: GPTConfig, tiny_weig
 def test_init_weights_is_deterministic(tiny_config: GPTConfig) -> None:
     a, b = init_weights(tiny_config, seed=5), init_weights(tiny_config, seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_checkpoint_shapes_are_the_engines(bias: bool) -> None:
+    """config.tensor_shape (what checkpoints and model cards are checked against) names the
+    shapes the engine's Stage really holds, tensor for tensor."""
+    from nanoshard.checkpoint import model_shapes
+
+    config = GPTConfig(block_size=48, vocab_size=97, n_layer=3, n_head=4, n_embd=32, bias=bias)
+    with torch.device("meta"):
+        state = Stage(config, 0, config.n_units).state_dict()
+    expected = {n: tuple(state[n].shape) for n in stage_tensor_names(config, 0, config.n_units)}
+    assert model_shapes(config) == expected
+
+
+def test_building_a_stage_never_imports_dynamo(tiny_hf_dir) -> None:
+    """A stage is built on the meta device and then given its tensors: the modules' init
+    functions are skipped there (on meta they import torch._dynamo: seconds of CPU in every
+    node that loads a stage)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nanoshard.checkpoint import open_checkpoint\n"
+        f"ckpt = open_checkpoint({str(tiny_hf_dir)!r})\n"
+        "stage = ckpt.load_stage(0, ckpt.config.n_units)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
