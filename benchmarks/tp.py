@@ -15,7 +15,7 @@ For GPT-2's shapes (random weights, made once under ``.cache/bench``), greedy de
 For each: ms/token (median decode step, the SDK's clock), weight bytes per node, bytes per
 token per node (activations in and out, plus what the node sent into the group's
 collectives), and the coordinator's cost model (``coordinator/groups.py``: each node's
-measured block and head times) next to the measurement, twice for a group: priced with the
+block and head times, measured as it starts, with an empty cache) next to the measurement, twice for a group: priced with the
 link the group's members measured and reported (``predicted``: the formation probe and the
 live per-collective figure, read from the coordinator *before* the run it predicts, after
 a warm-up) and with the model's link constants (``LINK``: what a group not yet formed is
@@ -37,6 +37,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,9 @@ HEARTBEAT_S = 2.5  # the coordinator's default heartbeat interval, and a margin
 def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
     """A coordinator (``--tp tp``) and two volunteers; yields once the route is whole."""
     swarm = Swarm()
+    # Each node measures its capacity afresh (an empty cache folder; its weights are read from
+    # ``model``): the cost model's inputs are taken under this run's load, not a past one's.
+    caches = tempfile.TemporaryDirectory(prefix="nanoshard-tp-")
     try:
         coordinator_args = [str(BIN / "nanoshard"), "coordinator", "--model", str(model)]
         coordinator_args += ["--port", "0", "--tp", tp, "--replicas", "1", *MDNS]
@@ -102,7 +106,7 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
         address = swarm.wait_listening("coordinator")
         for i in range(2):
             args = [str(BIN / "nanoshard-node"), "join", "--coordinator", address]
-            args += ["--model", str(model), *MDNS]
+            args += ["--model", str(model), "--cache-dir", f"{caches.name}/{i}", *MDNS]
             args += ["--max-memory", str(memory)] if memory else []
             swarm.start(f"node{i}", args)
         wait_served(address, hops=1 if tp == "2" else 2, timeout_s=900)
@@ -117,6 +121,7 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
         yield address
     finally:
         swarm.close()
+        caches.cleanup()
 
 
 def through(address: str, ids: list[int], tokens: int) -> dict:
