@@ -15,11 +15,12 @@ For GPT-2's shapes (random weights, made once under ``.cache/bench``), greedy de
 For each: ms/token (median decode step, the SDK's clock), weight bytes per node, bytes per
 token per node (activations in and out, plus what the node sent into the group's
 collectives), and the coordinator's cost model (``coordinator/groups.py``: each node's
-block and head times, measured as it starts, with an empty cache) next to the measurement, twice for a group: priced with the
-link the group's members measured and reported (``predicted``: the formation probe and the
-live per-collective figure, read from the coordinator *before* the run it predicts, after
-a warm-up) and with the model's link constants (``LINK``: what a group not yet formed is
-priced with).
+block and head times, measured as it starts, with an empty cache and no other node busy)
+next to the measurement, twice for a group: priced with the link the group's members
+measured and reported (``predicted``: the formation probe and the live per-collective
+figure, read from the coordinator *before* the run it predicts, after a warm-up) and with
+the model's link constants (``LINK``: what a group whose members never pinged each other
+is priced with).
 
 Then the head alone: GPT-2's tied head (50257 x n_embd) on one process against the same
 head split across two processes of a gloo group, each computing its half of the logits and
@@ -104,11 +105,16 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
         coordinator_args += ["--port", "0", "--tp", tp, "--replicas", "1", *MDNS]
         swarm.start("coordinator", coordinator_args)
         address = swarm.wait_listening("coordinator")
+        client = CoordinatorClient(address)
         for i in range(2):
             args = [str(BIN / "nanoshard-node"), "join", "--coordinator", address]
             args += ["--model", str(model), "--cache-dir", f"{caches.name}/{i}", *MDNS]
             args += ["--max-memory", str(memory)] if memory else []
             swarm.start(f"node{i}", args)
+            # One at a time: a node measures its speed on a machine no other node is busy on
+            # (two volunteers are two machines; here they share this one's cores).
+            settle(client, i + 1)
+        client.close()
         wait_served(address, hops=1 if tp == "2" else 2, timeout_s=900)
         if tp == "2":  # the one hop must be the group (not one node holding everything)
             client = CoordinatorClient(address)
@@ -122,6 +128,18 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
     finally:
         swarm.close()
         caches.cleanup()
+
+
+def settle(client: CoordinatorClient, count: int, timeout_s: float = 900) -> None:
+    """Until ``count`` nodes joined and each serves what it was assigned (or idles)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = status_json(client.status())["nodes"]
+        if len(nodes) >= count and all(n["stage"] in (None, n["serving"]) for n in nodes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} nodes never joined and loaded their stages")
+        time.sleep(0.5)
 
 
 def through(address: str, ids: list[int], tokens: int) -> dict:

@@ -29,8 +29,11 @@ The cost model, per decode step of one token (``predict`` gives both sides):
 
 A group's members measure its links (an all-reduce probe at formation, then each
 collective as steps run it, waits for the slower member included) and report them in
-heartbeats; ``measured_link`` turns the reports into the group's ``Link``. Groups not yet
-formed are priced with ``LINK``.
+heartbeats; ``measured_link`` turns the reports into the group's ``Link``. Before a group
+forms, its would-be members' pings to each other price it (``peer_link``: ``LINK``, this
+machine's loopback costs, plus the network's share of their worst round trip, at their
+slowest measured bandwidth); members that never measured each other are priced with
+``LINK``.
 """
 
 from __future__ import annotations
@@ -99,6 +102,39 @@ def measured_link(reports: Iterable[LinkReport], default: Link = LINK) -> Link:
     latency = live if live > 0 else max(probe, default.latency_ms)
     rates = [r.bytes_per_s for r in reports if r.bytes_per_s > 0]
     return Link(latency, min(rates) if rates else default.bytes_per_s, default.message_ms)
+
+
+@dataclass(frozen=True)
+class PeerReport:
+    """One node's pings to a peer it may form a group with (``node/links.py``)."""
+
+    rtt_ms: float  # an empty ping's round trip to the peer
+    self_rtt_ms: float  # the same to itself: what the hosts' processes cost at no distance
+    bytes_per_s: float  # a 1 MiB ping's payload over its time (its round trip included)
+
+    @property
+    def network_ms(self) -> float:
+        """The distance's share of the round trip."""
+        return max(0.0, self.rtt_ms - self.self_rtt_ms)
+
+
+def peer_link(reports: Iterable[PeerReport], default: Link = LINK) -> Link:
+    """A group not formed yet, from its members' pings to each other: ``default`` (what a
+    collective and a message cost between processes that wake each other, measured at no
+    distance) plus the worst network round trip, at the slowest bandwidth."""
+    reports = list(reports)
+    extra = max((r.network_ms for r in reports), default=0.0)
+    rates = [r.bytes_per_s for r in reports if r.bytes_per_s > 0]
+    return Link(
+        default.latency_ms + extra,
+        min(rates) if rates else default.bytes_per_s,
+        default.message_ms + extra,
+    )
+
+
+def pair(a: str, b: str) -> tuple[str, str]:
+    """The key of two nodes' link, whichever measured it."""
+    return (a, b) if a <= b else (b, a)
 
 
 def parse_mode(text: str) -> Mode:
@@ -269,6 +305,7 @@ def plan(
     rebalance_threshold: float = 0.2,
     link: Link = LINK,
     measured: Mapping[tuple[str, ...], Link] | None = None,
+    peers: Mapping[tuple[str, str], Sequence[PeerReport]] | None = None,
 ) -> Plan:
     """Place ``nodes``, in groups as ``mode`` says.
 
@@ -276,7 +313,9 @@ def plan(
     ``previous_groups`` the groups in force (members in rank order): those whose members
     are all still here and eligible stay together, so a join or a leave elsewhere re-forms
     no group. ``eligible``: the nodes that may join a group (None: all). A group is priced
-    with its ``measured`` link where its members reported one, else with ``link``.
+    with its ``measured`` link where its members reported one, else from their pings to
+    each other (``peers``, by ``pair``) where every pair measured its link, else with
+    ``link``.
     """
     nodes = sorted(nodes, key=lambda n: n.node_id)
     if any(n.size != 1 for n in nodes):
@@ -290,7 +329,15 @@ def plan(
         if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
     ]
     ctx = _Context(
-        units, by_id, previous, replicas, rebalance_threshold, hidden_bytes, link, measured or {}
+        units,
+        by_id,
+        previous,
+        replicas,
+        rebalance_threshold,
+        hidden_bytes,
+        link,
+        measured or {},
+        peers or {},
     )
     allowed = sizes(mode, n_head)
     if not allowed or len(ok) < min(allowed):
@@ -378,9 +425,15 @@ class _Context:
     hidden_bytes: int
     link: Link
     measured: Mapping[tuple[str, ...], Link]
+    peers: Mapping[tuple[str, str], Sequence[PeerReport]]
 
     def link_of(self, group: tuple[str, ...]) -> Link:
-        return self.measured.get(group, self.link)
+        if group in self.measured:
+            return self.measured[group]
+        pairs = [pair(a, b) for a, b in itertools.combinations(group, 2)]
+        if pairs and all(self.peers.get(p) for p in pairs):
+            return peer_link([r for p in pairs for r in self.peers[p]], self.link)
+        return self.link
 
     def evaluate(self, groups: Sequence[tuple[str, ...]], leftovers_idle: bool = False) -> Plan:
         """Place these groups and every other node alone (with ``leftovers_idle``: the

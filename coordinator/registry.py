@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from nanoshard.config import GPTConfig
+from nanoshard.tp import MAX_PEERS
 
 from . import groups
 from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs
@@ -52,6 +53,8 @@ class Load:
     queue_length: int = 0
     step_ms_p50: float = 0.0
     tp_link: groups.LinkReport = field(default_factory=groups.LinkReport)  # a member's links
+    # Its pings to the peers it may form a group with (``peers_of``), by their address.
+    peer_links: dict[str, groups.PeerReport] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Seat:
     size: int
     members: tuple[str, ...]  # data-plane addresses, rank order
     rendezvous: str
+    backend: str  # "nccl" when every member runs on CUDA, else "gloo"
 
 
 def host_of(address: str) -> str:
@@ -300,6 +304,7 @@ class Registry:
             replicas=self.replicas,
             link=self.link,
             measured={g: self.link_of(g) for g in in_force},
+            peers=self.peer_reports(),
         )
         # Which formations stay (same members, same rank order, same stage, not broken).
         current = {(g.members, g.stage): g for g in self._assigned_groups() if g.id not in broken}
@@ -367,7 +372,10 @@ class Registry:
         if group is None or record.node_id not in group.members:
             return None
         rank = group.members.index(record.node_id)
-        return Seat(group.id, rank, len(group.members), group.addresses, group.rendezvous)
+        devices = [self.nodes[m].capacity.device for m in group.members if m in self.nodes]
+        cuda = len(devices) == len(group.members) and all(d.startswith("cuda") for d in devices)
+        backend = "nccl" if cuda else "gloo"
+        return Seat(group.id, rank, len(group.members), group.addresses, group.rendezvous, backend)
 
     def describe(self) -> str:
         parts = []
@@ -395,6 +403,28 @@ class Registry:
             if (r.ready, r.tp_group) != (group.stage, group.id):
                 return False
         return True
+
+    def peers_of(self, record: NodeRecord) -> list[str]:
+        """The addresses of the nodes ``record`` may form a group with, for it to measure
+        its links to (none while groups are off, or for a node that joins no group)."""
+        if self.tp == "off" or not record.store_port:
+            return []
+        return sorted(
+            r.address
+            for r in self.nodes.values()
+            if r is not record and r.store_port and r.address not in self.excluded
+        )[:MAX_PEERS]
+
+    def peer_reports(self) -> dict[tuple[str, str], list[groups.PeerReport]]:
+        """What nodes measured of their links to each other, by ``groups.pair`` of ids."""
+        by_address = {r.address: nid for nid, r in self.nodes.items()}
+        out: dict[tuple[str, str], list[groups.PeerReport]] = {}
+        for nid, record in self.nodes.items():
+            for address, report in record.load.peer_links.items():
+                other = by_address.get(address)
+                if other is not None and other != nid:
+                    out.setdefault(groups.pair(nid, other), []).append(report)
+        return out
 
     def link_of(self, members: tuple[str, ...]) -> groups.Link:
         """The link of the group of ``members`` as they last measured it (``self.link``

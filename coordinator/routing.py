@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 from nanoshard.errors import Unavailable
 
-HOP_OVERHEAD_MS = 1.0  # one more hop: serialization, loopback or LAN transfer, gRPC
+# One more hop: serialization, transfer, gRPC and both ends' wake-ups. Measured on loopback
+# on this project's 2-core machine: 2.84 ms a hop in benchmarks/hops.py (2026-12-02), 2.5 ms
+# a hop between a 2-node pipeline and the local path in benchmarks/tp.py (2026-12-04).
+HOP_OVERHEAD_MS = 2.5
 AVOIDED_PENALTY_MS = 1e6  # an address the client saw fail is a last resort
 
 

@@ -27,11 +27,12 @@ from nanoshard.errors import (
     Unauthenticated,
 )
 from nanoshard.security import Security, identity_of
+from nanoshard.tp import MAX_PEERS
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
 from .arbiter import ARBITER, Arbiter, read_evidence
-from .groups import LinkReport
+from .groups import LinkReport, PeerReport
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .routing import plan_route, route_ms
@@ -98,6 +99,7 @@ def assignment(registry: Registry, record: NodeRecord | None) -> cpb.Assignment:
             size=seat.size,
             members=seat.members,
             rendezvous=seat.rendezvous,
+            backend=seat.backend,
         )
     return cpb.Assignment(idle=False, start=start, end=end, version=version, tp=tp)
 
@@ -204,6 +206,15 @@ class CoordinatorService:
         link = ld.tp_link
         if not all(0 <= v < 1e12 for v in (link.probe_ms, link.bytes_per_s, link.live_ms)):
             raise InvalidArgument("tp_link: every figure must be >= 0 and finite")
+        if len(ld.peer_links) > MAX_PEERS:
+            raise InvalidArgument(f"peer_links: at most {MAX_PEERS}")
+        peers = {}
+        for p in ld.peer_links:
+            if not rpc.ADDRESS.fullmatch(p.address) or not all(
+                0 <= v < 1e12 for v in (p.rtt_ms, p.self_rtt_ms, p.bytes_per_s)
+            ):
+                raise InvalidArgument("peer_links: each a HOST:PORT, figures >= 0 and finite")
+            peers[p.address] = PeerReport(p.rtt_ms, p.self_rtt_ms, p.bytes_per_s)
         load = Load(
             ld.sessions,
             ld.kv_bytes_used,
@@ -211,6 +222,7 @@ class CoordinatorService:
             ld.queue_length,
             ld.step_ms_p50,
             LinkReport(link.probe_ms, link.bytes_per_s, link.live_ms),
+            peers,
         )
         if len(request.tp_group) > MAX_GROUP_ID:
             raise InvalidArgument(f"tp_group is longer than {MAX_GROUP_ID} characters")
@@ -220,7 +232,9 @@ class CoordinatorService:
         if record is None:
             raise NotFound("this coordinator does not know the node (it restarted?): join again")
         return cpb.HeartbeatReply(
-            assignment=assignment(self.registry, record), coordinator_epoch=self.epoch
+            assignment=assignment(self.registry, record),
+            coordinator_epoch=self.epoch,
+            peers=self.registry.peers_of(record),
         )
 
     @handles_errors
@@ -287,6 +301,15 @@ class CoordinatorService:
                             bytes_per_s=ld.tp_link.bytes_per_s,
                             live_ms=ld.tp_link.live_ms,
                         ),
+                        peer_links=[
+                            cpb.PeerLink(
+                                address=a,
+                                rtt_ms=p.rtt_ms,
+                                self_rtt_ms=p.self_rtt_ms,
+                                bytes_per_s=p.bytes_per_s,
+                            )
+                            for a, p in ld.peer_links.items()
+                        ],
                     ),
                     last_heartbeat_s=age,
                     healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,

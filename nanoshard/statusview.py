@@ -29,6 +29,15 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "head_ms": round(n.capacity.head_ms, 3),
                 "stage": None if n.assignment.idle else [n.assignment.start, n.assignment.end],
                 "tp": _tp(n),
+                "peer_links": [
+                    {
+                        "address": p.address,
+                        "rtt_ms": round(p.rtt_ms, 3),
+                        "self_rtt_ms": round(p.self_rtt_ms, 3),
+                        "bytes_per_s": round(p.bytes_per_s),
+                    }
+                    for p in n.load.peer_links
+                ],
                 "serving": [n.ready_start, n.ready_end] if n.ready_end else None,
                 "sessions": n.load.sessions,
                 "queue": n.load.queue_length,

@@ -18,10 +18,10 @@ plus an all-reduce, and the head gives this member's slice of the logits only, w
 What crosses the group per token, per block: 2 all-reduces of n_embd values (the hidden
 state), plus one all-reduce at the embedding and a few bytes per member for sampling.
 
-The collectives run on ``torch.distributed`` (gloo on CPU, NCCL when every member has
-CUDA), one process group per TP group (``Collective``), each with a timeout: a member that
-dies makes the others' collective fail at once, one that hangs makes it fail at the
-timeout.
+The collectives run on ``torch.distributed``, one process group per TP group
+(``Collective``): NCCL when the coordinator saw every member on CUDA, else gloo (a CUDA
+member of a gloo group sums through host memory). Each has a timeout: a member that dies
+makes the others' collective fail at once, one that hangs makes it fail at the timeout.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from nanoshard.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("gloo", "nccl")
 SIZES = (2, 4)  # group sizes placement forms (each must divide n_head)
+MAX_PEERS = 8  # peers a node measures its links to, for placement to price groups with
 PROBE_BYTES = 4 * 2**20  # the all-reduce a new group measures its bandwidth with ...
 PROBE_BIG_ROUNDS = 3  # ... this many times
 
@@ -83,8 +85,11 @@ class Collective:
     and raise ``RuntimeError`` if a member is gone or does not answer within ``timeout_s``.
     """
 
-    def __init__(self, pg: Any, rank: int, size: int, group: str) -> None:
+    def __init__(
+        self, pg: Any, rank: int, size: int, group: str, device: torch.device | None = None
+    ) -> None:
         self.pg, self.rank, self.size, self.group = pg, rank, size, group
+        self.device = device or torch.device("cpu")  # where the collectives' tensors live
         self.stats = CollectiveStats()
         self._lock = threading.Lock()
 
@@ -97,22 +102,36 @@ class Collective:
         store: dist.Store,
         host: str,
         timeout_s: float,
+        backend: str = "gloo",
+        device: torch.device | str = "cpu",
     ) -> Collective:
-        """Join the group's process group through ``store`` (hosted by rank 0), with gloo
-        bound to ``host`` (the member's own data-plane address, never every interface).
-        Blocks until every member has joined or ``timeout_s`` passes."""
+        """Join the group's process group through ``store`` (hosted by rank 0): gloo bound
+        to ``host`` (the member's own data-plane address, never every interface), or NCCL
+        on ``device`` (a CUDA device). Blocks until every member has joined or
+        ``timeout_s`` passes."""
         timeout = datetime.timedelta(seconds=timeout_s)
+        prefixed = dist.PrefixStore(f"nanoshard/{group}/", store)
+        device = torch.device(device)
+        if backend == "nccl":
+            if device.type != "cuda" or not dist.is_nccl_available():
+                raise InvalidArgument(f"group {group}: NCCL needs a CUDA device, not {device}")
+            torch.cuda.set_device(device)
+            nccl = cast(Any, dist).ProcessGroupNCCL  # not in torch's stubs
+            options = nccl.Options()
+            options._timeout = timeout
+            return cls(nccl(prefixed, rank, size, options), rank, size, group, device)
+        if backend != "gloo":
+            raise InvalidArgument(f"group {group}: backend {backend[:20]!r} is not gloo or nccl")
         options = cast(Any, dist.ProcessGroupGloo)._Options()  # not in torch's stubs
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         options._timeout = timeout
-        prefixed = dist.PrefixStore(f"nanoshard/{group}/", store)
         pg = dist.ProcessGroupGloo(prefixed, rank, size, options)
-        return cls(pg, rank, size, group)
+        return cls(pg, rank, size, group)  # its tensors cross through host memory
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` across the group, in place (and return it)."""
         started = time.perf_counter()
-        work = t if t.is_contiguous() and t.dtype == torch.float32 else t.float().contiguous()
+        work = t.to(self.device, torch.float32).contiguous()  # (t itself where it can be)
         self._wait(self.pg.allreduce([work]))
         if work is not t:
             t.copy_(work)
@@ -122,7 +141,7 @@ class Collective:
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every member's ``t`` (same shape and dtype on all), in rank order."""
         started = time.perf_counter()
-        t = t.contiguous()
+        t = t.to(self.device).contiguous()
         out = [torch.empty_like(t) for _ in range(self.size)]
         self._wait(self.pg.allgather([out], [t]))
         self._count(started, t.nbytes)
@@ -131,8 +150,11 @@ class Collective:
     def probe(self, n_embd: int, rounds: int = 20) -> tuple[float, float]:
         """Measure the group's links, every member at once (right after forming, before any
         step): the median ms of an all-reduce of ``n_embd`` fp32 values back to back, and
-        the all-reduce bandwidth in bytes/s (a 4 MiB all-reduce, net of that latency)."""
-        small, big = torch.zeros(n_embd), torch.zeros(PROBE_BYTES // 4)
+        the all-reduce bandwidth in bytes/s (what a 4 MiB all-reduce moves over its time,
+        latency included: on one host the latency is most of it, and a difference of two
+        such figures is noise)."""
+        small = torch.zeros(n_embd, device=self.device)
+        big = torch.zeros(PROBE_BYTES // 4, device=self.device)
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
@@ -144,7 +166,7 @@ class Collective:
             self._wait(self.pg.allreduce([big]))
         per_call = (time.perf_counter() - started) / PROBE_BIG_ROUNDS
         moved = 2 * (self.size - 1) / self.size * big.nbytes  # a ring all-reduce's traffic
-        return latency * 1e3, moved / max(per_call - latency, 1e-6)
+        return latency * 1e3, moved / per_call
 
     def abort(self) -> None:
         """Fail every collective of this member, waiting or to come (the group is over)."""

@@ -34,7 +34,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, NotFound, Unavailable
+from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
 from nanoshard.security import Security
 from nanoshard.tp import Collective, CollectiveError, shard
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -42,6 +42,7 @@ from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .capacity import load_or_measure, to_wire
 from .group import MemberLink, Membership
+from .links import PeerLinks
 from .quotas import QuotaLimits
 from .server import DataPlane
 from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
@@ -115,6 +116,7 @@ class Volunteer:
         self.card: cpb.ModelCard | None = None
         self.model_config: GPTConfig | None = None
         self.plane: DataPlane | None = None
+        self.links: PeerLinks | None = None  # to the peers it may form a group with
         # mDNS probing takes about 1.5 s: the node joins meanwhile (``_advertise``)
         self.advertising: asyncio.Task[discovery.Advertiser] | None = None
         self.ready: tuple[int, int] | None = None
@@ -210,6 +212,7 @@ class Volunteer:
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
+            self.links = PeerLinks(self.plane.service.channels, self.plane.address)
             self.store = await asyncio.to_thread(self._open_store)
             if config.mdns:
                 self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
@@ -389,14 +392,21 @@ class Volunteer:
                     timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
                 )
             collective = Collective.form(
-                tp.id, tp.rank, tp.size, store, self.host, COLLECTIVE_TIMEOUT_S
+                tp.id,
+                tp.rank,
+                tp.size,
+                store,
+                self.host,
+                COLLECTIVE_TIMEOUT_S,
+                backend=tp.backend or "gloo",
+                device=self.capacity.device,
             )
             # every member measures the links at once, before the group's first step
             return collective, *collective.probe(config.n_embd)
 
         try:
             collective, probe_ms, bytes_per_s = await asyncio.to_thread(form)
-        except (RuntimeError, ValueError) as exc:  # a member never came, or a bad address
+        except (RuntimeError, ValueError, InvalidArgument) as exc:  # a member never came, ...
             raise CollectiveError(f"group {tp.id} did not form: {exc}") from None
         group = Membership(tp, collective)
         group.link.probe_ms, group.link.bytes_per_s = probe_ms, bytes_per_s
@@ -470,6 +480,7 @@ class Volunteer:
                     queue_length=self.plane.worker.queue_length,
                     step_ms_p50=info.step_ms_p50,
                     tp_link=group.link if group is not None and self.ready else None,
+                    peer_links=self.links.report() if self.links else (),
                 ),
             )
             try:
@@ -487,19 +498,27 @@ class Volunteer:
                     unreachable = False
                     continue
                 if not unreachable:
-                    self.events.info(
-                        f"cannot reach the coordinator at {self.target}: still serving, retrying"
+                    why = (
+                        f"the coordinator at {self.target} refused this node's heartbeat: "
+                        f"{err.details()}"
+                        if err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        else f"cannot reach the coordinator at {self.target}"
                     )
+                    self.events.info(f"{why}: still serving, retrying")
                 unreachable = True
                 continue
             if unreachable:
                 self.events.info("the coordinator answers again")
                 unreachable = False
+            if self.links is not None:
+                self.links.want(list(reply.peers))
             self._follow(reply.assignment)
 
     async def _shutdown(self, stub: cpb_grpc.CoordinatorStub) -> None:
         if self.loading is not None:
             self.loading.cancel()
+        if self.links is not None:
+            await self.links.close()
         if self.advertising is not None:
             with contextlib.suppress(Exception):  # (a failed advert ended the node already)
                 advertiser = await self.advertising  # registering cannot be cut short

@@ -40,6 +40,7 @@ from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .faults import fault_from_env
 from .group import GroupStep, Membership, acks
+from .links import PING_MAX_BYTES
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
@@ -193,6 +194,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "Info": ("unary", self.Info, pb.InfoRequest),
                 "Outputs": ("unary", self.Outputs, pb.OutputsRequest),
                 "Group": ("stream", self.Group, pb.GroupCommand),
+                "Ping": ("unary", self.Ping, pb.PingRequest),
             },
             guard=self.security.check,
         )
@@ -725,6 +727,12 @@ class NodeService(pb_grpc.NodeServicer):
         """Median time of the last 200 steps here (this hop and those after it)."""
         lat = sorted(self._latencies)
         return lat[len(lat) // 2] if lat else 0.0
+
+    @handles_errors
+    async def Ping(self, request: pb.PingRequest, context: Any) -> pb.PingReply:
+        if len(request.payload) > PING_MAX_BYTES:
+            raise InvalidArgument(f"a ping carries at most {PING_MAX_BYTES} bytes")
+        return pb.PingReply()
 
     @handles_errors
     async def Info(self, request: pb.InfoRequest, context: Any) -> pb.NodeInfo:

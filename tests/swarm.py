@@ -100,6 +100,7 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
+            self.popen.send_signal(signal.SIGCONT)  # (a process a test stopped acts on it)
         try:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:

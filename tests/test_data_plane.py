@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import shutil
@@ -19,7 +20,10 @@ from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
+from nanoshard.errors import InvalidArgument
 from nanoshard.generation import generate
+from nanoshard.hop import Channels
+from nanoshard.node import links
 from nanoshard.tokenizer import gpt2_bpe_dir
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -452,3 +456,49 @@ def test_a_hop_may_enter_a_stage_part_way_and_leave_it_early(
     expected = generate(reference, [464, 3290, 373], 20, block_size=TINY.block_size)
     reference.close()
     assert got.token_ids == expected.token_ids
+
+
+def test_a_node_measures_its_links_to_peers_by_ping(tiny_chain: list[str]) -> None:
+    """``node/links.py`` against real nodes: a round trip and a bandwidth per peer, peers
+    that do not answer left unmeasured, and an oversized ping refused."""
+    own, peer = tiny_chain[0], tiny_chain[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def run() -> None:
+        channels = Channels()
+        rtt, rate = await links.round_trip(channels, peer)
+        assert 0 < rtt < 1000 and rate > 1e6  # loopback: well under a second, over 1 MB/s
+        measured = links.PeerLinks(channels, own)
+        measured.want([own, peer, dead])  # (its own address is not a peer)
+        assert measured.peers == [peer, dead]
+        assert measured._task is not None
+        await measured._task
+        (report,) = measured.report()
+        assert report.address == peer and report.rtt_ms > 0 and report.self_rtt_ms > 0
+        measured.want([dead])  # a peer no longer listed is forgotten
+        assert measured.report() == []
+        await measured.close()
+        with pytest.raises(InvalidArgument, match="at most"):
+            big = pb.PingRequest(payload=bytes(links.PING_MAX_BYTES + 1))
+            await channels.call(peer, "Ping", big, 5.0)
+        await channels.close()
+
+    asyncio.run(run())
+
+
+def test_a_node_serves_every_rpc_of_its_wire(tiny_chain: list[str]) -> None:
+    """Each method in node.proto's service answers (an empty request may be refused, but
+    never as UNIMPLEMENTED: the node's handler table lists every method)."""
+    service = pb.DESCRIPTOR.services_by_name["Node"]
+    with grpc.insecure_channel(tiny_chain[0]) as channel:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            try:
+                if method.client_streaming:
+                    list(channel.stream_stream(path)(iter([b""]), timeout=10))
+                else:
+                    channel.unary_unary(path)(b"", timeout=10)
+            except grpc.RpcError as err:
+                assert err.code() != grpc.StatusCode.UNIMPLEMENTED, method.name

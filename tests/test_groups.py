@@ -4,6 +4,7 @@ model), group ids, routes through groups, a group breaking, and what status show
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -245,6 +246,64 @@ def test_a_group_whose_measured_link_is_slow_is_dissolved_under_auto() -> None:
         UNITS, swarm, previous, first.groups, n_head=12, hidden_bytes=HIDDEN, measured=slow
     )
     assert again.groups == {} and again.token_ms == again.baseline_ms
+
+
+def test_a_group_not_formed_yet_is_priced_from_its_members_pings() -> None:
+    ping = groups.PeerReport
+    # At no distance (a round trip no longer than to itself) a group costs the constants.
+    assert groups.peer_link([ping(0.4, 0.5, 9e8)]) == groups.Link(
+        LINK.latency_ms, 9e8, LINK.message_ms
+    )
+    # Each millisecond of network round trip is a millisecond more per collective and message.
+    far = groups.peer_link([ping(0.4, 0.4, 9e8), ping(10.4, 0.4, 1e7)])
+    assert far == groups.Link(LINK.latency_ms + 10, 1e7, LINK.message_ms + 10)
+    # The group `auto` forms between slow nodes at no distance (see above) ...
+    swarm = nodes(2, 2000, 20.0, 110.0)
+    near = {groups.pair("n1", "n0"): [ping(0.5, 0.5, 1e9)]}
+    assert plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN, peers=near).groups
+    # ... it refuses between the same nodes 20 ms apart, measured either way round,
+    apart = {("n0", "n1"): [ping(0.5, 0.5, 1e9), ping(20.5, 0.5, 1e7)]}
+    p = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN, peers=apart)
+    assert p.groups == {} and p.token_ms == p.baseline_ms
+    # and prices a group with the constants while one of its pairs is unmeasured.
+    four = nodes(4, 2000, 20.0, 110.0)
+    some = {("n0", "n1"): [ping(20.5, 0.5, 1e7)]}
+    partly = plan(UNITS, four, mode=4, n_head=12, hidden_bytes=HIDDEN, peers=some)
+    unmeasured = plan(UNITS, four, mode=4, n_head=12, hidden_bytes=HIDDEN)
+    assert partly.predictions and partly.predictions == unmeasured.predictions
+
+
+def test_a_group_whose_every_member_runs_on_cuda_sums_on_nccl() -> None:
+    registry = Registry(GPT2, tp=2)
+    for i in range(4):
+        r = record(i)
+        if i < 2 or i == 3:
+            r.capacity = dataclasses.replace(r.capacity, device=f"cuda:{i % 2}")
+        registry.join(r)
+    backends = {}
+    for r in registry.nodes.values():
+        seat = registry.seat(r)
+        assert seat is not None
+        backends.setdefault(seat.id, set()).add(seat.backend)
+    assert sorted(b for (b,) in map(tuple, backends.values())) == ["gloo", "nccl"]
+
+
+def test_nodes_are_asked_to_ping_the_peers_they_may_group_with() -> None:
+    registry = Registry(GPT2, tp="auto")
+    for i in range(11):
+        registry.join(record(i, store_port=0 if i == 10 else 29500))
+    asked = registry.peers_of(registry.nodes[nid(0)])
+    assert len(asked) == 8  # at most 8, never itself, never a node that joins no group
+    assert registry.nodes[nid(0)].address not in asked
+    assert registry.nodes[nid(10)].address not in asked
+    assert registry.peers_of(registry.nodes[nid(10)]) == []
+    assert Registry(GPT2, tp="off").peers_of(registry.nodes[nid(0)]) == []
+    # What they report reaches placement under the pair of node ids, whoever measured it.
+    r0, r1 = registry.nodes[nid(0)], registry.nodes[nid(1)]
+    report = groups.PeerReport(3.0, 0.5, 2e8)
+    load = Load(peer_links={r1.address: report, "10.9.9.9:1": report})  # unknown: dropped
+    registry.heartbeat(r0.node_id, 1.0, None, load)
+    assert registry.peer_reports() == {groups.pair(nid(0), nid(1)): [report]}
 
 
 def test_heartbeats_carry_a_groups_link_to_routing_and_status() -> None:
@@ -559,6 +618,9 @@ def test_the_wire_carries_groups_to_members_routes_and_status() -> None:
         a1 = assignments[1]
         assert a1.tp.rank == 1 and a1.tp.members == ["10.0.0.1:7961", "10.0.0.2:7961"]
         assert a1.tp.rendezvous == "10.0.0.1:29500" and a1.tp.id == assignments[0].tp.id
+        assert a1.tp.backend == "gloo"  # (CPU members)
+        # Each node is asked to ping the others; what it measured shows in status.
+        ping = cpb.PeerLink(address="10.0.0.2:7961", rtt_ms=0.9, self_rtt_ms=0.4, bytes_per_s=5e8)
         for i, a in assignments.items():
             link = cpb.GroupLink(probe_ms=0.5, bytes_per_s=3e8, live_ms=2.5 + i)
             request = cpb.HeartbeatRequest(
@@ -567,15 +629,21 @@ def test_the_wire_carries_groups_to_members_routes_and_status() -> None:
                 start=a.start,
                 end=a.end,
                 tp_group=a.tp.id,
-                load=cpb.NodeLoad(tp_link=link),
+                load=cpb.NodeLoad(tp_link=link, peer_links=[ping] if i == 0 else []),
             )
-            await svc.Heartbeat(request, ctx)
+            reply = await svc.Heartbeat(request, ctx)
+            others = [f"10.0.0.{j + 1}:7961" for j in range(4) if j != i]
+            assert sorted(reply.peers) == others
         route = await svc.GetRoute(cpb.RouteRequest(), ctx)
         assert [list(h.addresses) for h in route.hops] == [["10.0.0.1:7961", "10.0.0.3:7961"]]
         status = status_json(await svc.GetStatus(cpb.StatusRequest(), ctx))
         tps = {n["name"]: n["tp"] for n in status["nodes"]}
         link = {"probe_ms": 0.5, "bytes_per_s": 3e8, "live_ms": 3.5}
         assert tps["n1"] == {"group": a1.tp.id, "rank": 1, "size": 2, "link": link}
+        pings = {n["name"]: n["peer_links"] for n in status["nodes"]}
+        assert pings["n1"] == [] and pings["n0"] == [
+            {"address": "10.0.0.2:7961", "rtt_ms": 0.9, "self_rtt_ms": 0.4, "bytes_per_s": 5e8}
+        ]
         assert {u["replicas"] for u in status["units"]} == {2}
         assert all(n["healthy"] for n in status["nodes"])
 
@@ -591,6 +659,14 @@ def test_the_wire_refuses_a_bad_store_port_and_group_id() -> None:
         bad = cpb.NodeLoad(tp_link=cpb.GroupLink(live_ms=float("nan")))
         with pytest.raises(RuntimeError, match="tp_link"):
             await svc.Heartbeat(cpb.HeartbeatRequest(node_id=nid(0), load=bad), Context())
+        for bad_pings in (
+            [cpb.PeerLink(address="nowhere", rtt_ms=1.0)],
+            [cpb.PeerLink(address="10.0.0.2:7961", rtt_ms=-1.0)],
+            [cpb.PeerLink(address=f"10.0.0.2:{p}", rtt_ms=1.0) for p in range(1, 10)],
+        ):
+            bad = cpb.NodeLoad(peer_links=bad_pings)
+            with pytest.raises(RuntimeError, match="peer_links"):
+                await svc.Heartbeat(cpb.HeartbeatRequest(node_id=nid(0), load=bad), Context())
         request = cpb.HeartbeatRequest(node_id=nid(0), ready=True, end=14, tp_group="x" * 65)
         with pytest.raises(RuntimeError, match="tp_group is longer"):
             await svc.Heartbeat(request, Context())

@@ -17,6 +17,7 @@ from conftest import with_noisy_biases
 
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
+from nanoshard.errors import InvalidArgument
 from nanoshard.tp import Collective, shard, vocab_range
 
 CONFIG = GPTConfig(block_size=96, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
@@ -131,6 +132,14 @@ def test_a_new_group_measures_its_links_and_still_sums() -> None:
     for probe_ms, bytes_per_s, total in in_group(2, probe_then_sum):
         assert 0 < probe_ms < 1000 and bytes_per_s > 1e6
         assert total == 3.0  # 1 + 2
+
+
+def test_a_group_runs_on_gloo_or_on_nccl_with_cuda_only() -> None:
+    store = dist.HashStore()
+    with pytest.raises(InvalidArgument, match="NCCL needs a CUDA device"):
+        Collective.form("g", 0, 2, store, "127.0.0.1", 1.0, backend="nccl", device="cpu")
+    with pytest.raises(InvalidArgument, match="not gloo or nccl"):
+        Collective.form("g", 0, 2, store, "127.0.0.1", 1.0, backend="mpi")
 
 
 def test_vocab_range_covers_the_vocabulary_once() -> None:

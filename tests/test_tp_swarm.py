@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import pytest
 import torch
 from swarm import Swarm, local_tokens, nanoshard, settled, wait_until
 
-from nanoshard.checkpoint import open_checkpoint
+from nanoshard.checkpoint import open_checkpoint, resolve_model, save_hf_checkpoint
 from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
+from nanoshard.config import GPTConfig
+from nanoshard.engine import init_weights
 from nanoshard.statusview import status_json
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -60,6 +63,13 @@ def test_a_swarm_of_tp2_groups_generates_the_local_tokens(tmp_path: Path) -> Non
         assert all(u["replicas"] == 1 for u in status["units"])  # a group counts once
         route = client.route()
         assert len(route.hops) == 2 and all(len(h.addresses) == 1 for h in route.hops)
+
+        def pinged() -> list | None:  # each measured its links to the three it may group with
+            links = [n["peer_links"] for n in status_json(client.status())["nodes"]]
+            return links if all(len(ls) == 3 for ls in links) else None
+
+        links = wait_until("every node's links to its peers", pinged, timeout=120)
+        assert all(p["rtt_ms"] > 0 and p["bytes_per_s"] > 0 for ls in links for p in ls)
 
         coordinator = ["--coordinator", address, "--check-rate", "0"]
         greedy = ["--max-new-tokens", "100", "--temperature", "0", "JULIET:"]
@@ -142,10 +152,12 @@ def test_a_tp2_group_gives_transformers_greedy_tokens(
     assert len(set(reference)) > 5  # a real sequence, not one token repeated
 
 
-def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_lost_member_costs_nothing_but_time(tmp_path: Path, fault: str) -> None:
     """Two TP-2 groups, each serving the whole model (replicas of each other): a member of
-    the group a session runs on is killed mid-generation; the session goes on on the other
-    group, replayed, with the same tokens, and the coordinator re-forms the swarm."""
+    the group a session runs on is killed (SIGKILL) or hangs (SIGSTOP: its collectives never
+    answer) mid-generation; the session goes on on the other group, replayed, with the same
+    tokens, and the coordinator re-forms the swarm."""
     name = "tp" + secrets.token_hex(4)
     with Swarm() as swarm:
         _, address = swarm.coordinator("--swarm", name, "--tp", "2", "--replicas", "2", *HEARTBEAT)
@@ -176,13 +188,17 @@ def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
                 def on_token(_token: object) -> None:
                     nonlocal seen
                     seen += 1
-                    if seen == 30:
-                        victim.kill()  # SIGKILL, mid-generation
+                    if seen == 30:  # mid-generation
+                        victim.popen.send_signal(
+                            signal.SIGKILL if fault == "kill" else signal.SIGSTOP
+                        )
 
                 rest = chat.generate("", 119, on_token=on_token)
         assert seen == len(rest.token_ids) >= 30
         assert first.token_ids + rest.token_ids == reference.token_ids
         assert rest.recoveries, "the failure should show in the timings"
+        # A hung member costs at most its group's collective deadline (20 s), never a hang.
+        assert all(r.ms < 60_000 for r in rest.recoveries)
 
         # the three nodes left are placed again: none of them still in the broken group
         def reformed() -> dict | None:  # (--tp 2 leaves the odd node idle: not "healthy")
@@ -195,6 +211,7 @@ def test_a_killed_member_costs_nothing_but_time(tmp_path: Path) -> None:
             return s if all(u["replicas"] >= 1 for u in s["units"]) else None
 
         wait_until("the broken group dissolved", reformed, timeout=120)
+        victim.popen.send_signal(signal.SIGCONT)  # (a hung volunteer that wakes up joins again)
 
 
 def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
@@ -223,3 +240,39 @@ def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
         assert generate("--coordinator", address, "--check-rate", "0", *greedy) == local_tokens(
             *greedy
         )
+
+
+# A model whose blocks outweigh the rest (the demo's 4096-token BPE, 512 wide): a block
+# 12.6 MB, the embedding 8.4 MB, the head (tied) 8.4 MB.
+WIDE = GPTConfig(block_size=64, vocab_size=4096, n_layer=2, n_head=4, n_embd=512)
+
+
+def test_volunteers_each_smaller_than_one_block_serve_the_model(tmp_path: Path) -> None:
+    """Four volunteers, none with memory for a single block: `--tp auto` (the default)
+    groups them, every node serves its share, and the swarm gives --local's tokens."""
+    model = tmp_path / "wide"
+    demo = resolve_model("demo")  # (its tokenizer)
+    save_hf_checkpoint(WIDE, init_weights(WIDE, seed=5), model, tokenizer_dir=demo)
+    ckpt = open_checkpoint(str(model))
+    block = ckpt.stage_nbytes(1, 2)
+    assert block == max(ckpt.stage_nbytes(u, u + 1) for u in range(WIDE.n_units))
+    weights = int(block * 0.9)  # what placement fills with weights: 80 % of --max-memory
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        _, address = swarm.coordinator(
+            "--model", str(model), "--swarm", name, "--replicas", "1", *STEADY
+        )
+        for i in range(4):
+            swarm.join("--swarm", name, "--coordinator", address, "--max-memory",
+                       str(int(weights / 0.8)), "--cache-dir", str(tmp_path / f"n{i}"))  # fmt: skip
+        client = CoordinatorClient(address)
+
+        def served() -> dict | None:
+            return settled(status_json(client.status()), 4)
+
+        status = wait_until("the model served by groups", served, timeout=240)
+        assert all(n["memory_bytes"] * 0.8 < block for n in status["nodes"])
+        assert all(n["tp"]["size"] > 1 and n["stage"] for n in status["nodes"])
+        greedy = ["--max-new-tokens", "40", "--temperature", "0", "JULIET:"]
+        swarm_tokens = generate("--coordinator", address, "--check-rate", "0", *greedy)
+        assert swarm_tokens == local_tokens("--model", str(model), *greedy)

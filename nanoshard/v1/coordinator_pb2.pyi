@@ -22,20 +22,34 @@ class Capacity(_message.Message):
     def __init__(self, device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., block_ms: _Optional[float] = ..., head_ms: _Optional[float] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link")
+    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link", "peer_links")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
     TP_LINK_FIELD_NUMBER: _ClassVar[int]
+    PEER_LINKS_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     kv_bytes_used: int
     kv_bytes_budget: int
     queue_length: int
     step_ms_p50: float
     tp_link: GroupLink
-    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ...) -> None: ...
+    peer_links: _containers.RepeatedCompositeFieldContainer[PeerLink]
+    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ...) -> None: ...
+
+class PeerLink(_message.Message):
+    __slots__ = ("address", "rtt_ms", "self_rtt_ms", "bytes_per_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    SELF_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    rtt_ms: float
+    self_rtt_ms: float
+    bytes_per_s: float
+    def __init__(self, address: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., self_rtt_ms: _Optional[float] = ..., bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class GroupLink(_message.Message):
     __slots__ = ("probe_ms", "bytes_per_s", "live_ms")
@@ -86,18 +100,20 @@ class Assignment(_message.Message):
     def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., tp: _Optional[_Union[TpGroup, _Mapping]] = ...) -> None: ...
 
 class TpGroup(_message.Message):
-    __slots__ = ("id", "rank", "size", "members", "rendezvous")
+    __slots__ = ("id", "rank", "size", "members", "rendezvous", "backend")
     ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     id: str
     rank: int
     size: int
     members: _containers.RepeatedScalarFieldContainer[str]
     rendezvous: str
-    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., rendezvous: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., rendezvous: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("model_id", "assignment", "heartbeat_interval_s", "coordinator_epoch")
@@ -128,12 +144,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., tp_group: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("assignment", "coordinator_epoch")
+    __slots__ = ("assignment", "coordinator_epoch", "peers")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     coordinator_epoch: bytes
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., coordinator_epoch: _Optional[bytes] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., coordinator_epoch: _Optional[bytes] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -226,6 +226,16 @@ class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PingRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class NodeInfo(_message.Message):
     __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size")
     NAME_FIELD_NUMBER: _ClassVar[int]

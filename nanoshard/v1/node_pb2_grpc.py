@@ -69,6 +69,11 @@ class NodeStub:
                 request_serializer=nanoshard_dot_v1_dot_node__pb2.GroupCommand.SerializeToString,
                 response_deserializer=nanoshard_dot_v1_dot_node__pb2.GroupAck.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/nanoshard.v1.Node/Ping',
+                request_serializer=nanoshard_dot_v1_dot_node__pb2.PingRequest.SerializeToString,
+                response_deserializer=nanoshard_dot_v1_dot_node__pb2.PingReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -133,6 +138,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ping(self, request, context):
+        """Answers at once, the payload discarded: a peer measuring its link to this node (the
+        round trip with an empty payload, the bandwidth with a full one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Group,
                     request_deserializer=nanoshard_dot_v1_dot_node__pb2.GroupCommand.FromString,
                     response_serializer=nanoshard_dot_v1_dot_node__pb2.GroupAck.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=nanoshard_dot_v1_dot_node__pb2.PingRequest.FromString,
+                    response_serializer=nanoshard_dot_v1_dot_node__pb2.PingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +379,33 @@ class Node:
             '/nanoshard.v1.Node/Group',
             nanoshard_dot_v1_dot_node__pb2.GroupCommand.SerializeToString,
             nanoshard_dot_v1_dot_node__pb2.GroupAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nanoshard.v1.Node/Ping',
+            nanoshard_dot_v1_dot_node__pb2.PingRequest.SerializeToString,
+            nanoshard_dot_v1_dot_node__pb2.PingReply.FromString,
             options,
             channel_credentials,
             insecure,
