@@ -12,6 +12,12 @@ Trust: nothing enters the cache unchecked (each fetched tensor's size and sha256
 the model card's manifest), and every cached file is hashed again when read, so a file
 corrupted on disk is noticed, deleted and fetched again. Hashing costs far less than a load
 from disk or a download, and a node then never serves weights that are not the swarm's.
+
+Memory: a stage's tensors come back memory-mapped from their cache files (copy-on-write),
+so until a node makes its own copy they are the files' pages, which the kernel can drop and
+read again, not the node's own memory. A tensor-parallel member slices each to its share
+(``nanoshard/tp.py``): its own memory holds its share only, never the whole stage, and a
+volunteer with less memory than one block can load its share of it.
 """
 
 from __future__ import annotations
@@ -62,12 +68,13 @@ def entry_nbytes(entry: TensorEntry) -> int:
     return torch.Size(entry.shape).numel() * getattr(torch, entry.dtype).itemsize
 
 
-def _tensor_from_bytes(data: bytearray, entry: TensorEntry) -> torch.Tensor:
-    """A tensor sharing ``data``'s memory (no copy), shaped and typed as the manifest says."""
-    dtype = getattr(torch, entry.dtype)
-    if not data:
+def _mapped(path: Path, entry: TensorEntry) -> torch.Tensor:
+    """The file at ``path`` as the manifest's tensor, memory-mapped copy-on-write."""
+    dtype, size = getattr(torch, entry.dtype), entry_nbytes(entry)
+    if size == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    return raw.view(dtype).reshape(entry.shape)
 
 
 # ---- the content-addressed cache -------------------------------------------------------
@@ -104,11 +111,9 @@ def read_cached(cache_dir: Path, entry: TensorEntry) -> torch.Tensor | None:
     try:
         if path.stat().st_size != size:
             raise ValueError(f"{path.stat().st_size} bytes, expected {size}")
-        data = bytearray(size)
-        with path.open("rb") as f:
-            if f.readinto(data) != size:
-                raise ValueError("short read")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        tensor = _mapped(path, entry)
+        raw = tensor.reshape(-1).view(torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        if hashlib.sha256(raw.numpy().data).hexdigest() != entry.sha256:
             raise ValueError("sha256 differs")
     except FileNotFoundError:
         return None
@@ -117,7 +122,7 @@ def read_cached(cache_dir: Path, entry: TensorEntry) -> torch.Tensor | None:
         with contextlib.suppress(OSError):
             path.unlink()
         raise _Corrupt from None
-    return _tensor_from_bytes(data, entry)
+    return tensor
 
 
 class _Corrupt(Exception):
@@ -292,8 +297,9 @@ async def _accept(
                 f"model card says {entry.sha256}: not cached; is the coordinator's checkpoint "
                 "intact?"
             )
-        write_atomic(tensor_path(root, entry.sha256), data)
-        return _tensor_from_bytes(data, entry)
+        path = tensor_path(root, entry.sha256)
+        write_atomic(path, data)
+        return _mapped(path, entry)  # (``data`` goes: the stage holds the file's pages)
 
     tensor = await asyncio.to_thread(check_and_store)
     stats.fetched_tensors += 1

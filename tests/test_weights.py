@@ -356,3 +356,27 @@ def test_rich_progress_is_a_callback_that_closes_itself():
     with rich_progress() as other:
         other(1, 10)
     assert other._bar is None
+
+
+def rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon in /proc")
+def test_a_stage_comes_as_its_cache_files_pages_not_the_nodes_memory(tmp_path):
+    """Fetched or read from the cache, a stage's tensors are its files' pages (copy-on-write
+    maps, which the kernel may drop and read again): a tensor-parallel member that slices
+    them keeps its share as its own memory, never the whole stage."""
+    config = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=8, n_embd=1024)
+    save_hf_checkpoint(config, init_weights(config, seed=0), tmp_path / "model")
+    store = ModelStore.open(tmp_path / "model")
+    cache, stage_bytes = tmp_path / "cache", nbytes(store, 1, 3)  # two 50 MB blocks
+    asyncio.run(fetch_via_grpc(store, 1, 3, cache))  # (the coordinator here is this process)
+    before = rss_anon_bytes()
+    tensors, _ = asyncio.run(fetch_stage(NoNetwork(), store.card(), 1, 3, cache))
+    assert rss_anon_bytes() - before < stage_bytes / 4
+    assert_same(tensors, store.checkpoint.read_stage(1, 3))
