@@ -41,7 +41,8 @@ class StatusView:
         yield units if _fits(units, console, options) else _coverage_runs(s)
         gaps = sum(1 for u in s.units if u.replicas == 0)
         yield Text(
-            f"{len(s.nodes)} nodes · estimated {s.tokens_per_s:.1f} tokens/s per session · "
+            f"{len(s.nodes)} nodes · measured {s.measured_tokens_per_s:.1f} tokens/s (last 10 s) · "
+            f"estimated {s.tokens_per_s:.1f} tokens/s per session · "
             + (f"{gaps} units uncovered" if gaps else "every unit covered"),
             style="bold red" if gaps else "bold",
         )
@@ -118,6 +119,18 @@ def _health(n: cpb.NodeStatus) -> Text:
     return Text("ok", style="green") if n.healthy else Text("DOWN", style="bold red")
 
 
+def _load(n: cpb.NodeStatus) -> Text:
+    """Queued steps and the node's live compute per decode step."""
+    return Text(f"q{n.load.queue_length} {n.load.live.decode_ms:.1f}ms")
+
+
+def _slowdown(n: cpb.NodeStatus) -> Text:
+    """How many times its capacity measurement the node's steps take now, when that is 1.5
+    or more (`` x4.9``: its owner took the machine back)."""
+    ratio = n.load.live.speed_ratio
+    return Text(f" x{ratio:.1f}", style="bold yellow") if ratio >= 1.5 else Text("")
+
+
 def _checks(n: cpb.NodeStatus) -> Text:
     return Text(f"{n.checks_passed}/{n.checks_failed}", style="yellow" if n.checks_failed else "")
 
@@ -148,7 +161,7 @@ def _nodes_wide(s: cpb.SwarmStatus) -> Table:
             f"{n.capacity.block_ms:.2f}ms",
             _stage(n),
             str(n.load.sessions),
-            f"q{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
+            _load(n) + _slowdown(n),
             f"{n.last_heartbeat_s:.1f}s",
             _checks(n),
             _health(n),
@@ -172,7 +185,7 @@ def _nodes_narrow(s: cpb.SwarmStatus) -> Table:
             f"{n.capacity.device}/{n.capacity.dtype}\n"
             f"{_gib(n.capacity.memory_bytes)}, {n.capacity.block_ms:.2f}ms",
             _stage(n, "\n"),
-            f"{n.load.sessions}\nq{n.load.queue_length} {n.load.step_ms_p50:.1f}ms",
+            Text(str(n.load.sessions)) + _slowdown(n) + "\n" + _load(n),
             _health(n) + "\n" + f"{n.last_heartbeat_s:.1f}s, " + checks,
         )
     return table

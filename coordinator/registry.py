@@ -22,6 +22,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.tp import MAX_PEERS
 
 from . import groups
+from .load import Handouts, LiveReport, speed_factor
 from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs
 from .routing import Server
 
@@ -55,6 +56,7 @@ class Load:
     tp_link: groups.LinkReport = field(default_factory=groups.LinkReport)  # a member's links
     # Its pings to the peers it may form a group with (``peers_of``), by their address.
     peer_links: dict[str, groups.PeerReport] = field(default_factory=dict)
+    live: LiveReport = field(default_factory=LiveReport)  # what its steps measured
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Registry:
         self.group_salt = group_salt  # per coordinator process: ids never repeat a restart's
         self.form_timeout_s = form_timeout_s
         self.groups: dict[str, Group] = {}  # formations assigned, or still reported by a node
+        self.handouts = Handouts()  # routes handed out, until the nodes' reports hold them
         self.heartbeat_timeout_s = heartbeat_timeout_s
         # A (re)started coordinator first lets the swarm re-register: until then, nodes that
         # still hold a stage keep it and nothing is re-placed, so a restart moves nothing.
@@ -440,8 +443,9 @@ class Registry:
             if r.ready is None or r.tp_group:
                 continue
             start, end = r.ready
-            unit_ms = tuple(self.unit_ms(r, u) for u in range(start, end))
-            load = r.load.sessions + r.load.queue_length
+            factor = speed_factor(r.load.live)  # its speed now, against its measurement
+            unit_ms = tuple(self.unit_ms(r, u) * factor for u in range(start, end))
+            load = r.load.sessions + r.load.queue_length + self._pending(r)
             out.append(Server(r.address, start, end, unit_ms, float(load)))
         for group in sorted(self.groups.values(), key=lambda g: g.id):
             if not self._servable(group):
@@ -453,6 +457,7 @@ class Registry:
             start, end = group.stage
             unit_ms = tuple(cap.unit_ms(self.units[u]) for u in range(start, end))
             load = max(r.load.sessions + r.load.queue_length for r in records)
+            load += self._pending(records[0])  # (routes name rank 0)
             out.append(
                 Server(
                     group.addresses[0],
@@ -466,6 +471,25 @@ class Registry:
                 )
             )
         return out
+
+    def measured_tokens_per_s(self) -> float:
+        """Tokens the swarm drew per second lately, as the nodes holding the head report
+        them (a group's once: its rank 0's)."""
+        total = 0.0
+        for r in self.nodes.values():
+            seat = self.seat(r)
+            if seat is None or seat.rank == 0:
+                total += r.load.live.sampled_per_s
+        return total
+
+    def handed_out(self, addresses: Collection[str], now: float) -> None:
+        """A route through ``addresses`` went to a client: count it on them until their
+        heartbeats can (``load.Handouts``)."""
+        self.handouts.prune(now)
+        self.handouts.add(addresses, now)
+
+    def _pending(self, record: NodeRecord) -> int:
+        return self.handouts.pending(record.address, record.last_heartbeat)
 
     def coverage(self) -> list[int]:
         """Servers per unit: a node alone, or a group, counts once."""

@@ -33,6 +33,7 @@ from nanoshard.v1 import node_pb2 as pb
 
 from .arbiter import ARBITER, Arbiter, read_evidence
 from .groups import LinkReport, PeerReport
+from .load import LiveReport
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .routing import plan_route, route_ms
@@ -215,6 +216,7 @@ class CoordinatorService:
             ):
                 raise InvalidArgument("peer_links: each a HOST:PORT, figures >= 0 and finite")
             peers[p.address] = PeerReport(p.rtt_ms, p.self_rtt_ms, p.bytes_per_s)
+        live = live_report(ld.live)
         load = Load(
             ld.sessions,
             ld.kv_bytes_used,
@@ -223,6 +225,7 @@ class CoordinatorService:
             ld.step_ms_p50,
             LinkReport(link.probe_ms, link.bytes_per_s, link.live_ms),
             peers,
+            live,
         )
         if len(request.tp_group) > MAX_GROUP_ID:
             raise InvalidArgument(f"tp_group is longer than {MAX_GROUP_ID} characters")
@@ -248,6 +251,7 @@ class CoordinatorService:
         hops = plan_route(
             self.registry.servers(), self.registry.config.n_units, list(request.avoid)[:64]
         )
+        self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
         return cpb.RouteReply(
             hops=[pb.Hop(start=h.start, end=h.end, addresses=h.addresses) for h in hops],
             model_id=self.store.model_id,
@@ -310,6 +314,7 @@ class CoordinatorService:
                             )
                             for a, p in ld.peer_links.items()
                         ],
+                        live=live_wire(ld.live),
                     ),
                     last_heartbeat_s=age,
                     healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,
@@ -331,6 +336,7 @@ class CoordinatorService:
             nodes=nodes,
             units=units,
             tokens_per_s=self.tokens_per_s(),
+            measured_tokens_per_s=registry.measured_tokens_per_s(),
             replicas_target=registry.replicas,
             placement_version=registry.version,
         )
@@ -413,3 +419,42 @@ class CoordinatorService:
                 self.registry.exclude(address, reason)
                 excluded.append(address)
         return excluded
+
+
+def live_report(live: cpb.LiveLoad) -> LiveReport:
+    """A heartbeat's live figures, checked: remote input."""
+    figures = (
+        live.decode_ms,
+        live.decode_ms_p90,
+        live.prefill_ms_per_token,
+        live.tokens_per_s,
+        live.sampled_per_s,
+        live.speed_ratio,
+        live.idle_s,
+    )
+    if not all(0 <= v < 1e12 for v in figures) or len(live.next_hops) > MAX_PEERS:
+        raise InvalidArgument("live: figures >= 0 and finite, at most 8 next hops")
+    hops = {}
+    for h in live.next_hops:
+        if not rpc.ADDRESS.fullmatch(h.address) or not (
+            0 <= h.rtt_ms < 1e12 and 0 <= h.bytes_per_s < 1e15
+        ):
+            raise InvalidArgument("live.next_hops: each a HOST:PORT, figures >= 0 and finite")
+        hops[h.address] = (h.rtt_ms, h.bytes_per_s)
+    return LiveReport(*figures, next_hops=hops)
+
+
+def live_wire(live: LiveReport) -> cpb.LiveLoad:
+    return cpb.LiveLoad(
+        decode_ms=live.decode_ms,
+        decode_ms_p90=live.decode_ms_p90,
+        prefill_ms_per_token=live.prefill_ms_per_token,
+        tokens_per_s=live.tokens_per_s,
+        sampled_per_s=live.sampled_per_s,
+        speed_ratio=live.speed_ratio,
+        idle_s=live.idle_s,
+        next_hops=[
+            cpb.HopLink(address=a, rtt_ms=rtt, bytes_per_s=rate)
+            for a, (rtt, rate) in live.next_hops.items()
+        ],
+    )

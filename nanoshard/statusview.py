@@ -16,7 +16,8 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
         "model": {"name": s.model_name, "id": s.model_id, "n_units": s.n_units},
         "placement_version": s.placement_version,
         "replicas_target": s.replicas_target,
-        "tokens_per_s": round(s.tokens_per_s, 2),
+        "tokens_per_s": round(s.tokens_per_s, 2),  # estimated, one session, the best route
+        "measured_tokens_per_s": round(s.measured_tokens_per_s, 2),  # drawn, last 10 s
         "nodes": [
             {
                 "id": n.node_id,
@@ -43,6 +44,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "queue": n.load.queue_length,
                 "kv_bytes_used": n.load.kv_bytes_used,
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
+                "live": _live(n.load.live),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
                 "healthy": n.healthy,
                 "checks": {"passed": n.checks_passed, "failed": n.checks_failed},
@@ -69,4 +71,25 @@ def _tp(n: cpb.NodeStatus) -> dict[str, Any]:
             "bytes_per_s": link.bytes_per_s,
             "live_ms": link.live_ms,
         },
+    }
+
+
+def _live(live: cpb.LiveLoad) -> dict[str, Any]:
+    """What the node's steps measured as they ran (``node/live.py``)."""
+    return {
+        "decode_ms": round(live.decode_ms, 3),
+        "decode_ms_p90": round(live.decode_ms_p90, 3),
+        "prefill_ms_per_token": round(live.prefill_ms_per_token, 3),
+        "tokens_per_s": round(live.tokens_per_s, 2),
+        "sampled_per_s": round(live.sampled_per_s, 2),
+        "speed_ratio": round(live.speed_ratio, 3),
+        "idle_s": round(live.idle_s, 1),
+        "next_hops": [
+            {
+                "address": h.address,
+                "rtt_ms": round(h.rtt_ms, 3),
+                "bytes_per_s": round(h.bytes_per_s),
+            }
+            for h in live.next_hops
+        ],
     }

@@ -1,17 +1,22 @@
 """A test-only fault switch: a node that lies, or one that is slow.
+
 ``NANOSHARD_FAULT=perturb:SCALE`` makes the node add Gaussian noise of SCALE times each
 output row's RMS to everything it computes (activations it sends, logits it samples from,
 outputs it returns to a spot-check), the way broken hardware or a tampered build would.
 Tests and soak runs use it to show that spot-checks find such a node.
 ``NANOSHARD_FAULT=delay:SECONDS`` makes every step hold the node's compute worker that much
 longer (outputs unchanged), so a test can fill the node's queue without betting on timing.
+``NANOSHARD_FAULT=slow:FACTOR:AFTER`` makes the node's compute FACTOR times slower from
+AFTER seconds after it started (outputs unchanged; its capacity, measured as it starts, is
+not), like a volunteer whose owner starts a game: each compute job then holds the worker
+FACTOR - 1 times as long again as it took.
 Nothing else should set it."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,21 +44,36 @@ class Delay:
         return y
 
 
-def fault_from_env(value: str | None = None) -> Fault | Delay | None:
+@dataclass(frozen=True)
+class Slow:
+    factor: float  # compute takes this many times as long ...
+    after_s: float  # ... from this long after the node started
+    started: float = field(default_factory=time.monotonic)
+
+    def hold(self, compute_s: float) -> None:
+        """After a compute job that took ``compute_s``: make it take ``factor`` times that."""
+        if time.monotonic() - self.started >= self.after_s:
+            time.sleep((self.factor - 1) * compute_s)
+
+
+def fault_from_env(value: str | None = None) -> Fault | Delay | Slow | None:
     """The fault ``$NANOSHARD_FAULT`` asks for, or None (the normal case)."""
     value = os.environ.get(ENV, "") if value is None else value
     if not value:
         return None
     kind, _, arg = value.partition(":")
     try:
-        number = float(arg)
+        numbers = [float(a) for a in arg.split(":")]
     except ValueError:
-        number = -1.0
-    if kind == "perturb" and 0 < number <= 100:
-        return Fault(number)
-    if kind == "delay" and 0 < number <= 60:
-        return Delay(number)
+        numbers = []
+    if kind == "perturb" and len(numbers) == 1 and 0 < numbers[0] <= 100:
+        return Fault(numbers[0])
+    if kind == "delay" and len(numbers) == 1 and 0 < numbers[0] <= 60:
+        return Delay(numbers[0])
+    if kind == "slow" and len(numbers) == 2 and 1 < numbers[0] <= 100 and 0 <= numbers[1] <= 1e6:
+        return Slow(*numbers)
     raise InvalidArgument(
         f"{ENV}={value!r}: expected perturb:SCALE with 0 < SCALE <= 100, "
-        "or delay:SECONDS with 0 < SECONDS <= 60"
+        "delay:SECONDS with 0 < SECONDS <= 60, or slow:FACTOR:AFTER with 1 < FACTOR <= 100 "
+        "and AFTER >= 0 seconds"
     )

@@ -213,6 +213,7 @@ class Volunteer:
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
             self.links = PeerLinks(self.plane.service.channels, self.plane.address)
+            self.plane.service.live.capacity = (capacity.block_ms, capacity.head_ms)
             self.store = await asyncio.to_thread(self._open_store)
             if config.mdns:
                 self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
@@ -481,6 +482,7 @@ class Volunteer:
                     step_ms_p50=info.step_ms_p50,
                     tp_link=group.link if group is not None and self.ready else None,
                     peer_links=self.links.report() if self.links else (),
+                    live=info.live.report(),
                 ),
             )
             try:

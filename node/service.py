@@ -38,9 +38,10 @@ from nanoshard.tp import CollectiveError, gather_vocab
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-from .faults import fault_from_env
+from .faults import Slow, fault_from_env
 from .group import GroupStep, Membership, acks
 from .links import PING_MAX_BYTES
+from .live import LiveStats
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
@@ -113,9 +114,13 @@ class NodeService(pb_grpc.NodeServicer):
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
-        self.fault = fault_from_env()
-        if self.fault is not None:
-            log.warning("TEST FAULT ON: this node perturbs its outputs (%s)", self.fault)
+        self.live = LiveStats()  # what its steps measure, for its heartbeats
+        fault = fault_from_env()
+        if fault is not None:
+            log.warning("TEST FAULT ON: this node perturbs or slows its steps (%s)", fault)
+        if isinstance(fault, Slow):
+            worker.slow, fault = fault, None  # the worker holds each job longer
+        self.fault = fault  # applied to every output
 
     def set_stage(self, stage: Stage | None, group: Membership | None = None) -> None:
         """Serve another stage from now on (``group``: as a member of that tensor-parallel
@@ -537,6 +542,9 @@ class NodeService(pb_grpc.NodeServicer):
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
+                self.live.step(
+                    stage, n_tokens, timed.compute_ms, stage.has_head and out is not None
+                )
                 if group is not None:
                     assert isinstance(run, GroupStep)
                     trace.tp = group.size
@@ -572,6 +580,10 @@ class NodeService(pb_grpc.NodeServicer):
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
+                if down.hops:  # the link: the step's time there, less the next node's own
+                    there = down.hops[0]
+                    rtt_ms = trace.downstream_ms - there.total_ms
+                    self.live.hop(there.address, rtt_ms, trace.bytes_out)
                 reply.has_token, reply.token = down.has_token, down.token
                 if down.HasField("output"):
                     reply.output.CopyFrom(down.output)

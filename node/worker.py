@@ -33,6 +33,8 @@ from nanoshard.engine import Stage
 from nanoshard.errors import ResourceExhausted
 from nanoshard.kv import KVCache
 
+from .faults import Slow
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -138,6 +140,7 @@ class ComputeWorker:
         # id(KV cache) -> (the cache while its session is open, when it last decoded here):
         # a closed session's cache is freed, so nobody waits for it.
         self._active: dict[int, tuple[weakref.ref[KVCache], float]] = {}
+        self.slow: Slow | None = None  # a test's fault switch: each job held longer
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -254,7 +257,7 @@ class ComputeWorker:
         except BaseException as exc:  # handed to the awaiting coroutine
             job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
             return
-        done = time.perf_counter()
+        done = self._held(started)
         result = Timed(value, (started - job.enqueued) * 1e3, (done - started) * 1e3)
         job.loop.call_soon_threadsafe(_settle, job.future, result, None)
 
@@ -264,7 +267,7 @@ class ComputeWorker:
             return
         started = time.perf_counter()
         results, size = run_decode_batch([job.fn for job in jobs])  # type: ignore[misc]
-        done = time.perf_counter()
+        done = self._held(started)
         share_ms = (done - started) * 1e3 / max(size, 1)
         for job, (value, exc) in zip(jobs, results, strict=True):
             if exc is not None:
@@ -273,6 +276,14 @@ class ComputeWorker:
             waited_ms = (done - job.enqueued) * 1e3 - share_ms
             result = Timed(value, waited_ms, share_ms, size)
             job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+
+    def _held(self, started: float) -> float:
+        """Now, once the job that started at ``started`` is over (a slowed node's later)."""
+        done = time.perf_counter()
+        if self.slow is not None:
+            self.slow.hold(done - started)
+            done = time.perf_counter()
+        return done
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -41,7 +41,12 @@ def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
                 ready=i != 1,
                 ready_start=start if i != 1 else 0,
                 ready_end=end if i != 1 else 0,
-                load=cpb.NodeLoad(sessions=12, queue_length=3, step_ms_p50=41.25),
+                load=cpb.NodeLoad(
+                    sessions=12,
+                    queue_length=3,
+                    step_ms_p50=90.0,
+                    live=cpb.LiveLoad(decode_ms=41.25, speed_ratio=4.9 if i == 0 else 1.1),
+                ),
                 last_heartbeat_s=1.5,
                 healthy=i != 1,
                 checks_passed=120,
@@ -64,6 +69,7 @@ def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
             for u in range(config.n_units)
         ],
         tokens_per_s=21.5,
+        measured_tokens_per_s=12.5,
         replicas_target=2,
         placement_version=7,
     )
@@ -84,6 +90,8 @@ def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: 
             assert whole in out, (whole, out)
     for figure in ("1.5s", "2.12ms", "q3 41.2ms", "120/1", "EXCLUDED", "DOWN", "loading"):
         assert figure in out, (figure, out)
+    assert out.count("x4.9") == 1 and "x1.1" not in out  # a slowed node: its live slowdown
+    assert "measured 12.5 tokens/s" in " ".join(out.split())
     assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
 
 

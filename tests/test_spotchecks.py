@@ -5,6 +5,7 @@ test-only fault switch) found and excluded, and honest nodes never."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from nanoshard.coordinator.trust import Comparison, Ledger
 from nanoshard.engine import init_weights
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import generate
-from nanoshard.node.faults import fault_from_env
+from nanoshard.node.faults import Slow, fault_from_env
 from nanoshard.tokenizer import gpt2_bpe_dir
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
@@ -63,9 +64,23 @@ def test_fault_switch_is_strict() -> None:
     assert 0.3 < distance(y, fault(y)) < 0.7
     delay = fault_from_env("delay:0.25")
     assert delay is not None and delay.seconds == 0.25 and torch.equal(delay(y), y)
-    for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61"):
+    slow = fault_from_env("slow:5:30")
+    assert isinstance(slow, Slow) and (slow.factor, slow.after_s) == (5.0, 30.0)
+    for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61",
+                "perturb:0.5:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
         with pytest.raises(InvalidArgument):
             fault_from_env(bad)
+
+
+def test_a_slowed_node_holds_each_job_from_its_time_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[float] = []
+    monkeypatch.setattr("nanoshard.node.faults.time.sleep", held.append)
+    slow = Slow(5.0, 30.0, started=time.monotonic())
+    slow.hold(0.002)  # before AFTER: as fast as ever
+    assert held == []
+    late = Slow(5.0, 30.0, started=time.monotonic() - 31)
+    late.hold(0.002)  # then 5x: four times the job's own time again
+    assert held == [pytest.approx(0.008)]
 
 
 def cmp(a: str, b: str, error: float, at: float = 0.0) -> Comparison:

@@ -22,7 +22,7 @@ class Capacity(_message.Message):
     def __init__(self, device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., block_ms: _Optional[float] = ..., head_ms: _Optional[float] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link", "peer_links")
+    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link", "peer_links", "live")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class NodeLoad(_message.Message):
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
     TP_LINK_FIELD_NUMBER: _ClassVar[int]
     PEER_LINKS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     kv_bytes_used: int
     kv_bytes_budget: int
@@ -37,7 +38,38 @@ class NodeLoad(_message.Message):
     step_ms_p50: float
     tp_link: GroupLink
     peer_links: _containers.RepeatedCompositeFieldContainer[PeerLink]
-    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ...) -> None: ...
+    live: LiveLoad
+    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ..., live: _Optional[_Union[LiveLoad, _Mapping]] = ...) -> None: ...
+
+class LiveLoad(_message.Message):
+    __slots__ = ("decode_ms", "decode_ms_p90", "prefill_ms_per_token", "tokens_per_s", "sampled_per_s", "speed_ratio", "idle_s", "next_hops")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_P90_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SPEED_RATIO_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    decode_ms_p90: float
+    prefill_ms_per_token: float
+    tokens_per_s: float
+    sampled_per_s: float
+    speed_ratio: float
+    idle_s: float
+    next_hops: _containers.RepeatedCompositeFieldContainer[HopLink]
+    def __init__(self, decode_ms: _Optional[float] = ..., decode_ms_p90: _Optional[float] = ..., prefill_ms_per_token: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., sampled_per_s: _Optional[float] = ..., speed_ratio: _Optional[float] = ..., idle_s: _Optional[float] = ..., next_hops: _Optional[_Iterable[_Union[HopLink, _Mapping]]] = ...) -> None: ...
+
+class HopLink(_message.Message):
+    __slots__ = ("address", "rtt_ms", "bytes_per_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    rtt_ms: float
+    bytes_per_s: float
+    def __init__(self, address: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class PeerLink(_message.Message):
     __slots__ = ("address", "rtt_ms", "self_rtt_ms", "bytes_per_s")
@@ -226,7 +258,7 @@ class UnitCoverage(_message.Message):
     def __init__(self, unit: _Optional[int] = ..., name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class SwarmStatus(_message.Message):
-    __slots__ = ("swarm", "model_id", "model_name", "n_units", "nodes", "units", "tokens_per_s", "replicas_target", "placement_version")
+    __slots__ = ("swarm", "model_id", "model_name", "n_units", "nodes", "units", "tokens_per_s", "replicas_target", "placement_version", "measured_tokens_per_s")
     SWARM_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +268,7 @@ class SwarmStatus(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_TARGET_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     swarm: str
     model_id: str
     model_name: str
@@ -245,7 +278,8 @@ class SwarmStatus(_message.Message):
     tokens_per_s: float
     replicas_target: int
     placement_version: int
-    def __init__(self, swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., n_units: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., units: _Optional[_Iterable[_Union[UnitCoverage, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., replicas_target: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    measured_tokens_per_s: float
+    def __init__(self, swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., n_units: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., units: _Optional[_Iterable[_Union[UnitCoverage, _Mapping]]] = ..., tokens_per_s: _Optional[float] = ..., replicas_target: _Optional[int] = ..., placement_version: _Optional[int] = ..., measured_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class CheckOpinion(_message.Message):
     __slots__ = ("address", "digest", "error")

@@ -1,0 +1,69 @@
+"""What the coordinator knows of each node's load, live: its own reports (``node/live.py``)
+and the routes handed out that its reports cannot show yet. Pure policy, no I/O.
+
+Routing weighs a node by its capacity measured at start, times ``speed_factor``: the speed
+ratio its steps measure now (a volunteer whose owner started a game runs 5 times slower
+than it measured), fading back to 1 as the figure ages — a node that routes avoid runs no
+steps that could show it recovered, so after a minute or two it is tried again. And by its
+load: the sessions and queued steps it reported, plus the routes handed out through it
+since (``Handouts``), so that a burst of new sessions spreads over the replicas instead
+of all taking the route that was best a heartbeat ago.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+FADE_S = 60.0  # a node's live speed ratio weighs e^-(idle/FADE_S): its age since its last step
+MIN_RATIO, MAX_RATIO = 0.5, 100.0  # what a report may move a node's speed by
+OPEN_S = 0.5  # a route handed out shows in its nodes' session counts within this after
+KEEP_S = 120.0  # hand-outs kept at most this long (heartbeats stopped: the node is gone)
+
+
+@dataclass(frozen=True)
+class LiveReport:
+    """A node's ``NodeLoad.live`` (0: not measured)."""
+
+    decode_ms: float = 0.0
+    decode_ms_p90: float = 0.0
+    prefill_ms_per_token: float = 0.0
+    tokens_per_s: float = 0.0
+    sampled_per_s: float = 0.0
+    speed_ratio: float = 0.0
+    idle_s: float = 0.0
+    next_hops: dict[str, tuple[float, float]] = field(default_factory=dict)  # rtt_ms, B/s
+
+
+def speed_factor(live: LiveReport) -> float:
+    """How many times its measured capacity a node's steps take now, as routing counts it."""
+    if live.speed_ratio <= 0:
+        return 1.0
+    ratio = min(max(live.speed_ratio, MIN_RATIO), MAX_RATIO)
+    return 1.0 + (ratio - 1.0) * math.exp(-max(live.idle_s, 0.0) / FADE_S)
+
+
+class Handouts:
+    """When routes through each node were handed out, lately."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, deque[float]] = {}
+
+    def add(self, addresses: Iterable[str], now: float) -> None:
+        for address in addresses:
+            self.times.setdefault(address, deque()).append(now)
+
+    def pending(self, address: str, reported_at: float) -> int:
+        """Sessions handed to ``address`` that its report at ``reported_at`` cannot hold."""
+        times = self.times.get(address, ())
+        return sum(1 for t in times if t > reported_at - OPEN_S)
+
+    def prune(self, now: float) -> None:
+        for address in list(self.times):
+            times = self.times[address]
+            while times and times[0] < now - KEEP_S:
+                times.popleft()
+            if not times:
+                del self.times[address]

@@ -1,0 +1,116 @@
+"""What a node's steps measure as they run, for its heartbeats (``NodeLoad.live``).
+
+The coordinator routes by these (``coordinator/registry.py``): a node's speed measured as
+it started says what it can do on an idle machine, and these say what it does now — its
+owner may have started a game since. Per decode step: its own compute (EWMA, and the 90th
+percentile of the last 64), and that compute over what its measured capacity predicts
+for the units the step ran (the *speed ratio*: 1 as measured, 5 five times slower); per
+token of prompt chunks; positions computed and tokens drawn per second over the last
+``WINDOW_S``; and, per next hop its sessions used, the round trip (a step's time there
+less the next node's own time on it) and the bytes sent per second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from nanoshard.engine import Stage
+from nanoshard.v1 import coordinator_pb2 as cpb
+
+WINDOW_S = 10.0  # rates are counted over this long
+EWMA = 0.2  # weight of the newest figure
+RECENT = 64  # decode steps the p90 is taken over
+MAX_NEXT_HOPS = 8  # next-hop links reported (the most recently used)
+
+
+class _Ewma:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value == 0.0 else (1 - EWMA) * self.value + EWMA * x
+
+
+class _Rate:
+    """A count per second over the last ``WINDOW_S``."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.events: deque[tuple[float, float]] = deque()
+
+    def add(self, amount: float) -> None:
+        self.events.append((self.clock(), amount))
+
+    def per_s(self) -> float:
+        cutoff = self.clock() - WINDOW_S
+        while self.events and self.events[0][0] < cutoff:
+            self.events.popleft()
+        return sum(a for _, a in self.events) / WINDOW_S
+
+
+class LiveStats:
+    """A node's live figures (see the module doc); ``capacity`` is (block_ms, head_ms) as
+    it measured them at start, when it has them (a ``serve`` node has none: no ratio)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.capacity: tuple[float, float] | None = None
+        self.decode = _Ewma()
+        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.prefill = _Ewma()
+        self.ratio = _Ewma()
+        self.positions = _Rate(clock)
+        self.sampled = _Rate(clock)
+        self.last_step = clock()
+        self.hops: OrderedDict[str, tuple[_Ewma, _Rate]] = OrderedDict()
+
+    def step(self, stage: Stage, n_tokens: int, compute_ms: float, sampled: bool) -> None:
+        """A step of ``n_tokens`` positions on ``stage`` (a view, maybe) took ``compute_ms``."""
+        self.last_step = self.clock()
+        self.positions.add(n_tokens)
+        if sampled:
+            self.sampled.add(1)
+        if n_tokens > 1:
+            self.prefill.add(compute_ms / n_tokens)
+            return
+        self.decode.add(compute_ms)
+        self.recent.append(compute_ms)
+        expected = self.expected_ms(stage)
+        if expected > 0 and stage.shard is None:  # (a group's steps wait on each other)
+            self.ratio.add(compute_ms / expected)
+
+    def expected_ms(self, stage: Stage) -> float:
+        """A decode step of ``stage``'s units, as the node's capacity measurement prices it."""
+        if self.capacity is None:
+            return 0.0
+        block_ms, head_ms = self.capacity
+        return block_ms * stage.n_blocks + (head_ms if stage.has_head else 0.0)
+
+    def hop(self, address: str, rtt_ms: float, nbytes: int) -> None:
+        """A step went on to ``address``: its round trip, and the bytes sent."""
+        if address not in self.hops:
+            self.hops[address] = (_Ewma(), _Rate(self.clock))
+            while len(self.hops) > MAX_NEXT_HOPS:
+                self.hops.popitem(last=False)
+        self.hops.move_to_end(address)
+        rtt, sent = self.hops[address]
+        rtt.add(max(rtt_ms, 0.0))
+        sent.add(nbytes)
+
+    def report(self) -> cpb.LiveLoad:
+        recent = sorted(self.recent)
+        return cpb.LiveLoad(
+            decode_ms=self.decode.value,
+            decode_ms_p90=recent[int(0.9 * (len(recent) - 1))] if recent else 0.0,
+            prefill_ms_per_token=self.prefill.value,
+            tokens_per_s=self.positions.per_s(),
+            sampled_per_s=self.sampled.per_s(),
+            speed_ratio=self.ratio.value,
+            idle_s=self.clock() - self.last_step,
+            next_hops=[
+                cpb.HopLink(address=a, rtt_ms=rtt.value, bytes_per_s=sent.per_s())
+                for a, (rtt, sent) in self.hops.items()
+            ],
+        )
