@@ -29,7 +29,7 @@ import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
-from nanoshard.errors import FailedPrecondition, InvalidArgument
+from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import agenerate, check_prompt, max_length_for
 from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams
@@ -43,6 +43,8 @@ from .loop import LoopThread
 from .route import Route, route_from_addresses
 from .session import DEFAULT_TIMEOUT_S, Recovery, RetryPolicy, SwarmSession
 from .swarm import CoordinatorClient, find_coordinator
+
+FIND_AGAIN_S = 2.0  # how long a client browses mDNS for a coordinator that stopped answering
 
 
 @dataclass
@@ -176,7 +178,39 @@ class AsyncClient:
         if self._coordinator is None:
             assert self._route is not None
             return self._route
-        return await asyncio.to_thread(self._coordinator.route, list(avoid))
+        try:
+            return await asyncio.to_thread(self._coordinator.route, list(avoid))
+        except Unavailable:
+            if not await asyncio.to_thread(self._find_again):
+                raise
+            return await asyncio.to_thread(self._coordinator.route, list(avoid))
+
+    def _find_again(self) -> bool:
+        """The coordinator does not answer. One found by mDNS may have restarted on another
+        port or host: look for it again, and use it if it moved (True)."""
+        assert self._coordinator is not None
+        interfaces, swarm = self._discovery
+        if self._where[0] is not None:
+            return False
+        try:
+            address = find_coordinator(
+                None,
+                mdns_interfaces=interfaces,
+                swarm=swarm,
+                timeout_s=FIND_AGAIN_S,
+                tls=self.security.tls_ca is not None,
+            )
+        except NanoshardError:
+            return False
+        if address == self._coordinator.address:
+            return False
+        old, self._coordinator = (
+            self._coordinator,
+            CoordinatorClient(address, security=self.security),
+        )
+        self.checker.report = self._coordinator.report_check
+        old.close()
+        return True
 
     async def _plan(self, avoid: list[str]) -> Route:
         return await self.route(avoid)

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from .worker import MAX_BATCH, MAX_QUEUE
 log = logging.getLogger(__name__)
 
 FORM_TIMEOUT_S = 300.0  # a group forms once every member has its weights: wait this long
+SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minute
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
 
 
@@ -116,6 +118,8 @@ class Volunteer:
         self.card: cpb.ModelCard | None = None
         self.model_config: GPTConfig | None = None
         self.plane: DataPlane | None = None
+        self._channel: grpc.aio.Channel  # to the coordinator (``_connect``)
+        self._stub: cpb_grpc.CoordinatorStub
         self.links: PeerLinks | None = None  # to the peers it may form a group with
         # mDNS probing takes about 1.5 s: the node joins meanwhile (``_advertise``)
         self.advertising: asyncio.Task[discovery.Advertiser] | None = None
@@ -174,11 +178,9 @@ class Volunteer:
         if config.mdns:  # a wrong --mdns-interface is refused before anything starts
             discovery.zeroconf_interfaces(config.mdns_interfaces)
         self.target = await self.find_coordinator()
-        channel = rpc.open_channel(self.target, self.security, aio=True)
-        stub = cpb_grpc.CoordinatorStub(channel)
-        self._stub = stub
+        self._connect(self.target)
         try:
-            card = await self.call(stub.GetModelCard, cpb.ModelCardRequest(), "model card")
+            card = await self.call(self._stub.GetModelCard, cpb.ModelCardRequest(), "model card")
             self.card = card  # type: ignore[assignment]
             self.model_config = GPTConfig.from_dict(json.loads(card.config_json))  # type: ignore[attr-defined]
             local = self._local_checkpoint()
@@ -217,11 +219,37 @@ class Volunteer:
             self.store = await asyncio.to_thread(self._open_store)
             if config.mdns:
                 self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
-            await self._join(stub)
-            await self._heartbeats(stub, local)
+            await self._join()
+            await self._heartbeats(local)
         finally:
-            await self._shutdown(stub)
-            await channel.close()
+            await self._shutdown()
+            await self._channel.close()
+
+    def _connect(self, target: str) -> None:
+        """Talk to the coordinator at ``target`` from now on."""
+        self.target = target
+        self._channel = rpc.open_channel(target, self.security, aio=True)
+        self._stub = cpb_grpc.CoordinatorStub(self._channel)
+
+    async def _find_again(self) -> bool:
+        """The coordinator does not answer. One found by mDNS may have restarted on another
+        port or host: look for it there again, and join it if it moved (True)."""
+        if self.config.coordinator:
+            return False
+        found = await asyncio.to_thread(
+            discovery.find_coordinator,
+            self.config.mdns_interfaces,
+            min(self.heartbeat_interval, 2.0),
+            self.config.swarm,
+        )
+        if found is None or found.target == self.target:
+            return False
+        self.events.info(f"found coordinator {found.name} again, at {found.target}: joining it")
+        old = self._channel
+        self._connect(found.target)
+        await old.close()
+        await self._join()
+        return True
 
     def _local_checkpoint(self):  # type: ignore[no-untyped-def]
         if not self.config.model:
@@ -251,7 +279,7 @@ class Volunteer:
 
     # ---- membership -----------------------------------------------------------------
 
-    async def _join(self, stub: cpb_grpc.CoordinatorStub) -> None:
+    async def _join(self) -> None:
         assert self.plane is not None
         request = cpb.JoinRequest(
             node_id=self.node_id,
@@ -265,7 +293,7 @@ class Volunteer:
             held_end=self.ready[1] if self.ready else 0,
             store_port=self.store.port if self.store is not None else 0,
         )
-        reply: cpb.JoinReply = await self.call(stub.Join, request, "join")  # type: ignore[assignment]
+        reply: cpb.JoinReply = await self.call(self._stub.Join, request, "join")  # type: ignore[assignment]
         self.heartbeat_interval = reply.heartbeat_interval_s or 2.0
         self.events.info(f"joined the swarm at {self.target}")
         self._follow(reply.assignment)
@@ -431,7 +459,7 @@ class Volunteer:
         if self.plane is not None:
             self.plane.service.break_group(group, why)
 
-    async def _rejoin_if_broken(self, stub: cpb_grpc.CoordinatorStub) -> None:
+    async def _rejoin_if_broken(self) -> None:
         """A broken group cannot mend: leave and join again, so placement forms a new one."""
         assert self.plane is not None
         group = self.plane.service.group
@@ -446,14 +474,15 @@ class Volunteer:
         self.plane.service.set_stage(None)
         self.ready, self.wanted = None, None
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await stub.Leave(
+            await self._stub.Leave(
                 cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
             )
-        await self._join(stub)
+        await self._join()
 
-    async def _heartbeats(self, stub: cpb_grpc.CoordinatorStub, local: object) -> None:
+    async def _heartbeats(self, local: object) -> None:
         assert self.plane is not None
-        unreachable = False
+        unreachable: float | None = None  # since when the coordinator has not answered
+        said = 0.0  # when that was last said
         while not self.stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), self.heartbeat_interval)
@@ -465,7 +494,7 @@ class Volunteer:
             task = self.advertising
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]  # so does an advert that failed
-            await self._rejoin_if_broken(stub)
+            await self._rejoin_if_broken()
             info = self.plane.service
             group = info.group
             request = cpb.HeartbeatRequest(
@@ -486,7 +515,7 @@ class Volunteer:
                 ),
             )
             try:
-                reply = await stub.Heartbeat(
+                reply = await self._stub.Heartbeat(
                     request,
                     timeout=max(self.heartbeat_interval, 2.0),
                     metadata=self.security.metadata(),
@@ -496,27 +525,32 @@ class Volunteer:
                     self.events.info(
                         "the coordinator does not know this node (restarted?): joining again"
                     )
-                    await self._join(stub)
-                    unreachable = False
+                    await self._join()
+                    unreachable = None
                     continue
-                if not unreachable:
+                now = time.monotonic()
+                if unreachable is None or now - said >= SAY_EVERY_S:
+                    since = "" if unreachable is None else f" for {now - unreachable:.0f} s"
                     why = (
                         f"the coordinator at {self.target} refused this node's heartbeat: "
                         f"{err.details()}"
                         if err.code() == grpc.StatusCode.INVALID_ARGUMENT
-                        else f"cannot reach the coordinator at {self.target}"
+                        else f"cannot reach the coordinator at {self.target}{since}"
                     )
                     self.events.info(f"{why}: still serving, retrying")
-                unreachable = True
+                    said = now
+                unreachable = now if unreachable is None else unreachable
+                if err.code() != grpc.StatusCode.INVALID_ARGUMENT and await self._find_again():
+                    unreachable = None
                 continue
-            if unreachable:
+            if unreachable is not None:
                 self.events.info("the coordinator answers again")
-                unreachable = False
+                unreachable = None
             if self.links is not None:
                 self.links.want(list(reply.peers))
             self._follow(reply.assignment)
 
-    async def _shutdown(self, stub: cpb_grpc.CoordinatorStub) -> None:
+    async def _shutdown(self) -> None:
         if self.loading is not None:
             self.loading.cancel()
         if self.links is not None:
@@ -526,7 +560,7 @@ class Volunteer:
                 advertiser = await self.advertising  # registering cannot be cut short
                 await asyncio.to_thread(advertiser.close)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await stub.Leave(
+            await self._stub.Leave(
                 cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
             )
         if self.plane is not None:

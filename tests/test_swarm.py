@@ -13,6 +13,7 @@ import pytest
 from swarm import Swarm, local_tokens, nanoshard, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.statusview import status_json
 
@@ -171,4 +172,37 @@ def test_a_killed_node_is_replaced_and_a_restarted_coordinator_regains_everyone(
         assert after == before, coord.output  # (what the new coordinator saw, and when)
         for node in (nodes[0], nodes[2], nodes[3]):
             assert node.popen.poll() is None  # never restarted
+        client.close()
+
+
+def test_a_coordinator_back_on_another_port_is_found_again(tmp_path: Path) -> None:
+    """Volunteers and a client that found their coordinator by mDNS find it again when it
+    restarts on another port: the volunteers join it with the stages they hold, and the
+    client's next generation runs through it."""
+    name = "t" + secrets.token_hex(4)
+    greedy = ["--max-new-tokens", "20", "--temperature", "0", "JULIET:"]
+    with Swarm() as swarm:
+        coord, address = swarm.coordinator("--swarm", name, "--replicas", "1", *STEADY)
+        memory = str(int(demo_bytes() * 0.6 / 0.8))  # two stages
+        nodes = []
+        for i in range(2):  # no --coordinator: they look for it by mDNS
+            cache = str(tmp_path / f"n{i}")
+            nodes.append(swarm.join("--swarm", name, "--cache-dir", cache, "--max-memory", memory))
+        client = CoordinatorClient(address)
+        before = wait_until("two nodes serving", lambda: covered(client, 2), timeout=120)
+        client.close()
+        local = local_tokens(*greedy)
+        options = {"mdns_interfaces": ["127.0.0.1"], "swarm": name, "check_rate": 0}
+        with Client(None, **options) as sdk:  # type: ignore[arg-type]
+            assert sdk.generate("JULIET:", 20, temperature=0.0).token_ids == local
+            coord.kill()
+            coord, moved = swarm.coordinator("--swarm", name, "--replicas", "1", *STEADY)
+            assert moved != address  # port 0: another port
+            for node in nodes:
+                node.wait_for(re.compile(rf"found coordinator .* again, at {re.escape(moved)}"))
+            client = CoordinatorClient(moved)
+            after = wait_until("both nodes back", lambda: covered(client, 2), timeout=60)
+            stages = {n["name"]: n["stage"] for n in after["nodes"]}
+            assert stages == {n["name"]: n["stage"] for n in before["nodes"]}  # nothing moved
+            assert sdk.generate("JULIET:", 20, temperature=0.0).token_ids == local
         client.close()
