@@ -13,6 +13,10 @@ route's first hop (its replay material: the token ids it sent). A link:
   ``this_hop_only`` (the hops after it hold those positions already); a node that is gone,
   full, serving other units or failing inside is replaced by the next **replica** of the
   hop;
+- **moves** off a node whose decode steps slowed down: when a node's compute per decode
+  step (its trace's) runs at ``SLOWER`` times its pace over the session's first steps, the
+  next step goes to a replica, refilled like a repair (so the output is unchanged), and the
+  node is tried last from then on — its owner may have taken the machine back;
 - applies the **who-failed rule**: an UNAVAILABLE that names failed addresses other than
   the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
   replicas. The link cannot repair that; it raises it unchanged, so the error travels up
@@ -25,8 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -54,6 +59,9 @@ MAX_CHANNELS = 256  # channels kept open to nodes; the least recently used go fi
 REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries per node
 CLOSE_TIMEOUT_S = 10.0
 LEAVE_TIMEOUT_S = 2.0  # freeing the session on a node a link moved away from
+SLOWER = 3.0  # a node whose decode steps take this many times their first pace is left
+PACE_STEPS = 8  # decode steps a node's first pace is the median of
+RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike moves nothing)
 
 # What makes a link give up on a node and try the hop's next one: gone or silent, full or
 # busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
@@ -183,6 +191,25 @@ else:
         return await asyncio.wait_for(call.read(), timeout_s)
 
 
+class Pace:
+    """A node's compute per decode step as a link sees it: its first pace, and now."""
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+
+    def add(self, ms: float) -> None:
+        if len(self.first) < PACE_STEPS:
+            self.first.append(ms)
+        self.recent.append(ms)
+
+    def slower(self) -> float:
+        """How many times its first pace the node takes now (1 until both are known)."""
+        if len(self.first) < PACE_STEPS or len(self.recent) < RECENT_STEPS:
+            return 1.0
+        return statistics.median(self.recent) / max(statistics.median(self.first), 0.05)
+
+
 class NextHop:
     """One session's link to the next hop of its route (see the module doc).
 
@@ -215,6 +242,9 @@ class NextHop:
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
         self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
+        self.pace = Pace()  # of the node it last stepped on (``_paced_on``)
+        self._paced_on: str | None = None
+        self.slowed: dict[str, float] = {}  # nodes it left for slowness: how much slower
 
     def rebind(self, route: Sequence[pb.Hop]) -> None:
         """Go on along ``route`` (the session was opened again with it). The current node
@@ -232,7 +262,8 @@ class NextHop:
         if self.address in addresses:
             addresses.remove(self.address)
             addresses.insert(0, self.address)
-        return [a for a in addresses if a not in avoided] + [a for a in addresses if a in avoided]
+        last = avoided | set(self.slowed)  # (a node this link left for slowness, too)
+        return [a for a in addresses if a not in last] + [a for a in addresses if a in last]
 
     # ---- opening ----------------------------------------------------------------------
 
@@ -280,6 +311,8 @@ class NextHop:
                     reply = await self._exchange(address, request)
                     if failures:
                         repair = "; ".join([*failures, repair or f"switched to {address}"])
+                    if moved := self._paced(address, request, reply):
+                        repair = "; ".join(r for r in (moved, repair) if r)
                     return reply, repair
                 except CacheMismatch as exc:
                     self.drop_stream()
@@ -300,6 +333,30 @@ class NextHop:
                 failures.append(f"{address}: could not be brought up to position {request.pos}")
                 failed.append(address)
         raise self._gone(failures, failed)
+
+    def _paced(self, address: str, request: pb.StepRequest, reply: pb.StepReply) -> str:
+        """Count a decode step's compute on ``address``; once it runs at ``SLOWER`` times
+        its first pace and another node holds the hop, leave it: the next step goes to that
+        one. Returns, on the first step on a node this link moved to, why it moved."""
+        why = ""
+        if address != self._paced_on:  # a new node (moved, or a repair): its own pace
+            if self._paced_on in self.slowed:
+                ratio = self.slowed[self._paced_on]
+                why = f"left {self._paced_on}: its decode steps took {ratio:.1f} x their first pace"
+            self.pace, self._paced_on = Pace(), address
+        rows = (
+            len(request.tokens.ids) if request.HasField("tokens") else request.activations.shape[0]
+        )
+        if rows == 1 and reply.hops:
+            self.pace.add(reply.hops[0].compute_ms)
+            slower = self.pace.slower()
+            others = set(self.hop.addresses) - set(self.slowed) - {address}
+            if slower >= SLOWER and others:
+                self.slowed[address] = slower
+                log.info(
+                    "%s leaves %s: %.1f x slower than its first pace", self.owner, address, slower
+                )
+        return why
 
     async def _refill(self, address: str, have: int, upto: int, step_id: int) -> None:
         """Bring the node at ``address`` from ``have`` positions (-1: the session is not

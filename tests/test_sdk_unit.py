@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -210,6 +212,7 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.drop_at: set[int] = set()  # compute, then lose the answer (stream breaks)
         self.hang_at: dict[int, float] = {}  # compute, then answer after this many seconds
         self.rewind_at: dict[int, int] = {}  # lose every position from this length on
+        self.slow_from: int | None = None  # steps from this position on take 5 ms, not 1
         self.closed: list[bytes] = []
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
@@ -237,19 +240,29 @@ class ScriptedNode(pb_grpc.NodeServicer):
                 self.drop_at.discard(req.pos)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the answer was lost")
             time.sleep(self.hang_at.pop(req.pos, 0.0))
-            yield pb.StepReply(has_token=True, token=self.last[2])
+            slow = self.slow_from is not None and req.pos >= self.slow_from
+            trace = pb.HopTrace(compute_ms=5.0 if slow else 1.0)
+            yield pb.StepReply(has_token=True, token=self.last[2], hops=[trace])
 
 
-@pytest.fixture
-def node() -> Any:
+@contextlib.contextmanager
+def scripted_node() -> Iterator[ScriptedNode]:
     servicer = ScriptedNode()
     server = grpc.server(futures.ThreadPoolExecutor(4, thread_name_prefix="scripted-node"))
     pb_grpc.add_NodeServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     servicer.address = f"127.0.0.1:{port}"
-    yield servicer
-    server.stop(0)
+    try:
+        yield servicer
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def node() -> Iterator[ScriptedNode]:
+    with scripted_node() as servicer:
+        yield servicer
 
 
 def session_on(node: ScriptedNode, timeout_s: float = 10.0) -> RouteSession:
@@ -340,6 +353,26 @@ def test_a_step_deadline_names_the_node_and_the_link_goes_on(node: ScriptedNode)
 
     error, token = asyncio.run(main())
     assert error.failed == [node.address] and token == answer(2)
+
+
+def test_a_hop_whose_steps_slow_down_moves_to_a_replica() -> None:
+    """A first hop held by two nodes: when the one in use takes 5 ms a decode step where it
+    took 1, the next step goes to the other, refilled from the token ids (same tokens), the
+    session on the slow one is freed, and the move shows among the recoveries."""
+    with scripted_node() as slow, scripted_node() as spare:
+        slow.slow_from = 14  # its owner starts a game at position 14
+        hop = pb.Hop(start=0, end=3, addresses=[slow.address, spare.address])
+        session = RouteSession(Route([hop], 3), 64, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+        assert run(session, [1, 2, 3], 30) == [answer(p) for p in range(3, 33)]
+        # its first pace over 8 decode steps (positions 3-10), its pace now over the last 5:
+        # at 16 three of them took 5 ms, and the step at 17 went to the spare
+        assert max(pos for _, pos, _, sample in slow.log if sample) == 16
+        moved = [r for r in session.recoveries if "left" in r.detail]
+        assert len(moved) == 1 and moved[0].kind == "repair"
+        assert f"left {slow.address}: its decode steps took 5.0 x" in moved[0].detail
+        assert f"refilled {spare.address} from 0 to 17" in moved[0].detail
+        assert spare.length == 3 + 29 and slow.closed == [session.session.session_id]
+        session.close()
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
