@@ -271,13 +271,14 @@ class CoordinatorService:
     async def GetStatus(self, request: cpb.StatusRequest, context: Any) -> cpb.SwarmStatus:
         now = self.clock()
         registry = self.registry
+        tallies = self.ledger.tallies(now)  # one pass over the ledger, not one per node
         nodes = []
         for r in sorted(
             registry.nodes.values(), key=lambda r: (r.assigned or (1 << 30, 0), r.name)
         ):
             age = now - r.last_heartbeat
             c, ld = r.capacity, r.load
-            passed, failed = self.ledger.tally(r.address, now)
+            passed, failed = tallies.get(r.address, (0, 0))
             nodes.append(
                 cpb.NodeStatus(
                     node_id=r.node_id,

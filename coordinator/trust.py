@@ -59,9 +59,15 @@ class Ledger:
 
     def tally(self, address: str, now: float) -> tuple[int, int]:
         """Checks involving ``address`` that agreed, and that disagreed."""
-        mine = [c for c in self._recent(now) if address in (c.a, c.b)]
-        failed = sum(not c.agree for c in mine)
-        return len(mine) - failed, failed
+        return self.tallies(now).get(address, (0, 0))
+
+    def tallies(self, now: float) -> dict[str, tuple[int, int]]:
+        """``tally`` of every address at once, in one pass (a status lists every node)."""
+        counts: dict[str, list[int]] = {}
+        for c in self._recent(now):
+            for address in {c.a, c.b}:
+                counts.setdefault(address, [0, 0])[0 if c.agree else 1] += 1
+        return {address: (passed, failed) for address, (passed, failed) in counts.items()}
 
     def verdict(self, address: str, excluded: set[str], now: float) -> str | None:
         """Why ``address`` should be excluded, or None. ``excluded`` are no witnesses."""
