@@ -435,7 +435,8 @@ class Volunteer:
 
         try:
             collective, probe_ms, bytes_per_s = await asyncio.to_thread(form)
-        except (RuntimeError, ValueError, InvalidArgument) as exc:  # a member never came, ...
+        # A member that never came, a bad address, or a backend this node cannot run.
+        except (RuntimeError, ValueError, InvalidArgument) as exc:
             raise CollectiveError(f"group {tp.id} did not form: {exc}") from None
         group = Membership(tp, collective)
         group.link.probe_ms, group.link.bytes_per_s = probe_ms, bytes_per_s
