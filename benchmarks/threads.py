@@ -50,6 +50,7 @@ SPIN = {"OMP_WAIT_POLICY": "spin"}  # not a value libgomp knows: its default, sp
 POLICIES = {  # name -> (--threads or None for the default, environment of the node)
     "torch's default: a thread per core, spinning (before)": (None, SPIN),
     "a thread per core, passive (the default)": (None, {}),
+    "a thread per core, spinning 0.2 ms then passive": (None, {"GOMP_SPINCOUNT": "20000"}),
     "1 thread, passive": (1, {}),
     "1 thread, spinning (the benchmarks before)": (1, SPIN),
 }
