@@ -89,8 +89,10 @@ class CoordinatorClient:
             (folder / "merges.txt").write_bytes(card.merges_txt)
         return encoding_from_hf_files(folder / "vocab.json", folder / "merges.txt", card.name)
 
-    def route(self, avoid: list[str] | None = None) -> Route:
-        reply = self._call(self._stub.GetRoute, cpb.RouteRequest(avoid=avoid or []))
+    def route(self, avoid: list[str] | None = None, peek: bool = False) -> Route:
+        """The route a new session gets (``peek``: only looking, no session will open)."""
+        request = cpb.RouteRequest(avoid=avoid or [], peek=peek)
+        reply = self._call(self._stub.GetRoute, request)
         return Route(list(reply.hops), reply.n_units, reply.model_id)
 
     def status(self) -> cpb.SwarmStatus:

@@ -251,7 +251,8 @@ class CoordinatorService:
         hops = plan_route(
             self.registry.servers(), self.registry.config.n_units, list(request.avoid)[:64]
         )
-        self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
+        if not request.peek:
+            self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
         return cpb.RouteReply(
             hops=[pb.Hop(start=h.start, end=h.end, addresses=h.addresses) for h in hops],
             model_id=self.store.model_id,

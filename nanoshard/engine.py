@@ -383,7 +383,22 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu
+        return self.c_proj(gelu(self.c_fc(x)))
+
+
+# torch's vectorized elementwise kernels step through a tensor this many floats at a time
+# (at most: two AVX-512 vectors here), and finish on a scalar path whose tanh differs in the
+# last bit: rows whose width is a multiple start on the same lanes whatever the batch.
+VECTOR_FLOATS = 64
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """GPT-2's gelu, each row's result the same whatever rows come with it: a width that
+    is not a multiple of ``VECTOR_FLOATS`` (toy models, never GPT-2's) runs row by row."""
+    rows = h.reshape(-1, h.shape[-1])
+    if len(rows) == 1 or h.shape[-1] % VECTOR_FLOATS == 0:
+        return F.gelu(h, approximate="tanh")
+    return torch.cat([F.gelu(row, approximate="tanh") for row in rows.split(1)]).view(h.shape)
 
 
 class Block(nn.Module):

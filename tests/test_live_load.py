@@ -260,6 +260,8 @@ def test_heartbeats_carry_live_figures_to_routes_and_status() -> None:
                 load=cpb.NodeLoad(sessions=1, live=live),
             )
             await svc.Heartbeat(request, Context())
+        await svc.GetRoute(cpb.RouteRequest(peek=True), Context())  # only looking
+        assert not any(registry._pending(r) for r in registry.nodes.values())
         route = await svc.GetRoute(cpb.RouteRequest(), Context())
         firsts = [h.addresses[0] for h in route.hops]
         assert all(registry._pending(r) == (r.address in firsts) for r in registry.nodes.values())

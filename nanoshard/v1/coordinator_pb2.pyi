@@ -196,10 +196,12 @@ class LeaveReply(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("avoid",)
+    __slots__ = ("avoid", "peek")
     AVOID_FIELD_NUMBER: _ClassVar[int]
+    PEEK_FIELD_NUMBER: _ClassVar[int]
     avoid: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, avoid: _Optional[_Iterable[str]] = ...) -> None: ...
+    peek: bool
+    def __init__(self, avoid: _Optional[_Iterable[str]] = ..., peek: _Optional[bool] = ...) -> None: ...
 
 class RouteReply(_message.Message):
     __slots__ = ("hops", "model_id", "n_units")
