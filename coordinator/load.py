@@ -57,8 +57,12 @@ class Handouts:
 
     def pending(self, address: str, reported_at: float) -> int:
         """Sessions handed to ``address`` that its report at ``reported_at`` cannot hold."""
-        times = self.times.get(address, ())
-        return sum(1 for t in times if t > reported_at - OPEN_S)
+        count = 0
+        for t in reversed(self.times.get(address, ())):  # newest first: stop at the first held
+            if t <= reported_at - OPEN_S:
+                break
+            count += 1
+        return count
 
     def prune(self, now: float) -> None:
         for address in list(self.times):

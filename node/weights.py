@@ -112,7 +112,7 @@ def read_cached(cache_dir: Path, entry: TensorEntry) -> torch.Tensor | None:
         if path.stat().st_size != size:
             raise ValueError(f"{path.stat().st_size} bytes, expected {size}")
         tensor = _mapped(path, entry)
-        raw = tensor.reshape(-1).view(torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        raw = tensor.reshape(-1).view(torch.uint8)
         if hashlib.sha256(raw.numpy().data).hexdigest() != entry.sha256:
             raise ValueError("sha256 differs")
     except FileNotFoundError:
