@@ -8,6 +8,14 @@ steps that could show it recovered, so after a minute or two it is tried again. 
 load: the sessions and queued steps it reported, plus the routes handed out through it
 since (``Handouts``), so that a burst of new sessions spreads over the replicas instead
 of all taking the route that was best a heartbeat ago.
+
+Placement weighs a node by its measured capacity times its ``slowdown``
+(``placement_slowdown``): the same live ratio, but with hysteresis, since moving a stage
+costs a fetch and a load while a route costs nothing. A node counts as slowed once fresh
+steps run ``SLOW`` times its measurement, follows its ratio from then on only when it moves
+by half again, and counts as recovered once fresh steps run under ``RECOVERED`` times it,
+or once it has run nothing for ``RECHECK_S`` (placement may then give it work to show it).
+Noise on a shared machine (1.5-2x here) moves no stage.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ FADE_S = 60.0  # a node's live speed ratio weighs e^-(idle/FADE_S): its age sinc
 MIN_RATIO, MAX_RATIO = 0.5, 100.0  # what a report may move a node's speed by
 OPEN_S = 0.5  # a route handed out shows in its nodes' session counts within this after
 KEEP_S = 120.0  # hand-outs kept at most this long (heartbeats stopped: the node is gone)
+SLOW = 3.0  # a live speed ratio from which placement counts a node as slowed ...
+RECOVERED = 1.5  # ... and below which as recovered
+FOLLOW = 1.5  # a slowed node's ratio is followed when it moves by this factor
+FRESH_S = 30.0  # a ratio counts for placement if the node ran a step this recently
+RECHECK_S = 600.0  # a slowed node idle this long is given its measured speed back
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,22 @@ def speed_factor(live: LiveReport) -> float:
         return 1.0
     ratio = min(max(live.speed_ratio, MIN_RATIO), MAX_RATIO)
     return 1.0 + (ratio - 1.0) * math.exp(-max(live.idle_s, 0.0) / FADE_S)
+
+
+def placement_slowdown(current: float, live: LiveReport) -> float:
+    """The factor placement multiplies a node's measured step times by, given the one it
+    used so far (``current``, 1: as measured) and the node's newest report."""
+    ratio = min(live.speed_ratio, MAX_RATIO)
+    fresh = ratio > 0 and live.idle_s <= FRESH_S
+    if current > 1.0:  # slowed
+        if not fresh:
+            return 1.0 if live.idle_s >= RECHECK_S else current
+        if ratio < RECOVERED:
+            return 1.0
+        if ratio >= current * FOLLOW or ratio <= current / FOLLOW:
+            return max(ratio, 1.0)
+        return current
+    return ratio if fresh and ratio >= SLOW else 1.0
 
 
 class Handouts:

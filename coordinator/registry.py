@@ -15,15 +15,17 @@ No gRPC and no wall clock: the servicer passes ``now`` in, so tests can drive ti
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanoshard.config import GPTConfig
 from nanoshard.tp import MAX_PEERS
 
 from . import groups
-from .load import Handouts, LiveReport, speed_factor
-from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs
+from .load import Handouts, LiveReport, placement_slowdown, speed_factor
+from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs, units_moved
 from .routing import Server
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,13 @@ log = logging.getLogger(__name__)
 # A group not up this long after its members first heartbeat since its formation (weights
 # fetched, shards loaded, process group joined) is taken for broken and formed again.
 FORM_TIMEOUT_S = 300.0
+# Re-placement from live speeds (``rebalance``): when a node's slowdown for placement
+# changed, at most every MIN_REBALANCE_S; without a change, every REBALANCE_S (a group's
+# live link may have changed); at most MOVE_SHARE of the units the swarm holds (and at
+# least a model's worth) to load per run.
+MIN_REBALANCE_S = 10.0
+REBALANCE_S = 120.0
+MOVE_SHARE = 0.1
 WEIGHT_SHARE = 0.8  # of a node's memory, what placement may fill with weights (rest: KV)
 # Bytes a weight takes in a node's memory, by the dtype it runs (placement sizes units at
 # fp32): int8 rows carry a scale each, and LayerNorms, biases and wpe stay fp32.
@@ -73,6 +82,7 @@ class NodeRecord:
     store_port: int = 0  # its torch.distributed store's port (0: it joins no group)
     group: str = ""  # the group (formation id) it is assigned to serve its stage in
     tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
+    slowdown: float = 1.0  # placement's factor on its measured step times (load.py)
 
 
 @dataclass
@@ -98,6 +108,17 @@ class Seat:
     members: tuple[str, ...]  # data-plane addresses, rank order
     rendezvous: str
     backend: str  # "nccl" when every member runs on CUDA, else "gloo"
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What one placement reads (``Registry.plan_input``): ``groups.plan``'s arguments,
+    copied out, and what ``Registry.apply`` needs to put the result in force."""
+
+    kwargs: dict[str, Any]
+    broken: frozenset[str]  # groups to re-form
+    budget: int | None  # units nodes may newly load (None: as many as it takes)
+    nodes: frozenset[str]  # the node ids placed
 
 
 def host_of(address: str) -> str:
@@ -135,6 +156,13 @@ class Registry:
         self.version = 0  # placement version, bumped on every change
         self.excluded: dict[str, str] = {}  # address -> why spot-checks excluded it
         self.units: list[UnitCost] = unit_costs(config)
+        # Placement requested and not run yet: the groups to re-form, and each request's
+        # budget of units to load (None: as many as it takes).
+        self._broken: set[str] = set()
+        self._budgets: list[int | None] = []
+        self.defer: Callable[[], None] | None = None  # set: placement runs off the loop
+        self.rebalanced_at = -math.inf  # when live speeds were last placed by
+        self._drifted = False  # a node's slowdown changed since
 
     # ---- membership -----------------------------------------------------------------
 
@@ -257,6 +285,37 @@ class Registry:
 
     # ---- placement ------------------------------------------------------------------
 
+    def rebalance(self, now: float) -> int:
+        """Re-place the swarm from its live speeds (called periodically): take each node's
+        newest report into its ``slowdown`` (``load.placement_slowdown``, with hysteresis),
+        and place again when one changed (at most every ``MIN_REBALANCE_S``) or every
+        ``REBALANCE_S``, moving at most ``move_budget()`` units; placement itself keeps
+        every stage unless a fresh placement would lift the weakest unit by 20 %. A node
+        given a new stage keeps serving its old one until the new one is loaded, and
+        sessions open on the old one finish there. Returns the units to load (0 as well
+        when the placement is left to the ``Replanner``)."""
+        for record in self.nodes.values():
+            slowdown = placement_slowdown(record.slowdown, record.load.live)
+            if slowdown != record.slowdown:
+                log.info(
+                    "node %s runs at %.1f x its measured step time (placement counted %.1f x)",
+                    record.name,
+                    slowdown,
+                    record.slowdown,
+                )
+                record.slowdown = slowdown
+                self._drifted = True
+        since = now - self.rebalanced_at
+        if not self.settled or since < (MIN_REBALANCE_S if self._drifted else REBALANCE_S):
+            return 0
+        self.rebalanced_at, self._drifted = now, False
+        return self.replan(budget=self.move_budget())
+
+    def move_budget(self) -> int:
+        """Units one re-placement may have nodes load: ``MOVE_SHARE`` of those held."""
+        held = sum(e - s for r in self.nodes.values() if r.assigned for s, e in [r.assigned])
+        return max(len(self.units), math.ceil(MOVE_SHARE * held))
+
     def _budget(self, r: NodeRecord) -> int:
         """Weight bytes (sized at fp32, as placement counts them) the node may hold."""
         return int(r.capacity.memory_bytes * WEIGHT_SHARE * 4 / WEIGHT_BYTES[r.capacity.dtype])
@@ -265,8 +324,8 @@ class Registry:
         return NodeCapacity(
             node_id=r.node_id,
             memory_bytes=self._budget(r),
-            block_ms=max(r.capacity.block_ms, 1e-3),
-            head_ms=max(r.capacity.head_ms, 1e-3),
+            block_ms=max(r.capacity.block_ms, 1e-3) * r.slowdown,
+            head_ms=max(r.capacity.head_ms, 1e-3) * r.slowdown,
             host=host_of(r.address),
         )
 
@@ -282,8 +341,28 @@ class Registry:
         """What one token's hidden state is on the wire inside a group (fp32)."""
         return self.config.n_embd * 4
 
-    def replan(self, broken: Collection[str] = ()) -> None:
-        """Place the swarm again; the groups named in ``broken`` are re-formed or dissolved."""
+    def replan(self, broken: Collection[str] = (), *, budget: int | None = None) -> int:
+        """Place the swarm again; the groups named in ``broken`` are re-formed or dissolved.
+        With a ``budget``, a placement that would have nodes load more units than that is
+        not applied. Returns the units nodes must newly load.
+
+        With ``defer`` set (the coordinator's ``Replanner``), this only records the request
+        and calls ``defer``: placement then runs off the event loop, ``plan_input`` /
+        ``groups.plan`` / ``apply``, and requests made meanwhile are merged into one run."""
+        self._broken |= set(broken)
+        self._budgets.append(budget)
+        if self.defer is not None:
+            self.defer()
+            return 0
+        request = self.plan_input()
+        return self.apply(request, groups.plan(**request.kwargs))
+
+    def plan_input(self) -> PlanInput:
+        """What the placement requested so far reads, copied out: ``groups.plan`` may run
+        on another thread meanwhile. Takes the requests (a run answers all of them)."""
+        broken = frozenset(self._broken)
+        budget = None if None in self._budgets else min(self._budgets, default=None)
+        self._broken, self._budgets = set(), []
         active = {nid: r for nid, r in self.nodes.items() if r.address not in self.excluded}
         previous: Placement = {
             nid: r.assigned for nid, r in active.items() if r.assigned is not None and not r.group
@@ -295,11 +374,11 @@ class Registry:
             ):
                 in_force.append(group.members)
                 previous[groups.group_key(group.members)] = group.stage
-        plan = groups.plan(
-            self.units,
-            self.capacities(),
-            previous,
-            in_force,
+        kwargs = dict(
+            units=self.units,
+            nodes=self.capacities(),
+            previous=previous,
+            previous_groups=in_force,
             mode=self.tp,
             n_head=self.config.n_head,
             hidden_bytes=self.hidden_bytes,
@@ -309,25 +388,55 @@ class Registry:
             measured={g: self.link_of(g) for g in in_force},
             peers=self.peer_reports(),
         )
-        # Which formations stay (same members, same rank order, same stage, not broken).
+        return PlanInput(kwargs, broken, budget, frozenset(self.nodes))
+
+    def apply(self, request: PlanInput, plan: groups.Plan) -> int:
+        """Put ``plan`` (placed from ``request``) in force; returns the units nodes must
+        newly load. Membership may have changed since ``request`` was read: nodes gone are
+        skipped, nodes new since keep what they have (their own request places them), and
+        a group with a member gone is not formed (placement runs again)."""
+        broken = request.broken
         current = {(g.members, g.stage): g for g in self._assigned_groups() if g.id not in broken}
         new: dict[str, tuple[tuple[int, int] | None, Group | None]] = {
-            nid: (plan.placement.get(nid), None) for nid in self.nodes
+            nid: (plan.placement.get(nid), None)
+            if nid in request.nodes
+            else (r.assigned, self.groups.get(r.group))
+            for nid, r in self.nodes.items()
         }
         formed: list[tuple[tuple[str, ...], tuple[int, int]]] = []
+        incomplete = False
         for members, stage in sorted(plan.groups.items(), key=lambda item: (item[1], item[0])):
+            if not all(m in self.nodes for m in members):
+                incomplete = True  # a member left while placement ran: place again
+                for m in members:
+                    if m in self.nodes:  # meanwhile, what it has
+                        new[m] = (self.nodes[m].assigned, self.groups.get(self.nodes[m].group))
+                continue
             kept = current.get((members, stage))
             if kept is None:
                 formed.append((members, stage))
             for m in members:
                 new[m] = (stage, kept)
+        if incomplete:
+            self.replan()
         changed = bool(formed) or any(
             (assigned, in_group.id if in_group else "")
             != (self.nodes[nid].assigned, self.nodes[nid].group)
             for nid, (assigned, in_group) in new.items()
         )
         if not changed:
-            return
+            return 0
+        moved = units_moved(
+            {nid: r.assigned for nid, r in self.nodes.items() if r.assigned},
+            {nid: stage for nid, (stage, _) in new.items() if stage},
+        )
+        if request.budget is not None and moved > request.budget:
+            log.info(
+                "re-placement would have nodes load %d units, over its budget of %d: not now",
+                moved,
+                request.budget,
+            )
+            return 0
         self.version += 1
         for index, (members, stage) in enumerate(formed):
             fresh = self._form(f"{self.group_salt}v{self.version}-{index}", members, stage)
@@ -350,7 +459,8 @@ class Registry:
             record.assigned = assigned
             record.group = in_group.id if in_group else ""
         self._prune()
-        log.info("placement v%d: %s", self.version, self.describe())
+        log.info("placement v%d (%d units to load): %s", self.version, moved, self.describe())
+        return moved
 
     def _form(self, gid: str, members: tuple[str, ...], stage: tuple[int, int]) -> Group:
         records = [self.nodes[m] for m in members]

@@ -115,7 +115,9 @@ async def serve(
             try:
                 await asyncio.wait_for(stop.wait(), config.heartbeat_interval / 2)
             except asyncio.TimeoutError:
-                registry.expire(service.clock())
+                now = service.clock()
+                registry.expire(now)
+                registry.rebalance(now)
             if advertising is not None and advertising.done() and advertising.exception():
                 raise advertising.exception()  # type: ignore[misc]  # e.g. a wrong interface
     finally:
@@ -123,3 +125,4 @@ async def serve(
             advertiser = await advertising  # registering cannot be cut short
             await asyncio.to_thread(advertiser.close)
         await server.stop(grace=1)
+        await service.replanner.close()

@@ -36,6 +36,7 @@ from .groups import LinkReport, PeerReport
 from .load import LiveReport
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
+from .replanner import Replanner
 from .routing import plan_route, route_ms
 from .trust import Comparison, Ledger
 
@@ -125,6 +126,7 @@ class CoordinatorService:
         self.epoch = epoch
         self.clock = clock
         self.ledger = Ledger()
+        self.replanner = Replanner(registry)  # placement runs off the event loop
         self.arbiter = Arbiter(store)
         self._arbitrating = asyncio.Lock()  # one dispute re-run at a time ...
         self._arbitrated_at = -math.inf  # ... and at most one per ARBITRATE_EVERY_S
@@ -192,6 +194,7 @@ class CoordinatorService:
             store_port=request.store_port,
         )
         self.registry.join(record)
+        await self.replanner.placed()  # the reply carries the node's stage
         return cpb.JoinReply(
             model_id=self.store.model_id,
             assignment=assignment(self.registry, record),
@@ -234,6 +237,7 @@ class CoordinatorService:
         )
         if record is None:
             raise NotFound("this coordinator does not know the node (it restarted?): join again")
+        await self.replanner.placed()  # (a group that broke is placed again at once)
         return cpb.HeartbeatReply(
             assignment=assignment(self.registry, record),
             coordinator_epoch=self.epoch,

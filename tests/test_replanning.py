@@ -1,0 +1,167 @@
+"""Re-placement while the swarm runs: placement weighs live speeds with hysteresis and a
+budget (``Registry.rebalance``, ``load.placement_slowdown``), and runs off the event loop
+(``coordinator/replanner.py``) without losing what changed meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from test_live_load import GPT2, record
+
+from nanoshard.coordinator import groups
+from nanoshard.coordinator.load import (
+    RECHECK_S,
+    RECOVERED,
+    SLOW,
+    LiveReport,
+    placement_slowdown,
+)
+from nanoshard.coordinator.placement import coverage
+from nanoshard.coordinator.registry import MIN_REBALANCE_S, REBALANCE_S, Load, Registry
+from nanoshard.coordinator.replanner import Replanner
+
+
+def live(ratio: float, idle_s: float = 0.5) -> LiveReport:
+    return LiveReport(decode_ms=10.0 * ratio, speed_ratio=ratio, idle_s=idle_s)
+
+
+def test_placement_counts_a_slowdown_only_past_its_hysteresis() -> None:
+    assert placement_slowdown(1.0, LiveReport()) == 1.0  # nothing measured
+    assert placement_slowdown(1.0, live(2.0)) == 1.0  # a shared machine's noise
+    assert placement_slowdown(1.0, live(5.0)) == 5.0  # an owner's game
+    assert placement_slowdown(1.0, live(5.0, idle_s=100)) == 1.0  # old news is no news
+    assert placement_slowdown(5.0, live(4.0)) == 5.0  # within the band: no change
+    assert placement_slowdown(5.0, live(2.0)) == 2.0  # moved by more than half: followed
+    assert placement_slowdown(5.0, live(RECOVERED - 0.1)) == 1.0  # recovered
+    assert placement_slowdown(5.0, live(5.0, idle_s=60)) == 5.0  # idle: still slowed ...
+    assert placement_slowdown(5.0, live(5.0, idle_s=RECHECK_S)) == 1.0  # ... until retried
+    assert placement_slowdown(1.0, live(SLOW)) == SLOW
+
+
+def three_stages() -> Registry:
+    """Six equal nodes, each holding half of GPT-2 124M: two stages of three replicas."""
+    registry = Registry(GPT2, replicas=2, tp="off")
+    for i in range(6):
+        registry.join(record(i, memory_mb=330))
+    for r in registry.nodes.values():
+        registry.heartbeat(r.node_id, 1.0, r.assigned, Load())
+    return registry
+
+
+def stages(registry: Registry) -> dict[str, tuple[int, int] | None]:
+    return {r.name: r.assigned for r in registry.nodes.values()}
+
+
+def report(registry: Registry, name: str, now: float, ratio: float) -> None:
+    r = next(r for r in registry.nodes.values() if r.name == name)
+    registry.heartbeat(r.node_id, now, r.ready, Load(live=live(ratio)))
+
+
+def test_a_slowed_node_is_placed_by_its_live_speed_once_and_nothing_flaps() -> None:
+    registry = three_stages()
+    before = stages(registry)
+    first = [name for name, s in before.items() if s == (0, 7)]
+    assert len(first) == 2  # the first half is the thinner one: 2 against 4
+    assert registry.rebalance(2.0) == 0  # nothing measured: nothing moves
+    report(registry, first[0], 3.0, ratio=2.0)  # noise
+    assert registry.rebalance(3.0 + REBALANCE_S) == 0
+    report(registry, first[0], 200.0, ratio=5.0)  # its owner started a game
+    moved = registry.rebalance(200.0 + MIN_REBALANCE_S)
+    after = stages(registry)
+    assert moved == 7  # one node of the other half loads the first half
+    assert sorted(after.values()) == [(0, 7)] * 3 + [(7, 14)] * 3
+    assert after[first[0]] == (0, 7)  # the slowed node keeps its stage (dropping is free)
+    for r in registry.nodes.values():  # the nodes report their new stages ready
+        registry.heartbeat(r.node_id, 215.0, r.assigned, r.load)
+    for t in (220.0, 300.0, 220.0 + REBALANCE_S, 220.0 + 3 * REBALANCE_S):
+        assert registry.rebalance(t) == 0  # the same figures: it stays
+    assert stages(registry) == after
+
+
+def test_a_rebalance_over_its_budget_waits() -> None:
+    registry = three_stages()
+    before, version = stages(registry), registry.version
+    slowed = next(r for r in registry.nodes.values() if r.assigned == (0, 7))
+    slowed.slowdown = 5.0  # what rebalance takes from its report (above)
+    assert registry.replan(budget=6) == 0  # placing it would have a node load 7 units
+    assert stages(registry) == before and registry.version == version
+    assert registry.replan(budget=7) == 7
+    assert registry.version == version + 1
+    assert registry.move_budget() == GPT2.n_units  # 42 units held: a model's worth
+
+
+class SlowPlan:
+    """``groups.plan`` that takes ``seconds`` on its thread first, and says when it runs."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.real = seconds, groups.plan
+        self.running = threading.Event()
+        self.threads: set[str] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> groups.Plan:
+        self.threads.add(threading.current_thread().name)
+        self.running.set()
+        time.sleep(self.seconds)
+        return self.real(*args, **kwargs)
+
+
+def test_placement_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = SlowPlan(0.5)
+    monkeypatch.setattr(groups, "plan", slow)
+
+    async def main() -> tuple[int, Registry]:
+        registry = Registry(GPT2, replicas=2, tp="off")
+        replanner = Replanner(registry)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        for i in range(4):
+            registry.join(record(i))  # four requests, one after the other ...
+        await replanner.placed()
+        ticker.cancel()
+        assert replanner.runs <= 2  # ... merged: the first run, and one for the rest
+        return ticks, registry
+
+    ticks, registry = asyncio.run(main())
+    assert threading.main_thread().name not in slow.threads
+    assert ticks >= 10  # the loop went on while placement ran (~50 ticks in 0.5 s or more)
+    assert all(r.assigned == (0, 14) for r in registry.nodes.values())
+
+
+def test_nodes_that_leave_while_placement_runs_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = SlowPlan(0.3)
+    monkeypatch.setattr(groups, "plan", slow)
+
+    async def main() -> Registry:
+        registry = Registry(GPT2, replicas=2, tp="off")
+        replanner = Replanner(registry)
+        for i in range(6):
+            registry.join(record(i, memory_mb=330))
+        await replanner.placed()
+        slow.running.clear()
+        gone = next(iter(registry.nodes))
+        registry.nodes[gone].capacity.block_ms = 9.0  # (so that placement changes)
+        registry.replan()
+        while not slow.running.is_set():  # placement runs on its thread ...
+            await asyncio.sleep(0.01)
+        registry.leave(gone)  # ... when a node leaves: its stage is not applied
+        registry.join(record(9, memory_mb=330))  # and a newcomer waits for the next run
+        assert registry.nodes[f"{9:016x}"].assigned is None
+        await replanner.placed()
+        assert gone not in registry.nodes
+        return registry
+
+    registry = asyncio.run(main())
+    placement = {nid: r.assigned for nid, r in registry.nodes.items() if r.assigned}
+    assert len(placement) == 6  # the newcomer too
+    assert min(coverage(placement, GPT2.n_units)) >= 2
