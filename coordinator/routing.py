@@ -7,6 +7,10 @@ node holding a hop's units is a replica the hop before can switch to. Among all 
 the one with the least estimated time per step wins: each hop costs its best node's time
 for those units, inflated by how loaded that node is, plus a fixed transfer overhead.
 
+``plan_route`` weighs, at each unit a chain reaches, only the servers a hop may enter
+there (an index), and skips the hops that cannot beat the chains found so far: a big
+swarm's route costs about what its servers do, not units x servers.
+
 A tensor-parallel group is one server: its rank 0's address, the group's stage and its
 predicted times. It serves only its whole stage (its members run the stage they sharded
 together), so a hop enters it at its first unit and leaves at its last.
@@ -14,6 +18,8 @@ together), so a hop enters it at its first unit and leaves at its last.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -80,19 +86,36 @@ def plan_route(
     )
     avoided = frozenset(avoid)
     inf = float("inf")
+    entering = _Entries(pool, n_units)
     # best[u]: the cheapest chain reaching unit u; a hop from u runs to the end of a stage
     # holding u (the longest hop: fewest transfers, and never fewer ways on).
     best: list[float] = [inf] * (n_units + 1)
     back: list[tuple[int, Server] | None] = [None] * (n_units + 1)
     best[0] = 0.0
+
+    # Where no time is negative (measured ones never are) a hop from u costs at least
+    # floor = best[u] + HOP_OVERHEAD_MS: a hop that cannot beat best[v] even so is not
+    # timed, nor is any from a unit that cannot beat the whole chain found so far (what
+    # keeps a big swarm's route cheap: most units it reaches are past that). Ties go to
+    # the first found, so neither skips a chain that could win: the route is the same.
+    @functools.cache
+    def bounded() -> bool:  # asked only once a skip is possible: it reads every server
+        return HOP_OVERHEAD_MS > 0 and all(
+            s.overhead_ms >= 0 and s.load >= 0 and min(s.unit_ms, default=0.0) >= 0 for s in pool
+        )
+
     for u in range(n_units):
         if best[u] == inf:
             continue
-        for s in pool:
-            if s.enters(u):
-                cost = best[u] + s.ms(u, s.end, avoided) + HOP_OVERHEAD_MS
-                if cost < best[s.end]:
-                    best[s.end], back[s.end] = cost, (u, s)
+        floor = best[u] + HOP_OVERHEAD_MS
+        if floor >= best[n_units] and bounded():
+            continue
+        for s in entering.at(u):
+            if floor >= best[s.end] and bounded():
+                continue
+            cost = best[u] + s.ms(u, s.end, avoided) + HOP_OVERHEAD_MS
+            if cost < best[s.end]:
+                best[s.end], back[s.end] = cost, (u, s)
     if best[n_units] == inf:
         raise Unavailable(uncovered_message(pool, n_units))
     hops: list[RouteHop] = []
@@ -100,12 +123,43 @@ def plan_route(
     while v > 0:
         u, _ = back[v]  # type: ignore[misc]
         holders = sorted(
-            (s for s in pool if s.holds(u, v)),
+            (s for s in entering.at(u) if s.holds(u, v)),  # who holds [u, v) enters at u
             key=lambda s: (s.ms(u, v, avoided), s.address),
         )
         hops.append(RouteHop(u, v, tuple(dict.fromkeys(s.address for s in holders))))
         v = u
     return hops[::-1]
+
+
+class _Entries:
+    """The servers a hop may start on at unit u, in pool order (which breaks ties): a group
+    only at its first unit, a node anywhere in its stage.
+
+    An index, so that each unit the chain reaches weighs only the servers it may enter
+    instead of asking every server about every unit. The chain reaches few units, so the
+    lists are built as it asks, for units in increasing order (and kept for the way back).
+    """
+
+    def __init__(self, pool: Sequence[Server], n_units: int) -> None:
+        self.pool = pool
+        self.starting: list[list[int]] = [[] for _ in range(n_units)]  # pool indices by start
+        for k, s in enumerate(pool):
+            self.starting[s.start].append(k)
+        self.nodes: list[int] = []  # nodes whose stage holds the unit last asked about
+        self.merged = 0  # self.starting[: self.merged] is in self.nodes
+        self.lists: dict[int, list[Server]] = {}
+
+    def at(self, u: int) -> list[Server]:
+        """Asked for units in increasing order (one asked before comes from the cache)."""
+        if u not in self.lists:
+            pool = self.pool
+            fresh = itertools.chain.from_iterable(self.starting[self.merged : u + 1])
+            self.nodes = [k for k in self.nodes if pool[k].end > u]
+            self.nodes += (k for k in fresh if not pool[k].whole)
+            self.merged = u + 1
+            groups = (k for k in self.starting[u] if pool[k].whole)
+            self.lists[u] = [pool[k] for k in sorted(itertools.chain(self.nodes, groups))]
+        return self.lists[u]
 
 
 def route_ms(servers: Iterable[Server], hops: Sequence[RouteHop]) -> float:
