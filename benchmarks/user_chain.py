@@ -70,9 +70,12 @@ class Swarm:
         self.procs: list[subprocess.Popen] = []
         self.logs = Path(tempfile.mkdtemp(prefix="user-chain-"))
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+        environ = {**os.environ, **env} if env else None
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
         self.procs.append(proc)
         return proc
 

@@ -10,9 +10,11 @@ since (``Handouts``), so that a burst of new sessions spreads over the replicas 
 of all taking the route that was best a heartbeat ago.
 
 Placement weighs a node by its measured capacity times its ``slowdown``
-(``placement_slowdown``): the same live ratio, but with hysteresis, since moving a stage
-costs a fetch and a load while a route costs nothing. A node counts as slowed once fresh
-steps run ``SLOW`` times its measurement, follows its ratio from then on only when it moves
+(``placement_slowdown``): the same live ratio, but over what the other nodes' fresh ratios
+share (``shared_ratios``: a busy swarm, or nodes sharing a machine, slows everyone, and
+moving stages helps nobody), and with hysteresis, since moving a stage costs a fetch and a
+load while a route costs nothing. A node counts as slowed once fresh steps run ``SLOW``
+times its measurement, follows its ratio from then on only when it moves
 by half again, and counts as recovered once fresh steps run under ``RECOVERED`` times it,
 or once it has run nothing for ``RECHECK_S`` (placement may then give it work to show it).
 Noise on a shared machine (1.5-2x here) moves no stage.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 FADE_S = 60.0  # a node's live speed ratio weighs e^-(idle/FADE_S): its age since its last step
@@ -58,10 +60,38 @@ def speed_factor(live: LiveReport) -> float:
     return 1.0 + (ratio - 1.0) * math.exp(-max(live.idle_s, 0.0) / FADE_S)
 
 
-def placement_slowdown(current: float, live: LiveReport) -> float:
+def fresh(live: LiveReport) -> bool:
+    return live.speed_ratio > 0 and live.idle_s <= FRESH_S
+
+
+def shared_ratios(reports: Sequence[LiveReport]) -> list[float]:
+    """For each report, the median fresh speed ratio of the *other* reports (at least 1;
+    1 when none is fresh): the slowdown they share, which is not the node's own."""
+    order = sorted(
+        (i for i, r in enumerate(reports) if fresh(r)), key=lambda i: reports[i].speed_ratio
+    )
+    ratios = [reports[i].speed_ratio for i in order]
+    rank = {i: k for k, i in enumerate(order)}
+    return [max(_median_without(ratios, rank.get(i)), 1.0) for i in range(len(reports))]
+
+
+def _median_without(ratios: list[float], skip: int | None) -> float:
+    """The median of sorted ``ratios`` less the one at index ``skip`` (0 if none is left)."""
+    n = len(ratios) - (skip is not None)
+    if n == 0:
+        return 0.0
+
+    def at(k: int) -> float:
+        return ratios[k] if skip is None or k < skip else ratios[k + 1]
+
+    return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
+
+
+def placement_slowdown(current: float, live: LiveReport, shared: float = 1.0) -> float:
     """The factor placement multiplies a node's measured step times by, given the one it
-    used so far (``current``, 1: as measured) and the node's newest report."""
-    ratio = min(live.speed_ratio, MAX_RATIO)
+    used so far (``current``, 1: as measured), the node's newest report and the slowdown
+    the other nodes share (``shared_ratios``)."""
+    ratio = min(live.speed_ratio / max(shared, 1.0), MAX_RATIO)
     fresh = ratio > 0 and live.idle_s <= FRESH_S
     if current > 1.0:  # slowed
         if not fresh:

@@ -24,7 +24,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.tp import MAX_PEERS
 
 from . import groups
-from .load import Handouts, LiveReport, placement_slowdown, speed_factor
+from .load import Handouts, LiveReport, placement_slowdown, shared_ratios, speed_factor
 from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs, units_moved
 from .routing import Server
 
@@ -287,15 +287,18 @@ class Registry:
 
     def rebalance(self, now: float) -> int:
         """Re-place the swarm from its live speeds (called periodically): take each node's
-        newest report into its ``slowdown`` (``load.placement_slowdown``, with hysteresis),
+        newest report into its ``slowdown`` (``load.placement_slowdown``: over what the
+        other nodes share, with hysteresis),
         and place again when one changed (at most every ``MIN_REBALANCE_S``) or every
         ``REBALANCE_S``, moving at most ``move_budget()`` units; placement itself keeps
         every stage unless a fresh placement would lift the weakest unit by 20 %. A node
         given a new stage keeps serving its old one until the new one is loaded, and
         sessions open on the old one finish there. Returns the units to load (0 as well
         when the placement is left to the ``Replanner``)."""
-        for record in self.nodes.values():
-            slowdown = placement_slowdown(record.slowdown, record.load.live)
+        records = list(self.nodes.values())
+        shared = shared_ratios([r.load.live for r in records])
+        for record, others in zip(records, shared, strict=True):
+            slowdown = placement_slowdown(record.slowdown, record.load.live, others)
             if slowdown != record.slowdown:
                 log.info(
                     "node %s runs at %.1f x its measured step time (placement counted %.1f x)",

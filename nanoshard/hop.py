@@ -16,7 +16,10 @@ route's first hop (its replay material: the token ids it sent). A link:
 - **moves** off a node whose decode steps slowed down: when a node's compute per decode
   step (its trace's) runs at ``SLOWER`` times its pace over the session's first steps, the
   next step goes to a replica, refilled like a repair (so the output is unchanged), and the
-  node is tried last from then on — its owner may have taken the machine back;
+  node is tried last from then on — its owner may have taken the machine back. Slower *than
+  the rest*: the paces of the hops after it (their traces ride on the reply) and of the
+  link's owner (a node's own compute) are followed too, and a slowdown they share (the
+  swarm got busy, or nodes share a machine) is divided out;
 - applies the **who-failed rule**: an UNAVAILABLE that names failed addresses other than
   the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
   replicas. The link cannot repair that; it raises it unchanged, so the error travels up
@@ -32,7 +35,7 @@ import logging
 import statistics
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -203,11 +206,22 @@ class Pace:
             self.first.append(ms)
         self.recent.append(ms)
 
+    @property
+    def known(self) -> bool:
+        return len(self.first) >= PACE_STEPS and len(self.recent) >= RECENT_STEPS
+
     def slower(self) -> float:
         """How many times its first pace the node takes now (1 until both are known)."""
-        if len(self.first) < PACE_STEPS or len(self.recent) < RECENT_STEPS:
+        if not self.known:
             return 1.0
         return statistics.median(self.recent) / max(statistics.median(self.first), 0.05)
+
+
+def shared_slowdown(paces: Iterable[Pace]) -> float:
+    """What the other paces say of everyone's slowdown (the median of those known; at
+    least 1: the others running faster than they first did excuses nothing)."""
+    known = [p.slower() for p in paces if p.known]
+    return max(statistics.median(known), 1.0) if known else 1.0
 
 
 class NextHop:
@@ -242,7 +256,8 @@ class NextHop:
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
         self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
-        self.pace = Pace()  # of the node it last stepped on (``_paced_on``)
+        self.pace = Pace()  # of the node it last stepped on (``_paced_on``) ...
+        self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
         self.slowed: dict[str, float] = {}  # nodes it left for slowness: how much slower
 
@@ -294,10 +309,13 @@ class NextHop:
 
     # ---- stepping ---------------------------------------------------------------------
 
-    async def step(self, request: pb.StepRequest) -> tuple[pb.StepReply, str]:
+    async def step(
+        self, request: pb.StepRequest, own_ms: float | None = None
+    ) -> tuple[pb.StepReply, str]:
         """Send a step to the hop, repairing it on the way (module doc). Returns the reply
         and what was repaired ("" if nothing). Bounded: a few repairs per node, each node
-        of the hop once; then UNAVAILABLE naming every node of the hop that failed."""
+        of the hop once; then UNAVAILABLE naming every node of the hop that failed.
+        ``own_ms``: the owner's own compute for this step (a node's), if it has one."""
         failures: list[str] = []
         failed: list[str] = []
         for address in self.candidates():
@@ -311,7 +329,7 @@ class NextHop:
                     reply = await self._exchange(address, request)
                     if failures:
                         repair = "; ".join([*failures, repair or f"switched to {address}"])
-                    if moved := self._paced(address, request, reply):
+                    if moved := self._paced(address, request, reply, own_ms):
                         repair = "; ".join(r for r in (moved, repair) if r)
                     return reply, repair
                 except CacheMismatch as exc:
@@ -334,10 +352,13 @@ class NextHop:
                 failed.append(address)
         raise self._gone(failures, failed)
 
-    def _paced(self, address: str, request: pb.StepRequest, reply: pb.StepReply) -> str:
+    def _paced(
+        self, address: str, request: pb.StepRequest, reply: pb.StepReply, own_ms: float | None
+    ) -> str:
         """Count a decode step's compute on ``address``; once it runs at ``SLOWER`` times
-        its first pace and another node holds the hop, leave it: the next step goes to that
-        one. Returns, on the first step on a node this link moved to, why it moved."""
+        its first pace, beyond what the other paces share, and another node holds the hop,
+        leave it: the next step goes to that one. Returns, on the first step on a node this
+        link moved to, why it moved."""
         why = ""
         if address != self._paced_on:  # a new node (moved, or a repair): its own pace
             if self._paced_on in self.slowed:
@@ -349,12 +370,22 @@ class NextHop:
         )
         if rows == 1 and reply.hops:
             self.pace.add(reply.hops[0].compute_ms)
-            slower = self.pace.slower()
-            others = set(self.hop.addresses) - set(self.slowed) - {address}
-            if slower >= SLOWER and others:
+            others = [(h.address, h.compute_ms) for h in reply.hops[1:]]
+            if own_ms is not None:
+                others.append(("", own_ms))
+            for key, ms in others:
+                self.others.setdefault(key, Pace()).add(ms)
+            shared = shared_slowdown(self.others.values())
+            slower = self.pace.slower() / shared
+            replicas = set(self.hop.addresses) - set(self.slowed) - {address}
+            if slower >= SLOWER and replicas:
                 self.slowed[address] = slower
                 log.info(
-                    "%s leaves %s: %.1f x slower than its first pace", self.owner, address, slower
+                    "%s leaves %s: %.1f x slower than its first pace (the others %.1f x)",
+                    self.owner,
+                    address,
+                    self.pace.slower(),
+                    shared,
                 )
         return why
 

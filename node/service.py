@@ -576,7 +576,8 @@ class NodeService(pb_grpc.NodeServicer):
                 )
                 sent_at = time.perf_counter()
                 try:
-                    down, trace.repair = await session.next.step(down_req)
+                    own_ms = trace.compute_ms if resend is None else None
+                    down, trace.repair = await session.next.step(down_req, own_ms)
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3

@@ -19,6 +19,7 @@ from nanoshard.coordinator.load import (
     SLOW,
     LiveReport,
     placement_slowdown,
+    shared_ratios,
 )
 from nanoshard.coordinator.placement import coverage
 from nanoshard.coordinator.registry import MIN_REBALANCE_S, REBALANCE_S, Load, Registry
@@ -40,6 +41,15 @@ def test_placement_counts_a_slowdown_only_past_its_hysteresis() -> None:
     assert placement_slowdown(5.0, live(5.0, idle_s=60)) == 5.0  # idle: still slowed ...
     assert placement_slowdown(5.0, live(5.0, idle_s=RECHECK_S)) == 1.0  # ... until retried
     assert placement_slowdown(1.0, live(SLOW)) == SLOW
+    assert placement_slowdown(1.0, live(5.0), shared=4.0) == 1.0  # everyone is as slow
+
+
+def test_the_slowdown_nodes_share_is_not_their_own() -> None:
+    assert shared_ratios([]) == []
+    assert shared_ratios([live(5.0)]) == [1.0]  # nobody else: nothing shared
+    assert shared_ratios([live(5.0), live(1.0), live(1.2)]) == [1.1, 3.1, 3.0]
+    assert shared_ratios([live(4.0)] * 4 + [live(0.5)]) == [4.0] * 4 + [4.0]
+    assert shared_ratios([live(9.0, idle_s=100), live(2.0)]) == [2.0, 1.0]  # stale: not counted
 
 
 def three_stages() -> Registry:
@@ -80,6 +90,16 @@ def test_a_slowed_node_is_placed_by_its_live_speed_once_and_nothing_flaps() -> N
     for t in (220.0, 300.0, 220.0 + REBALANCE_S, 220.0 + 3 * REBALANCE_S):
         assert registry.rebalance(t) == 0  # the same figures: it stays
     assert stages(registry) == after
+
+
+def test_a_swarm_that_is_busy_all_over_moves_nothing() -> None:
+    registry = three_stages()
+    before = stages(registry)
+    for name in before:
+        report(registry, name, 2.0, ratio=4.0 if name != "n3" else 6.0)
+    assert registry.rebalance(2.0) == 0
+    assert all(r.slowdown == 1.0 for r in registry.nodes.values())
+    assert stages(registry) == before
 
 
 def test_a_rebalance_over_its_budget_waits() -> None:

@@ -375,6 +375,33 @@ def test_a_hop_whose_steps_slow_down_moves_to_a_replica() -> None:
         session.close()
 
 
+def test_a_slowdown_every_hop_shares_moves_nothing() -> None:
+    """A link's pace rule divides out what the other paces share: when the node it steps
+    on and the hops after it (or the link's owner) all slow down 4 x together — a busy
+    swarm, or nodes sharing a machine — nobody is left; when only that node does, it is."""
+    hop = pb.Hop(start=0, end=3, addresses=["10.0.0.1:1", "10.0.0.2:1"])
+
+    def run_link(after_ms: float, own_ms: float | None = None, later: bool = True) -> NextHop:
+        link = NextHop(Channels(), pb.SessionSpec(session_id=b"s"), [hop], token_replay(),
+                       timeout_s=1.0)  # fmt: skip
+        for pos in range(20):
+            slow = pos >= 10
+            reply = pb.StepReply(
+                hops=[pb.HopTrace(address="10.0.0.1:1", compute_ms=4.0 if slow else 1.0)]
+            )
+            if later:
+                reply.hops.add(address="10.0.0.9:1", compute_ms=after_ms if slow else 1.0)
+            request = pb.StepRequest(pos=pos, tokens=pb.Tokens(ids=[1]))
+            own = None if own_ms is None else (own_ms if slow else 1.0)
+            link._paced("10.0.0.1:1", request, reply, own)
+        return link
+
+    assert run_link(after_ms=4.0).slowed == {}  # the hop after it slowed as much
+    assert run_link(after_ms=1.0, own_ms=4.0, later=False).slowed == {}  # the owner did
+    assert run_link(after_ms=1.0).slowed == {"10.0.0.1:1": 4.0}  # only it did
+    assert run_link(after_ms=1.0, own_ms=1.0, later=False).slowed == {"10.0.0.1:1": 4.0}
+
+
 @pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
 def test_a_bad_check_rate_is_refused_before_anything_connects(rate: float) -> None:
     with pytest.raises(InvalidArgument, match="spot-check rate"):
