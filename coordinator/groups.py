@@ -42,7 +42,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nanoshard import tp
 from nanoshard.errors import InvalidArgument, NanoshardError
@@ -53,6 +53,7 @@ from .placement import (
     Stage,
     UnitCost,
     coverage,
+    longest_stages,
     place,
     stage_bytes,
     stage_ms,
@@ -257,17 +258,17 @@ def _apart_ms(
 ) -> float:
     """The fastest chain of ``nodes`` (each once, alone) through ``[start, end)``: each in
     turn takes the longest piece that fits it. Tried in every order (k <= 4: 24 orders)."""
+    # Where each node's longest piece from each unit ends: found once, not per order.
+    reach = [longest_stages(units, node.memory_bytes) for node in nodes]
     best = math.inf
-    for order in itertools.permutations(nodes):
+    for order in itertools.permutations(range(len(nodes))):
         u, ms = start, 0.0
-        for node in order:
+        for k in order:
             if u == end:
                 break
-            v = u
-            while v < end and stage_bytes(units, u, v + 1) <= node.memory_bytes:
-                v += 1
+            v = min(reach[k][u], end)
             if v > u:
-                ms += stage_ms(units, node, u, v) + HOP_OVERHEAD_MS
+                ms += stage_ms(units, nodes[k], u, v) + HOP_OVERHEAD_MS
                 u = v
         if u == end:
             best = min(best, ms)
@@ -357,7 +358,7 @@ def plan(
             if formation:
                 candidates.append(ctx.evaluate(formation, leftovers_idle=forced))
     if forced:
-        return _against(candidates[0], baseline) if candidates else baseline
+        return _against(ctx.predicted(candidates[0]), baseline) if candidates else baseline
     better = [c for c in candidates if (c.gaps, c.token_ms) < (baseline.gaps, baseline.token_ms)]
     if not better:
         return baseline
@@ -369,9 +370,10 @@ def plan(
         best = min(same, key=lambda c: c.token_ms)
     # Refuse the groups predicted slower than their members apart (or left without a stage),
     # unless that leaves a unit uncovered.
+    best = ctx.predicted(best)
     slow = [g for g in best.groups if not best.predictions[g].faster]
     if slow:
-        refined = ctx.evaluate([g for g in best.groups if g not in slow])
+        refined = ctx.predicted(ctx.evaluate([g for g in best.groups if g not in slow]))
         if refined.gaps <= best.gaps:
             best = refined
         if (best.gaps, best.token_ms) >= (baseline.gaps, baseline.token_ms):
@@ -473,12 +475,6 @@ class _Context:
         gaps = coverage(placement, n_units).count(0)
         by_key = {group_key(g): g for g in groups}
         placed_groups = {by_key[key]: stage for key, stage in placement.items() if key in by_key}
-        predictions = {
-            g: predict(
-                self.units, [self.by_id[m] for m in g], *stage, self.hidden_bytes, self.link_of(g)
-            )
-            for g, stage in placed_groups.items()
-        }
         # A group placement left without a stage is no group: its members serve alone.
         idle = [g for g in groups if g not in placed_groups]
         if idle and not leftovers_idle:
@@ -489,8 +485,18 @@ class _Context:
             token_ms,
             math.inf if placed_groups else token_ms,
             gaps,
-            predictions,
         )
+
+    def predicted(self, plan: Plan) -> Plan:
+        """``plan`` with its groups' predictions, which ``evaluate`` leaves out: they cost a
+        chain search per group, and most plans weighed are not chosen."""
+        predictions = {
+            g: predict(
+                self.units, [self.by_id[m] for m in g], *stage, self.hidden_bytes, self.link_of(g)
+            )
+            for g, stage in plan.groups.items()
+        }
+        return replace(plan, predictions=predictions)
 
     def _place(self, caps: list[NodeCapacity]) -> Placement:
         return place(

@@ -28,6 +28,8 @@ collectives (``syncs``) at ``sync_ms`` each.
 from __future__ import annotations
 
 import bisect
+import functools
+import heapq
 import itertools
 import logging
 import math
@@ -287,26 +289,33 @@ class _Swarm:
     """The inputs as plain lists, nodes indexed fastest first (ties by node_id)."""
 
     def __init__(self, units: Sequence[UnitCost], nodes: Sequence[NodeCapacity]) -> None:
-        self.n = n = len(units)
-        rows = sorted(
-            ((n.overhead_ms + sum(n.unit_ms(u) for u in units), n.node_id, n) for n in nodes),
-            key=lambda row: row[:2],
+        self.n = len(units)
+        # A model repeats one block unit n_layer times: time each distinct unit once per node.
+        distinct = list(dict.fromkeys(units))
+        which = [distinct.index(u) for u in units]
+        times = {}
+        for node in nodes:
+            ms = [node.unit_ms(u) for u in distinct]
+            times[node.node_id] = [ms[j] for j in which]
+        order = sorted(
+            nodes, key=lambda node: (node.overhead_ms + sum(times[node.node_id]), node.node_id)
         )
-        self.ids = [node.node_id for _, _, node in rows]
-        self.memory = [node.memory_bytes for _, _, node in rows]
-        self.overhead = [node.overhead_ms for _, _, node in rows]
+        self.ids = [node.node_id for node in order]
+        self.memory = [node.memory_bytes for node in order]
+        self.overhead = [node.overhead_ms for node in order]
         self.prefix = [
-            list(itertools.accumulate((node.unit_ms(u) for u in units), initial=0.0))
-            for _, _, node in rows
+            list(itertools.accumulate(times[node.node_id], initial=0.0)) for node in order
         ]
         # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
-        sums = {size: _byte_sums(units, size) for size in {node.size for _, _, node in rows}}
-        self.reach = [
-            [bisect.bisect_right(from_embed, m) - 1]
-            + [bisect.bisect_right(plain, plain[a] + m) - 1 for a in range(1, n)]
-            for m, (plain, from_embed) in (
-                (node.memory_bytes, sums[node.size]) for _, _, node in rows
-            )
+        sums = {size: _byte_sums(units, size) for size in {node.size for node in order}}
+        self.reach = [_reach(sums[node.size], node.memory_bytes) for node in order]
+
+    @functools.cached_property
+    def unit_rates(self) -> list[list[float]]:
+        """unit_rates[i][u]: node i's rate serving unit u alone, ``rate(i, u, u + 1)``."""
+        return [
+            [1000.0 / max(overhead + b - a, 1e-9) for a, b in itertools.pairwise(prefix)]
+            for overhead, prefix in zip(self.overhead, self.prefix, strict=True)
         ]
 
     def rate(self, i: int, start: int, end: int) -> float:
@@ -320,6 +329,20 @@ class _Swarm:
 
     def placement(self, stages: Mapping[int, Stage]) -> Placement:
         return {self.ids[i]: stages[i] for i in sorted(stages, key=lambda i: self.ids[i])}
+
+
+def longest_stages(units: Sequence[UnitCost], memory_bytes: int, size: int = 1) -> list[int]:
+    """reach[a]: the end of the longest stage from unit a that ``memory_bytes`` holds (for
+    one member of a group of ``size``); a where not even unit a fits."""
+    return _reach(_byte_sums(units, size), memory_bytes)
+
+
+def _reach(sums: tuple[list[int], list[int]], memory_bytes: int) -> list[int]:
+    """``longest_stages`` from ``_byte_sums``: a binary search per start."""
+    plain, from_embed = sums
+    return [bisect.bisect_right(from_embed, memory_bytes) - 1] + [
+        bisect.bisect_right(plain, plain[a] + memory_bytes) - 1 for a in range(1, len(plain) - 1)
+    ]
 
 
 def _byte_sums(units: Sequence[UnitCost], size: int) -> tuple[list[int], list[int]]:
@@ -365,18 +388,18 @@ def _fill(sw: _Swarm, base: Mapping[int, Stage], free: list[int], need: Sequence
     """Keep ``base`` as it is and place the ``free`` nodes on top of it."""
     h0, cnt0 = sw.profile(base)
 
-    def sweep(tau: float) -> tuple[_Result, list[int]]:
-        result = _Result(dict(base), h0[:], cnt0[:])
-        return result, _sweep(sw, result, free, tau, need)
-
-    best, left = sweep(0.0)  # replicas only
+    best = _Result(dict(base), h0[:], cnt0[:])
+    left = _sweep(sw, best, free, 0.0, need)  # replicas only
     lo = best.weakest(need)
     if best.short(need) == 0 and lo > 0:
         # Bisect tau to 1 %. No unit can exceed every free node serving it alone.
-        hi = min(h0[u] + sum(sw.rate(i, u, u + 1) for i in free) for u in range(sw.n) if need[u])
+        rows = [sw.unit_rates[i] for i in free]
+        alone = [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * sw.n
+        hi = min(h0[u] + alone[u] for u in range(sw.n) if need[u])
         while hi > lo * 1.01:
             mid = math.sqrt(lo * hi)
-            result, rest = sweep(mid)
+            result = _Result(dict(base), h0[:], cnt0[:])
+            rest = _sweep(sw, result, free, mid, need, give_up=True)
             if result.short(need) == 0 and result.weakest(need) >= mid:
                 best, left, lo = result, rest, result.weakest(need)
             else:
@@ -391,16 +414,25 @@ def _fill(sw: _Swarm, base: Mapping[int, Stage], free: list[int], need: Sequence
 
 
 def _sweep(
-    sw: _Swarm, result: _Result, free: list[int], tau: float, need: Sequence[int]
+    sw: _Swarm,
+    result: _Result,
+    free: list[int],
+    tau: float,
+    need: Sequence[int],
+    give_up: bool = False,
 ) -> list[int]:
     """Stack stages from the first unit below tau or short of replicas, until the head;
-    return the nodes not used. A unit nobody left can hold stays short."""
+    return the nodes not used. A unit nobody left can hold stays short; with ``give_up``
+    the sweep stops there, half done: stages start at the pointer, so no later one could
+    lift that unit, and the result has failed tau whatever follows."""
     h, cnt = result.h, result.cnt
     remaining = list(free)
     for ptr in range(sw.n):
         while need[ptr] and (h[ptr] < tau or cnt[ptr] < need[ptr]):
             k = _pick(sw, remaining, ptr, tau - h[ptr], untouched=h[ptr] == 0)
             if k is None:
+                if give_up:
+                    return remaining
                 break
             i = remaining.pop(k)
             result.stages[i] = (ptr, sw.reach[i][ptr])
@@ -419,10 +451,11 @@ def _pick(
     needed). Where only a replica is missing, the slowest: it costs the least throughput.
     """
     order = range(len(remaining)) if deficit > 0 else range(len(remaining) - 1, -1, -1)
-    holders = (k for k in order if sw.reach[remaining[k]][ptr] > ptr)
+    reach = sw.reach
+    holders = (k for k in order if reach[remaining[k]][ptr] > ptr)
     best: tuple[float, int] | None = None
     for k in itertools.islice(holders, _WINDOW):
-        over = sw.rate(remaining[k], ptr, sw.reach[remaining[k]][ptr]) - deficit
+        over = sw.rate(remaining[k], ptr, reach[remaining[k]][ptr]) - deficit
         if over <= 0 or deficit <= 0 or untouched:
             return k
         best = min(best or (over, k), (over, k))
@@ -442,15 +475,11 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
     before = list(itertools.accumulate(level, min, initial=math.inf))
     after = list(itertools.accumulate(reversed(level), min, initial=math.inf))[::-1]
     total = list(itertools.accumulate((x if x < math.inf else 0.0 for x in level), initial=0.0))
-    table = [level]  # table[j][u] = min(level[u : u + 2**j]): range minima in O(1)
-    while 2 ** len(table) <= n:
-        prev, half = table[-1], 2 ** (len(table) - 1)
-        table.append([min(prev[u], prev[u + half]) for u in range(len(prev) - half)])
+    reach, prefix, overhead = sw.reach[i], sw.prefix[i], sw.overhead[i]
 
     def own(a: int, e: int) -> tuple[float, float]:  # its weakest unit, before and after
-        j = (e - a).bit_length() - 1
-        low = min(table[j][a], table[j][e - 2**j])
-        return low, low + sw.rate(i, a, e)
+        low = min(level[a:e])
+        return low, low + 1000.0 / max(overhead + prefix[e] - prefix[a], 1e-9)  # sw.rate
 
     def key(a: int, e: int) -> tuple[float, float, float, int]:
         low, raised = own(a, e)
@@ -458,7 +487,15 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
 
     best: tuple[tuple[float, float, float, int], Stage] | None = None
     for a in range(n):
-        e = sw.reach[i][a]
+        e = reach[a]
+        # A stage from a leaves the units before a and after its end as they are, so the
+        # weakest unit ends no higher than before[a] and after[e] (after[end] for a shorter
+        # stage, no higher). A start that cannot reach the best's level is not weighed, and
+        # since before[a] only falls as a grows, once it is below, no later start can.
+        if best is not None and min(before[a], after[e]) < -best[0][0]:
+            if before[a] < -best[0][0]:
+                break
+            continue
         if e <= a:
             continue
         k = key(a, e)
@@ -510,7 +547,7 @@ def _improve(sw: _Swarm, result: _Result, movable: Sequence[int], need: Sequence
         level, short = result.level(need), result.short(need)
         placed = [i for i in movable if i in stages]
         redundant = {i: min(h[slice(*stages[i])]) - sw.rate(i, *stages[i]) for i in placed}
-        for i in sorted(placed, key=lambda i: (-redundant[i], i))[:_CANDIDATES]:
+        for i in heapq.nsmallest(_CANDIDATES, placed, key=lambda i: (-redundant[i], i)):
             old = stages[i]
             _add(h, cnt, old, sw.rate(i, *old), -1)
             new = _raise_weakest(sw, i, h, need)
