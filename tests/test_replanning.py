@@ -10,8 +10,12 @@ import time
 from typing import Any
 
 import pytest
+from routes import fixed_session
 from test_live_load import GPT2, record
 
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.loop import LoopThread
+from nanoshard.client.route import route_from_addresses
 from nanoshard.coordinator import groups
 from nanoshard.coordinator.load import (
     RECHECK_S,
@@ -24,6 +28,10 @@ from nanoshard.coordinator.load import (
 from nanoshard.coordinator.placement import coverage
 from nanoshard.coordinator.registry import MIN_REBALANCE_S, REBALANCE_S, Load, Registry
 from nanoshard.coordinator.replanner import Replanner
+from nanoshard.errors import NanoshardError
+from nanoshard.generation import LocalSession, generate
+from nanoshard.node.server import DataPlane, quick_model_id
+from nanoshard.sampling import SamplingParams
 
 
 def live(ratio: float, idle_s: float = 0.5) -> LiveReport:
@@ -185,3 +193,44 @@ def test_nodes_that_leave_while_placement_runs_are_skipped(monkeypatch: pytest.M
     placement = {nid: r.assigned for nid, r in registry.nodes.items() if r.assigned}
     assert len(placement) == 6  # the newcomer too
     assert min(coverage(placement, GPT2.n_units)) >= 2
+
+
+def test_a_node_given_a_new_stage_finishes_open_sessions_on_the_old_one() -> None:
+    """Re-placement hands a node a new stage while sessions run through it: the new stage
+    is loaded beside the old one, new sessions open on it, and open ones go on on the old
+    one with their tokens unchanged (the old stage is freed when the last of them ends)."""
+    ckpt = open_checkpoint("demo")
+    n = ckpt.config.n_units
+    prompt = [464, 3290, 373, 257, 1332]
+    local = LocalSession(ckpt.load_stage(0, n), SamplingParams(0.0), 64)
+    expected = generate(local, prompt, 30, block_size=ckpt.config.block_size).token_ids
+    loop = LoopThread("node")
+
+    async def new_plane() -> DataPlane:  # (its gRPC server belongs to the node's loop)
+        return DataPlane(host="127.0.0.1", port=0, name="n", model_id=quick_model_id(ckpt),
+                         kv_memory=64 * 2**20, session_ttl=60)  # fmt: skip
+
+    plane = loop.run(new_plane())
+
+    async def give(start: int, end: int) -> None:
+        stage = await plane.load(lambda: ckpt.load_stage(start, end))
+        plane.service.set_stage(stage)
+
+    try:
+        loop.run(give(0, n))
+        loop.run(plane.start())
+        route = route_from_addresses([plane.address])
+        session = fixed_session(route, max_length=64)
+        tokens = [session.step(prompt, 0).token]
+        while len(tokens) < 10:
+            tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
+        loop.run(give(0, n // 2))  # placement moved it: it now serves the first half
+        while len(tokens) < 30:
+            tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
+        assert tokens == expected
+        with pytest.raises(NanoshardError, match="serves units"):
+            fixed_session(route, max_length=64).step(prompt, 0)  # new sessions: the new stage
+        session.close()
+    finally:
+        loop.run(plane.stop())
+        loop.close()
