@@ -429,21 +429,23 @@ def _sweep(
     remaining = list(free)
     for ptr in range(sw.n):
         while need[ptr] and (h[ptr] < tau or cnt[ptr] < need[ptr]):
-            k = _pick(sw, remaining, ptr, tau - h[ptr], untouched=h[ptr] == 0)
-            if k is None:
+            picked = _pick(sw, remaining, ptr, tau - h[ptr], untouched=h[ptr] == 0)
+            if picked is None:
                 if give_up:
                     return remaining
                 break
+            k, rate = picked
             i = remaining.pop(k)
             result.stages[i] = (ptr, sw.reach[i][ptr])
-            _add(h, cnt, result.stages[i], sw.rate(i, ptr, sw.reach[i][ptr]))
+            _add(h, cnt, result.stages[i], rate)
     return remaining
 
 
 def _pick(
     sw: _Swarm, remaining: list[int], ptr: int, deficit: float, untouched: bool
-) -> int | None:
-    """Which node (an index into ``remaining``, fastest first) adds its longest stage at ptr.
+) -> tuple[int, float] | None:
+    """Which node (an index into ``remaining``, fastest first) adds its longest stage at ptr,
+    and that stage's rate.
 
     On untouched ground, the fastest: a node too fast for any deficit wastes least there.
     Where a little is missing, the first of the next few that does not overshoot, else the
@@ -453,13 +455,14 @@ def _pick(
     order = range(len(remaining)) if deficit > 0 else range(len(remaining) - 1, -1, -1)
     reach = sw.reach
     holders = (k for k in order if reach[remaining[k]][ptr] > ptr)
-    best: tuple[float, int] | None = None
+    best: tuple[float, int, float] | None = None
     for k in itertools.islice(holders, _WINDOW):
-        over = sw.rate(remaining[k], ptr, reach[remaining[k]][ptr]) - deficit
+        rate = sw.rate(remaining[k], ptr, reach[remaining[k]][ptr])
+        over = rate - deficit
         if over <= 0 or deficit <= 0 or untouched:
-            return k
-        best = min(best or (over, k), (over, k))
-    return best[1] if best else None
+            return k, rate
+        best = min(best or (over, k, rate), (over, k, rate))
+    return (best[1], best[2]) if best else None
 
 
 def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> Stage | None:
@@ -471,10 +474,14 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
     shorter the stage, the higher its units and the more units left out below.
     """
     n = sw.n
-    level = [x if k else math.inf for x, k in zip(h, need, strict=True)]  # inf: nobody's
+    if all(need):  # (the usual case, and the copies below cost as much as the search)
+        level, finite = h, h
+    else:
+        level = [x if k else math.inf for x, k in zip(h, need, strict=True)]  # inf: nobody's
+        finite = [x if k else 0.0 for x, k in zip(h, need, strict=True)]
     before = list(itertools.accumulate(level, min, initial=math.inf))
     after = list(itertools.accumulate(reversed(level), min, initial=math.inf))[::-1]
-    total = list(itertools.accumulate((x if x < math.inf else 0.0 for x in level), initial=0.0))
+    total = list(itertools.accumulate(finite, initial=0.0))
     reach, prefix, overhead = sw.reach[i], sw.prefix[i], sw.overhead[i]
 
     def own(a: int, e: int) -> tuple[float, float]:  # its weakest unit, before and after
@@ -486,17 +493,16 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
         return (-min(before[a], after[e], raised), low, (total[e] - total[a]) / (e - a), a)
 
     best: tuple[tuple[float, float, float, int], Stage] | None = None
+    reached = -math.inf  # the level the best stage so far lifts the weakest unit to
     for a in range(n):
-        e = reach[a]
         # A stage from a leaves the units before a and after its end as they are, so the
         # weakest unit ends no higher than before[a] and after[e] (after[end] for a shorter
         # stage, no higher). A start that cannot reach the best's level is not weighed, and
         # since before[a] only falls as a grows, once it is below, no later start can.
-        if best is not None and min(before[a], after[e]) < -best[0][0]:
-            if before[a] < -best[0][0]:
-                break
-            continue
-        if e <= a:
+        if before[a] < reached:
+            break
+        e = reach[a]
+        if e <= a or after[e] < reached:
             continue
         k = key(a, e)
         if -k[0] < min(before[a], after[e]):  # its own units bind: try shorter stages
@@ -508,7 +514,7 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
                 if end < e and key(a, end)[0] < k[0]:
                     e, k = end, key(a, end)
         if best is None or k < best[0]:
-            best = (k, (a, e))
+            best, reached = (k, (a, e)), -k[0]
     return best[1] if best else None
 
 
@@ -543,10 +549,13 @@ def _improve(sw: _Swarm, result: _Result, movable: Sequence[int], need: Sequence
     stage (Petals' rule, itself removed) while that lifts the weakest level and costs no
     replica. Bounded, so that 1000 nodes stay fast."""
     h, cnt, stages = result.h, result.cnt, result.stages
+    placed = [i for i in movable if i in stages]  # (a move changes a stage, not who has one)
+    rate = {i: sw.rate(i, *stages[i]) for i in placed}  # kept up to date as nodes move
     for _ in range(_MOVES):
         level, short = result.level(need), result.short(need)
-        placed = [i for i in movable if i in stages]
-        redundant = {i: min(h[slice(*stages[i])]) - sw.rate(i, *stages[i]) for i in placed}
+        # Thousands of nodes share a few hundred stages: each stage's weakest unit once.
+        low = {stage: min(h[slice(*stage)]) for stage in {stages[i] for i in placed}}
+        redundant = {i: low[stages[i]] - rate[i] for i in placed}
         for i in heapq.nsmallest(_CANDIDATES, placed, key=lambda i: (-redundant[i], i)):
             old = stages[i]
             _add(h, cnt, old, sw.rate(i, *old), -1)
@@ -554,7 +563,7 @@ def _improve(sw: _Swarm, result: _Result, movable: Sequence[int], need: Sequence
             if new is not None and new != old:
                 _add(h, cnt, new, sw.rate(i, *new))
                 if result.level(need) > level and result.short(need) <= short:
-                    stages[i] = new
+                    stages[i], rate[i] = new, sw.rate(i, *new)
                     break
                 _add(h, cnt, new, sw.rate(i, *new), -1)
             _add(h, cnt, old, sw.rate(i, *old))
