@@ -457,11 +457,20 @@ class _Context:
         if not placement:
             placement = self._place([*caps.values(), *singles.values()])
         all_caps = {**caps, **singles}
+        # A model repeats one block unit n_layer times: each server times each distinct unit
+        # once.
+        distinct = list(dict.fromkeys(self.units))
+        which = [distinct.index(u) for u in self.units]
+
+        def unit_ms(cap: NodeCapacity, start: int, end: int) -> tuple[float, ...]:
+            ms = [cap.unit_ms(u) for u in distinct]
+            return tuple(ms[j] for j in which[start:end])
+
         servers = [
             Server(
                 key,
                 *stage,
-                tuple(all_caps[key].unit_ms(u) for u in self.units[slice(*stage)]),
+                unit_ms(all_caps[key], *stage),
                 overhead_ms=all_caps[key].overhead_ms,
                 whole=all_caps[key].size > 1,
                 size=all_caps[key].size,

@@ -454,14 +454,21 @@ def _pick(
     """
     order = range(len(remaining)) if deficit > 0 else range(len(remaining) - 1, -1, -1)
     reach = sw.reach
-    holders = (k for k in order if reach[remaining[k]][ptr] > ptr)
     best: tuple[float, int, float] | None = None
-    for k in itertools.islice(holders, _WINDOW):
-        rate = sw.rate(remaining[k], ptr, reach[remaining[k]][ptr])
+    weighed = 0
+    for k in order:
+        i = remaining[k]
+        if reach[i][ptr] <= ptr:  # cannot hold unit ptr
+            continue
+        rate = sw.rate(i, ptr, reach[i][ptr])
         over = rate - deficit
         if over <= 0 or deficit <= 0 or untouched:
             return k, rate
-        best = min(best or (over, k, rate), (over, k, rate))
+        if best is None or (over, k) < best[:2]:
+            best = (over, k, rate)
+        weighed += 1
+        if weighed == _WINDOW:
+            break
     return (best[1], best[2]) if best else None
 
 
