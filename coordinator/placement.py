@@ -187,11 +187,13 @@ def stage_ms(units: Sequence[UnitCost], node: NodeCapacity, start: int, end: int
 
 def coverage(placement: Mapping[str, Stage], n_units: int) -> list[int]:
     """How many nodes serve each unit (0 = a gap: no route exists)."""
-    counts = [0] * n_units
+    changes = [0] * (n_units + 1)  # +1 where a stage starts, -1 where it ends: O(nodes)
     for start, end in placement.values():
-        for u in range(max(start, 0), min(end, n_units)):
-            counts[u] += 1
-    return counts
+        start, end = max(start, 0), min(end, n_units)
+        if start < end:
+            changes[start] += 1
+            changes[end] -= 1
+    return list(itertools.accumulate(changes[:n_units]))
 
 
 def unit_throughput(
