@@ -42,7 +42,6 @@ from nanoshard.agreement import (
     from_wire,
     input_digest,
     output_digest,
-    to_wire,
     tolerance,
 )
 from nanoshard.errors import InvalidArgument, NanoshardError
@@ -92,6 +91,15 @@ class CheckResult:
         }
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """A replica's re-run of a checked step: its session, its output and signed trace."""
+
+    session_id: bytes
+    output: pb.Activations  # fp32, as it returned it
+    trace: pb.HopTrace
+
+
 @dataclass
 class Material:
     """What a check needs, fetched right after the step."""
@@ -106,14 +114,24 @@ class Material:
     logits: bool
     pos: int
     tokens: int
+    sent: pb.Activations  # the output exactly as the checked node sent it on (or returned it)
+    trace: pb.HopTrace  # what the checked node signed for the step
+    token: int | None  # the token it drew (at the head)
 
-    def evidence(self, outputs: list[torch.Tensor]) -> cpb.CheckEvidence | None:
-        """The step's input and the outputs, for the coordinator to re-run it itself (None
-        when too big to send)."""
+    def evidence(self, reruns: list[Rerun]) -> cpb.CheckEvidence | None:
+        """The step's input, the checked node's output and signed trace, and the replicas'
+        (theirs signed too), for the coordinator to re-run the step itself (None when too
+        big to send)."""
         evidence = cpb.CheckEvidence(
-            checked_output=to_wire(self.output),
-            replica_outputs=[to_wire(o) for o in outputs],
+            checked_output=self.sent,
+            replica_outputs=[r.output for r in reruns],
+            replica_traces=[r.trace for r in reruns],
+            replica_session_ids=[r.session_id for r in reruns],
             weights=self.weights,
+            checked_trace=self.trace,
+            session_id=self.spec.session_id,
+            has_token=self.token is not None,
+            token=self.token or 0,
         )
         for pos, item in self.inputs:
             if isinstance(item, pb.Activations):
@@ -234,14 +252,18 @@ class Checker:
             if not reply.HasField("output"):  # answered from a retried step's stored output
                 self.skipped["no output"] += 1
                 return None
-            output = from_wire(reply.output)
+            sent, token = reply.output, reply.token if reply.has_token else None
         else:
-            sent = self._sent(checked, spec.session_id, pos, end)
-            if len(sent) != 1 or sent[0][0] != pos or sent[0][1].shape[0] != n:
+            chunks = self._sent(checked, spec.session_id, pos, end)
+            if len(chunks) != 1 or chunks[0][0] != pos or chunks[0][1].shape[0] != n:
                 self.skipped["incomplete replay material"] += 1
                 return None
-            output = from_wire(sent[0][1])
-        return Material(hop, checked, replicas, weights, spec, inputs, output, last, pos, n)
+            sent, token = chunks[0][1], None
+        output = from_wire(sent)
+        return Material(
+            hop, checked, replicas, weights, spec, inputs, output, last, pos, n, sent,
+            traces[k], token,
+        )  # fmt: skip
 
     def _weights_of(self, address: str) -> str:
         """The dtype a node's weights run in (asked once): replicas must match it."""
@@ -291,10 +313,11 @@ class Checker:
                 self._jobs.task_done()
 
     def _check(self, m: Material) -> None:
-        outputs = {}
+        outputs, reruns = {}, {}
         for address in m.replicas:
             try:
-                outputs[address] = self._rerun(address, m)
+                reruns[address] = self._rerun(address, m)
+                outputs[address] = from_wire(reruns[address].output)
             except NanoshardError as exc:
                 log.info("spot-check re-run on %s failed: %s", address, exc)
         distances = {a: distance(out, m.output) for a, out in outputs.items()}
@@ -313,15 +336,15 @@ class Checker:
             )  # fmt: skip
         if self.report is not None:
             try:
-                result.excluded = self.report(self._report(m, result, outputs))
+                result.excluded = self.report(self._report(m, result, outputs, reruns))
                 with self._lock:
                     self._excluded.update(result.excluded)
             except NanoshardError as exc:
                 log.info("could not report a spot-check: %s", exc)
         self.results.append(result)
 
-    def _rerun(self, address: str, m: Material) -> torch.Tensor:
-        """The replica's output for the step, from a session of its own."""
+    def _rerun(self, address: str, m: Material) -> Rerun:
+        """The replica's output for the step, from a session of its own, and its trace."""
         session_id = secrets.token_bytes(16)
         spec = pb.SessionSpec()
         spec.CopyFrom(m.spec)
@@ -349,16 +372,20 @@ class Checker:
                         stub.Close(pb.CloseRequest(session_id=session_id), timeout=5)
             except grpc.RpcError as err:
                 raise rpc.error_from_rpc(err, address) from None
-        if not reply.HasField("output"):
+        if not reply.HasField("output") or not reply.hops:
             raise NanoshardError(f"{address} answered the re-run without its output")
-        return from_wire(reply.output)
+        return Rerun(session_id, reply.output, reply.hops[0])
 
     @staticmethod
     def _report(
-        m: Material, result: CheckResult, outputs: dict[str, torch.Tensor]
+        m: Material,
+        result: CheckResult,
+        outputs: dict[str, torch.Tensor],
+        reruns: dict[str, Rerun],
     ) -> cpb.CheckReport:
-        # Two nodes that disagree, and nobody else asked: the coordinator settles it itself.
-        dispute = not result.agree and len(outputs) == 1
+        # A disagreement: the coordinator settles it itself, on the checked node's own word
+        # (its signed trace) and a re-run of its own; nothing less excludes anyone.
+        dispute = not result.agree
         return cpb.CheckReport(
             start=m.hop.start,
             end=m.hop.end,
@@ -372,7 +399,7 @@ class Checker:
                 cpb.CheckOpinion(address=a, digest=output_digest(outputs[a]), error=d)
                 for a, d in result.distances.items()
             ],
-            evidence=m.evidence(list(outputs.values())) if dispute else None,
+            evidence=m.evidence([reruns[a] for a in result.distances]) if dispute else None,
         )
 
     # ---- the client's side ------------------------------------------------------------

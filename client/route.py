@@ -48,7 +48,8 @@ def route_from_addresses(
                 info = pb_grpc.NodeStub(ch).Info(pb.InfoRequest(), timeout=timeout_s)
             except grpc.RpcError as err:
                 raise rpc.error_from_rpc(err, address) from None
-        hops.append(pb.Hop(start=info.start, end=info.end, addresses=[address]))
+        keys = [info.public_key] if info.public_key else []
+        hops.append(pb.Hop(start=info.start, end=info.end, addresses=[address], public_keys=keys))
         n_units = info.n_units
         model_ids.add(info.model_id)
         names[address] = info.name

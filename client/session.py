@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from nanoshard import identity
 from nanoshard.backoff import backoff_delays
 from nanoshard.codec import check_codec
 from nanoshard.errors import InvalidArgument, NanoshardError, Unavailable
@@ -277,6 +278,7 @@ class SwarmSession:
                     step_id, pos, ids, sample=sample, return_output=return_output
                 )
                 reply, repair = await self.first.step(request)
+                self._check_signatures(reply, pos, len(ids))
             except Unavailable as exc:
                 log.info("step at %d failed (%s)", pos, exc)
                 self.avoid.add(exc.failed)
@@ -297,6 +299,34 @@ class SwarmSession:
         raise Unavailable(
             f"gave up after {self.retry.attempts} attempts: {failure}", failure.failed
         )
+
+    def _check_signatures(self, reply: pb.StepReply, pos: int, n_tokens: int) -> None:
+        """Every trace from a node whose key the route names must carry that node's
+        signature over the step, and the head's must sign the token answered (and the
+        logits returned): a hop that rewrote a later hop's trace or token is caught here.
+        Any hop that relayed the forged trace may have forged it: all are avoided (the
+        first hop alone, for its own trace)."""
+        keys: dict[str, bytes] = {}
+        for hop in self.route.hops if self.route is not None else []:
+            keys.update((a, k) for a, k in zip(hop.addresses, hop.public_keys, strict=False) if k)
+        if not keys:
+            return  # a route given by hand: nobody to check against
+        for i, trace in enumerate(reply.hops):
+            key = keys.get(trace.address)
+            relays = [h.address for h in reply.hops[:i]] or [trace.address]
+            head = i == len(reply.hops) - 1 and reply.has_token
+            if key is None:
+                continue
+            forged = not identity.step_signed(key, self.session_id, pos, n_tokens, trace)
+            if not forged and head:
+                output = reply.output if reply.HasField("output") else None
+                forged = identity.output_digest(output, reply.token) != trace.output_digest
+            if forged:
+                raise Unavailable(
+                    f"{', '.join(relays)} relayed a trace of {trace.address} that its "
+                    f"signature does not hold (step at position {pos})",
+                    relays,
+                )
 
     async def close(self) -> None:
         """Close the session on its route (else the nodes' TTL frees it)."""

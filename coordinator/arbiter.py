@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from nanoshard import codec as codecs
+from nanoshard import identity
 from nanoshard.agreement import StepInput, from_wire, input_digest
 from nanoshard.config import GPTConfig
 from nanoshard.engine import DTYPES, Stage
@@ -79,6 +80,53 @@ def read_evidence(
         _activations(act, rows, width, "evidence output")
     decoded = [from_wire(act) for act in outputs]
     return inputs, decoded[0], decoded[1:], ev.weights
+
+
+def signed(
+    public_key: bytes,
+    report: cpb.CheckReport,
+    session_id: bytes,
+    trace: pb.HopTrace,
+    output: pb.Activations,
+    token: int | None,
+    who: str,
+) -> None:
+    """Check that a node's part of the evidence is its own word: its signature over the
+    step (session, positions, stage, digests), the input digest of the evidence's chunks,
+    and the output digest of the output given (and token). INVALID_ARGUMENT if not."""
+    if not public_key:
+        raise InvalidArgument(f"evidence: {who} has no key to check it with")
+    if (trace.start, trace.end) != (report.start, report.end):
+        raise InvalidArgument(f"evidence: {who}'s trace is of another stage")
+    if not identity.step_signed(public_key, session_id, report.pos, report.tokens, trace):
+        raise InvalidArgument(f"evidence: {who}'s trace does not carry its signature")
+    if trace.input_digest != report.input_digest:
+        raise InvalidArgument(f"evidence: the inputs are not those {who} signed for")
+    if identity.output_digest(output, token) != trace.output_digest:
+        raise InvalidArgument(f"evidence: the output is not the one {who} signed for")
+
+
+def signers(report: cpb.CheckReport, keys: dict[str, bytes]) -> list[str]:
+    """The nodes whose outputs in the report's evidence are their own signed word: the
+    checked node always (raises INVALID_ARGUMENT if not), each replica that sent a trace."""
+    ev = report.evidence
+    checked = report.checked.address
+    token = ev.token if ev.has_token else None
+    signed(keys.get(checked, b""), report, ev.session_id, ev.checked_trace, ev.checked_output,
+           token, "the checked node")  # fmt: skip
+    out = [checked]
+    if ev.replica_traces and len(ev.replica_traces) != len(report.replicas):
+        raise InvalidArgument("evidence: one trace per replica, or none")
+    if len(ev.replica_session_ids) != len(ev.replica_traces):
+        raise InvalidArgument("evidence: one session id per replica trace")
+    for opinion, trace, sid, output in zip(
+        report.replicas, ev.replica_traces, ev.replica_session_ids, ev.replica_outputs,
+        strict=False,
+    ):  # fmt: skip
+        who = f"replica {opinion.address}"
+        signed(keys.get(opinion.address, b""), report, sid, trace, output, None, who)
+        out.append(opinion.address)
+    return out
 
 
 class Arbiter:

@@ -83,6 +83,7 @@ class NodeRecord:
     group: str = ""  # the group (formation id) it is assigned to serve its stage in
     tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
     slowdown: float = 1.0  # placement's factor on its measured step times (load.py)
+    public_key: bytes = b""  # its Ed25519 identity (nanoshard/identity.py), proven at join
 
 
 @dataclass
@@ -600,6 +601,10 @@ class Registry:
         heartbeats can (``load.Handouts``)."""
         self.handouts.prune(now)
         self.handouts.add(addresses, now)
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Each node's public key, by address: what checks a step's signature."""
+        return {r.address: r.public_key for r in self.nodes.values() if r.public_key}
 
     def _pending(self, record: NodeRecord) -> int:
         return self.handouts.pending(record.address, record.last_heartbeat)

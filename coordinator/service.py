@@ -14,8 +14,9 @@ from typing import Any
 
 import grpc
 
-from nanoshard import PROTOCOL_VERSION, rpc
+from nanoshard import PROTOCOL_VERSION, identity, rpc
 from nanoshard.agreement import distance
+from nanoshard.agreement import tolerance as tolerance_for
 from nanoshard.config import unit_name
 from nanoshard.engine import DTYPES
 from nanoshard.errors import (
@@ -31,8 +32,9 @@ from nanoshard.tp import MAX_PEERS
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
-from .arbiter import ARBITER, Arbiter, read_evidence
+from .arbiter import ARBITER, Arbiter, read_evidence, signers
 from .groups import LinkReport, PeerReport
+from .limits import Bounded, RateLimit
 from .load import LiveReport
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
@@ -50,6 +52,10 @@ DEVICE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,15}(:\d{1,3})?$")  # cpu, cuda:0
 # Re-running a disputed step costs the coordinator up to a prefill of a stage: a client
 # (or many) cannot keep it busier than this.
 ARBITRATE_EVERY_S = 1.0
+REPORTS_PER_MIN = 60  # spot-check reports a caller may send a minute
+MAX_SETTLED = 10_000  # settled steps remembered (a replayed report is not re-run)
+MAX_FALSE_REPORTERS = 10_000
+PROOF_WINDOW_S = 60.0  # how far a join proof's time may be from the coordinator's clock
 
 
 def handles_errors(method: Callable) -> Callable:
@@ -117,6 +123,7 @@ class CoordinatorService:
         epoch: bytes,
         clock: Callable[[], float] = time.monotonic,
         security: Security | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.security = security or Security()
         self.store = store
@@ -125,11 +132,15 @@ class CoordinatorService:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.epoch = epoch
         self.clock = clock
+        self.wall_clock = wall_clock  # join proofs carry the time they were made
         self.ledger = Ledger()
         self.replanner = Replanner(registry)  # placement runs off the event loop
         self.arbiter = Arbiter(store)
         self._arbitrating = asyncio.Lock()  # one dispute re-run at a time ...
         self._arbitrated_at = -math.inf  # ... and at most one per ARBITRATE_EVERY_S
+        self._settled = Bounded(MAX_SETTLED)  # signatures of steps settled (replays: no re-run)
+        self.reports = RateLimit(REPORTS_PER_MIN, 60.0)  # per caller
+        self.false_reporters = Bounded(MAX_FALSE_REPORTERS)  # callers not heard any more
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return rpc.strict_service(
@@ -174,8 +185,22 @@ class CoordinatorService:
                 f"this node holds model {request.model_id[:12]}…, the swarm runs "
                 f"{self.store.name} ({self.store.model_id[:12]}…): drop --model or point it at the same checkpoint"
             )
-        if not re.fullmatch(r"[0-9a-f]{8,64}", request.node_id):
-            raise InvalidArgument("node_id must be 8 to 64 lowercase hex digits")
+        if len(request.public_key) != identity.PUBLIC_KEY_BYTES:
+            raise InvalidArgument("public_key must be a 32-byte Ed25519 public key")
+        if request.node_id != identity.node_id_of(request.public_key):
+            raise InvalidArgument(
+                "node_id must be derived from the public key (identity.node_id_of)"
+            )
+        if abs(request.proof_ms / 1000 - self.wall_clock()) > PROOF_WINDOW_S:
+            raise InvalidArgument(
+                f"the join proof was made {request.proof_ms / 1000 - self.wall_clock():+.0f} s "
+                f"from the coordinator's clock (at most {PROOF_WINDOW_S:g} s): set the clock"
+            )
+        message = identity.join_proof_message(
+            request.swarm, request.node_id, request.address, request.proof_ms
+        )
+        if not identity.verify(request.public_key, request.proof, message):
+            raise Unauthenticated("the join proof is not the public key's signature")
         if not rpc.ADDRESS.fullmatch(request.address):
             raise InvalidArgument(f"address {request.address[:80]!r} is not HOST:PORT")
         capacity = check_capacity(request.capacity)
@@ -192,6 +217,7 @@ class CoordinatorService:
             last_heartbeat=self.clock(),
             held=held,
             store_port=request.store_port,
+            public_key=request.public_key,
         )
         self.registry.join(record)
         await self.replanner.placed()  # the reply carries the node's stage
@@ -257,8 +283,17 @@ class CoordinatorService:
         )
         if not request.peek:
             self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
+        keys = self.registry.public_keys()
         return cpb.RouteReply(
-            hops=[pb.Hop(start=h.start, end=h.end, addresses=h.addresses) for h in hops],
+            hops=[
+                pb.Hop(
+                    start=h.start,
+                    end=h.end,
+                    addresses=h.addresses,
+                    public_keys=[keys.get(a, b"") for a in h.addresses],
+                )
+                for h in hops
+            ],
             model_id=self.store.model_id,
             n_units=self.registry.config.n_units,
         )
@@ -362,8 +397,17 @@ class CoordinatorService:
 
     @handles_errors
     async def ReportCheck(self, request: cpb.CheckReport, context: Any) -> cpb.CheckReply:
-        """Record a client's spot-check (settling a dispute of two nodes by re-running the
-        step here); exclude whom two others now stand against."""
+        """Record a client's spot-check. A caller's word excludes no one: a report whose
+        evidence carries the checked node's own signed trace of the step is settled here
+        (the coordinator re-runs the step from its own weights, and excludes the node if
+        what it signed differs beyond tolerance); one without is kept for the tallies in
+        status. Each caller may report ``REPORTS_PER_MIN`` times a minute; one whose
+        evidence does not hold up (a signature, a digest) is not heard again."""
+        caller = rpc.caller_identity(context)
+        now = self.clock()
+        if caller in self.false_reporters:
+            return cpb.CheckReply()
+        self.reports.take(caller, now)
         start, end = self._stage(request.start, request.end, "checked stage")
         tolerance = request.tolerance
         if not (math.isfinite(tolerance) and 0 < tolerance <= 10):
@@ -378,53 +422,61 @@ class CoordinatorService:
                 raise InvalidArgument(f"error {opinion.error} must be finite and >= 0")
         if any(o.address == checked for o in request.replicas):
             raise InvalidArgument("a replica of a check must be another node than the one checked")
-        evidence = None
-        if request.HasField("evidence"):
-            evidence = read_evidence(request, self.registry.config)
-        now = self.clock()
-        known = {r.address for r in self.registry.nodes.values()}
-        if checked not in known:
+        known = {r.address: r for r in self.registry.nodes.values()}
+        record = known.get(checked)
+        if record is None:
             return cpb.CheckReply()  # about a node gone: nothing to do
-        replicas = [o for o in request.replicas if o.address in known]
-        comparisons = [
-            Comparison(checked, o.address, start, end, request.pos, o.error, tolerance, now)
-            for o in replicas
-        ]
-        self.ledger.add(comparisons)
-        excluded = self._judge({checked, *(o.address for o in replicas)}, now)
-        idle = now - self._arbitrated_at >= ARBITRATE_EVERY_S and not self._arbitrating.locked()
-        if evidence is not None and not excluded and idle:
-            self._arbitrated_at = now
-            async with self._arbitrating:
-                inputs, checked_out, replica_outs, weights = evidence
-                mine = await asyncio.to_thread(self.arbiter.rerun, start, end, weights, inputs)
-            now = self.clock()
-            addresses = [checked, *(o.address for o in request.replicas)]
-            settled = [
-                Comparison(ARBITER, a, start, end, request.pos, distance(mine, out), tolerance, now)
-                for a, out in zip(addresses, [checked_out, *replica_outs], strict=True)
-                if a in known
+        self.ledger.add(
+            [
+                Comparison(checked, o.address, start, end, request.pos, o.error, tolerance, now)
+                for o in request.replicas
+                if o.address in known
             ]
-            log.info(
-                "settled a dispute on units [%d, %d) at position %d: %s",
-                start, end, request.pos,
-                ", ".join(f"{c.b} at {c.error:.3g}" for c in settled),
-            )  # fmt: skip
-            self.ledger.add(settled)
-            excluded = self._judge(set(addresses), now)
-        return cpb.CheckReply(excluded=excluded)
-
-    def _judge(self, addresses: set[str], now: float) -> list[str]:
-        """Exclude those of ``addresses`` the ledger now speaks against; who they are."""
+        )
+        if not request.HasField("evidence"):
+            return cpb.CheckReply()
+        try:
+            inputs, checked_out, replica_outs, weights = read_evidence(
+                request, self.registry.config
+            )
+            signed_nodes = signers(request, self.registry.public_keys())
+        except InvalidArgument:
+            self.false_reporters.add(caller)
+            log.warning("%s sent spot-check evidence that does not hold up: ignored", caller)
+            raise
+        signature = request.evidence.checked_trace.signature
+        idle = now - self._arbitrated_at >= ARBITRATE_EVERY_S and not self._arbitrating.locked()
+        if signature in self._settled or not idle:
+            return cpb.CheckReply()  # settled already, or busy: a later report will do
+        self._settled.add(signature)
+        self._arbitrated_at = now
+        async with self._arbitrating:
+            mine = await asyncio.to_thread(self.arbiter.rerun, start, end, weights, inputs)
+        head = end == self.registry.config.n_units
+        allowed = tolerance_for(request.codec, weights, mine, logits=head)
+        addresses = [checked, *(o.address for o in request.replicas)]
+        outputs = dict(zip(addresses, [checked_out, *replica_outs], strict=True))
+        now = self.clock()
         excluded = []
-        for address in sorted(addresses):
-            if address in self.registry.excluded:
-                continue
-            reason = self.ledger.verdict(address, set(self.registry.excluded), now)
-            if reason is not None:
-                self.registry.exclude(address, reason)
+        for address in signed_nodes:
+            error = distance(mine, outputs[address])
+            self.ledger.add(
+                [Comparison(ARBITER, address, start, end, request.pos, error, allowed, now)]
+            )
+            log.info(
+                "settled a dispute on units [%d, %d) at position %d: %s's signed output at "
+                "%.3g from the coordinator's (tolerance %.3g)",
+                start, end, request.pos, address, error, allowed,
+            )  # fmt: skip
+            if error > allowed and address not in self.registry.excluded:
+                self.registry.exclude(
+                    address,
+                    f"spot-check: its signed output for units [{start}, {end}) at position "
+                    f"{request.pos} differs from the coordinator's re-run by {error:.3g} "
+                    f"(tolerance {allowed:.3g})",
+                )
                 excluded.append(address)
-        return excluded
+        return cpb.CheckReply(excluded=excluded)
 
 
 def live_report(live: cpb.LiveLoad) -> LiveReport:

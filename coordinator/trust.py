@@ -1,20 +1,13 @@
-"""Whom spot-checks speak against: a pure policy over the checks clients report.
+"""What spot-checks said: a pure record of the comparisons clients report, for the tallies
+``nanoshard status`` shows (checks passed and failed, per node).
 
-A check compares the output of the node that ran a step with the outputs of the replicas
-that re-ran it: each pair agrees (within the reported tolerance) or disagrees. One
-disagreement cannot say which side is wrong, so a node is excluded only once two other
-nodes stand against it:
+A comparison is a caller's word, and a caller's word excludes no one: the coordinator
+excludes a node only on evidence it verified itself, the node's own signed output for a
+step that the coordinator's re-run contradicts (``service.ReportCheck``, ``arbiter.py``).
+Those re-runs are recorded here too, under the name ``coordinator``.
 
-- **confirmed**: two distinct nodes disagreed with it; or
-- **corroborated**: a node disagreed with it, and a third node agreed with that node.
-
-Nodes already excluded are no witnesses, so the honest partners of an excluded node are
-cleared of what it said about them. With only two nodes serving a stage, the coordinator
-is the third: it re-runs a disputed step itself (``arbiter.py``) and its comparisons count
-like a node's, under the name ``coordinator``.
-
-Comparisons are kept for ``window_s`` (and at most ``max_entries``); the ledger is soft
-state like the rest of the coordinator's: a restart forgets it, and the exclusions.
+Comparisons are kept for ``window_s`` (and at most ``max_entries``): soft state, like the
+rest of the coordinator's.
 """
 
 from __future__ import annotations
@@ -68,33 +61,3 @@ class Ledger:
             for address in {c.a, c.b}:
                 counts.setdefault(address, [0, 0])[0 if c.agree else 1] += 1
         return {address: (passed, failed) for address, (passed, failed) in counts.items()}
-
-    def verdict(self, address: str, excluded: set[str], now: float) -> str | None:
-        """Why ``address`` should be excluded, or None. ``excluded`` are no witnesses."""
-        recent = self._recent(now)
-        against = [
-            c
-            for c in recent
-            if address in (c.a, c.b) and not c.agree and c.other(address) not in excluded
-        ]
-        if not against:
-            return None
-        witnesses = sorted({c.other(address) for c in against})
-        worst = max(against, key=lambda c: c.error / max(c.tolerance, 1e-12))
-        evidence = (
-            f"units [{worst.start}, {worst.end}) at position {worst.pos}: error "
-            f"{worst.error:.3g} > tolerance {worst.tolerance:.3g}; "
-            f"{len(against)} disagreement(s)"
-        )
-        if len(witnesses) >= 2:
-            return f"spot-checks: {' and '.join(witnesses)} disagreed with it ({evidence})"
-        (witness,) = witnesses
-        for c in recent:
-            if witness in (c.a, c.b) and c.agree:
-                third = c.other(witness)
-                if third != address and third not in excluded:
-                    return (
-                        f"spot-checks: {witness} disagreed with it and {third} agreed with "
-                        f"{witness} ({evidence})"
-                    )
-        return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -50,12 +51,17 @@ def input_digest(inputs: Sequence[StepInput]) -> bytes:
     as their wire message)."""
     h = hashlib.sha256()
     for pos, item in inputs:
-        h.update(pos.to_bytes(4, "little"))
-        if isinstance(item, pb.Activations):
-            h.update(item.SerializeToString(deterministic=True))
-        else:
-            h.update(array("I", item).tobytes())
+        add_chunk(h, pos, item)
     return h.digest()
+
+
+def add_chunk(h: Any, pos: int, item: list[int] | pb.Activations) -> None:
+    """Feed one input chunk to a running ``input_digest`` (a node keeps one per session)."""
+    h.update(pos.to_bytes(4, "little"))
+    if isinstance(item, pb.Activations):
+        h.update(item.SerializeToString(deterministic=True))
+    else:
+        h.update(array("I", item).tobytes())
 
 
 def output_digest(output: torch.Tensor) -> bytes:

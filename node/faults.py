@@ -10,6 +10,9 @@ longer (outputs unchanged), so a test can fill the node's queue without betting 
 AFTER seconds after it started (outputs unchanged; its capacity, measured as it starts, is
 not), like a volunteer whose owner starts a game: each compute job then holds the worker
 FACTOR - 1 times as long again as it took.
+``NANOSHARD_FAULT=forge`` makes the node rewrite what it relays: the token the later hops
+drew, one higher (its own outputs unchanged), as a middle hop that games its callers would;
+the client's check of the head's signature catches it.
 Nothing else should set it."""
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,7 +60,16 @@ class Slow:
             time.sleep((self.factor - 1) * compute_s)
 
 
-def fault_from_env(value: str | None = None) -> Fault | Delay | Slow | None:
+@dataclass(frozen=True)
+class Forge:
+    """Rewrites the token in the replies it relays (see the module doc)."""
+
+    def relay(self, reply: Any) -> None:
+        if reply.has_token:
+            reply.token += 1
+
+
+def fault_from_env(value: str | None = None) -> Fault | Delay | Slow | Forge | None:
     """The fault ``$NANOSHARD_FAULT`` asks for, or None (the normal case)."""
     value = os.environ.get(ENV, "") if value is None else value
     if not value:
@@ -72,8 +85,10 @@ def fault_from_env(value: str | None = None) -> Fault | Delay | Slow | None:
         return Delay(numbers[0])
     if kind == "slow" and len(numbers) == 2 and 1 < numbers[0] <= 100 and 0 <= numbers[1] <= 1e6:
         return Slow(*numbers)
+    if value == "forge":
+        return Forge()
     raise InvalidArgument(
         f"{ENV}={value!r}: expected perturb:SCALE with 0 < SCALE <= 100, "
-        "delay:SECONDS with 0 < SECONDS <= 60, or slow:FACTOR:AFTER with 1 < FACTOR <= 100 "
-        "and AFTER >= 0 seconds"
+        "delay:SECONDS with 0 < SECONDS <= 60, slow:FACTOR:AFTER with 1 < FACTOR <= 100 "
+        "and AFTER >= 0 seconds, or forge"
     )

@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
+from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
 from nanoshard.tp import Collective, CollectiveError, shard
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -111,7 +111,9 @@ class Volunteer:
     def __init__(self, config: JoinConfig, events: Events | None = None) -> None:
         self.config = config
         self.events = events or Events()
-        self.node_id = secrets.token_hex(8)
+        # Its identity: a key kept in its cache folder (nanoshard/identity.py).
+        self.key = NodeKey.load(config.cache_dir / "keys")
+        self.node_id = self.key.node_id
         self.security = config.security.with_identity(self.node_id)  # tokens name this node
         self.stop = asyncio.Event()
         self.target = ""
@@ -211,6 +213,7 @@ class Volunteer:
                 security=self.security,
                 quotas=config.quotas,
                 max_queue=config.max_queue,
+                key=self.key,
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
@@ -292,6 +295,11 @@ class Volunteer:
             held_start=self.ready[0] if self.ready else 0,
             held_end=self.ready[1] if self.ready else 0,
             store_port=self.store.port if self.store is not None else 0,
+            public_key=self.key.public_key,
+            proof_ms=int(time.time() * 1000),
+        )
+        request.proof = self.key.sign(
+            join_proof_message(request.swarm, request.node_id, request.address, request.proof_ms)
         )
         reply: cpb.JoinReply = await self.call(self._stub.Join, request, "join")  # type: ignore[assignment]
         self.heartbeat_interval = reply.heartbeat_interval_s or 2.0

@@ -22,6 +22,7 @@ from nanoshard.checkpoint import Checkpoint, open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
+from nanoshard.identity import NodeKey
 from nanoshard.security import Security
 
 from .quotas import QuotaLimits, Quotas
@@ -72,8 +73,10 @@ class DataPlane:
         security: Security | None = None,
         quotas: QuotaLimits | None = None,
         max_queue: int = MAX_QUEUE,
+        key: NodeKey | None = None,
     ) -> None:
         security = security or Security()
+        self.key = key or NodeKey.generate()  # what its steps are signed with
         self.worker = ComputeWorker(threads=threads or None, max_batch=batch, max_queue=max_queue)
         self.server = grpc.aio.server(options=rpc.server_options(max_message_bytes))
         self.port = rpc.add_port(self.server, f"{host}:{port}", security)
@@ -95,6 +98,7 @@ class DataPlane:
             max_message_bytes=max_message_bytes,
             security=security,
             quotas=Quotas(quotas or QuotaLimits()),
+            key=self.key,
         )
         self.server.add_generic_rpc_handlers((self.service.rpc_handler(),))
         self._expiry: asyncio.Task | None = None

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from nanoshard import PROTOCOL_VERSION, rpc
+from nanoshard import PROTOCOL_VERSION, agreement, identity, rpc
 from nanoshard import codec as codecs
 from nanoshard.engine import Stage
 from nanoshard.errors import (
@@ -38,7 +38,7 @@ from nanoshard.tp import CollectiveError, gather_vocab
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-from .faults import Slow, fault_from_env
+from .faults import Forge, Slow, fault_from_env
 from .group import GroupStep, Membership, acks
 from .links import PING_MAX_BYTES
 from .live import LiveStats
@@ -101,8 +101,10 @@ class NodeService(pb_grpc.NodeServicer):
         step_timeout_s: float = 120.0,
         security: Security | None = None,
         quotas: Quotas | None = None,
+        key: identity.NodeKey | None = None,
     ) -> None:
         self.security = security or Security()
+        self.key = key  # what it signs its steps with (None: it signs nothing)
         self.quotas = quotas or Quotas(QuotaLimits())
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.group: Membership | None = None  # the tensor-parallel group serving it, if any
@@ -120,6 +122,9 @@ class NodeService(pb_grpc.NodeServicer):
             log.warning("TEST FAULT ON: this node perturbs or slows its steps (%s)", fault)
         if isinstance(fault, Slow):
             worker.slow, fault = fault, None  # the worker holds each job longer
+        self.forge = fault if isinstance(fault, Forge) else None  # rewrites what it relays
+        if self.forge is not None:
+            fault = None
         self.fault = fault  # applied to every output
 
     def set_stage(self, stage: Stage | None, group: Membership | None = None) -> None:
@@ -530,8 +535,10 @@ class NodeService(pb_grpc.NodeServicer):
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.
                 job = self.worker.submit(run)
+                digest = session.inputs.copy()  # the input digest once this chunk is in
+                agreement.add_chunk(digest, req.pos, _input_of(req))
                 job.add_done_callback(
-                    functools.partial(self._record, session, req.step_id, req.pos, n_tokens)
+                    functools.partial(self._record, session, req.step_id, req.pos, n_tokens, digest)
                 )
                 try:
                     timed = await asyncio.shield(job)
@@ -589,7 +596,10 @@ class NodeService(pb_grpc.NodeServicer):
                 if down.HasField("output"):
                     reply.output.CopyFrom(down.output)
                 reply.hops.extend(down.hops)
+                if self.forge is not None:
+                    self.forge.relay(reply)
             trace.handle.CopyFrom(self.handle(session))
+            self._sign(session, req, n_tokens, trace, out, returned)
             trace.total_ms = (time.perf_counter() - received) * 1e3
             reply.hops.insert(0, trace)
             session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
@@ -599,14 +609,42 @@ class NodeService(pb_grpc.NodeServicer):
 
     @staticmethod
     def _record(
-        session: NodeSession, step_id: int, pos: int, n_tokens: int, job: asyncio.Future
+        session: NodeSession,
+        step_id: int,
+        pos: int,
+        n_tokens: int,
+        digest: Any,
+        job: asyncio.Future,
     ) -> None:
         if job.cancelled() or job.exception() is not None:
             return
+        session.inputs = digest
+        session.input_digests[pos + n_tokens] = digest.digest()
         out = job.result().value
         session.last_output = (step_id, pos, n_tokens, out)
         if not session.stage.has_head:
             session.sent.add(pos, out)
+
+    def _sign(
+        self,
+        session: NodeSession,
+        req: pb.StepRequest,
+        n_tokens: int,
+        trace: pb.HopTrace,
+        out: Any,
+        returned: list[pb.Activations],
+    ) -> None:
+        """Sign what this node computed for the step (``identity.step_statement``)."""
+        digest = session.input_digests.get(req.pos + n_tokens)
+        if self.key is None or digest is None:
+            return
+        if session.stage.has_head:
+            token = out if isinstance(out, int) else None
+            output = identity.output_digest(returned[0] if returned else None, token)
+        else:
+            output = identity.output_digest(out)
+        trace.input_digest, trace.output_digest = digest, output
+        identity.sign_step(self.key, session.spec.session_id, req.pos, n_tokens, trace)
 
     def _prepare(
         self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
@@ -766,4 +804,10 @@ class NodeService(pb_grpc.NodeServicer):
             step_ms_p50=self.step_ms_p50,
             epoch=self.identity.epoch,
             protocol_version=PROTOCOL_VERSION,
+            public_key=self.key.public_key if self.key is not None else b"",
         )
+
+
+def _input_of(req: pb.StepRequest) -> list[int] | pb.Activations:
+    """A step's input as ``agreement.input_digest`` hashes it."""
+    return req.activations if req.WhichOneof("input") == "activations" else list(req.tokens.ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -54,6 +55,10 @@ class NodeSession:
     sent: Replay[Any] = field(default_factory=activation_replay)
     next: NextHop | None = None  # the link to the next hop of the bound route, if any
     caller: str = ""  # who opened it (rpc.caller_identity): whose quotas it counts against
+    # agreement.input_digest of every input chunk it computed, running; and its value after
+    # each chunk, by the position the chunk ends at: what the node signs a step over.
+    inputs: Any = field(default_factory=hashlib.sha256)
+    input_digests: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def length(self) -> int:

@@ -8,10 +8,12 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nanoshard.config import GPTConfig
 from nanoshard.coordinator import groups
@@ -33,6 +35,7 @@ from nanoshard.coordinator.registry import (
 from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, plan_route
 from nanoshard.coordinator.service import CoordinatorService
 from nanoshard.errors import InvalidArgument
+from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.statusview import status_json
 from nanoshard.v1 import coordinator_pb2 as cpb
 
@@ -353,7 +356,7 @@ def record(
     address: str | None = None,
 ) -> NodeRecord:
     return NodeRecord(
-        node_id=f"{i:016x}",
+        node_id=nid(i),
         name=f"n{i}",
         address=address or f"10.0.0.{i + 1}:7961",
         capacity=Capacity(
@@ -364,8 +367,20 @@ def record(
     )
 
 
+def ordered_keys(n: int) -> list[NodeKey]:
+    """Node keys whose ids sort in the order of their index (as the tests' nodes rank)."""
+    keys = [
+        NodeKey(Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "little")))
+        for seed in range(1, n + 1)
+    ]
+    return sorted(keys, key=lambda k: k.node_id)
+
+
+KEYS = ordered_keys(16)
+
+
 def nid(i: int) -> str:
-    return f"{i:016x}"
+    return KEYS[i].node_id
 
 
 def serve_all(registry: Registry, now: float = 1.0) -> None:
@@ -585,7 +600,7 @@ def join_request(i: int, store_port: int) -> cpb.JoinRequest:
     c = r.capacity
     from nanoshard import PROTOCOL_VERSION
 
-    return cpb.JoinRequest(
+    request = cpb.JoinRequest(
         node_id=r.node_id,
         name=r.name,
         address=r.address,
@@ -599,7 +614,12 @@ def join_request(i: int, store_port: int) -> cpb.JoinRequest:
             head_ms=c.head_ms,
         ),
         store_port=store_port,
+        public_key=KEYS[i].public_key,
+        proof_ms=int(time.time() * 1000),
     )
+    message = join_proof_message("default", r.node_id, r.address, request.proof_ms)
+    request.proof = KEYS[i].sign(message)
+    return request
 
 
 def test_the_wire_carries_groups_to_members_routes_and_status() -> None:

@@ -94,7 +94,7 @@ class GroupLink(_message.Message):
     def __init__(self, probe_ms: _Optional[float] = ..., bytes_per_s: _Optional[float] = ..., live_ms: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port")
+    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port", "public_key", "proof", "proof_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,9 @@ class JoinRequest(_message.Message):
     HELD_START_FIELD_NUMBER: _ClassVar[int]
     HELD_END_FIELD_NUMBER: _ClassVar[int]
     STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    PROOF_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -115,7 +118,10 @@ class JoinRequest(_message.Message):
     held_start: int
     held_end: int
     store_port: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ...) -> None: ...
+    public_key: bytes
+    proof: bytes
+    proof_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ..., public_key: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., proof_ms: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("idle", "start", "end", "version", "tp")
@@ -328,16 +334,28 @@ class CheckInput(_message.Message):
     def __init__(self, pos: _Optional[int] = ..., tokens: _Optional[_Union[_node_pb2.Tokens, _Mapping]] = ..., activations: _Optional[_Union[_node_pb2.Activations, _Mapping]] = ...) -> None: ...
 
 class CheckEvidence(_message.Message):
-    __slots__ = ("inputs", "checked_output", "replica_outputs", "weights")
+    __slots__ = ("inputs", "checked_output", "replica_outputs", "weights", "checked_trace", "session_id", "has_token", "token", "replica_traces", "replica_session_ids")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CHECKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_TRACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_TRACES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[CheckInput]
     checked_output: _node_pb2.Activations
     replica_outputs: _containers.RepeatedCompositeFieldContainer[_node_pb2.Activations]
     weights: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[CheckInput, _Mapping]]] = ..., checked_output: _Optional[_Union[_node_pb2.Activations, _Mapping]] = ..., replica_outputs: _Optional[_Iterable[_Union[_node_pb2.Activations, _Mapping]]] = ..., weights: _Optional[str] = ...) -> None: ...
+    checked_trace: _node_pb2.HopTrace
+    session_id: bytes
+    has_token: bool
+    token: int
+    replica_traces: _containers.RepeatedCompositeFieldContainer[_node_pb2.HopTrace]
+    replica_session_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[CheckInput, _Mapping]]] = ..., checked_output: _Optional[_Union[_node_pb2.Activations, _Mapping]] = ..., replica_outputs: _Optional[_Iterable[_Union[_node_pb2.Activations, _Mapping]]] = ..., weights: _Optional[str] = ..., checked_trace: _Optional[_Union[_node_pb2.HopTrace, _Mapping]] = ..., session_id: _Optional[bytes] = ..., has_token: _Optional[bool] = ..., token: _Optional[int] = ..., replica_traces: _Optional[_Iterable[_Union[_node_pb2.HopTrace, _Mapping]]] = ..., replica_session_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CheckReply(_message.Message):
     __slots__ = ("excluded",)

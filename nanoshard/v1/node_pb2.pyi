@@ -31,14 +31,16 @@ class GroupAck(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., compute_ms: _Optional[float] = ..., collective_ms: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("start", "end", "addresses")
+    __slots__ = ("start", "end", "addresses", "public_keys")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -133,7 +135,7 @@ class StepReply(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes")
+    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,9 @@ class HopTrace(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_MS_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     start: int
@@ -168,7 +173,10 @@ class HopTrace(_message.Message):
     tp: int
     collective_ms: float
     collective_bytes: int
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ...) -> None: ...
+    input_digest: bytes
+    output_digest: bytes
+    signature: bytes
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("session_id", "start", "end", "length", "epoch")
@@ -237,7 +245,7 @@ class PingReply(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size")
+    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size", "public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +263,7 @@ class NodeInfo(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     model_id: str
@@ -272,4 +281,5 @@ class NodeInfo(_message.Message):
     protocol_version: int
     tp_rank: int
     tp_size: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,178 @@
+"""A node's identity: a long-lived Ed25519 key, and what it signs.
+
+Every node keeps a private key in its cache folder (``keys/node.key``, made on first start;
+a second node started on the same folder while the first runs takes ``node-1.key``, and so
+on: each key file is locked by the process using it). Its public key *is* its identity: the
+node id is derived from it (``node_id_of``), so no one can claim another node's id, and a
+restarted node keeps its own. A node proves it holds the key when it joins (``join_proof``)
+and signs what each of its steps computed (``step_statement``): the session, the step's
+positions, its stage, and digests of its input (every chunk from position 0, as
+``agreement.input_digest`` hashes them) and of its output (the activations it sent on, or
+at the head the token it drew and the logits it returned). A client checks the signatures
+of the traces it gets (a middle hop cannot rewrite a later hop's trace or token), and the
+coordinator excludes a node only on evidence its own signature makes (``coordinator/
+service.py``). The signature work is the ``cryptography`` package's (OpenSSL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import IO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from nanoshard.errors import InvalidArgument
+from nanoshard.v1 import node_pb2 as pb
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+JOIN_DOMAIN = b"nanoshard-join-v1"
+STEP_DOMAIN = b"nanoshard-step-v1"
+MAX_KEY_FILES = 64  # node.key, node-1.key, ... in one folder
+
+
+def node_id_of(public_key: bytes) -> str:
+    """A node's id: the first 32 hex digits of its public key's sha256."""
+    return hashlib.sha256(public_key).hexdigest()[:32]
+
+
+class NodeKey:
+    """A node's private key, loaded from (or made in) a key file this process holds locked."""
+
+    def __init__(self, private: Ed25519PrivateKey, lock: IO[bytes] | None = None) -> None:
+        self._private = private
+        self._lock = lock  # open (and flock-ed) while this process uses the key
+        self.public_key = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.node_id = node_id_of(self.public_key)
+
+    @classmethod
+    def generate(cls) -> NodeKey:
+        """A key of this process alone (tests, and nodes that keep no cache)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, folder: Path) -> NodeKey:
+        """The first key file in ``folder`` no other running process holds; a new one if
+        every existing file is held."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(MAX_KEY_FILES):
+            path = folder / ("node.key" if index == 0 else f"node-{index}.key")
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            lock = os.fdopen(handle, "r+b")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another node on this folder uses it
+                lock.close()
+                continue
+            pem = lock.read()
+            if pem:
+                private = serialization.load_pem_private_key(pem, password=None)
+                if not isinstance(private, Ed25519PrivateKey):
+                    lock.close()
+                    raise InvalidArgument(f"{path} does not hold an Ed25519 key")
+            else:
+                private = Ed25519PrivateKey.generate()
+                lock.write(
+                    private.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+                lock.flush()
+                os.fsync(lock.fileno())
+            return cls(private, lock)
+        raise InvalidArgument(f"{folder}: {MAX_KEY_FILES} nodes already run on this folder")
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.close()
+            self._lock = None
+
+
+def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s over ``message`` (False for malformed ones)."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def join_proof_message(swarm: str, node_id: str, address: str, at_ms: int) -> bytes:
+    """What a joining node signs: the swarm, its id and address, and the time (ms)."""
+    return b"\0".join(
+        [JOIN_DOMAIN, swarm.encode(), node_id.encode(), address.encode(), str(at_ms).encode()]
+    )
+
+
+def step_statement(
+    session_id: bytes,
+    pos: int,
+    tokens: int,
+    start: int,
+    end: int,
+    input_digest: bytes,
+    output_digest: bytes,
+) -> bytes:
+    """What a node signs for a step: it computed units [start, end) for positions
+    [pos, pos + tokens) of the session, from the input and to the output with those
+    digests (sha256 each)."""
+    if len(input_digest) != 32 or len(output_digest) != 32:
+        raise InvalidArgument("a step's digests are sha256 (32 bytes each)")
+    return b"".join(
+        [
+            STEP_DOMAIN,
+            struct.pack("<B", len(session_id)),
+            session_id,
+            struct.pack("<IIII", pos, tokens, start, end),
+            input_digest,
+            output_digest,
+        ]
+    )
+
+
+def output_digest(sent: pb.Activations | None, token: int | None = None) -> bytes:
+    """sha256 of a step's output as signed: the activations a node sent on (exactly, in the
+    session's codec) or returned (the head's logits, fp32), and the token it drew."""
+    h = hashlib.sha256(STEP_DOMAIN)
+    if token is not None:
+        h.update(b"T" + token.to_bytes(4, "little"))
+    if sent is not None:
+        h.update(b"A" + sent.SerializeToString(deterministic=True))
+    return h.digest()
+
+
+def sign_step(key: NodeKey, session_id: bytes, pos: int, tokens: int, trace: pb.HopTrace) -> None:
+    """Sign ``trace`` (its stage and digests filled in) for the step at ``pos``."""
+    statement = step_statement(
+        session_id, pos, tokens, trace.start, trace.end, trace.input_digest, trace.output_digest
+    )
+    trace.signature = key.sign(statement)
+
+
+def step_signed(
+    public_key: bytes, session_id: bytes, pos: int, tokens: int, trace: pb.HopTrace
+) -> bool:
+    """Whether ``trace`` carries its node's signature over the step at ``pos``."""
+    if len(trace.input_digest) != 32 or len(trace.output_digest) != 32:
+        return False
+    statement = step_statement(
+        session_id, pos, tokens, trace.start, trace.end, trace.input_digest, trace.output_digest
+    )
+    return verify(public_key, trace.signature, statement)

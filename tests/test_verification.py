@@ -1,0 +1,291 @@
+"""Verification a stranger cannot game: node identities (keys, derived ids, join proofs),
+signed steps, and exclusion only on a node's own signed word that the coordinator's re-run
+contradicts (``nanoshard/identity.py``, ``coordinator/arbiter.py``, ``ReportCheck``)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from routes import RouteSession
+from swarm import Swarm
+
+from nanoshard import agreement, identity
+from nanoshard.checkpoint import open_checkpoint
+from nanoshard.client.route import route_from_addresses
+from nanoshard.client.session import RetryPolicy
+from nanoshard.coordinator.model import ModelStore
+from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
+from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
+from nanoshard.generation import LocalSession, generate
+from nanoshard.identity import NodeKey
+from nanoshard.sampling import SamplingParams
+from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import node_pb2 as pb
+
+
+def test_a_key_is_kept_per_folder_and_locked_per_process(tmp_path: Path) -> None:
+    first = NodeKey.load(tmp_path)
+    second = NodeKey.load(tmp_path)  # another node on the same folder meanwhile
+    assert first.node_id != second.node_id
+    assert first.node_id == identity.node_id_of(first.public_key) and len(first.node_id) == 32
+    first.close()
+    again = NodeKey.load(tmp_path)  # a restart: the same identity
+    assert again.node_id == first.node_id
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    # a key file held by another process is not taken
+    held = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from nanoshard.identity import NodeKey; k = NodeKey.load(Path(sys.argv[1])); "
+         "print(k.node_id, flush=True); time.sleep(30)", str(tmp_path / "other")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        theirs = held.stdout.readline().strip() if held.stdout else ""
+        assert NodeKey.load(tmp_path / "other").node_id != theirs
+    finally:
+        held.kill()
+        held.wait()
+
+
+def test_a_signed_step_binds_its_session_positions_stage_and_digests() -> None:
+    key = NodeKey.generate()
+    sid = secrets.token_bytes(16)
+    trace = pb.HopTrace(start=0, end=3, input_digest=b"i" * 32)
+    trace.output_digest = identity.output_digest(None, 42)
+    identity.sign_step(key, sid, 5, 1, trace)
+    assert identity.step_signed(key.public_key, sid, 5, 1, trace)
+    assert not identity.step_signed(key.public_key, sid, 6, 1, trace)  # another position
+    assert not identity.step_signed(NodeKey.generate().public_key, sid, 5, 1, trace)
+    forged = pb.HopTrace()
+    forged.CopyFrom(trace)
+    forged.output_digest = identity.output_digest(None, 43)  # another token
+    assert not identity.step_signed(key.public_key, sid, 5, 1, forged)
+    forged.CopyFrom(trace)
+    forged.end = 4
+    assert not identity.step_signed(key.public_key, sid, 5, 1, forged)
+    assert not identity.verify(b"short", trace.signature, b"")
+
+
+# ---- the coordinator: reports and the evidence they carry ------------------------------
+
+
+class Context:
+    def __init__(self, peer: str = "ipv4:203.0.113.7:5555") -> None:
+        self._peer = peer
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[ModelStore, Any]:
+    store = ModelStore.open("demo")
+    return store, open_checkpoint("demo")
+
+
+def swarm_of_three(store: ModelStore) -> tuple[CoordinatorService, dict[str, NodeKey]]:
+    """A coordinator whose registry holds three honest nodes, each serving the whole model."""
+    registry = Registry(store.config, replicas=2, tp="off")
+    keys = {}
+    for i in range(3):
+        key = NodeKey.generate()
+        address = f"10.0.0.{i + 1}:7961"
+        keys[address] = key
+        record = NodeRecord(
+            node_id=key.node_id, name=f"n{i}", address=address,
+            capacity=Capacity("cpu", "fp32", 2**30, 1.0, 1.0), last_heartbeat=0.0,
+            public_key=key.public_key,
+        )  # fmt: skip
+        registry.join(record)
+    svc = CoordinatorService(store, registry, swarm="default", heartbeat_interval_s=2.0,
+                             epoch=b"\0" * 8, clock=time.monotonic)  # fmt: skip
+    return svc, keys
+
+
+@functools.cache
+def whole(ckpt: Any) -> Any:
+    return ckpt.load_stage(0, ckpt.config.n_units)
+
+
+def honest_step(ckpt: Any, key: NodeKey, ids: list[int], perturb: float = 0.0) -> dict:
+    """What a node serving the whole model answers for a first step of ``ids`` (the head's
+    logits returned, as a check asks), signed by ``key``; ``perturb`` makes it lie."""
+    n = ckpt.config.n_units
+    stage = whole(ckpt)
+    with torch.inference_mode():
+        logits = stage(torch.tensor(ids), stage.new_cache(len(ids)), 0)[-1:].float()
+    logits = logits + perturb
+    output = agreement.to_wire(logits)
+    token = int(logits[0].argmax())
+    sid = secrets.token_bytes(16)
+    trace = pb.HopTrace(start=0, end=n, address="")
+    trace.input_digest = agreement.input_digest([(0, ids)])
+    trace.output_digest = identity.output_digest(output, token)
+    identity.sign_step(key, sid, 0, len(ids), trace)
+    return {"sid": sid, "output": output, "token": token, "trace": trace}
+
+
+def report_of(
+    ckpt: Any, ids: list[int], checked: str, step: dict, others: list[str]
+) -> cpb.CheckReport:
+    evidence = cpb.CheckEvidence(
+        checked_output=step["output"], weights="fp32", checked_trace=step["trace"],
+        session_id=step["sid"], has_token=True, token=step["token"],
+        replica_outputs=[step["output"]] * len(others),
+    )  # fmt: skip
+    evidence.inputs.add(pos=0, tokens=pb.Tokens(ids=ids))
+    return cpb.CheckReport(
+        start=0, end=ckpt.config.n_units, pos=0, tokens=len(ids), codec="fp32",
+        input_digest=agreement.input_digest([(0, ids)]), tolerance=1e-3,
+        checked=cpb.CheckOpinion(address=checked),
+        replicas=[cpb.CheckOpinion(address=a, error=5.0) for a in others],
+        evidence=evidence,
+    )  # fmt: skip
+
+
+def test_a_nodes_own_signed_lie_excludes_it_and_nothing_else_does(demo: tuple) -> None:
+    store, ckpt = demo
+    ids = [464, 3290, 373]
+
+    async def run() -> None:
+        svc, keys = swarm_of_three(store)
+        a, b, c = keys
+        # a caller's word: "b and c disagree with a", no evidence: nobody is excluded
+        bare = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids), [b, c])
+        bare.ClearField("evidence")
+        assert list((await svc.ReportCheck(bare, Context())).excluded) == []
+        # a's own honest signed output, called a lie: re-run here, and a stays
+        honest = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids), [b])
+        assert list((await svc.ReportCheck(honest, Context())).excluded) == []
+        # an output a never signed, pinned on it: the caller is not heard again
+        framed = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids, perturb=1.0), [b])
+        framed.evidence.checked_trace.CopyFrom(honest.evidence.checked_trace)
+        with pytest.raises(RuntimeError, match=r"INVALID_ARGUMENT: evidence"):
+            await svc.ReportCheck(framed, Context("ipv4:203.0.113.8:1"))
+        await asyncio.sleep(1.1)  # (one dispute re-run a second)
+        liar_step = honest_step(ckpt, keys[c], ids, perturb=1.0)
+        ignored = await svc.ReportCheck(report_of(ckpt, ids, c, liar_step, [a]),
+                                        Context("ipv4:203.0.113.8:1"))  # fmt: skip
+        assert list(ignored.excluded) == [] and not svc.registry.excluded
+        # c's own signed lie, from an honest client: c is out, with why
+        caught = await svc.ReportCheck(report_of(ckpt, ids, c, liar_step, [a]), Context())
+        assert list(caught.excluded) == [c]
+        assert "its signed output" in svc.registry.excluded[c]
+        assert set(svc.registry.excluded) == {c}
+
+    asyncio.run(run())
+
+
+def test_a_thousand_forged_reports_exclude_no_one(demo: tuple) -> None:
+    """Random, replayed and well-formed-but-false reports from strangers without keys."""
+    store, ckpt = demo
+    ids = [464, 3290, 373]
+    rng = secrets.SystemRandom()
+
+    async def run() -> dict[str, int]:
+        svc, keys = swarm_of_three(store)
+        addresses = list(keys)
+        replayed = report_of(ckpt, ids, addresses[0], honest_step(ckpt, keys[addresses[0]], ids),
+                             addresses[1:])  # fmt: skip
+        outcomes = {"refused": 0, "answered": 0}
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            kind = i % 3
+            if kind == 0:  # random: well-formed fields, random digests, no evidence
+                checked, *others = rng.sample(addresses, 3)
+                report = cpb.CheckReport(
+                    start=0, end=ckpt.config.n_units, pos=rng.randrange(100), tokens=1,
+                    codec="fp32", input_digest=secrets.token_bytes(32), tolerance=1e-3,
+                    checked=cpb.CheckOpinion(address=checked, digest=secrets.token_bytes(32)),
+                    replicas=[cpb.CheckOpinion(address=o, error=9.0) for o in others],
+                )  # fmt: skip
+            elif kind == 1:  # replayed: a real, honest signed step, over and over
+                report = replayed
+            else:  # well-formed but false: an output the node never signed
+                report = report_of(ckpt, ids, addresses[i % 3], honest_step(
+                    ckpt, NodeKey.generate(), ids, perturb=1.0), addresses[:1] if i % 3 else addresses[1:2])  # fmt: skip
+            peer = f"ipv4:198.51.100.{i % 50}:4000"  # fifty strangers
+            try:
+                await svc.ReportCheck(report, Context(peer))
+                outcomes["answered"] += 1
+            except RuntimeError as exc:
+                assert "INVALID_ARGUMENT" in str(exc) or "RESOURCE_EXHAUSTED" in str(exc), exc
+                outcomes["refused"] += 1
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert not svc.registry.excluded
+        assert grown < 20 * 2**20, grown
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 1000
+
+
+def test_a_caller_is_held_to_its_rate(demo: tuple) -> None:
+    store, ckpt = demo
+
+    async def run() -> int:
+        svc, keys = swarm_of_three(store)
+        a, b, _ = keys
+        report = cpb.CheckReport(start=0, end=ckpt.config.n_units, pos=0, tokens=1, codec="fp32",
+                                 tolerance=1e-3, checked=cpb.CheckOpinion(address=a),
+                                 replicas=[cpb.CheckOpinion(address=b)])  # fmt: skip
+        heard = 0
+        for _ in range(REPORTS_PER_MIN + 10):
+            try:
+                await svc.ReportCheck(report, Context())
+                heard += 1
+            except RuntimeError as exc:
+                assert "RESOURCE_EXHAUSTED" in str(exc)
+        return heard
+
+    assert asyncio.run(run()) == REPORTS_PER_MIN
+
+
+# ---- a middle hop that rewrites what it relays ------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client() -> None:
+    """The first hop relays the later hops' replies, and rewrites their token (``forge``):
+    the head's signature does not hold for it, so the client leaves that hop for its
+    replica and the generation gives the local tokens."""
+    ckpt = open_checkpoint("demo")
+    prompt = [464, 3290, 373, 257, 1332]
+    local = LocalSession(whole(ckpt), SamplingParams(0.0), 64)
+    expected = generate(local, prompt, 12, block_size=ckpt.config.block_size).token_ids
+    with Swarm() as swarm:
+        _, forger = swarm.node("demo", "0:3", env={"NANOSHARD_FAULT": "forge"})
+        honest, b, c = swarm.chain("demo", ["0:3", "3:6", "6:8"])
+        route = route_from_addresses([forger, b, c])
+        (spare,) = route_from_addresses([honest, b, c]).hops[0:1]
+        route.hops[0].addresses.append(honest)
+        route.hops[0].public_keys.extend(spare.public_keys)
+        session = RouteSession(route, 64, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+        tokens = [session.step(prompt, 0).token]
+        while len(tokens) < 12:
+            tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
+        recoveries = [r.detail for r in session.recoveries]
+        session.close()
+    assert tokens == expected
+    assert any(f"{forger}, {b} relayed a trace of {c}" in r for r in recoveries), recoveries
