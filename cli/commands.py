@@ -97,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="a node silent this long is out (default 6)",
     )
+    c.add_argument(
+        "--state-dir",
+        type=Path,
+        default=d.state_dir,
+        help=f"where exclusions are kept across restarts (default {d.state_dir})",
+    )
+    c.add_argument(
+        "--exclude-hours",
+        type=float,
+        default=d.exclude_hours,
+        metavar="H",
+        help="how long a node caught lying stays out (default 24)",
+    )
     add_mdns_options(c, advertise=True)
     add_security_args(c)
 
@@ -172,9 +185,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         security=security_from_args(args, identity="coordinator"),
+        state_dir=args.state_dir,
+        exclude_hours=args.exclude_hours,
     )
     if config.replicas < 1:
         raise InvalidArgument("--replicas must be at least 1")
+    if not config.exclude_hours > 0:
+        raise InvalidArgument("--exclude-hours must be more than 0")
 
     def ready(address: str) -> None:
         print(listening_line(COORDINATOR, address), flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,10 @@ class Registry:
         self.nodes: dict[str, NodeRecord] = {}
         self.version = 0  # placement version, bumped on every change
         self.excluded: dict[str, str] = {}  # address -> why spot-checks excluded it
+        self.excluded_ids: dict[str, str] = {}  # node id -> the same: a key stays out
+        # Records an exclusion (node id, address, why) and returns the why to show (the
+        # coordinator's ``ExclusionStore``: it adds since and until when).
+        self.on_exclude: Callable[[str, str, str], str] | None = None
         self.units: list[UnitCost] = unit_costs(config)
         # Placement requested and not run yet: the groups to re-form, and each request's
         # budget of units to load (None: as many as it takes).
@@ -184,6 +188,8 @@ class Registry:
             # Coordinator restarted: the node still holds a stage. (A group member's share
             # of a stage it could not hold alone is not adopted: its group is re-formed.)
             record.assigned = record.ready = record.held
+        if record.node_id in self.excluded_ids:  # its key was caught: out, wherever it is
+            self.excluded[record.address] = self.excluded_ids[record.node_id]
         if record.address in self.excluded:  # back under another id, same address: still out
             record.assigned = record.ready = None
             record.group = ""
@@ -220,13 +226,37 @@ class Registry:
         return True
 
     def exclude(self, address: str, reason: str) -> None:
-        """Take the node at ``address`` out of placement and routes, for ``reason``."""
-        self.excluded[address] = reason
+        """Take the node at ``address`` (and its id, wherever it comes back) out of
+        placement and routes, for ``reason`` (``on_exclude`` records it)."""
         for record in self.nodes.values():
             if record.address == address:
+                if self.on_exclude is not None:
+                    reason = self.on_exclude(record.node_id, address, reason)
+                self.excluded_ids[record.node_id] = reason
                 log.warning("node %s (%s) excluded: %s", record.name, address, reason)
                 record.ready = None  # out of routes at once
+        self.excluded[address] = reason
         self.replan()
+
+    def restore(self, exclusions: Iterable[tuple[str, str, str]]) -> None:
+        """Put exclusions recorded before a restart back in force: (node id, address, why)."""
+        for node_id, address, reason in exclusions:
+            self.excluded_ids[node_id] = self.excluded[address] = reason
+
+    def keep_excluded(self, kept: Collection[tuple[str, str]]) -> None:
+        """Lift every exclusion recorded with ``on_exclude`` but not (node id, address) in
+        ``kept`` (it expired); the nodes get stages again."""
+        ids = {nid for nid, _ in kept}
+        addresses = {a for _, a in kept}
+        lifted = [a for a in self.excluded if a not in addresses]
+        lifted_ids = [n for n in self.excluded_ids if n not in ids]
+        for address in lifted:
+            log.info("the exclusion of %s expired", address)
+            del self.excluded[address]
+        for node_id in lifted_ids:
+            del self.excluded_ids[node_id]
+        if lifted or lifted_ids:
+            self.replan()
 
     def heartbeat(
         self,

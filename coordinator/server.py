@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -17,6 +19,7 @@ from nanoshard.discovery import Advert, Advertiser, coordinator_properties, zero
 from nanoshard.security import Security
 
 from . import groups
+from .exclusions import ExclusionStore
 from .model import ModelStore
 from .registry import Registry
 from .service import CoordinatorService
@@ -24,6 +27,11 @@ from .service import CoordinatorService
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7960
+# Where a coordinator keeps what must outlive it (the exclusions), per swarm name.
+DEFAULT_STATE_DIR = (
+    Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser() / "nanoshard"
+)
+EXPIRY_CHECK_S = 60.0  # how often expired exclusions are lifted
 
 
 @dataclass
@@ -40,6 +48,8 @@ class CoordinatorConfig:
     mdns_interfaces: list[str] | None = None  # None = every interface
     heartbeat_interval: float = 2.0  # seconds between a node's heartbeats
     heartbeat_timeout: float = 6.0  # a node silent this long is out
+    state_dir: Path | None = DEFAULT_STATE_DIR  # exclusions are kept here (None: in memory)
+    exclude_hours: float = 24.0  # how long an exclusion lasts
     name: str = "coordinator"
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
     security: Security = field(default_factory=Security)  # swarm key and TLS
@@ -63,6 +73,19 @@ async def serve(
         tp=groups.parse_mode(str(config.tp)),
         group_salt=epoch.hex()[:6] + "-",  # a group id never repeats a previous process's
     )
+    path = (
+        ":memory:"
+        if config.state_dir is None
+        else config.state_dir / f"exclusions-{config.swarm}.sqlite"
+    )
+    exclusions = ExclusionStore(path, config.exclude_hours * 3600)
+
+    def record(node_id: str, address: str, reason: str) -> str:
+        return exclusions.add(node_id, address, reason).describe()
+
+    registry.on_exclude = record
+    registry.restore((e.node_id, e.address, e.describe()) for e in exclusions.active())
+    checked_expiry = time.monotonic()
     service = CoordinatorService(
         store,
         registry,
@@ -118,6 +141,9 @@ async def serve(
                 now = service.clock()
                 registry.expire(now)
                 registry.rebalance(now)
+                if now - checked_expiry >= EXPIRY_CHECK_S:
+                    checked_expiry = now
+                    registry.keep_excluded({(e.node_id, e.address) for e in exclusions.active()})
             if advertising is not None and advertising.done() and advertising.exception():
                 raise advertising.exception()  # type: ignore[misc]  # e.g. a wrong interface
     finally:
@@ -126,3 +152,4 @@ async def serve(
             await asyncio.to_thread(advertiser.close)
         await server.stop(grace=1)
         await service.replanner.close()
+        exclusions.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +115,9 @@ class Swarm:
 
     def __init__(self) -> None:
         self.procs: list[Proc] = []
+        # the coordinators' state folder (exclusions), this swarm's own: kept across a
+        # coordinator's restart within the test, never shared between tests
+        self.state = tempfile.mkdtemp(prefix="nanoshard-state-")
 
     def start(self, args: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(args, env)
@@ -148,6 +153,7 @@ class Swarm:
                 str(port),
                 "--mdns-interface",
                 "127.0.0.1",
+                *([] if "--state-dir" in extra else ["--state-dir", self.state]),
                 *extra,
             ]
         )
@@ -175,6 +181,7 @@ class Swarm:
         for proc in self.procs:
             proc.kill(signal.SIGTERM)
         self.procs.clear()
+        shutil.rmtree(self.state, ignore_errors=True)
 
     def __enter__(self) -> Swarm:
         return self

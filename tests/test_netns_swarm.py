@@ -90,7 +90,7 @@ def test_nodes_on_separate_hosts_find_the_coordinator_by_mdns_and_generate(tmp_p
             lan, 0, coord_log,
             [str(BIN / "nanoshard"), "coordinator", "--model", "demo", "--host", addr[0],
              "--port", "0", "--mdns-interface", addr[0], "--swarm", swarm,
-             "--replicas", "1", *HEARTBEAT],
+             "--replicas", "1", "--state-dir", str(tmp_path / "state"), *HEARTBEAT],
         )  # fmt: skip
         coordinator = _wait_for_line(coord_log, coord, LISTENING, timeout=60).group(1)
         assert coordinator.startswith(addr[0] + ":"), coordinator

@@ -23,6 +23,7 @@ from nanoshard import agreement, identity
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import route_from_addresses
 from nanoshard.client.session import RetryPolicy
+from nanoshard.coordinator.exclusions import ExclusionStore
 from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
 from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
@@ -289,3 +290,38 @@ def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client() -> Non
         session.close()
     assert tokens == expected
     assert any(f"{forger}, {b} relayed a trace of {c}" in r for r in recoveries), recoveries
+
+
+# ---- exclusions that last ---------------------------------------------------------------
+
+
+def test_an_exclusion_outlives_a_restart_follows_the_key_and_expires(tmp_path: Path) -> None:
+    clock = [1_000_000.0]
+    path = tmp_path / "exclusions.sqlite"
+    store = ExclusionStore(path, ttl_s=3600, clock=lambda: clock[0])
+    registry = Registry(open_checkpoint("demo").config, replicas=2, tp="off")
+    registry.on_exclude = lambda n, a, why: store.add(n, a, why).describe()
+    key = NodeKey.generate()
+    liar = NodeRecord(node_id=key.node_id, name="liar", address="10.0.0.9:7961",
+                      capacity=Capacity("cpu", "fp32", 2**30, 1.0, 1.0), last_heartbeat=0.0)  # fmt: skip
+    registry.join(liar)
+    registry.exclude(liar.address, "spot-check: its signed output differs")
+    why = registry.excluded[liar.address]
+    assert why.startswith("spot-check: its signed output differs (since 1970-01-12 13:46 UTC")
+    store.close()
+
+    # the coordinator restarts: a new registry, the same file
+    clock[0] += 600
+    store = ExclusionStore(path, ttl_s=3600, clock=lambda: clock[0])
+    again = Registry(open_checkpoint("demo").config, replicas=2, tp="off")
+    again.restore((e.node_id, e.address, e.describe()) for e in store.active())
+    moved = NodeRecord(node_id=key.node_id, name="liar", address="10.0.0.9:8000",
+                       capacity=Capacity("cpu", "fp32", 2**30, 1.0, 1.0), last_heartbeat=0.0)  # fmt: skip
+    again.join(moved)  # back on another port, with the same key: still out
+    assert moved.assigned is None and again.excluded[moved.address] == why
+    # an hour after it was excluded, it is let back in
+    clock[0] += 3600
+    again.keep_excluded({(e.node_id, e.address) for e in store.active()})
+    assert not again.excluded and not again.excluded_ids
+    assert moved.assigned == (0, open_checkpoint("demo").config.n_units)
+    store.close()
