@@ -6,9 +6,9 @@
 
 Each trial is a fresh swarm: a coordinator with ``--replicas N`` and N nodes that each hold
 a tiny 4-block model, one of them started with ``NANOSHARD_FAULT=perturb:0.1`` (noise of
-10% of each output row's RMS) in the liar trials. With three, the two honest nodes are the
-witnesses; with two, the honest node and the coordinator, which re-runs a disputed step
-itself. A client with ``check_rate=0.1`` and the trial's seed generates greedily in runs of
+10% of each output row's RMS) in the liar trials. Either way the coordinator excludes the
+liar only on its own signed output, which the coordinator's re-run of the disputed step
+contradicts (with three nodes the liar may also be caught as a replica). A client with ``check_rate=0.1`` and the trial's seed generates greedily in runs of
 50 steps, up to four; measured is the step whose check got the liar excluded. A clean trial
 is one 50-step run on N honest nodes: nobody may be excluded. Results go to
 ``tests/soak/results/spotcheck.json``.
