@@ -314,6 +314,7 @@ class Tally:
     placements: int = 0
     status_nodes: list[int] = field(default_factory=list)
     cpu: dict[str, Cpu] = field(default_factory=dict)
+    status_bytes: int = 0  # the last GetStatus reply, serialized
 
     def timed(self, kind: str, started: float) -> None:
         self.cpu.setdefault(kind, Cpu()).add(time.process_time() - started)
@@ -554,9 +555,10 @@ class Sim:
 
     def status_call(self) -> None:
         started = time.process_time()
-        call(self.status.GetStatus(cpb.StatusRequest(), None))
+        reply = call(self.status.GetStatus(cpb.StatusRequest(), None))
         self.tally.timed("status", started)
         self.tally.status_nodes.append(len(self.registry.nodes))
+        self.tally.status_bytes = reply.ByteSize()  # type: ignore[attr-defined]
 
     # ---- measurement ----------------------------------------------------------------
 
@@ -603,6 +605,66 @@ def call(coroutine: object) -> object:
     raise RuntimeError("the call awaited something")
 
 
+# ---- the coordinator's state, in bytes ---------------------------------------------------
+
+
+def deep_size(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of ``obj`` and everything it refers to (each object once)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
+        size += sum(deep_size(x, seen) for x in obj)  # type: ignore[attr-defined]
+    elif hasattr(obj, "__dict__"):
+        size += deep_size(vars(obj), seen)
+    return size
+
+
+def state_sizes(sim: Sim) -> dict[str, float]:
+    """What the coordinator holds, per node where it grows with nodes: its records in
+    memory, a heartbeat on the wire (a real node id, 8 next hops), its status entry."""
+    registry = sim.registry
+    n = max(len(registry.nodes), 1)
+    hops = [cpb.HopLink(address=f"10.0.0.{k}:7961", rtt_ms=3.0, bytes_per_s=1e5) for k in range(8)]
+    beat = cpb.HeartbeatRequest(
+        node_id="f" * 32,
+        ready=True,
+        start=10,
+        end=30,
+        load=cpb.NodeLoad(
+            sessions=3,
+            kv_bytes_used=1 << 30,
+            kv_bytes_budget=1 << 32,
+            queue_length=1,
+            step_ms_p50=20.0,
+            live=cpb.LiveLoad(
+                decode_ms=20.0,
+                decode_ms_p90=25.0,
+                tokens_per_s=50.0,
+                speed_ratio=1.2,
+                idle_s=0.5,
+                next_hops=hops,
+            ),
+        ),
+    )
+    return {
+        "nodes": len(registry.nodes),
+        "record_bytes_per_node": deep_size(registry.nodes) / n,
+        "handouts_bytes": deep_size(registry.handouts),
+        "ledger_entries": len(sim.ledger._entries),
+        "ledger_bytes": deep_size(sim.ledger),
+        "heartbeat_wire_bytes": beat.ByteSize(),
+        "status_wire_bytes_per_node": sim.tally.status_bytes / n,
+        # What placement decides per node (hard state if replicated): a 32-hex-digit node
+        # id, the stage's two units, the group id when in one (none here).
+        "assignment_bytes_per_node": 32 + 2 * 4,
+    }
+
+
 # ---- report -----------------------------------------------------------------------------
 
 
@@ -646,8 +708,10 @@ def simulate(s: Settings, policies: tuple[str, ...] = ("ours", "petals")) -> dic
     out = {"settings": {**s.__dict__, "trace_nodes": len(trace.nodes)}}
     for policy in policies:
         started = time.process_time()
-        tally = Sim(trace, policy).run()
+        sim = Sim(trace, policy)
+        tally = sim.run()
         out[policy] = summary(trace, tally)
+        out[policy]["state"] = state_sizes(sim)
         out[policy]["sim_cpu_s"] = time.process_time() - started
         print(f"  {s.nodes} nodes, {policy}: {out[policy]['sim_cpu_s']:.0f} s", file=sys.stderr)
     return out
@@ -679,6 +743,18 @@ def markdown(results: dict) -> str:
                 f"| {1000 * ms('heartbeat'):.1f} | {ms('route'):.2f} | {ms('expire'):.2f} "
                 f"| {ms('status'):.1f} ({r['status_us_per_node']:.2f}) |"
             )
+    lines.append("")
+    for run in results["runs"]:
+        s, state = run["settings"], run["ours"]["state"]
+        lines.append(
+            f"- {s['nodes']} nodes ({s['trace_nodes']} over the run), {s['model']} {s['swarm']}, "
+            f"{s['hours']:g} h simulated (first {s['warmup_s']:g} s left out), lifetime "
+            f"{s['lifetime_h']:g} h ({100 * s['crash_share']:.0f} % crash), "
+            f"{s['sessions_per_s']:g} sessions/s, placement gap {s['place_gap_s']:g} s; "
+            f"state: {state['record_bytes_per_node']:.0f} B/node in memory, heartbeat "
+            f"{state['heartbeat_wire_bytes']} B, status {state['status_wire_bytes_per_node']:.0f} "
+            f"B/node on the wire"
+        )
     return "\n".join(lines) + "\n"
 
 
