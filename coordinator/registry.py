@@ -639,10 +639,11 @@ class Registry:
     def _pending(self, record: NodeRecord) -> int:
         return self.handouts.pending(record.address, record.last_heartbeat)
 
-    def coverage(self) -> list[int]:
-        """Servers per unit: a node alone, or a group, counts once."""
+    def coverage(self, servers: list[Server] | None = None) -> list[int]:
+        """Servers per unit (of ``servers()``, unless given): a node alone, or a group,
+        counts once."""
         counts = [0] * self.config.n_units
-        for s in self.servers():
+        for s in self.servers() if servers is None else servers:
             for u in range(s.start, s.end):
                 counts[u] += 1
         return counts
