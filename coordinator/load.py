@@ -110,6 +110,11 @@ class Handouts:
     def __init__(self) -> None:
         self.times: dict[str, deque[float]] = {}
 
+    def copy(self) -> Handouts:
+        other = Handouts()
+        other.times = {a: deque(t) for a, t in self.times.items()}
+        return other
+
     def add(self, addresses: Iterable[str], now: float) -> None:
         for address in addresses:
             self.times.setdefault(address, deque()).append(now)

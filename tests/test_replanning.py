@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -234,3 +235,28 @@ def test_a_node_given_a_new_stage_finishes_open_sessions_on_the_old_one() -> Non
     finally:
         loop.run(plane.stop())
         loop.close()
+
+
+def test_a_status_is_built_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GetStatus`` reads a copy of the registry on a thread: heartbeats that change the
+    registry meanwhile neither wait nor break it."""
+    from nanoshard.coordinator.service import CoordinatorService
+    from nanoshard.v1 import coordinator_pb2 as cpb
+
+    registry = three_stages()
+    svc = CoordinatorService(SimpleNamespace(model_id="ab" * 32, name="gpt2"),  # type: ignore[arg-type]
+                             registry, swarm="default", heartbeat_interval_s=2.0,
+                             epoch=b"\0" * 8, clock=lambda: 1.0)  # fmt: skip
+    built_on: list[str] = []
+    real = svc._status
+
+    def status(view: Registry, *args: Any) -> Any:
+        built_on.append(threading.current_thread().name)
+        assert view is not registry and view.nodes == registry.nodes
+        registry.nodes.pop(next(iter(registry.nodes)))  # the loop changes the registry ...
+        return real(view, *args)  # ... and the copy is read as it was
+
+    monkeypatch.setattr(svc, "_status", status)
+    reply = asyncio.run(svc.GetStatus(cpb.StatusRequest(), None))
+    assert built_on and built_on[0] != threading.main_thread().name
+    assert len(reply.nodes) == 6 and len(registry.nodes) == 5
