@@ -319,10 +319,10 @@ class Registry:
 
     def rebalance(self, now: float) -> int:
         """Re-place the swarm from its live speeds (called periodically): take each node's
-        newest report into its ``slowdown`` (``load.placement_slowdown``: over what the
-        other nodes share, with hysteresis),
-        and place again when one changed (at most every ``MIN_REBALANCE_S``) or every
-        ``REBALANCE_S``, moving at most ``move_budget()`` units; placement itself keeps
+        newest report into its ``slowdown`` (``load.placement_slowdown``: beyond what the
+        other nodes share, with hysteresis), and place again when one changed (at most
+        every ``MIN_REBALANCE_S``) or every ``REBALANCE_S``, moving at most
+        ``move_budget()`` units; placement itself keeps
         every stage unless a fresh placement would lift the weakest unit by 20 %. A node
         given a new stage keeps serving its old one until the new one is loaded, and
         sessions open on the old one finish there. Returns the units to load (0 as well
@@ -333,7 +333,8 @@ class Registry:
             slowdown = placement_slowdown(record.slowdown, record.load.live, others)
             if slowdown != record.slowdown:
                 log.info(
-                    "node %s runs at %.1f x its measured step time (placement counted %.1f x)",
+                    "node %s runs at %.1f x its measured step time, beyond what the swarm "
+                    "shares (placement counted %.1f x)",
                     record.name,
                     slowdown,
                     record.slowdown,
