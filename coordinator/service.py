@@ -17,6 +17,7 @@ import grpc
 from nanoshard import PROTOCOL_VERSION, identity, rpc
 from nanoshard.agreement import distance
 from nanoshard.agreement import tolerance as tolerance_for
+from nanoshard.codec import CODECS
 from nanoshard.config import unit_name
 from nanoshard.engine import DTYPES
 from nanoshard.errors import (
@@ -421,6 +422,8 @@ class CoordinatorService:
         tolerance = request.tolerance
         if not (math.isfinite(tolerance) and 0 < tolerance <= 10):
             raise InvalidArgument(f"tolerance {tolerance} must be in (0, 10]")
+        if request.codec not in CODECS:
+            raise InvalidArgument(f"codec {request.codec[:20]!r} is none of {', '.join(CODECS)}")
         if not 1 <= len(request.replicas) <= 8:
             raise InvalidArgument(f"a check names 1 to 8 replicas, not {len(request.replicas)}")
         checked = request.checked.address
