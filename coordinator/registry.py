@@ -169,6 +169,7 @@ class Registry:
         self.defer: Callable[[], None] | None = None  # set: placement runs off the loop
         self.rebalanced_at = -math.inf  # when live speeds were last placed by
         self._drifted = False  # a node's slowdown changed since
+        self._times: dict[str, tuple[tuple, tuple[float, ...]]] = {}  # _unit_times, by node
 
     # ---- membership -----------------------------------------------------------------
 
@@ -545,6 +546,7 @@ class Registry:
         other.nodes, other.groups = dict(self.nodes), dict(self.groups)
         other.excluded, other.excluded_ids = dict(self.excluded), dict(self.excluded_ids)
         other.handouts = self.handouts.copy()
+        other._times = dict(self._times)
         return other
 
     def unit_ms(self, record: NodeRecord, unit: int) -> float:
@@ -552,6 +554,18 @@ class Registry:
         if self.units[unit].kind == "head":
             return record.capacity.head_ms
         return record.capacity.block_ms * self.units[unit].cost
+
+    def _unit_times(self, record: NodeRecord, start: int, end: int) -> tuple[float, ...]:
+        """``unit_ms`` of each unit of [start, end), kept per node until its stage or its
+        capacity changes (routes and status ask for every node's, each time)."""
+        key = (start, end, record.capacity.block_ms, record.capacity.head_ms)
+        kept = self._times.get(record.node_id)
+        if kept is None or kept[0] != key:
+            if len(self._times) > 2 * len(self.nodes) + 64:  # nodes that left
+                self._times = {n: t for n, t in self._times.items() if n in self.nodes}
+            kept = (key, tuple(self.unit_ms(record, u) for u in range(start, end)))
+            self._times[record.node_id] = kept
+        return kept[1]
 
     def _servable(self, group: Group) -> bool:
         """Every member here, not excluded, ready on the group's stage, in the group."""
@@ -600,7 +614,9 @@ class Registry:
                 continue
             start, end = r.ready
             factor = speed_factor(r.load.live)  # its speed now, against its measurement
-            unit_ms = tuple(self.unit_ms(r, u) * factor for u in range(start, end))
+            unit_ms = self._unit_times(r, start, end)
+            if factor != 1.0:
+                unit_ms = tuple(ms * factor for ms in unit_ms)
             load = r.load.sessions + r.load.queue_length + self._pending(r)
             out.append(Server(r.address, start, end, unit_ms, float(load)))
         for group in sorted(self.groups.values(), key=lambda g: g.id):
