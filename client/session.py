@@ -304,27 +304,38 @@ class SwarmSession:
         """Every trace from a node whose key the route names must carry that node's
         signature over the step, and the head's must sign the token answered (and the
         logits returned): a hop that rewrote a later hop's trace or token is caught here.
-        Any hop that relayed the forged trace may have forged it: all are avoided (the
-        first hop alone, for its own trace)."""
-        keys: dict[str, bytes] = {}
+        The node of a forged trace and every hop that relayed it may have forged it: all
+        are avoided. A reply with a token must carry a trace for every hop of the route."""
+        keys: dict[str, bytes] = {}  # (b"": a node whose key the route does not give)
         for hop in self.route.hops if self.route is not None else []:
-            keys.update((a, k) for a, k in zip(hop.addresses, hop.public_keys, strict=False) if k)
-        if not keys:
+            given = list(hop.public_keys) + [b""] * (len(hop.addresses) - len(hop.public_keys))
+            for address, key in zip(hop.addresses, given, strict=False):
+                keys[address] = keys.get(address) or key
+        if not any(keys.values()):
             return  # a route given by hand: nobody to check against
+        assert self.route is not None
+        if reply.has_token and len(reply.hops) != len(self.route.hops):
+            relays = [h.address for h in reply.hops]
+            raise Unavailable(
+                f"{', '.join(relays)} answered a token without every hop's trace", relays
+            )
         for i, trace in enumerate(reply.hops):
             key = keys.get(trace.address)
-            relays = [h.address for h in reply.hops[:i]] or [trace.address]
+            relays = [h.address for h in reply.hops[: i + 1]]
             head = i == len(reply.hops) - 1 and reply.has_token
-            if key is None:
-                continue
-            forged = not identity.step_signed(key, self.session_id, pos, n_tokens, trace)
+            if key == b"":
+                continue  # a node of the route whose key nobody gave
+            # (a trace naming a node the route does not is forged too: its relay renamed it)
+            forged = key is None or not identity.step_signed(
+                key, self.session_id, pos, n_tokens, trace
+            )
             if not forged and head:
                 output = reply.output if reply.HasField("output") else None
                 forged = identity.output_digest(output, reply.token) != trace.output_digest
             if forged:
                 raise Unavailable(
-                    f"{', '.join(relays)} relayed a trace of {trace.address} that its "
-                    f"signature does not hold (step at position {pos})",
+                    f"a trace of {trace.address} that its signature does not hold, relayed "
+                    f"by {', '.join(relays[:-1]) or 'nobody'} (step at position {pos})",
                     relays,
                 )
 
