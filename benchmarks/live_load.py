@@ -1,10 +1,10 @@
 """Routing and placement by live load, measured on a real swarm of six volunteers.
 
-    python benchmarks/live_load.py          # ~4 min here -> benchmarks/results/live_load.{json,md}
+    python benchmarks/live_load.py          # ~2.5 min here -> benchmarks/results/live_load.{json,md}
 
-A coordinator (``--replicas 2 --tp off``, default heartbeats) and six ``nanoshard-node
-join``, each given ``--max-memory 325M`` of a GPT-2 124M-shape model (random weights), so
-the swarm serves it in three stages of two replicas. The sixth volunteer's owner starts a
+A coordinator and six ``nanoshard-node join`` with default flags, except that each node is
+given ``--max-memory 325M`` of a GPT-2 124M-shape model (random weights), so that the swarm
+serves it in three stages of two replicas. The sixth volunteer's owner starts a
 game ``--after`` seconds after it started: ``NANOSHARD_FAULT=slow:5:AFTER`` makes its
 compute 5 times slower from then on (its start-up speed measurement is unaffected). The
 issue's targets, measured:
@@ -26,6 +26,7 @@ issue's targets, measured:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import threading
 import time
@@ -59,7 +60,7 @@ from nanoshard.sampling import SamplingParams
 from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 
-BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+BIN = Path(sys.executable).parent
 MDNS = ["--mdns-interface", "127.0.0.1"]
 MEMORY = "325M"  # a third of GPT-2 124M's units each: three stages
 SLOW = 5.0
@@ -82,7 +83,7 @@ def session_ms(sdk: Client, ids: list[int], tokens: int) -> tuple[float, set[str
     return median(result.token_ms), addresses(result)
 
 
-def spread(address: str, ids: list[int]) -> dict:
+def spread(address: str, ids: list[int], client: CoordinatorClient) -> dict:
     """8 concurrent sessions: how many each node served, against its stage's replicas."""
     routes: list[set[str]] = []
     lock = threading.Lock()
@@ -99,7 +100,7 @@ def spread(address: str, ids: list[int]) -> dict:
     for t in threads:
         t.join()
     served = Counter(a for r in routes for a in r)
-    nodes = status_json(CoordinatorClient(address).status())["nodes"]
+    nodes = status_json(client.status())["nodes"]
     by_stage: dict[str, list[str]] = {}
     for n in nodes:
         if n["serving"]:
@@ -114,10 +115,8 @@ def spread(address: str, ids: list[int]) -> dict:
     return {"stages": rows, "worst_max_over_mean": round(worst, 2), "met": worst <= 2.0}
 
 
-def stages(address: str) -> dict[str, Any]:
-    return {
-        n["name"]: n["serving"] for n in status_json(CoordinatorClient(address).status())["nodes"]
-    }
+def stages(client: CoordinatorClient) -> dict[str, Any]:
+    return {n["name"]: n["serving"] for n in status_json(client.status())["nodes"]}
 
 
 def measure(opts: argparse.Namespace) -> dict:
@@ -132,7 +131,7 @@ def measure(opts: argparse.Namespace) -> dict:
     caches = tempfile.TemporaryDirectory(prefix="nanoshard-live-")
     try:
         args = [str(BIN / "nanoshard"), "coordinator", "--model", str(model), "--port", "0"]
-        swarm.start("coordinator", [*args, "--replicas", "2", "--tp", "off", *MDNS])
+        swarm.start("coordinator", [*args, *MDNS])
         address = swarm.wait_listening("coordinator")
         client = CoordinatorClient(address)
         slowed_started = 0.0
@@ -164,10 +163,10 @@ def measure(opts: argparse.Namespace) -> dict:
         slowdown_at = slowed_started + opts.after
         nodes = status_json(client.status())["nodes"]
         slowed = next(n for n in nodes if n["name"] == "n5")["address"]
-        before_stages = stages(address)
+        before_stages = stages(client)
 
         result: dict[str, Any] = {"stages_before": before_stages, "slowed": slowed}
-        result["spread"] = spread(address, ids)
+        result["spread"] = spread(address, ids, client)
         with Client(address, check_rate=0) as sdk:
             # The ongoing generation: its first token routed through the volunteer.
             for _ in range(12):
@@ -237,7 +236,7 @@ def measure(opts: argparse.Namespace) -> dict:
         }
         node = next(n for n in status_json(client.status())["nodes"] if n["name"] == "n5")
         result["status_slowed"] = {k: node["live"].get(k) for k in ("decode_ms", "speed_ratio")}
-        result["stages_after"] = stages(address)
+        result["stages_after"] = stages(client)
         result["met"] = {
             "spread": result["spread"]["met"],
             "new_sessions_within_30s": result["ratio"] <= 1.3,

@@ -130,6 +130,7 @@ class SwarmSession:
         self.route: Route | None = route
         self.first: NextHop | None = None
         self.session_id = b""
+        self._keys: dict[str, bytes] = {}  # the route's nodes' keys (route_keys), once open
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
 
@@ -171,6 +172,7 @@ class SwarmSession:
         if self.first is not None:  # the old route's nodes free the old session now
             await self.first.close(timeout_s=ABANDON_TIMEOUT_S)
         self.route, self.session_id = route, secrets.token_bytes(16)
+        self._keys = route_keys(route)  # what its traces are checked against
         self.first = NextHop(
             self.channels,
             self._spec(),
@@ -306,11 +308,7 @@ class SwarmSession:
         logits returned): a hop that rewrote a later hop's trace or token is caught here.
         The node of a forged trace and every hop that relayed it may have forged it: all
         are avoided. A reply with a token must carry a trace for every hop of the route."""
-        keys: dict[str, bytes] = {}  # (b"": a node whose key the route does not give)
-        for hop in self.route.hops if self.route is not None else []:
-            given = list(hop.public_keys) + [b""] * (len(hop.addresses) - len(hop.public_keys))
-            for address, key in zip(hop.addresses, given, strict=False):
-                keys[address] = keys.get(address) or key
+        keys = self._keys
         if not any(keys.values()):
             return  # a route given by hand: nobody to check against
         assert self.route is not None
@@ -344,3 +342,14 @@ class SwarmSession:
         if self.first is not None:
             await self.first.close()
             self.first = None
+
+
+def route_keys(route: Route) -> dict[str, bytes]:
+    """Each node of ``route`` and its public key (b"": a node whose key the route does not
+    give, as in a route made by hand)."""
+    keys: dict[str, bytes] = {}
+    for hop in route.hops:
+        given = list(hop.public_keys) + [b""] * (len(hop.addresses) - len(hop.public_keys))
+        for address, key in zip(hop.addresses, given, strict=False):
+            keys[address] = keys.get(address) or key
+    return keys

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from . import groups
 from .registry import Registry
@@ -30,9 +29,7 @@ class Replanner:
         self.registry = registry
         self.requested = 0  # placement requests so far ...
         self.done = 0  # ... and the newest request a placement in force has read
-        self.runs = 0
-        self.cpu_s = 0.0  # CPU the placements took, all told (their threads')
-        self.last_s = 0.0  # the newest placement's wall time
+        self.runs = 0  # placements put in force
         self._task: asyncio.Task[None] | None = None
         self._placed = asyncio.Condition()
         registry.defer = self.request
@@ -55,16 +52,13 @@ class Replanner:
         while self.done < self.requested:
             upto = self.requested
             request = self.registry.plan_input()
-            started = time.perf_counter()
             try:
-                plan, cpu_s = await asyncio.to_thread(_timed_plan, request.kwargs)
+                plan = await asyncio.to_thread(groups.plan, **request.kwargs)
             except Exception:  # a bug in placement must not stop the coordinator
                 log.exception("placement failed; the swarm keeps its stages")
             else:
                 self.registry.apply(request, plan)
                 self.runs += 1
-                self.cpu_s += cpu_s
-                self.last_s = time.perf_counter() - started
             self.done = upto
             async with self._placed:
                 self._placed.notify_all()
@@ -73,9 +67,3 @@ class Replanner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _timed_plan(kwargs: dict) -> tuple[groups.Plan, float]:
-    started = time.thread_time()
-    plan = groups.plan(**kwargs)
-    return plan, time.thread_time() - started
