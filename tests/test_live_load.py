@@ -172,11 +172,12 @@ def record(i: int, memory_mb: float = 600, block_ms: float = 2.0) -> NodeRecord:
     )
 
 
-def six_nodes() -> Registry:
-    """Six equal nodes, each holding about a third of GPT-2 124M: three stages, two replicas."""
+def six_nodes(memory_mb: float = 260) -> Registry:
+    """Six equal nodes, each holding about a third of GPT-2 124M (by default): three stages,
+    two replicas."""
     registry = Registry(GPT2, replicas=2, tp="off")
     for i in range(6):
-        registry.join(record(i, memory_mb=260))
+        registry.join(record(i, memory_mb=memory_mb))
     for r in registry.nodes.values():
         registry.heartbeat(r.node_id, 1.0, r.assigned, Load())
     return registry

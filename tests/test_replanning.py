@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from routes import fixed_session
-from test_live_load import GPT2, record
+from test_live_load import GPT2, record, six_nodes
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.loop import LoopThread
@@ -63,12 +63,7 @@ def test_the_slowdown_nodes_share_is_not_their_own() -> None:
 
 def three_stages() -> Registry:
     """Six equal nodes, each holding half of GPT-2 124M: two stages of three replicas."""
-    registry = Registry(GPT2, replicas=2, tp="off")
-    for i in range(6):
-        registry.join(record(i, memory_mb=330))
-    for r in registry.nodes.values():
-        registry.heartbeat(r.node_id, 1.0, r.assigned, Load())
-    return registry
+    return six_nodes(memory_mb=330)
 
 
 def stages(registry: Registry) -> dict[str, tuple[int, int] | None]:
