@@ -2,7 +2,9 @@
 that hop's inputs in chunks as they happen, and every position it computes is compared
 with what the hop computed, within what the codec and the weights' dtype allow.
 
-Cost. A session's hop is followed with probability ``rate`` (decided at its first step).
+Cost. A session's hop is followed with probability ``rate`` (decided at its first step),
+or always where the route says the coordinator wants its node followed (a node new to
+checks, or one whose checks disagreed: ``coordinator/trust.py``).
 Its shadow runs the hop's work once, in a few batched forwards (one every ``CHECK_EVERY``
 steps), never replaying from position 0: the checks cost a fixed share of the work they
 check, whatever the length of the generation. Which hops are followed is not said to
@@ -64,8 +66,8 @@ from .route import Route
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_RATE = 0.25  # share of sessions' hops a shadow follows (benchmarks/checks.py)
-CHECK_EVERY = 8  # steps between a shadow's check points (the first step is one)
+DEFAULT_CHECK_RATE = 0.5  # share of sessions' hops a shadow follows (benchmarks/checks.py)
+CHECK_EVERY = 32  # steps between a shadow's check points (the first step is one)
 MAX_PENDING = 64  # check points waiting for the background thread; more are skipped
 MATERIAL_TIMEOUT_S = 5.0  # the calls a check point waits for: brief, a check is optional
 MAX_EVIDENCE_BYTES = 12 * 2**20  # a dispute's input and outputs, sent to the coordinator
@@ -188,7 +190,11 @@ class Checker:
             candidates = [k for k, hop in enumerate(route.hops) if len(hop.addresses) > 1]
             if not candidates:
                 self.skipped["no replica"] += 1
-            shadows = {k: Shadow(k) for k in candidates if self.rng.random() < self.rate}
+            shadows = {
+                k: Shadow(k)
+                for k in candidates
+                if self.rng.random() < max([self.rate, *route.hops[k].check_rates])
+            }
             self._sessions[session_id] = shadows
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
@@ -278,7 +284,10 @@ class Checker:
             if not replicas:
                 self._stop(shadow, "no replica with the same weights")
                 return None
-            shadow.replica = self.rng.choice(replicas)
+            # a node the coordinator asks to have followed is the shadow where it can be
+            rates = dict(zip(hop.addresses, hop.check_rates, strict=False))
+            most = max(rates.get(a, 0.0) for a in replicas)
+            shadow.replica = self.rng.choice([a for a in replicas if rates.get(a, 0.0) == most])
         elif shadow.replica == checked:
             self._stop(shadow, "the route moved to the shadow's node")
             return None

@@ -605,7 +605,9 @@ class NodeService(pb_grpc.NodeServicer):
             trace.handle.CopyFrom(self.handle(session))
             self._sign(session, req, n_tokens, trace, out, returned)
             if req.chunks and resend is None and returned:
-                reply.chunk_traces.extend(self._sign_chunks(session, req, chunk_digests, returned[0]))
+                reply.chunk_traces.extend(
+                    self._sign_chunks(session, req, chunk_digests, returned[0])
+                )
             trace.total_ms = (time.perf_counter() - received) * 1e3
             reply.hops.insert(0, trace)
             session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
@@ -668,7 +670,9 @@ class NodeService(pb_grpc.NodeServicer):
         traces, row = [], 0
         for (pos, item), digest in zip(_inputs_of(req), digests, strict=True):
             n = len(item) if isinstance(item, list) else item.shape[0]
-            rows = values[len(traces) : len(traces) + 1] if stage.has_head else values[row : row + n]
+            rows = (
+                values[len(traces) : len(traces) + 1] if stage.has_head else values[row : row + n]
+            )
             trace = pb.HopTrace(
                 node=self.identity.name,
                 address=self.identity.address,
@@ -757,11 +761,15 @@ class NodeService(pb_grpc.NodeServicer):
         if stage.shard is not None:
             if req.chunks:
                 raise InvalidArgument("a tensor-parallel group takes no step of chunks")
-            return n_tokens, bytes_in, GroupStep(
-                stage, session.cache, pos, n_tokens, make_input, finish
+            return (
+                n_tokens,
+                bytes_in,
+                GroupStep(stage, session.cache, pos, n_tokens, make_input, finish),
             )
-        return n_tokens, bytes_in, StageStep(
-            stage, session.cache, pos, n_tokens, make_input, finish, rows
+        return (
+            n_tokens,
+            bytes_in,
+            StageStep(stage, session.cache, pos, n_tokens, make_input, finish, rows),
         )
 
     def _input(

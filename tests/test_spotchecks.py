@@ -19,7 +19,7 @@ from nanoshard import Client
 from nanoshard import codec as codecs
 from nanoshard.agreement import distance, tolerance
 from nanoshard.checkpoint import save_hf_checkpoint
-from nanoshard.client.checks import Checker, CheckResult
+from nanoshard.client.checks import CHECK_EVERY, Checker, CheckResult
 from nanoshard.client.route import Route
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
@@ -59,16 +59,20 @@ def test_distance_and_tolerance() -> None:
 
 def test_fault_switch_is_strict() -> None:
     assert fault_from_env("") is None
-    fault = fault_from_env("perturb:0.5")
-    assert fault is not None and fault.scale == 0.5
     y = torch.randn(2, 16)
+    fault = fault_from_env("perturb:0.5")
+    assert fault is not None and (fault.scale, fault.share) == (0.5, 1.0)
+    sometimes = fault_from_env("perturb:0.5:0.1")
+    assert sometimes is not None and sometimes.share == 0.1
+    changed = sum(not torch.equal(sometimes(y), y) for _ in range(1000))
+    assert 50 < changed < 150  # about a tenth of the steps
     assert 0.3 < distance(y, fault(y)) < 0.7
     delay = fault_from_env("delay:0.25")
     assert delay is not None and delay.seconds == 0.25 and torch.equal(delay(y), y)
     slow = fault_from_env("slow:5:30")
     assert isinstance(slow, Slow) and (slow.factor, slow.after_s) == (5.0, 30.0)
     for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61",
-                "perturb:0.5:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
+                "perturb:0.5:0", "perturb:0.5:1.5", "perturb:0.5:1:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
         with pytest.raises(InvalidArgument):
             fault_from_env(bad)
 
@@ -128,14 +132,14 @@ def replicas(tiny_model: Path):
 
 
 def checked_generation(first: list[str], second: list[str], codec: str, seed: int) -> Checker:
-    """Generate 24 tokens along [0, 2) -> [2, 6), a shadow following each hop (the first
-    address of each hop runs it, the second is its shadow)."""
+    """Generate 2 * CHECK_EVERY + 1 tokens along [0, 2) -> [2, 6), a shadow following
+    each hop (the first address of each hop runs it, the second is its shadow)."""
     route = Route(
         [pb.Hop(start=0, end=2, addresses=first), pb.Hop(start=2, end=6, addresses=second)], 6
     )
     checker = Checker(1.0, seed=seed)
-    session = fixed_session(route, 40, codec=codec, checker=checker)
-    generate(session, PROMPT, 24, block_size=TINY.block_size)
+    session = fixed_session(route, 80, codec=codec, checker=checker)
+    generate(session, PROMPT, 2 * CHECK_EVERY + 1, block_size=TINY.block_size)
     checker.wait()  # the check points' material is fetched before the session closes
     session.close()
     checker.wait()
@@ -150,15 +154,15 @@ def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(replicas: dict, c
     checker = checked_generation([a0, a1], [b0, b_liar], codec, seed=1)
     results = list(checker.results)
     assert not checker.skipped, checker.skipped
-    # 24 steps (the prompt's, then 23 tokens): check points at steps 1, 9 and 17 of each hop
+    # check points at the first step (the prompt's) and every CHECK_EVERY steps: 3 a hop
     by_stage = {(0, 2): [r for r in results if r.start == 0], (2, 6): [r for r in results if r.start == 2]}  # fmt: skip
     assert [len(v) for v in by_stage.values()] == [3, 3], [r.to_dict() for r in results]
     for r in by_stage[(0, 2)]:  # activations, every position: an honest shadow agrees
         assert r.checked == a0 and set(r.distances) == {a1} and r.agree, r
         # one batched forward instead of the steps: within rounding (fp32), or the codec's error
         assert r.distances[a1] <= (1e-5 if codec == "fp32" else r.tolerance / 2)
-    # every position of the hop was compared, each exactly once
-    assert sum(r.positions for r in by_stage[(0, 2)]) == len(PROMPT) + 16
+    # every position of the hop up to the last check point was compared, each once
+    assert sum(r.positions for r in by_stage[(0, 2)]) == len(PROMPT) + 2 * CHECK_EVERY
     for r in by_stage[(2, 6)]:  # the head's logits at each check point: the liar's are off
         assert r.checked == b0 and set(r.distances) == {b_liar}
         assert r.distances[b_liar] > 10 * r.tolerance

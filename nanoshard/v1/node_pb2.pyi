@@ -31,16 +31,18 @@ class GroupAck(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., compute_ms: _Optional[float] = ..., collective_ms: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("start", "end", "addresses", "public_keys")
+    __slots__ = ("start", "end", "addresses", "public_keys", "check_rates")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_RATES_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
     public_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    check_rates: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., check_rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
