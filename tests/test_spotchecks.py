@@ -66,13 +66,15 @@ def test_fault_switch_is_strict() -> None:
     assert sometimes is not None and sometimes.share == 0.1
     changed = sum(not torch.equal(sometimes(y), y) for _ in range(1000))
     assert 50 < changed < 150  # about a tenth of the steps
+    later = fault_from_env("perturb:0.5:1:30")
+    assert later is not None and later.after_s == 30 and torch.equal(later(y), y)  # not yet
     assert 0.3 < distance(y, fault(y)) < 0.7
     delay = fault_from_env("delay:0.25")
     assert delay is not None and delay.seconds == 0.25 and torch.equal(delay(y), y)
     slow = fault_from_env("slow:5:30")
     assert isinstance(slow, Slow) and (slow.factor, slow.after_s) == (5.0, 30.0)
     for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61",
-                "perturb:0.5:0", "perturb:0.5:1.5", "perturb:0.5:1:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
+                "perturb:0.5:0", "perturb:0.5:1.5", "perturb:0.5:1:-1", "perturb:0.5:1:1:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
         with pytest.raises(InvalidArgument):
             fault_from_env(bad)
 
