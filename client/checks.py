@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 import torch
 
-from nanoshard import rpc
+from nanoshard import identity, rpc
 from nanoshard.agreement import (
     distance,
     from_wire,
@@ -227,6 +227,10 @@ class Checker:
         except NanoshardError as exc:  # a node went away, or freed the session already
             self._stop(shadow, f"material unavailable: {exc}")
             return
+        except UnsignedMaterial as exc:  # a node's replay is not its word: never trusted
+            log.warning("spot-check stopped: %s", exc)
+            self._stop(shadow, "unsigned replay material")
+            return
         except Exception:  # what a node sent does not decode: never the generation's problem
             log.warning("spot-check stopped: its material is malformed", exc_info=True)
             self._stop(shadow, "material malformed")
@@ -297,7 +301,8 @@ class Checker:
         if k == 0:
             inputs = [(p, chunk) for p, chunk in history if p >= start]
         else:
-            inputs = self._sent(traces[k - 1].address, spec.session_id, start, end)
+            upstream = traces[k - 1].address
+            inputs = self._sent(upstream, spec.session_id, start, end, _keys(route).get(upstream))
         if not _covers(inputs, start, end) or inputs[-1][0] != pos:
             self._stop(shadow, "incomplete replay material")
             return None
@@ -308,7 +313,7 @@ class Checker:
             outputs = [reply.output]
             token = reply.token if reply.has_token else None
         else:
-            sent = self._sent(checked, spec.session_id, start, end)
+            sent = self._sent(checked, spec.session_id, start, end, _keys(route).get(checked))
             if [(p, a.shape[0]) for p, a in sent] != [(p, _rows(x)) for p, x in inputs]:
                 self._stop(shadow, "incomplete replay material")
                 return None
@@ -330,10 +335,23 @@ class Checker:
         except NanoshardError:  # unreachable: not a replica for this check
             return None
 
-    def _sent(self, address: str, session_id: bytes, start: int, end: int) -> list[Chunk]:
+    def _sent(
+        self, address: str, session_id: bytes, start: int, end: int, key: bytes | None
+    ) -> list[Chunk]:
+        """What ``address`` sent on over [start, end), each chunk checked against what it
+        signed for it when ``key`` (its public key) is known."""
         reply = self._call(
             address, "Outputs", pb.OutputsRequest(session_id=session_id, start=start, end=end)
         )
+        for c in reply.chunks:
+            rows = c.activations.shape[0] if c.activations.shape else 0
+            if key and not (
+                identity.step_signed(key, session_id, c.pos, rows, c.trace)
+                and identity.output_digest(c.activations) == c.trace.output_digest
+            ):
+                raise UnsignedMaterial(
+                    f"{address}'s replay material at {c.pos} is not what it signed"
+                )
         return [(c.pos, c.activations) for c in reply.chunks]
 
     def _call(self, address: str, method: str, request: Any) -> Any:
@@ -370,6 +388,9 @@ class Checker:
     def _check(self, m: Material) -> None:
         s = m.shadow
         if s.broken:
+            return
+        if self.excluded([s.replica]):
+            self._stop(s, "the shadow was excluded")
             return
         start = m.inputs[0][0]
         if s.fed != start:
@@ -552,6 +573,20 @@ class Checker:
         with contextlib.suppress(queue.Full):
             self._jobs.put(None, timeout=timeout_s)
         thread.join(timeout_s)
+
+
+class UnsignedMaterial(NanoshardError):
+    """A node's replay material that its signature does not cover."""
+
+
+def _keys(route: Route) -> dict[str, bytes]:
+    """Each address of ``route`` and its public key, where the route gives one."""
+    return {
+        a: k
+        for hop in route.hops
+        for a, k in zip(hop.addresses, hop.public_keys, strict=False)
+        if k
+    }
 
 
 def _rows(item: Any) -> int:

@@ -604,6 +604,14 @@ class NodeService(pb_grpc.NodeServicer):
                     self.forge.relay(reply)
             trace.handle.CopyFrom(self.handle(session))
             self._sign(session, req, n_tokens, trace, out, returned)
+            if trace.signature and not stage.has_head and not req.chunks:
+                session.signed[req.pos] = pb.HopTrace(
+                    start=trace.start,
+                    end=trace.end,
+                    input_digest=trace.input_digest,
+                    output_digest=trace.output_digest,
+                    signature=trace.signature,
+                )
             if req.chunks and resend is None and returned:
                 reply.chunk_traces.extend(
                     self._sign_chunks(session, req, chunk_digests, returned[0])
@@ -854,7 +862,9 @@ class NodeService(pb_grpc.NodeServicer):
                         f"positions [{request.start}, {request.end}) hold over {size} bytes, "
                         "more than one message may carry: ask for fewer"
                     )
-                reply.chunks.add(pos=pos, activations=message)
+                chunk = reply.chunks.add(pos=pos, activations=message)
+                if pos in session.signed:
+                    chunk.trace.CopyFrom(session.signed[pos])
         return reply
 
     # ---- info -----------------------------------------------------------------------

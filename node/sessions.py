@@ -53,6 +53,9 @@ class NodeSession:
     last_output: Any = None  # (step_id, pos, tokens, output) of the last step computed
     # What this node sent on, as sent: its replay material (refills, spot-checks).
     sent: Replay[Any] = field(default_factory=activation_replay)
+    # What it signed for each chunk it sent (pos -> the trace's stage, digests, signature):
+    # the replay material comes with the node's word for it.
+    signed: dict[int, Any] = field(default_factory=dict)
     next: NextHop | None = None  # the link to the next hop of the bound route, if any
     caller: str = ""  # who opened it (rpc.caller_identity): whose quotas it counts against
     # agreement.input_digest of every input chunk it computed, running; and its value after

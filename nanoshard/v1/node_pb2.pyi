@@ -233,12 +233,14 @@ class OutputsRequest(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class SentChunk(_message.Message):
-    __slots__ = ("pos", "activations")
+    __slots__ = ("pos", "activations", "trace")
     POS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     pos: int
     activations: Activations
-    def __init__(self, pos: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+    trace: HopTrace
+    def __init__(self, pos: _Optional[int] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., trace: _Optional[_Union[HopTrace, _Mapping]] = ...) -> None: ...
 
 class OutputsReply(_message.Message):
     __slots__ = ("chunks",)
