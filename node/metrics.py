@@ -34,13 +34,14 @@ CHECKS = ("output", "material")
 class _StageMetrics:
     """One stage's children of the labelled metrics, looked up once."""
 
-    def __init__(self, m: NodeMetrics, units: str) -> None:
+    def __init__(self, m: NodeMetrics, units: str, head: bool) -> None:
         self.decode = m.steps.labels(units=units, kind="decode")
         self.prefill = m.steps.labels(units=units, kind="prefill")
         self.decode_s = m.compute.labels(units=units, kind="decode")
         self.prefill_s = m.compute.labels(units=units, kind="prefill")
         self.positions = m.positions.labels(units=units)
-        self.tokens = m.tokens.labels(units=units)
+        # (a stage without the head samples nothing: no series of zeros for it)
+        self.tokens = m.tokens.labels(units=units) if head else None
 
 
 class NodeMetrics:
@@ -100,7 +101,7 @@ class NodeMetrics:
         key = (stage.start, stage.end)
         s = self._stages.get(key)
         if s is None:
-            s = self._stages[key] = _StageMetrics(self, units_label(*key))
+            s = self._stages[key] = _StageMetrics(self, units_label(*key), stage.has_head)
         if n_tokens == 1:
             s.decode.inc()
             s.decode_s.observe(compute_ms / 1e3)
@@ -108,7 +109,7 @@ class NodeMetrics:
             s.prefill.inc()
             s.prefill_s.observe(compute_ms / 1e3)
         s.positions.inc(n_tokens)
-        if sampled:
+        if sampled and s.tokens is not None:
             s.tokens.inc()
 
     def failover(self, kind: str) -> None:
