@@ -31,6 +31,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.coordinator.metrics import HEALTH
 from nanoshard.coordinator.service import CoordinatorService
 from nanoshard.engine import init_weights
+from nanoshard.errors import Unavailable
 from nanoshard.metrics import (
     Exposition,
     MetricsConfig,
@@ -111,6 +112,16 @@ def test_the_flags_bind_the_process_host_and_never_every_interface_by_default() 
     assert metrics_line("nanoshard-node", "::1", 9100) == (
         "nanoshard-node: metrics on http://[::1]:9100/metrics"
     )
+
+
+def test_a_port_in_use_is_one_clear_error() -> None:
+    registry = new_registry()
+    taken = Exposition(registry, MetricsConfig(port=0))
+    try:
+        with pytest.raises(Unavailable, match=f"cannot serve metrics on 127.0.0.1:{taken.port}"):
+            Exposition(registry, MetricsConfig(port=taken.port))
+    finally:
+        taken.close()
 
 
 def test_a_read_runs_on_the_loop_thread_and_a_stuck_loop_times_out() -> None:
