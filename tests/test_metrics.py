@@ -28,7 +28,7 @@ from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import route_from_addresses
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
-from nanoshard.coordinator.metrics import HEALTH
+from nanoshard.coordinator.metrics import CHECK_OUTCOMES, HEALTH
 from nanoshard.coordinator.service import CoordinatorService
 from nanoshard.engine import init_weights
 from nanoshard.errors import Unavailable
@@ -449,3 +449,58 @@ def test_a_swarm_scraped_after_a_generation_counts_it_exactly(tmp_path: Path) ->
         assert value(c, "nanoshard_coordinator_placements_total") >= 1
         assert value(c, "nanoshard_coordinator_excluded") == 0
         assert value(c, "nanoshard_coordinator_kv_bytes_used") > 0
+
+
+def test_the_coordinator_counts_check_reports_by_outcome_and_its_exclusions() -> None:
+    """``test_verification``'s disputes, counted: a bare report is tallied, one with signed
+    evidence verified (re-run here), a framed one false, its sender's next one ignored, and
+    a node's own signed lie verified and excluded."""
+    from test_verification import Context as Caller
+    from test_verification import honest_step, report_of, swarm_of_three
+
+    from nanoshard.coordinator.model import ModelStore
+
+    store, ckpt = ModelStore.open("demo"), open_checkpoint("demo")
+    ids = [464, 3290, 373]
+    stranger = "ipv4:203.0.113.8:1"
+
+    async def run() -> CoordinatorService:
+        svc, keys = swarm_of_three(store)
+        a, b, c = keys
+        bare = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids), [b, c])
+        bare.ClearField("evidence")
+        await svc.ReportCheck(bare, Caller())
+        honest = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids), [b])
+        await svc.ReportCheck(honest, Caller())
+        framed = report_of(ckpt, ids, a, honest_step(ckpt, keys[a], ids, perturb=1.0), [b])
+        framed.evidence.checked_trace.CopyFrom(honest.evidence.checked_trace)
+        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+            await svc.ReportCheck(framed, Caller(stranger))
+        await asyncio.sleep(1.1)  # (one dispute re-run a second)
+        liar = honest_step(ckpt, keys[c], ids, perturb=1.0)
+        await svc.ReportCheck(report_of(ckpt, ids, c, liar, [a]), Caller(stranger))
+        caught = await svc.ReportCheck(report_of(ckpt, ids, c, liar, [a]), Caller())
+        assert list(caught.excluded) == [c]
+        return svc
+
+    samples = collect(asyncio.run(run()).metrics.registry)
+    reports = "nanoshard_coordinator_check_reports_total"
+    outcomes = {o: value(samples, reports, outcome=o) for o in CHECK_OUTCOMES}
+    assert outcomes == {"tallied": 1, "verified": 2, "ignored": 1, "refused": 0, "false": 1}
+    comparisons = "nanoshard_coordinator_check_comparisons_total"
+    by = {
+        (w, r): value(samples, comparisons, by=w, result=r)
+        for w in ("client", "coordinator")
+        for r in ("agree", "disagree")
+    }
+    # bare 2, honest 1, framed 1 (tallied before its evidence fell), caught 1; the
+    # coordinator's re-runs: the honest node's output, and the liar's
+    assert by == {
+        ("client", "agree"): 0,
+        ("client", "disagree"): 5,
+        ("coordinator", "agree"): 1,
+        ("coordinator", "disagree"): 1,
+    }
+    assert value(samples, "nanoshard_coordinator_exclusions_total") == 1
+    assert value(samples, "nanoshard_coordinator_excluded") == 1
+    assert value(samples, "nanoshard_coordinator_nodes", health="excluded") == 1
