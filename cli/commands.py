@@ -24,6 +24,7 @@ from nanoshard.cliutil import COORDINATOR, listening_line, run_cli, setup_loggin
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
+from nanoshard.metrics import add_metrics_args, expose, metrics_from_args
 from nanoshard.security import add_security_args, security_from_args
 
 from .demo import DemoConfig, run_demo
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_mdns_options(c, advertise=True)
     add_security_args(c)
+    add_metrics_args(c)
 
     dm = sub.add_parser("demo", help="a coordinator and N nodes on this machine, and a generation")
     dd = DemoConfig()
@@ -192,6 +194,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise InvalidArgument("--replicas must be at least 1")
     if not config.exclude_hours > 0:
         raise InvalidArgument("--exclude-hours must be more than 0")
+    config.metrics = expose(metrics_from_args(args), COORDINATOR)
 
     def ready(address: str) -> None:
         print(listening_line(COORDINATOR, address), flush=True)

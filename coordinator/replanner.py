@@ -30,6 +30,7 @@ class Replanner:
         self.requested = 0  # placement requests so far ...
         self.done = 0  # ... and the newest request a placement in force has read
         self.runs = 0  # placements put in force
+        self.moved = 0  # units they had nodes newly load, in all
         self._task: asyncio.Task[None] | None = None
         self._placed = asyncio.Condition()
         registry.defer = self.request
@@ -57,7 +58,7 @@ class Replanner:
             except Exception:  # a bug in placement must not stop the coordinator
                 log.exception("placement failed; the swarm keeps its stages")
             else:
-                self.registry.apply(request, plan)
+                self.moved += self.registry.apply(request, plan)
                 self.runs += 1
             self.done = upto
             async with self._placed:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from nanoshard import rpc
 from nanoshard.cliutil import stop_on_signals
@@ -20,6 +21,7 @@ from nanoshard.security import Security
 
 from . import groups
 from .exclusions import ExclusionStore
+from .metrics import CoordinatorMetrics
 from .model import ModelStore
 from .registry import Registry
 from .service import CoordinatorService
@@ -53,6 +55,7 @@ class CoordinatorConfig:
     name: str = "coordinator"
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
     security: Security = field(default_factory=Security)  # swarm key and TLS
+    metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
     extra: dict = field(default_factory=dict)
 
 
@@ -93,6 +96,7 @@ async def serve(
         heartbeat_interval_s=config.heartbeat_interval,
         epoch=epoch,
         security=config.security,
+        metrics=CoordinatorMetrics(config.metrics),
     )
     server = grpc.aio.server(options=rpc.server_options(config.max_message_bytes))
     server.add_generic_rpc_handlers((service.rpc_handler(),))
@@ -139,7 +143,8 @@ async def serve(
                 await asyncio.wait_for(stop.wait(), config.heartbeat_interval / 2)
             except asyncio.TimeoutError:
                 now = service.clock()
-                registry.expire(now)
+                gone = registry.expire(now)
+                service.metrics.node_events.labels("expire").inc(len(gone))
                 registry.rebalance(now)
                 if now - checked_expiry >= EXPIRY_CHECK_S:
                     checked_expiry = now

@@ -37,6 +37,7 @@ from .arbiter import ARBITER, Arbiter, read_evidence, signers
 from .groups import LinkReport, PeerReport
 from .limits import Bounded, RateLimit
 from .load import LiveReport
+from .metrics import CoordinatorMetrics
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .replanner import Replanner
@@ -125,6 +126,7 @@ class CoordinatorService:
         clock: Callable[[], float] = time.monotonic,
         security: Security | None = None,
         wall_clock: Callable[[], float] = time.time,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.security = security or Security()
         self.store = store
@@ -144,6 +146,8 @@ class CoordinatorService:
         self._settled = Bounded(MAX_SETTLED)  # signatures of steps settled (replays: no re-run)
         self.reports = RateLimit(REPORTS_PER_MIN, 60.0)  # per caller
         self.false_reporters = Bounded(MAX_FALSE_REPORTERS)  # callers not heard any more
+        self.metrics = metrics or CoordinatorMetrics()  # for Prometheus
+        self.metrics.watch(self)
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return rpc.strict_service(
@@ -223,6 +227,7 @@ class CoordinatorService:
             public_key=request.public_key,
         )
         self.registry.join(record)
+        self.metrics.node_events.labels("join").inc()
         await self.replanner.placed()  # the reply carries the node's stage
         return cpb.JoinReply(
             model_id=self.store.model_id,
@@ -276,16 +281,22 @@ class CoordinatorService:
     @handles_errors
     async def Leave(self, request: cpb.LeaveRequest, context: Any) -> cpb.LeaveReply:
         self._as_itself(request.node_id, context)
-        self.registry.leave(request.node_id)
+        if self.registry.leave(request.node_id):
+            self.metrics.node_events.labels("leave").inc()
         return cpb.LeaveReply()
 
     @handles_errors
     async def GetRoute(self, request: cpb.RouteRequest, context: Any) -> cpb.RouteReply:
-        hops = plan_route(
-            self.registry.servers(), self.registry.config.n_units, list(request.avoid)[:64]
-        )
+        try:
+            hops = plan_route(
+                self.registry.servers(), self.registry.config.n_units, list(request.avoid)[:64]
+            )
+        except NanoshardError:
+            self.metrics.routes.labels("none").inc()
+            raise
         if not request.peek:
             self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
+        self.metrics.routes.labels("peek" if request.peek else "session").inc()
         keys, rates = self.registry.public_keys(), self._check_rates()
         return cpb.RouteReply(
             hops=[
@@ -420,6 +431,26 @@ class CoordinatorService:
 
     @handles_errors
     async def ReportCheck(self, request: cpb.CheckReport, context: Any) -> cpb.CheckReply:
+        """Record a client's spot-check (``_report_check``), counting what became of it."""
+        try:
+            reply, outcome = await self._report_check(request, context)
+        except NanoshardError:
+            false = rpc.caller_identity(context) in self.false_reporters
+            self.metrics.check_reports.labels("false" if false else "refused").inc()
+            raise
+        self.metrics.check_reports.labels(outcome).inc()
+        return reply
+
+    def _compared(self, comparisons: list[Comparison]) -> None:
+        """Put ``comparisons`` in the ledger (and count them)."""
+        self.ledger.add(comparisons)
+        for c in comparisons:
+            by = "coordinator" if c.a == ARBITER else "client"
+            self.metrics.comparisons.labels(by, "agree" if c.agree else "disagree").inc()
+
+    async def _report_check(
+        self, request: cpb.CheckReport, context: Any
+    ) -> tuple[cpb.CheckReply, str]:
         """Record a client's spot-check. A caller's word excludes no one: a report whose
         evidence carries the checked node's own signed trace of the step is settled here
         (the coordinator re-runs the step from its own weights, and excludes the node if
@@ -429,7 +460,7 @@ class CoordinatorService:
         caller = rpc.caller_identity(context)
         now = self.clock()
         if caller in self.false_reporters:
-            return cpb.CheckReply()
+            return cpb.CheckReply(), "ignored"
         self.reports.take(caller, now)
         start, end = self._stage(request.start, request.end, "checked stage")
         tolerance = request.tolerance
@@ -450,8 +481,8 @@ class CoordinatorService:
         known = {r.address: r for r in self.registry.nodes.values()}
         record = known.get(checked)
         if record is None:
-            return cpb.CheckReply()  # about a node gone: nothing to do
-        self.ledger.add(
+            return cpb.CheckReply(), "ignored"  # about a node gone: nothing to do
+        self._compared(
             [
                 Comparison(checked, o.address, start, end, request.pos, o.error, tolerance, now)
                 for o in request.replicas
@@ -459,7 +490,7 @@ class CoordinatorService:
             ]
         )
         if not request.HasField("evidence"):
-            return cpb.CheckReply()
+            return cpb.CheckReply(), "tallied"
         try:
             inputs, checked_out, replica_outs, weights = read_evidence(
                 request, self.registry.config
@@ -472,7 +503,7 @@ class CoordinatorService:
         signature = request.evidence.checked_trace.signature
         idle = now - self._arbitrated_at >= ARBITRATE_EVERY_S and not self._arbitrating.locked()
         if signature in self._settled or not idle:
-            return cpb.CheckReply()  # settled already, or busy: a later report will do
+            return cpb.CheckReply(), "tallied"  # settled already, or busy: a later one will do
         self._settled.add(signature)
         self._arbitrated_at = now
         async with self._arbitrating:
@@ -485,7 +516,7 @@ class CoordinatorService:
         excluded = []
         for address in signed_nodes:
             error = distance(mine, outputs[address])
-            self.ledger.add(
+            self._compared(
                 [Comparison(ARBITER, address, start, end, request.pos, error, allowed, now)]
             )
             log.info(
@@ -501,7 +532,8 @@ class CoordinatorService:
                     f"(tolerance {allowed:.3g})",
                 )
                 excluded.append(address)
-        return cpb.CheckReply(excluded=excluded)
+                self.metrics.exclusions.inc()
+        return cpb.CheckReply(excluded=excluded), "verified"
 
 
 def live_report(live: cpb.LiveLoad) -> LiveReport:

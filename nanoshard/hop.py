@@ -231,7 +231,10 @@ class NextHop:
     ``replay`` what the owner sent down this link so far (the client adds a step's token
     ids once it is answered, a node its output once computed, before forwarding it: so a
     refill stops at the step's own position). ``avoided()`` names nodes to try last (the
-    client's recent failures). ``owner`` names the caller in error messages."""
+    client's recent failures). ``owner`` names the caller in error messages;
+    ``on_repair(kind)`` hears of each repair as it succeeds (its owner's metrics): "replica"
+    (another node of the hop took over), "refill" (a node was refilled), "slow" (the link
+    left a node whose steps slowed down)."""
 
     def __init__(
         self,
@@ -243,6 +246,7 @@ class NextHop:
         timeout_s: float,
         owner: str = "the client",
         avoided: Callable[[], Collection[str]] = frozenset,
+        on_repair: Callable[[str], None] | None = None,
     ) -> None:
         if not route:
             raise InvalidArgument("a next hop needs a route")
@@ -253,6 +257,7 @@ class NextHop:
         self.timeout_s = timeout_s
         self.owner = owner
         self.avoided = avoided
+        self.on_repair = on_repair
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
         self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
@@ -298,6 +303,8 @@ class NextHop:
                 failed.append(address)
                 continue
             self._use(address)
+            if failures:
+                self._repaired("replica")
             return reply
         raise self._gone(failures, failed)
 
@@ -327,10 +334,14 @@ class NextHop:
                         await self._refill(address, have, request.pos, request.step_id)
                         repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
                     reply = await self._exchange(address, request)
+                    if have is not None:
+                        self._repaired("refill")
                     if failures:
                         repair = "; ".join([*failures, repair or f"switched to {address}"])
+                        self._repaired("replica")
                     if moved := self._paced(address, request, reply, own_ms):
                         repair = "; ".join(r for r in (moved, repair) if r)
+                        self._repaired("slow")
                     return reply, repair
                 except CacheMismatch as exc:
                     self.drop_stream()
@@ -388,6 +399,10 @@ class NextHop:
                     shared,
                 )
         return why
+
+    def _repaired(self, kind: str) -> None:
+        if self.on_repair is not None:
+            self.on_repair(kind)
 
     async def _refill(self, address: str, have: int, upto: int, step_id: int) -> None:
         """Bring the node at ``address`` from ``have`` positions (-1: the session is not

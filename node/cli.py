@@ -14,6 +14,7 @@ import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torc
 from nanoshard.cliutil import NODE, listening_line, parse_size, run_cli, setup_logging
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
+from nanoshard.metrics import add_metrics_args, expose, metrics_from_args
 from nanoshard.security import add_security_args, security_from_args
 
 from .join import Events, JoinConfig, join
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="largest gRPC message accepted (default 16M)",
     )
+    add_metrics_args(s)
 
     j = sub.add_parser("join", help="join a swarm and serve the stage the coordinator assigns")
     jd = JoinConfig()
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_flags(j)
     add_security_args(j)
     j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
+    add_metrics_args(j)
     return parser
 
 
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
 
     def run() -> int:
+        metrics = expose(metrics_from_args(args), NODE)
         if args.command == "serve":
             config = ServeConfig(
                 model=args.model,
@@ -210,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 security=security_from_args(args, identity=f"node:{args.name or args.port}"),
                 quotas=limits_from_args(args),
                 max_queue=args.max_queue,
+                metrics=metrics,
             )
 
             def ready(address: str) -> None:
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 security=security_from_args(args),
                 quotas=limits_from_args(args),
                 max_queue=args.max_queue,
+                metrics=metrics,
             )
             asyncio.run(join(join_config, ConsoleEvents()))
         return 0

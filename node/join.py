@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
 from nanoshard.backoff import backoff_delays
@@ -79,6 +80,7 @@ class JoinConfig:
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
     max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
+    metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
 
 
 class Events:
@@ -214,6 +216,7 @@ class Volunteer:
                 quotas=config.quotas,
                 max_queue=config.max_queue,
                 key=self.key,
+                metrics=config.metrics,
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")

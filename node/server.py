@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from nanoshard import rpc
 from nanoshard.checkpoint import Checkpoint, open_checkpoint
@@ -25,6 +26,7 @@ from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.identity import NodeKey
 from nanoshard.security import Security
 
+from .metrics import NodeMetrics
 from .quotas import QuotaLimits, Quotas
 from .service import RELEASE_EVERY_S, NodeIdentity, NodeService
 from .sessions import SessionTable
@@ -52,6 +54,7 @@ class ServeConfig:
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
     max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
+    metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
 
 
 class DataPlane:
@@ -74,6 +77,7 @@ class DataPlane:
         quotas: QuotaLimits | None = None,
         max_queue: int = MAX_QUEUE,
         key: NodeKey | None = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         security = security or Security()
         self.key = key or NodeKey.generate()  # what its steps are signed with
@@ -99,6 +103,7 @@ class DataPlane:
             security=security,
             quotas=Quotas(quotas or QuotaLimits()),
             key=self.key,
+            metrics=NodeMetrics(metrics),
         )
         self.server.add_generic_rpc_handlers((self.service.rpc_handler(),))
         self._expiry: asyncio.Task | None = None
@@ -151,6 +156,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         security=config.security,
         quotas=config.quotas,
         max_queue=config.max_queue,
+        metrics=config.metrics,
     )
     stage = await plane.load(
         lambda: checkpoint.load_stage(start, end, parse_dtype(config.dtype), device)

@@ -43,6 +43,7 @@ from .faults import Forge, Slow, fault_from_env
 from .group import GroupStep, Membership, acks
 from .links import PING_MAX_BYTES
 from .live import LiveStats
+from .metrics import NodeMetrics
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
@@ -103,6 +104,7 @@ class NodeService(pb_grpc.NodeServicer):
         security: Security | None = None,
         quotas: Quotas | None = None,
         key: identity.NodeKey | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.security = security or Security()
         self.key = key  # what it signs its steps with (None: it signs nothing)
@@ -118,6 +120,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.step_timeout_s = step_timeout_s
         self._latencies: list[float] = []
         self.live = LiveStats()  # what its steps measure, for its heartbeats
+        self.metrics = metrics or NodeMetrics()  # the same, and more, for Prometheus
+        self.metrics.watch(self)
         fault = fault_from_env()
         if fault is not None:
             log.warning("TEST FAULT ON: this node perturbs or slows its steps (%s)", fault)
@@ -270,6 +274,7 @@ class NodeService(pb_grpc.NodeServicer):
                 session.sent,
                 timeout_s=self.step_timeout_s,
                 owner=self.identity.name,
+                on_repair=self.metrics.failover,
             )
         else:
             session.next.rebind(route)
@@ -319,6 +324,7 @@ class NodeService(pb_grpc.NodeServicer):
             cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
             session = NodeSession(spec, stage, cache, nbytes, caller=caller)
             self.sessions.add(session)
+        self.metrics.sessions_opened.inc()
         return session
 
     async def _group_acks(
@@ -553,9 +559,14 @@ class NodeService(pb_grpc.NodeServicer):
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
-                self.live.step(
-                    stage, n_tokens, timed.compute_ms, stage.has_head and out is not None
+                sampled = stage.has_head and out is not None
+                self.live.step(stage, n_tokens, timed.compute_ms, sampled)
+                # (a group member samples too, on rank 0's word: its token is not counted)
+                self.metrics.step(
+                    stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only
                 )
+                if returned:
+                    self.metrics.check_answered("output")
                 if group is not None:
                     assert isinstance(run, GroupStep)
                     trace.tp = group.size
@@ -865,6 +876,7 @@ class NodeService(pb_grpc.NodeServicer):
                 chunk = reply.chunks.add(pos=pos, activations=message)
                 if pos in session.signed:
                     chunk.trace.CopyFrom(session.signed[pos])
+        self.metrics.check_answered("material")
         return reply
 
     # ---- info -----------------------------------------------------------------------
