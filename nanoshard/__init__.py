@@ -11,7 +11,7 @@ from __future__ import annotations
 # nanoshard/threads.py: OpenMP threads that sleep when they wait, set before torch loads.
 from nanoshard import threads as _threads  # noqa: F401
 
-PROTOCOL_VERSION = 4  # of the wire (protos/nanoshard/v1); peers of another version are refused (2: routes bound at Open; 3: tensor-parallel groups; 4: node keys, signed steps)
+PROTOCOL_VERSION = 5  # of the wire (protos/nanoshard/v1); peers of another version are refused (2: routes bound at Open; 3: tensor-parallel groups; 4: node keys, signed steps; 5: shadow checks by steps of chunks, signed replay material, suggested check rates)
 
 __version__ = "0.1.0"
 
