@@ -1,6 +1,7 @@
-"""Spot-checks: a step re-run on replicas of its stage, compared within what the codec and
-the weights allow; the coordinator's policy over the results; a perturbing node (the
-test-only fault switch) found and excluded, and honest nodes never."""
+"""Spot-checks: a shadow replica follows a hop on its own KV cache, fed in steps of chunks,
+and every position it computes is compared within what the codec and the weights allow;
+the coordinator's tallies; a perturbing node (the test-only fault switch) found and
+excluded, and honest nodes never."""
 
 from __future__ import annotations
 
