@@ -480,7 +480,8 @@ class Checker:
             except grpc.RpcError as err:
                 raise rpc.error_from_rpc(err, s.replica) from None
         s.step_id += 1
-        if not reply.HasField("output") or len(reply.chunk_traces) not in (0, len(m.inputs)):
+        traces = 1 if m.logits else len(m.inputs)  # at the head, the last chunk's only
+        if not reply.HasField("output") or len(reply.chunk_traces) not in (0, traces):
             raise NanoshardError(f"{s.replica} answered the shadow's step without its output")
         return reply
 
@@ -542,7 +543,7 @@ class Checker:
                 token=token or 0,
             )
             if reply.chunk_traces:
-                evidence.replica_traces.append(reply.chunk_traces[i])
+                evidence.replica_traces.append(reply.chunk_traces[-1 if m.logits else i])
                 evidence.replica_session_ids.append(s.session_id)
             for p, x in inputs:
                 if isinstance(x, pb.Activations):

@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -681,17 +680,21 @@ class NodeService(pb_grpc.NodeServicer):
         output: pb.Activations,
     ) -> list[pb.HopTrace]:
         """A step of chunks: per chunk, a trace signing its input digest (running, after the
-        chunk) and its rows of ``output`` (fp32), as if the chunk had been a step alone."""
+        chunk) and its rows of ``output`` (fp32), as if the chunk had been a step alone. At
+        the head only the last chunk has an output (its last position's logits): only it."""
         if self.key is None:
             return []
         stage = session.stage
         values = agreement.from_wire(output)
+        chunks = list(zip(_inputs_of(req), digests, strict=True))
+        first = len(chunks) - 1 if stage.has_head else 0
         traces, row = [], 0
-        for (pos, item), digest in zip(_inputs_of(req), digests, strict=True):
+        for i, ((pos, item), digest) in enumerate(chunks):
             n = len(item) if isinstance(item, list) else item.shape[0]
-            rows = (
-                values[len(traces) : len(traces) + 1] if stage.has_head else values[row : row + n]
-            )
+            rows = values if stage.has_head else values[row : row + n]
+            row += n
+            if i < first:
+                continue
             trace = pb.HopTrace(
                 node=self.identity.name,
                 address=self.identity.address,
@@ -702,7 +705,6 @@ class NodeService(pb_grpc.NodeServicer):
             )
             identity.sign_step(self.key, session.spec.session_id, pos, n, trace)
             traces.append(trace)
-            row += n
         return traces
 
     def _prepare(
@@ -751,17 +753,12 @@ class NodeService(pb_grpc.NodeServicer):
         pos = req.pos
         fault = self.fault
         return_output = req.return_output and returned is not None
-        # At the head, the positions whose logits count: the step's last, or each chunk's.
-        rows = None
-        if req.chunks and stage.has_head:
-            ends = itertools.accumulate(n for n, _, _ in parts)
-            rows = [end - 1 for end in ends]
 
         def finish(y: torch.Tensor) -> Any:
             if fault is not None:
                 y = fault(y)
             if return_output:
-                out = y[-1:] if stage.has_head and rows is None else y
+                out = y[-1:] if stage.has_head else y
                 if stage.has_head and stage.shard is not None:  # the whole row, for a check
                     out = gather_vocab(stage.shard, out, config.vocab_size)
                 fp32 = codecs.encode(out.float(), "fp32")
@@ -788,7 +785,7 @@ class NodeService(pb_grpc.NodeServicer):
         return (
             n_tokens,
             bytes_in,
-            StageStep(stage, session.cache, pos, n_tokens, make_input, finish, rows),
+            StageStep(stage, session.cache, pos, n_tokens, make_input, finish),
         )
 
     def _input(
