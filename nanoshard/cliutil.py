@@ -26,6 +26,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def format_size(n: int) -> str:
+    """Bytes for people: ``3.1 MB``, ``11.5 GiB`` (binary from a GiB up, as --max-memory)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 1e6:.1f} MB"
+
+
 def listening_line(who: str, address: str) -> str:
     """The line a server prints on stdout once it accepts calls (``who``: COORDINATOR or NODE).
 

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 import torch.distributed as dist
 
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
 from nanoshard.backoff import backoff_delays
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.cliutil import stop_on_signals
+from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
@@ -90,6 +91,11 @@ class Events:
     def progress(self, what: str) -> Callable[[int, int], None] | None:
         return None
 
+    def ready(self, line: str) -> None:
+        """Once, when the node first serves a stage: what it serves, the memory it takes,
+        how to leave (the CLI prints it for the owner of the machine)."""
+        log.info(line)
+
 
 def reachable_host(listen_host: str, coordinator: str) -> str:
     """The address other machines reach us at: the listen address, or when that is a
@@ -130,6 +136,7 @@ class Volunteer:
         self.wanted: tuple[int, int, str] | None = None  # the stage, and its group's id
         self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
         self.unformed = ""  # why the group it was assigned to did not form ("" = it did)
+        self.said_ready = False
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -391,10 +398,27 @@ class Volunteer:
         self.ready = (start, end)
         where = "" if tp is None else f" as rank {tp.rank} of tensor-parallel group {tp.id}"
         self.events.info(f"serving units [{start}, {end}) on {self.plane.address}{where}")
+        if not self.said_ready:
+            self.said_ready = True
+            self.events.ready(self._ready_line(start, end, weights))
         if self.advertising is not None:
             advertiser = await self.advertising
             props = dict(advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
             await asyncio.to_thread(advertiser.update, props)
+
+    def _ready_line(self, start: int, end: int, weights: int) -> str:
+        assert self.plane is not None and self.card is not None and self.model_config
+        units = describe_units(self.model_config, start, end)
+        promised = self.capacity.memory_bytes
+        kv = self.plane.sessions.budget_bytes
+        rss = psutil.Process().memory_info().rss
+        return (
+            f"{NODE}: ready: serving units [{start}, {end}) ({units}) of {self.card.name} "
+            f"on {self.plane.address} ({self.capacity.device}); memory: takes at most "
+            f"{format_size(promised)} ({format_size(weights)} of weights + up to "
+            f"{format_size(kv)} of KV caches; the process holds {format_size(rss)} now); "
+            "Ctrl-C leaves the swarm"
+        )
 
     def _threads_for(self, tp: cpb.TpGroup | None) -> int:
         """torch threads for the compute worker: --threads if given; else a thread per core,
@@ -562,16 +586,18 @@ class Volunteer:
     async def _shutdown(self) -> None:
         if self.loading is not None:
             self.loading.cancel()
+        # First tell the coordinator: routes stop naming this node at once, and sessions
+        # through it move to replicas when its data plane stops below.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await self._stub.Leave(
+                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
+            )
         if self.links is not None:
             await self.links.close()
         if self.advertising is not None:
             with contextlib.suppress(Exception):  # (a failed advert ended the node already)
                 advertiser = await self.advertising  # registering cannot be cut short
                 await asyncio.to_thread(advertiser.close)
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await self._stub.Leave(
-                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
-            )
         if self.plane is not None:
             await self.plane.stop()
         self.events.info("left the swarm")
