@@ -42,19 +42,20 @@ def state_dir() -> Path:
     return platformdirs.user_state_path(APP, appauthor=False)
 
 
-def available_ram(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+def available_ram() -> int:
     """Bytes of RAM this process can still take: the system's available memory, or less
     when a cgroup (a container) limits it."""
     available = int(psutil.virtual_memory().available)
-    limited = cgroup_available(cgroup_root, proc_cgroup)
+    limited = cgroup_available()
     return available if limited is None else min(available, limited)
 
 
-def cgroup_available(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
+def cgroup_available(root: Path | None = None, proc_cgroup: Path | None = None) -> int | None:
     """What the memory cgroups of this process leave free (a limit less its group's usage,
     less the inactive page cache it can reclaim; the tightest of its group and the groups
     above it), or None where no limit is set."""
-    v2, v1 = _cgroup_paths(proc_cgroup)
+    root = CGROUP_ROOT if root is None else root
+    v2, v1 = _cgroup_paths(PROC_CGROUP if proc_cgroup is None else proc_cgroup)
     found: list[int] = []
     # v2: one hierarchy at the root; v1: the memory controller's folder.
     groups = [
