@@ -27,10 +27,10 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
-    """Bytes for people: ``3.1 MB``, ``11.5 GiB`` (binary from a GiB up, as --max-memory)."""
+    """Bytes for people, in the binary units parse_size reads: ``3.1 MiB``, ``11.5 GiB``."""
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def listening_line(who: str, address: str) -> str:
