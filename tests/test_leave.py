@@ -24,8 +24,9 @@ HEARTBEAT_TIMEOUT_S = 20
 SLOW_TO_DROP = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S)]
 READY = re.compile(
     r"^nanoshard-node: ready: serving units \[(\d+), (\d+)\) \(.+\) of demo on (\S+) \(cpu\); "
-    r"memory: takes at most 256\.0 MiB \((\d+\.\d) MiB of weights \+ up to (\d+\.\d) MiB of KV "
-    r"caches; the process holds \d+\.\d (MiB|GiB) now\); Ctrl-C leaves the swarm$"
+    r"memory: takes at most 256\.0 MiB for weights and KV caches \((\d+\.\d) MiB of weights \+ "
+    r"up to (\d+\.\d) MiB of KV caches; the process holds \d+\.\d (MiB|GiB) now\); Ctrl-C "
+    r"leaves the swarm$"
 )
 
 

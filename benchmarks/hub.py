@@ -1,0 +1,143 @@
+"""Coordinator start-up: a Hugging Face hub id from the local hub cache against the same
+checkpoint given as a path.
+
+    python benchmarks/hub.py           # ~1-2 min; writes benchmarks/results/hub.{json,md}
+    python benchmarks/hub.py --quick   # one round each
+
+GPT-2 124M's shape (random weights as a Hugging Face directory, made once under
+``.cache/bench``) is laid out in a hub cache under ``.cache/bench/hub-cache`` exactly as
+``huggingface_hub`` writes a download (:func:`nanoshard.hub.add_to_cache`), as the repo
+``nanoshard-bench/gpt2-124m``. Each round starts ``nanoshard coordinator --model ID`` with
+``HF_HUB_OFFLINE=1 HF_HUB_CACHE=...`` and ``nanoshard coordinator --model PATH``, in turn
+(the order alternating), and takes the wall time from ``Popen`` to its "listening on"
+line: imports, resolving the model, opening it and hashing every tensor into the manifest.
+A first round of each warms the page cache and is not counted. Target: the hub id takes
+at most 1.2 × the path's time (median over rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    BENCH_CACHE,
+    GPT2_124M,
+    RESULTS,
+    machine_info,
+    markdown_table,
+    raise_on_sigterm,
+    random_checkpoint,
+    save_results,
+)
+from join import Child
+
+from nanoshard import hub
+from nanoshard.cliutil import listening_pattern
+
+BIN = Path(sys.executable).parent
+LISTENING = listening_pattern()
+REPO = "nanoshard-bench/gpt2-124m"
+TARGET = 1.2
+
+
+def start_once(model: str, state: Path, timeout_s: float) -> float:
+    """Seconds from Popen to the coordinator's "listening on" line; then it is stopped."""
+    child = Child(
+        [
+            str(BIN / "nanoshard"),
+            "coordinator",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-mdns",
+            "--state-dir",
+            str(state),
+        ]
+    )
+    try:
+        at, _ = child.wait_for(LISTENING, timeout_s)
+        return at
+    finally:
+        child.stop()
+
+
+def measure(opts: argparse.Namespace) -> dict:
+    path = Path(opts.model or random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    cache = BENCH_CACHE / "hub-cache"
+    snapshot = hub.add_to_cache(path, REPO, cache)
+    # both runs under the same environment (the children inherit it)
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    runs: dict[str, list[float]] = {"hub id": [], "path": []}
+    with tempfile.TemporaryDirectory() as state:
+        for round_ in range(opts.rounds + 1):  # round 0: warm-up, not counted
+            order = [("hub id", REPO), ("path", str(path))]
+            for name, model in order if round_ % 2 == 0 else order[::-1]:
+                seconds = start_once(model, Path(state), opts.timeout)
+                print(f"round {round_} {name}: {seconds:.2f} s", flush=True)
+                if round_ > 0:
+                    runs[name].append(round(seconds, 3))
+    medians = {name: statistics.median(times) for name, times in runs.items()}
+    ratio = medians["hub id"] / medians["path"]
+    return {
+        "model": str(path),
+        "repo": REPO,
+        "snapshot": str(snapshot),
+        "nbytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "runs": runs,
+        "median_s": {k: round(v, 3) for k, v in medians.items()},
+        "ratio": round(ratio, 3),
+        "target": TARGET,
+        "met": ratio <= TARGET,
+    }
+
+
+def render_markdown(result: dict) -> str:
+    m = result["machine"]
+    rows = [
+        [
+            name,
+            result["median_s"][name],
+            ", ".join(f"{t:.2f}" for t in result["runs"][name]),
+        ]
+        for name in ("path", "hub id")
+    ]
+    verdict = "met" if result["met"] else "missed"
+    return (
+        "# Coordinator start-up: hub id against path\n\n"
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}, load "
+        f"{m['load_average_start']} -> {m['load_average_end']}. GPT-2 124M shape "
+        f"({result['nbytes'] / 1e6:.0f} MB), `HF_HUB_OFFLINE=1`, from `Popen` to "
+        '"listening on".\n\n'
+        + markdown_table(["--model", "median s", "each round, s"], rows)
+        + f"\n\nhub id / path: **{result['ratio']:.3f} ×** (target ≤ {result['target']} ×: "
+        f"{verdict})\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one counted round each")
+    p.add_argument("--rounds", type=int, default=None, help="counted rounds (default 5)")
+    p.add_argument("--model", help="a Hugging Face GPT-2 directory (default: random 124M)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds a start may take")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for hub.json and hub.md")
+    opts = p.parse_args(argv)
+    opts.rounds = opts.rounds or (1 if opts.quick else 5)
+    raise_on_sigterm()
+    started = time.perf_counter()
+    result: dict = {"machine": machine_info()}
+    result.update(measure(opts))
+    return save_results(result, started, opts.out, "hub", render_markdown)
+
+
+if __name__ == "__main__":
+    main()
