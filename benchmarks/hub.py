@@ -98,7 +98,7 @@ def resolve_once() -> float:
 
 def measure(opts: argparse.Namespace) -> dict:
     path = Path(opts.model or random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
-    cache = BENCH_CACHE / "hub-cache"
+    cache = opts.hub_cache
     snapshot = hub.add_to_cache(path, REPO, cache)
     # both runs under the same environment (the children inherit it)
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one counted round each")
     p.add_argument("--rounds", type=int, default=None, help="counted rounds (default 7)")
     p.add_argument("--model", help="a Hugging Face GPT-2 directory (default: random 124M)")
+    p.add_argument(
+        "--hub-cache",
+        type=Path,
+        default=BENCH_CACHE / "hub-cache",
+        help="the hub cache to lay the model out in (default .cache/bench/hub-cache)",
+    )
     p.add_argument("--timeout", type=float, default=180.0, help="seconds a start may take")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for hub.json and hub.md")
     opts = p.parse_args(argv)
