@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 import psutil
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ def _stat(path: Path, key: str) -> int:
     return 0
 
 
-def cuda_free(device: object) -> int:
+def cuda_free(device: torch.device) -> int:
     """Free bytes on a CUDA device, as torch reports them."""
     import torch
 
