@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 from swarm import BIN, Swarm, settled, wait_until
 
+from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.statusview import status_json
 
 pytestmark = pytest.mark.slow
+
+PROMPT = "KING HENRY:\n"
 
 # A silent node is dropped only after 20 s (the coordinator places nothing for its first
 # 21 s either): within the 15 s wait below, only the node's Leave can take it out.
@@ -71,3 +74,50 @@ def test_join_help_shows_the_memory_it_would_take_here() -> None:
     text = " ".join(done.stdout.split())
     found = re.search(r"on this machine now: (\d+\.\d) (MiB|GiB) on (cpu|cuda\S*|mps)\)", text)
     assert found, text
+
+
+def test_a_session_through_a_node_that_leaves_goes_on_on_its_replica(tmp_path: Path) -> None:
+    """Two nodes, each holding the whole model; a greedy session runs on one, whose owner
+    presses Ctrl-C: the coordinator drops it, it exits, and the session goes on on the
+    other with exactly the tokens of an undisturbed run."""
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--replicas", "2", "--no-mdns", *SLOW_TO_DROP)
+        procs = [
+            swarm.join(
+                "--coordinator",
+                address,
+                "--no-mdns",
+                "--name",
+                f"n{i}",
+                "--max-memory",
+                "256M",
+                "--cache-dir",
+                str(tmp_path / f"n{i}"),
+            )
+            for i in range(2)
+        ]
+        coordinator = CoordinatorClient(address)
+        wait_until(
+            "both nodes serving the whole model",
+            lambda: settled(status_json(coordinator.status()), nodes=2, replicas=2),
+            timeout=HEARTBEAT_TIMEOUT_S + 60,
+        )
+        by_address = {p.wait_for(READY, timeout=10)[3]: p for p in procs}
+        with Client(address, check_rate=0) as client:
+            reference = client.generate(PROMPT, 40, temperature=0.0)
+            with client.session(temperature=0.0) as chat:
+                first = chat.generate(PROMPT, 1)
+                (hop,) = first.steps[0]  # one hop: the whole model
+                victim = by_address[hop["address"]]
+                victim.popen.send_signal(signal.SIGINT)
+                wait_until(
+                    "the coordinator to drop the node that left",
+                    lambda: hop["address"] not in [n.address for n in coordinator.status().nodes],
+                    timeout=HEARTBEAT_TIMEOUT_S * 0.75,
+                )
+                assert victim.popen.wait(timeout=30) == 0  # gone: the next step cannot reach it
+                rest = chat.generate("", 39)
+        assert first.token_ids + rest.token_ids == reference.token_ids
+        assert any(hop["address"] in r.detail for r in rest.recoveries), rest.recoveries
+        assert [h["address"] for h in rest.steps[-1]] != [hop["address"]]
+        coordinator.close()
