@@ -30,12 +30,23 @@ from nanoshard.security import add_security_args, security_from_args
 from .demo import DemoConfig, run_demo
 from .generate import cmd_generate
 
+MODEL_HELP = (
+    "'demo' (default), a checkpoint path (nanoGPT ckpt.pt, Hugging Face GPT-2 directory), or "
+    "a Hugging Face hub id (gpt2, gpt2-medium, owner/name; HF_HUB_OFFLINE, HF_HOME and "
+    "HF_TOKEN are honoured)"
+)
+TRUST_PICKLE_HELP = (
+    "load a pytorch_model.bin or nanoGPT ckpt.pt that holds Python objects besides tensors. "
+    "RISK: unpickling runs code from the file, which can do anything your user can; only "
+    "for files you trust"
+)
 CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values), int8-64"
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default="", help="the text to continue")
-    p.add_argument("--model", default="demo", help="checkpoint path, or 'demo' (default)")
+    p.add_argument("--model", default="demo", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="of a hub id: branch, tag or commit")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
@@ -69,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="--local: weights dtype")
+    g.add_argument("--trust-pickle", action="store_true", help="--local: " + TRUST_PICKLE_HELP)
     add_mdns_options(g)
     add_security_args(g, server=False)
 
     c = sub.add_parser("coordinator", help="run a swarm's coordinator")
     d = CoordinatorConfig()
-    c.add_argument("--model", default=d.model, help="checkpoint path, or 'demo' (default)")
+    c.add_argument("--model", default=d.model, help=MODEL_HELP)
+    c.add_argument(
+        "--revision", default=None, help="of a hub id: branch, tag or commit (default main)"
+    )
+    c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     c.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     c.add_argument(
         "--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free)"
@@ -177,6 +193,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     config = CoordinatorConfig(
         model=args.model,
+        revision=args.revision,
+        trust_pickle=args.trust_pickle,
         host=args.host,
         port=args.port,
         replicas=args.replicas,

@@ -31,7 +31,7 @@ def generate_locally(
     args: argparse.Namespace, on_token: Callable[[Token], object] | None
 ) -> GenerationResult:
     """The reference path: the whole model in this process, the same loop as the swarm's."""
-    checkpoint = open_checkpoint(args.model)
+    checkpoint = open_checkpoint(args.model, trust_pickle=args.trust_pickle, revision=args.revision)
     config = checkpoint.config
     enc = encoding_for(checkpoint.path)
     ids = prompt_ids(enc, args.prompt)

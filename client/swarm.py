@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import tiktoken
 
-from nanoshard import discovery, rpc
+from nanoshard import discovery, machine, rpc
 from nanoshard.config import GPTConfig
 from nanoshard.errors import FailedPrecondition, NotFound
 from nanoshard.security import Security
@@ -19,7 +19,7 @@ from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .route import Route
 
-DEFAULT_CACHE = Path.home() / ".cache" / "nanoshard" / "tokenizers"
+DEFAULT_CACHE = machine.cache_dir() / "tokenizers"
 
 
 def find_coordinator(

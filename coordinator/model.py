@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nanoshard import rpc
+from nanoshard import hub, rpc
 from nanoshard.checkpoint import (
     DEMO,
     TOKENIZER_FILES,
@@ -46,9 +46,12 @@ MEMORY_CACHE_BYTES = 256 << 20  # a model at most this big is kept in memory onc
 
 
 def model_name(spec: str | Path, path: Path) -> str:
-    """``"demo"``, a Hugging Face directory's name, or a nanoGPT file's (``out/ckpt.pt`` -> out)."""
+    """``"demo"``, a hub id (``gpt2``, for a snapshot of the hub's cache), a Hugging Face
+    directory's name, or a nanoGPT file's (``out/ckpt.pt`` -> out)."""
     if isinstance(spec, str) and spec == DEMO:
         return DEMO
+    if path.is_dir() and (repo := hub.repo_of(path)) is not None:
+        return repo
     if path.is_dir() or path.stem == "ckpt":
         return (path if path.is_dir() else path.parent).resolve().name
     return path.stem
@@ -102,14 +105,16 @@ class ModelStore:
         spec: str | Path,
         *,
         trust_pickle: bool = False,
+        revision: str | None = None,
         memory_cache_bytes: int = MEMORY_CACHE_BYTES,
     ) -> ModelStore:
-        """Open ``"demo"`` or a checkpoint path and hash it (reads every tensor once).
+        """Open ``"demo"``, a checkpoint path or a hub id (at ``revision``) and hash it
+        (reads every tensor once).
 
-        Every problem (missing file, wrong architecture, broken tokenizer files) raises
-        :class:`CheckpointError` naming the file.
+        Every problem (missing file, wrong architecture, broken tokenizer files, a hub id
+        neither cached nor reachable) raises :class:`CheckpointError` naming the file.
         """
-        checkpoint = open_checkpoint(spec, trust_pickle=trust_pickle)
+        checkpoint = open_checkpoint(spec, trust_pickle=trust_pickle, revision=revision)
         path = Path(checkpoint.path)
         vocab_json, merges_txt = _tokenizer_files(path if path.is_dir() else path.parent)
         log.info("hashing %s (%d tensors)", path, len(checkpoint.tensor_names()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from nanoshard import rpc
+from nanoshard import machine, rpc
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.discovery import Advert, Advertiser, coordinator_properties, zeroconf_interfaces
 from nanoshard.security import Security
@@ -30,9 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7960
 # Where a coordinator keeps what must outlive it (the exclusions), per swarm name.
-DEFAULT_STATE_DIR = (
-    Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser() / "nanoshard"
-)
+# (platformdirs: ~/.local/state/nanoshard on Linux, XDG_STATE_HOME honoured)
+DEFAULT_STATE_DIR = machine.state_dir()
 EXPIRY_CHECK_S = 60.0  # how often expired exclusions are lifted
 
 
@@ -40,7 +38,9 @@ EXPIRY_CHECK_S = 60.0  # how often expired exclusions are lifted
 class CoordinatorConfig:
     """``nanoshard coordinator``'s options, one field per flag."""
 
-    model: str = "demo"
+    model: str = "demo"  # "demo", a checkpoint path, or a Hugging Face hub id
+    revision: str | None = None  # of a hub id: a branch, tag or commit (None: main)
+    trust_pickle: bool = False  # load torch pickles that hold more than tensors (runs code)
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT  # 0 picks a free port
     replicas: int = 2  # copies of every unit placement aims for
@@ -66,7 +66,9 @@ async def serve(
 ) -> None:
     if config.mdns:  # a wrong --mdns-interface is refused before anything starts
         zeroconf_interfaces(config.mdns_interfaces)
-    store = await asyncio.to_thread(ModelStore.open, config.model)
+    store = await asyncio.to_thread(
+        ModelStore.open, config.model, trust_pickle=config.trust_pickle, revision=config.revision
+    )
     epoch = secrets.token_bytes(8)
     registry = Registry(
         store.config,

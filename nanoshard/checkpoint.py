@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nanoshard
+from nanoshard import hub
 from nanoshard.config import (
     GPTConfig,
     check_units,
@@ -64,11 +65,19 @@ HF_FILES = ("config.json", "pytorch_model.bin", "model.safetensors.index.json")
 GPT2_EOT = 50256  # <|endoftext|> in GPT-2's vocabulary
 
 
-def resolve_model(spec: str | Path) -> Path:
-    """``--model PATH|demo``: ``"demo"`` is the built-in model directory, anything else a path."""
+def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
+    """``--model PATH|demo|HUB_ID``: ``"demo"`` is the built-in model directory, an existing
+    path is that path, and a name shaped like a Hugging Face repo id (``gpt2``,
+    ``owner/name``) is that model's snapshot in the hub's cache, downloaded when missing
+    (:mod:`nanoshard.hub`); anything else is a path (which does not exist)."""
     if isinstance(spec, str) and spec == DEMO:
         return Path(nanoshard.__file__).parent / "demo_model"
-    return Path(spec).expanduser()
+    path = Path(spec).expanduser()
+    if isinstance(spec, str) and not path.exists() and hub.looks_like_repo_id(spec):
+        return hub.download(spec, revision)
+    if revision is not None:
+        raise InvalidArgument(f"{spec}: --revision is for a Hugging Face hub id, not a path")
+    return path
 
 
 def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -305,8 +314,11 @@ class Checkpoint:
         return units
 
 
-def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Open a nanoGPT ``ckpt.pt``, a Hugging Face GPT-2 directory, or ``"demo"``.
+def open_checkpoint(
+    path: str | Path, *, trust_pickle: bool = False, revision: str | None = None
+) -> Checkpoint:
+    """Open a nanoGPT ``ckpt.pt``, a Hugging Face GPT-2 directory, ``"demo"``, or a hub id
+    (at ``revision``; see :func:`resolve_model`).
 
     A directory is read as Hugging Face, or as nanoGPT's out_dir when it holds a ``ckpt.pt``
     and no config.json; a ``.safetensors``, ``pytorch_model.bin`` or ``config.json`` file
@@ -316,7 +328,7 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     old checkpoints holding other Python objects, which runs code from the file: only for
     files you trust.
     """
-    path = resolve_model(path)
+    path = resolve_model(path, revision)
     if not path.exists():
         hint = " (the demo model is not in this install)" if path == resolve_model(DEMO) else ""
         raise CheckpointError(f"{path}: no such file or directory{hint}")
@@ -405,7 +417,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if named := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
             raise CheckpointError(
                 f"{path}: holds a Python object ({named[1]}) besides tensors, and loading it runs "
-                "code from the file. If you trust the file, open it with trust_pickle=True"
+                "code from the file. If you trust the file, pass --trust-pickle "
+                "(trust_pickle=True from Python)"
             ) from None
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint, or corrupt ({_first_line(e)})"

@@ -26,6 +26,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def format_size(n: int) -> str:
+    """Bytes for people, in the binary units parse_size reads: ``3.1 MiB``, ``11.5 GiB``."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
 def listening_line(who: str, address: str) -> str:
     """The line a server prints on stdout once it accepts calls (``who``: COORDINATOR or NODE).
 

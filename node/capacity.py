@@ -13,9 +13,10 @@ Timings are cached in ``<cache>/capacity.msgpack``, keyed by everything that cha
 (model shape, device, dtype, torch version, CPU count and threads), so a node that joins
 again does not measure again. Memory is not cached: it is read at every start.
 
-Memory, unless ``max_memory`` says: on a CPU (and on Apple's unified memory) half of the
-available system RAM (``MemAvailable`` in /proc/meminfo, else free pages from sysconf),
-since a volunteer's machine has other work; on CUDA 80% of the GPU's free memory.
+Memory, unless ``max_memory`` says: on a CPU half of the available system RAM (psutil's
+figure, or less inside a container: see :mod:`nanoshard.machine`), since a volunteer's
+machine has other work; on Apple silicon (MPS) the same, the GPU's memory being that RAM
+(counted once); on CUDA 80% of the GPU's free memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TypeGuard
 import msgpack
 import torch
 
+from nanoshard import machine
 from nanoshard.config import GPTConfig
 from nanoshard.engine import DTYPES, Stage, parse_dtype, weights_name
 from nanoshard.errors import InvalidArgument
@@ -86,20 +88,9 @@ def available_memory(device: torch.device | str) -> int:
     """Bytes a node may use by default on ``device`` (see the module docstring)."""
     device = _device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FRACTION)
-    return int(_available_ram() * RAM_FRACTION)
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages: less, safe
+        return int(machine.cuda_free(device) * CUDA_FRACTION)
+    # cpu, and mps: unified memory is system RAM, counted once
+    return int(machine.available_ram() * RAM_FRACTION)
 
 
 def _random_stage(
@@ -120,6 +111,8 @@ def _median_ms(step: Callable[[], object], device: torch.device) -> float:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
 
     for _ in range(WARMUP):
         step()

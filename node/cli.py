@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torch loads
-from nanoshard.cliutil import NODE, listening_line, parse_size, run_cli, setup_logging
+from nanoshard.cliutil import (
+    NODE,
+    format_size,
+    listening_line,
+    parse_size,
+    run_cli,
+    setup_logging,
+)
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
 from nanoshard.metrics import add_metrics_args, expose, metrics_from_args
@@ -24,12 +31,29 @@ from .worker import MAX_BATCH, MAX_QUEUE
 
 
 class ConsoleEvents(Events):
-    """The join lifecycle on the terminal: log lines, and a progress bar for downloads."""
+    """The join lifecycle on the terminal: log lines, a progress bar for downloads, and
+    the ready line on stdout."""
 
     def progress(self, what: str):  # type: ignore[no-untyped-def]
         from .weights import rich_progress
 
         return rich_progress(what)
+
+    def ready(self, line: str) -> None:
+        print(line, flush=True)
+
+
+def memory_here(device: str = "auto") -> str:
+    """What a node given no --max-memory would take on this machine, for --help."""
+    from nanoshard.engine import pick_device
+
+    from .capacity import available_memory
+
+    try:
+        chosen = pick_device(device)
+        return f"{format_size(available_memory(chosen))} on {chosen}"
+    except Exception as e:  # help must print whatever the machine says
+        return f"unknown ({e})"
 
 
 def batch_size(text: str) -> int:
@@ -170,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=None,
         metavar="SIZE",
-        help="memory for weights and KV caches (default: half of what is free)",
+        help="memory for weights and KV caches (default: half of the free RAM, or 80%% of "
+        f"a CUDA device's free memory; on this machine now: {memory_here().replace('%', '%%')})",
     )
     j.add_argument("--device", default=jd.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
     j.add_argument("--dtype", default=jd.dtype, choices=list(DTYPES))

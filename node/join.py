@@ -21,10 +21,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
@@ -32,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from nanoshard import PROTOCOL_VERSION, discovery, rpc
 from nanoshard.backoff import backoff_delays
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.cliutil import stop_on_signals
+from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
@@ -52,6 +53,10 @@ from .worker import MAX_BATCH, MAX_QUEUE
 
 log = logging.getLogger(__name__)
 
+MIN_SHARE = 64 * 2**20  # weights and KV caches get at least this, or the node does not start
+# A step's own buffers, kept out of the KV budget of a node whose share is the whole
+# process (a 128-position prefill chunk's logits over GPT-2's vocabulary: 25 MB).
+STEP_BUFFERS = 64 * 2**20
 FORM_TIMEOUT_S = 300.0  # a group forms once every member has its weights: wait this long
 SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minute
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
@@ -91,6 +96,11 @@ class Events:
 
     def progress(self, what: str) -> Callable[[int, int], None] | None:
         return None
+
+    def ready(self, line: str) -> None:
+        """Once, when the node first serves a stage: what it serves, the memory it takes,
+        how to leave (the CLI prints it for the owner of the machine)."""
+        log.info(line)
 
 
 def reachable_host(listen_host: str, coordinator: str) -> str:
@@ -132,6 +142,8 @@ class Volunteer:
         self.wanted: tuple[int, int, str] | None = None  # the stage, and its group's id
         self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
         self.unformed = ""  # why the group it was assigned to did not form ("" = it did)
+        self.said_ready = False
+        self.runtime_bytes = 0  # the process before any stage, taken out of the default share
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -201,7 +213,7 @@ class Volunteer:
                 f"capacity on {device} {config.dtype}: block {capacity.block_ms:.2f} ms, head "
                 f"{capacity.head_ms:.2f} ms, memory {capacity.memory_bytes / 2**30:.1f} GiB"
             )
-            self.capacity = capacity
+            self.capacity = self.promised = capacity
             self.plane = DataPlane(
                 host=config.host,
                 port=config.port,
@@ -220,6 +232,8 @@ class Volunteer:
             )
             await self.plane.start()
             self.events.info(f"{self.plane.name}: data plane on {self.plane.address}")
+            if config.max_memory is None and device.type != "cuda":
+                self._runtime_out_of_the_share()
             self.links = PeerLinks(self.plane.service.channels, self.plane.address)
             self.plane.service.live.capacity = (capacity.block_ms, capacity.head_ms)
             self.store = await asyncio.to_thread(self._open_store)
@@ -230,6 +244,22 @@ class Volunteer:
         finally:
             await self._shutdown()
             await self._channel.close()
+
+    def _runtime_out_of_the_share(self) -> None:
+        """The default share of RAM (half of what is free) is what the whole process may
+        take, measured as its RSS: the runtime it already holds (interpreter, torch, gRPC,
+        the data plane) comes out of it before weights, and each stage's KV budget is what
+        is left of it once the stage is loaded (``_kv_budget``). ``--max-memory`` and a
+        CUDA device's share are for weights and KV caches only."""
+        self.runtime_bytes = psutil.Process().memory_info().rss
+        left = self.promised.memory_bytes - self.runtime_bytes
+        if left < MIN_SHARE:
+            raise InvalidArgument(
+                f"this node's runtime takes {format_size(self.runtime_bytes)} of the "
+                f"{format_size(self.promised.memory_bytes)} it may use here (half of the free "
+                "memory): nothing is left for weights; free some memory or pass --max-memory"
+            )
+        self.capacity = replace(self.promised, memory_bytes=left)
 
     def _connect(self, target: str) -> None:
         """Talk to the coordinator at ``target`` from now on."""
@@ -389,15 +419,57 @@ class Volunteer:
 
         stage: Stage = await self.plane.load(build)
         weights = stage.weight_nbytes
-        self.plane.sessions.budget_bytes = max(self.capacity.memory_bytes - weights, 64 * 2**20)
+        self.plane.sessions.budget_bytes = self._kv_budget(weights)
         self.plane.service.set_stage(stage, group)  # new sessions go here; open ones finish
         self.ready = (start, end)
         where = "" if tp is None else f" as rank {tp.rank} of tensor-parallel group {tp.id}"
         self.events.info(f"serving units [{start}, {end}) on {self.plane.address}{where}")
+        if not self.said_ready:
+            self.said_ready = True
+            self.events.ready(self._ready_line(start, end, weights))
         if self.advertising is not None:
             advertiser = await self.advertising
             props = dict(advertiser.advert.properties, stage=discovery.stage_txt(self.ready))
             await asyncio.to_thread(advertiser.update, props)
+
+    def _kv_budget(self, weights: int) -> int:
+        """Memory the sessions' KV caches may reserve on the stage just loaded."""
+        if not self.runtime_bytes:  # --max-memory, or CUDA: weights and KV caches
+            return max(self.capacity.memory_bytes - weights, MIN_SHARE)
+        # The whole process: what it holds now (runtime, weights as loaded, packed copies,
+        # the pages of the cache files it read) and a step's own buffers, then KV caches.
+        held = psutil.Process().memory_info().rss
+        kv = self.promised.memory_bytes - held - STEP_BUFFERS
+        if kv < MIN_SHARE:
+            log.warning(
+                "the process holds %s of the %s it may take: KV caches get %s anyway",
+                format_size(held),
+                format_size(self.promised.memory_bytes),
+                format_size(MIN_SHARE),
+            )
+        return max(kv, MIN_SHARE)
+
+    def _ready_line(self, start: int, end: int, weights: int) -> str:
+        assert self.plane is not None and self.card is not None and self.model_config
+        units = describe_units(self.model_config, start, end)
+        promised = format_size(self.promised.memory_bytes)
+        kv = format_size(self.plane.sessions.budget_bytes)
+        rss = format_size(psutil.Process().memory_info().rss)
+        if self.runtime_bytes:  # the default share: the whole process
+            memory = (
+                f"takes at most {promised} ({rss} now, {format_size(weights)} of it weights; "
+                f"up to {kv} more for KV caches)"
+            )
+        else:
+            memory = (
+                f"takes at most {promised} for weights and KV caches ({format_size(weights)} of "
+                f"weights + up to {kv} of KV caches; the process holds {rss} now)"
+            )
+        return (
+            f"{NODE}: ready: serving units [{start}, {end}) ({units}) of {self.card.name} "
+            f"on {self.plane.address} ({self.capacity.device}); memory: {memory}; "
+            "Ctrl-C leaves the swarm"
+        )
 
     def _threads_for(self, tp: cpb.TpGroup | None) -> int:
         """torch threads for the compute worker: --threads if given; else a thread per core,
@@ -565,16 +637,18 @@ class Volunteer:
     async def _shutdown(self) -> None:
         if self.loading is not None:
             self.loading.cancel()
+        # First tell the coordinator: routes stop naming this node at once, and sessions
+        # through it move to replicas when its data plane stops below.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await self._stub.Leave(
+                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
+            )
         if self.links is not None:
             await self.links.close()
         if self.advertising is not None:
             with contextlib.suppress(Exception):  # (a failed advert ended the node already)
                 advertiser = await self.advertising  # registering cannot be cut short
                 await asyncio.to_thread(advertiser.close)
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await self._stub.Leave(
-                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
-            )
         if self.plane is not None:
             await self.plane.stop()
         self.events.info("left the swarm")

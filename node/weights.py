@@ -1,6 +1,7 @@
 """A node's weights: its stage's tensors, from the on-disk cache or fetched from the coordinator.
 
-The cache (``--cache-dir``, default ``~/.cache/nanoshard``) is content-addressed::
+The cache (``--cache-dir``, default the platform's cache folder: ``~/.cache/nanoshard`` on
+Linux, see :mod:`nanoshard.machine`) is content-addressed::
 
     <cache>/tensors/<sha256>              a tensor's canonical bytes (see tensor_sha256)
     <cache>/models/<model_id>.msgpack     per model: name -> sha256, shape, dtype (+ config)
@@ -38,7 +39,7 @@ import grpc
 import msgpack
 import torch
 
-from nanoshard import rpc
+from nanoshard import machine, rpc
 from nanoshard.checkpoint import Checkpoint, TensorEntry, tensor_sha256
 from nanoshard.config import check_units, stage_tensor_names
 from nanoshard.errors import CheckpointError
@@ -48,7 +49,7 @@ from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/nanoshard")
+DEFAULT_CACHE_DIR = machine.cache_dir()
 INDEX_FORMAT = 1
 
 Progress = Callable[[int, int], None]  # (bytes_done, bytes_total) of the download

@@ -180,3 +180,31 @@ def test_join_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
         assert 0 < j["seconds"] < 120 and j["fetched_bytes"] > 0
         assert j["units"][1] > j["units"][0]
         assert set(j["phases"]) == {"start_and_capacity", "join_and_assign", "fetch_and_load"}
+
+
+def test_hub_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    cache = tmp_path / "hub-cache"
+    run_script("hub", "--quick", f"--model={tiny_model}", f"--hub-cache={cache}", f"--out={out}")
+    assert processes_mentioning(str(tiny_model)) == []
+    result = json.loads((out / "hub.json").read_text())
+    assert len(result["runs"]["hub id"]) == len(result["runs"]["path"]) == 1
+    assert result["ratio"] > 0 and len(result["resolve_s"]) == 1
+    assert (cache / "models--nanoshard-bench--gpt2-124m" / "refs" / "main").is_file()
+
+
+def test_volunteer_memory_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run_script(
+        "volunteer_memory",
+        "--quick",
+        "--no-fill",
+        "--prompt-chars=20",
+        f"--model={tiny_model}",
+        f"--out={out}",
+    )
+    assert processes_mentioning(str(tiny_model)) == []
+    r = json.loads((out / "volunteer_memory.json").read_text())
+    assert len(r["tokens_each"]) == 2 and all(1 <= n <= 16 for n in r["tokens_each"])
+    assert 0 < r["weights"] < r["held_when_ready"] < r["promised"]
+    assert r["kv_budget"] > 0 and r["peak_rss"] >= r["idle_rss"] > 0

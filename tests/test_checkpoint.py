@@ -429,7 +429,7 @@ ERRORS = {
     ),
     "pickled object": (
         lambda hf, nano: (nano, _rewrite(nano, _pickled_object)),
-        "(argparse.Namespace) besides tensors, and loading it runs code from the file. If you trust the file, open it with trust_pickle=True",
+        "(argparse.Namespace) besides tensors, and loading it runs code from the file. If you trust the file, pass --trust-pickle (trust_pickle=True from Python)",
     ),
 }
 
