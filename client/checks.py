@@ -8,10 +8,12 @@ checks, or one whose checks disagreed: ``coordinator/trust.py``).
 Its shadow runs the hop's work once, in a few batched forwards (one every ``CHECK_EVERY``
 steps), never replaying from position 0: the checks cost a fixed share of the work they
 check, whatever the length of the generation. Which hops are followed is not said to
-them; a followed hop only sees its replay material read back (``Node.Outputs``), after it
-signed what it sent.
+them: a followed hop only sees its replay material read back (``Node.Outputs``) after it
+signed what it sent, and every session, followed or not, asks the head for its logits at
+random check points.
 
-A check point of hop k at the step (pos, n), every ``CHECK_EVERY`` steps from the first:
+A check point of hop k at the step (pos, n): a session's first step, then one step in
+``CHECK_EVERY`` at random; only while the same node ran hop k, fed by the same node:
 
 - the input since the last check point: the token ids (k = 0) or what hop k-1 sent it
   (``Outputs`` of hop k-1), in the chunks first sent, so the shadow's running input
@@ -71,7 +73,7 @@ CHECK_EVERY = 32  # steps between a shadow's check points (the first step is one
 MAX_PENDING = 64  # check points waiting for the background thread; more are skipped
 MATERIAL_TIMEOUT_S = 5.0  # the calls a check point waits for: brief, a check is optional
 MAX_EVIDENCE_BYTES = 12 * 2**20  # a dispute's input and outputs, sent to the coordinator
-REPORT_AGREEMENT_S = 5.0  # agreements feed the coordinator's tallies at most this often
+REPORT_AGREEMENT_S = 5.0  # a pair's agreements feed the coordinator's tallies at most this often
 MAX_SESSIONS = 1024  # sessions whose shadows a checker remembers (the oldest go first)
 
 Chunk = tuple[int, Any]  # (pos, token ids or pb.Activations)
@@ -118,7 +120,8 @@ class Shadow:
     replica: str = ""  # chosen at the first check point
     weights: str = ""  # the dtype the hop's weights run in (the replica's must match)
     session_id: bytes = field(default_factory=lambda: secrets.token_bytes(16))
-    steps: int = 0  # steps of the session so far
+    checked: str = ""  # the node it follows, and the one sending it its input ...
+    upstream: str = ""  # ... (set at the first check point; a move stops the shadow)
     planned: int = 0  # positions the check points queued so far reach (generation side)
     fed: int = 0  # positions the shadow holds (background side)
     step_id: int = 0
@@ -126,6 +129,7 @@ class Shadow:
     broken: str = ""  # why it stopped following ("" while it follows)
     inputs: list[Chunk] = field(default_factory=list)  # every chunk fed, from 0 (evidence)
     traces: dict[int, pb.HopTrace] = field(default_factory=dict)  # pos -> the hop's trace
+    upstreams: dict[int, str] = field(default_factory=dict)  # pos -> who sent it the input
 
 
 @dataclass
@@ -176,16 +180,20 @@ class Checker:
         self._jobs: queue.Queue[Material | Shadow | None] = queue.Queue(MAX_PENDING)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._agreement_reported = 0.0
+        self._agreement_reported: dict[tuple[str, str], float] = {}  # (hop, shadow) -> when
 
     # ---- deciding and gathering (on the generation's side) -----------------------------
 
-    def plan(self, route: Route, session_id: bytes) -> list[int]:
-        """The hops whose shadows compare the next step (indices in the route). A session's
-        first step decides which hops are followed."""
+    def plan(self, route: Route, session_id: bytes) -> tuple[list[int], bool]:
+        """Whether the next step is a check point: the hops whose shadows compare it, and
+        whether it asks the head for its logits. A session's first step decides which hops
+        are followed. Every session, followed or not, has check points at its first step and
+        at random steps (one in ``CHECK_EVERY``) and asks the head for its logits at each, so
+        no hop can tell which sessions or steps are compared."""
         if self.rate <= 0:
-            return []
+            return [], False
         shadows = self._sessions.get(session_id)
+        first = shadows is None
         if shadows is None:
             candidates = [k for k, hop in enumerate(route.hops) if len(hop.addresses) > 1]
             if not candidates:
@@ -198,16 +206,17 @@ class Checker:
             self._sessions[session_id] = shadows
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        due = [k for k, s in shadows.items() if not s.broken and s.steps % CHECK_EVERY == 0]
-        for s in shadows.values():
-            s.steps += 1
-        return due
+        if not first and self.rng.random() >= 1 / CHECK_EVERY:
+            return [], False
+        return [k for k, s in shadows.items() if not s.broken], True
 
     def observe(self, session_id: bytes, pos: int, reply: pb.StepReply) -> None:
-        """Keep the followed hops' signed traces of a step (a dispute's evidence)."""
+        """Keep the followed hops' signed traces of a step (who computed it, and a dispute's
+        evidence), and who sent each its input."""
         for k, s in self._sessions.get(session_id, {}).items():
             if not s.broken and k < len(reply.hops):
                 s.traces[pos] = reply.hops[k]
+                s.upstreams[pos] = reply.hops[k - 1].address if k else ""
 
     def gather(
         self,
@@ -276,33 +285,39 @@ class Checker:
             self._stop(shadow, "route changed")
             return None
         checked = traces[k].address
+        upstream = traces[k - 1].address if k else ""
         if not shadow.replica:
             shadow.weights = self._weights_of(checked)
-            replicas = [
-                a
-                for a in hop.addresses
-                if a != checked
-                and not self.excluded([a])
-                and self._weights_or_none(a) == shadow.weights
-            ]
-            if not replicas:
+            shadow.checked, shadow.upstream = checked, upstream
+            # a node the coordinator asks to have followed is the shadow where it can be;
+            # dtypes are asked only until one replica matches
+            rates = dict(zip(hop.addresses, hop.check_rates, strict=False))
+            others = [a for a in hop.addresses if a != checked and not self.excluded([a])]
+            self.rng.shuffle(others)
+            others.sort(key=lambda a: -rates.get(a, 0.0))
+            match = (a for a in others if self._weights_or_none(a) == shadow.weights)
+            shadow.replica = next(match, "")
+            if not shadow.replica:
                 self._stop(shadow, "no replica with the same weights")
                 return None
-            # a node the coordinator asks to have followed is the shadow where it can be
-            rates = dict(zip(hop.addresses, hop.check_rates, strict=False))
-            most = max(rates.get(a, 0.0) for a in replicas)
-            shadow.replica = self.rng.choice([a for a in replicas if rates.get(a, 0.0) == most])
-        elif shadow.replica == checked:
-            self._stop(shadow, "the route moved to the shadow's node")
-            return None
         pos, ids = history[-1]
         end, start = pos + len(ids), shadow.planned
+        # The same node ran every step since the last check point, fed by the same one:
+        # else its outputs are another node's, and the shadow's input not the hop's.
+        steps = [p for p, _ in history if p >= start]
+        if (checked, upstream) != (shadow.checked, shadow.upstream) or any(
+            shadow.traces.get(p, pb.HopTrace()).address != checked
+            or shadow.upstreams.get(p) != upstream
+            for p in steps
+        ):
+            self._stop(shadow, "the hop moved to another node")
+            return None
+        keys = _keys(route)
         inputs: list[Chunk]
         if k == 0:
             inputs = [(p, chunk) for p, chunk in history if p >= start]
         else:
-            upstream = traces[k - 1].address
-            inputs = self._sent(upstream, spec.session_id, start, end, _keys(route).get(upstream))
+            inputs = self._sent(upstream, spec.session_id, start, end, keys.get(upstream))
         if not _covers(inputs, start, end) or inputs[-1][0] != pos:
             self._stop(shadow, "incomplete replay material")
             return None
@@ -313,9 +328,14 @@ class Checker:
             outputs = [reply.output]
             token = reply.token if reply.has_token else None
         else:
-            sent = self._sent(checked, spec.session_id, start, end, _keys(route).get(checked))
+            sent = self._sent(checked, spec.session_id, start, end, keys.get(checked))
             if [(p, a.shape[0]) for p, a in sent] != [(p, _rows(x)) for p, x in inputs]:
                 self._stop(shadow, "incomplete replay material")
+                return None
+            if any(
+                identity.output_digest(a) != shadow.traces[p].output_digest for p, a in sent
+            ):  # its replay is not what it signed for the steps as they ran: never trusted
+                self._stop(shadow, "replay material differs from the steps")
                 return None
             outputs, token = [a for _, a in sent], None
         return Material(
@@ -503,14 +523,17 @@ class Checker:
     ) -> cpb.CheckReport | None:
         """What the coordinator hears of a check point: a disagreement with its evidence
         (it settles it itself, on the signed words of the hop and the shadow, and a re-run
-        of its own); an agreement only for its tallies, and at most every few seconds."""
+        of its own); an agreement only for its tallies, and for a pair of nodes at most
+        every few seconds."""
         s = m.shadow
         dispute = not result.agree
         if not dispute:
-            now = time.monotonic()
-            if now - self._agreement_reported < REPORT_AGREEMENT_S:
+            now, pair = time.monotonic(), (m.checked, s.replica)
+            if now - self._agreement_reported.get(pair, -REPORT_AGREEMENT_S) < REPORT_AGREEMENT_S:
                 return None
-            self._agreement_reported = now
+            self._agreement_reported[pair] = now
+            while len(self._agreement_reported) > MAX_SESSIONS:  # the oldest pairs go
+                del self._agreement_reported[next(iter(self._agreement_reported))]
         pos, item = inputs[-1]
         n = _rows(item)
         rows = out[-1:] if m.logits else out[sum(_rows(x) for _, x in m.inputs[:i]) :][:n]

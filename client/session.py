@@ -190,7 +190,11 @@ class SwarmSession:
         await self._open_on(None)
         assert self.first is not None
         for pos, ids in self.replay.since(0):
-            await self.first.step(self._request(self._next_step_id(), pos, ids, sample=False))
+            reply, _ = await self.first.step(
+                self._request(self._next_step_id(), pos, ids, sample=False)
+            )
+            if self.checker is not None:  # the new session's steps, as its hops signed them
+                self.checker.observe(self.session_id, pos, reply)
 
     # ---- steps ------------------------------------------------------------------------
 
@@ -221,10 +225,9 @@ class SwarmSession:
             chunk = tokens[i : i + self.prefill_chunk]
             last = i + len(chunk) == len(tokens)
             assert self.route is not None
+            head = False  # a check point asks the head for its logits (followed or not)
             if last and self.checker is not None:
-                checks = self.checker.plan(self.route, self.session_id)
-            # a check of the head compares logits: the route's last hop answers them
-            head = len(self.route.hops) - 1 in checks
+                checks, head = self.checker.plan(self.route, self.session_id)
             reply = await self._send(pos + i, chunk, sample=last, return_output=head)
             self.replay.add(pos + i, chunk)
             if self.checker is not None:

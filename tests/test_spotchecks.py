@@ -135,50 +135,63 @@ def replicas(tiny_model: Path):
 
 
 def checked_generation(first: list[str], second: list[str], codec: str, seed: int) -> Checker:
-    """Generate 2 * CHECK_EVERY + 1 tokens along [0, 2) -> [2, 6), a shadow following
-    each hop (the first address of each hop runs it, the second is its shadow)."""
+    """Generate 3 * CHECK_EVERY tokens along [0, 2) -> [2, 6), a shadow following each
+    hop (the first address of each hop runs it, the second is its shadow)."""
     route = Route(
         [pb.Hop(start=0, end=2, addresses=first), pb.Hop(start=2, end=6, addresses=second)], 6
     )
     checker = Checker(1.0, seed=seed)
-    session = fixed_session(route, 80, codec=codec, checker=checker)
-    generate(session, PROMPT, 2 * CHECK_EVERY + 1, block_size=TINY.block_size)
+    session = fixed_session(route, 128, codec=codec, checker=checker)
+    generate(session, PROMPT, 3 * CHECK_EVERY, block_size=TINY.block_size)
     checker.wait()  # the check points' material is fetched before the session closes
     session.close()
     checker.wait()
     return checker
 
 
+@pytest.fixture
+def steady_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's links never leave a node for slowness: on a loaded machine noise
+    could move a hop onto its shadow's node, which stops the shadow (tested below)."""
+    monkeypatch.setattr("nanoshard.hop.SLOWER", float("inf"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
-def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(replicas: dict, codec: str) -> None:
+def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(
+    replicas: dict, codec: str, steady_links: None
+) -> None:
     a0, a1, _ = replicas["a"]
     b0, b_liar = replicas["b"]
     checker = checked_generation([a0, a1], [b0, b_liar], codec, seed=1)
     results = list(checker.results)
     assert not checker.skipped, checker.skipped
-    # check points at the first step (the prompt's) and every CHECK_EVERY steps: 3 a hop
+    # check points at the first step (the prompt's), then at random, for both hops at once
     by_stage = {(0, 2): [r for r in results if r.start == 0], (2, 6): [r for r in results if r.start == 2]}  # fmt: skip
-    assert [len(v) for v in by_stage.values()] == [3, 3], [r.to_dict() for r in results]
+    assert len(by_stage[(0, 2)]) == len(by_stage[(2, 6)]) >= 2, [r.to_dict() for r in results]
     for r in by_stage[(0, 2)]:  # activations, every position: an honest shadow agrees
         assert r.checked == a0 and set(r.distances) == {a1} and r.agree, r
         # one batched forward instead of the steps: within rounding (fp32), or the codec's error
         assert r.distances[a1] <= (1e-5 if codec == "fp32" else r.tolerance / 2)
-    # every position of the hop up to the last check point was compared, each once
-    assert sum(r.positions for r in by_stage[(0, 2)]) == len(PROMPT) + 2 * CHECK_EVERY
+    # every position up to the last check point was compared, each once: the prompt's
+    # first, then the rest in the check points' chunks
+    assert by_stage[(0, 2)][0].positions == len(PROMPT)
+    assert sum(r.positions for r in by_stage[(0, 2)]) > len(PROMPT)
     for r in by_stage[(2, 6)]:  # the head's logits at each check point: the liar's are off
-        assert r.checked == b0 and set(r.distances) == {b_liar}
+        assert r.checked == b0 and set(r.distances) == {b_liar} and r.positions == 1
         assert r.distances[b_liar] > 10 * r.tolerance
 
 
 @pytest.mark.slow
-def test_a_perturbing_node_on_the_route_disagrees_with_its_shadow(replicas: dict) -> None:
+def test_a_perturbing_node_on_the_route_disagrees_with_its_shadow(
+    replicas: dict, steady_links: None
+) -> None:
     a0, _, a_liar = replicas["a"]
     b0, _ = replicas["b"]
     # the liar runs stage [0, 2); hop 2 has no replica, so no shadow follows it
     checker = checked_generation([a_liar, a0], [b0], "fp32", seed=2)
     results = list(checker.results)
-    assert len(results) == 3 and checker.skipped["no replica"] == 0, checker.skipped
+    assert len(results) >= 2 and checker.skipped["no replica"] == 0, checker.skipped
     for r in results:  # the first chunk compared disagrees already: the lie is everywhere
         assert r.checked == a_liar and set(r.distances) == {a0}
         assert r.distances[a0] > 10 * r.tolerance and r.positions == r.tokens
