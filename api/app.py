@@ -48,6 +48,11 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused w
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/")
 
 
+def event(data: str) -> ServerSentEvent:
+    """One SSE event (``data: ...`` and a blank line, lines ended by "\n")."""
+    return ServerSentEvent(data=data, sep="\n")
+
+
 @dataclass
 class GatewayOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -293,7 +298,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def status_events(request: Request) -> EventSourceResponse:
         async def events() -> AsyncIterator[ServerSentEvent]:
             while not await request.is_disconnected():
-                yield ServerSentEvent(data=json.dumps(await gateway.status()))
+                yield event(json.dumps(await gateway.status()))
                 await asyncio.sleep(gateway.options.status_every_s)
 
         return EventSourceResponse(events(), sep="\n")
@@ -331,7 +336,7 @@ async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
         first = True
         if r.chat:  # the role comes first, as OpenAI sends it
             chunk = reply.chunk("", first=True, include_usage=r.include_usage)
-            yield ServerSentEvent(data=json.dumps(chunk))
+            yield event(json.dumps(chunk))
             first = False
         try:
             async for text, traces in run.pieces():
@@ -339,20 +344,20 @@ async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
                 if not text and hops is None:
                     continue  # held back (half a character, or maybe a stop string)
                 chunk = reply.chunk(text, first=first, include_usage=r.include_usage, hops=hops)
-                yield ServerSentEvent(data=json.dumps(chunk))
+                yield event(json.dumps(chunk))
                 first = False
         except NanoshardError as exc:  # midway: OpenAI's clients raise on an error event
             done = True
-            yield ServerSentEvent(data=json.dumps(error_for(exc).body()))
+            yield event(json.dumps(error_for(exc).body()))
             return
         last = reply.chunk(None if r.chat else "", run.finish_reason, include_usage=r.include_usage)
         if r.chat:
             last["choices"][0]["delta"] = {}
-        yield ServerSentEvent(data=json.dumps(last))
+        yield event(json.dumps(last))
         if r.include_usage:
-            yield ServerSentEvent(data=json.dumps(reply.usage_chunk(run.usage())))
+            yield event(json.dumps(reply.usage_chunk(run.usage())))
         done = True
-        yield ServerSentEvent(data="[DONE]")
+        yield event("[DONE]")
     finally:
         if not done:
             run.cancel()
