@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoshard.client.sdk import AsyncClient, GenerationResult, Token
 from nanoshard.errors import NanoshardError
+from nanoshard.generation import check_prompt
 
 from .metrics import GatewayMetrics
 from .protocol import (
@@ -124,6 +125,7 @@ class Run:
         prompt, no route, a quota) is raised here, so it gets its own HTTP status."""
         r, client = self.request, self.client
         self.prompt_ids = client.encode(r.prompt)
+        check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
         max_new = r.max_new_tokens(len(self.prompt_ids), client.config.block_size)
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         self._last = time.perf_counter()
