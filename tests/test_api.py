@@ -38,7 +38,6 @@ GATEWAY = listening_pattern(API)
 PROMPT = "ROMEO:\n"
 QUOTA_LENGTH = 250  # positions a session may reserve on every node (a request past it: 429)
 MAX_BODY = 64 * 1024  # the gateway's body limit in these tests (past it: 413)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class ApiSwarm:
@@ -308,7 +307,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_the_web_view_shows_the_swarm_live(api: ApiSwarm) -> None:
+def test_the_web_view_shows_the_swarm_live(api: ApiSwarm, tmp_path: Path) -> None:
     """In a real headless Chromium (Debian's), driven over the DevTools protocol by
     Playwright's Python package: it has explicit waits on page state (wait_for_function),
     and launches a browser it did not download (executable_path), where selenium would
@@ -340,7 +339,10 @@ def test_the_web_view_shows_the_swarm_live(api: ApiSwarm) -> None:
             page.wait_for_function("!document.getElementById('go').disabled")
             hops = page.get_attribute("#output span.tok", "data-hops")
             assert any(name in hops for name in expected), hops
-            page.screenshot(path=str(ROOT / "docs" / "webview.png"))
+            # (docs/webview.png is made the same way: scripts/webview_screenshot.py)
+            shot = tmp_path / "webview.png"
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes().startswith(b"\x89PNG")
             # A fifth volunteer joins, the page shows it; it leaves, the page drops it.
             leaver = api.add("leaver")
             wait_until("the page to show the new node", lambda: "leaver" in page.evaluate(shown), timeout=120)  # fmt: skip
