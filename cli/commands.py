@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--temperature", type=float, default=dd.temperature)
     dm.add_argument("--seed", type=int, default=dd.seed)
     dm.add_argument("--codec", default=dd.codec, help=CODECS_HELP)
+    dm.add_argument(
+        "--api-port",
+        type=int,
+        default=dd.api_port,
+        help=f"the gateway's port (default {dd.api_port}, another if taken; 0 = any free)",
+    )
+    dm.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the swarm, the web view and the API up after the generation, until Ctrl-C",
+    )
 
     a = sub.add_parser("api", help="serve OpenAI's HTTP API and the live web view of a swarm")
     a.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
@@ -268,6 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         codec=args.codec,
+        api_port=args.api_port,
+        keep=args.keep,
     )
     return run_demo(config, Console())
 

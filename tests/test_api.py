@@ -351,3 +351,10 @@ def test_the_web_view_shows_the_swarm_live(api: ApiSwarm, tmp_path: Path) -> Non
             wait_until("the page to drop the node that left", lambda: "leaver" not in page.evaluate(shown), timeout=120)  # fmt: skip
         finally:
             browser.close()
+
+
+def test_the_demo_starts_the_gateway_and_prints_its_url() -> None:
+    done = nanoshard("demo", "--max-new-tokens", "5", "--api-port", "0", timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"web view: http://127\.0\.0\.1:\d+", done.stdout), done.stdout
+    assert "all demo processes stopped" in done.stdout
