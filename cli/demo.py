@@ -228,7 +228,12 @@ def start_gateway(procs: Processes, coordinator: str, config: DemoConfig) -> str
 
 
 def keep_running(procs: Processes) -> None:
-    """Until Ctrl-C (or a process of the swarm ends)."""
+    """Until Ctrl-C or SIGTERM (or a process of the swarm ends)."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop the children too, as Ctrl-C does
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             procs.check()
