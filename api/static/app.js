@@ -44,7 +44,7 @@ function drawSummary(st, gw) {
   $("summary").textContent =
     `swarm ${st.swarm} · model ${st.model.name} · ${healthy}/${st.nodes.length} nodes healthy · ` +
     `${covered ? "every unit covered" : "units uncovered"} · ${fmt(st.measured_tokens_per_s)} tokens/s now · ` +
-    `${gw.generations} generation(s) through this gateway`;
+    `${gw.generations} generation(s) running through this gateway`;
 }
 
 function drawCoverage(st) {
