@@ -63,7 +63,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
         # Find the swarm now, so the first request does not wait for it (a failure here is
         # not fatal: every request tries again, and answers 503 while there is no swarm).
         warm = asyncio.create_task(client.connect())
-        warm.add_done_callback(lambda t: t.cancelled() or _note(t.exception()))
+        warm.add_done_callback(_note)
         ready(f"http://{config.host}:{port}")
         await task
     finally:
@@ -74,6 +74,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
         await client.close()
 
 
-def _note(exc: BaseException | None) -> None:
+def _note(task: asyncio.Task) -> None:
+    exc = None if task.cancelled() else task.exception()
     if exc is not None:
         log.warning("no swarm yet (requests answer 503 until there is one): %s", exc)

@@ -119,7 +119,7 @@ function drawChecks(st, gw) {
   $("gwchecks").replaceChildren(
     ...(gw.checks.length ? gw.checks.slice(-8).reverse() : [null]).map((c) => c === null
       ? el("li", {}, "none yet (a small share of steps is re-run on a replica)")
-      : el("li", {}, `${c.checked} units [${c.start}, ${c.end}) at ${c.pos}: ${c.agree ? "agree" : "DISAGREE"}`)),
+      : el("li", {}, `${c.checked}, units [${c.units[0]}, ${c.units[1]}) at position ${c.pos}: ${c.agree ? "agree" : "DISAGREE"}`)),
   );
 }
 
