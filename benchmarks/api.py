@@ -364,9 +364,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.quick:  # a check that the script runs: its figures go to a temporary folder
-        args.tokens, args.repeats, args.seconds = 20, 2, 10.0
-        args.out = Path(tempfile.mkdtemp(prefix="bench-api-quick-"))
+    if args.quick:  # a check that the script runs (its figures to a temporary folder, unless
+        args.tokens, args.repeats, args.seconds = 20, 2, 10.0  # --out says where)
+        if args.out == RESULTS:
+            args.out = Path(tempfile.mkdtemp(prefix="bench-api-quick-"))
     raise_on_sigterm()
     started = time.perf_counter()
     model = args.model or str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
