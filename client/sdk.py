@@ -152,7 +152,7 @@ class AsyncClient:
             checkpoint = open_checkpoint(model)
             self.config: GPTConfig = checkpoint.config
             self.encoding: tiktoken.Encoding = encoding_for(checkpoint.path)
-            self.model_name = model
+            self.model_name: str = model
             if self._route.n_units != self.config.n_units:
                 raise InvalidArgument(
                     f"the route serves a model of {self._route.n_units} units, {model} has "
@@ -169,7 +169,7 @@ class AsyncClient:
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
-            self.model_name: str = self._coordinator.card().name
+            self.model_name = self._coordinator.card().name
             self.checker.report = self._coordinator.report_check
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
