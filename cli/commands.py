@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-rate",
         type=float,
         default=DEFAULT_CHECK_RATE,
-        help="share of steps spot-checked on a replica of their stage "
+        help="share of sessions' hops a shadow replica follows and checks "
         f"(default {DEFAULT_CHECK_RATE}; 0 = off)",
     )
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")

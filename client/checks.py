@@ -1,23 +1,33 @@
-"""Spot-checks: the client re-runs a random hop's step on replicas of the same stage and
-compares their outputs with the one the generation used, within what the codec and the
-weights' dtype allow. Every result goes to the coordinator, which excludes a node once
-two others stand against it (``coordinator/trust.py``). When the one replica asked
-disagrees, the report carries the step's input and both outputs, and the coordinator
-re-runs the step itself (``coordinator/arbiter.py``).
+"""Spot-checks by shadow: a replica follows one hop of a session on its own KV cache, fed
+that hop's inputs in chunks as they happen, and every position it computes is compared
+with what the hop computed, within what the codec and the weights' dtype allow.
 
-A check of hop k at the step (pos, n):
+Cost. A session's hop is followed with probability ``rate`` (decided at its first step),
+or always where the route says the coordinator wants its node followed (a node new to
+checks, or one whose checks disagreed: ``coordinator/trust.py``).
+Its shadow runs the hop's work once, in a few batched forwards (one every ``CHECK_EVERY``
+steps), never replaying from position 0: the checks cost a fixed share of the work they
+check, whatever the length of the generation. Which hops are followed is not said to
+them; a followed hop only sees its replay material read back (``Node.Outputs``), after it
+signed what it sent.
 
-- its input: the token ids (k = 0) or what hop k-1 sent it over positions [0, pos + n),
-  from hop k-1's replay material (``Node.Outputs``), in the chunks first sent, so an honest
-  replica rebuilds the same KV cache bit for bit;
-- its output: what hop k sent on (``Outputs`` of hop k), or at the head its logits, which
-  the step asked for in advance (``return_output``: the check is decided before the step);
-- each replica (up to two, with the same weights dtype) opens a session of its own, takes
-  the input chunks, and returns its output for the last one, in fp32.
+A check point of hop k at the step (pos, n), every ``CHECK_EVERY`` steps from the first:
+
+- the input since the last check point: the token ids (k = 0) or what hop k-1 sent it
+  (``Outputs`` of hop k-1), in the chunks first sent, so the shadow's running input
+  digest is the hop's own (signatures name the same input);
+- the output: what hop k sent on over the same positions (``Outputs`` of hop k), or at the
+  head the logits of the check point's step, which that step asked for in advance
+  (``return_output``); the head's other positions are computed but not compared;
+- the shadow runs the chunks in one step (``StepRequest.chunks``) and returns its output
+  for all of them, fp32, with its signature for each chunk.
 
 The material is fetched right after the step, while the session's nodes still hold it;
-the re-runs happen on a background thread, so a checked step costs the generation one or
-two small calls. What counts as agreement is ``nanoshard/agreement.py``.
+the shadows run on a background thread. A disagreement goes to the coordinator with the
+step's input from position 0 (kept by the shadow as it went), the hop's signed output
+and the shadow's, and the coordinator re-runs the step itself (``coordinator/arbiter.py``)
+and excludes whichever signed a wrong output. What counts as agreement is
+``nanoshard/agreement.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import queue
 import random
 import secrets
 import threading
-from collections import Counter, deque
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +53,7 @@ from nanoshard.agreement import (
     from_wire,
     input_digest,
     output_digest,
+    to_wire,
     tolerance,
 )
 from nanoshard.errors import InvalidArgument, NanoshardError
@@ -54,24 +66,30 @@ from .route import Route
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_RATE = 0.02  # share of steps checked
-MAX_REPLICAS = 2  # re-runs per check: with three opinions the odd one out is known at once
-MAX_PENDING = 4  # checks waiting for the background thread; more are skipped
-MATERIAL_TIMEOUT_S = 5.0  # the calls a checked step waits for: brief, a check is optional
+DEFAULT_CHECK_RATE = 0.5  # share of sessions' hops a shadow follows (benchmarks/checks.py)
+CHECK_EVERY = 32  # steps between a shadow's check points (the first step is one)
+MAX_PENDING = 64  # check points waiting for the background thread; more are skipped
+MATERIAL_TIMEOUT_S = 5.0  # the calls a check point waits for: brief, a check is optional
 MAX_EVIDENCE_BYTES = 12 * 2**20  # a dispute's input and outputs, sent to the coordinator
+REPORT_AGREEMENT_S = 5.0  # agreements feed the coordinator's tallies at most this often
+MAX_SESSIONS = 1024  # sessions whose shadows a checker remembers (the oldest go first)
+
+Chunk = tuple[int, Any]  # (pos, token ids or pb.Activations)
 
 
 @dataclass
 class CheckResult:
-    """One check: the stage, the step, who ran it, and each replica's distance from it."""
+    """One check point: the stage, the step compared (the first that disagreed, or the
+    check point's own), who ran it, and the shadow's distance from it."""
 
     start: int
     end: int
     pos: int
     tokens: int
-    checked: str  # the node whose step was checked
-    distances: dict[str, float]  # replica address -> distance from the checked output
+    checked: str  # the node whose steps were checked
+    distances: dict[str, float]  # shadow address -> its largest distance over the positions
     tolerance: float
+    positions: int = 0  # positions compared at this check point
     excluded: list[str] = field(default_factory=list)  # what the coordinator excluded
 
     @property
@@ -86,67 +104,53 @@ class CheckResult:
             "checked": self.checked,
             "distances": self.distances,
             "tolerance": self.tolerance,
+            "positions": self.positions,
             "agree": self.agree,
             "excluded": self.excluded,
         }
 
 
-@dataclass(frozen=True)
-class Rerun:
-    """A replica's re-run of a checked step: its session, its output and signed trace."""
+@dataclass
+class Shadow:
+    """A replica following hop ``hop`` of one session, in a session of its own there."""
 
-    session_id: bytes
-    output: pb.Activations  # fp32, as it returned it
-    trace: pb.HopTrace
+    hop: int
+    replica: str = ""  # chosen at the first check point
+    weights: str = ""  # the dtype the hop's weights run in (the replica's must match)
+    session_id: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    steps: int = 0  # steps of the session so far
+    planned: int = 0  # positions the check points queued so far reach (generation side)
+    fed: int = 0  # positions the shadow holds (background side)
+    step_id: int = 0
+    opened: bool = False
+    broken: str = ""  # why it stopped following ("" while it follows)
+    inputs: list[Chunk] = field(default_factory=list)  # every chunk fed, from 0 (evidence)
+    traces: dict[int, pb.HopTrace] = field(default_factory=dict)  # pos -> the hop's trace
 
 
 @dataclass
 class Material:
-    """What a check needs, fetched right after the step."""
+    """What a check point needs, fetched right after its step."""
 
+    shadow: Shadow
     hop: pb.Hop
     checked: str
-    replicas: list[str]
-    weights: str
-    spec: pb.SessionSpec  # the session's (codec, sampling); re-runs get their own ids
-    inputs: list[tuple[int, Any]]  # (pos, token ids or Activations), [0, pos + tokens)
-    output: torch.Tensor  # fp32: activations (tokens, n_embd), or logits (1, vocab)
+    spec: pb.SessionSpec  # the session's (codec, sampling, max_length)
+    inputs: list[Chunk]  # [shadow.planned before, pos + tokens), as first sent
+    outputs: list[pb.Activations]  # per input chunk what the hop sent; at the head one: logits
     logits: bool
-    pos: int
+    pos: int  # the check point's step
     tokens: int
-    sent: pb.Activations  # the output exactly as the checked node sent it on (or returned it)
-    trace: pb.HopTrace  # what the checked node signed for the step
-    token: int | None  # the token it drew (at the head)
-
-    def evidence(self, reruns: list[Rerun]) -> cpb.CheckEvidence | None:
-        """The step's input, the checked node's output and signed trace, and the replicas'
-        (theirs signed too), for the coordinator to re-run the step itself (None when too
-        big to send)."""
-        evidence = cpb.CheckEvidence(
-            checked_output=self.sent,
-            replica_outputs=[r.output for r in reruns],
-            replica_traces=[r.trace for r in reruns],
-            replica_session_ids=[r.session_id for r in reruns],
-            weights=self.weights,
-            checked_trace=self.trace,
-            session_id=self.spec.session_id,
-            has_token=self.token is not None,
-            token=self.token or 0,
-        )
-        for pos, item in self.inputs:
-            if isinstance(item, pb.Activations):
-                evidence.inputs.add(pos=pos, activations=item)
-            else:
-                evidence.inputs.add(pos=pos, tokens=pb.Tokens(ids=item))
-        return evidence if evidence.ByteSize() <= MAX_EVIDENCE_BYTES else None
+    token: int | None  # the token the head drew at the check point
 
 
 Reporter = Callable[[cpb.CheckReport], list[str]]  # a report -> addresses excluded now
 
 
 class Checker:
-    """Decides which steps to check, gathers their material, and re-runs them in the
-    background. ``rate`` 0 turns checks off; ``seed`` makes the choices repeatable."""
+    """Decides which hops of a session a shadow follows, gathers each check point's
+    material, and runs the shadows in the background. ``rate`` 0 turns checks off;
+    ``seed`` makes the choices repeatable."""
 
     def __init__(
         self,
@@ -165,24 +169,45 @@ class Checker:
         self.timeout_s = timeout_s
         self.report = report
         self.results: deque[CheckResult] = deque(maxlen=1000)
-        self.skipped: Counter[str] = Counter()  # why checks did not happen
+        self.skipped: Counter[str] = Counter()  # why check points did not happen
         self._weights: dict[str, str] = {}  # address -> weights dtype (Node.Info)
-        self._excluded: set[str] = set()  # nodes the coordinator excluded: no replicas
-        self._jobs: queue.Queue[Material | None] = queue.Queue(MAX_PENDING)
+        self._excluded: set[str] = set()  # nodes the coordinator excluded: no shadows
+        self._sessions: OrderedDict[bytes, dict[int, Shadow]] = OrderedDict()
+        self._jobs: queue.Queue[Material | Shadow | None] = queue.Queue(MAX_PENDING)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._agreement_reported = 0.0
 
-    # ---- deciding and gathering (on the generation's thread) ---------------------------
+    # ---- deciding and gathering (on the generation's side) -----------------------------
 
-    def plan(self, route: Route) -> int | None:
-        """Whether to check the next step, and which hop (its index in the route)."""
-        if self.rate <= 0 or self.rng.random() >= self.rate:
-            return None
-        candidates = [k for k, hop in enumerate(route.hops) if len(hop.addresses) > 1]
-        if not candidates:
-            self.skipped["no replica"] += 1
-            return None
-        return self.rng.choice(candidates)
+    def plan(self, route: Route, session_id: bytes) -> list[int]:
+        """The hops whose shadows compare the next step (indices in the route). A session's
+        first step decides which hops are followed."""
+        if self.rate <= 0:
+            return []
+        shadows = self._sessions.get(session_id)
+        if shadows is None:
+            candidates = [k for k, hop in enumerate(route.hops) if len(hop.addresses) > 1]
+            if not candidates:
+                self.skipped["no replica"] += 1
+            shadows = {
+                k: Shadow(k)
+                for k in candidates
+                if self.rng.random() < max([self.rate, *route.hops[k].check_rates])
+            }
+            self._sessions[session_id] = shadows
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        due = [k for k, s in shadows.items() if not s.broken and s.steps % CHECK_EVERY == 0]
+        for s in shadows.values():
+            s.steps += 1
+        return due
+
+    def observe(self, session_id: bytes, pos: int, reply: pb.StepReply) -> None:
+        """Keep the followed hops' signed traces of a step (a dispute's evidence)."""
+        for k, s in self._sessions.get(session_id, {}).items():
+            if not s.broken and k < len(reply.hops):
+                s.traces[pos] = reply.hops[k]
 
     def gather(
         self,
@@ -192,77 +217,104 @@ class Checker:
         history: list[tuple[int, list[int]]],
         reply: pb.StepReply,
     ) -> None:
-        """Fetch what checking hop ``k`` of the step just answered needs, and queue it.
-        ``history`` is every chunk the session sent, the step's own last."""
+        """Fetch what hop ``k``'s check point at the step just answered needs, and queue
+        it. ``history`` is every chunk the session sent, the step's own last."""
+        shadow = self._sessions.get(spec.session_id, {}).get(k)
+        if shadow is None or shadow.broken:
+            return
         try:
-            material = self._material(route, k, spec, history, reply)
+            material = self._material(shadow, route, spec, history, reply)
         except NanoshardError as exc:  # a node went away, or freed the session already
-            log.info("spot-check skipped: %s", exc)
-            self.skipped["material unavailable"] += 1
+            self._stop(shadow, f"material unavailable: {exc}")
             return
         except Exception:  # what a node sent does not decode: never the generation's problem
-            log.warning("spot-check skipped: its material is malformed", exc_info=True)
-            self.skipped["material malformed"] += 1
+            log.warning("spot-check stopped: its material is malformed", exc_info=True)
+            self._stop(shadow, "material malformed")
             return
         if material is None:
             return
         try:
             self._jobs.put_nowait(material)
         except queue.Full:
-            self.skipped["busy"] += 1
+            self._stop(shadow, "busy")
             return
+        shadow.planned = material.pos + material.tokens
         self._start()
+
+    def end(self, session_id: bytes) -> None:
+        """The session ended: its shadows close their sessions (after their check points)."""
+        for shadow in self._sessions.pop(session_id, {}).values():
+            if shadow.replica:
+                with contextlib.suppress(queue.Full):
+                    self._jobs.put_nowait(shadow)
+                    self._start()
+
+    def _stop(self, shadow: Shadow, why: str) -> None:
+        log.info("spot-check shadow of hop %d stopped: %s", shadow.hop, why)
+        self.skipped[why.split(":")[0]] += 1
+        shadow.broken = why
 
     def _material(
         self,
+        shadow: Shadow,
         route: Route,
-        k: int,
         spec: pb.SessionSpec,
         history: list[tuple[int, list[int]]],
         reply: pb.StepReply,
     ) -> Material | None:
+        k = shadow.hop
         hop, last = route.hops[k], k == len(route.hops) - 1
         traces = list(reply.hops)
         if len(traces) != len(route.hops) or (traces[k].start, traces[k].end) != (
             hop.start,
             hop.end,
         ):
-            self.skipped["route changed"] += 1
+            self._stop(shadow, "route changed")
+            return None
+        checked = traces[k].address
+        if not shadow.replica:
+            shadow.weights = self._weights_of(checked)
+            replicas = [
+                a
+                for a in hop.addresses
+                if a != checked
+                and not self.excluded([a])
+                and self._weights_or_none(a) == shadow.weights
+            ]
+            if not replicas:
+                self._stop(shadow, "no replica with the same weights")
+                return None
+            # a node the coordinator asks to have followed is the shadow where it can be
+            rates = dict(zip(hop.addresses, hop.check_rates, strict=False))
+            most = max(rates.get(a, 0.0) for a in replicas)
+            shadow.replica = self.rng.choice([a for a in replicas if rates.get(a, 0.0) == most])
+        elif shadow.replica == checked:
+            self._stop(shadow, "the route moved to the shadow's node")
             return None
         pos, ids = history[-1]
-        n = len(ids)
-        end = pos + n
-        checked = traces[k].address
-        weights = self._weights_of(checked)
-        replicas = [a for a in hop.addresses if a != checked and not self.excluded([a])]
-        self.rng.shuffle(replicas)
-        replicas = [a for a in replicas if self._weights_or_none(a) == weights][:MAX_REPLICAS]
-        if not replicas:
-            self.skipped["no replica with the same weights"] += 1
-            return None
-        inputs: list[tuple[int, Any]]
+        end, start = pos + len(ids), shadow.planned
+        inputs: list[Chunk]
         if k == 0:
-            inputs = [(p, chunk) for p, chunk in history]
+            inputs = [(p, chunk) for p, chunk in history if p >= start]
         else:
-            inputs = self._sent(traces[k - 1].address, spec.session_id, 0, end)
-            if not _covers(inputs, 0, end) or inputs[-1][0] != pos:
-                self.skipped["incomplete replay material"] += 1
-                return None
+            inputs = self._sent(traces[k - 1].address, spec.session_id, start, end)
+        if not _covers(inputs, start, end) or inputs[-1][0] != pos:
+            self._stop(shadow, "incomplete replay material")
+            return None
         if last:
             if not reply.HasField("output"):  # answered from a retried step's stored output
-                self.skipped["no output"] += 1
+                self._stop(shadow, "no output")
                 return None
-            sent, token = reply.output, reply.token if reply.has_token else None
+            outputs = [reply.output]
+            token = reply.token if reply.has_token else None
         else:
-            chunks = self._sent(checked, spec.session_id, pos, end)
-            if len(chunks) != 1 or chunks[0][0] != pos or chunks[0][1].shape[0] != n:
-                self.skipped["incomplete replay material"] += 1
+            sent = self._sent(checked, spec.session_id, start, end)
+            if [(p, a.shape[0]) for p, a in sent] != [(p, _rows(x)) for p, x in inputs]:
+                self._stop(shadow, "incomplete replay material")
                 return None
-            sent, token = chunks[0][1], None
-        output = from_wire(sent)
+            outputs, token = [a for _, a in sent], None
         return Material(
-            hop, checked, replicas, weights, spec, inputs, output, last, pos, n, sent,
-            traces[k], token,
+            shadow, hop, checked, spec, inputs, outputs, last, pos, len(ids), token
         )  # fmt: skip
 
     def _weights_of(self, address: str) -> str:
@@ -278,7 +330,7 @@ class Checker:
         except NanoshardError:  # unreachable: not a replica for this check
             return None
 
-    def _sent(self, address: str, session_id: bytes, start: int, end: int) -> list[tuple[int, Any]]:
+    def _sent(self, address: str, session_id: bytes, start: int, end: int) -> list[Chunk]:
         reply = self._call(
             address, "Outputs", pb.OutputsRequest(session_id=session_id, start=start, end=end)
         )
@@ -292,7 +344,7 @@ class Checker:
             except grpc.RpcError as err:
                 raise rpc.error_from_rpc(err, address) from None
 
-    # ---- re-running (on the background thread) -----------------------------------------
+    # ---- following (on the background thread) -----------------------------------------
 
     def _start(self) -> None:
         with self._lock:
@@ -302,105 +354,183 @@ class Checker:
 
     def _run(self) -> None:
         while True:
-            material = self._jobs.get()
+            job = self._jobs.get()
             try:
-                if material is None:
+                if job is None:
                     return
-                self._check(material)
+                if isinstance(job, Shadow):
+                    self._close(job)
+                else:
+                    self._check(job)
             except Exception:  # a check must never take the client down
                 log.exception("spot-check failed")
             finally:
                 self._jobs.task_done()
 
     def _check(self, m: Material) -> None:
-        outputs, reruns = {}, {}
-        for address in m.replicas:
-            try:
-                reruns[address] = self._rerun(address, m)
-                outputs[address] = from_wire(reruns[address].output)
-            except NanoshardError as exc:
-                log.info("spot-check re-run on %s failed: %s", address, exc)
-        distances = {a: distance(out, m.output) for a, out in outputs.items()}
-        if not distances:
-            self.skipped["replicas unavailable"] += 1
+        s = m.shadow
+        if s.broken:
             return
-        tol = max(
-            tolerance(m.spec.codec, m.weights, out, logits=m.logits) for out in outputs.values()
+        start = m.inputs[0][0]
+        if s.fed != start:
+            self._stop(s, "a check point was skipped")
+            return
+        try:
+            reply = self._feed(s, m)
+        except NanoshardError as exc:
+            log.info("spot-check shadow on %s failed: %s", s.replica, exc)
+            self._stop(s, f"shadow unavailable: {exc}")
+            return
+        earlier = list(s.inputs)
+        s.inputs.extend(m.inputs)
+        s.fed = m.pos + m.tokens
+        out = from_wire(reply.output)
+        # (chunk index, checked output, the shadow's, tolerance, distance) per compared chunk
+        compared = []
+        if m.logits:  # the head: its logits of the check point's step
+            mine, theirs = from_wire(m.outputs[0]), out[-1:]
+            compared.append((len(m.inputs) - 1, mine, theirs))
+        else:
+            row = 0
+            for i, (_, item) in enumerate(m.inputs):
+                n = _rows(item)
+                compared.append((i, from_wire(m.outputs[i]), out[row : row + n]))
+                row += n
+        worst = None
+        for i, mine, theirs in compared:
+            tol = tolerance(m.spec.codec, s.weights, theirs, logits=m.logits)
+            d = distance(theirs, mine)
+            if worst is None or d - tol > worst[1] - worst[2]:
+                worst = (i, d, tol)
+            if d > tol:
+                break
+        assert worst is not None
+        i, d, tol = worst
+        pos, item = m.inputs[i]
+        if m.logits:
+            positions = 1
+        elif d > tol:  # up to the first that disagrees
+            positions = sum(_rows(x) for _, x in m.inputs[: i + 1])
+        else:
+            positions = m.pos + m.tokens - start
+        result = CheckResult(
+            m.hop.start, m.hop.end, pos, _rows(item), m.checked, {s.replica: d}, tol, positions
         )
-        result = CheckResult(m.hop.start, m.hop.end, m.pos, m.tokens, m.checked, distances, tol)
         if not result.agree:
             log.warning(
-                "spot-check: units [%d, %d) at position %d disagree: %s ran it; %s (tolerance %.2g)",
-                m.hop.start, m.hop.end, m.pos, m.checked,
-                ", ".join(f"{a} at {d:.3g}" for a, d in distances.items()), tol,
+                "spot-check: units [%d, %d) at position %d disagree: %s ran it; %s at %.3g "
+                "(tolerance %.2g)",
+                m.hop.start, m.hop.end, pos, m.checked, s.replica, d, tol,
             )  # fmt: skip
         if self.report is not None:
-            try:
-                result.excluded = self.report(self._report(m, result, outputs, reruns))
-                with self._lock:
-                    self._excluded.update(result.excluded)
-            except NanoshardError as exc:
-                log.info("could not report a spot-check: %s", exc)
+            report = self._report(m, result, earlier + m.inputs[: i + 1], i, out, reply)
+            if report is not None:
+                try:
+                    result.excluded = self.report(report)
+                    with self._lock:
+                        self._excluded.update(result.excluded)
+                except NanoshardError as exc:
+                    log.info("could not report a spot-check: %s", exc)
         self.results.append(result)
 
-    def _rerun(self, address: str, m: Material) -> Rerun:
-        """The replica's output for the step, from a session of its own, and its trace."""
-        session_id = secrets.token_bytes(16)
-        spec = pb.SessionSpec()
-        spec.CopyFrom(m.spec)
-        spec.session_id, spec.max_length = session_id, m.pos + m.tokens
-        open_request = pb.OpenRequest(spec=spec, start=m.hop.start, end=m.hop.end)
-        with rpc.open_channel(address, self.security) as channel:
+    def _feed(self, s: Shadow, m: Material) -> pb.StepReply:
+        """Open the shadow's session on its first check point, then run the chunks."""
+        request = pb.StepRequest(
+            session_id=s.session_id, step_id=s.step_id + 1, pos=m.inputs[0][0], return_output=True
+        )
+        for pos, item in m.inputs:
+            if isinstance(item, pb.Activations):
+                request.chunks.add(pos=pos, activations=item)
+            else:
+                request.chunks.add(pos=pos, tokens=pb.Tokens(ids=item))
+        with rpc.open_channel(s.replica, self.security) as channel:
             stub = pb_grpc.NodeStub(channel)
             try:
-                stub.Open(open_request, timeout=self.timeout_s)
-                try:
-                    for i, (pos, item) in enumerate(m.inputs):
-                        request = pb.StepRequest(
-                            session_id=session_id,
-                            step_id=i + 1,
-                            pos=pos,
-                            return_output=i == len(m.inputs) - 1,
-                        )
-                        if isinstance(item, pb.Activations):
-                            request.activations.CopyFrom(item)
-                        else:
-                            request.tokens.ids.extend(item)
-                        reply = stub.Step(request, timeout=self.timeout_s)
-                finally:
-                    with contextlib.suppress(grpc.RpcError):
-                        stub.Close(pb.CloseRequest(session_id=session_id), timeout=5)
+                if not s.opened:
+                    spec = pb.SessionSpec()
+                    spec.CopyFrom(m.spec)
+                    spec.session_id = s.session_id
+                    stub.Open(
+                        pb.OpenRequest(spec=spec, start=m.hop.start, end=m.hop.end),
+                        timeout=self.timeout_s,
+                    )
+                    s.opened = True
+                reply = stub.Step(request, timeout=self.timeout_s)
             except grpc.RpcError as err:
-                raise rpc.error_from_rpc(err, address) from None
-        if not reply.HasField("output") or not reply.hops:
-            raise NanoshardError(f"{address} answered the re-run without its output")
-        return Rerun(session_id, reply.output, reply.hops[0])
+                raise rpc.error_from_rpc(err, s.replica) from None
+        s.step_id += 1
+        if not reply.HasField("output") or len(reply.chunk_traces) not in (0, len(m.inputs)):
+            raise NanoshardError(f"{s.replica} answered the shadow's step without its output")
+        return reply
 
-    @staticmethod
+    def _close(self, s: Shadow) -> None:
+        if not s.opened:
+            return
+        with contextlib.suppress(NanoshardError):
+            self._call(s.replica, "Close", pb.CloseRequest(session_id=s.session_id))
+        s.opened, s.broken = False, s.broken or "the session ended"
+
     def _report(
+        self,
         m: Material,
         result: CheckResult,
-        outputs: dict[str, torch.Tensor],
-        reruns: dict[str, Rerun],
-    ) -> cpb.CheckReport:
-        # A disagreement: the coordinator settles it itself, on the checked node's own word
-        # (its signed trace) and a re-run of its own; nothing less excludes anyone.
+        inputs: list[Chunk],
+        i: int,
+        out: torch.Tensor,
+        reply: pb.StepReply,
+    ) -> cpb.CheckReport | None:
+        """What the coordinator hears of a check point: a disagreement with its evidence
+        (it settles it itself, on the signed words of the hop and the shadow, and a re-run
+        of its own); an agreement only for its tallies, and at most every few seconds."""
+        s = m.shadow
         dispute = not result.agree
-        return cpb.CheckReport(
+        if not dispute:
+            now = time.monotonic()
+            if now - self._agreement_reported < REPORT_AGREEMENT_S:
+                return None
+            self._agreement_reported = now
+        pos, item = inputs[-1]
+        n = _rows(item)
+        rows = out[-1:] if m.logits else out[sum(_rows(x) for _, x in m.inputs[:i]) :][:n]
+        mine = from_wire(m.outputs[0 if m.logits else i])
+        report = cpb.CheckReport(
             start=m.hop.start,
             end=m.hop.end,
-            pos=m.pos,
-            tokens=m.tokens,
+            pos=pos,
+            tokens=n,
             codec=m.spec.codec,
-            input_digest=input_digest(m.inputs),
+            input_digest=input_digest(inputs),
             tolerance=result.tolerance,
-            checked=cpb.CheckOpinion(address=m.checked, digest=output_digest(m.output)),
+            checked=cpb.CheckOpinion(address=m.checked, digest=output_digest(mine)),
             replicas=[
-                cpb.CheckOpinion(address=a, digest=output_digest(outputs[a]), error=d)
-                for a, d in result.distances.items()
+                cpb.CheckOpinion(
+                    address=s.replica, digest=output_digest(rows), error=result.distances[s.replica]
+                )
             ],
-            evidence=m.evidence([reruns[a] for a in result.distances]) if dispute else None,
         )
+        trace = s.traces.get(pos)
+        if dispute and trace is not None:
+            token = m.token if m.logits else None
+            evidence = cpb.CheckEvidence(
+                checked_output=m.outputs[0 if m.logits else i],
+                replica_outputs=[to_wire(rows)],
+                weights=s.weights,
+                checked_trace=trace,
+                session_id=m.spec.session_id,
+                has_token=token is not None,
+                token=token or 0,
+            )
+            if reply.chunk_traces:
+                evidence.replica_traces.append(reply.chunk_traces[i])
+                evidence.replica_session_ids.append(s.session_id)
+            for p, x in inputs:
+                if isinstance(x, pb.Activations):
+                    evidence.inputs.add(pos=p, activations=x)
+                else:
+                    evidence.inputs.add(pos=p, tokens=pb.Tokens(ids=x))
+            if evidence.ByteSize() <= MAX_EVIDENCE_BYTES:
+                report.evidence.CopyFrom(evidence)
+        return report
 
     # ---- the client's side ------------------------------------------------------------
 
@@ -410,10 +540,12 @@ class Checker:
             return [a for a in addresses if a in self._excluded]
 
     def wait(self) -> None:
-        """Until every queued check has run (tests; ``close`` waits briefly by itself)."""
+        """Until every queued check point has run (tests; ``close`` waits briefly itself)."""
         self._jobs.join()
 
     def close(self, timeout_s: float = 5.0) -> None:
+        for session_id in list(self._sessions):
+            self.end(session_id)
         thread = self._thread
         if thread is None:
             return
@@ -422,11 +554,15 @@ class Checker:
         thread.join(timeout_s)
 
 
-def _covers(chunks: list[tuple[int, Any]], start: int, end: int) -> bool:
-    """Whether ``chunks`` (pos, Activations) cover [start, end) in order, without a gap."""
+def _rows(item: Any) -> int:
+    return item.shape[0] if isinstance(item, pb.Activations) else len(item)
+
+
+def _covers(chunks: list[Chunk], start: int, end: int) -> bool:
+    """Whether ``chunks`` cover [start, end) in order, without a gap, from ``start``."""
     at = start
-    for pos, act in chunks:
+    for pos, item in chunks:
         if pos != at:
             return False
-        at += act.shape[0]
-    return at == end
+        at += _rows(item)
+    return at == end and bool(chunks)

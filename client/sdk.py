@@ -118,9 +118,10 @@ class AsyncClient:
         ``timeout_s`` bounds every step and call: a node silent for longer counts as gone
         (failover takes over). A private swarm wants its ``swarm_key`` (default:
         ``$NANOSHARD_SWARM_KEY``) and, if it runs TLS, ``tls_ca``: the CA that signed its
-        servers' certificates. ``check_rate`` is the share of steps spot-checked on a
-        replica of their stage (0: no checks; results in :attr:`checks`, disagreements
-        reported to the coordinator); ``check_seed`` makes the choice of steps repeatable."""
+        servers' certificates. ``check_rate`` is the share of sessions' hops that a
+        shadow replica follows and checks (0: no checks; a hop the coordinator asks to have
+        followed always is; results in :attr:`checks`, disagreements reported to the
+        coordinator); ``check_seed`` makes the choices repeatable."""
         self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
         key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
         self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)

@@ -171,6 +171,8 @@ class SwarmSession:
             route = await self.planner(self.avoid.now())
         if self.first is not None:  # the old route's nodes free the old session now
             await self.first.close(timeout_s=ABANDON_TIMEOUT_S)
+        if self.checker is not None and self.session_id:
+            self.checker.end(self.session_id)
         self.route, self.session_id = route, secrets.token_bytes(16)
         self._keys = route_keys(route)  # what its traces are checked against
         self.first = NextHop(
@@ -214,17 +216,19 @@ class SwarmSession:
         await self._leave_excluded(pos)
         hops: list[dict] = []
         reply = None
-        check = None  # the hop a spot-check re-runs this step on, if any
+        checks: list[int] = []  # the hops whose shadows compare this step (spot-checks)
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i : i + self.prefill_chunk]
             last = i + len(chunk) == len(tokens)
             assert self.route is not None
             if last and self.checker is not None:
-                check = self.checker.plan(self.route)
+                checks = self.checker.plan(self.route, self.session_id)
             # a check of the head compares logits: the route's last hop answers them
-            head = check is not None and check == len(self.route.hops) - 1
+            head = len(self.route.hops) - 1 in checks
             reply = await self._send(pos + i, chunk, sample=last, return_output=head)
             self.replay.add(pos + i, chunk)
+            if self.checker is not None:
+                self.checker.observe(self.session_id, pos + i, reply)
             hops.extend(trace_to_dict(h) for h in reply.hops)
             for h in reply.hops:  # repairs made behind the first hop show in the traces
                 if h.repair:
@@ -234,12 +238,14 @@ class SwarmSession:
         if reply is None or not reply.has_token:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
         self._served = [h.address for h in reply.hops]
-        if check is not None and self.checker is not None and self.route is not None:
-            # The material comes over blocking calls: off the event loop (a checked step
-            # is a small share of all).
-            await asyncio.to_thread(
-                self.checker.gather, self.route, check, self._spec(), self.replay.chunks, reply
-            )
+        if checks and self.checker is not None and self.route is not None:
+            # The material comes over blocking calls: off the event loop (a check point
+            # is a small share of all steps).
+            spec, route = self._spec(), self.route
+            for k in checks:
+                await asyncio.to_thread(
+                    self.checker.gather, route, k, spec, self.replay.chunks, reply
+                )
         return StepResult(reply.token, hops)
 
     async def _leave_excluded(self, pos: int) -> None:
@@ -342,6 +348,8 @@ class SwarmSession:
         if self.first is not None:
             await self.first.close()
             self.first = None
+        if self.checker is not None and self.session_id:
+            self.checker.end(self.session_id)
 
 
 def route_keys(route: Route) -> dict[str, bytes]:

@@ -41,7 +41,7 @@ from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .replanner import Replanner
 from .routing import Server, plan_route, route_ms
-from .trust import Comparison, Ledger
+from .trust import Comparison, Ledger, suggested_rate
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ class CoordinatorService:
         self.clock = clock
         self.wall_clock = wall_clock  # join proofs carry the time they were made
         self.ledger = Ledger()
+        self._rates: dict[str, float] = {}  # address -> suggested check rate (_check_rates)
+        self._rates_at = -math.inf
         self.replanner = Replanner(registry)  # placement runs off the event loop
         self.arbiter = Arbiter(store)
         self._arbitrating = asyncio.Lock()  # one dispute re-run at a time ...
@@ -284,7 +286,7 @@ class CoordinatorService:
         )
         if not request.peek:
             self.registry.handed_out([h.addresses[0] for h in hops], self.clock())
-        keys = self.registry.public_keys()
+        keys, rates = self.registry.public_keys(), self._check_rates()
         return cpb.RouteReply(
             hops=[
                 pb.Hop(
@@ -292,12 +294,23 @@ class CoordinatorService:
                     end=h.end,
                     addresses=h.addresses,
                     public_keys=[keys.get(a, b"") for a in h.addresses],
+                    check_rates=[rates.get(a, 1.0) for a in h.addresses],
                 )
                 for h in hops
             ],
             model_id=self.store.model_id,
             n_units=self.registry.config.n_units,
         )
+
+    def _check_rates(self) -> dict[str, float]:
+        """Each address's suggested check rate (``trust.suggested_rate``), from the ledger's
+        tallies; recomputed at most once a second (one pass over the ledger)."""
+        now = self.clock()
+        if now - self._rates_at >= 1.0:
+            tallies = self.ledger.tallies(now)
+            self._rates = {a: suggested_rate(*t) for a, t in tallies.items()}
+            self._rates_at = now
+        return self._rates
 
     @staticmethod
     def tokens_per_s(registry: Registry, servers: list[Server]) -> float:

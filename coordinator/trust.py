@@ -8,12 +8,29 @@ Those re-runs are recorded here too, under the name ``coordinator``.
 
 Comparisons are kept for ``window_s`` (and at most ``max_entries``): soft state, like the
 rest of the coordinator's.
+
+A caller's word does one thing more: it raises a node's check rate. Routes suggest that
+clients follow every session through a node new to checks (fewer than
+``PROBATION_PASSES`` agreeing checks in the window) or under suspicion (more than
+``SUSPECT_SHARE`` of its checks disagreed): a liar never leaves probation, and a forged
+report costs its target only more checks (``suggested_rate``).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+PROBATION_PASSES = 4  # agreeing checks before clients follow a node at their own rate
+SUSPECT_SHARE = 0.2  # a node more of whose checks than this disagreed is followed always
+
+
+def suggested_rate(passed: int, failed: int) -> float:
+    """The share of sessions through a node that routes suggest a shadow follow: 1 for a
+    node new to checks or under suspicion, else 0 (the client's own rate)."""
+    if passed < PROBATION_PASSES or failed > SUSPECT_SHARE * (passed + failed):
+        return 1.0
+    return 0.0
 
 
 @dataclass(frozen=True)

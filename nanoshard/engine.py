@@ -541,11 +541,13 @@ class Stage(nn.Module):
         cache: KVCache | None = None,
         pos: int = 0,
         all_logits: bool = False,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
         """Run the stage on one chunk of a sequence starting at position ``pos``.
 
         With a cache, the chunk's keys and values are stored and ``cache.length`` moves to
-        ``pos + T``; without one, ``pos`` must be 0 (a full recomputation).
+        ``pos + T``; without one, ``pos`` must be 0 (a full recomputation). With the head,
+        the logits are of the last position, of every one (``all_logits``) or of ``rows``.
         """
         batched = x.dim() == (2 if self.has_embed else 3)
         if batched and cache is not None:
@@ -559,7 +561,7 @@ class Stage(nn.Module):
             raise ValueError(
                 f"positions up to {pos + T} exceed the context length {self.config.block_size}"
             )
-        if cache is not None and T == 1:  # a decode step: exactly a batch of one (see decode)
+        if cache is not None and T == 1 and rows is None:  # a decode step: a batch of one
             return self.decode(x[0], [cache], [pos])
         if self.has_embed:
             positions = torch.arange(pos, pos + T, device=x.device)
@@ -572,7 +574,9 @@ class Stage(nn.Module):
         if cache is not None:
             cache.length = pos + T
         if self.has_head:
-            if not all_logits:
+            if rows is not None:
+                h = h[:, rows]
+            elif not all_logits:
                 h = h[:, -1:]
             h = self.project(self.transformer["ln_f"](h))
         return h if batched else h[0]

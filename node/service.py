@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -535,8 +536,11 @@ class NodeService(pb_grpc.NodeServicer):
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.
                 job = self.worker.submit(run)
-                digest = session.inputs.copy()  # the input digest once this chunk is in
-                agreement.add_chunk(digest, req.pos, _input_of(req))
+                digest = session.inputs.copy()  # the input digest once this step is in
+                chunk_digests = []  # and after each of its chunks (a step of chunks signs each)
+                for chunk_pos, item in _inputs_of(req):
+                    agreement.add_chunk(digest, chunk_pos, item)
+                    chunk_digests.append(digest.digest())
                 job.add_done_callback(
                     functools.partial(self._record, session, req.step_id, req.pos, n_tokens, digest)
                 )
@@ -600,6 +604,10 @@ class NodeService(pb_grpc.NodeServicer):
                     self.forge.relay(reply)
             trace.handle.CopyFrom(self.handle(session))
             self._sign(session, req, n_tokens, trace, out, returned)
+            if req.chunks and resend is None and returned:
+                reply.chunk_traces.extend(
+                    self._sign_chunks(session, req, chunk_digests, returned[0])
+                )
             trace.total_ms = (time.perf_counter() - received) * 1e3
             reply.hops.insert(0, trace)
             session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
@@ -646,51 +654,69 @@ class NodeService(pb_grpc.NodeServicer):
         trace.input_digest, trace.output_digest = digest, output
         identity.sign_step(self.key, session.spec.session_id, req.pos, n_tokens, trace)
 
+    def _sign_chunks(
+        self,
+        session: NodeSession,
+        req: pb.StepRequest,
+        digests: list[bytes],
+        output: pb.Activations,
+    ) -> list[pb.HopTrace]:
+        """A step of chunks: per chunk, a trace signing its input digest (running, after the
+        chunk) and its rows of ``output`` (fp32), as if the chunk had been a step alone."""
+        if self.key is None:
+            return []
+        stage = session.stage
+        values = agreement.from_wire(output)
+        traces, row = [], 0
+        for (pos, item), digest in zip(_inputs_of(req), digests, strict=True):
+            n = len(item) if isinstance(item, list) else item.shape[0]
+            rows = (
+                values[len(traces) : len(traces) + 1] if stage.has_head else values[row : row + n]
+            )
+            trace = pb.HopTrace(
+                node=self.identity.name,
+                address=self.identity.address,
+                start=stage.start,
+                end=stage.end,
+                input_digest=digest,
+                output_digest=identity.output_digest(agreement.to_wire(rows)),
+            )
+            identity.sign_step(self.key, session.spec.session_id, pos, n, trace)
+            traces.append(trace)
+            row += n
+        return traces
+
     def _prepare(
         self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
     ) -> tuple[int, int, StageStep]:
         """Validate the step's input; return its token count, bytes, and the compute job.
         With ``req.return_output`` and a ``returned`` list, the job also puts its fp32
         output there (a retried step answered from its stored output has none)."""
-        kind = req.WhichOneof("input")
         stage, spec = session.stage, session.spec
         config = stage.config
-        device, dtype = stage.device, stage.act_dtype
-        if stage.has_embed:
-            if kind != "tokens":
+        chunks = _inputs_of(req)
+        if req.chunks:
+            if req.WhichOneof("input") is not None:
+                raise InvalidArgument("a step carries one input or chunks, not both")
+            if returned is None or not req.return_output or req.sample:
                 raise InvalidArgument(
-                    "this node holds embed (unit 0): send token ids, not activations"
+                    "a step of chunks (a shadow's catch-up) returns its output, samples "
+                    "nothing and goes no further: send it to a session ending at this node"
                 )
-            ids = list(req.tokens.ids)
-            if not ids:
-                raise InvalidArgument("a step needs at least one token")
-            if max(ids) >= config.vocab_size:
-                raise InvalidArgument(
-                    f"token id {max(ids)} is outside the vocabulary [0, {config.vocab_size})"
-                )
-            n_tokens, bytes_in = len(ids), 4 * len(ids)
-
-            def make_input() -> torch.Tensor:
-                return torch.tensor(ids, dtype=torch.long, device=device)
+            at = req.pos
+            for pos, item in chunks:
+                if pos != at:
+                    raise InvalidArgument(f"the step's chunks must run on from {at}, not {pos}")
+                at += len(item) if isinstance(item, list) else (list(item.shape) or [0])[0]
+        parts = [self._input(item, stage, spec) for _, item in chunks]
+        n_tokens = sum(n for n, _, _ in parts)
+        bytes_in = sum(b for _, b, _ in parts)
+        if len(parts) == 1:
+            make_input = parts[0][2]
         else:
-            if kind != "activations":
-                raise InvalidArgument(
-                    f"this node starts at unit {stage.start}: send activations, not token ids"
-                )
-            act = req.activations
-            if act.codec != spec.codec:
-                raise InvalidArgument(
-                    f"activations use codec {act.codec!r} but the session was opened with {spec.codec!r}"
-                )
-            shape = tuple(act.shape)
-            if len(shape) != 2 or shape[1] != config.n_embd or shape[0] < 1:
-                raise InvalidArgument(
-                    f"activations must have shape [tokens >= 1, {config.n_embd}], got {list(shape)}"
-                )
-            n_tokens, bytes_in = shape[0], len(act.payload)
 
             def make_input() -> torch.Tensor:
-                return codecs.decode(act.payload, shape, act.codec, dtype=dtype, device=device)
+                return torch.cat([make() for _, _, make in parts])
 
         if not stage.has_head:
             out_bytes = codecs.encoded_size((n_tokens, config.n_embd), spec.codec)
@@ -706,12 +732,17 @@ class NodeService(pb_grpc.NodeServicer):
         pos = req.pos
         fault = self.fault
         return_output = req.return_output and returned is not None
+        # At the head, the positions whose logits count: the step's last, or each chunk's.
+        rows = None
+        if req.chunks and stage.has_head:
+            ends = itertools.accumulate(n for n, _, _ in parts)
+            rows = [end - 1 for end in ends]
 
         def finish(y: torch.Tensor) -> Any:
             if fault is not None:
                 y = fault(y)
             if return_output:
-                out = y[-1:] if stage.has_head else y
+                out = y[-1:] if stage.has_head and rows is None else y
                 if stage.has_head and stage.shard is not None:  # the whole row, for a check
                     out = gather_vocab(stage.shard, out, config.vocab_size)
                 fp32 = codecs.encode(out.float(), "fp32")
@@ -727,8 +758,67 @@ class NodeService(pb_grpc.NodeServicer):
             payload = codecs.encode(y, spec.codec)
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
-        step = GroupStep if stage.shard is not None else StageStep
-        return n_tokens, bytes_in, step(stage, session.cache, pos, n_tokens, make_input, finish)
+        if stage.shard is not None:
+            if req.chunks:
+                raise InvalidArgument("a tensor-parallel group takes no step of chunks")
+            return (
+                n_tokens,
+                bytes_in,
+                GroupStep(stage, session.cache, pos, n_tokens, make_input, finish),
+            )
+        return (
+            n_tokens,
+            bytes_in,
+            StageStep(stage, session.cache, pos, n_tokens, make_input, finish, rows),
+        )
+
+    def _input(
+        self, item: list[int] | pb.Activations, stage: Stage, spec: SessionSpec
+    ) -> tuple[int, int, Callable[[], torch.Tensor]]:
+        """One input chunk, validated: its token count, bytes, and how to make its tensor."""
+        config = stage.config
+        device, dtype = stage.device, stage.act_dtype
+        if stage.has_embed:
+            if not isinstance(item, list):
+                raise InvalidArgument(
+                    "this node holds embed (unit 0): send token ids, not activations"
+                )
+            ids = item
+            if not ids:
+                raise InvalidArgument("a step needs at least one token")
+            if max(ids) >= config.vocab_size:
+                raise InvalidArgument(
+                    f"token id {max(ids)} is outside the vocabulary [0, {config.vocab_size})"
+                )
+
+            def make_ids() -> torch.Tensor:
+                return torch.tensor(ids, dtype=torch.long, device=device)
+
+            return len(ids), 4 * len(ids), make_ids
+        if not isinstance(item, pb.Activations):
+            raise InvalidArgument(
+                f"this node starts at unit {stage.start}: send activations, not token ids"
+            )
+        act = item
+        if act.codec != spec.codec:
+            raise InvalidArgument(
+                f"activations use codec {act.codec!r} but the session was opened with {spec.codec!r}"
+            )
+        shape = tuple(act.shape)
+        if len(shape) != 2 or shape[1] != config.n_embd or shape[0] < 1:
+            raise InvalidArgument(
+                f"activations must have shape [tokens >= 1, {config.n_embd}], got {list(shape)}"
+            )
+        if len(act.payload) != codecs.encoded_size(shape, act.codec):
+            raise InvalidArgument(
+                f"activations of shape {list(shape)} in {act.codec} take "
+                f"{codecs.encoded_size(shape, act.codec)} bytes, not {len(act.payload)}"
+            )
+
+        def make_activations() -> torch.Tensor:
+            return codecs.decode(act.payload, shape, act.codec, dtype=dtype, device=device)
+
+        return shape[0], len(act.payload), make_activations
 
     @staticmethod
     def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:
@@ -808,6 +898,13 @@ class NodeService(pb_grpc.NodeServicer):
         )
 
 
-def _input_of(req: pb.StepRequest) -> list[int] | pb.Activations:
-    """A step's input as ``agreement.input_digest`` hashes it."""
-    return req.activations if req.WhichOneof("input") == "activations" else list(req.tokens.ids)
+def _inputs_of(req: pb.StepRequest) -> list[tuple[int, list[int] | pb.Activations]]:
+    """A step's input chunks (pos, token ids or activations), as ``agreement.input_digest``
+    hashes them: its chunks, or its one input."""
+    if req.chunks:
+        return [
+            (c.pos, c.activations if c.WhichOneof("input") == "activations" else list(c.tokens.ids))
+            for c in req.chunks
+        ]
+    kind = req.WhichOneof("input")
+    return [(req.pos, req.activations if kind == "activations" else list(req.tokens.ids))]

@@ -69,16 +69,18 @@ class StageStep:
     n_tokens: int
     make_input: Callable[[], torch.Tensor]  # ids (T,) or activations (T, n_embd)
     finish: Callable[[torch.Tensor], Any]  # the stage's output (T or 1 rows) -> the answer
+    rows: list[int] | None = None  # at the head: the positions whose logits to compute
 
     @property
     def batchable(self) -> bool:
         # A tensor-parallel group's steps run one at a time, in the order rank 0 set: every
         # member must run the same collectives in the same order (node/group.py).
-        return self.n_tokens == 1 and self.stage.shard is None
+        return self.n_tokens == 1 and self.stage.shard is None and self.rows is None
 
     def __call__(self) -> Any:
         try:
-            return self.finish(self.stage(self.make_input(), self.cache, self.pos))
+            x = self.make_input()
+            return self.finish(self.stage(x, self.cache, self.pos, rows=self.rows))
         except BaseException:
             self.cache.length = self.pos  # nothing of a failed step counts (the cache rewinds)
             raise

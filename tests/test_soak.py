@@ -5,7 +5,7 @@ coordinator killed under load."""
 from __future__ import annotations
 
 import pytest
-from soak import chaos, fuzz, leak, load
+from soak import chaos, forged, fuzz, leak, load
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,15 @@ def test_garbage_on_every_rpc_is_answered_and_costs_nothing() -> None:
     assert result["codes"]["node"]["Step"].get("INVALID_ARGUMENT", 0) > 0
     assert all(growth < 50 for growth in result["rss_growth_mb"].values()), result
     assert result["generation_after_equals_local"]
+
+
+def test_forged_reports_exclude_no_one_in_a_live_swarm() -> None:
+    result = forged.run(reports=300)
+    assert sum(result["answers"].values()) == 300
+    assert result["answers"].get("INVALID_ARGUMENT", 0) >= 1  # false evidence is refused
+    assert result["excluded"] == [] and result["healthy"] == 3, result
+    assert result["generation_unchanged"]
+    assert result["rss_growth_after_first_three_mb"] < 20, result
 
 
 def test_abandoned_sessions_are_freed_after_their_ttl() -> None:

@@ -27,6 +27,7 @@ from nanoshard.coordinator.exclusions import ExclusionStore
 from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
 from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
+from nanoshard.coordinator.trust import PROBATION_PASSES, suggested_rate
 from nanoshard.generation import LocalSession, generate
 from nanoshard.identity import NodeKey
 from nanoshard.sampling import SamplingParams
@@ -103,7 +104,9 @@ def demo() -> tuple[ModelStore, Any]:
     return store, open_checkpoint("demo")
 
 
-def swarm_of_three(store: ModelStore) -> tuple[CoordinatorService, dict[str, NodeKey]]:
+def swarm_of_three(
+    store: ModelStore, clock: Any = time.monotonic
+) -> tuple[CoordinatorService, dict[str, NodeKey]]:
     """A coordinator whose registry holds three honest nodes, each serving the whole model."""
     registry = Registry(store.config, replicas=2, tp="off")
     keys = {}
@@ -118,7 +121,7 @@ def swarm_of_three(store: ModelStore) -> tuple[CoordinatorService, dict[str, Nod
         )  # fmt: skip
         registry.join(record)
     svc = CoordinatorService(store, registry, swarm="default", heartbeat_interval_s=2.0,
-                             epoch=b"\0" * 8, clock=time.monotonic)  # fmt: skip
+                             epoch=b"\0" * 8, clock=clock)  # fmt: skip
     return svc, keys
 
 
@@ -261,6 +264,44 @@ def test_a_caller_is_held_to_its_rate(demo: tuple) -> None:
         return heard
 
     assert asyncio.run(run()) == REPORTS_PER_MIN
+
+
+def test_a_callers_word_raises_a_nodes_check_rate_and_nothing_more(demo: tuple) -> None:
+    """Routes ask clients to follow every session through a node new to checks or under
+    suspicion; agreeing checks end a node's probation, reports of disagreement (no
+    evidence) bring it back, and exclude no one."""
+    store, ckpt = demo
+    now = [0.0]
+
+    async def run() -> None:
+        svc, keys = swarm_of_three(store, clock=lambda: now[0])
+        a, b, c = keys
+        assert all(svc._check_rates().get(x, 1.0) == 1.0 for x in keys)  # new: followed
+
+        def report(checked: str, other: str, error: float) -> cpb.CheckReport:
+            return cpb.CheckReport(start=0, end=ckpt.config.n_units, pos=0, tokens=1,
+                                   codec="fp32", tolerance=1e-3,
+                                   checked=cpb.CheckOpinion(address=checked),
+                                   replicas=[cpb.CheckOpinion(address=other, error=error)])  # fmt: skip
+
+        for i in range(PROBATION_PASSES):
+            for checked, other in ((a, b), (b, c), (c, a)):
+                await svc.ReportCheck(report(checked, other, 0.0), Context(f"ipv4:10.1.0.{i}:1"))
+        now[0] += 2
+        assert svc._check_rates() == {a: 0.0, b: 0.0, c: 0.0}  # the client's own rate
+        for i in range(PROBATION_PASSES):  # strangers say a disagreed, with nothing to show
+            await svc.ReportCheck(report(a, b, 9.0), Context(f"ipv4:198.51.100.{i}:1"))
+        now[0] += 2
+        rates = svc._check_rates()
+        assert rates[a] == 1.0 and rates[c] == 0.0  # a, and b beside it, followed always
+        assert not svc.registry.excluded
+
+    asyncio.run(run())
+    assert (
+        suggested_rate(PROBATION_PASSES, 0) == 0.0
+        and suggested_rate(PROBATION_PASSES - 1, 0) == 1.0
+    )
+    assert suggested_rate(80, 20) == 0.0 and suggested_rate(80, 21) == 1.0
 
 
 # ---- a middle hop that rewrites what it relays ------------------------------------------

@@ -31,16 +31,18 @@ class GroupAck(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., compute_ms: _Optional[float] = ..., collective_ms: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("start", "end", "addresses", "public_keys")
+    __slots__ = ("start", "end", "addresses", "public_keys", "check_rates")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_RATES_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
     public_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    check_rates: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., check_rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -103,7 +105,7 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output")
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output", "chunks")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class StepRequest(_message.Message):
     THIS_HOP_ONLY_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     step_id: int
     pos: int
@@ -120,19 +123,32 @@ class StepRequest(_message.Message):
     this_hop_only: bool
     sample: bool
     return_output: bool
-    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[InputChunk]
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[InputChunk, _Mapping]]] = ...) -> None: ...
+
+class InputChunk(_message.Message):
+    __slots__ = ("pos", "tokens", "activations")
+    POS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    pos: int
+    tokens: Tokens
+    activations: Activations
+    def __init__(self, pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("has_token", "token", "hops", "output")
+    __slots__ = ("has_token", "token", "hops", "output", "chunk_traces")
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TRACES_FIELD_NUMBER: _ClassVar[int]
     has_token: bool
     token: int
     hops: _containers.RepeatedCompositeFieldContainer[HopTrace]
     output: Activations
-    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+    chunk_traces: _containers.RepeatedCompositeFieldContainer[HopTrace]
+    def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ..., chunk_traces: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
     __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature")
