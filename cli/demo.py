@@ -197,6 +197,8 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             if config.keep:
                 console.print(f"the swarm keeps running: open {url} (Ctrl-C stops it)")
                 keep_running(procs)
+            else:
+                console.print("[dim]nanoshard demo --keep keeps the swarm and the web view up[/]")
             return 0
         finally:
             with console.status("stopping the swarm…"):
