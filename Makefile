@@ -34,7 +34,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy nanoshard node coordinator client cli
+	$(BIN)/mypy nanoshard node coordinator client cli api
 
 # Regenerate the Python code of protos/ into nanoshard/v1 (committed; a test checks it is fresh).
 protos: $(STAMP)

@@ -6,7 +6,7 @@
 Runs ``engine.py`` (peers, weights), ``hops.py`` (hop overhead against the gRPC echo floor
 of ``echo.py``, prefill, codecs),
 ``user_chain.py`` (the README's commands as a user runs them), ``concurrency.py``, ``join.py`` and
-``tp.py`` (tensor parallel against the pipeline) one after another, each as its own process writing
+``tp.py`` (tensor parallel against the pipeline) and ``api.py`` (the HTTP gateway) one after another, each as its own process writing
 ``results/NAME.{json,md}``, then ``placement_sim.py``; reads their JSON back and writes
 ``results/suite.json`` (every number, the machine, and each target with met / missed) and
 ``results/suite.md`` (the targets table, then each benchmark's own page). With matplotlib
@@ -28,7 +28,7 @@ from pathlib import Path
 from common import RESULTS, load_average, machine_info, markdown_table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("engine", "hops", "user_chain", "concurrency", "join", "tp")
+BENCHMARKS = ("engine", "hops", "user_chain", "concurrency", "join", "tp", "api")
 
 
 @dataclass
@@ -173,6 +173,17 @@ def targets(r: dict) -> list[Target]:
             f"head {head['tp2_ms']} vs {head['unsliced_ms']} ms; model errors "
             f"{min(errors):+.0%} to {max(errors):+.0%}",
             head["tp2_ms"] < head["unsliced_ms"] and all(abs(e) <= 0.25 for e in errors),
+        )
+    )
+    api, load = r["api"]["overhead"], r["api"]["load"]
+    out.append(
+        Target(
+            "9. HTTP gateway",
+            "streamed /v1/completions <= 1.05x the SDK's ms/token; "
+            f"{load['clients']} streaming clients: no errors, p99 per-token latency",
+            f"{api['ratio']:.3f}x ({api['api_ms_per_token']} vs {api['sdk_ms_per_token']} "
+            f"ms/token); {load['errors']} errors, p99 {load['token_ms_p99']} ms/token",
+            api["ratio"] <= 1.05 and load["errors"] == 0,
         )
     )
     return out

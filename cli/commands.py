@@ -9,6 +9,7 @@ nanoshard generate "ROMEO:"                           # through the swarm (found
 nanoshard generate --local "ROMEO:"                   # the reference path, in-process
 nanoshard generate --route HOST:PORT,HOST:PORT "..."  # a fixed chain of nodes
 nanoshard demo                                        # a whole swarm on this machine
+nanoshard api                                         # OpenAI's HTTP API and the web view
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from nanoshard.client.checks import DEFAULT_CHECK_RATE
-from nanoshard.cliutil import COORDINATOR, listening_line, run_cli, setup_logging
+from nanoshard.cliutil import API, COORDINATOR, listening_line, run_cli, setup_logging
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
@@ -142,6 +143,44 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--temperature", type=float, default=dd.temperature)
     dm.add_argument("--seed", type=int, default=dd.seed)
     dm.add_argument("--codec", default=dd.codec, help=CODECS_HELP)
+    dm.add_argument(
+        "--api-port",
+        type=int,
+        default=dd.api_port,
+        help=f"the gateway's port (default {dd.api_port}, another if taken; 0 = any free)",
+    )
+    dm.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the swarm, the web view and the API up after the generation, until Ctrl-C",
+    )
+
+    a = sub.add_parser("api", help="serve OpenAI's HTTP API and the live web view of a swarm")
+    a.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    a.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    a.add_argument("--codec", default="fp32", help=CODECS_HELP)
+    a.add_argument(
+        "--check-rate",
+        type=float,
+        default=DEFAULT_CHECK_RATE,
+        help=f"share of steps spot-checked (default {DEFAULT_CHECK_RATE}; 0 = off)",
+    )
+    a.add_argument(
+        "--route-wait",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="how long a request waits for a route before 503 (default 20)",
+    )
+    a.add_argument(
+        "--max-body",
+        default="1M",
+        metavar="SIZE",
+        help="request bodies larger than this are refused with 413 (default 1M)",
+    )
+    add_mdns_options(a)
+    add_security_args(a, server=False)
 
     st = sub.add_parser("status", help="show the swarm: nodes, coverage, throughput")
     st.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
@@ -179,7 +218,7 @@ def add_mdns_options(p: argparse.ArgumentParser, advertise: bool = False) -> Non
 def check_swarm_flag(args: argparse.Namespace) -> None:
     """``--swarm`` picks among the coordinators mDNS finds: with an address (or none needed)
     it would be silently ignored, so say so."""
-    if args.command in ("generate", "status") and args.swarm:
+    if args.command in ("generate", "status", "api") and args.swarm:
         given = [f for f in ("coordinator", "route", "local") if getattr(args, f, None)]
         if given:
             raise InvalidArgument(
@@ -221,6 +260,35 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from nanoshard.api.app import GatewayOptions
+    from nanoshard.api.server import GatewayConfig, serve
+    from nanoshard.cliutil import parse_size
+    from nanoshard.security import read_key
+
+    if not args.route_wait > 0:
+        raise InvalidArgument("--route-wait must be more than 0")
+    config = GatewayConfig(
+        coordinator=args.coordinator,
+        host=args.host,
+        port=args.port,
+        mdns_interfaces=args.mdns_interfaces,
+        swarm=args.swarm,
+        swarm_key=read_key(args.swarm_key, args.swarm_key_file),
+        tls_ca=args.tls_ca,
+        codec=args.codec,
+        check_rate=args.check_rate,
+        route_wait_s=args.route_wait,
+        options=GatewayOptions(max_body_bytes=parse_size(args.max_body)),
+    )
+
+    def ready(url: str) -> None:
+        print(listening_line(API, url), flush=True)
+
+    asyncio.run(serve(config, ready))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -232,6 +300,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         codec=args.codec,
+        api_port=args.api_port,
+        keep=args.keep,
     )
     return run_demo(config, Console())
 
@@ -284,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         "coordinator": cmd_coordinator,
         "status": cmd_status,
         "demo": cmd_demo,
+        "api": cmd_api,
         "certs": cmd_certs,
     }
 

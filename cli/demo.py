@@ -1,16 +1,20 @@
 """``nanoshard demo``: a whole swarm on this machine, shown end to end.
 
 Starts a coordinator and N volunteer nodes as separate processes (mDNS bound to loopback,
-so the nodes find the coordinator by themselves), waits until every unit is served, shows
-the status table, streams a generation through the nodes with a per-hop timing summary,
-and stops every process it started, also on Ctrl-C.
+so the nodes find the coordinator by themselves), waits until every unit is served, starts
+the HTTP gateway (``nanoshard api``: OpenAI's API and the live web view) and prints its URL,
+shows the status table, streams a generation through the nodes with a per-hop timing
+summary, and stops every process it started, also on Ctrl-C. With ``--keep`` the swarm and
+the gateway stay up after the generation, for the web view and API clients, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +28,7 @@ from rich.table import Table
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.sdk import Client, GenerationResult
 from nanoshard.client.swarm import CoordinatorClient
-from nanoshard.cliutil import COORDINATOR, listening_pattern
+from nanoshard.cliutil import API, COORDINATOR, listening_pattern
 from nanoshard.errors import NanoshardError, Unavailable
 from nanoshard.generation import STOP_NOTES
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -45,6 +49,8 @@ class DemoConfig:
     seed: int = 0
     codec: str = "fp32"
     timeout: float = 180.0  # seconds to wait for the swarm to form
+    api_port: int = 8000  # the gateway's (another free one if taken; 0: any free)
+    keep: bool = False  # keep the swarm and the gateway up after the generation, until Ctrl-C
 
 
 class Processes:
@@ -166,6 +172,11 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             coordinator = CoordinatorClient(address)
             with console.status("waiting until every unit is served…"):
                 status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
+            url = start_gateway(procs, address, config)
+            console.print(
+                f"[bold]web view:[/] {url}   [bold]OpenAI API:[/] {url}/v1 (model "
+                f"{status.model_name!r})"
+            )
             console.print(StatusView(status))
 
             console.rule("generation")
@@ -183,11 +194,52 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             console.rule()
             print_hops(console, result)
             coordinator.close()
+            if config.keep:
+                console.print(f"the swarm keeps running: open {url} (Ctrl-C stops it)")
+                keep_running(procs)
+            else:
+                console.print("[dim]nanoshard demo --keep keeps the swarm and the web view up[/]")
             return 0
         finally:
             with console.status("stopping the swarm…"):
                 procs.stop()
             console.print("[dim]all demo processes stopped[/]")
+
+
+def free_port(host: str, port: int) -> int:
+    """``port`` if nothing listens on it, else 0 (any free port)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return 0
+    return port
+
+
+def start_gateway(procs: Processes, coordinator: str, config: DemoConfig) -> str:
+    """``nanoshard api`` for the demo's swarm; its URL once it answers."""
+    port = free_port(LOOPBACK, config.api_port) if config.api_port else 0
+    procs.start(
+        "api",
+        ["-m", "nanoshard.cli", "api", "--coordinator", coordinator, "--host", LOOPBACK,
+         "--port", str(port)],
+    )  # fmt: skip
+    return wait_for_address(procs, "api", API, config.timeout)
+
+
+def keep_running(procs: Processes) -> None:
+    """Until Ctrl-C or SIGTERM (or a process of the swarm ends)."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop the children too, as Ctrl-C does
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            procs.check()
+            time.sleep(0.5)
 
 
 def wait_for_coverage(

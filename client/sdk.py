@@ -30,7 +30,7 @@ import tiktoken
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.config import GPTConfig
 from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, Unavailable
-from nanoshard.generation import agenerate, check_prompt, max_length_for
+from nanoshard.generation import StepResult, agenerate, check_prompt, max_length_for
 from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import Security, SwarmKey, read_key
@@ -53,6 +53,7 @@ class Token:
 
     id: int
     text: str  # its text (may be "" while a multi-byte character is incomplete)
+    hops: list[dict[str, Any]] = field(default_factory=list)  # the traces of the step that made it
 
 
 @dataclass
@@ -152,6 +153,7 @@ class AsyncClient:
             checkpoint = open_checkpoint(model)
             self.config: GPTConfig = checkpoint.config
             self.encoding: tiktoken.Encoding = encoding_for(checkpoint.path)
+            self.model_name: str = model
             if self._route.n_units != self.config.n_units:
                 raise InvalidArgument(
                     f"the route serves a model of {self._route.n_units} units, {model} has "
@@ -168,6 +170,7 @@ class AsyncClient:
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
+            self.model_name = self._coordinator.card().name
             self.checker.report = self._coordinator.report_check
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
@@ -370,6 +373,7 @@ class AsyncChatSession:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         tokens: list[int] = []
         undecoded: list[int] = []
+        traced = _Traced(self._session)
 
         def each_token(token: int) -> bool:
             tokens.append(token)
@@ -380,7 +384,7 @@ class AsyncChatSession:
                     text = ""
                 else:
                     undecoded.clear()
-                if on_token(Token(token, text)):
+                if on_token(Token(token, text, traced.hops)):
                     return True
             if stops:
                 text = client.encoding.decode(tokens, errors="replace")
@@ -390,7 +394,7 @@ class AsyncChatSession:
         budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
         try:
             gen = await agenerate(
-                self._session,
+                traced,
                 feed,
                 budget,
                 block_size=min(client.config.block_size, self.max_length),
@@ -439,6 +443,22 @@ class AsyncChatSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _Traced:
+    """A session that keeps the hop traces of its last step (for the token it answered)."""
+
+    def __init__(self, session: SwarmSession) -> None:
+        self.session = session
+        self.hops: list[dict[str, Any]] = []
+
+    async def step(self, tokens: list[int], pos: int) -> StepResult:
+        result = await self.session.step(tokens, pos)
+        self.hops = result.hops
+        return result
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 async def _stream(

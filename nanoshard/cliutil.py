@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 from nanoshard.errors import NanoshardError
 
-# Who prints a "listening on" line: the coordinator and a node's data plane.
+# Who prints a "listening on" line: the coordinator, a node's data plane, the HTTP gateway
+# (whose address is a URL: http://HOST:PORT).
 COORDINATOR = "nanoshard coordinator"
 NODE = "nanoshard-node"
+API = "nanoshard api"
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -34,7 +36,8 @@ def format_size(n: int) -> str:
 
 
 def listening_line(who: str, address: str) -> str:
-    """The line a server prints on stdout once it accepts calls (``who``: COORDINATOR or NODE).
+    """The line a server prints on stdout once it accepts calls (``who``: COORDINATOR, NODE
+    or API).
 
     Scripts, tests and the demo wait for it to learn the port: see listening_pattern.
     """

@@ -1,4 +1,5 @@
-"""Roles do not import roles: the import graph reads core <- node / coordinator / client <- cli.
+"""Roles do not import roles: the import graph reads core <- node / coordinator / client <- cli,
+and the HTTP gateway (``api``) is a client of the swarm: core, client <- api <- cli.
 
 Every module of every folder pyproject maps into the ``nanoshard`` namespace is parsed (not
 imported), and each of its imports, also those inside functions and relative ones, is
@@ -21,8 +22,15 @@ PACKAGE_DIRS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text
 CORE = "nanoshard"
 ROLES = ("nanoshard.node", "nanoshard.coordinator", "nanoshard.client")
 CLI = "nanoshard.cli"
-# Each layer may import itself and the core; the CLI also every role.
-ALLOWED: dict[str, set[str]] = {CORE: set(), **{r: set() for r in ROLES}, CLI: set(ROLES)}
+API = "nanoshard.api"
+# Each layer may import itself and the core; the gateway also the client (the SDK); the CLI
+# every role and the gateway.
+ALLOWED: dict[str, set[str]] = {
+    CORE: set(),
+    **{r: set() for r in ROLES},
+    API: {"nanoshard.client"},
+    CLI: {*ROLES, API},
+}
 # ``from nanoshard import Client`` is the SDK's front door: the package's __init__ resolves it
 # lazily (PEP 562), so importing the core never loads the client. The one edge allowed.
 FRONT_DOOR = {("nanoshard", "nanoshard.client")}
@@ -89,7 +97,7 @@ def forbidden_edges(mods: list[tuple[str, str, bool]]) -> list[str]:
 
 
 def test_every_folder_is_a_known_layer() -> None:
-    assert set(PACKAGE_DIRS) == {CORE, *ROLES, CLI}
+    assert set(PACKAGE_DIRS) == {CORE, *ROLES, API, CLI}
 
 
 def test_roles_import_only_the_core_and_only_the_cli_imports_roles() -> None:
@@ -104,6 +112,8 @@ def test_roles_import_only_the_core_and_only_the_cli_imports_roles() -> None:
         ("nanoshard.node.weights", "from ..coordinator import model", "nanoshard.coordinator"),
         ("nanoshard.client.swarm", "import nanoshard.node.weights", "nanoshard.node"),
         ("nanoshard.coordinator.server", "def f():\n    from nanoshard.cli import main", CLI),
+        ("nanoshard.api.app", "from nanoshard.node.server import serve", "nanoshard.node"),
+        ("nanoshard.client.sdk", "from nanoshard.api import app", API),
     ],
 )
 def test_the_check_sees_a_forbidden_import(module: str, line: str, edge: str) -> None:
@@ -114,5 +124,5 @@ def test_the_check_sees_a_forbidden_import(module: str, line: str, edge: str) ->
 
 
 def test_the_cli_may_import_every_role() -> None:
-    lines = "\n".join(f"import {r}" for r in ROLES)
+    lines = "\n".join(f"import {r}" for r in (*ROLES, API))
     assert forbidden_edges([(f"{CLI}.commands", lines, False)]) == []

@@ -1,0 +1,365 @@
+"""The gateway's HTTP shell: OpenAI's endpoints, the web view and ``/metrics`` on one
+FastAPI app, over one :class:`~nanoshard.client.sdk.AsyncClient` (the process's only link
+to the swarm; it holds no weights).
+
+Policy is elsewhere and pure: what a request may say and what an answer looks like
+(``protocol.py``), which text a stream may send when (``textstream.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nanoshard.client.sdk import AsyncClient, GenerationResult, Token
+from nanoshard.errors import NanoshardError
+from nanoshard.generation import check_prompt
+
+from .metrics import GatewayMetrics
+from .protocol import (
+    ApiError,
+    Reply,
+    error_for,
+    finish_reason,
+    hop_view,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from .protocol import Request as ApiRequest
+from .textstream import TextStream
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/")
+
+
+def event(data: str) -> ServerSentEvent:
+    """One SSE event (``data: ...`` and a blank line, lines ended by "\n")."""
+    return ServerSentEvent(data=data, sep="\n")
+
+
+@dataclass
+class GatewayOptions:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    status_every_s: float = 1.0  # how often the web view's feed asks the coordinator
+
+
+class Gateway:
+    """What the app's handlers share: the swarm client, the metrics, the status feed."""
+
+    def __init__(self, client: AsyncClient, options: GatewayOptions | None = None) -> None:
+        self.client = client
+        self.options = options or GatewayOptions()
+        self.metrics = GatewayMetrics()
+        self.created = int(time.time())
+        self.tasks: set[asyncio.Task] = set()  # generations running (also those abandoned)
+        self._status: tuple[float, dict[str, Any]] = (0.0, {})
+        self._status_lock = asyncio.Lock()
+
+    async def model(self, requested: str | None = None) -> str:
+        """The swarm's model name (connecting first); 404 if ``requested`` is another."""
+        await self.client.connect()
+        name = self.client.model_name
+        if requested is not None and requested != name:
+            raise ApiError(
+                404,
+                f"the model {requested!r} does not exist here: this swarm serves {name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    async def status(self) -> dict[str, Any]:
+        """The swarm's status for the web view, asked of the coordinator at most once per
+        ``status_every_s`` however many viewers there are."""
+        async with self._status_lock:
+            at, last = self._status
+            if time.monotonic() - at < self.options.status_every_s:
+                return last
+            try:
+                out: dict[str, Any] = {"ok": True, "status": await self.client.status()}
+            except NanoshardError as exc:
+                out = {"ok": False, "error": str(exc)}
+            out["gateway"] = {
+                "generations": len(self.tasks),
+                "checks": [c.to_dict() for c in self.client.checks[-20:]],
+            }
+            self._status = (time.monotonic(), out)
+            return out
+
+
+class Run:
+    """One request's generation on the swarm, as pieces of text (with the hop traces of
+    the tokens that made them) arriving on a queue. It runs as a task of its own, so a
+    client that leaves only cancels it: its session closes at once."""
+
+    def __init__(self, gateway: Gateway, request: ApiRequest) -> None:
+        self.gateway, self.request = gateway, request
+        self.client = gateway.client
+        self.text = TextStream(request.stops)
+        self.queue: asyncio.Queue[tuple[str, list[dict]] | None] = asyncio.Queue()
+        self.result: GenerationResult | None = None
+        self.prompt_ids: list[int] = []
+        self._first: tuple[str, list[dict]] | None = None
+        self._task: asyncio.Task | None = None
+        self._last = 0.0
+
+    async def start(self) -> None:
+        """Start the generation and wait for its first token: an error before it (a bad
+        prompt, no route, a quota) is raised here, so it gets its own HTTP status."""
+        r, client = self.request, self.client
+        self.prompt_ids = client.encode(r.prompt)
+        check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
+        max_new = r.max_new_tokens(len(self.prompt_ids), client.config.block_size)
+        seed = r.seed if r.seed is not None else secrets.randbits(63)
+        self._last = time.perf_counter()
+        started = self._last
+
+        async def run() -> None:
+            try:
+                self.result = await client.generate(
+                    self.prompt_ids,
+                    max_new,
+                    temperature=r.temperature,
+                    top_k=0,
+                    top_p=r.top_p,
+                    seed=seed,
+                    on_token=self._on_token,
+                )
+                if tail := self.text.finish():
+                    self.queue.put_nowait((tail, []))
+            finally:
+                self.queue.put_nowait(None)
+
+        metrics = self.gateway.metrics
+        metrics.active.inc()
+        self._task = task = asyncio.ensure_future(run())
+        self.gateway.tasks.add(task)
+        task.add_done_callback(self._done)
+        self._first = await self.queue.get()
+        if self._first is None:
+            task.result()  # the generation's error, if it failed before its first token
+        else:
+            metrics.first_token.observe(time.perf_counter() - started)
+        metrics.prompt_tokens.inc(len(self.prompt_ids))
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.gateway.tasks.discard(task)
+        self.gateway.metrics.active.dec()
+        if not task.cancelled() and task.exception() is not None:
+            log.info("generation failed: %s", task.exception())
+        if self.result is not None:
+            self.gateway.metrics.completion_tokens.inc(len(self.result.token_ids))
+            for recovery in self.result.recoveries:
+                self.gateway.metrics.recoveries.labels(recovery.kind).inc()
+
+    def _on_token(self, token: Token) -> bool:
+        now = time.perf_counter()
+        if self._first is not None:
+            self.gateway.metrics.token.observe(now - self._last)
+        self._last = now
+        delta = self.text.push(self.client.encoding.decode_single_token_bytes(token.id))
+        self.queue.put_nowait((delta, token.hops))
+        return self.text.stopped  # True ends the generation at a stop string
+
+    async def pieces(self) -> AsyncIterator[tuple[str, list[dict]]]:
+        """(text, hop traces) per token, then the held-back tail; the generation's error,
+        if it fails midway, is raised after the pieces before it."""
+        assert self._task is not None
+        piece = self._first
+        while piece is not None:
+            yield piece
+            piece = await self.queue.get()
+        await self._task
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self.gateway.metrics.disconnects.inc()
+
+    @property
+    def finish_reason(self) -> str:
+        assert self.result is not None
+        return finish_reason(self.result.stop_reason)
+
+    def usage(self) -> dict[str, int]:
+        assert self.result is not None
+        return usage(len(self.prompt_ids), len(self.result.token_ids))
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body: 413 past ``limit`` bytes (read no further), 400 if malformed."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+class CountRequests:
+    """Counts every answer by endpoint and status (plain ASGI: streams pass untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="nanoshard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+    app.add_middleware(CountRequests, metrics=gateway.metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            ApiError(exc.status_code, str(exc.detail), type=kind).body(),
+            status_code=exc.status_code,
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        try:
+            name = await gateway.model()
+        except NanoshardError as exc:
+            raise error_for(exc) from None
+        entry = {"id": name, "object": "model", "created": gateway.created, "owned_by": "swarm"}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        try:
+            name = await gateway.model(model)
+        except NanoshardError as exc:
+            raise error_for(exc) from None
+        return {"id": name, "object": "model", "created": gateway.created, "owned_by": "swarm"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_json(request, gateway.options.max_body_bytes)
+        return await complete(gateway, parse_completion(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_json(request, gateway.options.max_body_bytes)
+        return await complete(gateway, parse_chat(body))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/nanoshard/status")
+    async def status() -> dict[str, Any]:
+        return await gateway.status()
+
+    @app.get("/nanoshard/status/events")
+    async def status_events(request: Request) -> EventSourceResponse:
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            while not await request.is_disconnected():
+                yield event(json.dumps(await gateway.status()))
+                await asyncio.sleep(gateway.options.status_every_s)
+
+        return EventSourceResponse(events(), sep="\n")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def complete(gateway: Gateway, request: ApiRequest) -> Response:
+    """A completion (text or chat), whole or streamed."""
+    run = Run(gateway, request)
+    try:
+        model = await gateway.model(request.model)
+        await run.start()
+    except NanoshardError as exc:
+        raise error_for(exc) from None
+    prefix = "chatcmpl-" if request.chat else "cmpl-"
+    reply = Reply(prefix + secrets.token_hex(12), int(time.time()), model, request.chat)
+    if not request.stream:
+        try:
+            text = "".join([piece async for piece, _ in run.pieces()])
+        except NanoshardError as exc:
+            raise error_for(exc) from None
+        return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
+    return EventSourceResponse(stream(run, reply), sep="\n")
+
+
+async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
+    """The chunks of one streamed completion. A client that leaves cancels this generator
+    (sse-starlette watches for the disconnect): the generation stops and its session
+    closes at once."""
+    r = run.request
+    done = False
+    try:
+        first = True
+        if r.chat:  # the role comes first, as OpenAI sends it
+            chunk = reply.chunk("", first=True, include_usage=r.include_usage)
+            yield event(json.dumps(chunk))
+            first = False
+        try:
+            async for text, traces in run.pieces():
+                hops = [hop_view(t) for t in traces] if r.hops else None
+                if not text and hops is None:
+                    continue  # held back (half a character, or maybe a stop string)
+                chunk = reply.chunk(text, first=first, include_usage=r.include_usage, hops=hops)
+                yield event(json.dumps(chunk))
+                first = False
+        except NanoshardError as exc:  # midway: OpenAI's clients raise on an error event
+            done = True
+            yield event(json.dumps(error_for(exc).body()))
+            return
+        last = reply.chunk(None if r.chat else "", run.finish_reason, include_usage=r.include_usage)
+        if r.chat:
+            last["choices"][0]["delta"] = {}
+        yield event(json.dumps(last))
+        if r.include_usage:
+            yield event(json.dumps(reply.usage_chunk(run.usage())))
+        done = True
+        yield event("[DONE]")
+    finally:
+        if not done:
+            run.cancel()

@@ -1,0 +1,80 @@
+"""Run the gateway: one ``AsyncClient`` and the app on uvicorn's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from nanoshard.client.checks import DEFAULT_CHECK_RATE
+from nanoshard.client.sdk import AsyncClient
+from nanoshard.client.session import RetryPolicy
+from nanoshard.errors import NanoshardError
+
+from .app import Gateway, GatewayOptions, create_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    coordinator: str | None = None  # HOST:PORT; None: find it by mDNS
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    mdns_interfaces: list[str] | None = None
+    swarm: str | None = None
+    swarm_key: str | None = None
+    tls_ca: Path | None = None
+    codec: str = "fp32"
+    check_rate: float = DEFAULT_CHECK_RATE
+    route_wait_s: float = RetryPolicy.route_wait_s  # how long a request waits for a route
+    options: GatewayOptions = field(default_factory=GatewayOptions)
+
+
+async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
+    """Serve until SIGINT/SIGTERM; ``ready(url)`` once the server accepts connections."""
+    client = AsyncClient(
+        config.coordinator,
+        mdns_interfaces=config.mdns_interfaces,
+        swarm=config.swarm,
+        codec=config.codec,
+        swarm_key=config.swarm_key,
+        tls_ca=config.tls_ca,
+        check_rate=config.check_rate,
+        retry=RetryPolicy(route_wait_s=config.route_wait_s),
+    )
+    app = create_app(Gateway(client, config.options))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # it could not start (the port is taken): say why
+                raise NanoshardError(f"the gateway could not listen on {config.host}:{config.port}")
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        # Find the swarm now, so the first request does not wait for it (a failure here is
+        # not fatal: every request tries again, and answers 503 while there is no swarm).
+        warm = asyncio.create_task(client.connect())
+        warm.add_done_callback(_note)
+        ready(f"http://{config.host}:{port}")
+        await task
+    finally:
+        if not task.done():
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await task
+        await client.close()
+
+
+def _note(task: asyncio.Task) -> None:
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None:
+        log.warning("no swarm yet (requests answer 503 until there is one): %s", exc)

@@ -1,0 +1,228 @@
+"""The gateway's policy without I/O: request checks, the chat template, error statuses, and
+streamed text (deltas that join to exactly the final text, whatever the token boundaries)."""
+
+from __future__ import annotations
+
+import codecs
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanoshard.api.protocol import (
+    ApiError,
+    Reply,
+    chat_prompt,
+    error_for,
+    finish_reason,
+    parse_chat,
+    parse_completion,
+)
+from nanoshard.api.textstream import TextStream, final_text, held_back
+from nanoshard.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+# ---- streamed text ------------------------------------------------------------------
+
+
+def stream_all(chunks: list[bytes], stops: list[str]) -> tuple[list[str], int]:
+    """Feed chunks until the text stops; the deltas (with finish's) and how many were fed."""
+    text = TextStream(stops)
+    deltas, fed = [], 0
+    for chunk in chunks:
+        deltas.append(text.push(chunk))
+        fed += 1
+        if text.stopped:
+            break
+    deltas.append(text.finish())
+    return deltas, fed
+
+
+# Byte soup with multi-byte characters split anywhere, and stops made of the same alphabet.
+ALPHABET = "ab\n é€😀"
+texts = st.text(alphabet=ALPHABET, max_size=40)
+
+
+@st.composite
+def split_bytes(draw: st.DrawFn) -> list[bytes]:
+    data = draw(texts).encode() + draw(st.binary(max_size=3))  # maybe a broken tail too
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+@given(split_bytes(), st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), max_size=3))
+def test_deltas_join_to_exactly_the_final_text(chunks: list[bytes], stops: list[str]) -> None:
+    deltas, fed = stream_all(chunks, stops)
+    assert "".join(deltas) == final_text(b"".join(chunks[:fed]), stops)
+
+
+@given(split_bytes(), st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), max_size=3))
+def test_the_text_stops_at_the_first_chunk_that_completes_a_stop(
+    chunks: list[bytes], stops: list[str]
+) -> None:
+    _, fed = stream_all(chunks, stops)
+    for k in range(fed - 1):  # no earlier prefix holds a stop string (in complete characters)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        done = decoder.decode(b"".join(chunks[: k + 1]), final=False)
+        assert not any(s in done for s in stops)
+
+
+def test_a_stop_string_spanning_tokens_is_never_sent() -> None:
+    text = TextStream(["\n\nUSER"])
+    assert text.push(b"Hello") == "Hello"
+    assert text.push(b"\n") == ""  # could begin the stop string: held
+    assert text.push(b"\nUS") == ""
+    assert text.push(b"ER:") == ""
+    assert text.stopped and text.text == "Hello"
+    other = TextStream(["\n\nUSER"])
+    assert other.push(b"a\n") == "a" and other.push(b"\nb") == "\n\nb"  # was not one after all
+
+
+def test_a_character_split_over_tokens_is_sent_whole() -> None:
+    euro = "€".encode()
+    text = TextStream()
+    assert text.push(euro[:1]) == "" and text.push(euro[1:2]) == ""
+    assert text.push(euro[2:] + b"!") == "€!"
+    broken = TextStream()
+    assert broken.push(euro[:2]) == "" and broken.finish() == "\ufffd"  # as decoding whole does
+
+
+def test_held_back() -> None:
+    assert held_back("abc\n", ["\n\n"]) == 1
+    assert held_back("abc", ["cd", "bcx"]) == 2
+    assert held_back("abc", ["x"]) == 0
+
+
+# ---- requests -----------------------------------------------------------------------
+
+
+def test_a_completion_request_maps_to_the_clis_sampling() -> None:
+    r = parse_completion({"model": "demo", "prompt": "Hi", "temperature": 0, "seed": 7})
+    assert (r.prompt, r.temperature, r.top_p, r.seed, r.stop) == ("Hi", 0.0, 1.0, 7, ())
+    assert r.max_new_tokens(2, 256) == 16  # OpenAI's default for completions
+    defaults = parse_completion({"model": "demo", "prompt": [1, 2, 3], "stop": "x", "n": 1})
+    assert (defaults.temperature, defaults.top_p, defaults.seed) == (1.0, 1.0, None)
+    assert defaults.prompt == [1, 2, 3] and defaults.stops == ("x",)
+    assert parse_completion({"model": "m", "prompt": ["one"]}).prompt == "one"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([], None),
+        ({"prompt": "x"}, "model"),
+        ({"model": "demo"}, "prompt"),
+        ({"model": "demo", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "demo", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": "demo", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "demo", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "demo", "prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"model": "demo", "prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"model": "demo", "prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"model": "demo", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "demo", "prompt": "x", "n": 2}, "n"),
+        ({"model": "demo", "prompt": "x", "seed": 2**64}, "seed"),
+        ({"model": "demo", "prompt": "x", "stop": ""}, "stop"),
+        ({"model": "demo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "demo", "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": "demo", "prompt": "x", "stream_options": {"include_usage": True}}, None),
+        ({"model": "demo", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "demo", "prompt": "x", "logprobs": 3}, "logprobs"),
+    ],
+)
+def test_bad_completion_requests_are_400(body: object, param: str | None) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_completion(body)
+    assert err.value.status == 400
+    if param is not None:
+        assert err.value.param == param
+
+
+def test_neutral_values_of_unsupported_parameters_pass() -> None:
+    body = {"model": "demo", "prompt": "x", "logprobs": None, "echo": False}
+    body |= {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1}
+    assert parse_completion(body).prompt == "x"
+
+
+def test_chat_messages_render_with_the_template() -> None:
+    r = parse_chat(
+        {
+            "model": "demo",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hail."},
+                {"role": "user", "content": "Again"},
+            ],
+            "max_completion_tokens": 5,
+            "max_tokens": 9,
+        }
+    )
+    assert r.prompt == (
+        "SYSTEM:\nBe brief.\n\nUSER:\nHi\n\nASSISTANT:\nHail.\n\nUSER:\nAgain\n\nASSISTANT:\n"
+    )
+    assert r.max_tokens == 5 and r.stops == ("\n\n",)  # a reply ends with its turn
+    assert chat_prompt([("user", "x")]) == "USER:\nx\n\nASSISTANT:\n"
+    assert (
+        parse_chat({"model": "d", "messages": [{"role": "user", "content": "x"}]}).max_new_tokens(
+            10, 256
+        )
+        == 246
+    )  # chat: the rest of the context by default
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], None, [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}], ["hi"]],
+)
+def test_bad_chat_messages_are_400(messages: object) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_chat({"model": "demo", "messages": messages})
+    assert err.value.status == 400 and err.value.param and err.value.param.startswith("messages")
+
+
+# ---- answers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (InvalidArgument("the prompt is 300 tokens"), 400),
+        (ResourceExhausted("quota: open sessions per client is 2"), 429),
+        (Unavailable("gave up after 6 attempts: quota: max_length per session is 48"), 429),
+        (Unavailable("no ready node serves units 3"), 503),
+        (NotFound("no coordinator answered on mDNS"), 503),
+        (Unauthenticated("bad token"), 503),
+        (Internal("oops"), 500),
+        (RuntimeError("bug"), 500),
+    ],
+)
+def test_errors_map_to_statuses(exc: Exception, status: int) -> None:
+    answer = error_for(exc)
+    assert answer.status == status
+    assert set(answer.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_finish_reasons() -> None:
+    assert [finish_reason(r) for r in ("eot", "stop", "max_new_tokens", "context")] == [
+        "stop",
+        "stop",
+        "length",
+        "length",
+    ]
+
+
+def test_chunks_share_the_id_and_the_chat_role_comes_first() -> None:
+    reply = Reply("chatcmpl-1", 0, "demo", chat=True)
+    first = reply.chunk("", first=True)
+    later = reply.chunk("x", hops=[{"node": "a"}])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert later["choices"][0]["delta"] == {"content": "x"} and later["id"] == first["id"]
+    assert later["nanoshard"] == {"hops": [{"node": "a"}]} and "nanoshard" not in first
+    assert reply.usage_chunk({"total_tokens": 1})["choices"] == []
