@@ -29,6 +29,7 @@ COPY node ./node
 COPY coordinator ./coordinator
 COPY client ./client
 COPY cli ./cli
+COPY api ./api
 RUN pip install . && useradd --create-home volunteer
 
 USER volunteer
