@@ -69,7 +69,7 @@ from .route import Route
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_RATE = 0.5  # share of sessions' hops a shadow follows (benchmarks/checks.py)
-CHECK_EVERY = 32  # steps between a shadow's check points (the first step is one)
+CHECK_EVERY = 32  # one step in this many is a check point, at random (and a session's first)
 MAX_PENDING = 64  # check points waiting for the background thread; more are skipped
 MATERIAL_TIMEOUT_S = 5.0  # the calls a check point waits for: brief, a check is optional
 MAX_EVIDENCE_BYTES = 12 * 2**20  # a dispute's input and outputs, sent to the coordinator
@@ -233,12 +233,12 @@ class Checker:
             return
         try:
             material = self._material(shadow, route, spec, history, reply)
-        except NanoshardError as exc:  # a node went away, or freed the session already
-            self._stop(shadow, f"material unavailable: {exc}")
-            return
         except UnsignedMaterial as exc:  # a node's replay is not its word: never trusted
             log.warning("spot-check stopped: %s", exc)
             self._stop(shadow, "unsigned replay material")
+            return
+        except NanoshardError as exc:  # a node went away, or freed the session already
+            self._stop(shadow, f"material unavailable: {exc}")
             return
         except Exception:  # what a node sent does not decode: never the generation's problem
             log.warning("spot-check stopped: its material is malformed", exc_info=True)
