@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from .textstream import TextStream
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413
+WATCH_S = 0.1  # how often a request waiting for its first token checks its client is there
+CLIENT_GONE = 499  # the status of a request whose client left first (nobody reads it)
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/")
 
 
@@ -107,7 +109,8 @@ class Gateway:
 class Run:
     """One request's generation on the swarm, as pieces of text (with the hop traces of
     the tokens that made them) arriving on a queue. It runs as a task of its own, so a
-    client that leaves only cancels it: its session closes at once."""
+    client that leaves (during the prefill, or mid-stream) only cancels it: its session
+    closes at once."""
 
     def __init__(self, gateway: Gateway, request: ApiRequest) -> None:
         self.gateway, self.request = gateway, request
@@ -120,9 +123,11 @@ class Run:
         self._task: asyncio.Task | None = None
         self._last = 0.0
 
-    async def start(self) -> None:
+    async def start(self, gone: Callable[[], Awaitable[bool]] | None = None) -> bool:
         """Start the generation and wait for its first token: an error before it (a bad
-        prompt, no route, a quota) is raised here, so it gets its own HTTP status."""
+        prompt, no route, a quota) is raised here, so it gets its own HTTP status. While
+        it waits (the prefill), ``gone`` is asked every ``WATCH_S`` whether the client
+        left; if so the generation is cancelled (its session closes) and False returned."""
         r, client = self.request, self.client
         self.prompt_ids = client.encode(r.prompt)
         check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
@@ -152,12 +157,19 @@ class Run:
         self._task = task = asyncio.ensure_future(run())
         self.gateway.tasks.add(task)
         task.add_done_callback(self._done)
-        self._first = await self.queue.get()
+        first = asyncio.ensure_future(self.queue.get())
+        while not (await asyncio.wait({first}, timeout=WATCH_S))[0]:
+            if gone is not None and await gone():
+                first.cancel()
+                self.cancel()
+                return False
+        self._first = first.result()
         if self._first is None:
             task.result()  # the generation's error, if it failed before its first token
         else:
             metrics.first_token.observe(time.perf_counter() - started)
         metrics.prompt_tokens.inc(len(self.prompt_ids))
+        return True
 
     def _done(self, task: asyncio.Task) -> None:
         self.gateway.tasks.discard(task)
@@ -277,12 +289,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_json(request, gateway.options.max_body_bytes)
-        return await complete(gateway, parse_completion(body))
+        return await complete(gateway, parse_completion(body), request.is_disconnected)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request, gateway.options.max_body_bytes)
-        return await complete(gateway, parse_chat(body))
+        return await complete(gateway, parse_chat(body), request.is_disconnected)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -309,12 +321,16 @@ def create_app(gateway: Gateway) -> FastAPI:
     return app
 
 
-async def complete(gateway: Gateway, request: ApiRequest) -> Response:
-    """A completion (text or chat), whole or streamed."""
+async def complete(
+    gateway: Gateway, request: ApiRequest, gone: Callable[[], Awaitable[bool]] | None = None
+) -> Response:
+    """A completion (text or chat), whole or streamed. ``gone`` says whether the client
+    left (watched until the first token; then sse-starlette watches a stream)."""
     run = Run(gateway, request)
     try:
         model = await gateway.model(request.model)
-        await run.start()
+        if not await run.start(gone):
+            return Response(status_code=CLIENT_GONE)  # nobody reads it
     except NanoshardError as exc:
         raise error_for(exc) from None
     prefix = "chatcmpl-" if request.chat else "cmpl-"
