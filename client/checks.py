@@ -123,7 +123,6 @@ class Shadow:
     checked: str = ""  # the node it follows, and the one sending it its input ...
     upstream: str = ""  # ... (set at the first check point; a move stops the shadow)
     planned: int = 0  # positions the check points queued so far reach (generation side)
-    fed: int = 0  # positions the shadow holds (background side)
     step_id: int = 0
     opened: bool = False
     broken: str = ""  # why it stopped following ("" while it follows)
@@ -131,21 +130,28 @@ class Shadow:
     traces: dict[int, pb.HopTrace] = field(default_factory=dict)  # pos -> the hop's trace
     upstreams: dict[int, str] = field(default_factory=dict)  # pos -> who sent it the input
 
+    @property
+    def fed(self) -> int:
+        """Positions the shadow holds (background side)."""
+        return _end(self.inputs)
+
 
 @dataclass
 class Material:
     """What a check point needs, fetched right after its step."""
 
-    shadow: Shadow
+    shadow: Shadow  # its node follows shadow.checked
     hop: pb.Hop
-    checked: str
     spec: pb.SessionSpec  # the session's (codec, sampling, max_length)
-    inputs: list[Chunk]  # [shadow.planned before, pos + tokens), as first sent
+    inputs: list[Chunk]  # [shadow.planned before, the check point's end), as first sent
     outputs: list[pb.Activations]  # per input chunk what the hop sent; at the head one: logits
     logits: bool
-    pos: int  # the check point's step
-    tokens: int
     token: int | None  # the token the head drew at the check point
+
+    @property
+    def end(self) -> int:
+        """One past the check point's step (its last chunk)."""
+        return _end(self.inputs)
 
 
 Reporter = Callable[[cpb.CheckReport], list[str]]  # a report -> addresses excluded now
@@ -251,7 +257,7 @@ class Checker:
         except queue.Full:
             self._stop(shadow, "busy")
             return
-        shadow.planned = material.pos + material.tokens
+        shadow.planned = material.end
         self._start()
 
     def end(self, session_id: bytes) -> None:
@@ -304,18 +310,18 @@ class Checker:
         end, start = pos + len(ids), shadow.planned
         # The same node ran every step since the last check point, fed by the same one:
         # else its outputs are another node's, and the shadow's input not the hop's.
-        steps = [p for p, _ in history if p >= start]
+        since = [(p, chunk) for p, chunk in history if p >= start]
         if (checked, upstream) != (shadow.checked, shadow.upstream) or any(
             shadow.traces.get(p, pb.HopTrace()).address != checked
             or shadow.upstreams.get(p) != upstream
-            for p in steps
+            for p, _ in since
         ):
             self._stop(shadow, "the hop moved to another node")
             return None
-        keys = _keys(route)
+        keys = route.keys()
         inputs: list[Chunk]
         if k == 0:
-            inputs = [(p, chunk) for p, chunk in history if p >= start]
+            inputs = since
         else:
             inputs = self._sent(upstream, spec.session_id, start, end, keys.get(upstream))
         if not _covers(inputs, start, end) or inputs[-1][0] != pos:
@@ -338,9 +344,7 @@ class Checker:
                 self._stop(shadow, "replay material differs from the steps")
                 return None
             outputs, token = [a for _, a in sent], None
-        return Material(
-            shadow, hop, checked, spec, inputs, outputs, last, pos, len(ids), token
-        )  # fmt: skip
+        return Material(shadow, hop, spec, inputs, outputs, last, token)
 
     def _weights_of(self, address: str) -> str:
         """The dtype a node's weights run in (asked once): replicas must match it."""
@@ -424,9 +428,8 @@ class Checker:
             return
         earlier = list(s.inputs)
         s.inputs.extend(m.inputs)
-        s.fed = m.pos + m.tokens
         out = from_wire(reply.output)
-        # (chunk index, checked output, the shadow's, tolerance, distance) per compared chunk
+        # (chunk index, the hop's output, the shadow's) per compared chunk
         compared = []
         if m.logits:  # the head: its logits of the check point's step
             mine, theirs = from_wire(m.outputs[0]), out[-1:]
@@ -453,15 +456,15 @@ class Checker:
         elif d > tol:  # up to the first that disagrees
             positions = sum(_rows(x) for _, x in m.inputs[: i + 1])
         else:
-            positions = m.pos + m.tokens - start
+            positions = m.end - start
         result = CheckResult(
-            m.hop.start, m.hop.end, pos, _rows(item), m.checked, {s.replica: d}, tol, positions
+            m.hop.start, m.hop.end, pos, _rows(item), s.checked, {s.replica: d}, tol, positions
         )
         if not result.agree:
             log.warning(
                 "spot-check: units [%d, %d) at position %d disagree: %s ran it; %s at %.3g "
                 "(tolerance %.2g)",
-                m.hop.start, m.hop.end, pos, m.checked, s.replica, d, tol,
+                m.hop.start, m.hop.end, pos, s.checked, s.replica, d, tol,
             )  # fmt: skip
         if self.report is not None:
             report = self._report(m, result, earlier + m.inputs[: i + 1], i, out, reply)
@@ -528,7 +531,7 @@ class Checker:
         s = m.shadow
         dispute = not result.agree
         if not dispute:
-            now, pair = time.monotonic(), (m.checked, s.replica)
+            now, pair = time.monotonic(), (s.checked, s.replica)
             if now - self._agreement_reported.get(pair, -REPORT_AGREEMENT_S) < REPORT_AGREEMENT_S:
                 return None
             self._agreement_reported[pair] = now
@@ -546,7 +549,7 @@ class Checker:
             codec=m.spec.codec,
             input_digest=input_digest(inputs),
             tolerance=result.tolerance,
-            checked=cpb.CheckOpinion(address=m.checked, digest=output_digest(mine)),
+            checked=cpb.CheckOpinion(address=s.checked, digest=output_digest(mine)),
             replicas=[
                 cpb.CheckOpinion(
                     address=s.replica, digest=output_digest(rows), error=result.distances[s.replica]
@@ -603,14 +606,12 @@ class UnsignedMaterial(NanoshardError):
     """A node's replay material that its signature does not cover."""
 
 
-def _keys(route: Route) -> dict[str, bytes]:
-    """Each address of ``route`` and its public key, where the route gives one."""
-    return {
-        a: k
-        for hop in route.hops
-        for a, k in zip(hop.addresses, hop.public_keys, strict=False)
-        if k
-    }
+def _end(chunks: list[Chunk]) -> int:
+    """One past the last position of ``chunks`` (0 for none)."""
+    if not chunks:
+        return 0
+    pos, item = chunks[-1]
+    return pos + _rows(item)
 
 
 def _rows(item: Any) -> int:

@@ -36,6 +36,16 @@ class Route:
         if expected != self.n_units:
             raise InvalidArgument(f"the route stops at unit {expected} of {self.n_units}")
 
+    def keys(self) -> dict[str, bytes]:
+        """Each node of the route and its public key (b"": a node whose key the route does
+        not give, as in a route made by hand)."""
+        keys: dict[str, bytes] = {}
+        for hop in self.hops:
+            given = list(hop.public_keys) + [b""] * (len(hop.addresses) - len(hop.public_keys))
+            for address, key in zip(hop.addresses, given, strict=False):
+                keys[address] = keys.get(address) or key
+        return keys
+
 
 def route_from_addresses(
     addresses: list[str], timeout_s: float = 10.0, security: Security | None = None

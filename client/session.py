@@ -130,7 +130,7 @@ class SwarmSession:
         self.route: Route | None = route
         self.first: NextHop | None = None
         self.session_id = b""
-        self._keys: dict[str, bytes] = {}  # the route's nodes' keys (route_keys), once open
+        self._keys: dict[str, bytes] = {}  # the route's nodes' keys (Route.keys), once open
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
 
@@ -174,7 +174,7 @@ class SwarmSession:
         if self.checker is not None and self.session_id:
             self.checker.end(self.session_id)
         self.route, self.session_id = route, secrets.token_bytes(16)
-        self._keys = route_keys(route)  # what its traces are checked against
+        self._keys = route.keys()  # what its traces are checked against
         self.first = NextHop(
             self.channels,
             self._spec(),
@@ -353,14 +353,3 @@ class SwarmSession:
             self.first = None
         if self.checker is not None and self.session_id:
             self.checker.end(self.session_id)
-
-
-def route_keys(route: Route) -> dict[str, bytes]:
-    """Each node of ``route`` and its public key (b"": a node whose key the route does not
-    give, as in a route made by hand)."""
-    keys: dict[str, bytes] = {}
-    for hop in route.hops:
-        given = list(hop.public_keys) + [b""] * (len(hop.addresses) - len(hop.public_keys))
-        for address, key in zip(hop.addresses, given, strict=False):
-            keys[address] = keys.get(address) or key
-    return keys

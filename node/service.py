@@ -687,25 +687,30 @@ class NodeService(pb_grpc.NodeServicer):
         stage = session.stage
         values = agreement.from_wire(output)
         chunks = list(zip(_inputs_of(req), digests, strict=True))
-        first = len(chunks) - 1 if stage.has_head else 0
+        if stage.has_head:  # only the last chunk has an output: its last position's logits
+            (pos, item), digest = chunks[-1]
+            return [self._chunk_trace(session, pos, _rows(item), digest, values)]
         traces, row = [], 0
-        for i, ((pos, item), digest) in enumerate(chunks):
-            n = len(item) if isinstance(item, list) else item.shape[0]
-            rows = values if stage.has_head else values[row : row + n]
+        for (pos, item), digest in chunks:
+            n = _rows(item)
+            traces.append(self._chunk_trace(session, pos, n, digest, values[row : row + n]))
             row += n
-            if i < first:
-                continue
-            trace = pb.HopTrace(
-                node=self.identity.name,
-                address=self.identity.address,
-                start=stage.start,
-                end=stage.end,
-                input_digest=digest,
-                output_digest=identity.output_digest(agreement.to_wire(rows)),
-            )
-            identity.sign_step(self.key, session.spec.session_id, pos, n, trace)
-            traces.append(trace)
         return traces
+
+    def _chunk_trace(
+        self, session: NodeSession, pos: int, n: int, digest: bytes, rows: torch.Tensor
+    ) -> pb.HopTrace:
+        trace = pb.HopTrace(
+            node=self.identity.name,
+            address=self.identity.address,
+            start=session.stage.start,
+            end=session.stage.end,
+            input_digest=digest,
+            output_digest=identity.output_digest(agreement.to_wire(rows)),
+        )
+        assert self.key is not None
+        identity.sign_step(self.key, session.spec.session_id, pos, n, trace)
+        return trace
 
     def _prepare(
         self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
@@ -724,11 +729,13 @@ class NodeService(pb_grpc.NodeServicer):
                     "a step of chunks (a shadow's catch-up) returns its output, samples "
                     "nothing and goes no further: send it to a session ending at this node"
                 )
+            if stage.shard is not None:
+                raise InvalidArgument("a tensor-parallel group takes no step of chunks")
             at = req.pos
             for pos, item in chunks:
                 if pos != at:
                     raise InvalidArgument(f"the step's chunks must run on from {at}, not {pos}")
-                at += len(item) if isinstance(item, list) else (list(item.shape) or [0])[0]
+                at += _rows(item)
         parts = [self._input(item, stage, spec) for _, item in chunks]
         n_tokens = sum(n for n, _, _ in parts)
         bytes_in = sum(b for _, b, _ in parts)
@@ -774,19 +781,8 @@ class NodeService(pb_grpc.NodeServicer):
             payload = codecs.encode(y, spec.codec)
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
-        if stage.shard is not None:
-            if req.chunks:
-                raise InvalidArgument("a tensor-parallel group takes no step of chunks")
-            return (
-                n_tokens,
-                bytes_in,
-                GroupStep(stage, session.cache, pos, n_tokens, make_input, finish),
-            )
-        return (
-            n_tokens,
-            bytes_in,
-            StageStep(stage, session.cache, pos, n_tokens, make_input, finish),
-        )
+        step = GroupStep if stage.shard is not None else StageStep
+        return n_tokens, bytes_in, step(stage, session.cache, pos, n_tokens, make_input, finish)
 
     def _input(
         self, item: list[int] | pb.Activations, stage: Stage, spec: SessionSpec
@@ -915,6 +911,11 @@ class NodeService(pb_grpc.NodeServicer):
             protocol_version=PROTOCOL_VERSION,
             public_key=self.key.public_key if self.key is not None else b"",
         )
+
+
+def _rows(item: list[int] | pb.Activations) -> int:
+    """Positions an input chunk holds."""
+    return len(item) if isinstance(item, list) else (list(item.shape) or [0])[0]
 
 
 def _inputs_of(req: pb.StepRequest) -> list[tuple[int, list[int] | pb.Activations]]:
