@@ -39,6 +39,7 @@ run split at the same boundaries, with the activations encoded and decoded betwe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 
 # isort: on
 import torch
+from bare_chain import BareChain
+from bare_chain import run_paired as run_bare_paired
 from common import (
     BENCH_CACHE,
     GPT2_124M,
@@ -106,9 +109,12 @@ class Config:
     nodes: int
     codec: str = "fp32"
     threads: int = 0  # the local path's torch threads; 0: the default (one per core)
+    bare: bool = False  # the floor: bare nodes (``bare_chain.py``), not nanoshard's
 
     @property
     def name(self) -> str:
+        if self.bare:
+            return f"{self.nodes} bare nodes (the floor)"
         if self.nodes == 0:
             if not self.threads:
                 return "local"
@@ -161,7 +167,9 @@ def message_bytes(route: Route, hop: int, codec: str, n_embd: int) -> int:
     return request.ByteSize()
 
 
-def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> dict:
+def measure_speed(
+    opts: argparse.Namespace, nodes: Nodes, echo: EchoServer, stack: contextlib.ExitStack
+) -> dict:
     ckpt = open_checkpoint(opts.model)
     config = ckpt.config
     if opts.prompt_tokens + opts.tokens + 1 > config.block_size:
@@ -174,15 +182,18 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
         nodes.start(opts.model, splits[k])
     stage = ckpt.load_stage(0, config.n_units)
     routes = {k: route_from_addresses(nodes.chain(opts.model, splits[k])) for k in chains}
+    biggest = max(chains)
+    bare = stack.enter_context(BareChain(opts.model, splits[biggest]))
 
     configs = [Config(0)] + ([Config(0, threads=1)] if not opts.quick else [])
-    configs += [Config(k) for k in chains]
-    biggest = max(chains)
+    configs += [Config(k) for k in chains] + [Config(biggest, bare=True)]
     configs += [Config(biggest, c) for c in opts.codecs if c != "fp32"]
 
-    def run(c: Config, tokens: int) -> Generation | Paired:
+    def run(c: Config, tokens: int) -> Generation | Paired | BarePaired:
         if c.nodes == 0:
             return run_local(stage, ids, tokens, c.threads)
+        if c.bare:
+            return BarePaired(*run_bare_paired(bare.address, stage, ids, tokens))
         return run_paired(routes[c.nodes], stage, ids, tokens, c.codec)
 
     for c in configs:  # warm-up: first calls, channels, allocator
@@ -203,6 +214,9 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
     held_ms = median([ms for f in held for ms in f])
     results = []
     for c in configs:
+        if c.bare:
+            results.append(bare_row(c, runs[c], splits[c.nodes], echo_ms, held_ms))
+            continue
         gens = [p.chain for p in runs[c]] if c.nodes else runs[c]
         # the local reference: lockstep for chains, the 1-thread local runs for local ones
         refs = [median(p.local_ms) for p in runs[c]] if c.nodes else local_ms
@@ -262,6 +276,45 @@ def measure_speed(opts: argparse.Namespace, nodes: Nodes, echo: EchoServer) -> d
     }
 
 
+@dataclass
+class BarePaired:
+    """A bare chain's run (``bare_chain.run_paired``): its steps and the local path's."""
+
+    decode_ms: list[float]
+    local_ms: list[float]
+    same_tokens: bool
+
+
+def bare_row(
+    c: Config, runs: list[BarePaired], units: list, echo_ms: float, held_ms: float
+) -> dict:
+    """The floor's row, in the chains' terms (no traces: a bare node keeps none)."""
+    diffs = [a - b for r in runs for a, b in zip(r.decode_ms, r.local_ms, strict=True)]
+    per_repeat = [median(r.decode_ms) for r in runs]
+    overhead = median(diffs)
+    return {
+        "name": c.name,
+        "nodes": c.nodes,
+        "hops": c.nodes,
+        "codec": c.codec,
+        "bare": True,
+        "threads": 0,
+        "units": [list(u) for u in units],
+        "ms_per_token": round(median([ms for r in runs for ms in r.decode_ms]), 3),
+        "ms_per_token_repeats": spread(per_repeat),
+        "ratio_to_local": round(
+            median([a / median(r.local_ms) for a, r in zip(per_repeat, runs, strict=True)]), 4
+        ),
+        "local_ms_per_token": round(median([ms for r in runs for ms in r.local_ms]), 3),
+        "overhead_ms": round(overhead, 3),
+        "overhead_per_hop_ms": round(overhead / c.nodes, 3),
+        "above_echo_floor_ms": round(overhead / c.nodes - echo_ms, 3),
+        "above_held_floor_ms": round(overhead / c.nodes - held_ms, 3),
+        "compute_ms_sum": None,
+        "tokens_match_local": all(r.same_tokens for r in runs),
+    }
+
+
 def measure_prefill(stage: Stage, route: Route, enc: Any, opts: argparse.Namespace) -> dict:
     """A ``--prefill-tokens`` prompt (chunks of 128, as every path sends it) to its first
     token: locally and through the longest chain, interleaved, ``--repeats`` x 2 times."""
@@ -294,7 +347,7 @@ def codec_bytes(speed: dict, names: tuple[str, ...]) -> list[dict]:
     chain = {
         r["codec"]: r
         for r in speed["configs"]
-        if r["nodes"] == max(r["nodes"] for r in speed["configs"])
+        if r["nodes"] == max(r["nodes"] for r in speed["configs"]) and not r.get("bare")
     }
     out = []
     for name in names:
@@ -415,7 +468,7 @@ def render_markdown(result: dict) -> str:
     ]
 
     def paired(r: dict, key: str) -> str:
-        return ms(r[key]) if r["nodes"] else "-"
+        return ms(r[key]) if r["nodes"] and r[key] is not None else "-"
 
     rows = [
         [r["name"], r["hops"], units(r["units"]), ms(r["ms_per_token"]),
@@ -449,7 +502,7 @@ def render_markdown(result: dict) -> str:
         [r["name"], i + 1, units([h["units"]]), ms(h["transfer_ms"]), ms(h["handling_ms"]),
          ms(h["queue_ms"]), ms(h["compute_ms"]), int(h["bytes_out_per_token"])]
         for r in speed["configs"]
-        if r["nodes"] and r["codec"] == "fp32"
+        if r["nodes"] and r["codec"] == "fp32" and not r.get("bare")
         for i, h in enumerate(r["per_hop"])
     ]  # fmt: skip
     header = "chain|hop|units|transfer in|handling|queue|compute|bytes out/token"
@@ -519,14 +572,11 @@ def main(argv: list[str] | None = None) -> dict:
     raise_on_sigterm()
     started = time.perf_counter()
     result: dict = {"machine": machine_info()}
-    nodes = Nodes()
-    echo = EchoServer()
-    try:
-        result["speed"] = measure_speed(opts, nodes, echo)
+    with contextlib.ExitStack() as stack:  # every process is stopped, by its PID
+        nodes = stack.enter_context(Nodes())
+        echo = stack.enter_context(EchoServer())
+        result["speed"] = measure_speed(opts, nodes, echo, stack)
         result["quality"] = measure_quality(opts, nodes)
-    finally:
-        echo.close()
-        nodes.close()
     result["codecs"] = codec_bytes(result["speed"], opts.codecs)
     return save_results(result, started, opts.out, "hops", render_markdown)
 

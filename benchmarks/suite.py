@@ -71,7 +71,8 @@ def targets(r: dict) -> list[Target]:
             hf >= 1.0 and hf500 >= 1.0,
         )
     )
-    chains = [c for c in r["hops"]["speed"]["configs"] if c["codec"] == "fp32" and c["nodes"]]
+    configs = r["hops"]["speed"]["configs"]
+    chains = [c for c in configs if c["codec"] == "fp32" and c["nodes"] and not c.get("bare")]
     three = max(chains, key=lambda c: c["nodes"])
     floor = r["hops"]["speed"]["echo_floor_ms"]
     per_hop = three["overhead_per_hop_ms"]
@@ -199,7 +200,9 @@ def plots(r: dict, out: Path) -> list[str]:
         print("matplotlib is not installed: no plots (pip install -e '.[bench]')")
         return []
     chains = [
-        c for c in r["hops"]["speed"]["configs"] if c["codec"] == "fp32" and c["threads"] == 0
+        c
+        for c in r["hops"]["speed"]["configs"]
+        if c["codec"] == "fp32" and c["threads"] == 0 and not c.get("bare")
     ]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     hops = [c["nodes"] for c in chains]

@@ -133,6 +133,11 @@ class SwarmSession:
         self._keys: dict[str, bytes] = {}  # the route's nodes' keys (Route.keys), once open
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
+        # Answered steps whose traces behind the head are still to be checked (against the
+        # session and keys of their route), while the next step is on its way; and what
+        # that found.
+        self._unchecked: list[tuple[bytes, dict[str, bytes], pb.StepReply, int, int]] = []
+        self._forged: Unavailable | None = None
 
     def _spec(self) -> pb.SessionSpec:
         return pb.SessionSpec(
@@ -242,6 +247,8 @@ class SwarmSession:
             raise NanoshardError("the route answered no token: does its last hop hold the head?")
         self._served = [h.address for h in reply.hops]
         if checks and self.checker is not None and self.route is not None:
+            self._check_pending()  # the traces a check point compares are their nodes' own
+            self._raise_forged()
             # The material comes over blocking calls: off the event loop (a check point
             # is a small share of all steps).
             spec, route = self._spec(), self.route
@@ -288,7 +295,8 @@ class SwarmSession:
                 request = self._request(
                     step_id, pos, ids, sample=sample, return_output=return_output
                 )
-                reply, repair = await self.first.step(request)
+                reply, repair = await self.first.step(request, meanwhile=self._check_pending)
+                self._raise_forged()  # a trace of an earlier step that its node did not sign
                 self._check_signatures(reply, pos, len(ids))
             except Unavailable as exc:
                 log.info("step at %d failed (%s)", pos, exc)
@@ -314,9 +322,13 @@ class SwarmSession:
     def _check_signatures(self, reply: pb.StepReply, pos: int, n_tokens: int) -> None:
         """Every trace from a node whose key the route names must carry that node's
         signature over the step, and the head's must sign the token answered (and the
-        logits returned): a hop that rewrote a later hop's trace or token is caught here.
-        The node of a forged trace and every hop that relayed it may have forged it: all
-        are avoided. A reply with a token must carry a trace for every hop of the route."""
+        logits returned): a hop that rewrote a later hop's trace or token is caught. The
+        node of a forged trace and every hop that relayed it may have forged it: all are
+        avoided. A reply with a token must carry a trace for every hop of the route.
+
+        The head's trace, which vouches for the token, is checked now, before the token is
+        answered; the others while the next step is on its way (``_check_pending``): a
+        forged one fails that step, and is always found before a check point uses it."""
         keys = self._keys
         if not any(keys.values()):
             return  # a route given by hand: nobody to check against
@@ -326,25 +338,33 @@ class SwarmSession:
             raise Unavailable(
                 f"{', '.join(relays)} answered a token without every hop's trace", relays
             )
-        for i, trace in enumerate(reply.hops):
-            key = keys.get(trace.address)
-            relays = [h.address for h in reply.hops[: i + 1]]
-            head = i == len(reply.hops) - 1 and reply.has_token
-            if key == b"":
-                continue  # a node of the route whose key nobody gave
-            # (a trace naming a node the route does not is forged too: its relay renamed it)
-            forged = key is None or not identity.step_signed(
-                key, self.session_id, pos, n_tokens, trace
-            )
-            if not forged and head:
-                output = reply.output if reply.HasField("output") else None
-                forged = identity.output_digest(output, reply.token) != trace.output_digest
-            if forged:
-                raise Unavailable(
-                    f"a trace of {trace.address} that its signature does not hold, relayed "
-                    f"by {', '.join(relays[:-1]) or 'nobody'} (step at position {pos})",
-                    relays,
-                )
+        if reply.has_token:
+            head = len(reply.hops) - 1
+            forged = _forged_trace(self.session_id, keys, reply, head, pos, n_tokens)
+            if forged is not None:
+                raise forged
+            if head:
+                self._unchecked.append((self.session_id, keys, reply, pos, n_tokens))
+        else:
+            for i in range(len(reply.hops)):
+                forged = _forged_trace(self.session_id, keys, reply, i, pos, n_tokens)
+                if forged is not None:
+                    raise forged
+
+    def _check_pending(self) -> None:
+        """Check the traces behind the head of the steps answered so far (never raises:
+        what it finds waits in ``_forged``)."""
+        pending, self._unchecked = self._unchecked, []
+        for session_id, keys, reply, pos, n_tokens in pending:
+            for i in range(len(reply.hops) - 1):
+                forged = _forged_trace(session_id, keys, reply, i, pos, n_tokens)
+                if forged is not None and self._forged is None:
+                    self._forged = forged
+
+    def _raise_forged(self) -> None:
+        forged, self._forged = self._forged, None
+        if forged is not None:
+            raise forged
 
     async def close(self) -> None:
         """Close the session on its route (else the nodes' TTL frees it)."""
@@ -353,3 +373,28 @@ class SwarmSession:
             self.first = None
         if self.checker is not None and self.session_id:
             self.checker.end(self.session_id)
+
+
+def _forged_trace(
+    session_id: bytes, keys: dict[str, bytes], reply: pb.StepReply, i: int, pos: int, n_tokens: int
+) -> Unavailable | None:
+    """Why trace ``i`` of ``reply`` (the step at ``pos`` of ``session_id``) is not the word
+    of its node (``keys``: the route's), or None if it is."""
+    trace = reply.hops[i]
+    key = keys.get(trace.address)
+    if key == b"":
+        return None  # a node of the route whose key nobody gave
+    relays = [h.address for h in reply.hops[: i + 1]]
+    head = i == len(reply.hops) - 1 and reply.has_token
+    # (a trace naming a node the route does not is forged too: its relay renamed it)
+    forged = key is None or not identity.step_signed(key, session_id, pos, n_tokens, trace)
+    if not forged and head:
+        output = reply.output if reply.HasField("output") else None
+        forged = identity.output_digest(output, reply.token) != trace.output_digest
+    if not forged:
+        return None
+    return Unavailable(
+        f"a trace of {trace.address} that its signature does not hold, relayed "
+        f"by {', '.join(relays[:-1]) or 'nobody'} (step at position {pos})",
+        relays,
+    )

@@ -6,7 +6,9 @@ route's first hop (its replay material: the token ids it sent). A link:
 
 - **opens** the session on the first node of its hop that takes it, binding the rest of
   the route there (that node opens it onwards in turn);
-- **steps** over one persistent bidirectional stream, each step within a deadline;
+- **steps** over one persistent bidirectional stream, each step within a deadline; the
+  owner's own bookkeeping for a step (``meanwhile``) runs once the step is on its way, while
+  the hops after it compute, not on the path back;
 - **repairs** its hop when a step fails: a node that lost the session is opened again, a
   node that holds fewer positions than the step starts at is **refilled** from the replay
   material, in the chunks first sent (so its KV cache is rebuilt bit for bit), with
@@ -180,18 +182,42 @@ def with_input(request: pb.StepRequest, payload: list[int] | pb.Activations) -> 
 
 if sys.version_info >= (3, 11):
 
-    async def _write_read(call: Any, request: pb.StepRequest, timeout_s: float) -> Any:
-        """Write a step on the stream and read its reply within ``timeout_s`` (no task of
-        its own, unlike ``wait_for`` before Python 3.12: this is on every step's path)."""
+    async def _write_read(
+        call: Any, request: pb.StepRequest, timeout_s: float, meanwhile: Callable[[], None]
+    ) -> Any:
+        """Write a step on the stream, run ``meanwhile()``, and read the step's reply, all
+        within ``timeout_s`` (no task of its own, unlike ``wait_for`` before Python 3.12:
+        this is on every step's path)."""
         async with asyncio.timeout(timeout_s):
             await call.write(request)
+            meanwhile()
             return await call.read()
 
 else:
 
-    async def _write_read(call: Any, request: pb.StepRequest, timeout_s: float) -> Any:
+    async def _write_read(
+        call: Any, request: pb.StepRequest, timeout_s: float, meanwhile: Callable[[], None]
+    ) -> Any:
         await asyncio.wait_for(call.write(request), timeout_s)
+        meanwhile()
         return await asyncio.wait_for(call.read(), timeout_s)
+
+
+def _nothing() -> None:
+    pass
+
+
+def once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` that runs the first time it is called and never again."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return run
 
 
 class Pace:
@@ -317,12 +343,26 @@ class NextHop:
     # ---- stepping ---------------------------------------------------------------------
 
     async def step(
-        self, request: pb.StepRequest, own_ms: float | None = None
+        self,
+        request: pb.StepRequest,
+        own_ms: float | None = None,
+        meanwhile: Callable[[], None] = _nothing,
     ) -> tuple[pb.StepReply, str]:
         """Send a step to the hop, repairing it on the way (module doc). Returns the reply
         and what was repaired ("" if nothing). Bounded: a few repairs per node, each node
         of the hop once; then UNAVAILABLE naming every node of the hop that failed.
-        ``own_ms``: the owner's own compute for this step (a node's), if it has one."""
+        ``own_ms``: the owner's own compute for this step (a node's), if it has one.
+        ``meanwhile()`` runs once, as soon as the step is first written (while the hop
+        computes), or before the step fails; it must not raise."""
+        run_once = once(meanwhile)
+        try:
+            return await self._step(request, own_ms, run_once)
+        finally:
+            run_once()
+
+    async def _step(
+        self, request: pb.StepRequest, own_ms: float | None, meanwhile: Callable[[], None]
+    ) -> tuple[pb.StepReply, str]:
         failures: list[str] = []
         failed: list[str] = []
         for address in self.candidates():
@@ -333,7 +373,7 @@ class NextHop:
                     if have is not None:
                         await self._refill(address, have, request.pos, request.step_id)
                         repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
-                    reply = await self._exchange(address, request)
+                    reply = await self._exchange(address, request, meanwhile)
                     if have is not None:
                         self._repaired("refill")
                     if failures:
@@ -426,13 +466,15 @@ class NextHop:
             await self._exchange(address, with_input(fill, payload))
         log.info("%s refilled %s from %d to %d positions", self.owner, address, have, upto)
 
-    async def _exchange(self, address: str, request: pb.StepRequest) -> pb.StepReply:
+    async def _exchange(
+        self, address: str, request: pb.StepRequest, meanwhile: Callable[[], None] = _nothing
+    ) -> pb.StepReply:
         """One step on the stream to ``address`` (opened on first use)."""
         self._use(address)
         if self._call is None:
             self._call = self.channels.stub(address).Steps(metadata=self.channels.metadata())
         try:
-            reply = await _write_read(self._call, request, self.timeout_s)
+            reply = await _write_read(self._call, request, self.timeout_s, meanwhile)
         except asyncio.CancelledError:  # our own caller left mid-step: never reuse this stream
             self.drop_stream()
             raise

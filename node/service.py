@@ -46,7 +46,7 @@ from .metrics import NodeMetrics
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
-from .worker import ComputeWorker, StageStep
+from .worker import ComputeWorker, StageStep, Timed
 
 log = logging.getLogger(__name__)
 
@@ -558,14 +558,6 @@ class NodeService(pb_grpc.NodeServicer):
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
-                sampled = stage.has_head and out is not None
-                self.live.step(stage, n_tokens, timed.compute_ms, sampled)
-                # (a group member samples too, on rank 0's word: its token is not counted)
-                self.metrics.step(
-                    stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only
-                )
-                if returned:
-                    self.metrics.check_answered("output")
                 if group is not None:
                     assert isinstance(run, GroupStep)
                     trace.tp = group.size
@@ -577,14 +569,20 @@ class NodeService(pb_grpc.NodeServicer):
                             self.break_group(group, why)
                             raise Unavailable(why, [self.identity.address])
             else:
-                out = resend[0]
-            reply = pb.StepReply()
-            if returned:
-                reply.output.CopyFrom(returned[0])
-            if stage.has_head:
-                if out is not None:
+                timed, out = None, resend[0]
+            # What the step leaves here (counts, the KV handle, the signed trace): while the
+            # hops after this one compute, when it goes on; else now.
+            book = functools.partial(
+                self._book, session, req, n_tokens, trace, timed, out, returned
+            )
+            if stage.has_head or not forward:
+                book()
+                reply = pb.StepReply()
+                if returned:
+                    reply.output.CopyFrom(returned[0])
+                if stage.has_head and out is not None:
                     reply.has_token, reply.token = True, out
-            elif forward:
+            else:
                 assert session.next is not None
                 trace.bytes_out = len(out.payload)
                 down_req = pb.StepRequest(
@@ -597,31 +595,16 @@ class NodeService(pb_grpc.NodeServicer):
                 )
                 sent_at = time.perf_counter()
                 try:
-                    own_ms = trace.compute_ms if resend is None else None
-                    down, trace.repair = await session.next.step(down_req, own_ms)
+                    own_ms = timed.compute_ms if timed is not None else None
+                    reply, trace.repair = await session.next.step(down_req, own_ms, book)
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
-                if down.hops:  # the link: the step's time there, less the next node's own
-                    there = down.hops[0]
-                    rtt_ms = trace.downstream_ms - there.total_ms
-                    self.live.hop(there.address, rtt_ms, trace.bytes_out)
-                reply.has_token, reply.token = down.has_token, down.token
-                if down.HasField("output"):
-                    reply.output.CopyFrom(down.output)
-                reply.hops.extend(down.hops)
+                if reply.hops:  # the link: the step's time there, less the next node's own
+                    rtt_ms = trace.downstream_ms - reply.hops[0].total_ms
+                    self.live.hop(reply.hops[0].address, rtt_ms, trace.bytes_out)
                 if self.forge is not None:
                     self.forge.relay(reply)
-            trace.handle.CopyFrom(self.handle(session))
-            self._sign(session, req, n_tokens, trace, out, returned)
-            if trace.signature and not stage.has_head and not req.chunks:
-                session.signed[req.pos] = pb.HopTrace(
-                    start=trace.start,
-                    end=trace.end,
-                    input_digest=trace.input_digest,
-                    output_digest=trace.output_digest,
-                    signature=trace.signature,
-                )
             if req.chunks and resend is None and returned:
                 reply.chunk_traces.extend(
                     self._sign_chunks(session, req, chunk_digests, returned[0])
@@ -632,6 +615,37 @@ class NodeService(pb_grpc.NodeServicer):
             session.touch()
             self._record_latency(trace.total_ms)
             return reply
+
+    def _book(
+        self,
+        session: NodeSession,
+        req: pb.StepRequest,
+        n_tokens: int,
+        trace: pb.HopTrace,
+        timed: Timed | None,
+        out: Any,
+        returned: list[pb.Activations],
+    ) -> None:
+        """A step's bookkeeping once its output is known: live figures and metrics (if it
+        was computed here, ``timed``), the KV handle, the signed trace."""
+        stage = session.stage
+        if timed is not None:
+            sampled = stage.has_head and out is not None
+            self.live.step(stage, n_tokens, timed.compute_ms, sampled)
+            # (a group member samples too, on rank 0's word: its token is not counted)
+            self.metrics.step(stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only)
+            if returned:
+                self.metrics.check_answered("output")
+        trace.handle.CopyFrom(self.handle(session))
+        self._sign(session, req, n_tokens, trace, out, returned)
+        if trace.signature and not stage.has_head and not req.chunks:
+            session.signed[req.pos] = pb.HopTrace(
+                start=trace.start,
+                end=trace.end,
+                input_digest=trace.input_digest,
+                output_digest=trace.output_digest,
+                signature=trace.signature,
+            )
 
     @staticmethod
     def _record(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import secrets
 import subprocess
 import sys
@@ -21,13 +22,14 @@ from swarm import Swarm
 
 from nanoshard import agreement, identity
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.client.route import route_from_addresses
-from nanoshard.client.session import RetryPolicy
+from nanoshard.client.route import Route, route_from_addresses
+from nanoshard.client.session import RetryPolicy, SwarmSession
 from nanoshard.coordinator.exclusions import ExclusionStore
 from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
 from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
 from nanoshard.coordinator.trust import PROBATION_PASSES, suggested_rate
+from nanoshard.errors import Unavailable
 from nanoshard.generation import LocalSession, generate
 from nanoshard.identity import NodeKey
 from nanoshard.sampling import SamplingParams
@@ -76,6 +78,49 @@ def test_a_signed_step_binds_its_session_positions_stage_and_digests() -> None:
     forged.end = 4
     assert not identity.step_signed(key.public_key, sid, 5, 1, forged)
     assert not identity.verify(b"short", trace.signature, b"")
+
+
+def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() -> None:
+    """The client checks the head's trace (it vouches for the token) before answering the
+    token, and the traces behind it while the next step is on its way: a relay that rewrote
+    one fails that next step, naming itself and the hops before it."""
+    keys = [NodeKey.generate() for _ in range(3)]
+    addresses = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+    hops = [
+        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
+    ]
+    session = SwarmSession(None, Route(hops, 3), SamplingParams(), 16)  # type: ignore[arg-type]
+    session.session_id = sid = secrets.token_bytes(16)
+    session._keys = session.route.keys()  # type: ignore[union-attr]
+
+    def reply(pos: int, token: int) -> pb.StepReply:
+        r = pb.StepReply(has_token=True, token=token)
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True)):
+            trace = pb.HopTrace(address=a, start=i, end=i + 1, input_digest=bytes([i]) * 32)
+            trace.output_digest = identity.output_digest(None, token) if i == 2 else b"o" * 32
+            identity.sign_step(k, sid, pos, 1, trace)
+            r.hops.append(trace)
+        return r
+
+    good = reply(5, 42)
+    session._check_signatures(good, 5, 1)
+    session._check_pending()
+    session._raise_forged()  # all three are their nodes' word
+
+    relayed = reply(6, 42)
+    relayed.hops[1].output_digest = b"x" * 32  # the first hop rewrote the second's trace
+    session._check_signatures(relayed, 6, 1)  # the token is the head's word: answered
+    session._check_pending()  # ... and the next step finds the forgery
+    with pytest.raises(Unavailable, match=re.escape("relayed by 10.0.0.1:1")) as caught:
+        session._raise_forged()
+    assert caught.value.failed == addresses[:2]
+    session._raise_forged()  # reported once
+
+    token = reply(7, 42)
+    token.token = 43  # a relay rewrote the token itself: refused before it is answered
+    with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.3:1")):
+        session._check_signatures(token, 7, 1)
 
 
 # ---- the coordinator: reports and the evidence they carry ------------------------------
