@@ -1,10 +1,10 @@
 """The floor of a pipeline hop: the same stages on the same machine with nothing of
-nanoshard's data plane. Each bare node is one process holding its stage; it runs every
-message on one compute thread (as a node does, to keep torch off its event loop), sends the
-result on to the next bare node over a grpc.aio bidi stream and answers with what comes
-back; the last one answers the greedy token. Messages are raw bytes: the position, then
-token ids or fp32 activations. No sessions, validation, codecs, traces, signatures, KV
-handles, replay or repair.
+nanoshard's data plane. Each bare node is one process holding its stage; it computes each
+message in its gRPC handler, on the event loop (as a node runs a lone session's decode
+step), sends the result on to the next bare node over a grpc.aio bidi stream and answers
+with what comes back; the last one answers the greedy token. Messages are raw bytes: the
+position, then token ids or fp32 activations. No sessions, validation, codecs, traces,
+signatures, KV handles, replay or repair.
 
     python benchmarks/bare_chain.py             # 3 bare nodes against the local path
     python benchmarks/bare_chain.py --serve MODEL START END [NEXT]   # one bare node
@@ -12,7 +12,7 @@ handles, replay or repair.
 ``hops.py`` runs it beside nanoshard's chain on the same splits, each paired token by token
 with the local path, so the difference per hop is what nanoshard's own hop costs above what
 any Python gRPC pipeline with a compute thread pays on this machine (two processes woken
-per message, gRPC's C core and poller thread, the event loops, the hand-off).
+per message, gRPC's C core and poller thread, the event loops).
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy
 # isort: on
 import argparse
 import asyncio
-import queue
 import statistics
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -42,31 +40,6 @@ from nanoshard.engine import Stage
 SERVICE, METHOD = "nanoshard.bench.Bare", "Step"
 PATH = f"/{SERVICE}/{METHOD}"
 HEADER = struct.Struct("<ii")  # position, token (the head's answer; -1 before a payload)
-
-
-class ComputeThread:
-    """One thread that runs jobs under inference_mode and settles their futures."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                fn, loop, future = self.jobs.get()
-                try:
-                    result = fn()
-                except Exception as exc:  # handed to the awaiting coroutine
-                    loop.call_soon_threadsafe(future.set_exception, exc)
-                else:
-                    loop.call_soon_threadsafe(future.set_result, result)
-
-    def run(self, fn: Callable[[], bytes]) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.jobs.put((fn, loop, future))
-        return future
 
 
 def compute(stage: Stage, cache: list, message: bytes) -> bytes:
@@ -87,14 +60,14 @@ def compute(stage: Stage, cache: list, message: bytes) -> bytes:
 
 async def serve(model: str, start: int, end: int, next_address: str | None) -> None:
     stage = open_checkpoint(model).load_stage(start, end)
-    worker = ComputeThread()
     cache: list = []
 
     async def stream(requests, context):  # type: ignore[no-untyped-def]
         channel = grpc.aio.insecure_channel(next_address) if next_address else None
         call = channel.stream_stream(PATH)() if channel else None
         async for message in requests:
-            out = await worker.run(lambda m=message: compute(stage, cache, m))
+            with torch.inference_mode():
+                out = compute(stage, cache, message)
             if call is not None:
                 await call.write(out)
                 out = await call.read()

@@ -74,6 +74,12 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _on_result(then: Callable[[Any], None], job: asyncio.Future) -> None:
+    """A worker job's done-callback: ``then(its value)`` if it succeeded."""
+    if not job.cancelled() and job.exception() is None:
+        then(job.result().value)
+
+
 def handles_errors(method: Callable) -> Callable:
     """Answer nanoshard errors with their gRPC status; anything else is a bug, logged."""
 
@@ -540,21 +546,27 @@ class NodeService(pb_grpc.NodeServicer):
                 # The cache moves on in the worker whatever happens to this call, so what the
                 # step produced is recorded even if the caller goes away: a retry of the same
                 # step is then answered from it instead of refused.
-                job = self.worker.submit(run)
+                # A lone session's decode step runs right here (no hand-off to the worker).
+                timed = self.worker.run_inline(run) if group is None else None
+                job = self.worker.submit(run) if timed is None else None
                 digest = session.inputs.copy()  # the input digest once this step is in
                 chunk_digests = []  # and after each of its chunks (a step of chunks signs each)
                 for chunk_pos, item in _inputs_of(req):
                     agreement.add_chunk(digest, chunk_pos, item)
                     chunk_digests.append(digest.digest())
-                job.add_done_callback(
-                    functools.partial(self._record, session, req.step_id, req.pos, n_tokens, digest)
+                record = functools.partial(
+                    self._record, session, req.step_id, req.pos, n_tokens, digest
                 )
-                try:
-                    timed = await asyncio.shield(job)
-                except CollectiveError as exc:
-                    assert group is not None
-                    self.break_group(group, str(exc))
-                    raise Unavailable(str(exc), [self.identity.address]) from None
+                if job is None:
+                    record(timed.value)
+                else:
+                    job.add_done_callback(functools.partial(_on_result, record))
+                    try:
+                        timed = await asyncio.shield(job)
+                    except CollectiveError as exc:
+                        assert group is not None
+                        self.break_group(group, str(exc))
+                        raise Unavailable(str(exc), [self.identity.address]) from None
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
@@ -654,13 +666,11 @@ class NodeService(pb_grpc.NodeServicer):
         pos: int,
         n_tokens: int,
         digest: Any,
-        job: asyncio.Future,
+        out: Any,
     ) -> None:
-        if job.cancelled() or job.exception() is not None:
-            return
+        """What a computed step leaves in its session."""
         session.inputs = digest
         session.input_digests[pos + n_tokens] = digest.digest()
-        out = job.result().value
         session.last_output = (step_id, pos, n_tokens, out)
         if not session.stage.has_head:
             session.sent.add(pos, out)

@@ -9,9 +9,12 @@ sessions that decoded here in the last ``ACTIVE_S`` (a lone session never waits,
 one whose partners have closed); once sessions have shared a forward they travel the route
 together, so they keep meeting at every hop.
 
-The hand-off costs about 30 µs per job here (a trivial job, submit to result: two thread
-wake-ups, the queue and the loop's self-pipe), against about 1 ms that a hop adds: see the
-README's per-hop profile.
+The hand-off costs two thread wake-ups (the worker's, then the loop's through its
+self-pipe): about 30 µs for a trivial job back to back, but 0.2 ms a step on a pipeline,
+where both threads have slept while the other hops computed. So a lone session's decode
+step runs on the event loop itself (``run_inline``) when nothing else wants the compute:
+no job queued or running, no other session active here (no batch could form), no slow
+fault. The loop then waits for that one step (a few ms) as it would wait for the worker.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ MAX_BATCH = 16  # decode steps per forward (the default; 1 = each step alone)
 MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
 GATHER_S = 0.008  # how long a decode step waits for the other active sessions' steps
 ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
+INLINE_MAX_MS = 25.0  # a lone step this slow runs on the worker: the loop answers meanwhile
 
 
 @dataclass
@@ -140,6 +144,9 @@ class ComputeWorker:
         # id(KV cache) -> (the cache while its session is open, when it last decoded here):
         # a closed session's cache is freed, so nobody waits for it.
         self._active: dict[int, tuple[weakref.ref[KVCache], float]] = {}
+        self._outstanding = 0  # jobs submitted and not yet settled (kept on the loop's thread)
+        self._inline_threads_set = False
+        self._lone_ms = 0.0  # the last lone one-token step's compute
         self.slow: Slow | None = None  # a test's fault switch: each job held longer
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -159,8 +166,34 @@ class ComputeWorker:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Timed] = loop.create_future()
+        self._outstanding += 1
         self._jobs.put(_Job(fn, loop, future, time.perf_counter()))
         return future
+
+    def run_inline(self, fn: Callable[[], T]) -> Timed | None:
+        """Run ``fn`` (a one-token ``StageStep``) here, on the calling event loop, if it is
+        a lone session's: nothing submitted is unsettled (the worker is idle, and only the
+        loop submits), no other session decoded here in the last ``ACTIVE_S`` (a batch
+        could form), no slow fault, and such a step took at most ``INLINE_MAX_MS`` last time
+        (a slow device's step runs on the worker, so the loop answers pings and heartbeats
+        meanwhile). None: it was not run (``submit`` it)."""
+        if self._outstanding or self.slow is not None or self._lone_ms > INLINE_MAX_MS:
+            return None
+        if not isinstance(fn, StageStep) or not fn.batchable:
+            return None
+        now = time.perf_counter()
+        mine = id(fn.cache)
+        for key, (ref, t) in self._active.items():
+            if key != mine and now - t < ACTIVE_S and ref() is not None:
+                return None
+        self._active = {mine: (weakref.ref(fn.cache), now)}
+        if self._threads and not self._inline_threads_set:
+            torch.set_num_threads(self._threads)  # as the worker thread runs
+            self._inline_threads_set = True
+        with torch.inference_mode():
+            value = fn()
+        self._lone_ms = (time.perf_counter() - now) * 1e3
+        return Timed(value, 0.0, self._lone_ms)
 
     async def run(self, fn: Callable[[], T]) -> Timed:
         """Run ``fn()`` on the worker thread and await it."""
@@ -198,7 +231,7 @@ class ComputeWorker:
         for job in pending:  # closed with jobs still waiting: their callers get an error
             if job is not None:
                 err = RuntimeError("the compute worker stopped")
-                job.loop.call_soon_threadsafe(_settle, job.future, None, err)
+                job.loop.call_soon_threadsafe(self._settle, job.future, None, err)
 
     def _gather(self, first: StageStep, pending: deque[_Job | None]) -> None:
         """Wait (at most GATHER_S) until the decode steps of every session active here are
@@ -255,11 +288,13 @@ class ComputeWorker:
         try:
             value = job.fn()
         except BaseException as exc:  # handed to the awaiting coroutine
-            job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+            job.loop.call_soon_threadsafe(self._settle, job.future, None, exc)
             return
         done = self._held(started)
         result = Timed(value, (started - job.enqueued) * 1e3, (done - started) * 1e3)
-        job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+        if isinstance(job.fn, StageStep) and job.fn.batchable:
+            self._lone_ms = result.compute_ms  # (may come back under INLINE_MAX_MS)
+        job.loop.call_soon_threadsafe(self._settle, job.future, result, None)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         if len(jobs) == 1:  # alone: the same result, without stacking a batch of one
@@ -271,11 +306,11 @@ class ComputeWorker:
         share_ms = (done - started) * 1e3 / max(size, 1)
         for job, (value, exc) in zip(jobs, results, strict=True):
             if exc is not None:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+                job.loop.call_soon_threadsafe(self._settle, job.future, None, exc)
                 continue
             waited_ms = (done - job.enqueued) * 1e3 - share_ms
             result = Timed(value, waited_ms, share_ms, size)
-            job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+            job.loop.call_soon_threadsafe(self._settle, job.future, result, None)
 
     def _held(self, started: float) -> float:
         """Now, once the job that started at ``started`` is over (a slowed node's later)."""
@@ -284,6 +319,11 @@ class ComputeWorker:
             self.slow.hold(done - started)
             done = time.perf_counter()
         return done
+
+    def _settle(self, future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+        """On the loop's thread: a job is over."""
+        self._outstanding -= 1
+        _settle(future, result, exc)
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
