@@ -226,10 +226,13 @@ class Pace:
     def __init__(self) -> None:
         self.first: list[float] = []
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self._first_ms = 0.0  # the median of ``first``, once complete
 
     def add(self, ms: float) -> None:
         if len(self.first) < PACE_STEPS:
             self.first.append(ms)
+            if len(self.first) == PACE_STEPS:
+                self._first_ms = max(statistics.median(self.first), 0.05)
         self.recent.append(ms)
 
     @property
@@ -240,7 +243,7 @@ class Pace:
         """How many times its first pace the node takes now (1 until both are known)."""
         if not self.known:
             return 1.0
-        return statistics.median(self.recent) / max(statistics.median(self.first), 0.05)
+        return statistics.median(self.recent) / self._first_ms
 
 
 def shared_slowdown(paces: Iterable[Pace]) -> float:
@@ -426,16 +429,18 @@ class NextHop:
                 others.append(("", own_ms))
             for key, ms in others:
                 self.others.setdefault(key, Pace()).add(ms)
+            own = self.pace.slower()
+            if own < SLOWER:  # (the others' share only divides it further)
+                return why
             shared = shared_slowdown(self.others.values())
-            slower = self.pace.slower() / shared
             replicas = set(self.hop.addresses) - set(self.slowed) - {address}
-            if slower >= SLOWER and replicas:
-                self.slowed[address] = slower
+            if own / shared >= SLOWER and replicas:
+                self.slowed[address] = own / shared
                 log.info(
                     "%s leaves %s: %.1f x slower than its first pace (the others %.1f x)",
                     self.owner,
                     address,
-                    self.pace.slower(),
+                    own,
                     shared,
                 )
         return why

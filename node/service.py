@@ -492,6 +492,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def _step(self, req: pb.StepRequest) -> pb.StepReply:
         received = time.perf_counter()
+        loop = asyncio.get_running_loop()
         if req.step_id == 0:
             raise InvalidArgument("step_id must be >= 1")
         session = self.sessions.get(req.session_id)
@@ -588,7 +589,7 @@ class NodeService(pb_grpc.NodeServicer):
                 self._book, session, req, n_tokens, trace, timed, out, returned
             )
             if stage.has_head or not forward:
-                book()
+                book(later=True)  # (its counts once the reply is on its way)
                 reply = pb.StepReply()
                 if returned:
                     reply.output.CopyFrom(returned[0])
@@ -614,7 +615,7 @@ class NodeService(pb_grpc.NodeServicer):
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 if reply.hops:  # the link: the step's time there, less the next node's own
                     rtt_ms = trace.downstream_ms - reply.hops[0].total_ms
-                    self.live.hop(reply.hops[0].address, rtt_ms, trace.bytes_out)
+                    loop.call_soon(self.live.hop, reply.hops[0].address, rtt_ms, trace.bytes_out)
                 if self.forge is not None:
                     self.forge.relay(reply)
             if req.chunks and resend is None and returned:
@@ -625,7 +626,7 @@ class NodeService(pb_grpc.NodeServicer):
             reply.hops.insert(0, trace)
             session.last_step_id, session.last_reply = req.step_id, (req.pos, reply)
             session.touch()
-            self._record_latency(trace.total_ms)
+            loop.call_soon(self._record_latency, trace.total_ms)
             return reply
 
     def _book(
@@ -637,17 +638,18 @@ class NodeService(pb_grpc.NodeServicer):
         timed: Timed | None,
         out: Any,
         returned: list[pb.Activations],
+        later: bool = False,
     ) -> None:
         """A step's bookkeeping once its output is known: live figures and metrics (if it
-        was computed here, ``timed``), the KV handle, the signed trace."""
+        was computed here, ``timed``; with ``later``, once this turn of the event loop is
+        over), the KV handle, the signed trace."""
         stage = session.stage
         if timed is not None:
-            sampled = stage.has_head and out is not None
-            self.live.step(stage, n_tokens, timed.compute_ms, sampled)
-            # (a group member samples too, on rank 0's word: its token is not counted)
-            self.metrics.step(stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only)
-            if returned:
-                self.metrics.check_answered("output")
+            count = functools.partial(self._count, stage, req, n_tokens, timed, out, returned)
+            if later:
+                asyncio.get_running_loop().call_soon(count)
+            else:
+                count()
         trace.handle.CopyFrom(self.handle(session))
         self._sign(session, req, n_tokens, trace, out, returned)
         if trace.signature and not stage.has_head and not req.chunks:
@@ -674,6 +676,22 @@ class NodeService(pb_grpc.NodeServicer):
         session.last_output = (step_id, pos, n_tokens, out)
         if not session.stage.has_head:
             session.sent.add(pos, out)
+
+    def _count(
+        self,
+        stage: Stage,
+        req: pb.StepRequest,
+        n_tokens: int,
+        timed: Timed,
+        out: Any,
+        returned: list[pb.Activations],
+    ) -> None:
+        sampled = stage.has_head and out is not None
+        self.live.step(stage, n_tokens, timed.compute_ms, sampled)
+        # (a group member samples too, on rank 0's word: its token is not counted)
+        self.metrics.step(stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only)
+        if returned:
+            self.metrics.check_answered("output")
 
     def _sign(
         self,
