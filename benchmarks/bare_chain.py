@@ -39,12 +39,14 @@ from nanoshard.engine import Stage
 
 SERVICE, METHOD = "nanoshard.bench.Bare", "Step"
 PATH = f"/{SERVICE}/{METHOD}"
-HEADER = struct.Struct("<ii")  # position, token (the head's answer; -1 before a payload)
+# position, token (the head's answer; -1 before a payload), compute ms of the hops so far
+HEADER = struct.Struct("<iif")
 
 
 def compute(stage: Stage, cache: list, message: bytes) -> bytes:
     """One step of ``stage`` on ``message``; a new sequence starts at position 0."""
-    pos = HEADER.unpack_from(message)[0]
+    started = time.perf_counter()
+    pos, _, before_ms = HEADER.unpack_from(message)
     if pos == 0:
         cache[:] = [stage.new_cache(stage.config.block_size)]
     if stage.has_embed:
@@ -54,8 +56,11 @@ def compute(stage: Stage, cache: list, message: bytes) -> bytes:
         x = x.view(-1, stage.config.n_embd)
     y = stage(x, cache[0], pos)
     if stage.has_head:
-        return HEADER.pack(pos, int(y[-1].argmax()))
-    return HEADER.pack(pos, -1) + y.numpy().tobytes()
+        token, payload = int(y[-1].argmax()), b""
+    else:
+        token, payload = -1, y.numpy().tobytes()
+    ms = before_ms + (time.perf_counter() - started) * 1e3
+    return HEADER.pack(pos, token, ms) + payload
 
 
 async def serve(model: str, start: int, end: int, next_address: str | None) -> None:
@@ -125,41 +130,51 @@ class BareChain:
         self.close()
 
 
+class BareSession:
+    """A generation through the bare chain at ``address``: one stream, greedy tokens."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = self.channel.stream_stream(PATH)()
+        self.compute_ms = 0.0
+
+    async def step(self, ids: list[int], pos: int) -> int:
+        """Feed ``ids`` at ``pos`` (0 starts the sequence); the next greedy token. Its
+        nodes' compute, summed, is then ``compute_ms``."""
+        await self.call.write(HEADER.pack(pos, -1, 0.0) + struct.pack(f"<{len(ids)}i", *ids))
+        _, token, self.compute_ms = HEADER.unpack_from(await self.call.read())
+        return int(token)
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        await self.channel.close()
+
+
 def run_paired(
     address: str, stage: Stage, ids: list[int], tokens: int
 ) -> tuple[list[float], list[float], bool]:
     """``tokens`` greedy decode steps through the bare chain at ``address``, each followed by
-    the local path's step for the same token (``stage``: the whole model), as ``hops.py``
-    pairs nanoshard's chain. Returns the chain's ms per step, the local path's, and whether
-    both produced the same tokens."""
+    the local path's step for the same token (``stage``: the whole model). Returns the
+    chain's ms per step, the local path's, and whether both produced the same tokens."""
 
     async def main() -> tuple[list[float], list[float], bool]:
         chain_ms: list[float] = []
         local_ms: list[float] = []
-        same = True
         cache = stage.new_cache(stage.config.block_size)
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = channel.stream_stream(PATH)()
-            prompt = torch.tensor(ids, dtype=torch.int32).numpy().tobytes()
-            await call.write(HEADER.pack(0, -1) + prompt)
-            token = HEADER.unpack_from(await call.read())[1]
+        session = BareSession(address)
+        token = await session.step(ids, 0)
+        with torch.inference_mode():
+            same = token == int(stage(torch.tensor(ids), cache, 0)[-1].argmax())
+        for pos in range(len(ids), len(ids) + tokens):
+            t0 = time.perf_counter()
+            nxt = await session.step([token], pos)
+            t1 = time.perf_counter()
             with torch.inference_mode():
-                local = int(stage(torch.tensor(ids), cache, 0)[-1].argmax())
-            same = local == token
-            for pos in range(len(ids), len(ids) + tokens):
-                message = HEADER.pack(pos, -1) + struct.pack("<i", token)
-                t0 = time.perf_counter()
-                await call.write(message)
-                reply = await call.read()
-                t1 = time.perf_counter()
-                with torch.inference_mode():
-                    local = int(stage(torch.tensor([token]), cache, pos)[-1].argmax())
-                t2 = time.perf_counter()
-                token = HEADER.unpack_from(reply)[1]
-                same = same and local == token
-                chain_ms.append((t1 - t0) * 1e3)
-                local_ms.append((t2 - t1) * 1e3)
-            await call.done_writing()
+                local = int(stage(torch.tensor([token]), cache, pos)[-1].argmax())
+            chain_ms.append((t1 - t0) * 1e3)
+            local_ms.append((time.perf_counter() - t1) * 1e3)
+            token, same = nxt, same and local == nxt
+        await session.close()
         return chain_ms, local_ms, same
 
     return asyncio.run(main())

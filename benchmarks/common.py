@@ -253,7 +253,7 @@ def run_local(stage: Stage, ids: list[int], tokens: int, threads: int = 0) -> Ge
         torch.set_num_threads(before)
 
 
-async def _open(route: Route, max_length: int, codec: str) -> tuple[Channels, SwarmSession]:
+async def open_chain(route: Route, max_length: int, codec: str) -> tuple[Channels, SwarmSession]:
     channels = Channels()
     session = SwarmSession(
         channels, route, GREEDY, max_length, codec, retry=RetryPolicy(attempts=0)
@@ -269,7 +269,7 @@ def run_chain(
     max_length = max_length_for(len(ids), tokens + 1, block_size)
 
     async def main() -> Generation:
-        channels, session = await _open(route, max_length, codec)
+        channels, session = await open_chain(route, max_length, codec)
         try:
             return await agenerate(session, ids, tokens + 1, block_size=block_size, eot_id=eot)
         finally:
@@ -308,7 +308,7 @@ def run_paired(route: Route, stage: Stage, ids: list[int], tokens: int, codec: s
     max_length = max_length_for(len(ids), tokens + 1, block_size)
 
     async def main() -> Generation:
-        channels, session = await _open(route, max_length, codec)
+        channels, session = await open_chain(route, max_length, codec)
         try:
             return await agenerate(
                 session, ids, tokens + 1, block_size=block_size, on_token=lockstep

@@ -39,6 +39,7 @@ run split at the same boundaries, with the activations encoded and decoded betwe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -50,11 +51,11 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 
 # isort: on
 import torch
-from bare_chain import BareChain
-from bare_chain import run_paired as run_bare_paired
+from bare_chain import BareChain, BareSession
 from common import (
     BENCH_CACHE,
     GPT2_124M,
+    GREEDY,
     PROMPTS,
     RESULTS,
     Nodes,
@@ -64,6 +65,7 @@ from common import (
     machine_info,
     markdown_table,
     median,
+    open_chain,
     raise_on_sigterm,
     random_checkpoint,
     run_chain,
@@ -78,7 +80,7 @@ from nanoshard import codec as codecs
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.engine import Stage
-from nanoshard.generation import Generation
+from nanoshard.generation import Generation, LocalSession, max_length_for
 from nanoshard.tokenizer import encoding_for
 from nanoshard.trace import summarize_hops
 from nanoshard.v1 import node_pb2 as pb
@@ -189,11 +191,11 @@ def measure_speed(
     configs += [Config(k) for k in chains] + [Config(biggest, bare=True)]
     configs += [Config(biggest, c) for c in opts.codecs if c != "fp32"]
 
-    def run(c: Config, tokens: int) -> Generation | Paired | BarePaired:
+    def run(c: Config, tokens: int) -> Generation | Paired | AgainstFloor:
         if c.nodes == 0:
             return run_local(stage, ids, tokens, c.threads)
         if c.bare:
-            return BarePaired(*run_bare_paired(bare.address, stage, ids, tokens))
+            return run_against_floor(routes[c.nodes], bare.address, stage, ids, tokens)
         return run_paired(routes[c.nodes], stage, ids, tokens, c.codec)
 
     for c in configs:  # warm-up: first calls, channels, allocator
@@ -277,21 +279,69 @@ def measure_speed(
 
 
 @dataclass
-class BarePaired:
-    """A bare chain's run (``bare_chain.run_paired``): its steps and the local path's."""
+class AgainstFloor:
+    """The chain, the bare chain (the floor) and the local path, each stepped in turn for the
+    same token: their ms per decode step, and whether all three drew the same tokens."""
 
-    decode_ms: list[float]
+    chain_ms: list[float]
+    bare_ms: list[float]
     local_ms: list[float]
     same_tokens: bool
+    chain_compute_ms: list[float]  # the nodes' compute, summed over the hops
+    bare_compute_ms: list[float]
+
+
+def run_against_floor(
+    route: Route, bare_address: str, stage: Stage, ids: list[int], tokens: int
+) -> AgainstFloor:
+    """``tokens`` greedy decode steps, each token taken by nanoshard's chain, then the bare
+    chain (``bare_chain.py``: the same stages, nothing of nanoshard), then the local path, so
+    that the three see the same moments of this shared machine."""
+    max_length = max_length_for(len(ids), tokens + 1, stage.config.block_size)
+
+    async def main() -> AgainstFloor:
+        channels, session = await open_chain(route, max_length, "fp32")
+        bare = BareSession(bare_address)
+        local = LocalSession(stage, GREEDY, max_length)
+        ms: tuple[list[float], list[float], list[float]] = ([], [], [])
+        computed: tuple[list[float], list[float]] = ([], [])
+        try:
+            token = (await session.step(ids, 0)).token
+            same = token == await bare.step(ids, 0) == local.step(ids, 0).token
+            for pos in range(len(ids), len(ids) + tokens):
+                t0 = time.perf_counter()
+                result = await session.step([token], pos)
+                t1 = time.perf_counter()
+                floor = await bare.step([token], pos)
+                t2 = time.perf_counter()
+                here = local.step([token], pos).token
+                t3 = time.perf_counter()
+                for times, a, b in zip(ms, (t0, t1, t2), (t1, t2, t3), strict=True):
+                    times.append((b - a) * 1e3)
+                computed[0].append(sum(h["compute_ms"] for h in result.hops))
+                computed[1].append(bare.compute_ms)
+                token, same = result.token, same and result.token == floor == here
+        finally:
+            local.close()
+            await bare.close()
+            await session.close()
+            await channels.close()
+        return AgainstFloor(*ms, same, *computed)
+
+    return asyncio.run(main())
 
 
 def bare_row(
-    c: Config, runs: list[BarePaired], units: list, echo_ms: float, held_ms: float
+    c: Config, runs: list[AgainstFloor], units: list, echo_ms: float, held_ms: float
 ) -> dict:
-    """The floor's row, in the chains' terms (no traces: a bare node keeps none)."""
-    diffs = [a - b for r in runs for a, b in zip(r.decode_ms, r.local_ms, strict=True)]
-    per_repeat = [median(r.decode_ms) for r in runs]
-    overhead = median(diffs)
+    """The floor's row, in the chains' terms (no traces: a bare node keeps none), and what
+    nanoshard's chain adds to it per hop, token by token in the same runs."""
+
+    def diffs(a: str, b: str) -> list[float]:
+        return [x - y for r in runs for x, y in zip(getattr(r, a), getattr(r, b), strict=True)]
+
+    per_repeat = [median(r.bare_ms) for r in runs]
+    overhead = median(diffs("bare_ms", "local_ms"))
     return {
         "name": c.name,
         "nodes": c.nodes,
@@ -300,7 +350,7 @@ def bare_row(
         "bare": True,
         "threads": 0,
         "units": [list(u) for u in units],
-        "ms_per_token": round(median([ms for r in runs for ms in r.decode_ms]), 3),
+        "ms_per_token": round(median([ms for r in runs for ms in r.bare_ms]), 3),
         "ms_per_token_repeats": spread(per_repeat),
         "ratio_to_local": round(
             median([a / median(r.local_ms) for a, r in zip(per_repeat, runs, strict=True)]), 4
@@ -310,8 +360,21 @@ def bare_row(
         "overhead_per_hop_ms": round(overhead / c.nodes, 3),
         "above_echo_floor_ms": round(overhead / c.nodes - echo_ms, 3),
         "above_held_floor_ms": round(overhead / c.nodes - held_ms, 3),
-        "compute_ms_sum": None,
+        "compute_ms_sum": round(median([ms for r in runs for ms in r.bare_compute_ms]), 3),
         "tokens_match_local": all(r.same_tokens for r in runs),
+        # nanoshard's chain in the same runs, token by token against the floor
+        "chain_ms_per_token": round(median([ms for r in runs for ms in r.chain_ms]), 3),
+        "chain_ratio_to_local": round(
+            median([median(r.chain_ms) / median(r.local_ms) for r in runs]), 4
+        ),
+        "chain_compute_ms_sum": round(median([ms for r in runs for ms in r.chain_compute_ms]), 3),
+        "chain_above_floor_per_hop_ms": round(median(diffs("chain_ms", "bare_ms")) / c.nodes, 3),
+        "chain_above_floor_per_hop_repeats": spread(
+            [
+                median([x - y for x, y in zip(r.chain_ms, r.bare_ms, strict=True)]) / c.nodes
+                for r in runs
+            ]
+        ),
     }
 
 
@@ -491,6 +554,20 @@ def render_markdown(result: dict) -> str:
         f"local ms/token / nodes; the hold taken out): {ms(speed['held_floor_ms'])} ms (per "
         f"repeat {speed['held_floor_repeats']}).\n"
     )
+    for r in speed["configs"]:
+        if r.get("bare"):
+            out.append(
+                f"\nThe floor of a pipeline hop ({r['name']}, `bare_chain.py`: the same "
+                "stages, each computed in its gRPC handler, raw bytes, nothing of nanoshard), "
+                "each token taken by nanoshard's chain, the bare chain and the local path in "
+                f"turn: the chain {ms(r['chain_ms_per_token'])} ms/token "
+                f"({r['chain_ratio_to_local']:.3f} x local), the floor "
+                f"{ms(r['ms_per_token'])} ({r['ratio_to_local']:.3f} x local); **nanoshard above "
+                f"the floor: {ms(r['chain_above_floor_per_hop_ms'])} ms per hop** (per repeat "
+                f"{r['chain_above_floor_per_hop_repeats']}). The nodes' compute, summed: the "
+                f"chain {ms(r['chain_compute_ms_sum'])} ms, the floor "
+                f"{ms(r['compute_ms_sum'])}.\n"
+            )
     pre = speed["prefill"]
     out.append(
         f"\nPrefill of a {pre['prompt_tokens']}-token prompt to its first token: local "
