@@ -216,6 +216,10 @@ class Checker:
             return [], False
         return [k for k, s in shadows.items() if not s.broken], True
 
+    def followed(self, session_id: bytes) -> list[int]:
+        """The hops of a session that a shadow follows: their traces are compared."""
+        return [k for k, s in self._sessions.get(session_id, {}).items() if not s.broken]
+
     def observe(self, session_id: bytes, pos: int, reply: pb.StepReply) -> None:
         """Keep the followed hops' signed traces of a step (who computed it, and a dispute's
         evidence), and who sent each its input."""

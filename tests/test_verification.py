@@ -82,8 +82,9 @@ def test_a_signed_step_binds_its_session_positions_stage_and_digests() -> None:
 
 def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() -> None:
     """The client checks the head's trace (it vouches for the token) before answering the
-    token, and the traces behind it while the next step is on its way: a relay that rewrote
-    one fails that next step, naming itself and the hops before it."""
+    token, and a followed hop's (spot-checks compare it) while the next step is on its way:
+    a relay that rewrote one fails that next step, naming itself and the hops before it.
+    The trace of a hop nobody follows vouches for nothing the client uses: not checked."""
     keys = [NodeKey.generate() for _ in range(3)]
     addresses = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
     hops = [
@@ -104,13 +105,16 @@ def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() 
         return r
 
     good = reply(5, 42)
-    session._check_signatures(good, 5, 1)
+    session._check_signatures(good, 5, 1, followed=[0, 1])
     session._check_pending()
     session._raise_forged()  # all three are their nodes' word
 
     relayed = reply(6, 42)
     relayed.hops[1].output_digest = b"x" * 32  # the first hop rewrote the second's trace
-    session._check_signatures(relayed, 6, 1)  # the token is the head's word: answered
+    session._check_signatures(relayed, 6, 1, followed=[0])
+    session._check_pending()
+    session._raise_forged()  # the second hop is not followed: its trace vouches for nothing
+    session._check_signatures(relayed, 6, 1, followed=[1])  # the token is the head's word
     session._check_pending()  # ... and the next step finds the forgery
     with pytest.raises(Unavailable, match=re.escape("relayed by 10.0.0.1:1")) as caught:
         session._raise_forged()
