@@ -323,10 +323,10 @@ class ComputeWorker:
     def _settle(self, future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
         """On the loop's thread: a job is over."""
         self._outstanding -= 1
-        _settle(future, result, exc)
+        _resolve(future, result, exc)
 
 
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
     if future.cancelled():
         return
     if exc is not None:

@@ -195,6 +195,46 @@ def test_worker_without_batching_runs_each_step_alone(tiny_config, tiny_weights)
             assert torch.equal(timed.value, stage(torch.tensor([7]), cache, pos))
 
 
+def test_a_lone_sessions_decode_step_runs_inline_and_equals_the_workers(
+    tiny_config, tiny_weights
+) -> None:
+    """A lone session's one-token step runs on the loop itself, with the worker's answer;
+    not while a job is unsettled, nor while another session decodes here (a batch could
+    form), nor a prefill chunk."""
+    stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    mine, other = prefilled(stage, [5, 3])
+    reference = prefilled(stage, [5])[0]  # the same positions as ``mine``
+
+    async def main() -> None:
+        worker, elsewhere = ComputeWorker(max_batch=16), ComputeWorker(max_batch=16)
+        gate, busy = threading.Event(), threading.Event()
+
+        def block() -> None:
+            busy.set()
+            assert gate.wait(timeout=30)
+
+        try:
+            timed = worker.run_inline(step_for(stage, mine, 5, torch.tensor([7])))
+            assert timed is not None and timed.queue_ms == 0 and mine.length == 6
+            want = await elsewhere.run(step_for(stage, reference, 5, torch.tensor([7])))
+            assert torch.equal(timed.value, want.value)
+            assert worker.run_inline(step_for(stage, mine, 6, torch.tensor([1, 2]))) is None
+            blocker = asyncio.ensure_future(worker.run(block))  # a job in the worker
+            assert await asyncio.to_thread(busy.wait, 30)
+            assert worker.run_inline(step_for(stage, mine, 6, torch.tensor([7]))) is None
+            gate.set()
+            await blocker
+            assert worker.run_inline(step_for(stage, mine, 6, torch.tensor([7]))) is not None
+            await worker.run(step_for(stage, other, 3, torch.tensor([7])))  # another session
+            assert worker.run_inline(step_for(stage, mine, 7, torch.tensor([7]))) is None
+            assert mine.length == 7
+        finally:
+            worker.close()
+            elsewhere.close()
+
+    asyncio.run(main())
+
+
 # ---- a node serving concurrent sessions ------------------------------------------------
 
 TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=2, n_embd=32)
