@@ -76,10 +76,16 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert result["machine"]["omp_wait_policy"] == "PASSIVE"  # the nodes' thread policy
     assert result["speed"]["echo_floor_ms"] > 0
 
-    configs = {(c["nodes"], c["codec"]): c for c in result["speed"]["configs"]}
+    rows = result["speed"]["configs"]
+    configs = {(c["nodes"], c["codec"]): c for c in rows if not c.get("bare")}
     assert set(configs) == {(0, "fp32")} | {(2, c) for c in CODECS}
-    for c in configs.values():
+    for c in rows:
         assert c["ms_per_token"] > 0 and c["ratio_to_local"] > 0
+    (bare,) = [c for c in rows if c.get("bare")]  # the floor: bare nodes, the same stages
+    assert bare["nodes"] == 2 and bare["units"] == [[0, 3], [3, 6]]
+    assert bare["tokens_match_local"]  # the chain, the bare chain and the local path agree
+    assert bare["compute_ms_sum"] > 0 and bare["chain_compute_ms_sum"] > 0
+    assert "chain_above_floor_per_hop_ms" in bare
     chain = configs[(2, "fp32")]
     assert chain["tokens_match_local"]  # fp32 is lossless: the chain is the local path
     assert chain["local_ms_per_token"] > 0  # the paired local steps ran
