@@ -544,10 +544,10 @@ class NodeService(pb_grpc.NodeServicer):
                     member_acks = group.send(pb.GroupCommand(step=member_req))
                 else:
                     member_acks = []
-                # The cache moves on in the worker whatever happens to this call, so what the
-                # step produced is recorded even if the caller goes away: a retry of the same
-                # step is then answered from it instead of refused.
                 # A lone session's decode step runs right here (no hand-off to the worker).
+                # Else the cache moves on in the worker whatever happens to this call, so
+                # what the step produced is recorded even if the caller goes away: a retry
+                # of the same step is then answered from it instead of refused.
                 timed = self.worker.run_inline(run) if group is None else None
                 job = self.worker.submit(run) if timed is None else None
                 digest = session.inputs.copy()  # the input digest once this step is in
