@@ -6,13 +6,12 @@ with what comes back; the last one answers the greedy token. Messages are raw by
 position, then token ids or fp32 activations. No sessions, validation, codecs, traces,
 signatures, KV handles, replay or repair.
 
-    python benchmarks/bare_chain.py             # 3 bare nodes against the local path
-    python benchmarks/bare_chain.py --serve MODEL START END [NEXT]   # one bare node
+    python benchmarks/bare_chain.py MODEL START END [NEXT]   # one bare node
 
-``hops.py`` runs it beside nanoshard's chain on the same splits, each paired token by token
-with the local path, so the difference per hop is what nanoshard's own hop costs above what
-any Python gRPC pipeline with a compute thread pays on this machine (two processes woken
-per message, gRPC's C core and poller thread, the event loops).
+``hops.py`` runs a bare chain beside nanoshard's chain on the same splits, the two and the
+local path taking each token in turn, so the difference per hop is what nanoshard's own hop
+costs above what any Python gRPC pipeline pays on this machine (two processes woken per
+message, gRPC's C core and poller thread, the event loops).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy
 # isort: on
 import argparse
 import asyncio
-import statistics
 import struct
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from common import stop_processes
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.engine import Stage
@@ -98,7 +97,7 @@ class BareChain:
         address: str | None = None
         try:
             for start, end in reversed(splits):
-                args = [sys.executable, str(Path(__file__).resolve()), "--serve", model]
+                args = [sys.executable, str(Path(__file__).resolve()), model]
                 args += [str(start), str(end)] + ([address] if address else [])
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
                 self.procs.append(proc)
@@ -113,15 +112,7 @@ class BareChain:
         self.address = address
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(self.procs)
 
     def __enter__(self) -> BareChain:
         return self
@@ -150,63 +141,14 @@ class BareSession:
         await self.channel.close()
 
 
-def run_paired(
-    address: str, stage: Stage, ids: list[int], tokens: int
-) -> tuple[list[float], list[float], bool]:
-    """``tokens`` greedy decode steps through the bare chain at ``address``, each followed by
-    the local path's step for the same token (``stage``: the whole model). Returns the
-    chain's ms per step, the local path's, and whether both produced the same tokens."""
-
-    async def main() -> tuple[list[float], list[float], bool]:
-        chain_ms: list[float] = []
-        local_ms: list[float] = []
-        cache = stage.new_cache(stage.config.block_size)
-        session = BareSession(address)
-        token = await session.step(ids, 0)
-        with torch.inference_mode():
-            same = token == int(stage(torch.tensor(ids), cache, 0)[-1].argmax())
-        for pos in range(len(ids), len(ids) + tokens):
-            t0 = time.perf_counter()
-            nxt = await session.step([token], pos)
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                local = int(stage(torch.tensor([token]), cache, pos)[-1].argmax())
-            chain_ms.append((t1 - t0) * 1e3)
-            local_ms.append((time.perf_counter() - t1) * 1e3)
-            token, same = nxt, same and local == nxt
-        await session.close()
-        return chain_ms, local_ms, same
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--serve", nargs="+", metavar="ARG", help="MODEL START END [NEXT]: one node")
-    p.add_argument("--nodes", type=int, default=3, help="bare nodes (3)")
-    p.add_argument("--tokens", type=int, default=64, help="decode tokens per run (64)")
-    p.add_argument("--repeats", type=int, default=3, help="runs (3)")
+    p.add_argument("model")
+    p.add_argument("start", type=int)
+    p.add_argument("end", type=int)
+    p.add_argument("next", nargs="?", help="the next bare node's address (none: the head)")
     opts = p.parse_args(argv)
-    if opts.serve:
-        model, start, end, *rest = opts.serve
-        asyncio.run(serve(model, int(start), int(end), rest[0] if rest else None))
-        return
-    from common import BENCH_CACHE, GPT2_124M, even_splits, random_checkpoint
-
-    model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
-    ckpt = open_checkpoint(model)
-    stage = ckpt.load_stage(0, ckpt.config.n_units)
-    ids = list(range(100, 132))
-    with BareChain(model, even_splits(ckpt.config.n_units, opts.nodes)) as chain:
-        run_paired(chain.address, stage, ids, 4)  # warm-up
-        for _ in range(opts.repeats):
-            chain_ms, local_ms, same = run_paired(chain.address, stage, ids, opts.tokens)
-            over = statistics.median(a - b for a, b in zip(chain_ms, local_ms, strict=True))
-            print(
-                f"{opts.nodes} bare nodes: {statistics.median(chain_ms):.2f} ms/token, local "
-                f"{statistics.median(local_ms):.2f}, overhead per hop {over / opts.nodes:.2f} ms"
-                f"{'' if same else ' (tokens differ from the local path!)'}"
-            )
+    asyncio.run(serve(opts.model, opts.start, opts.end, opts.next))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,20 @@ def even_splits(n_units: int, n_stages: int) -> list[tuple[int, int]]:
 # ---- node processes -------------------------------------------------------------------
 
 
+def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM every child still running (by its PID), all at once; SIGKILL those not gone
+    ``timeout_s`` later."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
 class NodeProcess:
     """One ``nanoshard-node serve`` child; its output is collected so a failure can show it."""
 
@@ -175,12 +189,7 @@ class NodeProcess:
 
     def stop(self) -> None:
         """SIGTERM this child, SIGKILL it if it has not gone in 10 s."""
-        self.terminate()
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
+        stop_processes([self.popen])
 
 
 class Nodes:
@@ -211,10 +220,8 @@ class Nodes:
         return [self.procs[(model, units, tuple(extra))].wait_listening() for units in splits]
 
     def close(self) -> None:
-        for proc in self.procs.values():  # all at once: each drains for up to 2 s
-            proc.terminate()
-        for proc in self.procs.values():
-            proc.stop()
+        # all at once: each drains for up to 2 s
+        stop_processes([proc.popen for proc in self.procs.values()])
         self.procs.clear()
 
     def __enter__(self) -> Nodes:

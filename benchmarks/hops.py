@@ -337,8 +337,8 @@ def bare_row(
     """The floor's row, in the chains' terms (no traces: a bare node keeps none), and what
     nanoshard's chain adds to it per hop, token by token in the same runs."""
 
-    def diffs(a: str, b: str) -> list[float]:
-        return [x - y for r in runs for x, y in zip(getattr(r, a), getattr(r, b), strict=True)]
+    def diffs(a: str, b: str, of: list[AgainstFloor] = runs) -> list[float]:
+        return [x - y for r in of for x, y in zip(getattr(r, a), getattr(r, b), strict=True)]
 
     per_repeat = [median(r.bare_ms) for r in runs]
     overhead = median(diffs("bare_ms", "local_ms"))
@@ -370,10 +370,7 @@ def bare_row(
         "chain_compute_ms_sum": round(median([ms for r in runs for ms in r.chain_compute_ms]), 3),
         "chain_above_floor_per_hop_ms": round(median(diffs("chain_ms", "bare_ms")) / c.nodes, 3),
         "chain_above_floor_per_hop_repeats": spread(
-            [
-                median([x - y for x, y in zip(r.chain_ms, r.bare_ms, strict=True)]) / c.nodes
-                for r in runs
-            ]
+            [median(diffs("chain_ms", "bare_ms", [r])) / c.nodes for r in runs]
         ),
     }
 

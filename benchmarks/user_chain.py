@@ -44,6 +44,7 @@ from common import (
     random_checkpoint,
     save_results,
     spread,
+    stop_processes,
 )
 
 from nanoshard.client.swarm import CoordinatorClient
@@ -89,15 +90,7 @@ class Swarm:
         raise TimeoutError(f"{name} did not start:\n{log.read_text()}")
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, timeout_s=15.0)
 
 
 @contextlib.contextmanager
