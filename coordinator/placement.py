@@ -28,7 +28,6 @@ collectives (``syncs``) at ``sync_ms`` each.
 from __future__ import annotations
 
 import bisect
-import functools
 import heapq
 import itertools
 import logging
@@ -257,8 +256,8 @@ def place(
     if len({node.node_id for node in nodes}) != len(nodes):
         raise InvalidArgument("placement: node ids are not unique")
     sw = _Swarm(units, nodes)
-    usable = [i for i, reach in enumerate(sw.reach) if any(e > a for a, e in enumerate(reach))]
-    holders = [sum(1 for i in usable if sw.reach[i][u] > u) for u in range(sw.n)]
+    usable = sw.usable()
+    holders = sw.holders(usable)
 
     # From scratch. Should fastest-first leave a unit short (its few possible holders spent
     # elsewhere), try smallest-first, which keeps big nodes for big units; then fewer replicas.
@@ -290,37 +289,54 @@ def place(
 
 
 class _Swarm:
-    """The inputs as plain lists, nodes indexed fastest first (ties by node_id)."""
+    """The inputs as plain lists, nodes indexed fastest first (ties by node_id).
+
+    Per-node figures are computed for all nodes at once with numpy, then kept as lists
+    (what the Python loops index fastest); each is the same float or int that the loops
+    computing it node by node gave."""
 
     def __init__(self, units: Sequence[UnitCost], nodes: Sequence[NodeCapacity]) -> None:
         self.n = len(units)
         # A model repeats one block unit n_layer times: time each distinct unit once per node.
         distinct = list(dict.fromkeys(units))
         which = [distinct.index(u) for u in units]
-        times = {}
-        for node in nodes:
-            ms = [node.unit_ms(u) for u in distinct]
-            times[node.node_id] = [ms[j] for j in which]
-        order = sorted(
-            nodes, key=lambda node: (node.overhead_ms + sum(times[node.node_id]), node.node_id)
-        )
-        self.ids = [node.node_id for node in order]
-        self.memory = [node.memory_bytes for node in order]
-        self.overhead = [node.overhead_ms for node in order]
-        self.prefix = [
-            list(itertools.accumulate(times[node.node_id], initial=0.0)) for node in order
-        ]
+        distinct_ms = [[node.unit_ms(u) for u in distinct] for node in nodes]
+        times = np.array(distinct_ms, dtype=float).reshape(len(nodes), len(distinct))[:, which]
+        # fastest first: the same sum() as over each node's list of unit times
+        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, times.tolist())]
+        order = sorted(range(len(nodes)), key=lambda j: (total[j], nodes[j].node_id))
+        ordered = [nodes[j] for j in order]
+        self.ids = [node.node_id for node in ordered]
+        self.memory = [node.memory_bytes for node in ordered]
+        self.overhead = [node.overhead_ms for node in ordered]
+        # prefix[i][u]: node i's time for units [0, u) (cumsum adds in order, as accumulate)
+        prefix = np.zeros((len(nodes), self.n + 1))
+        np.cumsum(times[order], axis=1, out=prefix[:, 1:])
+        self._prefix = prefix
+        self.prefix = prefix.tolist()
         # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
-        sums = {size: _byte_sums(units, size) for size in {node.size for node in order}}
-        self.reach = [_reach(sums[node.size], node.memory_bytes) for node in order]
+        self._reach = np.zeros((len(nodes), self.n), dtype=np.int64)
+        for size in {node.size for node in ordered}:
+            rows = [i for i, node in enumerate(ordered) if node.size == size]
+            memory = [self.memory[i] for i in rows]
+            self._reach[rows] = _reaches(_byte_sums(units, size), memory)
+        self.reach = self._reach.tolist()
 
-    @functools.cached_property
-    def unit_rates(self) -> list[list[float]]:
-        """unit_rates[i][u]: node i's rate serving unit u alone, ``rate(i, u, u + 1)``."""
-        return [
-            [1000.0 / max(overhead + b - a, 1e-9) for a, b in itertools.pairwise(prefix)]
-            for overhead, prefix in zip(self.overhead, self.prefix, strict=True)
-        ]
+    def usable(self) -> list[int]:
+        """The nodes that hold at least one unit."""
+        return np.flatnonzero((self._reach > np.arange(self.n)).any(axis=1)).tolist()
+
+    def holders(self, nodes: Sequence[int]) -> list[int]:
+        """How many of ``nodes`` can hold each unit."""
+        return (self._reach[nodes] > np.arange(self.n)).sum(axis=0).tolist()
+
+    def alone(self, nodes: Sequence[int]) -> list[float]:
+        """Per unit, the sum of ``nodes``' rates serving that unit alone (summed by sum(),
+        in the order given)."""
+        p = self._prefix[nodes]
+        overhead = np.array([self.overhead[i] for i in nodes])[:, None]
+        rates = 1000.0 / np.maximum(overhead + p[:, 1:] - p[:, :-1], 1e-9)  # rate(i, u, u + 1)
+        return [sum(column) for column in rates.T.tolist()]
 
     def rate(self, i: int, start: int, end: int) -> float:
         return 1000.0 / max(self.overhead[i] + self.prefix[i][end] - self.prefix[i][start], 1e-9)
@@ -339,6 +355,18 @@ def longest_stages(units: Sequence[UnitCost], memory_bytes: int, size: int = 1) 
     """reach[a]: the end of the longest stage from unit a that ``memory_bytes`` holds (for
     one member of a group of ``size``); a where not even unit a fits."""
     return _reach(_byte_sums(units, size), memory_bytes)
+
+
+def _reaches(sums: tuple[list[int], list[int]], memory: Sequence[int]) -> np.ndarray:
+    """``_reach`` for many budgets at once (a row per budget)."""
+    plain, from_embed = sums
+    # A budget past the model's bytes reaches as far as the model's bytes do: capped, the
+    # sums below stay within int64.
+    budget = np.array([min(m, plain[-1]) for m in memory], dtype=np.int64)[:, None]
+    plain_np, from_embed_np = np.array(plain, dtype=np.int64), np.array(from_embed, dtype=np.int64)
+    first = np.searchsorted(from_embed_np, budget, side="right") - 1
+    rest = np.searchsorted(plain_np, plain_np[1:-1] + budget, side="right") - 1
+    return np.concatenate([first, rest], axis=1)
 
 
 def _reach(sums: tuple[list[int], list[int]], memory_bytes: int) -> list[int]:
@@ -397,8 +425,7 @@ def _fill(sw: _Swarm, base: Mapping[int, Stage], free: list[int], need: Sequence
     lo = best.weakest(need)
     if best.short(need) == 0 and lo > 0:
         # Bisect tau to 1 %. No unit can exceed every free node serving it alone.
-        rows = [sw.unit_rates[i] for i in free]
-        alone = [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * sw.n
+        alone = sw.alone(free) if free else [0] * sw.n
         hi = min(h0[u] + alone[u] for u in range(sw.n) if need[u])
         while hi > lo * 1.01:
             mid = math.sqrt(lo * hi)
