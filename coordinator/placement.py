@@ -300,10 +300,10 @@ class _Swarm:
         # A model repeats one block unit n_layer times: time each distinct unit once per node.
         distinct = list(dict.fromkeys(units))
         which = [distinct.index(u) for u in units]
-        distinct_ms = [[node.unit_ms(u) for u in distinct] for node in nodes]
+        distinct_ms = [node.unit_ms(u) for node in nodes for u in distinct]
         times = np.array(distinct_ms, dtype=float).reshape(len(nodes), len(distinct))[:, which]
         # fastest first: the same sum() as over each node's list of unit times
-        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, times.tolist())]
+        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, _rows(times))]
         order = sorted(range(len(nodes)), key=lambda j: (total[j], nodes[j].node_id))
         ordered = [nodes[j] for j in order]
         self.ids = [node.node_id for node in ordered]
@@ -313,14 +313,14 @@ class _Swarm:
         prefix = np.zeros((len(nodes), self.n + 1))
         np.cumsum(times[order], axis=1, out=prefix[:, 1:])
         self._prefix = prefix
-        self.prefix = prefix.tolist()
+        self.prefix = _rows(prefix)
         # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
         self._reach = np.zeros((len(nodes), self.n), dtype=np.int64)
         for size in {node.size for node in ordered}:
             rows = [i for i, node in enumerate(ordered) if node.size == size]
             memory = [self.memory[i] for i in rows]
             self._reach[rows] = _reaches(_byte_sums(units, size), memory)
-        self.reach = self._reach.tolist()
+        self.reach = _rows(self._reach)
 
     def usable(self) -> list[int]:
         """The nodes that hold at least one unit."""
@@ -349,6 +349,12 @@ class _Swarm:
 
     def placement(self, stages: Mapping[int, Stage]) -> Placement:
         return {self.ids[i]: stages[i] for i in sorted(stages, key=lambda i: self.ids[i])}
+
+
+def _rows(table: np.ndarray) -> list[tuple]:
+    """A 2-D array as a list of tuples of Python numbers: what loops index fastest, and
+    (tuples of numbers, unlike lists) nothing the garbage collector keeps looking at."""
+    return list(zip(*table.T.tolist())) if table.shape[1] else [()] * len(table)
 
 
 def longest_stages(units: Sequence[UnitCost], memory_bytes: int, size: int = 1) -> list[int]:
@@ -538,8 +544,9 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
     else:
         level = [x if k else math.inf for x, k in zip(h, need, strict=True)]  # inf: nobody's
         finite = [x if k else 0.0 for x, k in zip(h, need, strict=True)]
-    before = list(itertools.accumulate(level, min, initial=math.inf))
-    after = list(itertools.accumulate(reversed(level), min, initial=math.inf))[::-1]
+    levels = np.array(level)  # running minima (numpy picks the same floats as min() would)
+    before = [math.inf, *np.minimum.accumulate(levels).tolist()]
+    after = [*np.minimum.accumulate(levels[::-1])[::-1].tolist(), math.inf]
     total = list(itertools.accumulate(finite, initial=0.0))
     reach, prefix, overhead = sw.reach[i], sw.prefix[i], sw.overhead[i]
 
@@ -563,15 +570,19 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
         e = reach[a]
         if e <= a or after[e] < reached:
             continue
-        k = key(a, e)
-        if -k[0] < min(before[a], after[e]):  # its own units bind: try shorter stages
+        bound = min(before[a], after[e])
+        low, raised = own(a, e)  # (key(a, e), without calling it: most starts end here)
+        k = (-min(bound, raised), low, (total[e] - total[a]) / (e - a), a)
+        if raised < bound:  # its own units bind: try shorter stages
             lo, hi = a + 1, e  # the last end at which its units are not below those after
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if own(a, mid)[1] >= after[mid] else (lo, mid - 1)
             for end in (lo, lo + 1):
-                if end < e and key(a, end)[0] < k[0]:
-                    e, k = end, key(a, end)
+                if end < e:
+                    shorter = key(a, end)
+                    if shorter[0] < k[0]:
+                        e, k = end, shorter
         if best is None or k < best[0]:
             best, reached = (k, (a, e)), -k[0]
     return best[1] if best else None
