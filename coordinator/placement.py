@@ -321,6 +321,10 @@ class _Swarm:
             memory = [self.memory[i] for i in rows]
             self._reach[rows] = _reaches(_byte_sums(units, size), memory)
         self.reach = _rows(self._reach)
+        # longest[i][a]: node i's rate on its longest stage from a, rate(i, a, reach[i][a])
+        ends = np.take_along_axis(prefix, self._reach, axis=1)
+        overhead = np.array(self.overhead).reshape(-1, 1)
+        self.longest = _rows(1000.0 / np.maximum(overhead + ends - prefix[:, :-1], 1e-9))
 
     def usable(self) -> list[int]:
         """The nodes that hold at least one unit."""
@@ -518,7 +522,7 @@ def _pick(
         i = remaining[k]
         if reach[i][ptr] <= ptr:  # cannot hold unit ptr
             continue
-        rate = sw.rate(i, ptr, reach[i][ptr])
+        rate = sw.longest[i][ptr]
         over = rate - deficit
         if over <= 0 or deficit <= 0 or untouched:
             return k, rate
