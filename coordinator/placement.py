@@ -303,7 +303,7 @@ class _Swarm:
         distinct_ms = [node.unit_ms(u) for node in nodes for u in distinct]
         times = np.array(distinct_ms, dtype=float).reshape(len(nodes), len(distinct))[:, which]
         # fastest first: the same sum() as over each node's list of unit times
-        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, _rows(times))]
+        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, _rows(times), strict=True)]
         order = sorted(range(len(nodes)), key=lambda j: (total[j], nodes[j].node_id))
         ordered = [nodes[j] for j in order]
         self.ids = [node.node_id for node in ordered]
@@ -358,7 +358,7 @@ class _Swarm:
 def _rows(table: np.ndarray) -> list[tuple]:
     """A 2-D array as a list of tuples of Python numbers: what loops index fastest, and
     (tuples of numbers, unlike lists) nothing the garbage collector keeps looking at."""
-    return list(zip(*table.T.tolist())) if table.shape[1] else [()] * len(table)
+    return list(zip(*table.T.tolist(), strict=True)) if table.shape[1] else [()] * len(table)
 
 
 def longest_stages(units: Sequence[UnitCost], memory_bytes: int, size: int = 1) -> list[int]:
