@@ -464,7 +464,7 @@ class _Context:
 
         def unit_ms(cap: NodeCapacity, start: int, end: int) -> tuple[float, ...]:
             ms = [cap.unit_ms(u) for u in distinct]
-            return tuple(ms[j] for j in which[start:end])
+            return tuple([ms[j] for j in which[start:end]])
 
         servers = [
             Server(

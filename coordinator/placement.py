@@ -27,7 +27,7 @@ collectives (``syncs``) at ``sync_ms`` each.
 
 from __future__ import annotations
 
-import functools
+import bisect
 import heapq
 import itertools
 import logging
@@ -256,9 +256,8 @@ def place(
     if len({node.node_id for node in nodes}) != len(nodes):
         raise InvalidArgument("placement: node ids are not unique")
     sw = _Swarm(units, nodes)
-    holds = sw.reach_array > np.arange(sw.n)  # holds[i, u]: node i can hold unit u
-    usable = np.flatnonzero(holds.any(axis=1)).tolist()
-    holders = holds[usable].sum(axis=0).tolist()
+    usable = sw.usable()
+    holders = sw.holders(usable)
 
     # From scratch. Should fastest-first leave a unit short (its few possible holders spent
     # elsewhere), try smallest-first, which keeps big nodes for big units; then fewer replicas.
@@ -290,43 +289,58 @@ def place(
 
 
 class _Swarm:
-    """The inputs as plain lists, nodes indexed fastest first (ties by node_id)."""
+    """The inputs as plain lists, nodes indexed fastest first (ties by node_id).
+
+    Per-node figures are computed for all nodes at once with numpy, then kept as lists
+    (what the Python loops index fastest); each is the same float or int that the loops
+    computing it node by node gave."""
 
     def __init__(self, units: Sequence[UnitCost], nodes: Sequence[NodeCapacity]) -> None:
         self.n = len(units)
         # A model repeats one block unit n_layer times: time each distinct unit once per node.
         distinct = list(dict.fromkeys(units))
         which = [distinct.index(u) for u in units]
-        times = {}
-        for node in nodes:
-            ms = [node.unit_ms(u) for u in distinct]
-            times[node.node_id] = [ms[j] for j in which]
-        prefix = {
-            node.node_id: list(itertools.accumulate(times[node.node_id], initial=0.0))
-            for node in nodes
-        }
-        order = sorted(
-            nodes, key=lambda node: (node.overhead_ms + prefix[node.node_id][-1], node.node_id)
-        )
-        self.ids = [node.node_id for node in order]
-        self.memory = [node.memory_bytes for node in order]
-        self.overhead = [node.overhead_ms for node in order]
-        self.prefix = [prefix[node.node_id] for node in order]
+        distinct_ms = [node.unit_ms(u) for node in nodes for u in distinct]
+        times = np.array(distinct_ms, dtype=float).reshape(len(nodes), len(distinct))[:, which]
+        # fastest first: the same sum() as over each node's list of unit times
+        total = [node.overhead_ms + sum(ms) for node, ms in zip(nodes, _rows(times), strict=True)]
+        order = sorted(range(len(nodes)), key=lambda j: (total[j], nodes[j].node_id))
+        ordered = [nodes[j] for j in order]
+        self.ids = [node.node_id for node in ordered]
+        self.memory = [node.memory_bytes for node in ordered]
+        self.overhead = [node.overhead_ms for node in ordered]
+        # prefix[i][u]: node i's time for units [0, u) (cumsum adds in order, as accumulate)
+        prefix = np.zeros((len(nodes), self.n + 1))
+        np.cumsum(times[order], axis=1, out=prefix[:, 1:])
+        self._prefix = prefix
+        self.prefix = _rows(prefix)
         # reach[i][a]: the end of the longest stage from unit a that fits node i (a: none).
-        self.reach_array = np.zeros((len(order), self.n), dtype=np.int64)
-        for size in {node.size for node in order}:
-            rows = [i for i, node in enumerate(order) if node.size == size]
-            memory = [order[i].memory_bytes for i in rows]
-            self.reach_array[rows] = _reaches(_byte_sums(units, size), memory)
-        self.reach: list[list[int]] = self.reach_array.tolist()
+        self._reach = np.zeros((len(nodes), self.n), dtype=np.int64)
+        for size in {node.size for node in ordered}:
+            rows = [i for i, node in enumerate(ordered) if node.size == size]
+            memory = [self.memory[i] for i in rows]
+            self._reach[rows] = _reaches(_byte_sums(units, size), memory)
+        self.reach = _rows(self._reach)
+        # longest[i][a]: node i's rate on its longest stage from a, rate(i, a, reach[i][a])
+        ends = np.take_along_axis(prefix, self._reach, axis=1)
+        overhead = np.array(self.overhead).reshape(-1, 1)
+        self.longest = _rows(1000.0 / np.maximum(overhead + ends - prefix[:, :-1], 1e-9))
 
-    @functools.cached_property
-    def unit_rates(self) -> np.ndarray:
-        """unit_rates[i, u]: node i's rate serving unit u alone, ``rate(i, u, u + 1)``
-        (one array: at 10,000 nodes, lists of lists cost a tenth of a placement)."""
-        prefix = np.asarray(self.prefix, dtype=np.float64).reshape(len(self.prefix), self.n + 1)
-        overhead = np.asarray(self.overhead, dtype=np.float64)[:, None]
-        return 1000.0 / np.maximum(overhead + prefix[:, 1:] - prefix[:, :-1], 1e-9)
+    def usable(self) -> list[int]:
+        """The nodes that hold at least one unit."""
+        return np.flatnonzero((self._reach > np.arange(self.n)).any(axis=1)).tolist()
+
+    def holders(self, nodes: Sequence[int]) -> list[int]:
+        """How many of ``nodes`` can hold each unit."""
+        return (self._reach[nodes] > np.arange(self.n)).sum(axis=0).tolist()
+
+    def alone(self, nodes: Sequence[int]) -> list[float]:
+        """Per unit, the sum of ``nodes``' rates serving that unit alone (summed by sum(),
+        in the order given)."""
+        p = self._prefix[nodes]
+        overhead = np.array([self.overhead[i] for i in nodes])[:, None]
+        rates = 1000.0 / np.maximum(overhead + p[:, 1:] - p[:, :-1], 1e-9)  # rate(i, u, u + 1)
+        return [sum(column) for column in rates.T.tolist()]
 
     def rate(self, i: int, start: int, end: int) -> float:
         return 1000.0 / max(self.overhead[i] + self.prefix[i][end] - self.prefix[i][start], 1e-9)
@@ -341,23 +355,36 @@ class _Swarm:
         return {self.ids[i]: stages[i] for i in sorted(stages, key=lambda i: self.ids[i])}
 
 
+def _rows(table: np.ndarray) -> list[tuple]:
+    """A 2-D array as a list of tuples of Python numbers: what loops index fastest, and
+    (tuples of numbers, unlike lists) nothing the garbage collector keeps looking at."""
+    return list(zip(*table.T.tolist(), strict=True)) if table.shape[1] else [()] * len(table)
+
+
 def longest_stages(units: Sequence[UnitCost], memory_bytes: int, size: int = 1) -> list[int]:
     """reach[a]: the end of the longest stage from unit a that ``memory_bytes`` holds (for
     one member of a group of ``size``); a where not even unit a fits."""
-    return _reaches(_byte_sums(units, size), [memory_bytes])[0].tolist()
+    return _reach(_byte_sums(units, size), memory_bytes)
 
 
 def _reaches(sums: tuple[list[int], list[int]], memory: Sequence[int]) -> np.ndarray:
-    """``longest_stages`` from ``_byte_sums``, for many memory budgets at once: a binary
-    search per start for all of them."""
-    plain, from_embed = (np.asarray(x, dtype=np.int64) for x in sums)
-    budget = np.asarray(memory, dtype=np.int64)
-    columns = [np.searchsorted(from_embed, budget, side="right") - 1]
-    columns += [
-        np.searchsorted(plain, plain[a] + budget, side="right") - 1
-        for a in range(1, len(plain) - 1)
+    """``_reach`` for many budgets at once (a row per budget)."""
+    plain, from_embed = sums
+    # A budget past the model's bytes reaches as far as the model's bytes do: capped, the
+    # sums below stay within int64.
+    budget = np.array([min(m, plain[-1]) for m in memory], dtype=np.int64)[:, None]
+    plain_np, from_embed_np = np.array(plain, dtype=np.int64), np.array(from_embed, dtype=np.int64)
+    first = np.searchsorted(from_embed_np, budget, side="right") - 1
+    rest = np.searchsorted(plain_np, plain_np[1:-1] + budget, side="right") - 1
+    return np.concatenate([first, rest], axis=1)
+
+
+def _reach(sums: tuple[list[int], list[int]], memory_bytes: int) -> list[int]:
+    """``longest_stages`` from ``_byte_sums``: a binary search per start."""
+    plain, from_embed = sums
+    return [bisect.bisect_right(from_embed, memory_bytes) - 1] + [
+        bisect.bisect_right(plain, plain[a] + memory_bytes) - 1 for a in range(1, len(plain) - 1)
     ]
-    return np.stack(columns, axis=1)
 
 
 def _byte_sums(units: Sequence[UnitCost], size: int) -> tuple[list[int], list[int]]:
@@ -408,7 +435,7 @@ def _fill(sw: _Swarm, base: Mapping[int, Stage], free: list[int], need: Sequence
     lo = best.weakest(need)
     if best.short(need) == 0 and lo > 0:
         # Bisect tau to 1 %. No unit can exceed every free node serving it alone.
-        alone = sw.unit_rates[free].sum(axis=0).tolist() if free else [0.0] * sw.n
+        alone = sw.alone(free) if free else [0] * sw.n
         hi = min(h0[u] + alone[u] for u in range(sw.n) if need[u])
         while hi > lo * 1.01:
             mid = math.sqrt(lo * hi)
@@ -438,20 +465,41 @@ def _sweep(
     """Stack stages from the first unit below tau or short of replicas, until the head;
     return the nodes not used. A unit nobody left can hold stays short; with ``give_up``
     the sweep stops there, half done: stages start at the pointer, so no later one could
-    lift that unit, and the result has failed tau whatever follows."""
+    lift that unit, and the result has failed tau whatever follows.
+
+    Thousands of stages of dozens of units each: rather than adding each stage's rate to
+    its units as it is given, a unit's throughput is settled when the pointer reaches it
+    (no stage given later starts before it), as the rates of the stages given so far that
+    cover it, summed in the order given: the same floats, in one numpy pass per unit."""
     h, cnt = result.h, result.cnt
     remaining = list(free)
+    ends, rates = np.empty(len(free), dtype=np.intp), np.empty(len(free))
+    given = 0  # stages given: (end, rate) in ends[:given], rates[:given]
+
+    def settle(u: int) -> None:
+        covering = rates[:given][ends[:given] > u]
+        if len(covering):
+            # accumulate adds in order, as h[u] += rate would (sum() may not: pairwise)
+            h[u] = np.add.accumulate(np.concatenate(([h[u]], covering)))[-1].item()
+            cnt[u] += len(covering)
+
     for ptr in range(sw.n):
+        settle(ptr)
         while need[ptr] and (h[ptr] < tau or cnt[ptr] < need[ptr]):
             picked = _pick(sw, remaining, ptr, tau - h[ptr], untouched=h[ptr] == 0)
             if picked is None:
                 if give_up:
+                    for u in range(ptr + 1, sw.n):
+                        settle(u)
                     return remaining
                 break
             k, rate = picked
             i = remaining.pop(k)
             result.stages[i] = (ptr, sw.reach[i][ptr])
-            _add(h, cnt, result.stages[i], rate)
+            h[ptr] += rate
+            cnt[ptr] += 1
+            ends[given], rates[given] = result.stages[i][1], rate
+            given += 1
     return remaining
 
 
@@ -474,7 +522,7 @@ def _pick(
         i = remaining[k]
         if reach[i][ptr] <= ptr:  # cannot hold unit ptr
             continue
-        rate = sw.rate(i, ptr, reach[i][ptr])
+        rate = sw.longest[i][ptr]
         over = rate - deficit
         if over <= 0 or deficit <= 0 or untouched:
             return k, rate
@@ -500,8 +548,9 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
     else:
         level = [x if k else math.inf for x, k in zip(h, need, strict=True)]  # inf: nobody's
         finite = [x if k else 0.0 for x, k in zip(h, need, strict=True)]
-    before = list(itertools.accumulate(level, min, initial=math.inf))
-    after = list(itertools.accumulate(reversed(level), min, initial=math.inf))[::-1]
+    levels = np.array(level)  # running minima (numpy picks the same floats as min() would)
+    before = [math.inf, *np.minimum.accumulate(levels).tolist()]
+    after = [*np.minimum.accumulate(levels[::-1])[::-1].tolist(), math.inf]
     total = list(itertools.accumulate(finite, initial=0.0))
     reach, prefix, overhead = sw.reach[i], sw.prefix[i], sw.overhead[i]
 
@@ -525,15 +574,19 @@ def _raise_weakest(sw: _Swarm, i: int, h: list[float], need: Sequence[int]) -> S
         e = reach[a]
         if e <= a or after[e] < reached:
             continue
-        k = key(a, e)
-        if -k[0] < min(before[a], after[e]):  # its own units bind: try shorter stages
+        bound = min(before[a], after[e])
+        low, raised = own(a, e)  # (key(a, e), without calling it: most starts end here)
+        k = (-min(bound, raised), low, (total[e] - total[a]) / (e - a), a)
+        if raised < bound:  # its own units bind: try shorter stages
             lo, hi = a + 1, e  # the last end at which its units are not below those after
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if own(a, mid)[1] >= after[mid] else (lo, mid - 1)
             for end in (lo, lo + 1):
-                if end < e and key(a, end)[0] < k[0]:
-                    e, k = end, key(a, end)
+                if end < e:
+                    shorter = key(a, end)
+                    if shorter[0] < k[0]:
+                        e, k = end, shorter
         if best is None or k < best[0]:
             best, reached = (k, (a, e)), -k[0]
     return best[1] if best else None

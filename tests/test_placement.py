@@ -343,3 +343,76 @@ def test_a_node_running_lighter_weights_holds_more_units() -> None:
         return 0 if stage is None else stage[1] - stage[0]
 
     assert 0 < held("fp32") < held("bf16") < held("int8") == GPT2.n_units
+
+
+# ---- the vectorised per-node figures and sweep equal their plain definitions -------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**64 - 1),  # a budget far past the model's bytes included
+            st.floats(0.01, 50.0),
+            st.floats(0.0, 2.0),
+            st.sampled_from([1, 2, 4]),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_swarm_figures_match_their_definitions(specs: list) -> None:
+    """``_Swarm`` computes unit times, prefix sums, reaches and longest-stage rates for all
+    nodes at once (numpy): each must be the float or int the per-node definition gives."""
+    import itertools
+
+    from nanoshard.coordinator import placement
+
+    units = unit_costs(GPTConfig(n_layer=4, n_head=4, n_embd=32, vocab_size=300, block_size=16))
+    nodes = [
+        NodeCapacity(f"n{j:02d}", memory, block_ms, overhead_ms=overhead, size=size)
+        for j, (memory, block_ms, overhead, size) in enumerate(specs)
+    ]
+    sw = placement._Swarm(units, nodes)
+    by_id = {n.node_id: n for n in nodes}
+    for i, node_id in enumerate(sw.ids):
+        node = by_id[node_id]
+        times = [node.unit_ms(u) for u in units]
+        assert list(sw.prefix[i]) == list(itertools.accumulate(times, initial=0.0))
+        assert list(sw.reach[i]) == placement.longest_stages(units, node.memory_bytes, node.size)
+        for a, e in enumerate(sw.reach[i]):
+            if e > a:
+                assert sw.longest[i][a] == sw.rate(i, a, e)
+    keys = [by_id[i].overhead_ms + sum(by_id[i].unit_ms(u) for u in units) for i in sw.ids]
+    assert sorted(zip(keys, sw.ids, strict=True)) == list(
+        zip(keys, sw.ids, strict=True)
+    )  # fastest first
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from([0.0, 50.0, 200.0, 1000.0]), st.booleans())
+def test_sweep_sums_as_adding_each_stage(seed: int, tau: float, give_up: bool) -> None:
+    """The sweep settles a unit's throughput when its pointer arrives; the result must be
+    the floats (and counts) of adding each stage to its units as it is given."""
+    from nanoshard.coordinator import placement
+
+    rng = random.Random(seed)
+    units = unit_costs(GPTConfig(n_layer=6, n_head=4, n_embd=64, vocab_size=500, block_size=16))
+    per_unit = units[1].weight_bytes
+    nodes = [
+        NodeCapacity(
+            f"n{j:03d}",
+            rng.randint(per_unit, 8 * per_unit),
+            rng.uniform(0.5, 20.0),
+            overhead_ms=rng.uniform(0.0, 1.0),
+        )
+        for j in range(rng.randint(1, 60))
+    ]
+    sw = placement._Swarm(units, nodes)
+    need = [min(2, k) for k in sw.holders(sw.usable())]
+    result = placement._Result({}, [0.0] * sw.n, [0] * sw.n)
+    placement._sweep(sw, result, sw.usable(), tau, need, give_up=give_up)
+    eager_h, eager_cnt = [0.0] * sw.n, [0] * sw.n
+    for i, stage in result.stages.items():  # dicts keep the order stages were given in
+        placement._add(eager_h, eager_cnt, stage, sw.rate(i, *stage))
+    assert (result.h, result.cnt) == (eager_h, eager_cnt)
