@@ -19,11 +19,13 @@ together), so a hop enters it at its first unit and leaves at its last.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from nanoshard.errors import Unavailable
+from nanoshard.rpc import MAX_REPLICAS_PER_HOP
 
 # One more hop: serialization, transfer, gRPC and both ends' wake-ups. Measured on loopback
 # on this project's 2-core machine: 2.84 ms a hop in benchmarks/hops.py (2026-12-02), 2.5 ms
@@ -65,7 +67,10 @@ class Server:
 class RouteHop:
     start: int
     end: int
-    addresses: tuple[str, ...]  # every ready node holding [start, end), best first
+    # the best ready nodes holding [start, end), best first: at most MAX_REPLICAS_PER_HOP,
+    # what a node takes in a route (a hop with more replicas switches among the best few,
+    # and a client whose few all fail asks for a new route)
+    addresses: tuple[str, ...]
 
 
 def plan_route(
@@ -74,7 +79,8 @@ def plan_route(
     """The fastest chain of hops covering ``[0, n_units)``.
 
     Addresses in ``avoid`` (recently failed, as the client reports) are kept only as last
-    resorts. Raises Unavailable naming the units no ready node serves.
+    resorts, behind every other holder of their hop (so a hop with ``MAX_REPLICAS_PER_HOP``
+    others does not name them). Raises Unavailable naming the units no ready node serves.
     """
     pool = sorted(
         (
@@ -122,11 +128,14 @@ def plan_route(
     v = n_units
     while v > 0:
         u, _ = back[v]  # type: ignore[misc]
-        holders = sorted(
-            (s for s in entering.at(u) if s.holds(u, v)),  # who holds [u, v) enters at u
-            key=lambda s: (s.ms(u, v, avoided), s.address),
-        )
-        hops.append(RouteHop(u, v, tuple(dict.fromkeys(s.address for s in holders))))
+        ms: dict[str, float] = {}  # who holds [u, v) enters at u: each address's best time
+        for s in entering.at(u):
+            if s.holds(u, v):
+                t = s.ms(u, v, avoided)
+                if t < ms.get(s.address, inf):
+                    ms[s.address] = t
+        few = heapq.nsmallest(MAX_REPLICAS_PER_HOP, ms, key=lambda a: (ms[a], a))
+        hops.append(RouteHop(u, v, tuple(few)))
         v = u
     return hops[::-1]
 

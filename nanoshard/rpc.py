@@ -17,6 +17,7 @@ KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITIO
 ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # HOST:PORT
 FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: the hops that failed
 MAX_FAILED = 64  # addresses read from FAILED_KEY
+MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -51,7 +51,6 @@ from .worker import ComputeWorker, StageStep, Timed
 log = logging.getLogger(__name__)
 
 
-MAX_REPLICAS_PER_HOP = 8  # addresses a route may name for one hop
 RELEASE_EVERY_S = 5.0  # freed memory goes back to the OS at least this often
 
 
@@ -251,10 +250,10 @@ class NodeService(pb_grpc.NodeServicer):
                     f"{stage.end}): a hop covers [{hop.start}, {hop.end}), expected to "
                     f"start at unit {expected}"
                 )
-            if not 1 <= len(hop.addresses) <= MAX_REPLICAS_PER_HOP:
+            if not 1 <= len(hop.addresses) <= rpc.MAX_REPLICAS_PER_HOP:
                 raise InvalidArgument(
                     f"route hop [{hop.start}, {hop.end}) names {len(hop.addresses)} addresses: "
-                    f"give 1 to {MAX_REPLICAS_PER_HOP}"
+                    f"give 1 to {rpc.MAX_REPLICAS_PER_HOP}"
                 )
             for address in hop.addresses:
                 if not rpc.ADDRESS.fullmatch(address):

@@ -96,7 +96,7 @@ def test_values_listed_in_proto_comments_are_the_codes() -> None:
     from nanoshard.codec import CODECS
     from nanoshard.config import GPTConfig, unit_name
     from nanoshard.engine import DTYPES
-    from nanoshard.rpc import KV_LENGTH_KEY
+    from nanoshard.rpc import KV_LENGTH_KEY, MAX_REPLICAS_PER_HOP
 
     protos = ROOT / "protos" / "nanoshard" / "v1"
     node = field_comments(protos / "node.proto")
@@ -125,3 +125,4 @@ def test_values_listed_in_proto_comments_are_the_codes() -> None:
         unit_name(config, config.head_unit),
     ]
     assert f'"{KV_LENGTH_KEY}"' in (protos / "node.proto").read_text()
+    assert f"1 to {MAX_REPLICAS_PER_HOP} of them" in node["Hop.addresses"]

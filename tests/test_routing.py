@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nanoshard.coordinator import routing
 from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, RouteHop, Server, plan_route
 from nanoshard.errors import Unavailable
+from nanoshard.rpc import MAX_REPLICAS_PER_HOP
 
 
 def reference_route(
@@ -44,7 +45,8 @@ def reference_route(
         holders = sorted(
             (s for s in pool if s.holds(u, v)), key=lambda s: (s.ms(u, v, avoided), s.address)
         )
-        hops.append(RouteHop(u, v, tuple(dict.fromkeys(s.address for s in holders))))
+        addresses = tuple(dict.fromkeys(s.address for s in holders))[:MAX_REPLICAS_PER_HOP]
+        hops.append(RouteHop(u, v, addresses))
         v = u
     return hops[::-1]
 
@@ -117,3 +119,14 @@ def test_a_big_swarm_routes_as_the_plain_program_does() -> None:
     hops = plan_route(servers, n_units)
     assert hops == reference_route(servers, n_units)
     assert HOP_OVERHEAD_MS > 0  # (what the skips rely on)
+
+
+def test_a_hop_names_its_best_few_replicas_avoided_ones_last() -> None:
+    """A node takes at most MAX_REPLICAS_PER_HOP addresses a hop: a hop with more holders
+    names the fastest, and an avoided address only if the others do not fill the list."""
+    many = [Server(f"n{k:02d}", 0, 2, (1.0 + k, 1.0)) for k in range(MAX_REPLICAS_PER_HOP + 4)]
+    (hop,) = plan_route(many, 2, avoid=["n00"])
+    assert hop.addresses == tuple(f"n{k:02d}" for k in range(1, MAX_REPLICAS_PER_HOP + 1))
+    few = many[:3]
+    (hop,) = plan_route(few, 2, avoid=["n00"])
+    assert hop.addresses == ("n01", "n02", "n00")
