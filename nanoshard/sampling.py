@@ -101,6 +101,8 @@ def float32(x: float) -> float:
 
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
     """Pick the token at ``position`` from a row of logits ``(vocab,)``: the whole vocabulary."""
+    if params.greedy:  # what _greedy picks, without a float64 copy of the row: the first
+        return int(torch.argmax(logits.reshape(-1)))  # largest (ties to the smallest id)
     return sample_slice(logits, 0, params, position, _alone)
 
 
