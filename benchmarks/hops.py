@@ -281,7 +281,8 @@ def measure_speed(
 @dataclass
 class AgainstFloor:
     """The chain, the bare chain (the floor) and the local path, each stepped in turn for the
-    same token: their ms per decode step, and whether all three drew the same tokens."""
+    same token: their ms per decode step, and whether all three drew the same tokens; then
+    the two chains alone, back to back (``back_*``)."""
 
     chain_ms: list[float]
     bare_ms: list[float]
@@ -289,44 +290,70 @@ class AgainstFloor:
     same_tokens: bool
     chain_compute_ms: list[float]  # the nodes' compute, summed over the hops
     bare_compute_ms: list[float]
+    back_chain_ms: list[float]
+    back_bare_ms: list[float]
+
+
+ORDERS = ((0, 1, 2), (1, 0, 2))  # chain, bare, local; bare, chain, local (token by token)
+
+
+def balanced(diffs: list[float]) -> float:
+    """The typical difference between the chains from per-token ones taken in ``ORDERS``:
+    the mean over the orders of each order's median (the path after the local step pays a
+    cost the other does not, in turn; a median over both orders would pick a side)."""
+    return sum(median(diffs[k :: len(ORDERS)]) for k in range(len(ORDERS))) / len(ORDERS)
 
 
 def run_against_floor(
     route: Route, bare_address: str, stage: Stage, ids: list[int], tokens: int
 ) -> AgainstFloor:
-    """``tokens`` greedy decode steps, each token taken by nanoshard's chain, then the bare
-    chain (``bare_chain.py``: the same stages, nothing of nanoshard), then the local path, so
-    that the three see the same moments of this shared machine."""
-    max_length = max_length_for(len(ids), tokens + 1, stage.config.block_size)
+    """``tokens`` greedy decode steps, each token taken by nanoshard's chain, the bare chain
+    (``bare_chain.py``: the same stages, nothing of nanoshard) and the local path, so that
+    the three see the same moments of this shared machine; then ``tokens`` more taken by
+    the two chains alone, back to back, as a user's tokens come.
+
+    The chains take turns going first (chain, bare, local; bare, chain, local). Whatever
+    runs right after the local step (or after any pause: measured with a 14 ms sleep in
+    its place, the chain after it was 0.38-0.43 ms a hop above the floor, 0.01-0.21 when
+    the floor came after it) pays for it, so a fixed order would charge that to one chain
+    every time; and it weighs more on the path that does more on the way (``balanced``).
+    The back-to-back tokens have no such step between: each chain follows the other."""
+    max_length = max_length_for(len(ids), 2 * tokens + 1, stage.config.block_size)
 
     async def main() -> AgainstFloor:
         channels, session = await open_chain(route, max_length, "fp32")
         bare = BareSession(bare_address)
         local = LocalSession(stage, GREEDY, max_length)
         ms: tuple[list[float], list[float], list[float]] = ([], [], [])
+        back: tuple[list[float], list[float]] = ([], [])
         computed: tuple[list[float], list[float]] = ([], [])
         try:
             token = (await session.step(ids, 0)).token
             same = token == await bare.step(ids, 0) == local.step(ids, 0).token
-            for pos in range(len(ids), len(ids) + tokens):
-                t0 = time.perf_counter()
-                result = await session.step([token], pos)
-                t1 = time.perf_counter()
-                floor = await bare.step([token], pos)
-                t2 = time.perf_counter()
-                here = local.step([token], pos).token
-                t3 = time.perf_counter()
-                for times, a, b in zip(ms, (t0, t1, t2), (t1, t2, t3), strict=True):
-                    times.append((b - a) * 1e3)
-                computed[0].append(sum(h["compute_ms"] for h in result.hops))
-                computed[1].append(bare.compute_ms)
-                token, same = result.token, same and result.token == floor == here
+            for i, pos in enumerate(range(len(ids), len(ids) + 2 * tokens)):
+                three = i < tokens
+                for k in ORDERS[i % len(ORDERS)]:
+                    if k == 2 and not three:
+                        continue
+                    t0 = time.perf_counter()
+                    if k == 0:
+                        result = await session.step([token], pos)
+                    elif k == 1:
+                        floor = await bare.step([token], pos)
+                    else:
+                        here = local.step([token], pos).token
+                    ((ms if three else back)[k]).append((time.perf_counter() - t0) * 1e3)
+                if three:
+                    computed[0].append(sum(h["compute_ms"] for h in result.hops))
+                    computed[1].append(bare.compute_ms)
+                    same = same and result.token == floor == here
+                token, same = result.token, same and result.token == floor
         finally:
             local.close()
             await bare.close()
             await session.close()
             await channels.close()
-        return AgainstFloor(*ms, same, *computed)
+        return AgainstFloor(*ms, same, *computed, *back)
 
     return asyncio.run(main())
 
@@ -368,9 +395,15 @@ def bare_row(
             median([median(r.chain_ms) / median(r.local_ms) for r in runs]), 4
         ),
         "chain_compute_ms_sum": round(median([ms for r in runs for ms in r.chain_compute_ms]), 3),
-        "chain_above_floor_per_hop_ms": round(median(diffs("chain_ms", "bare_ms")) / c.nodes, 3),
+        "chain_above_floor_per_hop_ms": round(
+            median(diffs("back_chain_ms", "back_bare_ms")) / c.nodes, 3
+        ),
         "chain_above_floor_per_hop_repeats": spread(
-            [median(diffs("chain_ms", "bare_ms", [r])) / c.nodes for r in runs]
+            [median(diffs("back_chain_ms", "back_bare_ms", [r])) / c.nodes for r in runs]
+        ),
+        # the same with the local step between tokens (the paths' turns balanced)
+        "chain_above_floor_with_local_per_hop_ms": round(
+            median([balanced(diffs("chain_ms", "bare_ms", [r])) for r in runs]) / c.nodes, 3
         ),
     }
 
@@ -559,10 +592,13 @@ def render_markdown(result: dict) -> str:
                 "each token taken by nanoshard's chain, the bare chain and the local path in "
                 f"turn: the chain {ms(r['chain_ms_per_token'])} ms/token "
                 f"({r['chain_ratio_to_local']:.3f} x local), the floor "
-                f"{ms(r['ms_per_token'])} ({r['ratio_to_local']:.3f} x local); **nanoshard above "
-                f"the floor: {ms(r['chain_above_floor_per_hop_ms'])} ms per hop** (per repeat "
-                f"{r['chain_above_floor_per_hop_repeats']}). The nodes' compute, summed: the "
-                f"chain {ms(r['chain_compute_ms_sum'])} ms, the floor "
+                f"{ms(r['ms_per_token'])} ({r['ratio_to_local']:.3f} x local). Then the two "
+                "chains alone, each token taken by both, back to back: **nanoshard above the "
+                f"floor: {ms(r['chain_above_floor_per_hop_ms'])} ms per hop** (per repeat "
+                f"{r['chain_above_floor_per_hop_repeats']}; "
+                f"{ms(r['chain_above_floor_with_local_per_hop_ms'])} with the local step "
+                "between tokens, which charges what follows it). The nodes' compute, summed: "
+                f"the chain {ms(r['chain_compute_ms_sum'])} ms, the floor "
                 f"{ms(r['compute_ms_sum'])}.\n"
             )
     pre = speed["prefill"]
