@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # isort: off
 import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (see there)
@@ -56,6 +57,7 @@ from common import (
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.engine import Stage
 from nanoshard.hop import Channels
 from nanoshard.node.worker import MAX_BATCH
 
@@ -136,6 +138,25 @@ def run_sessions(route: Route, prompts: list[list[int]], tokens: int, max_length
     )
 
 
+def run_ceiling(stage: Stage, prompts: list[list[int]], tokens: int, max_length: int) -> Run:
+    """The ceiling: the same sessions decoded in this process, each step one batched forward
+    of the whole model (``Stage.decode``, as the nodes batch), no gRPC, no hops."""
+    caches = [stage.new_cache(max_length) for _ in prompts]
+    with torch.inference_mode():
+        out = [
+            [int(stage(torch.tensor(p), c, 0)[-1].argmax())]
+            for p, c in zip(prompts, caches, strict=True)
+        ]
+        started = time.perf_counter()
+        for k in range(tokens):
+            x = torch.tensor([o[-1] for o in out])
+            logits = stage.decode(x, caches, [len(p) + k for p in prompts])
+            for o, token in zip(out, logits.argmax(dim=-1).tolist(), strict=True):
+                o.append(token)
+        wall = time.perf_counter() - started
+    return Run(len(prompts) * tokens / wall, [], [len(prompts)], out)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (nearest rank) of ``values``."""
     ordered = sorted(values)
@@ -165,16 +186,20 @@ def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
     def run(c: Config, tokens: int) -> Run:
         return run_sessions(routes[c.batch], prompts[: c.sessions], tokens, max_length)
 
+    stage = ckpt.load_stage(0, config.n_units)  # the whole model here, for the ceiling
+    ceiling: list[Run] = []
     for c in configs:  # warm-up: first calls, channels, allocator
         run(c, min(4, opts.tokens))
+    run_ceiling(stage, prompts, min(4, opts.tokens), max_length)
     runs: dict[Config, list[Run]] = {c: [] for c in configs}
     for r in range(opts.repeats):
         shift = r % len(configs)  # rotate the order so no configuration always runs first
         for c in configs[shift:] + configs[:shift]:
             runs[c].append(run(c, opts.tokens))
+        ceiling.append(run_ceiling(stage, prompts, opts.tokens, max_length))
 
     alone = runs[Config(False, opts.sessions)][0].tokens  # each prompt on the unbatched chain
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in configs:
         rates = [r.tokens_per_s for r in runs[c]]
         single = median([r.tokens_per_s for r in runs[Config(c.batch, 1)]])
@@ -198,9 +223,18 @@ def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
             }
         )
     unbatched_1 = rows[0]["tokens_per_s"]
+    top = [r.tokens_per_s for r in ceiling]
     for row in rows:
         row["speedup_vs_unbatched_1"] = round(row["tokens_per_s"] / unbatched_1, 2)
+        row["of_ceiling"] = round(row["tokens_per_s"] / median(top), 3)
     return {
+        "ceiling": {
+            "sessions": opts.sessions,
+            "tokens_per_s": round(median(top), 2),
+            "tokens_per_s_spread": spread(top),
+            "same_tokens": sum(r.tokens == alone for r in ceiling) * opts.sessions,
+            "sessions_run": opts.sessions * len(ceiling),
+        },
         "model": opts.model,
         "stages": [list(s) for s in splits],
         "prompt_tokens": opts.prompt_tokens,
@@ -213,6 +247,7 @@ def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
 
 def render_markdown(result: dict) -> str:
     m, r = result["machine"], result["concurrency"]
+    top, best = r["ceiling"], r["configs"][-1]  # (the last: batching, many sessions)
     header = [
         "configuration",
         "tokens/s",
@@ -249,6 +284,12 @@ def render_markdown(result: dict) -> str:
             "repeats.",
             "",
             markdown_table(header, rows),
+            "",
+            f"The ceiling, {top['sessions']} sessions decoded in this one process, each step "
+            "one batched forward of the whole model (`Stage.decode`, no gRPC, no hops): "
+            f"{top['tokens_per_s']} tokens/s ({top['tokens_per_s_spread']}; same tokens "
+            f"{top['same_tokens']}/{top['sessions_run']}). {best['name']}: "
+            f"**{best['speedup']} x one session, {best['of_ceiling']:.0%} of the ceiling**.",
             "",
             *[f"- **{k}**: {v}" for k, v in r["definitions"].items()],
             "",
