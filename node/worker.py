@@ -7,7 +7,12 @@ weight once for all of them and answers each session exactly what it gets alone.
 batches form, a one-token step waits up to ``GATHER_S`` for the steps of the other open
 sessions that decoded here in the last ``ACTIVE_S`` (a lone session never waits, nor does
 one whose partners have closed); once sessions have shared a forward they travel the route
-together, so they keep meeting at every hop.
+together, so they keep meeting at every hop. It stops waiting once no step has come for
+``GATHER_GAP_S``: the steps of a group that travels together come a few tenths of a ms
+apart (the hop before sends them one by one), while sessions in another group are a whole
+stage away. Waiting for those every time cost 8 sessions on three nodes of this 2-core
+machine a sixth of their throughput (``benchmarks/concurrency.py``: 134-143 tokens/s
+against 166-172).
 
 The hand-off costs two thread wake-ups (the worker's, then the loop's through its
 self-pipe): about 30 µs for a trivial job back to back, but 0.2 ms a step on a pipeline,
@@ -43,7 +48,8 @@ T = TypeVar("T")
 
 MAX_BATCH = 16  # decode steps per forward (the default; 1 = each step alone)
 MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
-GATHER_S = 0.008  # how long a decode step waits for the other active sessions' steps
+GATHER_S = 0.008  # how long a decode step waits, at most, for the other active sessions'
+GATHER_GAP_S = 0.001  # ... and no longer than this after the last one came
 ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
 INLINE_MAX_MS = 25.0  # a lone step this slow runs on the worker: the loop answers meanwhile
 
@@ -234,8 +240,8 @@ class ComputeWorker:
                 job.loop.call_soon_threadsafe(self._settle, job.future, None, err)
 
     def _gather(self, first: StageStep, pending: deque[_Job | None]) -> None:
-        """Wait (at most GATHER_S) until the decode steps of every session active here are
-        queued beside ``first``."""
+        """Wait until the decode steps of every session active here are queued beside
+        ``first``: at most GATHER_S, and no longer than GATHER_GAP_S after the last came."""
         now = time.perf_counter()
         self._active = {
             c: (ref, t)
@@ -256,7 +262,7 @@ class ComputeWorker:
             if len(queued) >= want or left <= 0:
                 break
             try:
-                pending.append(self._jobs.get(timeout=left))
+                pending.append(self._jobs.get(timeout=min(left, GATHER_GAP_S)))
             except queue.Empty:
                 break
         now = time.perf_counter()
