@@ -5,14 +5,18 @@ default; ``max_batch=1`` turns it off): the one-token steps of several sessions 
 stage that are waiting together run as one forward (``Stage.decode``), which reads each
 weight once for all of them and answers each session exactly what it gets alone. To let
 batches form, a one-token step waits up to ``GATHER_S`` for the steps of the other open
-sessions that decoded here in the last ``ACTIVE_S`` (a lone session never waits, nor does
+sessions that computed here in the last ``ACTIVE_S`` (a lone session never waits, nor does
 one whose partners have closed); once sessions have shared a forward they travel the route
-together, so they keep meeting at every hop. It stops waiting once no step has come for
-``GATHER_GAP_S``: the steps of a group that travels together come a few tenths of a ms
-apart (the hop before sends them one by one), while sessions in another group are a whole
-stage away. Waiting for those every time cost 8 sessions on three nodes of this 2-core
-machine a sixth of their throughput (``benchmarks/concurrency.py``: 134-143 tokens/s
-against 166-172).
+together, so they keep meeting at every hop.
+
+Two things keep such a group whole. A session counts as active from its prefill on, so the
+sessions that start together are waited for from their first decode step (counted only
+once they had decoded, they split at every node into the step that came first and the
+rest, and stayed split). And a step stops waiting once no step has come for
+``GATHER_GAP_S``: a group's steps come a few tenths of a ms apart (the hop before sends
+them one by one), while a session in another group is a whole stage away. 8 sessions on
+three nodes of this 2-core machine (``benchmarks/concurrency.py``): 134-143 tokens/s with
+neither, 305-328 with both, every forward holding all 8.
 
 The hand-off costs two thread wake-ups (the worker's, then the loop's through its
 self-pipe): about 30 µs for a trivial job back to back, but 0.2 ms a step on a pipeline,
@@ -49,7 +53,7 @@ T = TypeVar("T")
 MAX_BATCH = 16  # decode steps per forward (the default; 1 = each step alone)
 MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
 GATHER_S = 0.008  # how long a decode step waits, at most, for the other active sessions'
-GATHER_GAP_S = 0.001  # ... and no longer than this after the last one came
+GATHER_GAP_S = 0.002  # ... and no longer than this after the last one came
 ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
 INLINE_MAX_MS = 25.0  # a lone step this slow runs on the worker: the loop answers meanwhile
 
@@ -298,8 +302,14 @@ class ComputeWorker:
             return
         done = self._held(started)
         result = Timed(value, (started - job.enqueued) * 1e3, (done - started) * 1e3)
-        if isinstance(job.fn, StageStep) and job.fn.batchable:
-            self._lone_ms = result.compute_ms  # (may come back under INLINE_MAX_MS)
+        if isinstance(job.fn, StageStep):
+            # A session's prefill (or lone step) makes it one that decodes here soon: its
+            # first decode step is waited for too, so the sessions that start together
+            # share their forwards from their first decode step on. (Before settling: the
+            # loop reads ``_active`` only when nothing is outstanding.)
+            self._active[id(job.fn.cache)] = (weakref.ref(job.fn.cache), done)
+            if job.fn.batchable:
+                self._lone_ms = result.compute_ms  # (may come back under INLINE_MAX_MS)
         job.loop.call_soon_threadsafe(self._settle, job.future, result, None)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
