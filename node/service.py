@@ -38,7 +38,7 @@ from nanoshard.tp import CollectiveError, gather_vocab
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
-from .faults import Forge, Slow, fault_from_env
+from .faults import Delay, Fault, Forge, Slow, fault_from_env
 from .group import GroupStep, Membership, acks
 from .links import PING_MAX_BYTES
 from .live import LiveStats
@@ -132,9 +132,7 @@ class NodeService(pb_grpc.NodeServicer):
         if isinstance(fault, Slow):
             worker.slow, fault = fault, None  # the worker holds each job longer
         self.forge = fault if isinstance(fault, Forge) else None  # rewrites what it relays
-        if self.forge is not None:
-            fault = None
-        self.fault = fault  # applied to every output
+        self.fault = fault if isinstance(fault, (Fault, Delay)) else None  # on every output
 
     def set_stage(self, stage: Stage | None, group: Membership | None = None) -> None:
         """Serve another stage from now on (``group``: as a member of that tensor-parallel
@@ -558,6 +556,7 @@ class NodeService(pb_grpc.NodeServicer):
                     self._record, session, req.step_id, req.pos, n_tokens, digest
                 )
                 if job is None:
+                    assert timed is not None  # (ran inline)
                     record(timed.value)
                 else:
                     job.add_done_callback(functools.partial(_on_result, record))
@@ -567,6 +566,7 @@ class NodeService(pb_grpc.NodeServicer):
                         assert group is not None
                         self.break_group(group, str(exc))
                         raise Unavailable(str(exc), [self.identity.address]) from None
+                assert timed is not None
                 trace.queue_ms, trace.compute_ms = timed.queue_ms, timed.compute_ms
                 trace.batch = timed.batch
                 out = timed.value
@@ -823,7 +823,8 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
 
         step = GroupStep if stage.shard is not None else StageStep
-        return n_tokens, bytes_in, step(stage, session.cache, pos, n_tokens, make_input, finish)
+        run = step(stage, session.cache, pos, n_tokens, make_input, finish, bool(req.chunks))
+        return n_tokens, bytes_in, run
 
     def _input(
         self, item: list[int] | pb.Activations, stage: Stage, spec: SessionSpec

@@ -83,6 +83,7 @@ class StageStep:
     n_tokens: int
     make_input: Callable[[], torch.Tensor]  # ids (T,) or activations (T, n_embd)
     finish: Callable[[torch.Tensor], Any]  # the stage's output (T or 1 rows) -> the answer
+    catch_up: bool = False  # a shadow's step of chunks: no decode step of it follows here
 
     @property
     def batchable(self) -> bool:
@@ -307,7 +308,8 @@ class ComputeWorker:
             # first decode step is waited for too, so the sessions that start together
             # share their forwards from their first decode step on. (Before settling: the
             # loop reads ``_active`` only when nothing is outstanding.)
-            self._active[id(job.fn.cache)] = (weakref.ref(job.fn.cache), done)
+            if not job.fn.catch_up:
+                self._active[id(job.fn.cache)] = (weakref.ref(job.fn.cache), done)
             if job.fn.batchable:
                 self._lone_ms = result.compute_ms  # (may come back under INLINE_MAX_MS)
         job.loop.call_soon_threadsafe(self._settle, job.future, result, None)
