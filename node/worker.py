@@ -239,6 +239,7 @@ class ComputeWorker:
                 self._run_batch([job, *self._take_partners(job.fn, pending)])
             else:
                 self._run_one(job)
+            job = None  # (while the worker waits, it holds no session's cache alive)
         for job in pending:  # closed with jobs still waiting: their callers get an error
             if job is not None:
                 err = RuntimeError("the compute worker stopped")
@@ -248,12 +249,7 @@ class ComputeWorker:
         """Wait until the decode steps of every session active here are queued beside
         ``first``: at most GATHER_S, and no longer than GATHER_GAP_S after the last came."""
         now = time.perf_counter()
-        self._active = {
-            c: (ref, t)
-            for c, (ref, t) in self._active.items()
-            if now - t < ACTIVE_S and ref() is not None
-        }
-        self._active[id(first.cache)] = (weakref.ref(first.cache), now)
+        self._mark_active(first.cache, now)
         want = min(len(self._active), self.max_batch)
         deadline = now + GATHER_S
         while True:
@@ -273,6 +269,17 @@ class ComputeWorker:
         now = time.perf_counter()
         for key, cache in queued.items():
             self._active[key] = (weakref.ref(cache), now)
+
+    def _mark_active(self, cache: KVCache, now: float) -> None:
+        """``cache``'s session computed here at ``now``; the sessions that have not for
+        ``ACTIVE_S``, or have closed, are forgotten (a node serving only prefills keeps
+        no more than its open sessions)."""
+        self._active = {
+            c: (ref, t)
+            for c, (ref, t) in self._active.items()
+            if now - t < ACTIVE_S and ref() is not None
+        }
+        self._active[id(cache)] = (weakref.ref(cache), now)
 
     def _take_partners(self, first: StageStep, pending: deque[_Job | None]) -> list[_Job]:
         """Queued one-token steps that can share ``first``'s forward: same stage object,
@@ -309,7 +316,7 @@ class ComputeWorker:
             # share their forwards from their first decode step on. (Before settling: the
             # loop reads ``_active`` only when nothing is outstanding.)
             if not job.fn.catch_up:
-                self._active[id(job.fn.cache)] = (weakref.ref(job.fn.cache), done)
+                self._mark_active(job.fn.cache, done)
             if job.fn.batchable:
                 self._lone_ms = result.compute_ms  # (may come back under INLINE_MAX_MS)
         job.loop.call_soon_threadsafe(self._settle, job.future, result, None)

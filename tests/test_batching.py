@@ -7,6 +7,7 @@ would generate alone."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import threading
 from pathlib import Path
@@ -231,6 +232,34 @@ def test_a_lone_sessions_decode_step_runs_inline_and_equals_the_workers(
         finally:
             worker.close()
             elsewhere.close()
+
+    asyncio.run(main())
+
+
+def test_a_prefill_makes_a_session_one_to_wait_for(tiny_config, tiny_weights) -> None:
+    """Sessions that start together batch from their first decode step: another session's
+    prefill keeps a lone step off the loop (a batch could form) until that session closes
+    and its cache goes; a shadow's catch-up (a step of chunks) does not."""
+    stage = Stage.from_tensors(tiny_config, 0, tiny_config.n_units, tiny_weights)
+    (mine,) = prefilled(stage, [5])
+    prompt = torch.tensor([1, 2, 3])
+
+    async def main() -> None:
+        worker = ComputeWorker(max_batch=16)
+        try:
+            shadow = StageStep(stage, stage.new_cache(32), 0, 3, lambda: prompt, lambda y: y)
+            shadow.catch_up = True
+            await worker.run(shadow)
+            assert worker.run_inline(step_for(stage, mine, 5, torch.tensor([7]))) is not None
+            other = stage.new_cache(32)
+            await worker.run(step_for(stage, other, 0, prompt))  # its prefill
+            assert worker.run_inline(step_for(stage, mine, 6, torch.tensor([7]))) is None
+            del other  # its session closed
+            gc.collect()
+            assert worker.run_inline(step_for(stage, mine, 6, torch.tensor([7]))) is not None
+            assert len(worker._active) == 1  # (closed sessions are forgotten)
+        finally:
+            worker.close()
 
     asyncio.run(main())
 
