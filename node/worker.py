@@ -54,7 +54,7 @@ MAX_BATCH = 16  # decode steps per forward (the default; 1 = each step alone)
 MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
 GATHER_S = 0.008  # how long a decode step waits, at most, for the other active sessions'
 GATHER_GAP_S = 0.002  # ... and no longer than this after the last one came
-ACTIVE_S = 1.0  # a session that decoded here this recently is expected back
+ACTIVE_S = 1.0  # a session that computed here this recently (a prefill too) is expected back
 INLINE_MAX_MS = 25.0  # a lone step this slow runs on the worker: the loop answers meanwhile
 
 
