@@ -346,8 +346,8 @@ def run_against_floor(
                 if three:
                     computed[0].append(sum(h["compute_ms"] for h in result.hops))
                     computed[1].append(bare.compute_ms)
-                    same = same and result.token == floor == here
-                token, same = result.token, same and result.token == floor
+                same = same and result.token == floor and (not three or result.token == here)
+                token = result.token
         finally:
             local.close()
             await bare.close()
