@@ -145,6 +145,10 @@ def test_concurrency_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert rows[(1, 3)]["mean_batch"] == 1.0  # with --batch 1 every step runs alone
     assert rows[(1, 3)]["same_tokens"] == 3  # the unbatched chain is deterministic
     assert rows[(16, 3)]["same_tokens"] == 3  # batched steps equal unbatched ones
+    ceiling = result["ceiling"]  # the same sessions, one batched forward each step, here
+    assert ceiling["tokens_per_s"] > 0 and ceiling["same_tokens"] == ceiling["sessions_run"] == 3
+    share = rows[(16, 3)]["tokens_per_s"] / ceiling["tokens_per_s"]
+    assert rows[(16, 3)]["of_ceiling"] == pytest.approx(share, abs=0.01)
     assert (out / "concurrency.md").read_text() in done.stdout
 
 
