@@ -1,6 +1,7 @@
-"""The compute worker: every torch call of a node runs here, on one thread per device,
-fed by a queue. The gRPC event loop only enqueues and awaits, so it never blocks on torch,
-and because all work for a device passes one place, concurrent sessions are batched (by
+"""The compute worker: a node's torch calls run here, on one thread per device, fed by a
+queue. The gRPC event loop enqueues and awaits, so it does not block on torch (save one
+lone session's short steps, below), and because all work for a device passes one place,
+concurrent sessions are batched (by
 default; ``max_batch=1`` turns it off): the one-token steps of several sessions on the same
 stage that are waiting together run as one forward (``Stage.decode``), which reads each
 weight once for all of them and answers each session exactly what it gets alone. To let
