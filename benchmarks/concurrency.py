@@ -232,7 +232,9 @@ def measure(opts: argparse.Namespace, nodes: Nodes) -> dict:
             "sessions": opts.sessions,
             "tokens_per_s": round(median(top), 2),
             "tokens_per_s_spread": spread(top),
-            "same_tokens": sum(r.tokens == alone for r in ceiling) * opts.sessions,
+            "same_tokens": sum(
+                r.tokens[s] == alone[s] for r in ceiling for s in range(opts.sessions)
+            ),
             "sessions_run": opts.sessions * len(ceiling),
         },
         "model": opts.model,

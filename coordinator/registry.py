@@ -398,8 +398,8 @@ class Registry:
         """What the placement requested so far reads, copied out: ``groups.plan`` may run
         on another thread meanwhile. Takes the requests (a run answers all of them)."""
         broken = frozenset(self._broken)
-        given = [b for b in self._budgets if b is not None]
-        budget = None if len(given) < len(self._budgets) else min(given, default=None)
+        given = [b for b in self._budgets if b is not None]  # (None: no limit, which wins)
+        budget = None if None in self._budgets else min(given, default=None)
         self._broken, self._budgets = set(), []
         active = {nid: r for nid, r in self.nodes.items() if r.address not in self.excluded}
         previous: Placement = {
