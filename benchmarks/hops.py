@@ -14,7 +14,10 @@ Speed (``--model``, default GPT-2 124M's shape with random weights, made once un
   (a thread per core, batching on) splitting the units evenly, driven by ``SwarmSession`` +
   ``generate`` from here; the longest chain once per codec;
 - the gRPC echo floor (``echo.py``): a bare grpc.aio bidi-stream round trip of one decode
-  step's activations, measured between the chain runs so both see the same load.
+  step's activations, measured between the chain runs so both see the same load;
+- the floor of a pipeline hop: the longest chain's stages in bare gRPC nodes
+  (``bare_chain.py``) and in processes linked by OS pipes (``pipe_chain.py``), each token
+  taken in turn by nanoshard's chain, the two floors and the local path.
 
 Configurations run interleaved, in a rotated order, ``--repeats`` times; ms/token is the
 median decode step. A chain of k nodes has k *hops*: the client->node transfer plus k-1
@@ -75,6 +78,7 @@ from common import (
     spread,
 )
 from echo import EchoServer, measure_floor
+from pipe_chain import PipeChain
 
 from nanoshard import codec as codecs
 from nanoshard.checkpoint import open_checkpoint
@@ -186,6 +190,7 @@ def measure_speed(
     routes = {k: route_from_addresses(nodes.chain(opts.model, splits[k])) for k in chains}
     biggest = max(chains)
     bare = stack.enter_context(BareChain(opts.model, splits[biggest]))
+    pipes = stack.enter_context(PipeChain(opts.model, splits[biggest]))
 
     configs = [Config(0)] + ([Config(0, threads=1)] if not opts.quick else [])
     configs += [Config(k) for k in chains] + [Config(biggest, bare=True)]
@@ -195,7 +200,7 @@ def measure_speed(
         if c.nodes == 0:
             return run_local(stage, ids, tokens, c.threads)
         if c.bare:
-            return run_against_floor(routes[c.nodes], bare.address, stage, ids, tokens)
+            return run_against_floor(routes[c.nodes], bare.address, pipes, stage, ids, tokens)
         return run_paired(routes[c.nodes], stage, ids, tokens, c.codec)
 
     for c in configs:  # warm-up: first calls, channels, allocator
@@ -280,21 +285,25 @@ def measure_speed(
 
 @dataclass
 class AgainstFloor:
-    """The chain, the bare chain (the floor) and the local path, each stepped in turn for the
-    same token: their ms per decode step, and whether all three drew the same tokens; then
-    the two chains alone, back to back (``back_*``)."""
+    """The chain, the bare chain (the floor), the pipe chain (the floor without gRPC) and the
+    local path, each stepped in turn for the same token: their ms per decode step, and
+    whether all drew the same tokens; then the two gRPC chains alone, back to back
+    (``back_*``)."""
 
     chain_ms: list[float]
     bare_ms: list[float]
     local_ms: list[float]
+    pipe_ms: list[float]
     same_tokens: bool
     chain_compute_ms: list[float]  # the nodes' compute, summed over the hops
     bare_compute_ms: list[float]
+    pipe_compute_ms: list[float]
     back_chain_ms: list[float]
     back_bare_ms: list[float]
 
 
-ORDERS = ((0, 1, 2), (1, 0, 2))  # chain, bare, local; bare, chain, local (token by token)
+# chain, bare, local, pipes; bare, chain, local, pipes (token by token)
+ORDERS = ((0, 1, 2, 3), (1, 0, 2, 3))
 
 
 def balanced(diffs: list[float]) -> float:
@@ -305,48 +314,56 @@ def balanced(diffs: list[float]) -> float:
 
 
 def run_against_floor(
-    route: Route, bare_address: str, stage: Stage, ids: list[int], tokens: int
+    route: Route, bare_address: str, pipes: PipeChain, stage: Stage, ids: list[int], tokens: int
 ) -> AgainstFloor:
     """``tokens`` greedy decode steps, each token taken by nanoshard's chain, the bare chain
-    (``bare_chain.py``: the same stages, nothing of nanoshard) and the local path, so that
-    the three see the same moments of this shared machine; then ``tokens`` more taken by
-    the two chains alone, back to back, as a user's tokens come.
+    (``bare_chain.py``: the same stages, nothing of nanoshard), the pipe chain
+    (``pipe_chain.py``: the same again over OS pipes, no gRPC) and the local path, so that
+    all see the same moments of this shared machine; then ``tokens`` more taken by the two
+    gRPC chains alone, back to back, as a user's tokens come.
 
-    The chains take turns going first (chain, bare, local; bare, chain, local). Whatever
-    runs right after the local step (or after any pause: measured with a 14 ms sleep in
-    its place, the chain after it was 0.38-0.43 ms a hop above the floor, 0.01-0.21 when
-    the floor came after it) pays for it, so a fixed order would charge that to one chain
-    every time; and it weighs more on the path that does more on the way (``balanced``).
-    The back-to-back tokens have no such step between: each chain follows the other."""
+    The gRPC chains take turns going first (chain, bare, local, pipes; bare, chain, local,
+    pipes). Whatever runs right after the local step (or after any pause: measured with a
+    14 ms sleep in its place, the chain after it was 0.38-0.43 ms a hop above the floor,
+    0.01-0.21 when the floor came after it) pays for it, so a fixed order would charge that
+    to one chain every time; and it weighs more on the path that does more on the way
+    (``balanced``). The pipes always pay it: their figure errs high, so what gRPC adds
+    above them errs low. The back-to-back tokens have no such step between: each chain
+    follows the other."""
     max_length = max_length_for(len(ids), 2 * tokens + 1, stage.config.block_size)
 
     async def main() -> AgainstFloor:
         channels, session = await open_chain(route, max_length, "fp32")
         bare = BareSession(bare_address)
         local = LocalSession(stage, GREEDY, max_length)
-        ms: tuple[list[float], list[float], list[float]] = ([], [], [])
+        ms: tuple[list[float], ...] = ([], [], [], [])
         back: tuple[list[float], list[float]] = ([], [])
-        computed: tuple[list[float], list[float]] = ([], [])
+        computed: tuple[list[float], list[float], list[float]] = ([], [], [])
         try:
             token = (await session.step(ids, 0)).token
             same = token == await bare.step(ids, 0) == local.step(ids, 0).token
+            same = same and token == pipes.step(ids, 0)
             for i, pos in enumerate(range(len(ids), len(ids) + 2 * tokens)):
-                three = i < tokens
+                three = i < tokens  # (all of them: then the gRPC chains alone)
                 for k in ORDERS[i % len(ORDERS)]:
-                    if k == 2 and not three:
+                    if k >= 2 and not three:
                         continue
                     t0 = time.perf_counter()
                     if k == 0:
                         result = await session.step([token], pos)
                     elif k == 1:
                         floor = await bare.step([token], pos)
+                    elif k == 3:
+                        piped = pipes.step([token], pos)
                     else:
                         here = local.step([token], pos).token
                     ((ms if three else back)[k]).append((time.perf_counter() - t0) * 1e3)
                 if three:
                     computed[0].append(sum(h["compute_ms"] for h in result.hops))
                     computed[1].append(bare.compute_ms)
-                same = same and result.token == floor and (not three or result.token == here)
+                    computed[2].append(pipes.compute_ms)
+                    same = same and result.token == here == piped
+                same = same and result.token == floor
                 token = result.token
         finally:
             local.close()
@@ -405,6 +422,14 @@ def bare_row(
         "chain_above_floor_with_local_per_hop_ms": round(
             median([balanced(diffs("chain_ms", "bare_ms", [r])) for r in runs]) / c.nodes, 3
         ),
+        # the same processes over OS pipes: what splitting the model costs without gRPC
+        "pipe_ms_per_token": round(median([ms for r in runs for ms in r.pipe_ms]), 3),
+        "pipe_ratio_to_local": round(
+            median([median(r.pipe_ms) / median(r.local_ms) for r in runs]), 4
+        ),
+        "pipe_overhead_per_hop_ms": round(median(diffs("pipe_ms", "local_ms")) / c.nodes, 3),
+        "pipe_compute_ms_sum": round(median([ms for r in runs for ms in r.pipe_compute_ms]), 3),
+        "floor_above_pipes_per_hop_ms": round(median(diffs("bare_ms", "pipe_ms")) / c.nodes, 3),
     }
 
 
@@ -600,6 +625,17 @@ def render_markdown(result: dict) -> str:
                 "between tokens, which charges what follows it). The nodes' compute, summed: "
                 f"the chain {ms(r['chain_compute_ms_sum'])} ms, the floor "
                 f"{ms(r['compute_ms_sum'])}.\n"
+            )
+            out.append(
+                "\nBelow that floor, the same stages in the same number of processes linked "
+                "by OS pipes (`pipe_chain.py`: blocking reads, no gRPC, no event loop, the "
+                "token straight back to the caller), taking each token in the same turns: "
+                f"{ms(r['pipe_ms_per_token'])} ms/token ({r['pipe_ratio_to_local']:.3f} x "
+                f"local, {ms(r['pipe_overhead_per_hop_ms'])} ms a hop; compute summed "
+                f"{ms(r['pipe_compute_ms_sum'])} ms). Splitting the model across processes on "
+                "this machine costs that much by itself; **Python gRPC costs "
+                f"{ms(r['floor_above_pipes_per_hop_ms'])} ms a hop more** (the bare chain "
+                "against the pipes, token by token).\n"
             )
     pre = speed["prefill"]
     out.append(

@@ -86,6 +86,9 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert bare["tokens_match_local"]  # the chain, the bare chain and the local path agree
     assert bare["compute_ms_sum"] > 0 and bare["chain_compute_ms_sum"] > 0
     assert "chain_above_floor_per_hop_ms" in bare
+    # the same stages over OS pipes, in the same turns: they agreed on every token too
+    assert bare["pipe_ms_per_token"] > 0 and bare["pipe_compute_ms_sum"] > 0
+    assert "floor_above_pipes_per_hop_ms" in bare
     chain = configs[(2, "fp32")]
     assert chain["tokens_match_local"]  # fp32 is lossless: the chain is the local path
     assert chain["local_ms_per_token"] > 0  # the paired local steps ran
