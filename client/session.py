@@ -395,7 +395,6 @@ def _forged_trace(
     key = keys.get(trace.address)
     if key == b"":
         return None  # a node of the route whose key nobody gave
-    relays = [h.address for h in reply.hops[: i + 1]]
     head = i == len(reply.hops) - 1 and reply.has_token
     # (a trace naming a node the route does not is forged too: its relay renamed it)
     forged = key is None or not identity.step_signed(key, session_id, pos, n_tokens, trace)
@@ -404,6 +403,7 @@ def _forged_trace(
         forged = identity.output_digest(output, reply.token) != trace.output_digest
     if not forged:
         return None
+    relays = [h.address for h in reply.hops[: i + 1]]
     return Unavailable(
         f"a trace of {trace.address} that its signature does not hold, relayed "
         f"by {', '.join(relays[:-1]) or 'nobody'} (step at position {pos})",

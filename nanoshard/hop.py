@@ -428,7 +428,10 @@ class NextHop:
             if own_ms is not None:
                 others.append(("", own_ms))
             for key, ms in others:
-                self.others.setdefault(key, Pace()).add(ms)
+                pace = self.others.get(key)
+                if pace is None:  # (not setdefault: that would build a Pace every step)
+                    pace = self.others[key] = Pace()
+                pace.add(ms)
             own = self.pace.slower()
             if own < SLOWER:  # (the others' share only divides it further)
                 return why
