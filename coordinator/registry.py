@@ -27,7 +27,7 @@ from nanoshard.tp import MAX_PEERS
 from . import groups
 from .load import Handouts, LiveReport, placement_slowdown, shared_ratios, speed_factor
 from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs, units_moved
-from .routing import Server
+from .routing import Server, prefix_sums
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ class Registry:
         self.defer: Callable[[], None] | None = None  # set: placement runs off the loop
         self.rebalanced_at = -math.inf  # when live speeds were last placed by
         self._drifted = False  # a node's slowdown changed since
-        self._times: dict[str, tuple[tuple, tuple[float, ...]]] = {}  # _unit_times, by node
+        self._times: dict[
+            str, tuple[tuple, tuple[float, ...], tuple[float, ...]]
+        ] = {}  # ``_unit_times``, by node
 
     # ---- membership -----------------------------------------------------------------
 
@@ -556,17 +558,21 @@ class Registry:
             return record.capacity.head_ms
         return record.capacity.block_ms * self.units[unit].cost
 
-    def _unit_times(self, record: NodeRecord, start: int, end: int) -> tuple[float, ...]:
-        """``unit_ms`` of each unit of [start, end), kept per node until its stage or its
-        capacity changes (routes and status ask for every node's, each time)."""
+    def _unit_times(
+        self, record: NodeRecord, start: int, end: int
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``unit_ms`` of each unit of [start, end) and their prefix sums, kept per node
+        until its stage or its capacity changes (routes and status ask for every node's,
+        each time)."""
         key = (start, end, record.capacity.block_ms, record.capacity.head_ms)
         kept = self._times.get(record.node_id)
         if kept is None or kept[0] != key:
             if len(self._times) > 2 * len(self.nodes) + 64:  # nodes that left
                 self._times = {n: t for n, t in self._times.items() if n in self.nodes}
-            kept = (key, tuple(self.unit_ms(record, u) for u in range(start, end)))
+            times = tuple(self.unit_ms(record, u) for u in range(start, end))
+            kept = (key, times, prefix_sums(times))
             self._times[record.node_id] = kept
-        return kept[1]
+        return kept[1], kept[2]
 
     def _servable(self, group: Group) -> bool:
         """Every member here, not excluded, ready on the group's stage, in the group."""
@@ -614,12 +620,11 @@ class Registry:
             if r.ready is None or r.tp_group:
                 continue
             start, end = r.ready
-            factor = speed_factor(r.load.live)  # its speed now, against its measurement
-            unit_ms = self._unit_times(r, start, end)
-            if factor != 1.0:
-                unit_ms = tuple(ms * factor for ms in unit_ms)
+            unit_ms, cum = self._unit_times(r, start, end)
             load = r.load.sessions + r.load.queue_length + self._pending(r)
-            out.append(Server(r.address, start, end, unit_ms, float(load)))
+            # (its speed now, against its measurement: applied to the kept times)
+            speed = speed_factor(r.load.live)
+            out.append(Server(r.address, start, end, unit_ms, float(load), speed=speed, cum=cum))
         for group in sorted(self.groups.values(), key=lambda g: g.id):
             if not self._servable(group):
                 continue

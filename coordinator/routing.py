@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,14 @@ class Server:
     overhead_ms: float = 0.0  # paid once per step (a group's: rank 0 sending the input on)
     whole: bool = False  # serves only [start, end) whole (a tensor-parallel group)
     size: int = 1  # nodes serving together (a group's size)
+    speed: float = 1.0  # how many times ``unit_ms`` its steps take now (its live slowdown)
+    # prefix sums of ``unit_ms`` (made from it when not given): a hop's time in O(1). The
+    # registry keeps them per node, so a route does not redo them for thousands of nodes.
+    cum: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.cum) != len(self.unit_ms) + 1:
+            object.__setattr__(self, "cum", prefix_sums(self.unit_ms))
 
     def holds(self, start: int, end: int) -> bool:
         if self.whole:
@@ -57,10 +66,17 @@ class Server:
         return u == self.start if self.whole else self.start <= u < self.end
 
     def ms(self, start: int, end: int, avoided: frozenset[str] = frozenset()) -> float:
-        """Estimated time of units ``[start, end)`` here, load and avoidance included."""
-        base = self.overhead_ms + sum(self.unit_ms[start - self.start : end - self.start])
+        """Estimated time of units ``[start, end)`` here, speed, load and avoidance
+        included."""
+        cum = self.cum
+        base = self.overhead_ms + self.speed * (cum[end - self.start] - cum[start - self.start])
         penalty = AVOIDED_PENALTY_MS if self.address in avoided else 0.0
         return base * (1.0 + 0.25 * self.load) + penalty
+
+
+def prefix_sums(unit_ms: Sequence[float]) -> tuple[float, ...]:
+    """``(0, t0, t0 + t1, ...)``: the time of units ``[a, b)`` is ``cum[b] - cum[a]``."""
+    return (0.0, *itertools.accumulate(unit_ms))
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,7 @@ def plan_route(
             for s in servers
             if 0 <= s.start < s.end <= n_units and len(s.unit_ms) == s.end - s.start
         ),
-        key=lambda s: (s.address, s.start),
+        key=operator.attrgetter("address", "start"),
     )
     avoided = frozenset(avoid)
     inf = float("inf")
@@ -107,7 +123,8 @@ def plan_route(
     @functools.cache
     def bounded() -> bool:  # asked only once a skip is possible: it reads every server
         return HOP_OVERHEAD_MS > 0 and all(
-            s.overhead_ms >= 0 and s.load >= 0 and min(s.unit_ms, default=0.0) >= 0 for s in pool
+            s.overhead_ms >= 0 and s.load >= 0 and s.speed >= 0 and min(s.unit_ms, default=0.0) >= 0
+            for s in pool
         )
 
     for u in range(n_units):
@@ -164,7 +181,7 @@ class _Entries:
             pool = self.pool
             fresh = itertools.chain.from_iterable(self.starting[self.merged : u + 1])
             self.nodes = [k for k in self.nodes if pool[k].end > u]
-            self.nodes += (k for k in fresh if not pool[k].whole)
+            self.nodes += (k for k in fresh if not pool[k].whole and pool[k].end > u)
             self.merged = u + 1
             groups = (k for k in self.starting[u] if pool[k].whole)
             self.lists[u] = [pool[k] for k in sorted(itertools.chain(self.nodes, groups))]

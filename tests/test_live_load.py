@@ -215,9 +215,11 @@ def test_a_node_whose_steps_slow_down_leaves_new_routes() -> None:
     # a minute or two without steps and it is tried again
     faded = LiveReport(decode_ms=40.0, speed_ratio=5.0, idle_s=10 * FADE_S)
     registry.heartbeat(slowed.node_id, 3.0, slowed.assigned, Load(live=faded))
-    servers = {s.address: s for s in registry.servers()}
-    assert servers[slowed.address].unit_ms[0] == pytest.approx(
-        registry.unit_ms(slowed, slowed.ready[0]) * speed_factor(faded)  # type: ignore[index]
+    server = {s.address: s for s in registry.servers()}[slowed.address]
+    assert server.speed == pytest.approx(speed_factor(faded))
+    start = slowed.ready[0]  # type: ignore[index]
+    assert server.ms(start, start + 1) == pytest.approx(
+        registry.unit_ms(slowed, start) * speed_factor(faded) * (1 + 0.25 * server.load)
     )
 
 

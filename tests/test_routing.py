@@ -87,6 +87,25 @@ def test_the_route_is_the_plain_dynamic_programs(seed: int, n_units: int, count:
         assert plan_route(servers, n_units, skip) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_units=st.integers(1, 8),
+    count=st.integers(1, 25),
+    asked=st.sets(st.integers(0, 7)),
+)
+def test_the_index_lists_exactly_who_a_hop_may_enter(
+    seed: int, n_units: int, count: int, asked: set[int]
+) -> None:
+    """Asked for units in increasing order, skipping some (the chain reaches few): a node
+    whose stage ended among the skipped units is not listed (it once was, and its time for
+    a hop that ends before it starts came out as nothing)."""
+    pool = sorted(random_servers(random.Random(seed), n_units, count), key=lambda s: s.address)
+    entries = routing._Entries(pool, n_units)
+    for u in sorted(a for a in asked if a < n_units):
+        assert entries.at(u) == [s for s in pool if s.enters(u)]
+
+
 def test_a_negative_time_turns_the_skips_off_and_changes_nothing() -> None:
     """The skips assume no hop costs less than HOP_OVERHEAD_MS; a (bogus) negative load
     breaks that, and the route must still be the plain program's."""
