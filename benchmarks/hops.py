@@ -103,6 +103,8 @@ DEFINITIONS = {
     "handling_ms": "the node's own time outside compute, queue and its downstream call",
     "transfer_ms": "into this hop: the caller's wait minus this hop's total time (both ways)",
     "bytes_out_per_token": "activation payload bytes a hop sends per decode token",
+    "bare": "the floor: the longest chain's stages in bare grpc.aio nodes (bare_chain.py)",
+    "pipe_*": "the same stages in processes linked by OS pipes, no gRPC (pipe_chain.py)",
 }
 CODECS = ("fp32", "fp16", "bf16", "int8", "int8-64")
 SPEED_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, "
