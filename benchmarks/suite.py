@@ -85,7 +85,9 @@ def targets(r: dict) -> list[Target]:
             f"{three['ratio_to_local']:.3f}x; {per_hop:.2f} ms per hop; the floor (bare "
             f"grpc.aio nodes, same stages) {bare['ratio_to_local']:.3f}x, "
             f"{bare['overhead_per_hop_ms']:.2f} ms per hop, nanoshard +{above:.2f} ms per hop "
-            f"above it; gRPC echo {floor:.2f} ms, held as a hop computes "
+            f"above it; below both, the same stages over OS pipes (no gRPC) "
+            f"{bare['pipe_ratio_to_local']:.3f}x, {bare['pipe_overhead_per_hop_ms']:.2f} ms "
+            f"per hop; gRPC echo {floor:.2f} ms, held as a hop computes "
             f"{r['hops']['speed']['held_floor_ms']:.2f} ms",
             three["ratio_to_local"] <= 1.10 and (per_hop <= 0.6 or above <= 0.2),
         )
