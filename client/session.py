@@ -131,6 +131,8 @@ class SwarmSession:
         self.first: NextHop | None = None
         self.session_id = b""
         self._keys: dict[str, bytes] = {}  # the route's nodes' keys (Route.keys), once open
+        self._share = identity.SessionShare()  # this session's half of its key with the head
+        self._mac: tuple[str, bytes] | None = None  # (the head, the session's MAC key)
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
         # Traces behind the head still to be checked (the step's session, its route's keys,
@@ -146,6 +148,7 @@ class SwarmSession:
             max_length=self.max_length,
             codec=self.codec,
             sampling=sampling_to_wire(self.params),
+            client_share=self._share.share,
         )
 
     # ---- the route --------------------------------------------------------------------
@@ -181,6 +184,7 @@ class SwarmSession:
             self.checker.end(self.session_id)
         self.route, self.session_id = route, secrets.token_bytes(16)
         self._keys = route.keys()  # what its traces are checked against
+        self._share, self._mac = identity.SessionShare(), None
         self.first = NextHop(
             self.channels,
             self._spec(),
@@ -189,7 +193,28 @@ class SwarmSession:
             timeout_s=self.timeout_s,
             avoided=self.avoid.now,
         )
-        await self.first.open()
+        self._mac = self._mac_key(await self.first.open())
+
+    def _mac_key(self, opened: pb.OpenReply) -> tuple[str, bytes] | None:
+        """The session's MAC key with its head, if the head answered a share signed by the
+        key the route gives it (else its traces are checked by signature alone)."""
+        if not opened.HasField("session_key"):
+            return None
+        head = opened.session_key
+        key = self._keys.get(head.address)
+        assert self.route is not None
+        statement = identity.session_key_statement(self.session_id, self._share.share, head.share)
+        if (
+            not key
+            or head.address not in self.route.hops[-1].addresses
+            or not identity.verify(key, head.signature, statement)
+        ):
+            log.warning("the head's session key is not %s's word: ignored", head.address)
+            return None
+        try:
+            return head.address, self._share.client_key(self.session_id, head.share)
+        except InvalidArgument:
+            return None
 
     async def _reroute(self) -> None:
         """A new route and a new session on it, replayed with everything sent so far."""
@@ -333,7 +358,8 @@ class SwarmSession:
         reply with a token must carry a trace for every hop of the route.
 
         What a trace vouches for: the head's, the token answered (and the logits returned),
-        checked now, before the token is answered; a ``followed`` hop's, what a check point
+        checked now, before the token is answered (on the session's MAC if the head made
+        one, else by signature); a ``followed`` hop's, what a check point
         compares, checked while the next step is on its way (``_check_pending``; a forged
         one fails that step) and always before the check point. The other hops' traces
         vouch for nothing the client uses, and a signature check costs more CPU (about
@@ -350,10 +376,12 @@ class SwarmSession:
             )
         if reply.has_token:
             head = len(reply.hops) - 1
-            forged = _forged_trace(self.session_id, keys, reply, head, pos, n_tokens)
+            mac = self._mac
+            forged = _forged_trace(self.session_id, keys, reply, head, pos, n_tokens, mac)
             if forged is not None:
                 raise forged
-            behind = [k for k in followed if k < head]
+            # (a head accepted on its MAC has its signature checked later if it is followed)
+            behind = [k for k in followed if k < head or (k == head and mac is not None)]
             if behind:
                 self._unchecked.append((self.session_id, keys, reply, pos, n_tokens, behind))
         else:
@@ -387,17 +415,34 @@ class SwarmSession:
 
 
 def _forged_trace(
-    session_id: bytes, keys: dict[str, bytes], reply: pb.StepReply, i: int, pos: int, n_tokens: int
+    session_id: bytes,
+    keys: dict[str, bytes],
+    reply: pb.StepReply,
+    i: int,
+    pos: int,
+    n_tokens: int,
+    mac: tuple[str, bytes] | None = None,
 ) -> Unavailable | None:
     """Why trace ``i`` of ``reply`` (the step at ``pos`` of ``session_id``) is not the word
-    of its node (``keys``: the route's), or None if it is."""
+    of its node (``keys``: the route's), or None if it is. The head's trace is its word if
+    it carries the session's ``mac`` (the head, the key) over the step, or else its node's
+    signature: a MAC that fails (a head restarted with a new key, or a relay's forgery) is
+    judged by the signature."""
     trace = reply.hops[i]
     key = keys.get(trace.address)
     if key == b"":
         return None  # a node of the route whose key nobody gave
     head = i == len(reply.hops) - 1 and reply.has_token
+    maced = (
+        head
+        and mac is not None
+        and trace.address == mac[0]
+        and identity.step_maced(mac[1], session_id, pos, n_tokens, trace)
+    )
     # (a trace naming a node the route does not is forged too: its relay renamed it)
-    forged = key is None or not identity.step_signed(key, session_id, pos, n_tokens, trace)
+    forged = not maced and (
+        key is None or not identity.step_signed(key, session_id, pos, n_tokens, trace)
+    )
     if not forged and head:
         output = reply.output if reply.HasField("output") else None
         forged = identity.output_digest(output, reply.token) != trace.output_digest

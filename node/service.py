@@ -281,12 +281,18 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             session.next.rebind(route)
 
-    async def _open_onwards(self, session: NodeSession) -> list[pb.KVHandle]:
-        """This node's KV handle, then those of the later hops (opened along the route)."""
-        handles = [self.handle(session)]
+    async def _open_onwards(self, session: NodeSession) -> pb.OpenReply:
+        """This node's answer to an Open: its KV handle, then those of the later hops
+        (opened along the route), and the head's share of the session's key."""
+        reply = pb.OpenReply(length=session.length, handles=[self.handle(session)])
         if session.next is not None:
-            handles.extend((await session.next.open()).handles)
-        return handles
+            onwards = await session.next.open()
+            reply.handles.extend(onwards.handles)
+            if onwards.HasField("session_key"):
+                reply.session_key.CopyFrom(onwards.session_key)
+        elif session.session_key is not None:
+            reply.session_key.CopyFrom(session.session_key)
+        return reply
 
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
@@ -297,9 +303,9 @@ class NodeService(pb_grpc.NodeServicer):
                 if session.spec != spec:
                     raise FailedPrecondition("this session id is already open with another spec")
                 self._bind(session, self.check_route(session.stage, request.route))
-                handles = await self._open_onwards(session)
+                reply = await self._open_onwards(session)
                 session.touch()
-                return pb.OpenReply(length=session.length, handles=handles)
+                return reply
         stage = self.current_stage(request.start, request.end)
         route = self.check_route(stage, request.route)
         group = self.group
@@ -310,11 +316,25 @@ class NodeService(pb_grpc.NodeServicer):
                     opened = pb.OpenRequest(spec=request.spec, start=stage.start, end=stage.end)
                     await self._group_acks(group, group.send(pb.GroupCommand(open=opened)))
                 self._bind(session, route)
-                handles = await self._open_onwards(session)
+                if not route:
+                    self._share_key(session)
+                return await self._open_onwards(session)
         except BaseException:  # refused downstream, or the caller went away: nothing stays
             self._drop(session)
             raise
-        return pb.OpenReply(length=session.length, handles=handles)
+
+    def _share_key(self, session: NodeSession) -> None:
+        """At the head of a session whose client sent a share: the session's MAC key, and
+        this node's share signed with its key (``identity``'s module doc)."""
+        spec = session.spec
+        if not spec.client_share or self.key is None or not session.stage.has_head:
+            return
+        mine = identity.SessionShare()
+        session.mac_key = mine.head_key(spec.session_id, spec.client_share)
+        statement = identity.session_key_statement(spec.session_id, spec.client_share, mine.share)
+        session.session_key = pb.SessionKey(
+            address=self.identity.address, share=mine.share, signature=self.key.sign(statement)
+        )
 
     async def _open_here(self, stage: Stage, request: pb.OpenRequest, caller: str) -> NodeSession:
         """A new session on ``stage`` here: its KV cache reserved and allocated."""
@@ -711,7 +731,9 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             output = identity.output_digest(out)
         trace.input_digest, trace.output_digest = digest, output
-        identity.sign_step(self.key, session.spec.session_id, req.pos, n_tokens, trace)
+        identity.sign_step(
+            self.key, session.spec.session_id, req.pos, n_tokens, trace, session.mac_key
+        )
 
     def _sign_chunks(
         self,

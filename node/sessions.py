@@ -14,6 +14,7 @@ from typing import Any
 
 from nanoshard.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from nanoshard.hop import NextHop, Replay, activation_replay
+from nanoshard.identity import SHARE_BYTES
 from nanoshard.kv import KVCache
 from nanoshard.sampling import SamplingParams
 
@@ -30,6 +31,7 @@ class SessionSpec:
     max_length: int
     codec: str
     sampling: SamplingParams
+    client_share: bytes = b""  # the client's X25519 share for the session's MAC key, if any
 
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_BYTES:
@@ -38,6 +40,10 @@ class SessionSpec:
             )
         if self.max_length < 1:
             raise InvalidArgument(f"max_length must be >= 1, got {self.max_length}")
+        if len(self.client_share) not in (0, SHARE_BYTES):
+            raise InvalidArgument(
+                f"client_share must be {SHARE_BYTES} bytes (or none), got {len(self.client_share)}"
+            )
 
 
 @dataclass
@@ -62,6 +68,10 @@ class NodeSession:
     # each chunk, by the position the chunk ends at: what the node signs a step over.
     inputs: Any = field(default_factory=hashlib.sha256)
     input_digests: dict[int, bytes] = field(default_factory=dict)
+    # At the head, with the spec's client share: the session's MAC key and the signed share
+    # that made it (answered to every Open of the session).
+    mac_key: bytes | None = None
+    session_key: Any = None
 
     @property
     def length(self) -> int:

@@ -16,6 +16,7 @@ def spec_from_wire(msg: pb.SessionSpec, block_size: int) -> SessionSpec:
         max_length=msg.max_length,
         codec=codecs.check_codec(msg.codec),
         sampling=sampling_from_wire(msg.sampling),
+        client_share=msg.client_share,
     )
     if spec.max_length > block_size:
         raise InvalidArgument(
@@ -30,4 +31,5 @@ def spec_to_wire(spec: SessionSpec) -> pb.SessionSpec:
         max_length=spec.max_length,
         codec=spec.codec,
         sampling=sampling_to_wire(spec.sampling),
+        client_share=spec.client_share,
     )

@@ -117,12 +117,13 @@ def stub(address: str) -> pb_grpc.NodeStub:
     return pb_grpc.NodeStub(grpc.insecure_channel(address, options=rpc.channel_options()))
 
 
-def spec(max_length: int = 64, codec: str = "fp32") -> pb.SessionSpec:
+def spec(max_length: int = 64, codec: str = "fp32", client_share: bytes = b"") -> pb.SessionSpec:
     return pb.SessionSpec(
         session_id=secrets.token_bytes(16),
         max_length=max_length,
         codec=codec,
         sampling=pb.SamplingParams(temperature=0.0, top_p=1.0),
+        client_share=client_share,
     )
 
 
@@ -253,6 +254,16 @@ def test_bad_input_gets_a_status_and_the_node_keeps_serving(
                     sampling=pb.SamplingParams(top_p=2.0),
                 )
             ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "a client share of 5 bytes": (
+            first.Open,
+            pb.OpenRequest(spec=spec(client_share=b"short")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "a client share that is no X25519 key": (  # (a low-order point: no shared secret)
+            head.Open,
+            pb.OpenRequest(spec=spec(client_share=bytes(32)), start=4, end=6),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
     }

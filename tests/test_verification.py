@@ -23,13 +23,13 @@ from swarm import Swarm
 from nanoshard import agreement, identity
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
-from nanoshard.client.session import RetryPolicy, SwarmSession
+from nanoshard.client.session import RetryPolicy, SwarmSession, _forged_trace
 from nanoshard.coordinator.exclusions import ExclusionStore
 from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
 from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
 from nanoshard.coordinator.trust import PROBATION_PASSES, suggested_rate
-from nanoshard.errors import Unavailable
+from nanoshard.errors import InvalidArgument, Unavailable
 from nanoshard.generation import LocalSession, generate
 from nanoshard.identity import NodeKey
 from nanoshard.sampling import SamplingParams
@@ -125,6 +125,91 @@ def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() 
     token.token = 43  # a relay rewrote the token itself: refused before it is answered
     with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.3:1")):
         session._check_signatures(token, 7, 1)
+
+
+def test_the_head_and_the_client_share_a_session_key_no_relay_can_swap() -> None:
+    """The client opens with an X25519 share; the head answers its own, signed with its node
+    key; both derive one key. A share signed by another key, or by a node that is not the
+    route's head, is not used (the head's traces are then checked by signature alone)."""
+    keys = [NodeKey.generate() for _ in range(2)]
+    addresses = ["10.0.0.1:1", "10.0.0.2:1"]
+    hops = [
+        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
+    ]
+    session = SwarmSession(None, Route(hops, 2), SamplingParams(), 16)  # type: ignore[arg-type]
+    session.session_id = sid = secrets.token_bytes(16)
+    session._keys = session.route.keys()  # type: ignore[union-attr]
+    client = session._share.share
+    head = identity.SessionShare()
+
+    def opened(address: str, signer: NodeKey, share: bytes = head.share) -> pb.OpenReply:
+        statement = identity.session_key_statement(sid, client, share)
+        key = pb.SessionKey(address=address, share=share, signature=signer.sign(statement))
+        return pb.OpenReply(session_key=key)
+
+    assert session._mac_key(opened(addresses[1], keys[1])) == (
+        addresses[1],
+        head.head_key(sid, client),
+    )
+    assert session._mac_key(pb.OpenReply()) is None  # an old head: no share
+    assert session._mac_key(opened(addresses[1], keys[0])) is None  # a relay's own share
+    assert session._mac_key(opened(addresses[0], keys[0])) is None  # not the head
+    assert session._mac_key(opened(addresses[1], keys[1], share=bytes(32))) is None  # no key
+    with pytest.raises(InvalidArgument, match="X25519"):
+        head.head_key(sid, b"short")
+
+
+def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it() -> None:
+    """A head trace carrying the session key's MAC is its word without a signature check;
+    one whose MAC fails (a relay's rewrite, a head restarted with a new key) is judged by
+    its signature. A followed head taken on its MAC has its signature checked while the
+    next step travels: the evidence spot-checks rest on is still the signature."""
+    keys = [NodeKey.generate() for _ in range(2)]
+    addresses = ["10.0.0.1:1", "10.0.0.2:1"]
+    hops = [
+        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
+    ]
+    session = SwarmSession(None, Route(hops, 2), SamplingParams(), 16)  # type: ignore[arg-type]
+    session.session_id = sid = secrets.token_bytes(16)
+    session._keys = route_keys = session.route.keys()  # type: ignore[union-attr]
+    mac_key = secrets.token_bytes(32)
+    session._mac = (addresses[1], mac_key)
+
+    def reply(pos: int, token: int, mac: bytes | None = mac_key) -> pb.StepReply:
+        r = pb.StepReply(has_token=True, token=token)
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True)):
+            trace = pb.HopTrace(address=a, start=i, end=i + 1, input_digest=bytes([i]) * 32)
+            trace.output_digest = identity.output_digest(None, token) if i == 1 else b"o" * 32
+            identity.sign_step(k, sid, pos, 1, trace, mac if i == 1 else None)
+            r.hops.append(trace)
+        return r
+
+    unsigned = reply(5, 42)
+    unsigned.hops[1].signature = b"s" * 64  # the MAC alone holds
+    assert identity.step_maced(mac_key, sid, 5, 1, unsigned.hops[1])
+    session._check_signatures(unsigned, 5, 1)
+    forged = functools.partial(_forged_trace, sid, route_keys, unsigned, 1, 5, 1)
+    assert forged(session._mac) is None
+    assert forged(None) is not None  # by signature alone it is caught
+    assert forged((addresses[0], mac_key)) is not None  # a MAC of another head's session
+    session._check_signatures(unsigned, 5, 1, followed=[1])  # followed: taken now ...
+    session._check_pending()
+    with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.2:1")):
+        session._raise_forged()  # ... and its signature found wrong before the next step
+
+    restarted = reply(6, 42, mac=secrets.token_bytes(32))  # its MAC fails, its signature holds
+    session._check_signatures(restarted, 6, 1)
+    rewritten = reply(7, 42)
+    rewritten.token = 43  # a relay rewrote the token: the digest holds neither MAC nor token
+    with pytest.raises(Unavailable, match=re.escape("relayed by 10.0.0.1:1")):
+        session._check_signatures(rewritten, 7, 1)
+    rewritten = reply(8, 42)
+    rewritten.token = 43
+    rewritten.hops[1].output_digest = identity.output_digest(None, 43)  # ... and the digest
+    with pytest.raises(Unavailable, match=re.escape("relayed by 10.0.0.1:1")):
+        session._check_signatures(rewritten, 8, 1)
 
 
 # ---- the coordinator: reports and the evidence they carry ------------------------------
@@ -357,14 +442,25 @@ def test_a_callers_word_raises_a_nodes_check_rate_and_nothing_more(demo: tuple) 
 
 
 @pytest.mark.slow
-def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client() -> None:
+def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The first hop relays the later hops' replies, and rewrites their token (``forge``):
-    the head's signature does not hold for it, so the client leaves that hop for its
-    replica and the generation gives the local tokens."""
+    the head's word (its MAC under the session's key) does not hold for it, so the client
+    leaves that hop for its replica and the generation gives the local tokens. The head's
+    traces are taken on their MACs: no signature of the head is checked on the way."""
     ckpt = open_checkpoint("demo")
     prompt = [464, 3290, 373, 257, 1332]
     local = LocalSession(whole(ckpt), SamplingParams(0.0), 64)
     expected = generate(local, prompt, 12, block_size=ckpt.config.block_size).token_ids
+    signed = identity.step_signed
+    checked: list[str] = []
+
+    def spy(key: bytes, session_id: bytes, pos: int, n: int, trace: pb.HopTrace) -> bool:
+        checked.append(trace.address)
+        return signed(key, session_id, pos, n, trace)
+
+    monkeypatch.setattr(identity, "step_signed", spy)
     with Swarm() as swarm:
         _, forger = swarm.node("demo", "0:3", env={"NANOSHARD_FAULT": "forge"})
         honest, b, c = swarm.chain("demo", ["0:3", "3:6", "6:8"])
@@ -377,10 +473,13 @@ def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client() -> Non
         while len(tokens) < 12:
             tokens.append(session.step([tokens[-1]], len(prompt) + len(tokens) - 1).token)
         recoveries = [r.detail for r in session.recoveries]
+        mac = session.session._mac
         session.close()
     assert tokens == expected
     assert any(f"a trace of {c} that its signature does not hold, relayed by {forger}, {b}" in r
                for r in recoveries), recoveries  # fmt: skip
+    assert mac is not None and mac[0] == c
+    assert c not in checked, checked
 
 
 # ---- exclusions that last ---------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nanoshard/v1/node.proto\x12\x0cnanoshard.v1\"\xab\x01\n\x0cGroupCommand\x12\r\n\x05group\x18\x01 \x01(\t\x12)\n\x04open\x18\x02 \x01(\x0b\x32\x19.nanoshard.v1.OpenRequestH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.nanoshard.v1.StepRequestH\x00\x12+\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x1a.nanoshard.v1.CloseRequestH\x00\x42\t\n\x07\x63ommand\"W\n\x08GroupAck\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\x12\x15\n\rcollective_ms\x18\x04 \x01(\x02\"^\n\x03Hop\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x13\n\x0bpublic_keys\x18\x04 \x03(\x0c\x12\x13\n\x0b\x63heck_rates\x18\x05 \x03(\x02\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"t\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoshard.v1.SamplingParams\"t\n\x0bOpenRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.nanoshard.v1.SessionSpec\x12 \n\x05route\x18\x02 \x03(\x0b\x32\x11.nanoshard.v1.Hop\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"D\n\tOpenReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\'\n\x07handles\x18\x02 \x03(\x0b\x32\x16.nanoshard.v1.KVHandle\"<\n\x0b\x41\x63tivations\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x15\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x97\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03pos\x18\x03 \x01(\r\x12&\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x12\x15\n\rthis_hop_only\x18\t \x01(\x08\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12\x15\n\rreturn_output\x18\x08 \x01(\x08\x12(\n\x06\x63hunks\x18\n \x03(\x0b\x32\x18.nanoshard.v1.InputChunkB\x07\n\x05inputJ\x04\x08\x06\x10\x07R\x05route\"|\n\nInputChunk\x12\x0b\n\x03pos\x18\x01 \x01(\r\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x42\x07\n\x05input\"\xac\x01\n\tStepReply\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12$\n\x04hops\x18\x03 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.nanoshard.v1.Activations\x12,\n\x0c\x63hunk_traces\x18\x05 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\"\x8c\x03\n\x08HopTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08total_ms\x18\x07 \x01(\x02\x12\x15\n\rdownstream_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x06handle\x18\x0c \x01(\x0b\x32\x16.nanoshard.v1.KVHandle\x12\x0e\n\x06repair\x18\r \x01(\t\x12\r\n\x05\x62\x61tch\x18\x0e \x01(\r\x12\n\n\x02tp\x18\x0f \x01(\r\x12\x15\n\rcollective_ms\x18\x10 \x01(\x02\x12\x18\n\x10\x63ollective_bytes\x18\x11 \x01(\x04\x12\x14\n\x0cinput_digest\x18\x12 \x01(\x0c\x12\x15\n\routput_digest\x18\x13 \x01(\x0c\x12\x11\n\tsignature\x18\x14 \x01(\x0c\"Y\n\x08KVHandle\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x0c\"9\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x15\n\rthis_hop_only\x18\x02 \x01(\x08\"\x1c\n\nCloseReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"@\n\x0eOutputsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"o\n\tSentChunk\x12\x0b\n\x03pos\x18\x01 \x01(\r\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.nanoshard.v1.Activations\x12%\n\x05trace\x18\x03 \x01(\x0b\x32\x16.nanoshard.v1.HopTrace\"7\n\x0cOutputsReply\x12\'\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x17.nanoshard.v1.SentChunk\"\r\n\x0bInfoRequest\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x0b\n\tPingReply\"\xd3\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\x12\x0f\n\x07n_units\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08sessions\x18\t \x01(\r\x12\x15\n\rkv_bytes_used\x18\n \x01(\x04\x12\x17\n\x0fkv_bytes_budget\x18\x0b \x01(\x04\x12\x14\n\x0cqueue_length\x18\x0c \x01(\r\x12\x13\n\x0bstep_ms_p50\x18\r \x01(\x02\x12\r\n\x05\x65poch\x18\x0e \x01(\x0c\x12\x18\n\x10protocol_version\x18\x0f \x01(\r\x12\x0f\n\x07tp_rank\x18\x10 \x01(\r\x12\x0f\n\x07tp_size\x18\x11 \x01(\r\x12\x12\n\npublic_key\x18\x12 \x01(\x0c\x32\xfb\x03\n\x04Node\x12:\n\x04Open\x12\x19.nanoshard.v1.OpenRequest\x1a\x17.nanoshard.v1.OpenReply\x12?\n\x05Steps\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply(\x01\x30\x01\x12:\n\x04Step\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply\x12=\n\x05\x43lose\x12\x1a.nanoshard.v1.CloseRequest\x1a\x18.nanoshard.v1.CloseReply\x12\x39\n\x04Info\x12\x19.nanoshard.v1.InfoRequest\x1a\x16.nanoshard.v1.NodeInfo\x12\x43\n\x07Outputs\x12\x1c.nanoshard.v1.OutputsRequest\x1a\x1a.nanoshard.v1.OutputsReply\x12?\n\x05Group\x12\x1a.nanoshard.v1.GroupCommand\x1a\x16.nanoshard.v1.GroupAck(\x01\x30\x01\x12:\n\x04Ping\x12\x19.nanoshard.v1.PingRequest\x1a\x17.nanoshard.v1.PingReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nanoshard/v1/node.proto\x12\x0cnanoshard.v1\"\xab\x01\n\x0cGroupCommand\x12\r\n\x05group\x18\x01 \x01(\t\x12)\n\x04open\x18\x02 \x01(\x0b\x32\x19.nanoshard.v1.OpenRequestH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.nanoshard.v1.StepRequestH\x00\x12+\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x1a.nanoshard.v1.CloseRequestH\x00\x42\t\n\x07\x63ommand\"W\n\x08GroupAck\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12\x12\n\ncompute_ms\x18\x03 \x01(\x02\x12\x15\n\rcollective_ms\x18\x04 \x01(\x02\"^\n\x03Hop\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x13\n\x0bpublic_keys\x18\x04 \x03(\x0c\x12\x13\n\x0b\x63heck_rates\x18\x05 \x03(\x02\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"\x8a\x01\n\x0bSessionSpec\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.nanoshard.v1.SamplingParams\x12\x14\n\x0c\x63lient_share\x18\x05 \x01(\x0c\"t\n\x0bOpenRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.nanoshard.v1.SessionSpec\x12 \n\x05route\x18\x02 \x03(\x0b\x32\x11.nanoshard.v1.Hop\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"s\n\tOpenReply\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\'\n\x07handles\x18\x02 \x03(\x0b\x32\x16.nanoshard.v1.KVHandle\x12-\n\x0bsession_key\x18\x03 \x01(\x0b\x32\x18.nanoshard.v1.SessionKey\"?\n\nSessionKey\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"<\n\x0b\x41\x63tivations\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x15\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x97\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03pos\x18\x03 \x01(\r\x12&\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x05 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x12\x15\n\rthis_hop_only\x18\t \x01(\x08\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12\x15\n\rreturn_output\x18\x08 \x01(\x08\x12(\n\x06\x63hunks\x18\n \x03(\x0b\x32\x18.nanoshard.v1.InputChunkB\x07\n\x05inputJ\x04\x08\x06\x10\x07R\x05route\"|\n\nInputChunk\x12\x0b\n\x03pos\x18\x01 \x01(\r\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.nanoshard.v1.TokensH\x00\x12\x30\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x19.nanoshard.v1.ActivationsH\x00\x42\x07\n\x05input\"\xac\x01\n\tStepReply\x12\x11\n\thas_token\x18\x01 \x01(\x08\x12\r\n\x05token\x18\x02 \x01(\r\x12$\n\x04hops\x18\x03 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.nanoshard.v1.Activations\x12,\n\x0c\x63hunk_traces\x18\x05 \x03(\x0b\x32\x16.nanoshard.v1.HopTrace\"\x99\x03\n\x08HopTrace\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08total_ms\x18\x07 \x01(\x02\x12\x15\n\rdownstream_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12&\n\x06handle\x18\x0c \x01(\x0b\x32\x16.nanoshard.v1.KVHandle\x12\x0e\n\x06repair\x18\r \x01(\t\x12\r\n\x05\x62\x61tch\x18\x0e \x01(\r\x12\n\n\x02tp\x18\x0f \x01(\r\x12\x15\n\rcollective_ms\x18\x10 \x01(\x02\x12\x18\n\x10\x63ollective_bytes\x18\x11 \x01(\x04\x12\x14\n\x0cinput_digest\x18\x12 \x01(\x0c\x12\x15\n\routput_digest\x18\x13 \x01(\x0c\x12\x11\n\tsignature\x18\x14 \x01(\x0c\x12\x0b\n\x03mac\x18\x15 \x01(\x0c\"Y\n\x08KVHandle\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x0c\"9\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x15\n\rthis_hop_only\x18\x02 \x01(\x08\"\x1c\n\nCloseReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"@\n\x0eOutputsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"o\n\tSentChunk\x12\x0b\n\x03pos\x18\x01 \x01(\r\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.nanoshard.v1.Activations\x12%\n\x05trace\x18\x03 \x01(\x0b\x32\x16.nanoshard.v1.HopTrace\"7\n\x0cOutputsReply\x12\'\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x17.nanoshard.v1.SentChunk\"\r\n\x0bInfoRequest\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x0b\n\tPingReply\"\xd3\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\r\x12\x0b\n\x03\x65nd\x18\x05 \x01(\r\x12\x0f\n\x07n_units\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08sessions\x18\t \x01(\r\x12\x15\n\rkv_bytes_used\x18\n \x01(\x04\x12\x17\n\x0fkv_bytes_budget\x18\x0b \x01(\x04\x12\x14\n\x0cqueue_length\x18\x0c \x01(\r\x12\x13\n\x0bstep_ms_p50\x18\r \x01(\x02\x12\r\n\x05\x65poch\x18\x0e \x01(\x0c\x12\x18\n\x10protocol_version\x18\x0f \x01(\r\x12\x0f\n\x07tp_rank\x18\x10 \x01(\r\x12\x0f\n\x07tp_size\x18\x11 \x01(\r\x12\x12\n\npublic_key\x18\x12 \x01(\x0c\x32\xfb\x03\n\x04Node\x12:\n\x04Open\x12\x19.nanoshard.v1.OpenRequest\x1a\x17.nanoshard.v1.OpenReply\x12?\n\x05Steps\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply(\x01\x30\x01\x12:\n\x04Step\x12\x19.nanoshard.v1.StepRequest\x1a\x17.nanoshard.v1.StepReply\x12=\n\x05\x43lose\x12\x1a.nanoshard.v1.CloseRequest\x1a\x18.nanoshard.v1.CloseReply\x12\x39\n\x04Info\x12\x19.nanoshard.v1.InfoRequest\x1a\x16.nanoshard.v1.NodeInfo\x12\x43\n\x07Outputs\x12\x1c.nanoshard.v1.OutputsRequest\x1a\x1a.nanoshard.v1.OutputsReply\x12?\n\x05Group\x12\x1a.nanoshard.v1.GroupCommand\x1a\x16.nanoshard.v1.GroupAck(\x01\x30\x01\x12:\n\x04Ping\x12\x19.nanoshard.v1.PingRequest\x1a\x17.nanoshard.v1.PingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,44 +39,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOP']._serialized_end=398
   _globals['_SAMPLINGPARAMS']._serialized_start=400
   _globals['_SAMPLINGPARAMS']._serialized_end=481
-  _globals['_SESSIONSPEC']._serialized_start=483
-  _globals['_SESSIONSPEC']._serialized_end=599
-  _globals['_OPENREQUEST']._serialized_start=601
-  _globals['_OPENREQUEST']._serialized_end=717
-  _globals['_OPENREPLY']._serialized_start=719
-  _globals['_OPENREPLY']._serialized_end=787
-  _globals['_ACTIVATIONS']._serialized_start=789
-  _globals['_ACTIVATIONS']._serialized_end=849
-  _globals['_TOKENS']._serialized_start=851
-  _globals['_TOKENS']._serialized_end=872
-  _globals['_STEPREQUEST']._serialized_start=875
-  _globals['_STEPREQUEST']._serialized_end=1154
-  _globals['_INPUTCHUNK']._serialized_start=1156
-  _globals['_INPUTCHUNK']._serialized_end=1280
-  _globals['_STEPREPLY']._serialized_start=1283
-  _globals['_STEPREPLY']._serialized_end=1455
-  _globals['_HOPTRACE']._serialized_start=1458
-  _globals['_HOPTRACE']._serialized_end=1854
-  _globals['_KVHANDLE']._serialized_start=1856
-  _globals['_KVHANDLE']._serialized_end=1945
-  _globals['_CLOSEREQUEST']._serialized_start=1947
-  _globals['_CLOSEREQUEST']._serialized_end=2004
-  _globals['_CLOSEREPLY']._serialized_start=2006
-  _globals['_CLOSEREPLY']._serialized_end=2034
-  _globals['_OUTPUTSREQUEST']._serialized_start=2036
-  _globals['_OUTPUTSREQUEST']._serialized_end=2100
-  _globals['_SENTCHUNK']._serialized_start=2102
-  _globals['_SENTCHUNK']._serialized_end=2213
-  _globals['_OUTPUTSREPLY']._serialized_start=2215
-  _globals['_OUTPUTSREPLY']._serialized_end=2270
-  _globals['_INFOREQUEST']._serialized_start=2272
-  _globals['_INFOREQUEST']._serialized_end=2285
-  _globals['_PINGREQUEST']._serialized_start=2287
-  _globals['_PINGREQUEST']._serialized_end=2317
-  _globals['_PINGREPLY']._serialized_start=2319
-  _globals['_PINGREPLY']._serialized_end=2330
-  _globals['_NODEINFO']._serialized_start=2333
-  _globals['_NODEINFO']._serialized_end=2672
-  _globals['_NODE']._serialized_start=2675
-  _globals['_NODE']._serialized_end=3182
+  _globals['_SESSIONSPEC']._serialized_start=484
+  _globals['_SESSIONSPEC']._serialized_end=622
+  _globals['_OPENREQUEST']._serialized_start=624
+  _globals['_OPENREQUEST']._serialized_end=740
+  _globals['_OPENREPLY']._serialized_start=742
+  _globals['_OPENREPLY']._serialized_end=857
+  _globals['_SESSIONKEY']._serialized_start=859
+  _globals['_SESSIONKEY']._serialized_end=922
+  _globals['_ACTIVATIONS']._serialized_start=924
+  _globals['_ACTIVATIONS']._serialized_end=984
+  _globals['_TOKENS']._serialized_start=986
+  _globals['_TOKENS']._serialized_end=1007
+  _globals['_STEPREQUEST']._serialized_start=1010
+  _globals['_STEPREQUEST']._serialized_end=1289
+  _globals['_INPUTCHUNK']._serialized_start=1291
+  _globals['_INPUTCHUNK']._serialized_end=1415
+  _globals['_STEPREPLY']._serialized_start=1418
+  _globals['_STEPREPLY']._serialized_end=1590
+  _globals['_HOPTRACE']._serialized_start=1593
+  _globals['_HOPTRACE']._serialized_end=2002
+  _globals['_KVHANDLE']._serialized_start=2004
+  _globals['_KVHANDLE']._serialized_end=2093
+  _globals['_CLOSEREQUEST']._serialized_start=2095
+  _globals['_CLOSEREQUEST']._serialized_end=2152
+  _globals['_CLOSEREPLY']._serialized_start=2154
+  _globals['_CLOSEREPLY']._serialized_end=2182
+  _globals['_OUTPUTSREQUEST']._serialized_start=2184
+  _globals['_OUTPUTSREQUEST']._serialized_end=2248
+  _globals['_SENTCHUNK']._serialized_start=2250
+  _globals['_SENTCHUNK']._serialized_end=2361
+  _globals['_OUTPUTSREPLY']._serialized_start=2363
+  _globals['_OUTPUTSREPLY']._serialized_end=2418
+  _globals['_INFOREQUEST']._serialized_start=2420
+  _globals['_INFOREQUEST']._serialized_end=2433
+  _globals['_PINGREQUEST']._serialized_start=2435
+  _globals['_PINGREQUEST']._serialized_end=2465
+  _globals['_PINGREPLY']._serialized_start=2467
+  _globals['_PINGREPLY']._serialized_end=2478
+  _globals['_NODEINFO']._serialized_start=2481
+  _globals['_NODEINFO']._serialized_end=2820
+  _globals['_NODE']._serialized_start=2823
+  _globals['_NODE']._serialized_end=3330
 # @@protoc_insertion_point(module_scope)

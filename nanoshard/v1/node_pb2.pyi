@@ -57,16 +57,18 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("session_id", "max_length", "codec", "sampling")
+    __slots__ = ("session_id", "max_length", "codec", "sampling", "client_share")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SHARE_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     max_length: int
     codec: str
     sampling: SamplingParams
-    def __init__(self, session_id: _Optional[bytes] = ..., max_length: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    client_share: bytes
+    def __init__(self, session_id: _Optional[bytes] = ..., max_length: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., client_share: _Optional[bytes] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
     __slots__ = ("spec", "route", "start", "end")
@@ -81,12 +83,24 @@ class OpenRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("length", "handles")
+    __slots__ = ("length", "handles", "session_key")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     length: int
     handles: _containers.RepeatedCompositeFieldContainer[KVHandle]
-    def __init__(self, length: _Optional[int] = ..., handles: _Optional[_Iterable[_Union[KVHandle, _Mapping]]] = ...) -> None: ...
+    session_key: SessionKey
+    def __init__(self, length: _Optional[int] = ..., handles: _Optional[_Iterable[_Union[KVHandle, _Mapping]]] = ..., session_key: _Optional[_Union[SessionKey, _Mapping]] = ...) -> None: ...
+
+class SessionKey(_message.Message):
+    __slots__ = ("address", "share", "signature")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    share: bytes
+    signature: bytes
+    def __init__(self, address: _Optional[str] = ..., share: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("codec", "shape", "payload")
@@ -151,7 +165,7 @@ class StepReply(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ..., chunk_traces: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature")
+    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature", "mac")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +186,7 @@ class HopTrace(_message.Message):
     INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     start: int
@@ -192,7 +207,8 @@ class HopTrace(_message.Message):
     input_digest: bytes
     output_digest: bytes
     signature: bytes
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("session_id", "start", "end", "length", "epoch")
