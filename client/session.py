@@ -202,14 +202,14 @@ class SwarmSession:
             return None
         head = opened.session_key
         key = self._keys.get(head.address)
+        if not key:
+            return None  # a node the route gives no key for (or not on the route at all)
         assert self.route is not None
         statement = identity.session_key_statement(self.session_id, self._share.share, head.share)
-        if (
-            not key
-            or head.address not in self.route.hops[-1].addresses
-            or not identity.verify(key, head.signature, statement)
+        if head.address not in self.route.hops[-1].addresses or not identity.verify(
+            key, head.signature, statement
         ):
-            log.warning("the head's session key is not %s's word: ignored", head.address)
+            log.warning("a session key that is not the head's word, from %s: ignored", head.address)
             return None
         try:
             return head.address, self._share.client_key(self.session_id, head.share)

@@ -15,7 +15,8 @@ not), like a volunteer whose owner starts a game: each compute job then holds th
 FACTOR - 1 times as long again as it took.
 ``NANOSHARD_FAULT=forge`` makes the node rewrite what it relays: the token the later hops
 drew, one higher (its own outputs unchanged), as a middle hop that games its callers would;
-the client's check of the head's signature catches it.
+the client's check of the head's word for it (the session key's MAC, else its signature)
+catches it.
 Nothing else should set it."""
 
 from __future__ import annotations
