@@ -80,20 +80,28 @@ def test_a_signed_step_binds_its_session_positions_stage_and_digests() -> None:
     assert not identity.verify(b"short", trace.signature, b"")
 
 
+def checking_session(n: int) -> tuple[list[NodeKey], list[str], SwarmSession]:
+    """A client session on a route of ``n`` one-unit hops with keys, opened (an id, the
+    route's keys) without any node: its checks of traces, run by hand."""
+    keys = [NodeKey.generate() for _ in range(n)]
+    addresses = [f"10.0.0.{i + 1}:1" for i in range(n)]
+    hops = [
+        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
+        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
+    ]
+    session = SwarmSession(None, Route(hops, n), SamplingParams(), 16)  # type: ignore[arg-type]
+    session.session_id = secrets.token_bytes(16)
+    session._keys = session.route.keys()  # type: ignore[union-attr]
+    return keys, addresses, session
+
+
 def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() -> None:
     """The client checks the head's trace (it vouches for the token) before answering the
     token, and a followed hop's (spot-checks compare it) while the next step is on its way:
     a relay that rewrote one fails that next step, naming itself and the hops before it.
     The trace of a hop nobody follows vouches for nothing the client uses: not checked."""
-    keys = [NodeKey.generate() for _ in range(3)]
-    addresses = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
-    hops = [
-        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
-        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
-    ]
-    session = SwarmSession(None, Route(hops, 3), SamplingParams(), 16)  # type: ignore[arg-type]
-    session.session_id = sid = secrets.token_bytes(16)
-    session._keys = session.route.keys()  # type: ignore[union-attr]
+    keys, addresses, session = checking_session(3)
+    sid = session.session_id
 
     def reply(pos: int, token: int) -> pb.StepReply:
         r = pb.StepReply(has_token=True, token=token)
@@ -131,15 +139,8 @@ def test_the_head_and_the_client_share_a_session_key_no_relay_can_swap() -> None
     """The client opens with an X25519 share; the head answers its own, signed with its node
     key; both derive one key. A share signed by another key, or by a node that is not the
     route's head, is not used (the head's traces are then checked by signature alone)."""
-    keys = [NodeKey.generate() for _ in range(2)]
-    addresses = ["10.0.0.1:1", "10.0.0.2:1"]
-    hops = [
-        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
-        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
-    ]
-    session = SwarmSession(None, Route(hops, 2), SamplingParams(), 16)  # type: ignore[arg-type]
-    session.session_id = sid = secrets.token_bytes(16)
-    session._keys = session.route.keys()  # type: ignore[union-attr]
+    keys, addresses, session = checking_session(2)
+    sid = session.session_id
     client = session._share.share
     head = identity.SessionShare()
 
@@ -165,15 +166,8 @@ def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it(
     one whose MAC fails (a relay's rewrite, a head restarted with a new key) is judged by
     its signature. A followed head taken on its MAC has its signature checked while the
     next step travels: the evidence spot-checks rest on is still the signature."""
-    keys = [NodeKey.generate() for _ in range(2)]
-    addresses = ["10.0.0.1:1", "10.0.0.2:1"]
-    hops = [
-        pb.Hop(start=i, end=i + 1, addresses=[a], public_keys=[k.public_key])
-        for i, (a, k) in enumerate(zip(addresses, keys, strict=True))
-    ]
-    session = SwarmSession(None, Route(hops, 2), SamplingParams(), 16)  # type: ignore[arg-type]
-    session.session_id = sid = secrets.token_bytes(16)
-    session._keys = route_keys = session.route.keys()  # type: ignore[union-attr]
+    keys, addresses, session = checking_session(2)
+    sid, route_keys = session.session_id, session._keys
     mac_key = secrets.token_bytes(32)
     session._mac = (addresses[1], mac_key)
 
