@@ -26,6 +26,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nanoshard import identity
 from nanoshard.backoff import backoff_delays
@@ -90,6 +91,14 @@ class Avoid:
 Planner = Callable[[list[str]], Awaitable[Route]]  # avoid list -> a fresh route
 
 
+class HeadKey(NamedTuple):
+    """The key a session shares with its head (``identity``'s module doc)."""
+
+    address: str  # the head
+    share: bytes  # its X25519 share
+    key: bytes  # the MAC key
+
+
 class SwarmSession:
     """A generation along a route, surviving the loss of nodes (see the module doc).
 
@@ -132,7 +141,7 @@ class SwarmSession:
         self.session_id = b""
         self._keys: dict[str, bytes] = {}  # the route's nodes' keys (Route.keys), once open
         self._share = identity.SessionShare()  # this session's half of its key with the head
-        self._mac: tuple[str, bytes] | None = None  # (the head, the session's MAC key)
+        self._mac: HeadKey | None = None  # the session's MAC key with its head, once known
         self._served: list[str] = []  # the nodes that ran the last step, in route order
         self._step_id = 0
         # Traces behind the head still to be checked (the step's session, its route's keys,
@@ -193,14 +202,13 @@ class SwarmSession:
             timeout_s=self.timeout_s,
             avoided=self.avoid.now,
         )
-        self._mac = self._mac_key(await self.first.open())
+        opened = await self.first.open()
+        if opened.HasField("session_key"):
+            self._mac = self._mac_key(opened.session_key)
 
-    def _mac_key(self, opened: pb.OpenReply) -> tuple[str, bytes] | None:
-        """The session's MAC key with its head, if the head answered a share signed by the
-        key the route gives it (else its traces are checked by signature alone)."""
-        if not opened.HasField("session_key"):
-            return None
-        head = opened.session_key
+    def _mac_key(self, head: pb.SessionKey) -> HeadKey | None:
+        """The session's MAC key with the head that made ``head``, if that is a share signed
+        by the key the route gives it (else its traces are checked by signature alone)."""
         key = self._keys.get(head.address)
         if not key:
             return None  # a node the route gives no key for (or not on the route at all)
@@ -212,7 +220,9 @@ class SwarmSession:
             log.warning("a session key that is not the head's word, from %s: ignored", head.address)
             return None
         try:
-            return head.address, self._share.client_key(self.session_id, head.share)
+            return HeadKey(
+                head.address, head.share, self._share.client_key(self.session_id, head.share)
+            )
         except InvalidArgument:
             return None
 
@@ -374,6 +384,10 @@ class SwarmSession:
             raise Unavailable(
                 f"{', '.join(relays)} answered a token without every hop's trace", relays
             )
+        told = reply.hops[-1].session_key if reply.hops else None
+        if told is not None and told.share and (self._mac is None or told.share != self._mac.share):
+            # a head this session was not opened on (the hop before it moved here): its key
+            self._mac = self._mac_key(told) or self._mac
         if reply.has_token:
             head = len(reply.hops) - 1
             mac = self._mac
@@ -421,7 +435,7 @@ def _forged_trace(
     i: int,
     pos: int,
     n_tokens: int,
-    mac: tuple[str, bytes] | None = None,
+    mac: HeadKey | None = None,
 ) -> Unavailable | None:
     """Why trace ``i`` of ``reply`` (the step at ``pos`` of ``session_id``) is not the word
     of its node (``keys``: the route's), or None if it is. The head's trace is its word if
@@ -436,8 +450,8 @@ def _forged_trace(
     maced = (
         head
         and mac is not None
-        and trace.address == mac[0]
-        and identity.step_maced(mac[1], session_id, pos, n_tokens, trace)
+        and trace.address == mac.address
+        and identity.step_maced(mac.key, session_id, pos, n_tokens, trace)
     )
     # (a trace naming a node the route does not is forged too: its relay renamed it)
     forged = not maced and (

@@ -671,6 +671,9 @@ class NodeService(pb_grpc.NodeServicer):
                 count()
         trace.handle.CopyFrom(self.handle(session))
         self._sign(session, req, n_tokens, trace, out, returned)
+        if session.session_key is not None and not session.key_told and not req.this_hop_only:
+            trace.session_key.CopyFrom(session.session_key)  # (once: see HopTrace)
+            session.key_told = True
         if trace.signature and not stage.has_head and not req.chunks:
             session.signed[req.pos] = pb.HopTrace(
                 start=trace.start,

@@ -69,9 +69,10 @@ class NodeSession:
     inputs: Any = field(default_factory=hashlib.sha256)
     input_digests: dict[int, bytes] = field(default_factory=dict)
     # At the head, with the spec's client share: the session's MAC key and the signed share
-    # that made it (answered to every Open of the session).
+    # that made it (answered to every Open of the session, and told once in a step's trace).
     mac_key: bytes | None = None
     session_key: Any = None
+    key_told: bool = False
 
     @property
     def length(self) -> int:

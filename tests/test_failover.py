@@ -132,6 +132,9 @@ def test_a_killed_hop_costs_nothing_but_time(four: FourNodes, hop: str, sampling
                     victim.kill()  # SIGKILL: no goodbye, no flushing, mid-generation
 
             rest = chat.generate("", 199, on_token=on_token)
+            # the client takes the tokens on its key with whichever head answers them now
+            head_key = chat.core._session._mac
+        assert head_key is not None and head_key.address != victim_address
         assert seen == len(rest.token_ids) >= 60
         assert first.token_ids + rest.token_ids == reference.token_ids
         assert rest.recoveries, "the failure should show in the timings"

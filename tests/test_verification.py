@@ -23,7 +23,7 @@ from swarm import Swarm
 from nanoshard import agreement, identity
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
-from nanoshard.client.session import RetryPolicy, SwarmSession, _forged_trace
+from nanoshard.client.session import HeadKey, RetryPolicy, SwarmSession, _forged_trace
 from nanoshard.coordinator.exclusions import ExclusionStore
 from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
@@ -138,27 +138,51 @@ def test_a_relays_forged_trace_fails_the_next_step_and_a_forged_token_its_own() 
 def test_the_head_and_the_client_share_a_session_key_no_relay_can_swap() -> None:
     """The client opens with an X25519 share; the head answers its own, signed with its node
     key; both derive one key. A share signed by another key, or by a node that is not the
-    route's head, is not used (the head's traces are then checked by signature alone)."""
+    route's head, is not used (the head's traces are then checked by signature alone). A
+    replica the hop before the head moved to tells its share in its first trace: the
+    client takes its tokens on the MAC from then on."""
     keys, addresses, session = checking_session(2)
     sid = session.session_id
     client = session._share.share
     head = identity.SessionShare()
 
-    def opened(address: str, signer: NodeKey, share: bytes = head.share) -> pb.OpenReply:
+    def told(address: str, signer: NodeKey, share: bytes = head.share) -> pb.SessionKey:
         statement = identity.session_key_statement(sid, client, share)
-        key = pb.SessionKey(address=address, share=share, signature=signer.sign(statement))
-        return pb.OpenReply(session_key=key)
+        return pb.SessionKey(address=address, share=share, signature=signer.sign(statement))
 
-    assert session._mac_key(opened(addresses[1], keys[1])) == (
-        addresses[1],
-        head.head_key(sid, client),
-    )
-    assert session._mac_key(pb.OpenReply()) is None  # an old head: no share
-    assert session._mac_key(opened(addresses[1], keys[0])) is None  # a relay's own share
-    assert session._mac_key(opened(addresses[0], keys[0])) is None  # not the head
-    assert session._mac_key(opened(addresses[1], keys[1], share=bytes(32))) is None  # no key
+    key = head.head_key(sid, client)
+    assert session._mac_key(told(addresses[1], keys[1])) == (addresses[1], head.share, key)
+    assert session._mac_key(told(addresses[1], keys[0])) is None  # a relay's own share
+    assert session._mac_key(told(addresses[0], keys[0])) is None  # not the head
+    assert session._mac_key(told(addresses[1], keys[1], share=bytes(32))) is None  # no key
     with pytest.raises(InvalidArgument, match="X25519"):
         head.head_key(sid, b"short")
+
+    session._mac = session._mac_key(told(addresses[1], keys[1]))
+    replica, moved = NodeKey.generate(), identity.SessionShare()
+    last = session.route.hops[-1]  # type: ignore[union-attr]
+    last.addresses.append("10.0.0.9:1")
+    last.public_keys.append(replica.public_key)
+    session._keys = session.route.keys()  # type: ignore[union-attr]
+
+    def reply(pos: int, signer: NodeKey, key: pb.SessionKey) -> pb.StepReply:
+        r = pb.StepReply(has_token=True, token=42)
+        first = pb.HopTrace(address=addresses[0], start=0, end=1, input_digest=b"i" * 32)
+        first.output_digest = b"o" * 32
+        identity.sign_step(keys[0], sid, pos, 1, first)
+        trace = pb.HopTrace(address="10.0.0.9:1", start=1, end=2, input_digest=b"j" * 32)
+        trace.output_digest = identity.output_digest(None, 42)
+        identity.sign_step(signer, sid, pos, 1, trace, moved.head_key(sid, client))
+        trace.signature = b"s" * 64  # taken on the MAC alone, or not at all
+        trace.session_key.CopyFrom(key)
+        r.hops.extend([first, trace])
+        return r
+
+    with pytest.raises(Unavailable, match="signature does not hold"):  # a relay's share
+        session._check_signatures(reply(5, replica, told("10.0.0.9:1", keys[0], moved.share)), 5, 1)
+    assert session._mac is not None and session._mac.address == addresses[1]
+    session._check_signatures(reply(5, replica, told("10.0.0.9:1", replica, moved.share)), 5, 1)
+    assert session._mac is not None and session._mac.address == "10.0.0.9:1"
 
 
 def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it() -> None:
@@ -169,7 +193,7 @@ def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it(
     keys, addresses, session = checking_session(2)
     sid, route_keys = session.session_id, session._keys
     mac_key = secrets.token_bytes(32)
-    session._mac = (addresses[1], mac_key)
+    session._mac = HeadKey(addresses[1], b"", mac_key)
 
     def reply(pos: int, token: int, mac: bytes | None = mac_key) -> pb.StepReply:
         r = pb.StepReply(has_token=True, token=token)
@@ -187,7 +211,9 @@ def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it(
     forged = functools.partial(_forged_trace, sid, route_keys, unsigned, 1, 5, 1)
     assert forged(session._mac) is None
     assert forged(None) is not None  # by signature alone it is caught
-    assert forged((addresses[0], mac_key)) is not None  # a MAC of another head's session
+    assert (
+        forged(HeadKey(addresses[0], b"", mac_key)) is not None
+    )  # a MAC of another head's session
     session._check_signatures(unsigned, 5, 1, followed=[1])  # followed: taken now ...
     session._check_pending()
     with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.2:1")):

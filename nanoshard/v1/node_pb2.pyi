@@ -165,7 +165,7 @@ class StepReply(_message.Message):
     def __init__(self, has_token: _Optional[bool] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., output: _Optional[_Union[Activations, _Mapping]] = ..., chunk_traces: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature", "mac")
+    __slots__ = ("node", "address", "start", "end", "queue_ms", "compute_ms", "total_ms", "downstream_ms", "bytes_in", "bytes_out", "codec", "handle", "repair", "batch", "tp", "collective_ms", "collective_bytes", "input_digest", "output_digest", "signature", "mac", "session_key")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,7 @@ class HopTrace(_message.Message):
     OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     start: int
@@ -208,7 +209,8 @@ class HopTrace(_message.Message):
     output_digest: bytes
     signature: bytes
     mac: bytes
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    session_key: SessionKey
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., downstream_ms: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., codec: _Optional[str] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., repair: _Optional[str] = ..., batch: _Optional[int] = ..., tp: _Optional[int] = ..., collective_ms: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., session_key: _Optional[_Union[SessionKey, _Mapping]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("session_id", "start", "end", "length", "epoch")
