@@ -33,7 +33,7 @@ from nanoshard.backoff import backoff_delays
 from nanoshard.codec import check_codec
 from nanoshard.errors import InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import DEFAULT_PREFILL_CHUNK, StepResult
-from nanoshard.hop import Channels, NextHop, token_replay
+from nanoshard.hop import SLOWER, Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams
 from nanoshard.trace import trace_to_dict
 from nanoshard.v1 import node_pb2 as pb
@@ -106,7 +106,8 @@ class SwarmSession:
     ``planner`` gives a fresh route avoiding some addresses (None: the route is fixed, only
     its replicas can stand in); with ``route=None`` it gives the first route too. Along a
     fixed route (``planner=None``) a hop gone with all its replicas is tried again
-    ``retry.attempts`` times (``RetryPolicy(attempts=0)``: raised at once).
+    ``retry.attempts`` times (``RetryPolicy(attempts=0)``: raised at once). Its first hop's
+    node is left for a replica once ``leave_slower`` times slower (``nanoshard.hop``).
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class SwarmSession:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         checker: Checker | None = None,
+        leave_slower: float = SLOWER,
     ) -> None:
         if route is None and planner is None:
             raise InvalidArgument("a session needs a route, or a planner to ask for one")
@@ -134,6 +136,7 @@ class SwarmSession:
         self.avoid = Avoid(self.retry.avoid_s)
         self.prefill_chunk = prefill_chunk
         self.timeout_s = timeout_s
+        self.leave_slower = leave_slower  # its first hop's node is left this many times slower
         self.replay = token_replay()  # every chunk of token ids sent, as sent
         self.recoveries: list[Recovery] = []
         self.route: Route | None = route
@@ -201,6 +204,7 @@ class SwarmSession:
             self.replay,
             timeout_s=self.timeout_s,
             avoided=self.avoid.now,
+            slower=self.leave_slower,
         )
         opened = await self.first.open()
         if opened.HasField("session_key"):

@@ -16,8 +16,8 @@ route's first hop (its replay material: the token ids it sent). A link:
   full, serving other units or failing inside is replaced by the next **replica** of the
   hop;
 - **moves** off a node whose decode steps slowed down: when a node's compute per decode
-  step (its trace's) runs at ``SLOWER`` times its pace over the session's first steps, the
-  next step goes to a replica, refilled like a repair (so the output is unchanged), and the
+  step (its trace's) runs at ``SLOWER`` times (the default) its pace over the session's
+  first steps, the next step goes to a replica, refilled like a repair (so the output is unchanged), and the
   node is tried last from then on — its owner may have taken the machine back. Slower *than
   the rest*: the paces of the hops after it (their traces ride on the reply) and of the
   link's owner (a node's own compute) are followed too, and a slowdown they share (the
@@ -260,8 +260,9 @@ class NextHop:
     ``replay`` what the owner sent down this link so far (the client adds a step's token
     ids once it is answered, a node its output once computed, before forwarding it: so a
     refill stops at the step's own position). ``avoided()`` names nodes to try last (the
-    client's recent failures). ``owner`` names the caller in error messages;
-    ``on_repair(kind)`` hears of each repair as it succeeds (its owner's metrics): "replica"
+    client's recent failures). ``owner`` names the caller in error messages; ``slower`` is
+    the slowdown at which the link leaves a node (``SLOWER``; infinite: never, which keeps a
+    route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of each repair as it succeeds (its owner's metrics): "replica"
     (another node of the hop took over), "refill" (a node was refilled), "slow" (the link
     left a node whose steps slowed down)."""
 
@@ -276,6 +277,7 @@ class NextHop:
         owner: str = "the client",
         avoided: Callable[[], Collection[str]] = frozenset,
         on_repair: Callable[[str], None] | None = None,
+        slower: float = SLOWER,
     ) -> None:
         if not route:
             raise InvalidArgument("a next hop needs a route")
@@ -287,6 +289,7 @@ class NextHop:
         self.owner = owner
         self.avoided = avoided
         self.on_repair = on_repair
+        self.slower = slower
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
         self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
@@ -409,7 +412,7 @@ class NextHop:
     def _paced(
         self, address: str, request: pb.StepRequest, reply: pb.StepReply, own_ms: float | None
     ) -> str:
-        """Count a decode step's compute on ``address``; once it runs at ``SLOWER`` times
+        """Count a decode step's compute on ``address``; once it runs at ``slower`` times
         its first pace, beyond what the other paces share, and another node holds the hop,
         leave it: the next step goes to that one. Returns, on the first step on a node this
         link moved to, why it moved."""
@@ -433,11 +436,11 @@ class NextHop:
                     pace = self.others[key] = Pace()
                 pace.add(ms)
             own = self.pace.slower()
-            if own < SLOWER:  # (the others' share only divides it further)
+            if own < self.slower:  # (the others' share only divides it further)
                 return why
             shared = shared_slowdown(self.others.values())
             replicas = set(self.hop.addresses) - set(self.slowed) - {address}
-            if own / shared >= SLOWER and replicas:
+            if own / shared >= self.slower and replicas:
                 self.slowed[address] = own / shared
                 log.info(
                     "%s leaves %s: %.1f x slower than its first pace (the others %.1f x)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from nanoshard.cliutil import (
 )
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
+from nanoshard.hop import SLOWER
 from nanoshard.metrics import add_metrics_args, expose, metrics_from_args
 from nanoshard.security import add_security_args, security_from_args
 
@@ -120,6 +122,27 @@ def add_batch_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def slowdown(text: str) -> float:
+    factor = float(text)
+    if factor == 0:
+        return math.inf
+    if not 1 < factor < math.inf:
+        raise argparse.ArgumentTypeError(f"a slowdown of {text}: give more than 1, or 0 (never)")
+    return factor
+
+
+def add_leave_slower_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--leave-slower",
+        type=slowdown,
+        default=SLOWER,
+        metavar="FACTOR",
+        help=f"move a session's next hop to a replica once that node's decode steps take "
+        f"FACTOR times their first pace (default {SLOWER:g}; 0: never, the route stays as "
+        "planned)",
+    )
+
+
 def add_threads_flag(parser: argparse.ArgumentParser, default: int) -> None:
     parser.add_argument(
         "--threads",
@@ -160,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_threads_flag(s, d.threads)
     add_batch_flag(s)
+    add_leave_slower_flag(s)
     add_limit_flags(s)
     add_security_args(s)
     s.add_argument(
@@ -209,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--swarm", default=jd.swarm, help="the swarm to join (default 'default')")
     add_threads_flag(j, jd.threads)
     add_batch_flag(j)
+    add_leave_slower_flag(j)
     add_limit_flags(j)
     add_security_args(j)
     j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
@@ -239,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 security=security_from_args(args, identity=f"node:{args.name or args.port}"),
                 quotas=limits_from_args(args),
                 max_queue=args.max_queue,
+                leave_slower=args.leave_slower,
                 metrics=metrics,
             )
 
@@ -268,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                 security=security_from_args(args),
                 quotas=limits_from_args(args),
                 max_queue=args.max_queue,
+                leave_slower=args.leave_slower,
                 metrics=metrics,
             )
             asyncio.run(join(join_config, ConsoleEvents()))

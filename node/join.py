@@ -37,6 +37,7 @@ from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
+from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
 from nanoshard.tp import Collective, CollectiveError, shard
@@ -85,6 +86,7 @@ class JoinConfig:
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
     max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
+    leave_slower: float = SLOWER  # a next-hop node this many times slower is left; inf: never
     metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
 
 
@@ -227,6 +229,7 @@ class Volunteer:
                 security=self.security,
                 quotas=config.quotas,
                 max_queue=config.max_queue,
+                leave_slower=config.leave_slower,
                 key=self.key,
                 metrics=config.metrics,
             )

@@ -23,6 +23,7 @@ from nanoshard.checkpoint import Checkpoint, open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
+from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey
 from nanoshard.security import Security
 
@@ -54,6 +55,7 @@ class ServeConfig:
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
     max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
+    leave_slower: float = SLOWER  # a next-hop node this many times slower is left; inf: never
     metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
 
 
@@ -76,6 +78,7 @@ class DataPlane:
         security: Security | None = None,
         quotas: QuotaLimits | None = None,
         max_queue: int = MAX_QUEUE,
+        leave_slower: float = SLOWER,
         key: NodeKey | None = None,
         metrics: CollectorRegistry | None = None,
     ) -> None:
@@ -100,6 +103,7 @@ class DataPlane:
             self.worker,
             self.sessions,
             max_message_bytes=max_message_bytes,
+            leave_slower=leave_slower,
             security=security,
             quotas=Quotas(quotas or QuotaLimits()),
             key=self.key,
@@ -156,6 +160,7 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         security=config.security,
         quotas=config.quotas,
         max_queue=config.max_queue,
+        leave_slower=config.leave_slower,
         metrics=config.metrics,
     )
     stage = await plane.load(

@@ -30,7 +30,7 @@ from nanoshard.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from nanoshard.hop import Channels, NextHop
+from nanoshard.hop import SLOWER, Channels, NextHop
 from nanoshard.kv import KVCache
 from nanoshard.sampling import sample, sample_slice
 from nanoshard.security import Security
@@ -105,6 +105,7 @@ class NodeService(pb_grpc.NodeServicer):
         *,
         max_message_bytes: int = rpc.MAX_MESSAGE_BYTES,
         step_timeout_s: float = 120.0,
+        leave_slower: float = SLOWER,
         security: Security | None = None,
         quotas: Quotas | None = None,
         key: identity.NodeKey | None = None,
@@ -122,6 +123,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.channels = Channels(self.security, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
+        self.leave_slower = leave_slower  # its links leave a node this many times slower
         self._latencies: list[float] = []
         self.live = LiveStats()  # what its steps measure, for its heartbeats
         self.metrics = metrics or NodeMetrics()  # the same, and more, for Prometheus
@@ -277,6 +279,7 @@ class NodeService(pb_grpc.NodeServicer):
                 timeout_s=self.step_timeout_s,
                 owner=self.identity.name,
                 on_repair=self.metrics.failover,
+                slower=self.leave_slower,
             )
         else:
             session.next.rebind(route)

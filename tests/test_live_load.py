@@ -30,6 +30,8 @@ from nanoshard.coordinator.routing import (
 )
 from nanoshard.coordinator.service import CoordinatorService
 from nanoshard.errors import Unavailable
+from nanoshard.hop import SLOWER
+from nanoshard.node.cli import build_parser as node_parser
 from nanoshard.node.live import RECENT, LiveStats
 from nanoshard.statusview import status_json
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -290,6 +292,23 @@ def test_heartbeats_carry_live_figures_to_routes_and_status() -> None:
 
 
 # ---- a swarm: real processes on loopback ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "join"])
+def test_a_node_may_keep_its_routes_as_planned(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--leave-slower`` sets the slowdown at which a node's links move a hop to a
+    replica; 0 never moves one (a route kept as planned)."""
+    parse = node_parser().parse_args
+    units = ["--units", "0:2"] if command == "serve" else []
+    assert parse([command, *units]).leave_slower == SLOWER
+    assert parse([command, *units, "--leave-slower", "5"]).leave_slower == 5
+    assert parse([command, *units, "--leave-slower", "0"]).leave_slower == math.inf
+    for bad in ("1", "0.5", "-2", "inf", "nan", "x"):
+        with pytest.raises(SystemExit):
+            parse([command, *units, "--leave-slower", bad])
+        assert "--leave-slower" in capsys.readouterr().err
 
 
 @pytest.mark.slow

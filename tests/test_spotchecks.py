@@ -5,6 +5,7 @@ excluded, and honest nodes never."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -121,13 +122,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("spotchecks"))
 
 
+# Links that never leave a node for slowness, in the client and in the nodes: on a loaded
+# machine noise can make a node's tiny steps look slow, and a hop moved onto its shadow's
+# node stops the shadow (tested below). The routes stay as given.
+STEADY_ROUTE = ("--leave-slower", "0")
+
+
 @pytest.fixture(scope="module")
 def replicas(tiny_model: Path):
     """Stage [0, 2): two honest nodes and a liar; stage [2, 6): an honest node and a liar."""
     model = str(tiny_model)
     with Swarm() as swarm:
         procs = [
-            swarm.start(swarm.serve_args(model, units), env)
+            swarm.start(swarm.serve_args(model, units, *STEADY_ROUTE), env)
             for units, env in [("0:2", None), ("0:2", None), ("0:2", LIE), ("2:6", None), ("2:6", LIE)]
         ]  # fmt: skip
         a0, a1, a_liar, b0, b_liar = (p.wait_for(LISTENING).group(1) for p in procs)
@@ -141,7 +148,7 @@ def checked_generation(first: list[str], second: list[str], codec: str, seed: in
         [pb.Hop(start=0, end=2, addresses=first), pb.Hop(start=2, end=6, addresses=second)], 6
     )
     checker = Checker(1.0, seed=seed)
-    session = fixed_session(route, 128, codec=codec, checker=checker)
+    session = fixed_session(route, 128, codec=codec, checker=checker, leave_slower=math.inf)
     generate(session, PROMPT, 3 * CHECK_EVERY, block_size=TINY.block_size)
     checker.wait()  # the check points' material is fetched before the session closes
     session.close()
@@ -149,18 +156,9 @@ def checked_generation(first: list[str], second: list[str], codec: str, seed: in
     return checker
 
 
-@pytest.fixture
-def steady_links(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process's links never leave a node for slowness: on a loaded machine noise
-    could move a hop onto its shadow's node, which stops the shadow (tested below)."""
-    monkeypatch.setattr("nanoshard.hop.SLOWER", float("inf"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
-def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(
-    replicas: dict, codec: str, steady_links: None
-) -> None:
+def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(replicas: dict, codec: str) -> None:
     a0, a1, _ = replicas["a"]
     b0, b_liar = replicas["b"]
     checker = checked_generation([a0, a1], [b0, b_liar], codec, seed=1)
@@ -183,9 +181,7 @@ def test_an_honest_shadow_agrees_and_a_perturbing_one_does_not(
 
 
 @pytest.mark.slow
-def test_a_perturbing_node_on_the_route_disagrees_with_its_shadow(
-    replicas: dict, steady_links: None
-) -> None:
+def test_a_perturbing_node_on_the_route_disagrees_with_its_shadow(replicas: dict) -> None:
     a0, _, a_liar = replicas["a"]
     b0, _ = replicas["b"]
     # the liar runs stage [0, 2); hop 2 has no replica, so no shadow follows it
@@ -218,7 +214,9 @@ def test_a_session_leaves_a_node_its_checks_got_excluded(replicas: dict) -> None
         return [report.checked.address] if report.replicas[0].error > report.tolerance else []
 
     checker = Checker(1.0, seed=4, report=coordinator)
-    session = RouteSession(stale, 40, planner=lambda avoid: clean, checker=checker)
+    session = RouteSession(
+        stale, 40, planner=lambda avoid: clean, checker=checker, leave_slower=math.inf
+    )
 
     def first_check_answered(_token: int) -> None:
         # Checks run beside the generation: without this wait, a fast generation could end
