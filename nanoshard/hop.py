@@ -17,11 +17,11 @@ route's first hop (its replay material: the token ids it sent). A link:
   hop;
 - **moves** off a node whose decode steps slowed down: when a node's compute per decode
   step (its trace's) runs at ``SLOWER`` times (the default) its pace over the session's
-  first steps, the next step goes to a replica, refilled like a repair (so the output is unchanged), and the
-  node is tried last from then on — its owner may have taken the machine back. Slower *than
-  the rest*: the paces of the hops after it (their traces ride on the reply) and of the
-  link's owner (a node's own compute) are followed too, and a slowdown they share (the
-  swarm got busy, or nodes share a machine) is divided out;
+  first steps, the next step goes to a replica, refilled like a repair (so the output is
+  unchanged), and the node is tried last from then on — its owner may have taken the
+  machine back. Slower *than the rest*: the paces of the hops after it (their traces ride
+  on the reply) and of the link's owner (a node's own compute) are followed too, and a
+  slowdown they share (the swarm got busy, or nodes share a machine) is divided out;
 - applies the **who-failed rule**: an UNAVAILABLE that names failed addresses other than
   the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
   replicas. The link cannot repair that; it raises it unchanged, so the error travels up
@@ -262,9 +262,10 @@ class NextHop:
     refill stops at the step's own position). ``avoided()`` names nodes to try last (the
     client's recent failures). ``owner`` names the caller in error messages; ``slower`` is
     the slowdown at which the link leaves a node (``SLOWER``; infinite: never, which keeps a
-    route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of each repair as it succeeds (its owner's metrics): "replica"
-    (another node of the hop took over), "refill" (a node was refilled), "slow" (the link
-    left a node whose steps slowed down)."""
+    route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of
+    each repair as it succeeds (its owner's metrics): "replica" (another node of the hop
+    took over), "refill" (a node was refilled), "slow" (the link left a node whose steps
+    slowed down)."""
 
     def __init__(
         self,
