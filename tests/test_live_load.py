@@ -315,7 +315,8 @@ def test_a_node_may_keep_its_routes_as_planned(
 
 
 def led_by(route: Route, address: str) -> Route | None:
-    """``route`` with ``address`` first in the hop that names it (None if none does)."""
+    """``route``, with ``address`` moved first in the hop that names it (in place; None if
+    no hop does)."""
     for hop in route.hops:
         if address in hop.addresses:
             i = list(hop.addresses).index(address)
@@ -359,8 +360,10 @@ def test_routes_leave_a_volunteer_whose_steps_slow_down(tmp_path: Path) -> None:
         prompt = enc.encode("JULIET:")
         session = RouteSession(route, 256)  # (n0 is slow from its first step: it stays on)
         block, eot = ckpt.config.block_size, enc.eot_token
-        tokens = generate(session, prompt, 200, block_size=block, eot_id=eot)
-        session.close()
+        try:
+            tokens = generate(session, prompt, 200, block_size=block, eot_id=eot)
+        finally:
+            session.close()
         greedy = ["--max-new-tokens", "200", "--temperature", "0", "JULIET:"]
         assert tokens.token_ids == local_tokens(*greedy)
 

@@ -211,9 +211,8 @@ def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it(
     forged = functools.partial(_forged_trace, sid, route_keys, unsigned, 1, 5, 1)
     assert forged(session._mac) is None
     assert forged(None) is not None  # by signature alone it is caught
-    assert (
-        forged(HeadKey(addresses[0], b"", mac_key)) is not None
-    )  # a MAC of another head's session
+    # a MAC of another head's session
+    assert forged(HeadKey(addresses[0], b"", mac_key)) is not None
     session._check_signatures(unsigned, 5, 1, followed=[1])  # followed: taken now ...
     session._check_pending()
     with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.2:1")):
