@@ -51,6 +51,7 @@ import torch
 
 from nanoshard import identity, rpc
 from nanoshard.agreement import (
+    chunk_rows,
     distance,
     from_wire,
     input_digest,
@@ -339,7 +340,7 @@ class Checker:
             token = reply.token if reply.has_token else None
         else:
             sent = self._sent(checked, spec.session_id, start, end, keys.get(checked))
-            if [(p, a.shape[0]) for p, a in sent] != [(p, _rows(x)) for p, x in inputs]:
+            if [(p, a.shape[0]) for p, a in sent] != [(p, chunk_rows(x)) for p, x in inputs]:
                 self._stop(shadow, "incomplete replay material")
                 return None
             if any(
@@ -441,7 +442,7 @@ class Checker:
         else:
             row = 0
             for i, (_, item) in enumerate(m.inputs):
-                n = _rows(item)
+                n = chunk_rows(item)
                 compared.append((i, from_wire(m.outputs[i]), out[row : row + n]))
                 row += n
         worst = None
@@ -458,11 +459,11 @@ class Checker:
         if m.logits:
             positions = 1
         elif d > tol:  # up to the first that disagrees
-            positions = sum(_rows(x) for _, x in m.inputs[: i + 1])
+            positions = sum(chunk_rows(x) for _, x in m.inputs[: i + 1])
         else:
             positions = m.end - start
         result = CheckResult(
-            m.hop.start, m.hop.end, pos, _rows(item), s.checked, {s.replica: d}, tol, positions
+            m.hop.start, m.hop.end, pos, chunk_rows(item), s.checked, {s.replica: d}, tol, positions
         )
         if not result.agree:
             log.warning(
@@ -542,8 +543,8 @@ class Checker:
             while len(self._agreement_reported) > MAX_SESSIONS:  # the oldest pairs go
                 del self._agreement_reported[next(iter(self._agreement_reported))]
         pos, item = inputs[-1]
-        n = _rows(item)
-        rows = out[-1:] if m.logits else out[sum(_rows(x) for _, x in m.inputs[:i]) :][:n]
+        n = chunk_rows(item)
+        rows = out[-1:] if m.logits else out[sum(chunk_rows(x) for _, x in m.inputs[:i]) :][:n]
         mine = from_wire(m.outputs[0 if m.logits else i])
         report = cpb.CheckReport(
             start=m.hop.start,
@@ -615,11 +616,7 @@ def _end(chunks: list[Chunk]) -> int:
     if not chunks:
         return 0
     pos, item = chunks[-1]
-    return pos + _rows(item)
-
-
-def _rows(item: Any) -> int:
-    return item.shape[0] if isinstance(item, pb.Activations) else len(item)
+    return pos + chunk_rows(item)
 
 
 def _covers(chunks: list[Chunk], start: int, end: int) -> bool:
@@ -628,5 +625,5 @@ def _covers(chunks: list[Chunk], start: int, end: int) -> bool:
     for pos, item in chunks:
         if pos != at:
             return False
-        at += _rows(item)
+        at += chunk_rows(item)
     return at == end and bool(chunks)

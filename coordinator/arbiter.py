@@ -15,7 +15,7 @@ import torch
 
 from nanoshard import codec as codecs
 from nanoshard import identity
-from nanoshard.agreement import StepInput, from_wire, input_digest
+from nanoshard.agreement import StepInput, chunk_rows, from_wire, input_digest
 from nanoshard.config import GPTConfig
 from nanoshard.engine import DTYPES, Stage
 from nanoshard.errors import InvalidArgument
@@ -146,7 +146,7 @@ class Arbiter:
     def rerun(self, start: int, end: int, weights: str, inputs: list[StepInput]) -> torch.Tensor:
         """The stage's output for the last chunk: activations, or the head's last logits."""
         stage = self._stage(start, end, weights)
-        length = inputs[-1][0] + _rows(inputs[-1][1])
+        length = inputs[-1][0] + chunk_rows(inputs[-1][1])
         cache = stage.new_cache(length)
         y = torch.empty(0)
         for pos, item in inputs:
@@ -157,7 +157,3 @@ class Arbiter:
                 x = torch.tensor(item, dtype=torch.long)
             y = stage(x, cache, pos)
         return (y[-1:] if stage.has_head else y).float()
-
-
-def _rows(item: list[int] | pb.Activations) -> int:
-    return item.shape[0] if isinstance(item, pb.Activations) else len(item)

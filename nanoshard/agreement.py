@@ -27,6 +27,25 @@ CODEC_MARGIN = 3.0  # times the codec's own round-trip error on the output
 StepInput = tuple[int, "list[int] | pb.Activations"]  # (pos, token ids or activations)
 
 
+def chunk_rows(item: list[int] | pb.Activations) -> int:
+    """Positions an input chunk holds: its token ids, or its activations' rows."""
+    return item.shape[0] if isinstance(item, pb.Activations) else len(item)
+
+
+def inputs_of(request: pb.StepRequest) -> list[StepInput]:
+    """A step's input chunks as ``input_digest`` hashes them: its chunks (a shadow's
+    catch-up), or its one input at its position."""
+    if request.chunks:
+        return [
+            (c.pos, c.activations if c.WhichOneof("input") == "activations" else list(c.tokens.ids))
+            for c in request.chunks
+        ]
+    kind = request.WhichOneof("input")
+    return [
+        (request.pos, request.activations if kind == "activations" else list(request.tokens.ids))
+    ]
+
+
 def distance(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Relative RMS distance: rms(other - reference) / rms(reference)."""
     reference, other = reference.float(), other.float()

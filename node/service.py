@@ -1,6 +1,7 @@
 """The data plane's servicer: validate a request, run the stage on the compute worker,
-forward downstream, relay the answer up. Policy lives elsewhere (codecs, sampling,
-sessions); this file is the shell that connects them to gRPC."""
+forward downstream, relay the answer up. Policy lives elsewhere (a step's input and compute
+job in ``inputs``, what it signs in ``evidence``, codecs, sampling, sessions); this file is
+the shell that connects them to gRPC."""
 
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 
 from nanoshard import PROTOCOL_VERSION, agreement, identity, rpc
-from nanoshard import codec as codecs
 from nanoshard.engine import Stage
 from nanoshard.errors import (
     CacheMismatch,
@@ -32,21 +31,22 @@ from nanoshard.errors import (
 )
 from nanoshard.hop import SLOWER, Channels, NextHop
 from nanoshard.kv import KVCache
-from nanoshard.sampling import sample, sample_slice
 from nanoshard.security import Security
-from nanoshard.tp import CollectiveError, gather_vocab
+from nanoshard.tp import CollectiveError
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
+from . import evidence
 from .faults import Delay, Fault, Forge, Slow, fault_from_env
 from .group import GroupStep, Membership, acks
+from .inputs import HEADROOM_BYTES, already_computed, prepare
 from .links import PING_MAX_BYTES
 from .live import LiveStats
 from .metrics import NodeMetrics
 from .quotas import Holding, QuotaLimits, Quotas
 from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
-from .worker import ComputeWorker, StageStep, Timed
+from .worker import ComputeWorker, Timed
 
 log = logging.getLogger(__name__)
 
@@ -529,13 +529,19 @@ class NodeService(pb_grpc.NodeServicer):
                 )
             # The route's last hop answers its own output when the step asks for it.
             returned: list[pb.Activations] = []
-            n_tokens, bytes_in, run = self._prepare(req, session, None if forward else returned)
+            n_tokens, bytes_in, run = prepare(
+                req,
+                session,
+                None if forward else returned,
+                max_message_bytes=self.max_message_bytes,
+                fault=self.fault,
+            )
             if req.pos + n_tokens > session.spec.max_length:
                 raise InvalidArgument(
                     f"positions up to {req.pos + n_tokens} exceed the session's max_length "
                     f"{session.spec.max_length}"
                 )
-            resend = self._already_computed(session, req, n_tokens)
+            resend = already_computed(session, req, n_tokens)
             if resend is None and req.pos != session.length:
                 raise CacheMismatch(
                     f"the step starts at position {req.pos} but this node's KV cache holds "
@@ -572,7 +578,7 @@ class NodeService(pb_grpc.NodeServicer):
                 job = self.worker.submit(run) if timed is None else None
                 digest = session.inputs.copy()  # the input digest once this step is in
                 chunk_digests = []  # and after each of its chunks (a step of chunks signs each)
-                for chunk_pos, item in _inputs_of(req):
+                for chunk_pos, item in agreement.inputs_of(req):
                     agreement.add_chunk(digest, chunk_pos, item)
                     chunk_digests.append(digest.digest())
                 record = functools.partial(
@@ -640,9 +646,9 @@ class NodeService(pb_grpc.NodeServicer):
                     loop.call_soon(self.live.hop, reply.hops[0].address, rtt_ms, trace.bytes_out)
                 if self.forge is not None:
                     self.forge.relay(reply)
-            if req.chunks and resend is None and returned:
+            if req.chunks and resend is None and returned and self.key is not None:
                 reply.chunk_traces.extend(
-                    self._sign_chunks(session, req, chunk_digests, returned[0])
+                    evidence.chunk_traces(self.key, trace, session, req, chunk_digests, returned[0])
                 )
             trace.total_ms = (time.perf_counter() - received) * 1e3
             reply.hops.insert(0, trace)
@@ -673,7 +679,8 @@ class NodeService(pb_grpc.NodeServicer):
             else:
                 count()
         trace.handle.CopyFrom(self.handle(session))
-        self._sign(session, req, n_tokens, trace, out, returned)
+        if self.key is not None:
+            evidence.sign_step(self.key, session, req, n_tokens, trace, out, returned)
         if session.session_key is not None and not session.key_told and not req.this_hop_only:
             trace.session_key.CopyFrom(session.session_key)  # (once: see HopTrace)
             session.key_told = True
@@ -718,205 +725,6 @@ class NodeService(pb_grpc.NodeServicer):
         if returned:
             self.metrics.check_answered("output")
 
-    def _sign(
-        self,
-        session: NodeSession,
-        req: pb.StepRequest,
-        n_tokens: int,
-        trace: pb.HopTrace,
-        out: Any,
-        returned: list[pb.Activations],
-    ) -> None:
-        """Sign what this node computed for the step (``identity.step_statement``)."""
-        digest = session.input_digests.get(req.pos + n_tokens)
-        if self.key is None or digest is None:
-            return
-        if session.stage.has_head:
-            token = out if isinstance(out, int) else None
-            output = identity.output_digest(returned[0] if returned else None, token)
-        else:
-            output = identity.output_digest(out)
-        trace.input_digest, trace.output_digest = digest, output
-        identity.sign_step(
-            self.key, session.spec.session_id, req.pos, n_tokens, trace, session.mac_key
-        )
-
-    def _sign_chunks(
-        self,
-        session: NodeSession,
-        req: pb.StepRequest,
-        digests: list[bytes],
-        output: pb.Activations,
-    ) -> list[pb.HopTrace]:
-        """A step of chunks: per chunk, a trace signing its input digest (running, after the
-        chunk) and its rows of ``output`` (fp32), as if the chunk had been a step alone. At
-        the head only the last chunk has an output (its last position's logits): only it."""
-        if self.key is None:
-            return []
-        stage = session.stage
-        values = agreement.from_wire(output)
-        chunks = list(zip(_inputs_of(req), digests, strict=True))
-        if stage.has_head:  # only the last chunk has an output: its last position's logits
-            (pos, item), digest = chunks[-1]
-            return [self._chunk_trace(session, pos, _rows(item), digest, values)]
-        traces, row = [], 0
-        for (pos, item), digest in chunks:
-            n = _rows(item)
-            traces.append(self._chunk_trace(session, pos, n, digest, values[row : row + n]))
-            row += n
-        return traces
-
-    def _chunk_trace(
-        self, session: NodeSession, pos: int, n: int, digest: bytes, rows: torch.Tensor
-    ) -> pb.HopTrace:
-        trace = pb.HopTrace(
-            node=self.identity.name,
-            address=self.identity.address,
-            start=session.stage.start,
-            end=session.stage.end,
-            input_digest=digest,
-            output_digest=identity.output_digest(agreement.to_wire(rows)),
-        )
-        assert self.key is not None
-        identity.sign_step(self.key, session.spec.session_id, pos, n, trace)
-        return trace
-
-    def _prepare(
-        self, req: pb.StepRequest, session: NodeSession, returned: list[pb.Activations] | None
-    ) -> tuple[int, int, StageStep]:
-        """Validate the step's input; return its token count, bytes, and the compute job.
-        With ``req.return_output`` and a ``returned`` list, the job also puts its fp32
-        output there (a retried step answered from its stored output has none)."""
-        stage, spec = session.stage, session.spec
-        config = stage.config
-        chunks = _inputs_of(req)
-        if req.chunks:
-            if req.WhichOneof("input") is not None:
-                raise InvalidArgument("a step carries one input or chunks, not both")
-            if returned is None or not req.return_output or req.sample:
-                raise InvalidArgument(
-                    "a step of chunks (a shadow's catch-up) returns its output, samples "
-                    "nothing and goes no further: send it to a session ending at this node"
-                )
-            if stage.shard is not None:
-                raise InvalidArgument("a tensor-parallel group takes no step of chunks")
-            at = req.pos
-            for pos, item in chunks:
-                if pos != at:
-                    raise InvalidArgument(f"the step's chunks must run on from {at}, not {pos}")
-                at += _rows(item)
-        parts = [self._input(item, stage, spec) for _, item in chunks]
-        n_tokens = sum(n for n, _, _ in parts)
-        bytes_in = sum(b for _, b, _ in parts)
-        if len(parts) == 1:
-            make_input = parts[0][2]
-        else:
-
-            def make_input() -> torch.Tensor:
-                return torch.cat([make() for _, _, make in parts])
-
-        if not stage.has_head:
-            out_bytes = codecs.encoded_size((n_tokens, config.n_embd), spec.codec)
-            if out_bytes + 64 * 1024 > self.max_message_bytes:
-                most = (self.max_message_bytes - 64 * 1024) // codecs.encoded_size(
-                    (1, config.n_embd), spec.codec
-                )
-                raise InvalidArgument(
-                    f"a step of {n_tokens} tokens would forward {out_bytes} bytes, over this node's "
-                    f"message limit: send at most {most} tokens per step"
-                )
-        want_token = req.sample and stage.has_head
-        pos = req.pos
-        fault = self.fault
-        return_output = req.return_output and returned is not None
-
-        def finish(y: torch.Tensor) -> Any:
-            if fault is not None:
-                y = fault(y)
-            if return_output:
-                out = y[-1:] if stage.has_head else y
-                if stage.has_head and stage.shard is not None:  # the whole row, for a check
-                    out = gather_vocab(stage.shard, out, config.vocab_size)
-                fp32 = codecs.encode(out.float(), "fp32")
-                output = pb.Activations(codec="fp32", shape=list(out.shape), payload=fp32)
-                returned.append(output)  # type: ignore[union-attr]
-            if stage.has_head:
-                if not want_token:
-                    return None
-                if stage.shard is None:
-                    return sample(y[-1], spec.sampling, pos + n_tokens)
-                at = pos + n_tokens  # the vocabulary is split: sampled together, not gathered
-                return sample_slice(y[-1], stage.vocab[0], spec.sampling, at, stage.shard.gather)
-            payload = codecs.encode(y, spec.codec)
-            return pb.Activations(codec=spec.codec, shape=list(y.shape), payload=payload)
-
-        step = GroupStep if stage.shard is not None else StageStep
-        run = step(stage, session.cache, pos, n_tokens, make_input, finish, bool(req.chunks))
-        return n_tokens, bytes_in, run
-
-    def _input(
-        self, item: list[int] | pb.Activations, stage: Stage, spec: SessionSpec
-    ) -> tuple[int, int, Callable[[], torch.Tensor]]:
-        """One input chunk, validated: its token count, bytes, and how to make its tensor."""
-        config = stage.config
-        device, dtype = stage.device, stage.act_dtype
-        if stage.has_embed:
-            if not isinstance(item, list):
-                raise InvalidArgument(
-                    "this node holds embed (unit 0): send token ids, not activations"
-                )
-            ids = item
-            if not ids:
-                raise InvalidArgument("a step needs at least one token")
-            if max(ids) >= config.vocab_size:
-                raise InvalidArgument(
-                    f"token id {max(ids)} is outside the vocabulary [0, {config.vocab_size})"
-                )
-
-            def make_ids() -> torch.Tensor:
-                return torch.tensor(ids, dtype=torch.long, device=device)
-
-            return len(ids), 4 * len(ids), make_ids
-        if not isinstance(item, pb.Activations):
-            raise InvalidArgument(
-                f"this node starts at unit {stage.start}: send activations, not token ids"
-            )
-        act = item
-        if act.codec != spec.codec:
-            raise InvalidArgument(
-                f"activations use codec {act.codec!r} but the session was opened with {spec.codec!r}"
-            )
-        shape = tuple(act.shape)
-        if len(shape) != 2 or shape[1] != config.n_embd or shape[0] < 1:
-            raise InvalidArgument(
-                f"activations must have shape [tokens >= 1, {config.n_embd}], got {list(shape)}"
-            )
-        if len(act.payload) != codecs.encoded_size(shape, act.codec):
-            raise InvalidArgument(
-                f"activations of shape {list(shape)} in {act.codec} take "
-                f"{codecs.encoded_size(shape, act.codec)} bytes, not {len(act.payload)}"
-            )
-
-        def make_activations() -> torch.Tensor:
-            return codecs.decode(act.payload, shape, act.codec, dtype=dtype, device=device)
-
-        return shape[0], len(act.payload), make_activations
-
-    @staticmethod
-    def _already_computed(session: NodeSession, req: pb.StepRequest, n_tokens: int) -> Any:
-        """A retried step this node already ran (its answer was lost, or forwarding failed):
-        its output, to answer or forward again without recomputing. A 1-tuple or None."""
-        if session.last_output is None:
-            return None
-        step_id, pos, count, out = session.last_output
-        if (step_id, pos, count) == (
-            req.step_id,
-            req.pos,
-            n_tokens,
-        ) and pos + count == session.length:
-            return (out,)
-        return None
-
     # ---- replay material ------------------------------------------------------------
 
     @handles_errors
@@ -931,7 +739,7 @@ class NodeService(pb_grpc.NodeServicer):
         for pos, message in session.sent.chunks:
             if pos < request.end and pos + message.shape[0] > request.start:
                 size += len(message.payload)
-                if size + 64 * 1024 > self.max_message_bytes:
+                if size + HEADROOM_BYTES > self.max_message_bytes:
                     raise ResourceExhausted(
                         f"positions [{request.start}, {request.end}) hold over {size} bytes, "
                         "more than one message may carry: ask for fewer"
@@ -981,20 +789,3 @@ class NodeService(pb_grpc.NodeServicer):
             protocol_version=PROTOCOL_VERSION,
             public_key=self.key.public_key if self.key is not None else b"",
         )
-
-
-def _rows(item: list[int] | pb.Activations) -> int:
-    """Positions an input chunk holds."""
-    return len(item) if isinstance(item, list) else (list(item.shape) or [0])[0]
-
-
-def _inputs_of(req: pb.StepRequest) -> list[tuple[int, list[int] | pb.Activations]]:
-    """A step's input chunks (pos, token ids or activations), as ``agreement.input_digest``
-    hashes them: its chunks, or its one input."""
-    if req.chunks:
-        return [
-            (c.pos, c.activations if c.WhichOneof("input") == "activations" else list(c.tokens.ids))
-            for c in req.chunks
-        ]
-    kind = req.WhichOneof("input")
-    return [(req.pos, req.activations if kind == "activations" else list(req.tokens.ids))]
