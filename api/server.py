@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,27 @@ class GatewayConfig:
     options: GatewayOptions = field(default_factory=GatewayOptions)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the gateway (uvicorn listens on it). Bound here,
+    not by uvicorn, which exits the process when it cannot bind: a port in use or an
+    address this machine does not have is a one-line NanoshardError instead."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise NanoshardError(f"the gateway cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise NanoshardError(f"the gateway cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
 async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
     """Serve until SIGINT/SIGTERM; ``ready(url)`` once the server accepts connections."""
     client = AsyncClient(
@@ -52,12 +74,13 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
     )
-    task = asyncio.create_task(server.serve())
+    listener = listen(config.host, config.port)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     try:
         while not server.started:
             if task.done():
-                task.result()  # it could not start (the port is taken): say why
-                raise NanoshardError(f"the gateway could not listen on {config.host}:{config.port}")
+                task.result()  # it could not start: say why
+                raise NanoshardError(f"the gateway could not start on {config.host}:{config.port}")
             await asyncio.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
         # Find the swarm now, so the first request does not wait for it (a failure here is

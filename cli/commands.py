@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 
 from nanoshard.client.checks import DEFAULT_CHECK_RATE
-from nanoshard.cliutil import API, COORDINATOR, listening_line, run_cli, setup_logging
+from nanoshard.cliutil import (
+    API,
+    COORDINATOR,
+    listening_line,
+    positive_seconds,
+    run_cli,
+    setup_logging,
+    size_arg,
+)
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
@@ -46,9 +54,13 @@ CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default="", help="the text to continue")
-    p.add_argument("--model", default="demo", help=MODEL_HELP)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="--local and --route: " + MODEL_HELP + " (a swarm serves its coordinator's model)",
+    )
     p.add_argument("--revision", default=None, help="of a hub id: branch, tag or commit")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="(default 100)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
@@ -107,13 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel groups: auto (default: where a unit fits no node alone, or "
         "where predicted faster), off, or 2/4 (every stage in groups of that size)",
     )
-    c.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, metavar="S")
+    c.add_argument(
+        "--heartbeat-interval",
+        type=positive_seconds,
+        default=d.heartbeat_interval,
+        metavar="S",
+        help=f"how often nodes report (default {d.heartbeat_interval:g})",
+    )
     c.add_argument(
         "--heartbeat-timeout",
-        type=float,
+        type=positive_seconds,
         default=d.heartbeat_timeout,
         metavar="S",
-        help="a node silent this long is out (default 6)",
+        help=f"a node silent this long is out (default {d.heartbeat_timeout:g})",
     )
     c.add_argument(
         "--state-dir",
@@ -175,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--max-body",
+        type=size_arg,
         default="1M",
         metavar="SIZE",
         help="request bodies larger than this are refused with 413 (default 1M)",
@@ -230,6 +249,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from nanoshard.coordinator.groups import parse_mode
     from nanoshard.coordinator.server import serve
 
+    if not args.heartbeat_timeout > args.heartbeat_interval:
+        raise InvalidArgument(
+            f"--heartbeat-timeout {args.heartbeat_timeout:g} s must be longer than "
+            f"--heartbeat-interval {args.heartbeat_interval:g} s, or every node times out"
+        )
     config = CoordinatorConfig(
         model=args.model,
         revision=args.revision,
@@ -263,11 +287,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     from nanoshard.api.app import GatewayOptions
     from nanoshard.api.server import GatewayConfig, serve
-    from nanoshard.cliutil import parse_size
+    from nanoshard.codec import check_codec
     from nanoshard.security import read_key
 
     if not args.route_wait > 0:
         raise InvalidArgument("--route-wait must be more than 0")
+    check_codec(args.codec)  # the gateway's own setting: refused now, not on every request
     config = GatewayConfig(
         coordinator=args.coordinator,
         host=args.host,
@@ -279,7 +304,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         codec=args.codec,
         check_rate=args.check_rate,
         route_wait_s=args.route_wait,
-        options=GatewayOptions(max_body_bytes=parse_size(args.max_body)),
+        options=GatewayOptions(max_body_bytes=args.max_body),
     )
 
     def ready(url: str) -> None:

@@ -19,6 +19,8 @@ from nanoshard.sampling import SamplingParams
 from nanoshard.security import read_key
 from nanoshard.tokenizer import encoding_for
 
+DEFAULT_MODEL = "demo"  # of --local and --route: the built-in model
+
 
 def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
     ids = enc.encode(prompt, allowed_special="all")
@@ -31,7 +33,9 @@ def generate_locally(
     args: argparse.Namespace, on_token: Callable[[Token], object] | None
 ) -> GenerationResult:
     """The reference path: the whole model in this process, the same loop as the swarm's."""
-    checkpoint = open_checkpoint(args.model, trust_pickle=args.trust_pickle, revision=args.revision)
+    checkpoint = open_checkpoint(
+        args.model or DEFAULT_MODEL, trust_pickle=args.trust_pickle, revision=args.revision
+    )
     config = checkpoint.config
     enc = encoding_for(checkpoint.path)
     ids = prompt_ids(enc, args.prompt)
@@ -85,33 +89,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     on_token = None if args.json else show
     checks: list[CheckResult] = []
-    if args.local:
-        result = generate_locally(args, on_token)
-    else:
-        route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
-        if args.route is not None and not route:
-            raise InvalidArgument("--route needs at least one HOST:PORT")
-        with Client(
-            args.coordinator,
-            route=route,
-            model=args.model,
-            mdns_interfaces=args.mdns_interfaces,
-            swarm=args.swarm,
-            codec=args.codec,
-            swarm_key=read_key(args.swarm_key, args.swarm_key_file),
-            tls_ca=args.tls_ca,
-            check_rate=args.check_rate,
-        ) as client:
-            result = client.generate(
-                args.prompt,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                on_token=on_token,
-            )
-            checks = client.wait_for_checks()
+    if args.model is not None and not (args.local or args.route):
+        raise InvalidArgument(
+            "--model is for --local and --route: a swarm serves its coordinator's model "
+            "(see nanoshard status)"
+        )
+    try:
+        if args.local:
+            result = generate_locally(args, on_token)
+        else:
+            route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+            if args.route is not None and not route:
+                raise InvalidArgument("--route needs at least one HOST:PORT")
+            with Client(
+                args.coordinator,
+                route=route,
+                model=args.model or DEFAULT_MODEL,
+                mdns_interfaces=args.mdns_interfaces,
+                swarm=args.swarm,
+                codec=args.codec,
+                swarm_key=read_key(args.swarm_key, args.swarm_key_file),
+                tls_ca=args.tls_ca,
+                check_rate=args.check_rate,
+            ) as client:
+                result = client.generate(
+                    args.prompt,
+                    args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    seed=args.seed,
+                    on_token=on_token,
+                )
+                checks = client.wait_for_checks()
+    except BaseException:
+        if started:  # an error or Ctrl-C mid-stream starts its own line, after the text
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     report(result, args, with_hops=not args.local, checks=checks)
     return 0
 

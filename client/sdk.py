@@ -405,6 +405,8 @@ class AsyncChatSession:
         except BaseException as exc:  # the nodes may hold more than this session counted
             self._broken = f"a generation failed midway: {type(exc).__name__}"
             raise
+        if gen.stop_reason == "max_new_tokens" and len(gen.token_ids) < max_new_tokens:
+            gen.stop_reason = "context"  # the session's positions ran out first (``budget``)
         if gen.stop_reason == "eot":
             # Every generated token was fed (the <|endoftext|> was sampled, never fed): the
             # next call starts from its own prompt.

@@ -178,12 +178,12 @@ class SwarmSession:
                 await self._open_on(route)
                 return
             except Unavailable as exc:
-                delay = next(delays)
-                if self.planner is None or time.monotonic() + delay > give_up:
+                left = give_up - time.monotonic()
+                if self.planner is None or left <= 0:
                     raise
                 self.avoid.add(exc.failed)
                 route = None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(next(delays), left))  # (the last try at the deadline)
 
     async def _open_on(self, route: Route | None) -> None:
         """A new session (a new id) along ``route``, or a fresh one from the planner."""

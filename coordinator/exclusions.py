@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoshard.errors import FailedPrecondition
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exclusions (
     node_id TEXT NOT NULL,
@@ -46,11 +48,14 @@ class ExclusionStore:
     def __init__(
         self, path: Path | str, ttl_s: float, clock: Callable[[], float] = time.time
     ) -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path))
-        self.db.execute(SCHEMA)
-        self.db.commit()
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path))
+            self.db.execute(SCHEMA)
+            self.db.commit()
+        except (OSError, sqlite3.Error) as exc:
+            raise FailedPrecondition(f"cannot keep exclusions in {path}: {exc}") from None
         self.ttl_s = ttl_s
         self.clock = clock
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import math
 import re
 import signal
 import sys
@@ -26,6 +28,25 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 512M or 2G)")
     scale = 1024 ** "_kmgt".index(m.group(2).lower() or "_")
     return int(float(m.group(1)) * scale)
+
+
+def size_arg(text: str) -> int:
+    """``parse_size`` for argparse: a bad size is the flag's one-line error."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_seconds(text: str) -> float:
+    """A time in seconds for argparse: finite and above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} s: give a time above 0")
+    return value
 
 
 def format_size(n: int) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from nanoshard.config import GPTConfig, block_indices, check_units
+from nanoshard.errors import InvalidArgument
 from nanoshard.kv import KVCache
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,33 @@ DTYPES = {
 def pick_device(requested: str | None = None) -> torch.device:
     """The device to run on: the one asked for, else cuda, else mps, else cpu."""
     if requested and requested != "auto":
-        return torch.device(requested)
+        return _available(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available(requested: str) -> torch.device:
+    """``requested`` as a device of this machine; InvalidArgument if it is none."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise InvalidArgument(
+            f"unknown device {requested[:40]!r}: give cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InvalidArgument(f"no {requested} here: this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps and mps.is_available()):
+            raise InvalidArgument("no mps device here (Apple silicon only)")
+    elif device.type != "cpu":
+        raise InvalidArgument(f"device {requested!r} is not supported: give cpu, cuda, mps or auto")
+    return device
 
 
 def parse_dtype(name: str) -> torch.dtype:

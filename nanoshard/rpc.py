@@ -76,9 +76,15 @@ def open_channel(
 def add_port(server: Any, address: str, security: Security | None = None) -> int:
     """Listen on ``address``: over TLS when ``security`` has a certificate."""
     creds = security.server_credentials() if security else None
-    if creds is None:
-        return int(server.add_insecure_port(address))
-    return int(server.add_secure_port(address, creds))
+    try:
+        if creds is None:
+            return int(server.add_insecure_port(address))
+        return int(server.add_secure_port(address, creds))
+    except RuntimeError:  # gRPC's "Failed to bind to address ...": in use, or not ours
+        why = "the port is in use (another, or 0 for any free one) or the address is not ours"
+        if address.endswith(":0"):
+            why = "the address is not this machine's"
+        raise errors.Unavailable(f"cannot listen on {address}: {why}") from None
 
 
 def caller_identity(context: Any) -> str:

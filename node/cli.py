@@ -16,9 +16,10 @@ from nanoshard.cliutil import (
     NODE,
     format_size,
     listening_line,
-    parse_size,
+    positive_seconds,
     run_cli,
     setup_logging,
+    size_arg,
 )
 from nanoshard.engine import DTYPES
 from nanoshard.errors import InvalidArgument
@@ -95,7 +96,7 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="positions computed per caller per minute (default 0: no limit)",
     )
-    g.add_argument("--quota-kv-memory", type=parse_size, default=0, metavar="SIZE",
+    g.add_argument("--quota-kv-memory", type=size_arg, default=0, metavar="SIZE",
                    help="KV memory reserved per caller (default 0: no limit)")  # fmt: skip
 
 
@@ -143,10 +144,20 @@ def add_leave_slower_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def thread_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of threads: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} threads: give 1 or more, or 0 (one per core)")
+    return n
+
+
 def add_threads_flag(parser: argparse.ArgumentParser, default: int) -> None:
     parser.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=default,
         metavar="N",
         help="torch threads (default 0: one per core; idle threads sleep, so several nodes "
@@ -169,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     s.add_argument(
         "--kv-memory",
-        type=parse_size,
+        type=size_arg,
         default=d.kv_memory,
         metavar="SIZE",
         help="memory for the KV caches of all sessions (default 1G)",
     )
     s.add_argument(
         "--session-ttl",
-        type=float,
+        type=positive_seconds,
         default=d.session_ttl,
         metavar="SECONDS",
         help=f"idle sessions expire after this long (default {d.session_ttl:.0f})",
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(s)
     s.add_argument(
         "--max-message",
-        type=parse_size,
+        type=size_arg,
         default=d.max_message_bytes,
         metavar="SIZE",
         help="largest gRPC message accepted (default 16M)",
@@ -215,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument(
         "--max-memory",
-        type=parse_size,
+        type=size_arg,
         default=None,
         metavar="SIZE",
         help="memory for weights and KV caches (default: half of the free RAM, or 80%% of "
@@ -236,7 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_leave_slower_flag(j)
     add_limit_flags(j)
     add_security_args(j)
-    j.add_argument("--session-ttl", type=float, default=jd.session_ttl, metavar="SECONDS")
+    j.add_argument(
+        "--session-ttl",
+        type=positive_seconds,
+        default=jd.session_ttl,
+        metavar="SECONDS",
+        help=f"idle sessions expire after this long (default {jd.session_ttl:.0f})",
+    )
     add_metrics_args(j)
     return parser
 

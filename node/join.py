@@ -131,6 +131,7 @@ class Volunteer:
         self.security = config.security.with_identity(self.node_id)  # tokens name this node
         self.stop = asyncio.Event()
         self.target = ""
+        self.joined = False  # the coordinator took its Join (it says it left only then)
         self.card: cpb.ModelCard | None = None
         self.model_config: GPTConfig | None = None
         self.plane: DataPlane | None = None
@@ -195,6 +196,7 @@ class Volunteer:
             torch.set_num_threads(config.threads)
         if config.mdns:  # a wrong --mdns-interface is refused before anything starts
             discovery.zeroconf_interfaces(config.mdns_interfaces)
+        device = pick_device(config.device)  # (and a device this machine lacks)
         self.target = await self.find_coordinator()
         self._connect(self.target)
         try:
@@ -202,7 +204,6 @@ class Volunteer:
             self.card = card  # type: ignore[assignment]
             self.model_config = GPTConfig.from_dict(json.loads(card.config_json))  # type: ignore[attr-defined]
             local = self._local_checkpoint()
-            device = pick_device(config.device)
             capacity = await asyncio.to_thread(
                 load_or_measure,
                 self.model_config,
@@ -339,6 +340,7 @@ class Volunteer:
         )
         reply: cpb.JoinReply = await self.call(self._stub.Join, request, "join")  # type: ignore[assignment]
         self.heartbeat_interval = reply.heartbeat_interval_s or 2.0
+        self.joined = True
         self.events.info(f"joined the swarm at {self.target}")
         self._follow(reply.assignment)
 
@@ -642,10 +644,13 @@ class Volunteer:
             self.loading.cancel()
         # First tell the coordinator: routes stop naming this node at once, and sessions
         # through it move to replicas when its data plane stops below.
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await self._stub.Leave(
-                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
-            )
+        if self.joined:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                await self._stub.Leave(
+                    cpb.LeaveRequest(node_id=self.node_id),
+                    timeout=3,
+                    metadata=self.security.metadata(),
+                )
         if self.links is not None:
             await self.links.close()
         if self.advertising is not None:
@@ -654,7 +659,7 @@ class Volunteer:
                 await asyncio.to_thread(advertiser.close)
         if self.plane is not None:
             await self.plane.stop()
-        self.events.info("left the swarm")
+        self.events.info("left the swarm" if self.joined else "stopped before joining the swarm")
 
 
 async def join(config: JoinConfig, events: Events | None = None) -> Volunteer:

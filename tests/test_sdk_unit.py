@@ -133,6 +133,16 @@ def test_a_chat_continues_after_endoftext_and_after_max_new_tokens() -> None:
     assert contiguous(fed) and client.sessions[0].closed
 
 
+def test_a_generation_that_fills_the_context_says_so() -> None:
+    client = FakeClient()  # a context of 64 positions
+    result = client.generate([1, 2, 3], 1000, temperature=0)
+    assert result.stop_reason == "context"
+    assert len(result.token_ids) == 64 - 3 + 1  # the last one sampled at the last position
+    assert client.generate([1, 2, 3], 5, temperature=0).stop_reason == "max_new_tokens"
+    with client.session(temperature=0, max_length=8) as chat:  # a session's own positions
+        assert chat.generate([1, 2, 3], 100).stop_reason == "context"
+
+
 def test_breaking_out_of_a_stream_stops_the_generation() -> None:
     client = FakeClient(step_s=0.005)
     seen = []
