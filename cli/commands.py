@@ -24,7 +24,9 @@ from nanoshard.client.checks import DEFAULT_CHECK_RATE
 from nanoshard.cliutil import (
     API,
     COORDINATOR,
+    address_arg,
     listening_line,
+    port_arg,
     positive_seconds,
     run_cli,
     setup_logging,
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = g.add_mutually_exclusive_group()
     where.add_argument(
         "--coordinator",
+        type=address_arg,
         metavar="HOST:PORT",
         help="the swarm's coordinator (default: find it by mDNS)",
     )
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     c.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     c.add_argument(
-        "--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free)"
+        "--port", type=port_arg, default=d.port, help=f"port (default {d.port}; 0 = any free)"
     )
     c.add_argument(
         "--replicas", type=int, default=d.replicas, help="copies of every unit to aim for"
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--codec", default=dd.codec, help=CODECS_HELP)
     dm.add_argument(
         "--api-port",
-        type=int,
+        type=port_arg,
         default=dd.api_port,
         help=f"the gateway's port (default {dd.api_port}, another if taken; 0 = any free)",
     )
@@ -174,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     a = sub.add_parser("api", help="serve OpenAI's HTTP API and the live web view of a swarm")
-    a.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    a.add_argument(
+        "--coordinator", type=address_arg, metavar="HOST:PORT", help="default: find it by mDNS"
+    )
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    a.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    a.add_argument("--port", type=port_arg, default=8000, help="port (default 8000; 0 = any free)")
     a.add_argument("--codec", default="fp32", help=CODECS_HELP)
     a.add_argument(
         "--check-rate",
@@ -202,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(a, server=False)
 
     st = sub.add_parser("status", help="show the swarm: nodes, coverage, throughput")
-    st.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    st.add_argument(
+        "--coordinator", type=address_arg, metavar="HOST:PORT", help="default: find it by mDNS"
+    )
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     add_mdns_options(st)

@@ -29,13 +29,18 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.sdk import Client, GenerationResult
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.cliutil import API, COORDINATOR, listening_pattern
-from nanoshard.errors import NanoshardError, Unavailable
+from nanoshard.codec import check_codec
+from nanoshard.errors import InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import STOP_NOTES
+from nanoshard.sampling import SamplingParams
 from nanoshard.v1 import coordinator_pb2 as cpb
 
 from .statusview import StatusView
 
 LOOPBACK = "127.0.0.1"
+
+
+MAX_NODES = 32  # volunteer processes one demo starts, at most
 
 
 @dataclass
@@ -62,14 +67,20 @@ class Processes:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
-        popen = subprocess.Popen(
-            [sys.executable, *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us only
-        )
-        self.children.append((name, popen))
+        # Ctrl-C waits until the child is on the list (else one forked just then runs on:
+        # in a session of its own, it never sees the Ctrl-C either).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us only
+            )
+            self.children.append((name, popen))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return popen
 
     def log(self, name: str) -> str:
@@ -107,9 +118,18 @@ def wait_for_address(procs: Processes, name: str, who: str, timeout: float) -> s
     raise Unavailable(f"{name} did not start within {timeout:.0f} s")
 
 
+def check_config(config: DemoConfig) -> None:
+    """Refuse a bad setting before anything starts (not after the swarm formed)."""
+    if not 1 <= config.nodes <= MAX_NODES:
+        raise InvalidArgument(f"--nodes must be 1 to {MAX_NODES} (each is a process)")
+    if config.max_new_tokens < 1:
+        raise InvalidArgument(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    SamplingParams(temperature=config.temperature, top_k=config.top_k, seed=config.seed)
+    check_codec(config.codec)
+
+
 def run_demo(config: DemoConfig, console: Console) -> int:
-    if config.nodes < 1:
-        raise NanoshardError("--nodes must be at least 1")
+    check_config(config)
     checkpoint = open_checkpoint(config.model)
     model_bytes = checkpoint.stage_nbytes(0, checkpoint.config.n_units)
     # Each node may hold a bit more than its share (embed and head both need the token

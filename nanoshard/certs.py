@@ -47,15 +47,21 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
         path.chmod(0o600)
 
 
+MAX_DAYS = 36500  # a certificate's days of validity, at most
+
+
 def make_certs(folder: Path, hosts: list[str], days: int = 825) -> list[Path]:
     """A CA in ``folder`` (reused if ``ca.pem`` + ``ca.key`` are there) and a certificate
     for each of ``hosts``; returns the files written."""
     bad = [h for h in hosts if not HOST.match(h)]
     if not hosts or bad:
         raise InvalidArgument(f"--hosts needs host names or IP addresses, got {bad or hosts}")
-    if days < 1:
-        raise InvalidArgument("--days must be at least 1")
-    folder.mkdir(parents=True, exist_ok=True)
+    if not 1 <= days <= MAX_DAYS:
+        raise InvalidArgument(f"--days must be 1 to {MAX_DAYS} (100 years)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write certificates to {folder}: {exc}") from None
     now = datetime.datetime.now(datetime.timezone.utc)
     start, until = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     written: list[Path] = []

@@ -38,6 +38,27 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def port_arg(text: str) -> int:
+    """A port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port}: give 0 (any free one) to 65535")
+    return port
+
+
+def address_arg(text: str) -> str:
+    """A HOST:PORT for argparse."""
+    from nanoshard.rpc import check_address
+
+    try:
+        return check_address(text)
+    except NanoshardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_seconds(text: str) -> float:
     """A time in seconds for argparse: finite and above 0."""
     try:

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nanoshard.errors import InvalidArgument
+from nanoshard.errors import FailedPrecondition, InvalidArgument
 from nanoshard.v1 import node_pb2 as pb
 
 PUBLIC_KEY_BYTES = 32
@@ -79,7 +79,10 @@ class NodeKey:
     def load(cls, folder: Path) -> NodeKey:
         """The first key file in ``folder`` no other running process holds; a new one if
         every existing file is held."""
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot keep this node's key in {folder}: {exc}") from None
         for index in range(MAX_KEY_FILES):
             path = folder / ("node.key" if index == 0 else f"node-{index}.key")
             handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -73,6 +73,18 @@ def open_channel(
     return channel
 
 
+def check_address(address: str, what: str = "") -> str:
+    """``address`` if it is HOST:PORT with a port in 0-65535; else InvalidArgument (``what``
+    names it in the message)."""
+    port = address.rsplit(":", 1)[-1]
+    if not ADDRESS.fullmatch(address) or int(port) > 65535:
+        named = f"{what} {address[:80]!r}" if what else repr(address[:80])
+        raise errors.InvalidArgument(
+            f"{named} is not HOST:PORT (a port of 0 to 65535; IPv6 as [::1]:PORT)"
+        )
+    return address
+
+
 def add_port(server: Any, address: str, security: Security | None = None) -> int:
     """Listen on ``address``: over TLS when ``security`` has a certificate."""
     creds = security.server_credentials() if security else None
@@ -139,6 +151,8 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
         if isinstance(length, str) and length.isdigit() and len(length) <= 10:
             return errors.CacheMismatch(where + detail, int(length))
         return errors.FailedPrecondition(where + detail)
+    if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
+        detail = f"it does not serve this call ({detail}): is it the right address?"
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]
     if cls is errors.Unavailable:
         # Relayed by a node: the hops behind it that failed. Otherwise the peer itself

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from nanoshard.errors import InvalidArgument, Unauthenticated
 
@@ -113,6 +115,23 @@ def identity_of(context: Any) -> str | None:
         return None
 
 
+def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
+    """Each TLS file given holds what its flag says, in PEM: else InvalidArgument now (gRPC
+    would only say it failed to bind, or to make a handshaker)."""
+    kinds = ((cert, "a certificate"), (ca, "a certificate"), (key, "an unencrypted private key"))
+    for path, what in kinds:
+        if path is None:
+            continue
+        data = Path(path).read_bytes()
+        try:
+            if path is key:
+                serialization.load_pem_private_key(data, password=None)
+            else:
+                x509.load_pem_x509_certificates(data)
+        except (ValueError, TypeError):  # (cryptography's reason is a paragraph long)
+            raise InvalidArgument(f"{path} is not {what} in PEM") from None
+
+
 @dataclass
 class Security:
     """How one process talks to the swarm: its swarm key and identity, and TLS files."""
@@ -129,6 +148,7 @@ class Security:
         for path in (self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not Path(path).is_file():
                 raise InvalidArgument(f"no such TLS file: {path}")
+        _check_pem(self.tls_cert, self.tls_ca, self.tls_key)
         if not self.identity:
             self.identity = f"client:{secrets.token_hex(6)}"
 
@@ -210,12 +230,17 @@ class TokenInterceptor(
 
 
 def read_key(key: str | None, key_file: str | Path | None) -> SwarmKey | None:
-    """The swarm key from a flag, else a file, else ``$NANOSHARD_SWARM_KEY``; None if none."""
+    """The swarm key from a flag or a file (not both), else ``$NANOSHARD_SWARM_KEY``; None if
+    none. An empty file is refused: it would mean an open swarm."""
     if key_file is not None:
+        if key is not None:
+            raise InvalidArgument("give the swarm key once: --swarm-key or --swarm-key-file")
         try:
             key = Path(key_file).read_text().strip()
         except OSError as exc:
             raise InvalidArgument(f"cannot read the swarm key file {key_file}: {exc}") from None
+        if not key:
+            raise InvalidArgument(f"the swarm key file {key_file} is empty")
     key = key or os.environ.get(KEY_ENV) or None
     return SwarmKey(key) if key else None
 

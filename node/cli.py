@@ -14,8 +14,10 @@ from pathlib import Path
 import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torch loads
 from nanoshard.cliutil import (
     NODE,
+    address_arg,
     format_size,
     listening_line,
+    port_arg,
     positive_seconds,
     run_cli,
     setup_logging,
@@ -144,13 +146,26 @@ def add_leave_slower_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_THREADS = 1024  # torch threads a node may be given (each is an OS thread)
+
+
 def thread_count(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of threads: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} threads: give 1 or more, or 0 (one per core)")
+    if not 0 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"{n} threads: give 1 to {MAX_THREADS}, or 0 (one per core)"
+        )
+    return n
+
+
+def message_size(text: str) -> int:
+    """A gRPC message limit: from 1 MiB (a step of one token, and room) to gRPC's 2 GiB."""
+    n = size_arg(text)
+    if not 2**20 <= n < 2**31:
+        raise argparse.ArgumentTypeError(f"a message limit of {text}: give 1M to 2047M")
     return n
 
 
@@ -174,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=d.model, help="checkpoint path, or 'demo' (default)")
     s.add_argument("--units", required=True, help="the stage, START:END (0 = embed, L+1 = head)")
     s.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    s.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default)")
+    s.add_argument(
+        "--port", type=port_arg, default=d.port, help="port; 0 picks a free one (default)"
+    )
     s.add_argument("--name", default=d.name, help="node name shown in traces and status")
     s.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
     s.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
@@ -199,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(s)
     s.add_argument(
         "--max-message",
-        type=size_arg,
+        type=message_size,
         default=d.max_message_bytes,
         metavar="SIZE",
         help="largest gRPC message accepted (default 16M)",
@@ -208,11 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("join", help="join a swarm and serve the stage the coordinator assigns")
     jd = JoinConfig()
-    j.add_argument("--coordinator", metavar="HOST:PORT", help="default: find it by mDNS")
+    j.add_argument(
+        "--coordinator", type=address_arg, metavar="HOST:PORT", help="default: find it by mDNS"
+    )
     j.add_argument(
         "--host", default=jd.host, help=f"address the data plane listens on (default {jd.host})"
     )
-    j.add_argument("--port", type=int, default=jd.port, help="port; 0 picks a free one (default)")
+    j.add_argument(
+        "--port", type=port_arg, default=jd.port, help="port; 0 picks a free one (default)"
+    )
     j.add_argument(
         "--mdns-interface",
         action="append",

@@ -4,6 +4,8 @@ flags that would be silently ignored."""
 from __future__ import annotations
 
 import io
+import socket
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -202,3 +204,66 @@ def test_a_bad_tp_is_refused_in_one_line(value: str, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err == (
         f"nanoshard: error: --tp must be one of auto, off, 2, 4, not {value!r}\n"
     )
+
+
+# Mistakes a user made that once ended in a traceback, a hang or silence: each is now one
+# line, and nothing starts. (argparse's own errors exit 2, ours 1.)
+MISTAKES = [
+    (["coordinator", "--heartbeat-interval", "0"], 2, "give a time above 0"),
+    (["coordinator", "--heartbeat-interval", "3", "--heartbeat-timeout", "2"], 1, "longer than"),
+    (["coordinator", "--port", "99999"], 2, "give 0 (any free one) to 65535"),
+    (["status", "--coordinator", "localhost"], 2, "is not HOST:PORT"),
+    (["status", "--coordinator", "[::1"], 2, "is not HOST:PORT"),
+    (["api", "--max-body", "lots"], 2, "not a size: 'lots' (try 512M or 2G)"),
+    (["api", "--codec", "bogus", "--coordinator", "127.0.0.1:1"], 1, "unknown codec 'bogus'"),
+    (["generate", "--local", "--device", "tpu", "hi"], 1, "unknown device 'tpu'"),
+    (["generate", "--coordinator", "127.0.0.1:1", "--model", "demo", "hi"], 1, "--model is for"),
+    (["demo", "--nodes", "1000"], 1, "--nodes must be 1 to 32"),
+    (["demo", "--temperature", "-1"], 1, "temperature must be in [0, 100]"),
+    (["certs", "--hosts", "127.0.0.1", "--days", "99999999", "x"], 1, "--days must be 1 to"),
+    (
+        ["status", "--swarm-key", "k" * 24, "--swarm-key-file", "/etc/hostname"],
+        1,
+        "give the swarm key once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "says"), MISTAKES)
+def test_a_mistake_is_one_line_and_starts_nothing(
+    argv: list[str], code: int, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == code
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("nanoshard"), err
+
+
+def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv in (
+            ["coordinator", "--host", "127.0.0.1", "--port", port, "--no-mdns"],
+            ["api", "--coordinator", "127.0.0.1:1", "--port", port],
+        ):
+            with pytest.raises(SystemExit) as exit:
+                main(argv)
+            assert exit.value.code == 1
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and f"127.0.0.1:{port}" in err, err
+            assert "in use" in err.strip().splitlines()[-1], err
+
+
+def test_a_tls_file_that_is_not_pem_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(SystemExit) as exit:
+        main(["status", "--coordinator", "127.0.0.1:1", "--tls-ca", str(junk)])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == f"nanoshard: error: {junk} is not a certificate in PEM\n"
