@@ -256,6 +256,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from nanoshard.coordinator.groups import parse_mode
     from nanoshard.coordinator.server import serve
 
+    if not args.swarm:
+        raise InvalidArgument("--swarm needs a name (the default is 'default')")
     if not args.heartbeat_timeout > args.heartbeat_interval:
         raise InvalidArgument(
             f"--heartbeat-timeout {args.heartbeat_timeout:g} s must be longer than "

@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> int:
         metrics = expose(metrics_from_args(args), NODE)
         if args.command == "serve":
+            if args.kv_memory <= 0:
+                raise InvalidArgument("--kv-memory must be above 0: it holds every session")
             config = ServeConfig(
                 model=args.model,
                 units=args.units,
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "join":
             if args.no_mdns and not args.coordinator:
                 raise InvalidArgument("--no-mdns needs --coordinator HOST:PORT")
+            if not args.swarm:
+                raise InvalidArgument("--swarm needs a name (the default is 'default')")
             join_config = JoinConfig(
                 coordinator=args.coordinator,
                 host=args.host,

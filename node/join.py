@@ -36,7 +36,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, InvalidArgument, NotFound, Unavailable
+from nanoshard.errors import CheckpointError, InvalidArgument, Unavailable
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
@@ -119,6 +119,9 @@ def reachable_host(listen_host: str, coordinator: str) -> str:
             return "127.0.0.1"
 
 
+NOT_YET = (-1, -1, "")  # ``Volunteer.wanted`` before the coordinator has assigned anything
+
+
 class Volunteer:
     """One joined node: its data plane, its assignment, its heartbeats."""
 
@@ -142,7 +145,7 @@ class Volunteer:
         self.advertising: asyncio.Task[discovery.Advertiser] | None = None
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
-        self.wanted: tuple[int, int, str] | None = None  # the stage, and its group's id
+        self.wanted: tuple[int, int, str] | None = NOT_YET  # the stage, and its group's id
         self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
         self.unformed = ""  # why the group it was assigned to did not form ("" = it did)
         self.said_ready = False
@@ -154,20 +157,25 @@ class Volunteer:
         if self.config.coordinator:
             return self.config.coordinator
         self.events.info("looking for a coordinator by mDNS…")
-        found = await asyncio.to_thread(
-            discovery.find_coordinator,
-            self.config.mdns_interfaces,
-            self.config.discovery_timeout,
-            self.config.swarm,
-        )
-        if found is None:
-            raise NotFound(
-                f"no coordinator of swarm {self.config.swarm!r} answered on mDNS within "
-                f"{self.config.discovery_timeout:.0f} s (multicast blocked? Wi-Fi client "
-                "isolation?): pass --coordinator HOST:PORT"
+        told = False
+        while not self.stop.is_set():  # volunteers may start before their coordinator
+            found = await asyncio.to_thread(
+                discovery.find_coordinator,
+                self.config.mdns_interfaces,
+                self.config.discovery_timeout,
+                self.config.swarm,
             )
-        self.events.info(f"found coordinator {found.name} at {found.target}")
-        return found.target
+            if found is not None:
+                self.events.info(f"found coordinator {found.name} at {found.target}")
+                return found.target
+            if not told:
+                told = True
+                self.events.info(
+                    f"no coordinator of swarm {self.config.swarm!r} answered on mDNS yet: "
+                    "still looking (none started? multicast blocked, or Wi-Fi client "
+                    "isolation? then pass --coordinator HOST:PORT)"
+                )
+        raise asyncio.CancelledError  # stopped while looking
 
     async def call(self, method: Callable, request: object, what: str) -> object:
         """A control-plane call, retried with backoff while the coordinator is unreachable."""
@@ -372,7 +380,11 @@ class Volunteer:
         if self.loading is not None:
             self.loading.cancel()
         if wanted is None:
-            self.events.info("assigned no stage for now: standing by")
+            memory = self.capacity.memory_bytes / 2**30
+            self.events.info(
+                "assigned no stage for now: standing by (the swarm may be covered already, "
+                f"or {memory:.2f} GiB may hold no unit of this model: see nanoshard status)"
+            )
             self.loading = None
             if self.plane is not None:  # open sessions finish on the stage they hold
                 self.plane.service.set_stage(None)
@@ -561,7 +573,7 @@ class Volunteer:
         self.events.info(f"{why}: joining the swarm again")
         self.unformed = ""
         self.plane.service.set_stage(None)
-        self.ready, self.wanted = None, None
+        self.ready, self.wanted = None, NOT_YET
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
             await self._stub.Leave(
                 cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()

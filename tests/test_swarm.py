@@ -42,11 +42,13 @@ def demo_bytes() -> int:
 def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
     tmp_path: Path,
 ) -> None:
+    """Volunteers started before their coordinator keep looking for it by mDNS, join it
+    once it is up, fetch only their own units' bytes, and the swarm generates what one
+    process does."""
     swarm_name = "t" + secrets.token_hex(4)
     memory = str(int(demo_bytes() * 0.55 / 0.8))  # each node holds about half the model
     with Swarm() as swarm:
-        _, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "1", *STEADY)
-        nodes = [
+        nodes = [  # started before their coordinator: they keep looking for it
             swarm.join(
                 "--swarm",
                 swarm_name,
@@ -59,6 +61,8 @@ def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
             )
             for i in range(3)
         ]
+        nodes[0].wait_for(re.compile(r"answered on mDNS yet: still looking"), timeout=60)
+        _, address = swarm.coordinator("--swarm", swarm_name, "--replicas", "1", *STEADY)
         client = CoordinatorClient(address)
         status = wait_until("full coverage", lambda: covered(client, 3), timeout=120)
         assert status is not None
