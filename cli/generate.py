@@ -94,6 +94,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "--model is for --local and --route: a swarm serves its coordinator's model "
             "(see nanoshard status)"
         )
+    local_only = {"--device": args.device != "auto", "--dtype": args.dtype != "fp32"}
+    local_only["--trust-pickle"] = args.trust_pickle
+    if not args.local and any(local_only.values()):
+        given = ", ".join(flag for flag, given in local_only.items() if given)
+        raise InvalidArgument(f"{given}: for --local only (the nodes choose their own)")
     try:
         if args.local:
             result = generate_locally(args, on_token)
