@@ -118,16 +118,21 @@ def identity_of(context: Any) -> str | None:
 def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
     """Each TLS file given holds what its flag says, in PEM: else InvalidArgument now (gRPC
     would only say it failed to bind, or to make a handshaker)."""
-    kinds = ((cert, "a certificate"), (ca, "a certificate"), (key, "an unencrypted private key"))
-    for path, what in kinds:
+
+    def private_key(data: bytes) -> object:
+        return serialization.load_pem_private_key(data, password=None)
+
+    certificates = x509.load_pem_x509_certificates
+    files = [
+        (cert, "a certificate", certificates),
+        (ca, "a certificate", certificates),
+        (key, "an unencrypted private key", private_key),
+    ]
+    for path, what, load in files:
         if path is None:
             continue
-        data = Path(path).read_bytes()
         try:
-            if path is key:
-                serialization.load_pem_private_key(data, password=None)
-            else:
-                x509.load_pem_x509_certificates(data)
+            load(Path(path).read_bytes())
         except (ValueError, TypeError):  # (cryptography's reason is a paragraph long)
             raise InvalidArgument(f"{path} is not {what} in PEM") from None
 
