@@ -9,6 +9,8 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from nanoshard.errors import FailedPrecondition
+
 T = TypeVar("T")
 CANCEL_GRACE_S = 10.0  # how long an interrupted call may take to clean up (close its session)
 WAIT_SLICE_S = 0.1  # a waiting caller looks for signals (Ctrl-C) this often
@@ -26,7 +28,11 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for its result (or its exception)."""
+        """Run ``coro`` on the loop and wait for its result (or its exception). After
+        :meth:`close`, FailedPrecondition (``coro`` is closed unrun, so nothing warns)."""
+        if self.loop.is_closed():
+            coro.close()
+            raise FailedPrecondition("this client is closed: make a new one")
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a synchronous nanoshard call from its own event loop thread")

@@ -20,19 +20,22 @@ event loop thread (:mod:`nanoshard.client.loop`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 
+from nanoshard import rpc
 from nanoshard.checkpoint import open_checkpoint
+from nanoshard.codec import check_codec
 from nanoshard.config import GPTConfig
 from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import StepResult, agenerate, check_prompt, max_length_for
 from nanoshard.hop import Channels
-from nanoshard.sampling import SamplingParams
+from nanoshard.sampling import SamplingParams, integer, real
 from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
@@ -121,8 +124,27 @@ class AsyncClient:
         servers' certificates. ``check_rate`` is the share of sessions' hops that a
         shadow replica follows and checks (0: no checks; a hop the coordinator asks to have
         followed always is; results in :attr:`checks`, disagreements reported to the
-        coordinator); ``check_seed`` makes the choices repeatable."""
-        self.codec, self.retry, self.timeout_s = codec, retry or RetryPolicy(), timeout_s
+        coordinator); ``check_seed`` makes the choices repeatable.
+
+        Every option is checked here, before anything connects: a typo is a one-line
+        InvalidArgument now, not a node or coordinator blamed for it later."""
+        if coordinator is not None and coordinator != "":  # "" finds one by mDNS, as None
+            _check_address("the coordinator", coordinator)
+        if route is not None:
+            if isinstance(route, str) or not isinstance(route, Sequence) or not route:
+                raise InvalidArgument(
+                    f"route must be a list of node addresses (HOST:PORT), embed first: got "
+                    f"{route!r:.60} (one node: route=['HOST:PORT'])"
+                )
+            route = [_check_address("a route's node", a) for a in route]
+        timeout_s = real("timeout_s", timeout_s)
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidArgument(f"timeout_s must be a positive number of seconds: {timeout_s}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidArgument(f"retry must be a RetryPolicy, got {retry!r:.40}")
+        retry = retry or RetryPolicy()
+        check_rate = real("check_rate", check_rate)
+        self.codec, self.retry, self.timeout_s = check_codec(codec), retry, timeout_s
         key = swarm_key if isinstance(swarm_key, SwarmKey) else read_key(swarm_key, None)
         self.security = Security(key=key, tls_ca=Path(tls_ca) if tls_ca else None)
         self.checker = Checker(
@@ -135,11 +157,14 @@ class AsyncClient:
         self._channels = Channels(self.security)
         self._connected = False
         self._connecting = asyncio.Lock()
+        self._closed = False
 
     # ---- the swarm ----------------------------------------------------------------------
 
     async def connect(self) -> AsyncClient:
         """Find the swarm and read its model card (done once; every call does it first)."""
+        if self._closed:
+            raise FailedPrecondition("this client is closed: make a new one")
         async with self._connecting:  # the first calls of several tasks connect once
             if not self._connected:
                 await asyncio.to_thread(self._connect)
@@ -256,6 +281,8 @@ class AsyncClient:
         return status_json(await asyncio.to_thread(self._coordinator.status))
 
     async def close(self) -> None:
+        """Close the client's connections; any call after this is a FailedPrecondition."""
+        self._closed = True
         await asyncio.to_thread(self.checker.close)
         if self._coordinator is not None:
             self._coordinator.close()
@@ -270,12 +297,18 @@ class AsyncClient:
     # ---- generation ---------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids: text encoded, or the ids given (ints: bytes and floats are
+        refused, not read as ids or truncated)."""
         if isinstance(prompt, str):
             ids = self.encoding.encode(prompt, allowed_special="all")
             if not ids and self.eot_id is not None:
                 ids = [self.eot_id]
             return ids
-        return [int(t) for t in prompt]
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+            raise InvalidArgument(
+                f"prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}"
+            )
+        return [integer("a prompt's token id", t) for t in prompt]
 
     async def session(
         self,
@@ -287,12 +320,21 @@ class AsyncClient:
         seed: int = 0,
         codec: str | None = None,
     ) -> AsyncChatSession:
-        """A session that keeps its KV caches between calls (sampling fixed for its life)."""
-        await self.connect()
+        """A session that keeps its KV caches between calls (sampling fixed for its life).
+        It holds ``max_length`` positions, 1 to the model's context (None: all of it)."""
         params = SamplingParams(temperature, top_k, top_p, seed)
-        return await AsyncChatSession.open(
-            self, params, max_length or self.config.block_size, codec
-        )
+        await self.connect()
+        block_size = self.config.block_size
+        if max_length is None:
+            max_length = block_size
+        else:
+            max_length = integer("max_length", max_length)
+            if not 1 <= max_length <= block_size:
+                raise InvalidArgument(
+                    f"max_length must be in [1, {block_size}] (this model's context), "
+                    f"got {max_length}"
+                )
+        return await AsyncChatSession.open(self, params, max_length, codec)
 
     async def generate(
         self,
@@ -311,10 +353,13 @@ class AsyncClient:
         greedy; sampling is a pure function of ``seed`` and position; the text ends before
         the first ``stop`` string; ``on_token`` sees each token as it arrives (returning
         True stops the generation there, with stop_reason "stop")."""
+        max_new_tokens = _max_new_tokens(max_new_tokens)
+        _stops(stop)  # checked before a session opens on the nodes
+        params = SamplingParams(temperature, top_k, top_p, seed)
         await self.connect()
         ids = self.encode(prompt)
+        check_prompt(ids, self.config.vocab_size, self.config.block_size)
         max_length = max_length_for(len(ids), max_new_tokens, self.config.block_size)
-        params = SamplingParams(temperature, top_k, top_p, seed)
         async with await AsyncChatSession.open(self, params, max_length, codec) as chat:
             return await chat.generate(ids, max_new_tokens, stop=stop, on_token=on_token)
 
@@ -356,11 +401,16 @@ class AsyncChatSession:
         on_token: Callable[[Token], bool | None] | None = None,
     ) -> GenerationResult:
         """Continue the text: feed ``prompt`` (may be empty after a first call) and generate.
-        ``on_token`` sees each token as it arrives; returning True stops there."""
+        ``on_token`` sees each token as it arrives; returning True stops there. Bad
+        arguments are refused before anything is sent: the session goes on after them."""
         client = self.client
+        if client._closed:
+            raise FailedPrecondition("this session's client is closed")
         if self._broken:
             raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
-        ids = client.encode(prompt) if prompt != "" else []
+        max_new_tokens = _max_new_tokens(max_new_tokens)
+        stops = _stops(stop)
+        ids = [] if isinstance(prompt, str) and not prompt else client.encode(prompt)
         feed = ([self.pending] if self.pending is not None else []) + ids
         if self.length == 0:
             check_prompt(feed, client.config.vocab_size, client.config.block_size)
@@ -370,7 +420,6 @@ class AsyncChatSession:
             raise InvalidArgument(
                 f"this session holds {self.max_length} positions; {self.length + len(feed)} needed"
             )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
         tokens: list[int] = []
         undecoded: list[int] = []
         traced = _Traced(self._session)
@@ -447,6 +496,36 @@ class AsyncChatSession:
         await self.close()
 
 
+def _check_address(what: str, address: object) -> str:
+    """``address`` if it is HOST:PORT with a port in 0 to 65535 (:data:`rpc.ADDRESS`, as
+    nodes and the coordinator check them), else InvalidArgument naming ``what``."""
+    if (
+        not isinstance(address, str)
+        or not rpc.ADDRESS.fullmatch(address)
+        or int(address.rsplit(":", 1)[1]) > 65535
+    ):
+        raise InvalidArgument(f"{what} must be HOST:PORT (a port 0 to 65535), got {address!r:.60}")
+    return address
+
+
+def _max_new_tokens(value: object) -> int:
+    n = integer("max_new_tokens", value)
+    if n < 1:
+        raise InvalidArgument(f"max_new_tokens must be >= 1, got {n}")
+    return n
+
+
+def _stops(stop: object) -> list[str]:
+    """The stop strings, from one, a list of them, or None. None of them may be empty: ""
+    is in every text, so it would stop every generation at its first token."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, Sequence) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidArgument(f"stop must be a non-empty str or a list of them, got {stop!r:.60}")
+    return list(stops)
+
+
 class _Traced:
     """A session that keeps the hop traces of its last step (for the token it answered)."""
 
@@ -499,8 +578,8 @@ class Client:
     event loop thread of its own. Connects when made (errors are raised here)."""
 
     def __init__(self, coordinator: str | None = None, **options: Any) -> None:
+        self.core = AsyncClient(coordinator, **options)  # options checked before a thread starts
         self._loop = LoopThread()
-        self.core = AsyncClient(coordinator, **options)
         try:
             self._loop.run(self.core.connect())
         except BaseException:

@@ -46,6 +46,8 @@ first round, ``16 * M`` more per further round (M doubles).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import struct
 from bisect import bisect_left
 from collections.abc import Callable
@@ -73,6 +75,11 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Types first, so a caller's str or None is a one-line error, not a TypeError below.
+        object.__setattr__(self, "temperature", real("temperature", self.temperature))
+        object.__setattr__(self, "top_k", integer("top_k", self.top_k))
+        object.__setattr__(self, "top_p", real("top_p", self.top_p))
+        object.__setattr__(self, "seed", integer("seed", self.seed))
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
             raise InvalidArgument(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
@@ -92,6 +99,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def integer(name: str, value: object) -> int:
+    """``value`` as an int if it is one (numpy's and torch's integers too, never a bool or a
+    float: 2.5 tokens is a mistake, not 2), else InvalidArgument naming the argument."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise InvalidArgument(f"{name} must be an integer, got {value!r:.40}")
+
+
+def real(name: str, value: object) -> float:
+    """``value`` as a float if it is a real number (not a bool, a str or None), else
+    InvalidArgument naming the argument. Its range is the caller's to check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgument(f"{name} must be a number, got {value!r:.40}")
+    return float(value)
 
 
 def float32(x: float) -> float:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import _thread
 import asyncio
 import contextlib
+import gc
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
+import torch
 from routes import RouteSession
 
 from nanoshard import rpc
@@ -23,7 +27,7 @@ from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
-from nanoshard.errors import InvalidArgument, Unavailable
+from nanoshard.errors import FailedPrecondition, InvalidArgument, Unavailable
 from nanoshard.generation import StepResult
 from nanoshard.hop import Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams, float32
@@ -416,3 +420,167 @@ def test_a_slowdown_every_hop_shares_moves_nothing() -> None:
 def test_a_bad_check_rate_is_refused_before_anything_connects(rate: float) -> None:
     with pytest.raises(InvalidArgument, match="spot-check rate"):
         Client("127.0.0.1:1", check_rate=rate)
+
+
+# ---- bad input: a clear error, and nothing lost --------------------------------------------
+
+
+def test_a_bad_argument_leaves_a_chat_session_able_to_go_on() -> None:
+    """Arguments are checked before anything is sent: the session is not broken by them."""
+    client = FakeClient()
+    with client.session(temperature=0) as chat:
+        assert chat.generate([1, 2], 3).token_ids == [1002, 1003, 1004]
+        for bad in [{"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"stop": 5}]:
+            with pytest.raises(InvalidArgument):
+                chat.generate([7], **bad)
+        with pytest.raises(InvalidArgument, match="prompt"):
+            chat.generate(None, 3)  # type: ignore[arg-type]
+        again = chat.generate([7], 2)
+        assert again.token_ids == [1006, 1007]
+    # nothing of the refused calls reached the nodes; the next call went on from position 4
+    assert client.sessions[0].fed == [
+        ([1, 2], 0),
+        ([1002], 2),
+        ([1003], 3),
+        ([1004, 7], 4),
+        ([1006], 6),
+    ]
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "named"),
+    [
+        ((None, 3), {}, "prompt must be a str or a list of token ids"),
+        ((5, 3), {}, "prompt must be a str or a list of token ids"),
+        ((b"abc", 3), {}, "prompt must be a str or a list of token ids"),  # not ids 97, 98, 99
+        ((["a"], 3), {}, "token id must be an integer"),
+        (([1.7], 3), {}, "token id must be an integer, got 1.7"),  # not token 1
+        (([True], 3), {}, "token id must be an integer"),
+        (([1], 3), {"temperature": "hot"}, "temperature must be a number"),
+        (([1], 3), {"temperature": None}, "temperature must be a number"),
+        (([1], 3), {"top_k": "5"}, "top_k must be an integer"),
+        (([1], 3), {"top_p": "x"}, "top_p must be a number"),
+        (([1], 3), {"seed": "x"}, "seed must be an integer"),
+        (([1], 3), {"seed": 1.5}, "seed must be an integer"),
+        (([1], 2.5), {}, "max_new_tokens must be an integer"),
+        (([1], "3"), {}, "max_new_tokens must be an integer"),
+        (([1], None), {}, "max_new_tokens must be an integer"),
+        (([1], True), {}, "max_new_tokens must be an integer"),
+        (([1], 0), {}, "max_new_tokens must be >= 1"),
+        (([1], 3), {"stop": 5}, "stop must be"),
+        (([1], 3), {"stop": ["x", 3]}, "stop must be"),
+        (([1], 3), {"stop": ""}, "stop must be"),  # "" would stop every generation at once
+    ],
+)
+def test_a_wrong_argument_is_an_invalid_argument_before_any_session_opens(
+    args: tuple[Any, ...], options: dict[str, Any], named: str
+) -> None:
+    client = FakeClient()
+    with pytest.raises(InvalidArgument, match=named):
+        client.generate(*args, **options)
+    with pytest.raises(InvalidArgument, match=named):
+        list(client.stream(*args, **options))
+    assert client.sessions == []  # refused before a session opened on the nodes
+    client.close()
+
+
+def test_integers_and_numbers_of_numpy_and_torch_are_still_taken() -> None:
+    client = FakeClient()
+    result = client.generate(
+        np.array([1, 2]),
+        np.int64(2),
+        temperature=np.float32(0.5),
+        top_k=np.int64(5),
+        seed=np.int64(7),
+    )
+    assert result.prompt_token_ids == [1, 2] and result.token_ids == [1002, 1003]
+    assert client.generate(torch.tensor([1, 2]), 1).prompt_token_ids == [1, 2]
+    with client.session(temperature=0) as chat:  # a session's calls too
+        assert chat.generate(np.array([1, 2]), 1).prompt_token_ids == [1, 2]
+    with pytest.raises(InvalidArgument, match="token id must be an integer"):
+        client.generate(torch.tensor([1.0, 2.0]), 1)
+    client.close()
+
+
+@pytest.mark.parametrize("max_length", [0, -1, 65, 2.5, "8"])
+def test_a_session_of_a_bad_length_is_refused(max_length: Any) -> None:
+    client = FakeClient()  # a context of 64 positions
+    with pytest.raises(InvalidArgument, match="max_length must be"):
+        client.session(max_length=max_length)
+    assert client.sessions == []
+    with client.session(max_length=None) as chat:  # None: the whole context
+        assert chat.core.max_length == 64
+    with client.session(max_length=1) as chat:
+        assert chat.core.max_length == 1
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("coordinator", "options", "named"),
+    [
+        (1234, {}, "the coordinator must be HOST:PORT"),
+        ("localhost", {}, "the coordinator must be HOST:PORT"),  # no port
+        ("127.0.0.1:99999", {}, "the coordinator must be HOST:PORT"),
+        ("[::1", {}, "the coordinator must be HOST:PORT"),
+        (None, {"route": "127.0.0.1:1"}, "route must be a list"),  # not 11 one-character hops
+        (None, {"route": []}, "route must be a list"),
+        (None, {"route": ["127.0.0.1:1", "nowhere"]}, "a route's node must be HOST:PORT"),
+        ("127.0.0.1:1", {"timeout_s": 0}, "timeout_s must be a positive number"),
+        ("127.0.0.1:1", {"timeout_s": -1}, "timeout_s must be a positive number"),
+        ("127.0.0.1:1", {"timeout_s": float("inf")}, "timeout_s must be a positive number"),
+        ("127.0.0.1:1", {"timeout_s": "5"}, "timeout_s must be a number"),
+        ("127.0.0.1:1", {"codec": "bogus"}, "unknown codec 'bogus'"),
+        ("127.0.0.1:1", {"retry": "x"}, "retry must be a RetryPolicy"),
+        ("127.0.0.1:1", {"check_rate": "all"}, "check_rate must be a number"),
+    ],
+)
+def test_a_bad_client_option_is_refused_before_anything_connects(
+    coordinator: Any, options: dict[str, Any], named: str
+) -> None:
+    threads = set(threading.enumerate())
+    with pytest.raises(InvalidArgument, match=named):
+        Client(coordinator, **options)
+    assert set(threading.enumerate()) <= threads  # no loop thread left behind
+
+
+def test_good_addresses_are_taken() -> None:
+    for address in ["127.0.0.1:7960", "node-1.local:0", "[::1]:65535"]:
+        assert AsyncClient(address, check_rate=0)._where[0] == address
+        assert AsyncClient(route=[address], check_rate=0)._where[1] == [address]
+
+
+def test_a_closed_client_says_so_and_nothing_warns() -> None:
+    client = FakeClient()
+    chat = client.session(temperature=0)
+    client.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in [
+            lambda: client.generate([1, 2], 3),
+            lambda: list(client.stream([1, 2], 3)),
+            lambda: client.session(),
+            lambda: chat.generate([1, 2], 3),
+        ]:
+            with pytest.raises(FailedPrecondition, match="client is closed"):
+                call()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []  # no "coroutine was never awaited"
+    assert client.sessions[0].fed == []
+
+
+def test_a_closed_async_client_says_so() -> None:
+    core = FakeCore()
+
+    async def main() -> None:
+        chat = await core.session(temperature=0)
+        await core.close()
+        with pytest.raises(FailedPrecondition, match="client is closed"):
+            await core.generate([1, 2], 3)
+        with pytest.raises(FailedPrecondition, match="client is closed"):
+            await core.session()
+        with pytest.raises(FailedPrecondition, match="client is closed"):
+            await chat.generate([1, 2], 3)
+
+    asyncio.run(main())
+    assert len(core.sessions) == 1 and core.sessions[0].fed == []
