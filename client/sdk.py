@@ -129,14 +129,14 @@ class AsyncClient:
         Every option is checked here, before anything connects: a typo is a one-line
         InvalidArgument now, not a node or coordinator blamed for it later."""
         if coordinator is not None and coordinator != "":  # "" finds one by mDNS, as None
-            _check_address("the coordinator", coordinator)
+            rpc.check_address(coordinator, "the coordinator")
         if route is not None:
             if isinstance(route, str) or not isinstance(route, Sequence) or not route:
                 raise InvalidArgument(
                     f"route must be a list of node addresses (HOST:PORT), embed first: got "
                     f"{route!r:.60} (one node: route=['HOST:PORT'])"
                 )
-            route = [_check_address("a route's node", a) for a in route]
+            route = [rpc.check_address(a, "a route's node") for a in route]
         timeout_s = real("timeout_s", timeout_s)
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise InvalidArgument(f"timeout_s must be a positive number of seconds: {timeout_s}")
@@ -494,18 +494,6 @@ class AsyncChatSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _check_address(what: str, address: object) -> str:
-    """``address`` if it is HOST:PORT with a port in 0 to 65535 (:data:`rpc.ADDRESS`, as
-    nodes and the coordinator check them), else InvalidArgument naming ``what``."""
-    if (
-        not isinstance(address, str)
-        or not rpc.ADDRESS.fullmatch(address)
-        or int(address.rsplit(":", 1)[1]) > 65535
-    ):
-        raise InvalidArgument(f"{what} must be HOST:PORT (a port 0 to 65535), got {address!r:.60}")
-    return address
 
 
 def _max_new_tokens(value: object) -> int:

@@ -73,12 +73,16 @@ def open_channel(
     return channel
 
 
-def check_address(address: str, what: str = "") -> str:
+def check_address(address: object, what: str = "") -> str:
     """``address`` if it is HOST:PORT with a port in 0-65535; else InvalidArgument (``what``
     names it in the message)."""
-    port = address.rsplit(":", 1)[-1]
-    if not ADDRESS.fullmatch(address) or int(port) > 65535:
-        named = f"{what} {address[:80]!r}" if what else repr(address[:80])
+    if not (
+        isinstance(address, str)
+        and ADDRESS.fullmatch(address)
+        and int(address.rsplit(":", 1)[1]) <= 65535
+    ):
+        shown = repr(address)[:80]
+        named = f"{what} {shown}" if what else shown
         raise errors.InvalidArgument(
             f"{named} is not HOST:PORT (a port of 0 to 65535; IPv6 as [::1]:PORT)"
         )
