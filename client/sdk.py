@@ -410,7 +410,11 @@ class AsyncChatSession:
             raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
         max_new_tokens = _max_new_tokens(max_new_tokens)
         stops = _stops(stop)
-        ids = [] if isinstance(prompt, str) and not prompt else client.encode(prompt)
+        # An empty text continues the session; as its first prompt it starts a text at
+        # <|endoftext|>, as ``generate("")`` does.
+        ids = (
+            [] if isinstance(prompt, str) and not prompt and self.length else client.encode(prompt)
+        )
         feed = ([self.pending] if self.pending is not None else []) + ids
         if self.length == 0:
             check_prompt(feed, client.config.vocab_size, client.config.block_size)

@@ -66,6 +66,9 @@ class FakeSession:
 
 
 class FakeEncoding:
+    def encode(self, text: str, allowed_special: str = "all") -> list[int]:
+        return [ord(c) for c in text]
+
     def decode(self, ids: list[int], errors: str = "strict") -> str:
         return "".join(f"<{i}>" for i in ids)
 
@@ -135,6 +138,14 @@ def test_a_chat_continues_after_endoftext_and_after_max_new_tokens() -> None:
         ([1008], 8),  # the pending token goes first in the next call
     ]
     assert contiguous(fed) and client.sessions[0].closed
+
+
+def test_a_chat_may_start_from_an_empty_prompt_as_generate_does() -> None:
+    client = FakeClient()
+    with client.session(temperature=0) as chat:
+        first = chat.generate("", 2)
+    assert client.sessions[0].fed[0] == ([EOT], 0)  # a text starts at <|endoftext|>
+    assert first.token_ids == client.generate("", 2, temperature=0).token_ids
 
 
 def test_a_generation_that_fills_the_context_says_so() -> None:
