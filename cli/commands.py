@@ -282,8 +282,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     )
     if config.replicas < 1:
         raise InvalidArgument("--replicas must be at least 1")
-    if not config.exclude_hours > 0:
-        raise InvalidArgument("--exclude-hours must be more than 0")
+    if not 0 < config.exclude_hours <= 24 * 365 * 100:
+        raise InvalidArgument("--exclude-hours must be more than 0 and at most 100 years")
     config.metrics = expose(metrics_from_args(args), COORDINATOR)
 
     def ready(address: str) -> None:
