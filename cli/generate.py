@@ -76,6 +76,36 @@ def generate_locally(
     )
 
 
+def generate_on_nodes(
+    args: argparse.Namespace, on_token: Callable[[Token], object] | None
+) -> tuple[GenerationResult, list[CheckResult]]:
+    """Through the swarm (or ``--route``'s nodes): the result, and the spot-checks run."""
+    route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+    if args.route is not None and not route:
+        raise InvalidArgument("--route needs at least one HOST:PORT")
+    with Client(
+        args.coordinator,
+        route=route,
+        model=args.model or DEFAULT_MODEL,
+        mdns_interfaces=args.mdns_interfaces,
+        swarm=args.swarm,
+        codec=args.codec,
+        swarm_key=read_key(args.swarm_key, args.swarm_key_file),
+        tls_ca=args.tls_ca,
+        check_rate=args.check_rate,
+    ) as client:
+        result = client.generate(
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_token=on_token,
+        )
+        return result, client.wait_for_checks()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     started = False
 
@@ -94,8 +124,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "--model is for --local and --route: a swarm serves its coordinator's model "
             "(see nanoshard status)"
         )
-    local_only = {"--device": args.device != "auto", "--dtype": args.dtype != "fp32"}
-    local_only["--trust-pickle"] = args.trust_pickle
+    local_only = {
+        "--device": args.device != "auto",
+        "--dtype": args.dtype != "fp32",
+        "--trust-pickle": args.trust_pickle,
+    }
     if not args.local and any(local_only.values()):
         given = ", ".join(flag for flag, given in local_only.items() if given)
         raise InvalidArgument(f"{given}: for --local only (the nodes choose their own)")
@@ -103,30 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.local:
             result = generate_locally(args, on_token)
         else:
-            route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
-            if args.route is not None and not route:
-                raise InvalidArgument("--route needs at least one HOST:PORT")
-            with Client(
-                args.coordinator,
-                route=route,
-                model=args.model or DEFAULT_MODEL,
-                mdns_interfaces=args.mdns_interfaces,
-                swarm=args.swarm,
-                codec=args.codec,
-                swarm_key=read_key(args.swarm_key, args.swarm_key_file),
-                tls_ca=args.tls_ca,
-                check_rate=args.check_rate,
-            ) as client:
-                result = client.generate(
-                    args.prompt,
-                    args.max_new_tokens,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    seed=args.seed,
-                    on_token=on_token,
-                )
-                checks = client.wait_for_checks()
+            result, checks = generate_on_nodes(args, on_token)
     except BaseException:
         if started:  # an error or Ctrl-C mid-stream starts its own line, after the text
             sys.stdout.write("\n")
