@@ -183,6 +183,19 @@ def test_engine_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     assert quality["int8"]["positions"] >= 24
 
 
+def test_floors_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
+    """Every floor (loopback TCP, Unix sockets, a direct answer, OS pipes) draws the local
+    path's tokens, and no bare node or socket is left behind."""
+    out = tmp_path / "results"
+    run_script("floors", "--quick", "--tokens=4", f"--model={tiny_model}", f"--out={out}")
+    assert processes_mentioning(str(tiny_model)) == []
+    floors = json.loads((out / "floors.json").read_text())["floors"]
+    assert floors["tokens_equal"]
+    assert [r["path"] for r in floors["rows"]] == ["local", "tcp", "unix", "direct", "pipes"]
+    assert all(r["ms_per_token"] > 0 for r in floors["rows"])
+    assert "Floors" in (out / "floors.md").read_text()
+
+
 def test_join_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     run_script("join", "--joiners=2", f"--model={tiny_model}", f"--out={out}")
