@@ -10,7 +10,7 @@ from collections.abc import Callable
 import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.client.checks import CheckResult
+from nanoshard.client.checks import DEFAULT_CHECK_RATE, CheckResult
 from nanoshard.client.sdk import Client, GenerationResult, Token
 from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
@@ -132,6 +132,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.local and any(local_only.values()):
         given = ", ".join(flag for flag, given in local_only.items() if given)
         raise InvalidArgument(f"{given}: for --local only (the nodes choose their own)")
+    nodes_only = {
+        "--codec": args.codec != "fp32",
+        "--check-rate": args.check_rate != DEFAULT_CHECK_RATE,
+        "--mdns-interface": args.mdns_interfaces is not None,
+        "--swarm": args.swarm is not None,
+        "--swarm-key": args.swarm_key is not None,
+        "--swarm-key-file": args.swarm_key_file is not None,
+        "--tls-ca": args.tls_ca is not None,
+    }
+    if args.local and any(nodes_only.values()):
+        given = ", ".join(flag for flag, given in nodes_only.items() if given)
+        raise InvalidArgument(f"{given}: for a swarm or --route, not --local (no node is asked)")
     try:
         if args.local:
             result = generate_locally(args, on_token)

@@ -219,6 +219,12 @@ MISTAKES = [
     (["generate", "--local", "--device", "tpu", "hi"], 1, "unknown device 'tpu'"),
     (["generate", "--coordinator", "127.0.0.1:1", "--model", "demo", "hi"], 1, "--model is for"),
     (["generate", "--route", "127.0.0.1:1", "--dtype", "int8", "hi"], 1, "for --local only"),
+    (["generate", "--local", "--codec", "int8", "hi"], 1, "--codec: for a swarm or --route"),
+    (
+        ["generate", "--local", "--check-rate", "0", "--tls-ca", "x.pem", "hi"],
+        1,
+        "--check-rate, --tls-ca: for a swarm or --route",
+    ),
     (["demo", "--nodes", "1000"], 1, "--nodes must be 1 to 32"),
     (["demo", "--temperature", "-1"], 1, "temperature must be in [0, 100]"),
     (["certs", "--hosts", "127.0.0.1", "--days", "99999999", "x"], 1, "--days must be 1 to"),
