@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import sys
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -88,6 +89,7 @@ class Channels:
         self._max_message_bytes = max_message_bytes
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Future] = set()  # evicted channels still closing
+        self._streams: Counter[str] = Counter()  # open session streams, by address
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         channel = self._channels.get(address)
@@ -96,13 +98,32 @@ class Channels:
                 address, self.security, aio=True, max_message_bytes=self._max_message_bytes
             )
             self._channels[address] = channel
-            while len(self._channels) > MAX_CHANNELS:
-                _, old = self._channels.popitem(last=False)
-                closing = asyncio.ensure_future(old.close(grace=30))  # calls on it may finish
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
+            self._evict(keep=address)
         self._channels.move_to_end(address)
         return pb_grpc.NodeStub(channel)
+
+    def _evict(self, keep: str) -> None:
+        """Past ``MAX_CHANNELS``, close the least recently used channels that carry no
+        session stream (a live session's stream is never cut for a newcomer)."""
+        idle = [a for a in self._channels if a != keep and not self._streams[a]]
+        for address in idle[: max(len(self._channels) - MAX_CHANNELS, 0)]:
+            old = self._channels.pop(address)
+            closing = asyncio.ensure_future(old.close(grace=30))  # calls on it may finish
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    def stream(self, address: str) -> Any:
+        """A session's ``Steps`` stream to ``address``; its channel stays while it is open."""
+        call = self.stub(address).Steps(metadata=self.metadata())
+        self._streams[address] += 1
+
+        def ended(_: Any) -> None:
+            self._streams[address] -= 1
+            if not self._streams[address]:
+                del self._streams[address]
+
+        call.add_done_callback(ended)
+        return call
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """For one call: this process's swarm token, if the swarm has a key."""
@@ -229,6 +250,8 @@ class Pace:
         self._first_ms = 0.0  # the median of ``first``, once complete
 
     def add(self, ms: float) -> None:
+        if not 0.0 <= ms < math.inf:
+            return  # (a peer's word: NaN, negative or infinite tells nothing)
         if len(self.first) < PACE_STEPS:
             self.first.append(ms)
             if len(self.first) == PACE_STEPS:
@@ -381,6 +404,11 @@ class NextHop:
                         await self._refill(address, have, request.pos, request.step_id)
                         repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
                     reply = await self._exchange(address, request, meanwhile)
+                    if len(reply.hops) > len(self.route):  # a trace per hop, no more
+                        raise Internal(
+                            f"{address} answered {len(reply.hops)} traces for the "
+                            f"{len(self.route)} hops from it on"
+                        )
                     if have is not None:
                         self._repaired("refill")
                     if failures:
@@ -428,7 +456,8 @@ class NextHop:
         )
         if rows == 1 and reply.hops:
             self.pace.add(reply.hops[0].compute_ms)
-            others = [(h.address, h.compute_ms) for h in reply.hops[1:]]
+            behind = self._behind()  # (a trace's address is a peer's word: only these)
+            others = [(h.address, h.compute_ms) for h in reply.hops[1:] if h.address in behind]
             if own_ms is not None:
                 others.append(("", own_ms))
             for key, ms in others:
@@ -484,7 +513,7 @@ class NextHop:
         """One step on the stream to ``address`` (opened on first use)."""
         self._use(address)
         if self._call is None:
-            self._call = self.channels.stub(address).Steps(metadata=self.channels.metadata())
+            self._call = self.channels.stream(address)
         try:
             reply = await _write_read(self._call, request, self.timeout_s, meanwhile)
         except asyncio.CancelledError:  # our own caller left mid-step: never reuse this stream
@@ -544,10 +573,14 @@ class NextHop:
         the bound route count; one naming nobody behind counts against ``address``."""
         if not isinstance(exc, Unavailable) or address in exc.failed:
             return
-        behind = {a for hop in self.route[1:] for a in hop.addresses}
+        behind = self._behind()
         named = [a for a in exc.failed if a in behind]
         if named:
             raise Unavailable(str(exc), named)
+
+    def _behind(self) -> set[str]:
+        """The nodes of the route's later hops."""
+        return {a for hop in self.route[1:] for a in hop.addresses}
 
     def _gone(self, failures: list[str], failed: list[str]) -> Unavailable:
         hop = self.hop

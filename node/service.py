@@ -374,20 +374,21 @@ class NodeService(pb_grpc.NodeServicer):
         async with session.lock:
             link = None if request.this_hop_only else session.next
             self._drop(session)
-            group = self.group
-            if group is not None and group.links and session.stage.shard is not None:
-                closed = pb.CloseRequest(session_id=request.session_id, this_hop_only=True)
-                for ack in group.send(pb.GroupCommand(close=closed)):  # answered in order
-                    ack.add_done_callback(lambda f: f.cancelled() or f.exception())
         if link is not None:  # best effort: the next hop's TTL frees it anyway
             await link.close()
         return pb.CloseReply(closed=True)
 
     def _drop(self, session: NodeSession) -> None:
+        """Forget ``session`` here, and on the other members of a group this node leads."""
         self.sessions.remove(session.spec.session_id)
         if session.next is not None:
             session.next.drop_stream()
         session.sent.clear()
+        group = self.group
+        if group is not None and group.links and session.stage.shard is not None:
+            closed = pb.CloseRequest(session_id=session.spec.session_id, this_hop_only=True)
+            for ack in group.send(pb.GroupCommand(close=closed)):  # answered in order
+                ack.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def expire_forever(self, every_s: float) -> None:
         """Close sessions idle for longer than the TTL; their memory returns."""
@@ -559,8 +560,15 @@ class NodeService(pb_grpc.NodeServicer):
             if resend is None:
                 self.quotas.charge_tokens(session.caller, n_tokens)
                 group = self._group_of(stage)
-                # Rank 0 hands the step to the other members in the same turn as it queues
-                # its own compute: every member runs the group's steps in one order.
+                # A lone session's decode step runs right here (no hand-off to the worker).
+                # Else the cache moves on in the worker whatever happens to this call, so
+                # what the step produced is recorded even if the caller goes away: a retry
+                # of the same step is then answered from it instead of refused.
+                timed = self.worker.run_inline(run) if group is None else None
+                job = self.worker.submit(run) if timed is None else None
+                # Rank 0 hands the step to the other members in the same turn as it queued
+                # its own compute (so a step its worker refused reaches no member): every
+                # member runs the group's steps in one order.
                 if group is not None and group.links:
                     member_req = pb.StepRequest()
                     member_req.CopyFrom(req)
@@ -570,12 +578,6 @@ class NodeService(pb_grpc.NodeServicer):
                     member_acks = group.send(pb.GroupCommand(step=member_req))
                 else:
                     member_acks = []
-                # A lone session's decode step runs right here (no hand-off to the worker).
-                # Else the cache moves on in the worker whatever happens to this call, so
-                # what the step produced is recorded even if the caller goes away: a retry
-                # of the same step is then answered from it instead of refused.
-                timed = self.worker.run_inline(run) if group is None else None
-                job = self.worker.submit(run) if timed is None else None
                 digest = session.inputs.copy()  # the input digest once this step is in
                 chunk_digests = []  # and after each of its chunks (a step of chunks signs each)
                 for chunk_pos, item in agreement.inputs_of(req):
@@ -641,9 +643,15 @@ class NodeService(pb_grpc.NodeServicer):
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
-                if reply.hops:  # the link: the step's time there, less the next node's own
-                    rtt_ms = trace.downstream_ms - reply.hops[0].total_ms
-                    loop.call_soon(self.live.hop, reply.hops[0].address, rtt_ms, trace.bytes_out)
+                if reply.hops and session.next.address is not None:
+                    # the link: the step's time there, less the next node's own (its word:
+                    # taken only if it fits inside what this node timed)
+                    there = reply.hops[0].total_ms
+                    rtt_ms = trace.downstream_ms - (
+                        there if 0.0 <= there <= trace.downstream_ms else 0.0
+                    )
+                    to = session.next.address
+                    loop.call_soon(self.live.hop, to, rtt_ms, trace.bytes_out)
                 if self.forge is not None:
                     self.forge.relay(reply)
             if req.chunks and resend is None and returned and self.key is not None:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from routes import RouteSession
 
+from nanoshard import hop as hop_module
 from nanoshard import rpc
 from nanoshard.client import AsyncClient, Client, Token
 from nanoshard.client.loop import LoopThread
@@ -239,6 +240,7 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.rewind_at: dict[int, int] = {}  # lose every position from this length on
         self.slow_from: int | None = None  # steps from this position on take 5 ms, not 1
         self.closed: list[bytes] = []
+        self.extra_traces = 0  # traces it adds to each reply (a lying node's)
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         return pb.OpenReply(length=self.length)
@@ -267,7 +269,8 @@ class ScriptedNode(pb_grpc.NodeServicer):
             time.sleep(self.hang_at.pop(req.pos, 0.0))
             slow = self.slow_from is not None and req.pos >= self.slow_from
             trace = pb.HopTrace(compute_ms=5.0 if slow else 1.0)
-            yield pb.StepReply(has_token=True, token=self.last[2], hops=[trace])
+            extra = [pb.HopTrace(address="10.9.9.9:1") for _ in range(self.extra_traces)]
+            yield pb.StepReply(has_token=True, token=self.last[2], hops=[trace, *extra])
 
 
 @contextlib.contextmanager
@@ -405,10 +408,11 @@ def test_a_slowdown_every_hop_shares_moves_nothing() -> None:
     on and the hops after it (or the link's owner) all slow down 4 x together — a busy
     swarm, or nodes sharing a machine — nobody is left; when only that node does, it is."""
     hop = pb.Hop(start=0, end=3, addresses=["10.0.0.1:1", "10.0.0.2:1"])
+    after = pb.Hop(start=3, end=6, addresses=["10.0.0.9:1"])
 
     def run_link(after_ms: float, own_ms: float | None = None, later: bool = True) -> NextHop:
-        link = NextHop(Channels(), pb.SessionSpec(session_id=b"s"), [hop], token_replay(),
-                       timeout_s=1.0)  # fmt: skip
+        link = NextHop(Channels(), pb.SessionSpec(session_id=b"s"), [hop, after],
+                       token_replay(), timeout_s=1.0)  # fmt: skip
         for pos in range(20):
             slow = pos >= 10
             reply = pb.StepReply(
@@ -425,6 +429,75 @@ def test_a_slowdown_every_hop_shares_moves_nothing() -> None:
     assert run_link(after_ms=1.0, own_ms=4.0, later=False).slowed == {}  # the owner did
     assert run_link(after_ms=1.0).slowed == {"10.0.0.1:1": 4.0}  # only it did
     assert run_link(after_ms=1.0, own_ms=1.0, later=False).slowed == {"10.0.0.1:1": 4.0}
+
+
+def test_a_link_takes_paces_only_from_the_hops_of_its_route() -> None:
+    """A trace is a peer's word: addresses outside the route and NaN or negative times are
+    not followed, so a lying next hop cannot grow a link's memory or steer its moves."""
+    hop = pb.Hop(start=0, end=3, addresses=["10.0.0.1:1"])
+    after = pb.Hop(start=3, end=6, addresses=["10.0.0.9:1"])
+    link = NextHop(Channels(), pb.SessionSpec(session_id=b"s"), [hop, after], token_replay(),
+                   timeout_s=1.0)  # fmt: skip
+    for pos in range(20):
+        reply = pb.StepReply(hops=[pb.HopTrace(address="10.0.0.1:1", compute_ms=float("nan"))])
+        reply.hops.add(address="10.0.0.9:1", compute_ms=-5.0)
+        for i in range(50):
+            reply.hops.add(address=f"10.1.{pos}.{i}:1", compute_ms=1.0)
+        link._paced("10.0.0.1:1", pb.StepRequest(pos=pos, tokens=pb.Tokens(ids=[1])), reply, None)
+    assert list(link.others) == ["10.0.0.9:1"]
+    assert not link.others["10.0.0.9:1"].first and not link.pace.first
+
+
+def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
+    node: ScriptedNode,
+) -> None:
+    """A node answering more traces than there are hops from it on is failing: the link
+    leaves it (here: no replica, so the hop is unreachable, naming it)."""
+    node.extra_traces = 3
+
+    async def main() -> None:
+        channels = Channels()
+        spec = pb.SessionSpec(session_id=b"t" * 16, max_length=8, codec="fp32")
+        link = NextHop(channels, spec, [pb.Hop(start=0, end=3, addresses=[node.address])],
+                       token_replay(), timeout_s=30)  # fmt: skip
+        await link.open()
+        step = pb.StepRequest(session_id=spec.session_id, step_id=1, pos=0,
+                              tokens=pb.Tokens(ids=[1]))  # fmt: skip
+        with pytest.raises(Unavailable, match="4 traces for the 1 hops") as err:
+            await link.step(step)
+        assert err.value.failed == [node.address]
+        await channels.close()
+
+    asyncio.run(main())
+
+
+def test_channels_past_their_bound_never_cut_a_live_stream(
+    node: ScriptedNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routes naming many addresses push old channels out, but never one a session is
+    stepping on: its stream goes on; an idle channel goes instead."""
+    monkeypatch.setattr(hop_module, "MAX_CHANNELS", 2)
+
+    async def main() -> None:
+        channels = Channels()
+        spec = pb.SessionSpec(session_id=b"u" * 16, max_length=8, codec="fp32")
+        link = NextHop(channels, spec, [pb.Hop(start=0, end=3, addresses=[node.address])],
+                       token_replay(), timeout_s=30)  # fmt: skip
+        await link.open()
+        sid = spec.session_id
+        await link.step(pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1])))
+        for i in range(1, 6):  # newcomers: each evicts the oldest idle channel
+            channels.stub(f"127.0.0.1:{i}")
+        assert node.address in channels._channels and len(channels._channels) == 2
+        reply, repair = await link.step(
+            pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
+        )
+        assert reply.token == answer(2) and repair == ""
+        await link.close()
+        await channels.close()
+        assert not channels._streams  # the stream's end was counted
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
