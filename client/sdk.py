@@ -420,6 +420,10 @@ class AsyncChatSession:
             check_prompt(feed, client.config.vocab_size, client.config.block_size)
         elif not feed:
             raise InvalidArgument("nothing to continue from: give a prompt")
+        elif bad := [t for t in ids if not 0 <= t < client.config.vocab_size]:
+            raise InvalidArgument(
+                f"token id {bad[0]} is outside the vocabulary [0, {client.config.vocab_size})"
+            )
         if self.length + len(feed) > self.max_length:
             raise InvalidArgument(
                 f"this session holds {self.max_length} positions; {self.length + len(feed)} needed"

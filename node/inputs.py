@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from nanoshard import codec as codecs
-from nanoshard.agreement import chunk_rows, inputs_of
+from nanoshard.agreement import inputs_of
 from nanoshard.engine import Stage
-from nanoshard.errors import InvalidArgument
+from nanoshard.errors import Internal, InvalidArgument
 from nanoshard.sampling import sample, sample_slice
 from nanoshard.tp import gather_vocab
 from nanoshard.v1 import node_pb2 as pb
@@ -50,12 +50,19 @@ def prepare(
             )
         if stage.shard is not None:
             raise InvalidArgument("a tensor-parallel group takes no step of chunks")
-        at = req.pos
-        for pos, item in chunks:
-            if pos != at:
-                raise InvalidArgument(f"the step's chunks must run on from {at}, not {pos}")
-            at += chunk_rows(item)
-    parts = [chunk_input(item, stage, spec) for _, item in chunks]
+        if len(req.chunks) > spec.max_length - req.pos:  # (each holds a position at least)
+            raise InvalidArgument(
+                f"{len(req.chunks)} chunks from position {req.pos} run past the session's "
+                f"max_length {spec.max_length}"
+            )
+    parts = []
+    at = req.pos
+    for pos, item in chunks:
+        part = chunk_input(item, stage, spec)  # (checked before anything reads it)
+        if pos != at:
+            raise InvalidArgument(f"the step's chunks must run on from {at}, not {pos}")
+        at += part[0]
+        parts.append(part)
     n_tokens = sum(n for n, _, _ in parts)
     bytes_in = sum(b for _, b, _ in parts)
     if len(parts) == 1:
@@ -80,6 +87,12 @@ def prepare(
     return_output = req.return_output and returned is not None
 
     def finish(y: torch.Tensor) -> Any:
+        try:
+            return finish_checked(y)
+        except InvalidArgument as exc:  # (this node's own output: not the sender's fault)
+            raise Internal(f"this node's output cannot be sent: {exc}") from None
+
+    def finish_checked(y: torch.Tensor) -> Any:
         if fault is not None:
             y = fault(y)
         if return_output:

@@ -302,6 +302,7 @@ class NodeService(pb_grpc.NodeServicer):
         session = self.sessions.find(request.spec.session_id)
         if session is not None:  # opened again (a repair upstream): check, and reach onwards
             async with session.lock:
+                self.sessions.require(session)
                 spec = spec_from_wire(request.spec, session.stage.config.block_size)
                 if session.spec != spec:
                     raise FailedPrecondition("this session id is already open with another spec")
@@ -518,6 +519,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise InvalidArgument("step_id must be >= 1")
         session = self.sessions.get(req.session_id)
         async with session.lock:
+            self.sessions.require(session)
             last = session.last_reply
             if last is not None and session.last_step_id == req.step_id and last[0] == req.pos:
                 return last[1]  # a duplicate: same answer, nothing recomputed

@@ -104,12 +104,15 @@ class SessionTable:
     def get(self, session_id: bytes) -> NodeSession:
         session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(
-                f"session {session_id.hex()[:12]}… is not open on this node "
-                "(closed, expired, or the node restarted): open it again"
-            )
+            raise _not_open(session_id)
         session.last_used = time.monotonic()
         return session
+
+    def require(self, session: NodeSession) -> None:
+        """``session`` is still the open one of its id: a close or an expiry may have come
+        first while a caller waited for its lock."""
+        if self._sessions.get(session.spec.session_id) is not session:
+            raise _not_open(session.spec.session_id)
 
     def reserve(self, nbytes: int) -> None:
         """Refuse at once when ``nbytes`` more would not fit the budget."""
@@ -155,3 +158,10 @@ class SessionTable:
 
     def all(self) -> list[NodeSession]:
         return list(self._sessions.values())
+
+
+def _not_open(session_id: bytes) -> NotFound:
+    return NotFound(
+        f"session {session_id.hex()[:12]}… is not open on this node "
+        "(closed, expired, or the node restarted): open it again"
+    )

@@ -267,6 +267,25 @@ def test_bad_input_gets_a_status_and_the_node_keeps_serving(
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
     }
+    # steps of chunks (a shadow's catch-up) to a session ending at the middle node
+    ends_here = spec()
+    middle.Open(pb.OpenRequest(spec=ends_here, start=2, end=4), timeout=30)
+    chunk = lambda pos, shape: pb.InputChunk(  # noqa: E731
+        pos=pos, activations=pb.Activations(codec="fp32", shape=shape)
+    )
+    catch_up = lambda chunks: pb.StepRequest(  # noqa: E731
+        session_id=ends_here.session_id, step_id=1, chunks=chunks, return_output=True
+    )
+    cases["a chunk without a shape"] = (
+        middle.Step,
+        catch_up([chunk(0, [])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    cases["more chunks than the session has positions"] = (
+        middle.Step,
+        catch_up([chunk(i, [1, 32]) for i in range(65)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
     for name, (method, request, expected) in cases.items():
         code, details, trailers = code_of(lambda: method(request, timeout=30))  # noqa: B023
         assert code == expected, (name, code, details)

@@ -519,6 +519,9 @@ def test_a_bad_argument_leaves_a_chat_session_able_to_go_on() -> None:
                 chat.generate([7], **bad)
         with pytest.raises(InvalidArgument, match="prompt"):
             chat.generate(None, 3)  # type: ignore[arg-type]
+        for ids in ([-1], [client.config.vocab_size]):  # (checked on every call, not the first)
+            with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+                chat.generate(ids, 3)
         again = chat.generate([7], 2)
         assert again.token_ids == [1006, 1007]
     # nothing of the refused calls reached the nodes; the next call went on from position 4
