@@ -114,6 +114,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.security = security or Security()
         self.key = key  # what it signs its steps with (None: it signs nothing)
         self.quotas = quotas or Quotas(QuotaLimits())
+        self._opening: list[Holding] = []  # sessions being opened: their callers' quotas
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.group: Membership | None = None  # the tensor-parallel group serving it, if any
         self._views: dict[tuple[int, int], Stage] = {}  # parts of it routes asked for
@@ -345,11 +346,16 @@ class NodeService(pb_grpc.NodeServicer):
         spec = spec_from_wire(request.spec, stage.config.block_size)
         nbytes = self.reservation_bytes(stage, spec)
         held = [Holding(s.caller, s.reserved_bytes) for s in self.sessions.all()]
-        self.quotas.check_open(caller, spec.max_length, nbytes, held)
-        with self.sessions.reservation(nbytes):  # held while allocating; refused at once if full
-            cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
-            session = NodeSession(spec, stage, cache, nbytes, caller=caller)
-            self.sessions.add(session)
+        self.quotas.check_open(caller, spec.max_length, nbytes, held + self._opening)
+        opening = Holding(caller, nbytes)  # counted until it is open (or refused)
+        self._opening.append(opening)
+        try:
+            with self.sessions.reservation(nbytes):  # held while allocating; refused if full
+                cache = (await self.worker.run(lambda: stage.new_cache(spec.max_length))).value
+                session = NodeSession(spec, stage, cache, nbytes, caller=caller)
+                self.sessions.add(session)
+        finally:
+            self._opening.remove(opening)
         self.metrics.sessions_opened.inc()
         return session
 

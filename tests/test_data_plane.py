@@ -81,6 +81,17 @@ def test_route_equals_local_tiny(
     assert routed["hops"][0]["bytes_out"] > 0 and routed["hops"][-1]["bytes_out"] == 0
 
 
+def test_a_route_may_name_its_nodes_by_another_address(
+    tiny_model: Path, tiny_chain: list[str]
+) -> None:
+    """``localhost:P`` for a node at 127.0.0.1:P: its signed traces name its own address,
+    and are still its word (not a forgery by the hop before it)."""
+    common = ["--model", str(tiny_model), "--max-new-tokens", "5", "--temperature", "0", PROMPT]
+    by_hand = [a.replace("127.0.0.1", "localhost") for a in tiny_chain]
+    routed = run_json("--route", ",".join(by_hand), *common)
+    assert routed["token_ids"] == run_json("--local", *common)["token_ids"]
+
+
 @pytest.mark.parametrize(
     "sampling", [["--temperature", "0"], ["--temperature", "0.8", "--seed", "11"]]
 )
