@@ -66,7 +66,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling is deterministic for a seed")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling is deterministic for a seed (default 0: the same text every run)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
 
 

@@ -173,7 +173,8 @@ class ComputeWorker:
         waiting = self._jobs.qsize()
         if waiting >= self.max_queue:
             raise ResourceExhausted(
-                f"node busy: {waiting} steps are queued for its compute (the limit is "
+                f"node busy: {waiting} step{'s are' if waiting != 1 else ' is'} queued for its "
+                "compute (the limit is "
                 f"{self.max_queue}): retry shortly or use a replica"
             )
         loop = asyncio.get_running_loop()
