@@ -274,7 +274,7 @@ class Checker:
                     self._start()
 
     def _stop(self, shadow: Shadow, why: str) -> None:
-        log.info("spot-check shadow of hop %d stopped: %s", shadow.hop, why)
+        log.debug("spot-check shadow of hop %d stopped: %s", shadow.hop, why)
         self.skipped[why.split(":")[0]] += 1
         shadow.broken = why
 
@@ -297,6 +297,9 @@ class Checker:
             return None
         checked = traces[k].address
         upstream = traces[k - 1].address if k else ""
+        if traces[k].tp > 1:  # a group takes no step of chunks: no shadow can replay it
+            self._stop(shadow, "a tensor-parallel hop")
+            return None
         if not shadow.replica:
             shadow.weights = self._weights_of(checked)
             shadow.checked, shadow.upstream = checked, upstream
@@ -428,7 +431,7 @@ class Checker:
         try:
             reply = self._feed(s, m)
         except NanoshardError as exc:
-            log.info("spot-check shadow on %s failed: %s", s.replica, exc)
+            log.debug("spot-check shadow on %s failed: %s", s.replica, exc)
             self._stop(s, f"shadow unavailable: {exc}")
             return
         earlier = list(s.inputs)
