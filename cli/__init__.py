@@ -4,6 +4,11 @@ The only layer that imports the roles (client, coordinator); ``nanoshard-node`` 
 the node (``node/cli.py``).
 """
 
-from .commands import main
+from nanoshard.cliutil import run_loaded
 
 __all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script (``cli/commands.py``, loaded once Ctrl-C can end it cleanly)."""
+    run_loaded("nanoshard", "nanoshard.cli.commands", argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import math
 import re
@@ -99,6 +100,18 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
+    """A console script's ``main``: import ``module`` (torch and the rest: a second or
+    two), then run its ``main(argv)``. Ctrl-C while it loads ends as it does later: one
+    line and exit 130, not a traceback from the middle of an import."""
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    main(argv)
 
 
 def run_cli(prog: str, main: Callable[[], int | None]) -> None:
