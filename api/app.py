@@ -26,13 +26,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoshard.client.sdk import AsyncClient, GenerationResult, Token
-from nanoshard.errors import NanoshardError
+from nanoshard.errors import InvalidArgument, NanoshardError
 from nanoshard.generation import check_prompt
 
 from .metrics import GatewayMetrics
 from .protocol import (
     ApiError,
     Reply,
+    bad,
     error_for,
     finish_reason,
     hop_view,
@@ -130,7 +131,10 @@ class Run:
         left; if so the generation is cancelled (its session closes) and False returned."""
         r, client = self.request, self.client
         self.prompt_ids = client.encode(r.prompt)
-        check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
+        try:
+            check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
+        except InvalidArgument as exc:
+            raise bad(str(exc), "messages" if r.chat else "prompt") from None
         max_new = r.max_new_tokens(len(self.prompt_ids), client.config.block_size)
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         self._last = time.perf_counter()

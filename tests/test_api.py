@@ -221,6 +221,7 @@ def test_every_error_has_its_status(api: ApiSwarm) -> None:
     with pytest.raises(openai.BadRequestError) as err:  # longer than the model's context
         c.completions.create(model="demo", prompt=[1] * 300)
     assert "context" in err.value.body["message"]
+    assert (err.value.body["param"], err.value.body["code"]) == ("prompt", "invalid_value")
     with pytest.raises(openai.NotFoundError) as err:
         c.completions.create(model="gpt-4", prompt=PROMPT)
     assert err.value.body["code"] == "model_not_found"
