@@ -96,12 +96,17 @@ class NodeMetrics:
             self.checks.labels(kind=kind)
         self._stages: dict[tuple[int, int], _StageMetrics] = {}
 
-    def step(self, stage: Stage, n_tokens: int, compute_ms: float, sampled: bool) -> None:
-        """A step of ``n_tokens`` positions ran on ``stage`` (sampling a token or not)."""
+    def serving(self, stage: Stage) -> _StageMetrics:
+        """``stage``'s counters, shown at 0 from the moment the node serves it."""
         key = (stage.start, stage.end)
         s = self._stages.get(key)
         if s is None:
             s = self._stages[key] = _StageMetrics(self, units_label(*key), stage.has_head)
+        return s
+
+    def step(self, stage: Stage, n_tokens: int, compute_ms: float, sampled: bool) -> None:
+        """A step of ``n_tokens`` positions ran on ``stage`` (sampling a token or not)."""
+        s = self.serving(stage)
         if n_tokens == 1:
             s.decode.inc()
             s.decode_s.observe(compute_ms / 1e3)

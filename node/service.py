@@ -144,6 +144,8 @@ class NodeService(pb_grpc.NodeServicer):
         first = self.stage is None and not self.sessions
         old = self.group
         self.stage, self._views, self.group = stage, {}, group
+        if stage is not None:
+            self.metrics.serving(stage)
         if old is not None and old is not group:
             self.break_group(old, "the node was given another stage")
             old.close()

@@ -44,7 +44,9 @@ def test_the_entry_point_is_a_console_script_and_its_command_parses() -> None:
     entrypoint = json.loads(instruction("ENTRYPOINT")[0])
     command = json.loads(instruction("CMD")[0])
     assert entrypoint == ["nanoshard-node"]
-    assert PYPROJECT["project"]["scripts"]["nanoshard-node"] == "nanoshard.node:main"  # loads cli.py
+    assert (
+        PYPROJECT["project"]["scripts"]["nanoshard-node"] == "nanoshard.node:main"
+    )  # loads cli.py
     assert node_parser().parse_args(command).command == "join"
 
 

@@ -190,6 +190,10 @@ def test_a_node_counts_its_steps_and_serves_its_live_figures(planes: Planes) -> 
     first = planes.start(0, 3, registry)
     last = planes.start(3, 6)  # (a registry of its own: the two never mix)
     exposition = Exposition(registry, MetricsConfig(port=0))  # any free port, in a test
+    # a node's counters are there at 0 from the moment it serves, not from its first step
+    fresh = collect(last.service.metrics.registry)
+    assert value(fresh, "nanoshard_node_tokens_total", units="3-6") == 0
+    assert value(fresh, "nanoshard_node_steps_total", units="3-6", kind="decode") == 0
     try:
         session = RouteSession(route_from_addresses([first.address, last.address]), 64)
         tokens = [session.step(PROMPT, 0).token]
