@@ -129,9 +129,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "--dtype": args.dtype != "fp32",
         "--trust-pickle": args.trust_pickle,
     }
-    if not args.local and any(local_only.values()):
-        given = ", ".join(flag for flag, given in local_only.items() if given)
-        raise InvalidArgument(f"{given}: for --local only (the nodes choose their own)")
     nodes_only = {
         "--codec": args.codec != "fp32",
         "--check-rate": args.check_rate != DEFAULT_CHECK_RATE,
@@ -141,9 +138,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "--swarm-key-file": args.swarm_key_file is not None,
         "--tls-ca": args.tls_ca is not None,
     }
-    if args.local and any(nodes_only.values()):
-        given = ", ".join(flag for flag, given in nodes_only.items() if given)
-        raise InvalidArgument(f"{given}: for a swarm or --route, not --local (no node is asked)")
+    if args.local:
+        refuse_flags(nodes_only, "for a swarm or --route, not --local (no node is asked)")
+    else:
+        refuse_flags(local_only, "for --local only (the nodes choose their own)")
     try:
         if args.local:
             result = generate_locally(args, on_token)
@@ -156,6 +154,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise
     report(result, args, with_hops=not args.local, checks=checks)
     return 0
+
+
+def refuse_flags(given: dict[str, bool], why: str) -> None:
+    """A one-line error naming every flag of ``given`` that was set, if any was."""
+    if named := [flag for flag, on in given.items() if on]:
+        raise InvalidArgument(f"{', '.join(named)}: {why}")
 
 
 def report(

@@ -307,7 +307,7 @@ class NextHop:
             raise InvalidArgument("a next hop needs a route")
         self.channels = channels
         self.spec = spec
-        self.route = list(route)
+        self.rebind(route)
         self.replay = replay
         self.timeout_s = timeout_s
         self.owner = owner
@@ -326,6 +326,7 @@ class NextHop:
         """Go on along ``route`` (the session was opened again with it). The current node
         stays first if the route still names it."""
         self.route = list(route)
+        self._behind = {a for hop in self.route[1:] for a in hop.addresses}  # later hops' nodes
 
     @property
     def hop(self) -> pb.Hop:
@@ -456,8 +457,10 @@ class NextHop:
         )
         if rows == 1 and reply.hops:
             self.pace.add(reply.hops[0].compute_ms)
-            behind = self._behind()  # (a trace's address is a peer's word: only these)
-            others = [(h.address, h.compute_ms) for h in reply.hops[1:] if h.address in behind]
+            # (a trace's address is a peer's word: only the route's own nodes are followed)
+            others = [
+                (h.address, h.compute_ms) for h in reply.hops[1:] if h.address in self._behind
+            ]
             if own_ms is not None:
                 others.append(("", own_ms))
             for key, ms in others:
@@ -573,14 +576,9 @@ class NextHop:
         the bound route count; one naming nobody behind counts against ``address``."""
         if not isinstance(exc, Unavailable) or address in exc.failed:
             return
-        behind = self._behind()
-        named = [a for a in exc.failed if a in behind]
+        named = [a for a in exc.failed if a in self._behind]
         if named:
             raise Unavailable(str(exc), named)
-
-    def _behind(self) -> set[str]:
-        """The nodes of the route's later hops."""
-        return {a for hop in self.route[1:] for a in hop.addresses}
 
     def _gone(self, failures: list[str], failed: list[str]) -> Unavailable:
         hop = self.hop

@@ -448,6 +448,24 @@ def test_a_link_takes_paces_only_from_the_hops_of_its_route() -> None:
     assert not link.others["10.0.0.9:1"].first and not link.pace.first
 
 
+LINK_SESSION = b"l" * 16
+
+
+async def link_on(node: ScriptedNode, channels: Channels) -> NextHop:
+    """An open link to ``node`` alone (a one-hop route), for session ``LINK_SESSION``."""
+    spec = pb.SessionSpec(session_id=LINK_SESSION, max_length=8, codec="fp32")
+    hop = pb.Hop(start=0, end=3, addresses=[node.address])
+    link = NextHop(channels, spec, [hop], token_replay(), timeout_s=30)
+    await link.open()
+    return link
+
+
+def token_step(step_id: int, pos: int) -> pb.StepRequest:
+    return pb.StepRequest(
+        session_id=LINK_SESSION, step_id=step_id, pos=pos, tokens=pb.Tokens(ids=[1])
+    )
+
+
 def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
     node: ScriptedNode,
 ) -> None:
@@ -457,14 +475,9 @@ def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
 
     async def main() -> None:
         channels = Channels()
-        spec = pb.SessionSpec(session_id=b"t" * 16, max_length=8, codec="fp32")
-        link = NextHop(channels, spec, [pb.Hop(start=0, end=3, addresses=[node.address])],
-                       token_replay(), timeout_s=30)  # fmt: skip
-        await link.open()
-        step = pb.StepRequest(session_id=spec.session_id, step_id=1, pos=0,
-                              tokens=pb.Tokens(ids=[1]))  # fmt: skip
+        link = await link_on(node, channels)
         with pytest.raises(Unavailable, match="4 traces for the 1 hops") as err:
-            await link.step(step)
+            await link.step(token_step(1, 0))
         assert err.value.failed == [node.address]
         await channels.close()
 
@@ -480,18 +493,12 @@ def test_channels_past_their_bound_never_cut_a_live_stream(
 
     async def main() -> None:
         channels = Channels()
-        spec = pb.SessionSpec(session_id=b"u" * 16, max_length=8, codec="fp32")
-        link = NextHop(channels, spec, [pb.Hop(start=0, end=3, addresses=[node.address])],
-                       token_replay(), timeout_s=30)  # fmt: skip
-        await link.open()
-        sid = spec.session_id
-        await link.step(pb.StepRequest(session_id=sid, step_id=1, pos=0, tokens=pb.Tokens(ids=[1])))
+        link = await link_on(node, channels)
+        await link.step(token_step(1, 0))
         for i in range(1, 6):  # newcomers: each evicts the oldest idle channel
             channels.stub(f"127.0.0.1:{i}")
         assert node.address in channels._channels and len(channels._channels) == 2
-        reply, repair = await link.step(
-            pb.StepRequest(session_id=sid, step_id=2, pos=1, tokens=pb.Tokens(ids=[1]))
-        )
+        reply, repair = await link.step(token_step(2, 1))
         assert reply.token == answer(2) and repair == ""
         await link.close()
         await channels.close()
