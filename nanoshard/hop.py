@@ -6,7 +6,10 @@ route's first hop (its replay material: the token ids it sent). A link:
 
 - **opens** the session on the first node of its hop that takes it, binding the rest of
   the route there (that node opens it onwards in turn);
-- **steps** over one persistent bidirectional stream, each step within a deadline; the
+- **steps** over one persistent bidirectional stream, each step within a deadline, which
+  the step carries on (``timeout_ms``): a node gives the hops after it ``HOP_SHARE`` of
+  what is left of its own, so along a route the caller nearest a silent node gives up
+  first and names it (a later hop is never blamed on an earlier one); the
   owner's own bookkeeping for a step (``meanwhile``) runs once the step is on its way, while
   the hops after it compute, not on the path back;
 - **repairs** its hop when a step fails: a node that lost the session is opened again, a
@@ -66,6 +69,7 @@ REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries 
 CLOSE_TIMEOUT_S = 10.0
 LEAVE_TIMEOUT_S = 2.0  # freeing the session on a node a link moved away from
 SLOWER = 3.0  # a node whose decode steps take this many times their first pace is left
+HOP_SHARE = 0.9  # of the time its caller waits, what a node gives the hops after it
 PACE_STEPS = 8  # decode steps a node's first pace is the median of
 RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike moves nothing)
 
@@ -73,6 +77,19 @@ RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike
 # busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
 # error from Core" when a peer dies mid-stream).
 NODE_FAILURES = (Unavailable, ResourceExhausted, FailedPrecondition, Internal)
+
+
+def onward_timeout(timeout_ms: int, limit_s: float) -> float:
+    """Seconds a node waits for the hops after it, given how long its caller waits for it
+    (``timeout_ms`` from the request; 0: unsaid) and its own limit."""
+    if not timeout_ms:
+        return limit_s
+    return min(limit_s, HOP_SHARE * timeout_ms / 1000)
+
+
+class OutOfTime(Exception):
+    """A step's time ran out before a node of the hop could be tried: nobody's fault there."""
+
 
 P = TypeVar("P")  # a chunk's payload: token ids (list[int]) or pb.Activations
 
@@ -283,7 +300,9 @@ class NextHop:
     ``replay`` what the owner sent down this link so far (the client adds a step's token
     ids once it is answered, a node its output once computed, before forwarding it: so a
     refill stops at the step's own position). ``avoided()`` names nodes to try last (the
-    client's recent failures). ``owner`` names the caller in error messages; ``slower`` is
+    client's recent failures; the link also tries last the nodes it gave up on).
+    ``timeout_s`` is how long a step or an open may take when its owner does not say.
+    ``owner`` names the caller in error messages; ``slower`` is
     the slowdown at which the link leaves a node (``SLOWER``; infinite: never, which keeps a
     route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of
     each repair as it succeeds (its owner's metrics): "replica" (another node of the hop
@@ -321,6 +340,7 @@ class NextHop:
         self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
         self.slowed: dict[str, float] = {}  # nodes it left for slowness: how much slower
+        self.failed: set[str] = set()  # nodes it gave up on (tried last from then on)
 
     def rebind(self, route: Sequence[pb.Hop]) -> None:
         """Go on along ``route`` (the session was opened again with it). The current node
@@ -339,25 +359,29 @@ class NextHop:
         if self.address in addresses:
             addresses.remove(self.address)
             addresses.insert(0, self.address)
-        last = avoided | set(self.slowed)  # (a node this link left for slowness, too)
+        last = avoided | set(self.slowed) | self.failed  # (nodes this link left, too)
         return [a for a in addresses if a not in last] + [a for a in addresses if a in last]
 
     # ---- opening ----------------------------------------------------------------------
 
-    async def open(self) -> pb.OpenReply:
-        """Open the session on the first node of the hop that takes it; its answer (the
-        positions it holds, and the KV handles of it and the hops after it)."""
+    async def open(self, timeout_s: float | None = None) -> pb.OpenReply:
+        """Open the session on the first node of the hop that takes it, within
+        ``timeout_s``; its answer (the positions it holds, and the KV handles of it and the
+        hops after it)."""
+        deadline = self._deadline(timeout_s)
         failures: list[str] = []
         failed: list[str] = []
         for address in self.candidates():
             try:
-                reply = await self._open_at(address)
+                reply = await self._open_at(address, deadline)
             except InvalidArgument:
                 raise  # the request itself is wrong: no replica will take it
+            except OutOfTime as exc:
+                failures.append(str(exc))
+                break
             except NODE_FAILURES as exc:
                 self._raise_if_behind(exc, address)
-                failures.append(str(exc))
-                failed.append(address)
+                self._failed_at(address, failures, failed, exc)
                 continue
             self._use(address)
             if failures:
@@ -365,11 +389,30 @@ class NextHop:
             return reply
         raise self._gone(failures, failed)
 
-    async def _open_at(self, address: str) -> pb.OpenReply:
+    async def _open_at(self, address: str, deadline: float) -> pb.OpenReply:
+        left = self._left(deadline, address)
         request = pb.OpenRequest(
-            spec=self.spec, route=self.route[1:], start=self.hop.start, end=self.hop.end
+            spec=self.spec,
+            route=self.route[1:],
+            start=self.hop.start,
+            end=self.hop.end,
+            timeout_ms=math.ceil(left * 1000),
         )
-        return await self.channels.call(address, "Open", request, self.timeout_s)
+        return await self.channels.call(address, "Open", request, left)
+
+    # ---- time ---------------------------------------------------------------------------
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        return asyncio.get_running_loop().time() + (
+            self.timeout_s if timeout_s is None else timeout_s
+        )
+
+    def _left(self, deadline: float, address: str) -> float:
+        """Seconds left before ``deadline`` to ask ``address``; OutOfTime if none."""
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise OutOfTime(f"{self.owner} had no time left to ask {address}")
+        return left
 
     # ---- stepping ---------------------------------------------------------------------
 
@@ -378,21 +421,27 @@ class NextHop:
         request: pb.StepRequest,
         own_ms: float | None = None,
         meanwhile: Callable[[], None] = _nothing,
+        timeout_s: float | None = None,
     ) -> tuple[pb.StepReply, str]:
         """Send a step to the hop, repairing it on the way (module doc). Returns the reply
         and what was repaired ("" if nothing). Bounded: a few repairs per node, each node
-        of the hop once; then UNAVAILABLE naming every node of the hop that failed.
+        of the hop once, all within ``timeout_s``; then UNAVAILABLE naming every node of the
+        hop that failed (none if the time ran out before any did: the owner was late).
         ``own_ms``: the owner's own compute for this step (a node's), if it has one.
         ``meanwhile()`` runs once, as soon as the step is first written (while the hop
         computes), or before the step fails; it must not raise."""
         run_once = once(meanwhile)
         try:
-            return await self._step(request, own_ms, run_once)
+            return await self._step(request, own_ms, run_once, self._deadline(timeout_s))
         finally:
             run_once()
 
     async def _step(
-        self, request: pb.StepRequest, own_ms: float | None, meanwhile: Callable[[], None]
+        self,
+        request: pb.StepRequest,
+        own_ms: float | None,
+        meanwhile: Callable[[], None],
+        deadline: float,
     ) -> tuple[pb.StepReply, str]:
         failures: list[str] = []
         failed: list[str] = []
@@ -402,9 +451,9 @@ class NextHop:
                 try:
                     repair = ""
                     if have is not None:
-                        await self._refill(address, have, request.pos, request.step_id)
+                        await self._refill(address, have, request, deadline)
                         repair = f"refilled {address} from {max(have, 0)} to {request.pos}"
-                    reply = await self._exchange(address, request, meanwhile)
+                    reply = await self._exchange(address, request, deadline, meanwhile)
                     if len(reply.hops) > len(self.route):  # a trace per hop, no more
                         raise Internal(
                             f"{address} answered {len(reply.hops)} traces for the "
@@ -428,16 +477,27 @@ class NextHop:
                 except InvalidArgument:
                     self.drop_stream()
                     raise
+                except OutOfTime as exc:
+                    failures.append(str(exc))
+                    raise self._gone(failures, failed) from None
                 except NODE_FAILURES as exc:
                     self.drop_stream()
                     self._raise_if_behind(exc, address)
-                    failures.append(str(exc))
-                    failed.append(address)
+                    self._failed_at(address, failures, failed, exc)
                     break
             else:
-                failures.append(f"{address}: could not be brought up to position {request.pos}")
-                failed.append(address)
+                self._failed_at(
+                    address, failures, failed, f"could not be brought up to position {request.pos}"
+                )
         raise self._gone(failures, failed)
+
+    def _failed_at(
+        self, address: str, failures: list[str], failed: list[str], why: Exception | str
+    ) -> None:
+        """Give up on ``address`` for this try (and try it last from now on)."""
+        failures.append(str(why) if isinstance(why, Exception) else f"{address}: {why}")
+        failed.append(address)
+        self.failed.add(address)
 
     def _paced(
         self, address: str, request: pb.StepRequest, reply: pb.StepReply, own_ms: float | None
@@ -488,11 +548,12 @@ class NextHop:
         if self.on_repair is not None:
             self.on_repair(kind)
 
-    async def _refill(self, address: str, have: int, upto: int, step_id: int) -> None:
+    async def _refill(self, address: str, have: int, step: pb.StepRequest, deadline: float) -> None:
         """Bring the node at ``address`` from ``have`` positions (-1: the session is not
-        open there) to ``upto`` with the replay material: nothing recomputed."""
+        open there) up to ``step`` with the replay material: nothing recomputed."""
+        upto, step_id = step.pos, step.step_id
         if have < 0:
-            have = (await self._open_at(address)).length
+            have = (await self._open_at(address, deadline)).length
         if have > upto:
             raise FailedPrecondition(
                 f"{address} holds {have} positions, more than the {upto} sent to it: it "
@@ -507,18 +568,24 @@ class NextHop:
             fill = pb.StepRequest(
                 session_id=self.spec.session_id, step_id=step_id, pos=pos, this_hop_only=True
             )
-            await self._exchange(address, with_input(fill, payload))
+            await self._exchange(address, with_input(fill, payload), deadline)
         log.info("%s refilled %s from %d to %d positions", self.owner, address, have, upto)
 
     async def _exchange(
-        self, address: str, request: pb.StepRequest, meanwhile: Callable[[], None] = _nothing
+        self,
+        address: str,
+        request: pb.StepRequest,
+        deadline: float,
+        meanwhile: Callable[[], None] = _nothing,
     ) -> pb.StepReply:
-        """One step on the stream to ``address`` (opened on first use)."""
+        """One step on the stream to ``address`` (opened on first use), by ``deadline``."""
+        left = self._left(deadline, address)
+        request.timeout_ms = math.ceil(left * 1000)
         self._use(address)
         if self._call is None:
             self._call = self.channels.stream(address)
         try:
-            reply = await _write_read(self._call, request, self.timeout_s, meanwhile)
+            reply = await _write_read(self._call, request, left, meanwhile)
         except asyncio.CancelledError:  # our own caller left mid-step: never reuse this stream
             self.drop_stream()
             raise
@@ -528,8 +595,7 @@ class NextHop:
             raise Unavailable(f"{address}: the session stream had ended", [address]) from None
         except asyncio.TimeoutError:
             raise Unavailable(
-                f"{address}: no answer to the step at position {request.pos} within "
-                f"{self.timeout_s:g} s",
+                f"{address}: no answer to the step at position {request.pos} within {left:.3g} s",
                 [address],
             ) from None
         if reply is grpc.aio.EOF:

@@ -29,7 +29,7 @@ from nanoshard.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from nanoshard.hop import SLOWER, Channels, NextHop
+from nanoshard.hop import SLOWER, Channels, NextHop, onward_timeout
 from nanoshard.kv import KVCache
 from nanoshard.security import Security
 from nanoshard.tp import CollectiveError
@@ -287,12 +287,13 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             session.next.rebind(route)
 
-    async def _open_onwards(self, session: NodeSession) -> pb.OpenReply:
+    async def _open_onwards(self, session: NodeSession, timeout_s: float) -> pb.OpenReply:
         """This node's answer to an Open: its KV handle, then those of the later hops
-        (opened along the route), and the head's share of the session's key."""
+        (opened along the route within ``timeout_s``), and the head's share of the
+        session's key."""
         reply = pb.OpenReply(length=session.length, handles=[self.handle(session)])
         if session.next is not None:
-            onwards = await session.next.open()
+            onwards = await session.next.open(timeout_s)
             reply.handles.extend(onwards.handles)
             if onwards.HasField("session_key"):
                 reply.session_key.CopyFrom(onwards.session_key)
@@ -302,6 +303,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
+        deadline = time.monotonic() + onward_timeout(request.timeout_ms, self.step_timeout_s)
         session = self.sessions.find(request.spec.session_id)
         if session is not None:  # opened again (a repair upstream): check, and reach onwards
             async with session.lock:
@@ -310,7 +312,7 @@ class NodeService(pb_grpc.NodeServicer):
                 if session.spec != spec:
                     raise FailedPrecondition("this session id is already open with another spec")
                 self._bind(session, self.check_route(session.stage, request.route))
-                reply = await self._open_onwards(session)
+                reply = await self._open_onwards(session, deadline - time.monotonic())
                 session.touch()
                 return reply
         stage = self.current_stage(request.start, request.end)
@@ -325,7 +327,7 @@ class NodeService(pb_grpc.NodeServicer):
                 self._bind(session, route)
                 if not route:
                     self._share_key(session)
-                return await self._open_onwards(session)
+                return await self._open_onwards(session, deadline - time.monotonic())
         except BaseException:  # refused downstream, or the caller went away: nothing stays
             self._drop(session)
             raise
@@ -522,6 +524,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     async def _step(self, req: pb.StepRequest) -> pb.StepReply:
         received = time.perf_counter()
+        onward = onward_timeout(req.timeout_ms, self.step_timeout_s)  # for the hops after it
         loop = asyncio.get_running_loop()
         if req.step_id == 0:
             raise InvalidArgument("step_id must be >= 1")
@@ -649,7 +652,8 @@ class NodeService(pb_grpc.NodeServicer):
                 sent_at = time.perf_counter()
                 try:
                     own_ms = timed.compute_ms if timed is not None else None
-                    reply, trace.repair = await session.next.step(down_req, own_ms, book)
+                    onward_s = onward - (time.perf_counter() - received)
+                    reply, trace.repair = await session.next.step(down_req, own_ms, book, onward_s)
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3

@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -424,6 +425,52 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
                 assert f"refilled {b2} from 0 to {len(prompt) + 20}" in result.hops[0]["repair"]
         session.close()
         assert tokens == expected
+
+
+def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
+    tiny_model: Path,
+) -> None:
+    """The last node hangs (SIGSTOP: its connections stay open, nothing answers). Each
+    step carries how long its caller waits and every node gives the hops after it less, so
+    the node before the silent one gives up first and names it; the client hears whom to
+    avoid and tries again, the middle node goes to the hop's replica (refilled), and the
+    generation goes on with the same tokens. Before, the client's own deadline came first
+    and it blamed the first node, which was fine."""
+    prompt = [464, 3290, 373, 257, 1332]
+    timeout_s = 8.0
+    with Swarm() as swarm:
+        a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
+        _, c2 = swarm.node(str(tiny_model), "4:6")
+        hops = route_from_addresses([a, b, c]).hops
+        route = Route([hops[0], hops[1], pb.Hop(start=4, end=6, addresses=[c, c2])], 6)
+        ref = fixed_session(route, max_length=60)
+        expected = generate(ref, prompt, 30, block_size=TINY.block_size).token_ids
+        ref.close()
+
+        retry = RetryPolicy(attempts=2, backoff_s=0.01)
+        session = RouteSession(route, 60, retry=retry, timeout_s=timeout_s)
+        tokens: list[int] = []
+        result = session.step(prompt, 0)
+        for _ in range(10):
+            tokens.append(result.token)
+            result = session.step([result.token], len(prompt) + len(tokens) - 1)
+        assert [h["address"] for h in result.hops] == [a, b, c]
+        last = next(p for p in swarm.procs if c in p.output)
+        last.popen.send_signal(signal.SIGSTOP)  # (the swarm kills it, SIGCONT too)
+        while len(tokens) < 30:
+            tokens.append(result.token)
+            if len(tokens) < 30:
+                result = session.step([result.token], len(prompt) + len(tokens) - 1)
+        assert [h["address"] for h in result.hops] == [a, b, c2]
+        retried, repaired = session.recoveries
+        session.close()
+        assert tokens == expected
+        # the middle node's word reached the client, which blamed nobody of its own ...
+        assert retried.kind == "retry", retried
+        assert f"{c}: no answer" in retried.detail, retried.detail
+        assert f"{a}: no answer" not in retried.detail, retried.detail
+        # ... and the middle node moved to the replica when the step came again
+        assert repaired.kind == "repair" and f"refilled {c2} from 0" in repaired.detail
 
 
 def test_int8_weights_on_nodes_equal_local_int8(tiny_model: Path) -> None:

@@ -241,8 +241,10 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.slow_from: int | None = None  # steps from this position on take 5 ms, not 1
         self.closed: list[bytes] = []
         self.extra_traces = 0  # traces it adds to each reply (a lying node's)
+        self.timeouts: list[int] = []  # the timeout_ms of every Open and step it got
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
+        self.timeouts.append(request.timeout_ms)
         return pb.OpenReply(length=self.length)
 
     def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
@@ -252,6 +254,7 @@ class ScriptedNode(pb_grpc.NodeServicer):
     def Steps(self, requests: Any, context: Any) -> Any:
         for req in requests:
             n = len(req.tokens.ids)
+            self.timeouts.append(req.timeout_ms)
             self.log.append((req.step_id, req.pos, n, req.sample))
             if self.last is not None and self.last[:2] == (req.step_id, req.pos):
                 yield pb.StepReply(has_token=True, token=self.last[2])
@@ -482,6 +485,34 @@ def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
         await channels.close()
 
     asyncio.run(main())
+
+
+def test_a_step_carries_how_long_its_caller_waits(node: ScriptedNode) -> None:
+    """Open and every step say how long the link waits for them (what is left of its
+    deadline); a step whose time is up before any node could be asked blames no node."""
+
+    async def main() -> None:
+        channels = Channels()
+        link = await link_on(node, channels)  # (its timeout_s: 30)
+        await link.step(token_step(1, 0), timeout_s=5.0)
+        opened, stepped = node.timeouts
+        assert 29_000 < opened <= 30_000 and 4_000 < stepped <= 5_000
+        with pytest.raises(Unavailable, match="had no time left to ask") as err:
+            await link.step(token_step(2, 1), timeout_s=0.0)
+        assert err.value.failed == [] and len(node.timeouts) == 2  # never sent
+        await channels.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_gives_the_hops_after_it_less_time_than_its_caller_gives_it() -> None:
+    assert hop_module.onward_timeout(0, 120.0) == 120.0  # unsaid: the node's own limit
+    assert hop_module.onward_timeout(60_000, 120.0) == pytest.approx(60 * hop_module.HOP_SHARE)
+    assert hop_module.onward_timeout(600_000, 120.0) == 120.0  # never past its own limit
+    budgets = [60.0]
+    for _ in range(5):  # down a route: each hop's caller gives up after the hop itself
+        budgets.append(hop_module.onward_timeout(round(budgets[-1] * 1000), 120.0))
+    assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 6
 
 
 def test_channels_past_their_bound_never_cut_a_live_stream(

@@ -71,16 +71,18 @@ class SessionSpec(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., max_length: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., client_share: _Optional[bytes] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("spec", "route", "start", "end")
+    __slots__ = ("spec", "route", "start", "end", "timeout_ms")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     spec: SessionSpec
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     start: int
     end: int
-    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("length", "handles", "session_key")
@@ -119,7 +121,7 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output", "chunks")
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output", "chunks", "timeout_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +131,7 @@ class StepRequest(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     step_id: int
     pos: int
@@ -138,7 +141,8 @@ class StepRequest(_message.Message):
     sample: bool
     return_output: bool
     chunks: _containers.RepeatedCompositeFieldContainer[InputChunk]
-    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[InputChunk, _Mapping]]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[InputChunk, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class InputChunk(_message.Message):
     __slots__ = ("pos", "tokens", "activations")
