@@ -39,6 +39,7 @@ from nanoshard.errors import (
     InvalidArgument,
     NanoshardError,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -79,6 +80,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -88,6 +90,7 @@ class ApiError(Exception):
             param,
             code,
         )
+        self.headers = headers  # of the HTTP answer (Retry-After)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -111,10 +114,12 @@ def error_for(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, InvalidArgument):
         return ApiError(400, message)
-    # A node's quota refuses with ResourceExhausted; after trying every replica the SDK
-    # gives up with Unavailable naming the last refusal, which says "quota:".
-    if isinstance(exc, ResourceExhausted) or (isinstance(exc, Unavailable) and "quota:" in message):
-        return ApiError(429, message, type="rate_limit_error", code="quota_exceeded")
+    if isinstance(exc, QuotaExceeded):  # every node of a hop refused: a quota of theirs
+        after = exc.retry_after_s
+        headers = None if after is None else {"Retry-After": str(max(math.ceil(after), 1))}
+        return ApiError(429, message, "rate_limit_error", code="quota_exceeded", headers=headers)
+    if isinstance(exc, ResourceExhausted):
+        return ApiError(429, message, type="rate_limit_error", code="resource_exhausted")
     if isinstance(exc, Unauthenticated):
         return ApiError(
             503,

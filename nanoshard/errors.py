@@ -32,6 +32,15 @@ class ResourceExhausted(NanoshardError):
     """A budget is full (KV memory, sessions, message size)."""
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A node's per-caller quota refused the caller: nobody is gone, and the same call later
+    (``retry_after_s``, when the quota can tell) or fewer of them will be taken."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(NanoshardError):
     """A peer cannot be reached or stopped answering. ``failed`` names the nodes that
     failed: the peer called itself, or, relayed by it, nodes behind it on the route."""

@@ -28,7 +28,10 @@ route's first hop (its replay material: the token ids it sent). A link:
 - applies the **who-failed rule**: an UNAVAILABLE that names failed addresses other than
   the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
   replicas. The link cannot repair that; it raises it unchanged, so the error travels up
-  to the caller that can (the client re-plans the route).
+  to the caller that can (the client re-plans the route);
+- tells a **refusal** from a failure: when every node of the hop it asked refused the caller
+  for a quota (``QuotaExceeded``), nobody is gone, and it answers that refusal rather than
+  UNAVAILABLE, so it reaches the client at once instead of a re-planned route.
 
 Nothing is recomputed here or upstream: a repair costs the replacement's refill only.
 """
@@ -55,6 +58,7 @@ from nanoshard.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     Unavailable,
 )
@@ -161,6 +165,15 @@ class Channels:
             await channel.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@dataclass
+class Tries:
+    """What one open or step of a link met on the nodes of its hop that did not take it."""
+
+    why: list[str] = field(default_factory=list)  # every failure's message, in order
+    failed: list[str] = field(default_factory=list)  # the nodes it gave up on
+    refused: list[QuotaExceeded] = field(default_factory=list)  # those a quota refused
 
 
 @dataclass
@@ -369,25 +382,24 @@ class NextHop:
         ``timeout_s``; its answer (the positions it holds, and the KV handles of it and the
         hops after it)."""
         deadline = self._deadline(timeout_s)
-        failures: list[str] = []
-        failed: list[str] = []
+        tries = Tries()
         for address in self.candidates():
             try:
                 reply = await self._open_at(address, deadline)
             except InvalidArgument:
                 raise  # the request itself is wrong: no replica will take it
             except OutOfTime as exc:
-                failures.append(str(exc))
+                tries.why.append(str(exc))
                 break
             except NODE_FAILURES as exc:
                 self._raise_if_behind(exc, address)
-                self._failed_at(address, failures, failed, exc)
+                self._failed_at(address, tries, exc)
                 continue
             self._use(address)
-            if failures:
+            if tries.why:
                 self._repaired("replica")
             return reply
-        raise self._gone(failures, failed)
+        raise self._gone(tries)
 
     async def _open_at(self, address: str, deadline: float) -> pb.OpenReply:
         left = self._left(deadline, address)
@@ -443,8 +455,7 @@ class NextHop:
         meanwhile: Callable[[], None],
         deadline: float,
     ) -> tuple[pb.StepReply, str]:
-        failures: list[str] = []
-        failed: list[str] = []
+        tries = Tries()
         for address in self.candidates():
             have: int | None = None  # positions the node holds, once a repair is needed
             for _ in range(REPAIRS_PER_NODE):
@@ -461,8 +472,8 @@ class NextHop:
                         )
                     if have is not None:
                         self._repaired("refill")
-                    if failures:
-                        repair = "; ".join([*failures, repair or f"switched to {address}"])
+                    if tries.why:
+                        repair = "; ".join([*tries.why, repair or f"switched to {address}"])
                         self._repaired("replica")
                     if moved := self._paced(address, request, reply, own_ms):
                         repair = "; ".join(r for r in (moved, repair) if r)
@@ -478,25 +489,25 @@ class NextHop:
                     self.drop_stream()
                     raise
                 except OutOfTime as exc:
-                    failures.append(str(exc))
-                    raise self._gone(failures, failed) from None
+                    tries.why.append(str(exc))
+                    raise self._gone(tries) from None
                 except NODE_FAILURES as exc:
                     self.drop_stream()
                     self._raise_if_behind(exc, address)
-                    self._failed_at(address, failures, failed, exc)
+                    self._failed_at(address, tries, exc)
                     break
             else:
                 self._failed_at(
-                    address, failures, failed, f"could not be brought up to position {request.pos}"
+                    address, tries, f"could not be brought up to position {request.pos}"
                 )
-        raise self._gone(failures, failed)
+        raise self._gone(tries)
 
-    def _failed_at(
-        self, address: str, failures: list[str], failed: list[str], why: Exception | str
-    ) -> None:
-        """Give up on ``address`` for this try (and try it last from now on)."""
-        failures.append(str(why) if isinstance(why, Exception) else f"{address}: {why}")
-        failed.append(address)
+    def _failed_at(self, address: str, tries: Tries, why: Exception | str) -> None:
+        """Give up on ``address`` for this open or step (and try it last from now on)."""
+        tries.why.append(str(why) if isinstance(why, Exception) else f"{address}: {why}")
+        tries.failed.append(address)
+        if isinstance(why, QuotaExceeded):
+            tries.refused.append(why)
         self.failed.add(address)
 
     def _paced(
@@ -646,11 +657,19 @@ class NextHop:
         if named:
             raise Unavailable(str(exc), named)
 
-    def _gone(self, failures: list[str], failed: list[str]) -> Unavailable:
-        hop = self.hop
+    def _gone(self, tries: Tries) -> Unavailable | QuotaExceeded:
+        """Why the hop did not take an open or step: UNAVAILABLE naming the nodes that
+        failed; or, when every one of them refused for a quota, nobody is gone: the
+        refusal, with the soonest any of them said it would take the call again."""
+        hop, why = self.hop, "; ".join(tries.why)
+        if tries.failed and len(tries.refused) == len(tries.failed):
+            after = [r.retry_after_s for r in tries.refused if r.retry_after_s is not None]
+            return QuotaExceeded(
+                f"units [{hop.start}, {hop.end}) refused {self.owner}: {why}",
+                min(after) if after else None,
+            )
         return Unavailable(
-            f"units [{hop.start}, {hop.end}) unreachable from {self.owner}: " + "; ".join(failures),
-            failed,
+            f"units [{hop.start}, {hop.end}) unreachable from {self.owner}: {why}", tries.failed
         )
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:

@@ -3,6 +3,7 @@ exceptions become gRPC statuses (and back)."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -16,6 +17,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills ar
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
 ADDRESS = re.compile(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}")  # HOST:PORT
 FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: the hops that failed
+# trailing metadata of RESOURCE_EXHAUSTED from a quota: seconds until it takes the call ("": unknown)
+QUOTA_KEY = "nanoshard-quota"
+MAX_RETRY_AFTER_S = 3600.0
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 
@@ -134,6 +138,9 @@ def trailing_metadata_of(exc: errors.NanoshardError) -> tuple[tuple[str, str], .
         return ((KV_LENGTH_KEY, str(exc.length)),)
     if isinstance(exc, errors.Unavailable) and exc.failed:
         return ((FAILED_KEY, ",".join(exc.failed)),)
+    if isinstance(exc, errors.QuotaExceeded):
+        after = exc.retry_after_s
+        return ((QUOTA_KEY, "" if after is None else f"{after:.3f}"),)
     return ()
 
 
@@ -155,6 +162,8 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
         if isinstance(length, str) and length.isdigit() and len(length) <= 10:
             return errors.CacheMismatch(where + detail, int(length))
         return errors.FailedPrecondition(where + detail)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and QUOTA_KEY in trailers:
+        return errors.QuotaExceeded(where + detail, _retry_after(trailers[QUOTA_KEY]))
     if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
         detail = f"it does not serve this call ({detail}): is it the right address?"
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]
@@ -168,6 +177,15 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
             failed = [a for a in relayed.split(",")[:MAX_FAILED] if ADDRESS.fullmatch(a)]
         return errors.Unavailable(where + detail, failed or ([peer] if peer else []))
     return cls(where + detail)
+
+
+def _retry_after(value: object) -> float | None:
+    """A peer's word for when its quota takes the call again: a sane number, or None."""
+    try:
+        seconds = float(value) if isinstance(value, str) and len(value) <= 16 else math.nan
+    except ValueError:
+        return None
+    return seconds if 0.0 <= seconds <= MAX_RETRY_AFTER_S else None
 
 
 _BY_CODE = {status: cls for cls, status in STATUS_OF.items() if cls is not errors.CheckpointError}

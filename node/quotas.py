@@ -2,7 +2,7 @@
 
 A caller is whoever calls this node: the client on a route's first hop, the previous node
 on later ones (``nanoshard.rpc.caller_identity``: the swarm token's identity, else the
-peer's host). Every limit is per caller, 0 = no limit; a refusal is ``ResourceExhausted``
+peer's host). Every limit is per caller, 0 = no limit; a refusal is ``QuotaExceeded``
 naming the limit, its value and where the caller stands, so a user knows which flag or
 which habit to change. Pure bookkeeping: the service asks, this answers.
 """
@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from nanoshard.errors import ResourceExhausted
+from nanoshard.errors import QuotaExceeded
 
 WINDOW_S = 60.0
 
@@ -47,19 +47,19 @@ class Quotas:
         """Refuse a new session of ``max_length`` positions reserving ``nbytes``."""
         limits = self.limits
         if limits.max_length and max_length > limits.max_length:
-            raise ResourceExhausted(
+            raise QuotaExceeded(
                 f"quota: max_length per session is {limits.max_length} on this node "
                 f"(asked {max_length})"
             )
         mine = [h for h in open_sessions if h.caller == caller]
         if limits.sessions and len(mine) >= limits.sessions:
-            raise ResourceExhausted(
+            raise QuotaExceeded(
                 f"quota: open sessions per client is {limits.sessions} "
                 f"({caller} has {len(mine)} open): close some first"
             )
         held = sum(h.reserved_bytes for h in mine)
         if limits.kv_bytes and held + nbytes > limits.kv_bytes:
-            raise ResourceExhausted(
+            raise QuotaExceeded(
                 f"quota: KV memory per client is {limits.kv_bytes} bytes ({caller} holds "
                 f"{held}, this session needs {nbytes})"
             )
@@ -76,9 +76,10 @@ class Quotas:
         used = sum(k for _, k in spent)
         if used + n > self.limits.tokens_per_minute:
             wait = WINDOW_S - (now - spent[0][0]) if spent else WINDOW_S
-            raise ResourceExhausted(
+            raise QuotaExceeded(
                 f"quota: tokens per minute per client is {self.limits.tokens_per_minute} "
-                f"({caller} used {used} in the last minute): retry in {wait:.0f} s"
+                f"({caller} used {used} in the last minute): retry in {wait:.0f} s",
+                retry_after_s=wait,
             )
         spent.append((now, n))
         if len(self._spent) > 10_000:  # forget callers idle for a minute

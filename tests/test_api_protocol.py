@@ -23,6 +23,7 @@ from nanoshard.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -194,8 +195,10 @@ def test_bad_chat_messages_are_400(messages: object) -> None:
     ("exc", "status"),
     [
         (InvalidArgument("the prompt is 300 tokens"), 400),
-        (ResourceExhausted("quota: open sessions per client is 2"), 429),
-        (Unavailable("gave up after 6 attempts: quota: max_length per session is 48"), 429),
+        (QuotaExceeded("quota: open sessions per client is 2"), 429),
+        (ResourceExhausted("node busy: 4 steps queued"), 429),
+        # a node gone beside one that refused: the swarm cannot serve now
+        (Unavailable("gave up after 6 attempts: a: gone; b: quota: max_length per session"), 503),
         (Unavailable("no ready node serves units 3"), 503),
         (NotFound("no coordinator answered on mDNS"), 503),
         (Unauthenticated("bad token"), 503),
@@ -207,6 +210,14 @@ def test_errors_map_to_statuses(exc: Exception, status: int) -> None:
     answer = error_for(exc)
     assert answer.status == status
     assert set(answer.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_quota_that_knows_when_says_retry_after() -> None:
+    assert error_for(QuotaExceeded("quota: tokens per minute", retry_after_s=12.2)).headers == {
+        "Retry-After": "13"
+    }
+    answer = error_for(QuotaExceeded("quota: open sessions per client is 2"))
+    assert (answer.status, answer.code, answer.headers) == (429, "quota_exceeded", None)
 
 
 def test_finish_reasons() -> None:

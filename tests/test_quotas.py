@@ -11,6 +11,7 @@ import grpc
 import pytest
 from swarm import Swarm
 
+from nanoshard import rpc
 from nanoshard.errors import ResourceExhausted
 from nanoshard.node.quotas import Holding, QuotaLimits, Quotas
 from nanoshard.v1 import node_pb2 as pb
@@ -65,9 +66,16 @@ def open_session(stub: pb_grpc.NodeStub, max_length: int = 32) -> pb.SessionSpec
 
 
 def refused(call) -> str:
+    """A quota's refusal: RESOURCE_EXHAUSTED, marked as a quota's (a caller tells it from a
+    full node), with the seconds until it takes the call if the quota knows."""
     with pytest.raises(grpc.RpcError) as err:
         call()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+    after = dict(err.value.trailing_metadata())[rpc.QUOTA_KEY]
+    if "tokens per minute" in err.value.details():
+        assert 0 < float(after) <= 60
+    else:
+        assert after == ""
     return err.value.details()
 
 

@@ -28,7 +28,7 @@ from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
-from nanoshard.errors import FailedPrecondition, InvalidArgument, Unavailable
+from nanoshard.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, Unavailable
 from nanoshard.generation import StepResult
 from nanoshard.hop import Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams, float32
@@ -242,9 +242,11 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.closed: list[bytes] = []
         self.extra_traces = 0  # traces it adds to each reply (a lying node's)
         self.timeouts: list[int] = []  # the timeout_ms of every Open and step it got
+        self.quota: tuple[str, str] | None = None  # refuse everything: (message, retry after)
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         self.timeouts.append(request.timeout_ms)
+        self.refuse_if_over_quota(context)
         return pb.OpenReply(length=self.length)
 
     def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
@@ -255,6 +257,7 @@ class ScriptedNode(pb_grpc.NodeServicer):
         for req in requests:
             n = len(req.tokens.ids)
             self.timeouts.append(req.timeout_ms)
+            self.refuse_if_over_quota(context)
             self.log.append((req.step_id, req.pos, n, req.sample))
             if self.last is not None and self.last[:2] == (req.step_id, req.pos):
                 yield pb.StepReply(has_token=True, token=self.last[2])
@@ -274,6 +277,12 @@ class ScriptedNode(pb_grpc.NodeServicer):
             trace = pb.HopTrace(compute_ms=5.0 if slow else 1.0)
             extra = [pb.HopTrace(address="10.9.9.9:1") for _ in range(self.extra_traces)]
             yield pb.StepReply(has_token=True, token=self.last[2], hops=[trace, *extra])
+
+    def refuse_if_over_quota(self, context: Any) -> None:
+        if self.quota is not None:  # as a node's quota refuses (rpc.trailing_metadata_of)
+            message, after = self.quota
+            context.set_trailing_metadata(((rpc.QUOTA_KEY, after),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 @contextlib.contextmanager
@@ -503,6 +512,37 @@ def test_a_step_carries_how_long_its_caller_waits(node: ScriptedNode) -> None:
         await channels.close()
 
     asyncio.run(main())
+
+
+def test_a_quota_refusal_reaches_the_caller_at_once_and_names_no_node_gone() -> None:
+    """Every node of the first hop refuses for a quota: the session is not re-planned
+    around them (they are there) and the caller gets the refusal, with the soonest time
+    any of them gave; a refusal mid-generation the same, without a retry."""
+    with scripted_node() as a, scripted_node() as b:
+        a.quota = ("quota: open sessions per client is 2", "")
+        b.quota = ("quota: open sessions per client is 1", "")
+        route = Route([pb.Hop(start=0, end=3, addresses=[a.address, b.address])], 3)
+        plans: list[list[str]] = []
+
+        def planner(avoid: list[str]) -> Route:
+            plans.append(avoid)
+            return route
+
+        with pytest.raises(QuotaExceeded, match=r"refused the client.*per client is 2") as err:
+            RouteSession(None, 32, planner=planner)
+        assert plans == [[]] and err.value.retry_after_s is None
+        assert len(a.timeouts) == len(b.timeouts) == 1  # each asked once
+
+        a.quota = b.quota = None
+        session = RouteSession(None, 32, planner=planner)
+        session.step([1, 2, 3], 0)
+        a.quota = ("quota: tokens per minute per client is 3: retry in 40 s", "40.000")
+        b.quota = ("quota: tokens per minute per client is 3: retry in 12 s", "12.000")
+        with pytest.raises(QuotaExceeded, match="tokens per minute") as err:
+            session.step([1003], 3)
+        assert err.value.retry_after_s == 12.0 and session.recoveries == []
+        assert plans == [[], []]  # no new route asked for
+        session.close()
 
 
 def test_a_node_gives_the_hops_after_it_less_time_than_its_caller_gives_it() -> None:
