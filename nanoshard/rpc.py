@@ -20,6 +20,8 @@ FAILED_KEY = "nanoshard-failed"  # trailing metadata of a relayed UNAVAILABLE: t
 # trailing metadata of RESOURCE_EXHAUSTED from a quota: seconds until it takes the call ("": unknown)
 QUOTA_KEY = "nanoshard-quota"
 MAX_RETRY_AFTER_S = 3600.0
+# What gRPC's C core says when the peer answered, but not in HTTP/2 (a web server: HTTP/1.x)
+NOT_HTTP2 = "Failed parsing HTTP/2"
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 
@@ -164,6 +166,11 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
         return errors.FailedPrecondition(where + detail)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and QUOTA_KEY in trailers:
         return errors.QuotaExceeded(where + detail, _retry_after(trailers[QUOTA_KEY]))
+    if code == grpc.StatusCode.UNAVAILABLE and NOT_HTTP2 in detail:  # no use trying again
+        return errors.FailedPrecondition(
+            f"{where}it answers, but not in gRPC (HTTP/2): is that the right port? (a web "
+            "server's, such as nanoshard api's, is not a coordinator's or a node's)"
+        )
     if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
         detail = f"it does not serve this call ({detail}): is it the right address?"
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]

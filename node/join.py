@@ -185,10 +185,7 @@ class Volunteer:
                 return await method(request, timeout=10, metadata=self.security.metadata())
             except grpc.aio.AioRpcError as err:
                 exc = rpc.error_from_rpc(err, self.target)
-                if err.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
+                if not isinstance(exc, Unavailable):  # (a deadline is Unavailable too)
                     raise exc from None
                 delay = next(delays)
                 self.events.info(

@@ -3,12 +3,17 @@ flags that would be silently ignored."""
 
 from __future__ import annotations
 
+import http.server
 import io
 import socket
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from swarm import BIN
 
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
@@ -263,6 +268,40 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
             err = capsys.readouterr().err
             assert "Traceback" not in err and f"127.0.0.1:{port}" in err, err
             assert "in use" in err.strip().splitlines()[-1], err
+
+
+@pytest.fixture
+def web_server() -> Iterator[str]:
+    """An HTTP/1.x server on loopback (what `nanoshard api` or any web server answers)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_web_servers_port_given_for_the_coordinators_is_one_line_not_a_retry_loop(
+    web_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone gives the HTTP API's port where the coordinator's goes: it answers, so it is
+    not "unreachable" and waiting will not help. Each command says so and stops."""
+    with pytest.raises(SystemExit) as exit:
+        main(["status", "--coordinator", web_server])
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"nanoshard: error: {web_server}: it answers")
+    assert "not in gRPC" in err and "Traceback" not in err, err
+    join = [str(BIN / "nanoshard-node"), "join", "--coordinator", web_server]
+    join += ["--mdns-interface", "127.0.0.1"]  # (it stops before advertising anything)
+    done = subprocess.run(
+        [*join, "--max-memory", "200M"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nanoshard-node: error: {web_server}: it answers"), done.stderr
 
 
 def test_a_tls_file_that_is_not_pem_is_named(
