@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -49,6 +50,7 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413
 WATCH_S = 0.1  # how often a request waiting for its first token checks its client is there
 CLIENT_GONE = 499  # the status of a request whose client left first (nobody reads it)
+SHUTDOWN_GRACE_S = 2.0  # a gateway stopping gives its open streams this long to say so
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/")
 
 
@@ -123,6 +125,7 @@ class Run:
         self._first: tuple[str, list[dict]] | None = None
         self._task: asyncio.Task | None = None
         self._last = 0.0
+        self._stopped: ApiError | None = None  # why the gateway stopped it, if it did
 
     async def start(self, gone: Callable[[], Awaitable[bool]] | None = None) -> bool:
         """Start the generation and wait for its first token: an error before it (a bad
@@ -202,12 +205,21 @@ class Run:
         while piece is not None:
             yield piece
             piece = await self.queue.get()
+        if self._stopped is not None:
+            raise self._stopped
         await self._task
 
     def cancel(self) -> None:
+        """Its client left: stop the generation (its session closes at once)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             self.gateway.metrics.disconnects.inc()
+
+    def stop(self, why: ApiError) -> None:
+        """The gateway stops: end the generation, and its pieces with ``why``."""
+        if self._task is not None and not self._task.done():
+            self._stopped = why
+            self._task.cancel()
 
     @property
     def finish_reason(self) -> str:
@@ -345,15 +357,33 @@ async def complete(
         except NanoshardError as exc:
             raise error_for(exc) from None
         return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
-    return EventSourceResponse(stream(run, reply), sep="\n")
+    shutdown = anyio.Event()  # set by sse-starlette when the server stops
+    return EventSourceResponse(
+        stream(run, reply, shutdown),
+        sep="\n",
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )
 
 
-async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
+GOING = ApiError(
+    503,
+    "the gateway is shutting down: this completion was stopped before its end",
+    type="service_unavailable",
+    code="gateway_shutting_down",
+)
+
+
+async def stream(
+    run: Run, reply: Reply, shutdown: anyio.Event | None = None
+) -> AsyncIterator[ServerSentEvent]:
     """The chunks of one streamed completion. A client that leaves cancels this generator
     (sse-starlette watches for the disconnect): the generation stops and its session
-    closes at once."""
+    closes at once. When the gateway stops (``shutdown``), the generation stops too and
+    the stream ends on an error event saying so, not as if the text were whole."""
     r = run.request
     done = False
+    watch = asyncio.ensure_future(_stop_on(shutdown, run)) if shutdown is not None else None
     try:
         first = True
         if r.chat:  # the role comes first, as OpenAI sends it
@@ -368,7 +398,7 @@ async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
                 chunk = reply.chunk(text, first=first, include_usage=r.include_usage, hops=hops)
                 yield event(json.dumps(chunk))
                 first = False
-        except NanoshardError as exc:  # midway: OpenAI's clients raise on an error event
+        except (NanoshardError, ApiError) as exc:  # midway: OpenAI's clients raise on it
             done = True
             yield event(json.dumps(error_for(exc).body()))
             return
@@ -381,5 +411,12 @@ async def stream(run: Run, reply: Reply) -> AsyncIterator[ServerSentEvent]:
         done = True
         yield event("[DONE]")
     finally:
+        if watch is not None:
+            watch.cancel()
         if not done:
             run.cancel()
+
+
+async def _stop_on(shutdown: anyio.Event, run: Run) -> None:
+    await shutdown.wait()
+    run.stop(GOING)

@@ -277,6 +277,30 @@ def test_a_client_that_leaves_mid_stream_closes_its_session(api: ApiSwarm) -> No
     )
 
 
+def test_a_gateway_stopped_mid_stream_says_so_and_closes_its_sessions(api: ApiSwarm) -> None:
+    """Ctrl-C on `nanoshard api` with a stream open: the stream ends on an error event
+    (OpenAI's client raises it), not as if the text were whole, and the generation's
+    session closes on every node. (240 tokens take seconds here; the gateway notices its
+    stop within half a second.)"""
+    api.ready()
+    gateway = api.start_gateway(api.address)
+    url = gateway.wait_for(GATEWAY).group(1)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(model="demo", prompt=PROMPT, max_tokens=240, stream=True)
+    chunks = 0
+    with pytest.raises(openai.APIError, match="gateway is shutting down"):
+        for _ in stream:
+            chunks += 1
+            if chunks == 1:  # the session is open on every hop
+                gateway.popen.send_signal(signal.SIGINT)
+    assert 1 <= chunks < 240
+    assert gateway.popen.wait(timeout=60) == 130, gateway.output  # (as Ctrl-C ends any command)
+    wait_until(
+        "no session open on any node",
+        lambda: all(n["sessions"] == 0 for n in api.status()["nodes"]),
+    )
+
+
 def test_a_node_killed_mid_stream_costs_only_time(api: ApiSwarm) -> None:
     api.ready()
     params = {"model": "demo", "prompt": PROMPT, "max_tokens": 150, "temperature": 0.9, "seed": 8}
