@@ -63,6 +63,19 @@ SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minut
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
 
 
+def kv_budget(share: int, held: int, whole_process: bool) -> int:
+    """Bytes the KV caches of a node's sessions may reserve, of the ``share`` it may use,
+    ``held`` of which is taken now. A share for weights and KV caches alone
+    (``--max-memory``, or a CUDA device; ``held``: the weights): what the weights leave,
+    and no more, however little (placement leaves a fifth of it). A share that is the whole
+    process (``held``: its resident memory: runtime, weights, cache pages): what is left
+    after a step's own buffers, and at least ``MIN_SHARE`` (a node whose machine's free
+    memory shrank under it keeps serving)."""
+    if not whole_process:
+        return max(share - held, 0)
+    return max(share - held - STEP_BUFFERS, MIN_SHARE)
+
+
 @dataclass
 class JoinConfig:
     """``nanoshard-node join``'s options, one field per flag."""
@@ -448,20 +461,18 @@ class Volunteer:
 
     def _kv_budget(self, weights: int) -> int:
         """Memory the sessions' KV caches may reserve on the stage just loaded."""
-        if not self.runtime_bytes:  # --max-memory, or CUDA: weights and KV caches
-            return max(self.capacity.memory_bytes - weights, MIN_SHARE)
-        # The whole process: what it holds now (runtime, weights as loaded, packed copies,
-        # the pages of the cache files it read) and a step's own buffers, then KV caches.
+        if not self.runtime_bytes:  # --max-memory, or CUDA: weights and KV caches only
+            return kv_budget(self.capacity.memory_bytes, weights, whole_process=False)
         held = psutil.Process().memory_info().rss
-        kv = self.promised.memory_bytes - held - STEP_BUFFERS
-        if kv < MIN_SHARE:
+        kv = kv_budget(self.promised.memory_bytes, held, whole_process=True)
+        if kv == MIN_SHARE:
             log.warning(
                 "the process holds %s of the %s it may take: KV caches get %s anyway",
                 format_size(held),
                 format_size(self.promised.memory_bytes),
                 format_size(MIN_SHARE),
             )
-        return max(kv, MIN_SHARE)
+        return kv
 
     def _ready_line(self, start: int, end: int, weights: int) -> str:
         assert self.plane is not None and self.card is not None and self.model_config

@@ -19,6 +19,7 @@ from nanoshard.node.capacity import (
     measure_capacity,
     to_wire,
 )
+from nanoshard.node.join import MIN_SHARE, STEP_BUFFERS, kv_budget
 from nanoshard.v1 import coordinator_pb2 as pb
 
 # A small block and a big vocabulary: the head is many times one block's work.
@@ -136,3 +137,17 @@ def test_nonsense_capacity_is_invalid_argument(change):
     check_capacity(pb.Capacity(**GOOD))
     with pytest.raises(InvalidArgument, match="capacity"):
         check_capacity(pb.Capacity(**{**GOOD, **change}))
+
+
+def test_a_max_memory_promise_holds_however_small() -> None:
+    """`--max-memory` is weights and KV caches: the KV caches get what the weights leave,
+    never a floor past the promise (4 MiB promised, 3 of them weights: 1 MiB of KV)."""
+    MiB = 2**20
+    assert kv_budget(4 * MiB, 3 * MiB, whole_process=False) == MiB
+    assert kv_budget(4 * MiB, 5 * MiB, whole_process=False) == 0  # (every Open refused)
+    # the whole process as the share: a step's buffers kept out, and a floor to serve on
+    assert (
+        kv_budget(2048 * MiB, 512 * MiB, whole_process=True)
+        == 2048 * MiB - 512 * MiB - STEP_BUFFERS
+    )
+    assert kv_budget(600 * MiB, 590 * MiB, whole_process=True) == MIN_SHARE
