@@ -314,7 +314,8 @@ class NextHop:
     ids once it is answered, a node its output once computed, before forwarding it: so a
     refill stops at the step's own position). ``avoided()`` names nodes to try last (the
     client's recent failures; the link also tries last the nodes it gave up on).
-    ``timeout_s`` is how long a step or an open may take when its owner does not say.
+    ``timeout_s`` is how long each call may take when the owner gives no deadline (the
+    client, which answers to nobody; a node passes what its caller gave it).
     ``owner`` names the caller in error messages; ``slower`` is
     the slowdown at which the link leaves a node (``SLOWER``; infinite: never, which keeps a
     route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of
@@ -379,8 +380,8 @@ class NextHop:
 
     async def open(self, timeout_s: float | None = None) -> pb.OpenReply:
         """Open the session on the first node of the hop that takes it, within
-        ``timeout_s``; its answer (the positions it holds, and the KV handles of it and the
-        hops after it)."""
+        ``timeout_s`` (None: each node tried gets the link's own); its answer (the positions
+        it holds, and the KV handles of it and the hops after it)."""
         deadline = self._deadline(timeout_s)
         tries = Tries()
         for address in self.candidates():
@@ -401,7 +402,7 @@ class NextHop:
             return reply
         raise self._gone(tries)
 
-    async def _open_at(self, address: str, deadline: float) -> pb.OpenReply:
+    async def _open_at(self, address: str, deadline: float | None) -> pb.OpenReply:
         left = self._left(deadline, address)
         request = pb.OpenRequest(
             spec=self.spec,
@@ -414,13 +415,15 @@ class NextHop:
 
     # ---- time ---------------------------------------------------------------------------
 
-    def _deadline(self, timeout_s: float | None) -> float:
-        return asyncio.get_running_loop().time() + (
-            self.timeout_s if timeout_s is None else timeout_s
-        )
+    @staticmethod
+    def _deadline(timeout_s: float | None) -> float | None:
+        """When an open or step must be answered by (None: each call gets ``timeout_s``)."""
+        return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
-    def _left(self, deadline: float, address: str) -> float:
+    def _left(self, deadline: float | None, address: str) -> float:
         """Seconds left before ``deadline`` to ask ``address``; OutOfTime if none."""
+        if deadline is None:
+            return self.timeout_s
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise OutOfTime(f"{self.owner} had no time left to ask {address}")
@@ -437,8 +440,10 @@ class NextHop:
     ) -> tuple[pb.StepReply, str]:
         """Send a step to the hop, repairing it on the way (module doc). Returns the reply
         and what was repaired ("" if nothing). Bounded: a few repairs per node, each node
-        of the hop once, all within ``timeout_s``; then UNAVAILABLE naming every node of the
-        hop that failed (none if the time ran out before any did: the owner was late).
+        of the hop once, all within ``timeout_s`` (how long the owner's caller waits; None:
+        it has none, and each call gets the link's own ``timeout_s``); then UNAVAILABLE
+        naming every node of the hop that failed (none if the time ran out before any did:
+        the owner was late).
         ``own_ms``: the owner's own compute for this step (a node's), if it has one.
         ``meanwhile()`` runs once, as soon as the step is first written (while the hop
         computes), or before the step fails; it must not raise."""
@@ -453,7 +458,7 @@ class NextHop:
         request: pb.StepRequest,
         own_ms: float | None,
         meanwhile: Callable[[], None],
-        deadline: float,
+        deadline: float | None,
     ) -> tuple[pb.StepReply, str]:
         tries = Tries()
         for address in self.candidates():
@@ -559,7 +564,9 @@ class NextHop:
         if self.on_repair is not None:
             self.on_repair(kind)
 
-    async def _refill(self, address: str, have: int, step: pb.StepRequest, deadline: float) -> None:
+    async def _refill(
+        self, address: str, have: int, step: pb.StepRequest, deadline: float | None
+    ) -> None:
         """Bring the node at ``address`` from ``have`` positions (-1: the session is not
         open there) up to ``step`` with the replay material: nothing recomputed."""
         upto, step_id = step.pos, step.step_id
@@ -586,7 +593,7 @@ class NextHop:
         self,
         address: str,
         request: pb.StepRequest,
-        deadline: float,
+        deadline: float | None,
         meanwhile: Callable[[], None] = _nothing,
     ) -> pb.StepReply:
         """One step on the stream to ``address`` (opened on first use), by ``deadline``."""
