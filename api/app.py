@@ -366,12 +366,14 @@ async def complete(
     )
 
 
-GOING = ApiError(
-    503,
-    "the gateway is shutting down: this completion was stopped before its end",
-    type="service_unavailable",
-    code="gateway_shutting_down",
-)
+def going() -> ApiError:
+    """What a stream still open when the gateway stops ends with."""
+    return ApiError(
+        503,
+        "the gateway is shutting down: this completion was stopped before its end",
+        type="service_unavailable",
+        code="gateway_shutting_down",
+    )
 
 
 async def stream(
@@ -419,4 +421,4 @@ async def stream(
 
 async def _stop_on(shutdown: anyio.Event, run: Run) -> None:
     await shutdown.wait()
-    run.stop(GOING)
+    run.stop(going())

@@ -9,7 +9,7 @@ route's first hop (its replay material: the token ids it sent). A link:
 - **steps** over one persistent bidirectional stream, each step within a deadline, which
   the step carries on (``timeout_ms``): a node gives the hops after it ``HOP_SHARE`` of
   what is left of its own, so along a route the caller nearest a silent node gives up
-  first and names it (a later hop is never blamed on an earlier one); the
+  first and names it (not a caller before it, which did answer); the
   owner's own bookkeeping for a step (``meanwhile``) runs once the step is on its way, while
   the hops after it compute, not on the path back;
 - **repairs** its hop when a step fails: a node that lost the session is opened again, a
