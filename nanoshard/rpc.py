@@ -3,8 +3,10 @@ exceptions become gRPC statuses (and back)."""
 
 from __future__ import annotations
 
+import errno
 import math
 import re
+import socket
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -98,6 +100,8 @@ def check_address(address: object, what: str = "") -> str:
 def add_port(server: Any, address: str, security: Security | None = None) -> int:
     """Listen on ``address``: over TLS when ``security`` has a certificate."""
     creds = security.server_credentials() if security else None
+    if not address.endswith(":0") and (why := unbindable(address)):
+        raise errors.Unavailable(f"cannot listen on {address}: {why}")
     try:
         if creds is None:
             return int(server.add_insecure_port(address))
@@ -107,6 +111,31 @@ def add_port(server: Any, address: str, security: Security | None = None) -> int
         if address.endswith(":0"):
             why = "the address is not this machine's"
         raise errors.Unavailable(f"cannot listen on {address}: {why}") from None
+
+
+def unbindable(address: str) -> str | None:
+    """Why no socket can listen on ``address`` now (the OS's word, asked before gRPC, whose
+    C core would print a log line of its own), or None. As gRPC does, one of the addresses
+    a host name resolves to is enough."""
+    host, port = address.rsplit(":", 1)
+    try:
+        resolved = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return None  # (gRPC will say)
+    why = None
+    for family, kind, proto, _, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
+            try:
+                probe.bind(sockaddr)
+                return None
+            except OSError as exc:
+                why = why or (
+                    "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                )
+    return why
 
 
 def caller_identity(context: Any) -> str:
