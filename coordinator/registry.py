@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoshard.cliutil import format_size
 from nanoshard.config import GPTConfig
 from nanoshard.tp import MAX_PEERS
 
@@ -583,6 +584,23 @@ class Registry:
             if (r.ready, r.tp_group) != (group.stage, group.id):
                 return False
         return True
+
+    def why_idle(self, record: NodeRecord) -> str:
+        """Why placement gives ``record`` no stage now, in words for its owner."""
+        smallest = min(u.weight_bytes for u in self.units)
+        if self._budget(record) < smallest:
+            return (
+                f"its memory holds no unit of this model (the smallest is {format_size(smallest)}"
+                f" of weights, and weights may fill {WEIGHT_SHARE:.0%} of a node's memory)"
+            )
+        if not self.settled:
+            return "the coordinator lets the swarm register again before it places anything"
+        if self.tp not in ("auto", "off") and record.store_port:
+            return (
+                f"the coordinator forms tensor-parallel groups of {self.tp} (--tp {self.tp}) "
+                "and has no group for this node: it waits for another node to pair with"
+            )
+        return "placement has given it no stage yet"
 
     def peers_of(self, record: NodeRecord) -> list[str]:
         """The addresses of the nodes ``record`` may form a group with, for it to measure

@@ -99,7 +99,8 @@ def check_capacity(c: cpb.Capacity) -> Capacity:
 def assignment(registry: Registry, record: NodeRecord | None) -> cpb.Assignment:
     version = registry.version
     if record is None or record.assigned is None:
-        return cpb.Assignment(idle=True, version=version)
+        why = registry.why_idle(record) if record is not None else ""
+        return cpb.Assignment(idle=True, version=version, why_idle=why)
     start, end = record.assigned
     seat = registry.seat(record)
     tp = None

@@ -391,10 +391,11 @@ class Volunteer:
             self.loading.cancel()
         if wanted is None:
             memory = self.capacity.memory_bytes / 2**30
-            self.events.info(
-                "assigned no stage for now: standing by (the swarm may be covered already, "
-                f"or {memory:.2f} GiB may hold no unit of this model: see nanoshard status)"
+            why = assignment.why_idle or (  # (a coordinator that does not say)
+                "the swarm may be covered already, "
+                f"or {memory:.2f} GiB may hold no unit of this model: see nanoshard status"
             )
+            self.events.info(f"assigned no stage for now: standing by ({why})")
             self.loading = None
             if self.plane is not None:  # open sessions finish on the stage they hold
                 self.plane.service.set_stage(None)

@@ -33,7 +33,7 @@ from nanoshard.coordinator.registry import (
     Registry,
 )
 from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, plan_route
-from nanoshard.coordinator.service import CoordinatorService
+from nanoshard.coordinator.service import CoordinatorService, assignment
 from nanoshard.errors import InvalidArgument
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.statusview import status_json
@@ -707,3 +707,20 @@ def test_stage_ms_of_a_group_is_the_cost_model() -> None:
         + broadcast_ms(HIDDEN, 2)
     )  # fmt: skip
     assert ms == pytest.approx(expected)
+
+
+def test_an_idle_node_is_told_why() -> None:
+    """What `nanoshard-node join` prints when it stands by: the coordinator's reason."""
+    registry = Registry(GPT2, tp=2)
+    for i in range(3):  # groups of two: the third has no partner
+        registry.join(record(i))
+    (odd,) = [r for r in registry.nodes.values() if r.assigned is None]
+    assert "groups of 2 (--tp 2)" in assignment(registry, odd).why_idle
+    registry.join(record(3, memory_mb=1))  # 1 MB holds no unit of GPT-2
+    tiny = registry.nodes[nid(3)]
+    assert tiny.assigned is None
+    assert "holds no unit of this model" in assignment(registry, tiny).why_idle
+    settling = Registry(GPT2, tp="off", settle_until=math.inf)  # a coordinator just restarted
+    settling.join(record(0))
+    waiting = settling.nodes[nid(0)]
+    assert "register again" in assignment(settling, waiting).why_idle

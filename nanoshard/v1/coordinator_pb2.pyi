@@ -124,18 +124,20 @@ class JoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ..., public_key: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., proof_ms: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("idle", "start", "end", "version", "tp")
+    __slots__ = ("idle", "start", "end", "version", "tp", "why_idle")
     IDLE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
+    WHY_IDLE_FIELD_NUMBER: _ClassVar[int]
     idle: bool
     start: int
     end: int
     version: int
     tp: TpGroup
-    def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., tp: _Optional[_Union[TpGroup, _Mapping]] = ...) -> None: ...
+    why_idle: str
+    def __init__(self, idle: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., tp: _Optional[_Union[TpGroup, _Mapping]] = ..., why_idle: _Optional[str] = ...) -> None: ...
 
 class TpGroup(_message.Message):
     __slots__ = ("id", "rank", "size", "members", "rendezvous", "backend")
