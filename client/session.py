@@ -205,6 +205,7 @@ class SwarmSession:
             timeout_s=self.timeout_s,
             avoided=self.avoid.now,
             slower=self.leave_slower,
+            final_refusals=True,  # the quotas of the first hop's nodes count this client
         )
         opened = await self.first.open()
         if opened.HasField("session_key"):

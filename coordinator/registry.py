@@ -587,6 +587,8 @@ class Registry:
 
     def why_idle(self, record: NodeRecord) -> str:
         """Why placement gives ``record`` no stage now, in words for its owner."""
+        if record.address in self.excluded:
+            return f"spot-checks excluded it: {self.excluded[record.address]}"
         smallest = min(u.weight_bytes for u in self.units)
         if self._budget(record) < smallest:
             return (
@@ -595,11 +597,13 @@ class Registry:
             )
         if not self.settled:
             return "the coordinator lets the swarm register again before it places anything"
-        if self.tp not in ("auto", "off") and record.store_port:
-            return (
-                f"the coordinator forms tensor-parallel groups of {self.tp} (--tp {self.tp}) "
-                "and has no group for this node: it waits for another node to pair with"
+        if self.tp not in ("auto", "off"):
+            groups_of = (
+                f"the coordinator forms tensor-parallel groups of {self.tp} (--tp {self.tp})"
             )
+            if not record.store_port:
+                return f"{groups_of}, which serve every unit, and this node joins no group"
+            return f"{groups_of} and has no group for this node: it waits for another to pair with"
         return "placement has given it no stage yet"
 
     def peers_of(self, record: NodeRecord) -> list[str]:

@@ -29,9 +29,11 @@ route's first hop (its replay material: the token ids it sent). A link:
   the node it called (``Unavailable.failed``) means a hop *behind* it is gone with all its
   replicas. The link cannot repair that; it raises it unchanged, so the error travels up
   to the caller that can (the client re-plans the route);
-- tells a **refusal** from a failure: when every node of the hop it asked refused the caller
-  for a quota (``QuotaExceeded``), nobody is gone, and it answers that refusal rather than
-  UNAVAILABLE, so it reaches the client at once instead of a re-planned route.
+- tells a **refusal** from a failure, at the client: when every node of the first hop
+  refused the client for a quota (``QuotaExceeded``), nobody is gone, and the link answers
+  that refusal rather than UNAVAILABLE, so it reaches the user at once instead of a
+  re-planned route. At a later hop the quota's caller is the relaying node, not the user:
+  there a refusal is the next hop being full for that node, a failure like any other.
 
 Nothing is recomputed here or upstream: a repair costs the replacement's refill only.
 """
@@ -74,6 +76,8 @@ CLOSE_TIMEOUT_S = 10.0
 LEAVE_TIMEOUT_S = 2.0  # freeing the session on a node a link moved away from
 SLOWER = 3.0  # a node whose decode steps take this many times their first pace is left
 HOP_SHARE = 0.9  # of the time its caller waits, what a node gives the hops after it
+FAIR_TRY_S = 1.0  # a node silent for less than this, as a step's time ran out, is not blamed
+MAX_TIMEOUT_MS = 2**32 - 1  # (the wire's uint32)
 PACE_STEPS = 8  # decode steps a node's first pace is the median of
 RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike moves nothing)
 
@@ -81,6 +85,11 @@ RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike
 # busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
 # error from Core" when a peer dies mid-stream).
 NODE_FAILURES = (Unavailable, ResourceExhausted, FailedPrecondition, Internal)
+
+
+def wire_ms(seconds: float) -> int:
+    """A timeout as a request carries it."""
+    return min(math.ceil(seconds * 1000), MAX_TIMEOUT_MS)
 
 
 def onward_timeout(timeout_ms: int, limit_s: float) -> float:
@@ -92,7 +101,10 @@ def onward_timeout(timeout_ms: int, limit_s: float) -> float:
 
 
 class OutOfTime(Exception):
-    """A step's time ran out before a node of the hop could be tried: nobody's fault there."""
+    """A step's time ran out before a node of the hop could be tried (or after it had too
+    little of it to be blamed for its silence): no node of the hop failed. The link's
+    answer then names none, so the caller counts it against the link's owner, which was
+    late."""
 
 
 P = TypeVar("P")  # a chunk's payload: token ids (list[int]) or pb.Activations
@@ -174,6 +186,7 @@ class Tries:
     why: list[str] = field(default_factory=list)  # every failure's message, in order
     failed: list[str] = field(default_factory=list)  # the nodes it gave up on
     refused: list[QuotaExceeded] = field(default_factory=list)  # those a quota refused
+    short: bool = False  # the time ran out before every node was asked
 
 
 @dataclass
@@ -249,9 +262,11 @@ else:
     async def _write_read(
         call: Any, request: pb.StepRequest, timeout_s: float, meanwhile: Callable[[], None]
     ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         await asyncio.wait_for(call.write(request), timeout_s)
         meanwhile()
-        return await asyncio.wait_for(call.read(), timeout_s)
+        return await asyncio.wait_for(call.read(), max(deadline - loop.time(), 0.0))
 
 
 def _nothing() -> None:
@@ -321,7 +336,8 @@ class NextHop:
     route steady for whoever must know who ran each step); ``on_repair(kind)`` hears of
     each repair as it succeeds (its owner's metrics): "replica" (another node of the hop
     took over), "refill" (a node was refilled), "slow" (the link left a node whose steps
-    slowed down)."""
+    slowed down). ``final_refusals``: the owner is the caller quotas count (the client):
+    a hop whose every node refused it for a quota answers ``QuotaExceeded``."""
 
     def __init__(
         self,
@@ -335,6 +351,7 @@ class NextHop:
         avoided: Callable[[], Collection[str]] = frozenset,
         on_repair: Callable[[str], None] | None = None,
         slower: float = SLOWER,
+        final_refusals: bool = False,
     ) -> None:
         if not route:
             raise InvalidArgument("a next hop needs a route")
@@ -347,6 +364,7 @@ class NextHop:
         self.avoided = avoided
         self.on_repair = on_repair
         self.slower = slower
+        self.final_refusals = final_refusals
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
         self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
@@ -354,7 +372,7 @@ class NextHop:
         self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
         self.slowed: dict[str, float] = {}  # nodes it left for slowness: how much slower
-        self.failed: set[str] = set()  # nodes it gave up on (tried last from then on)
+        self.given_up: set[str] = set()  # nodes it gave up on (tried last from then on)
 
     def rebind(self, route: Sequence[pb.Hop]) -> None:
         """Go on along ``route`` (the session was opened again with it). The current node
@@ -373,7 +391,7 @@ class NextHop:
         if self.address in addresses:
             addresses.remove(self.address)
             addresses.insert(0, self.address)
-        last = avoided | set(self.slowed) | self.failed  # (nodes this link left, too)
+        last = avoided | set(self.slowed) | self.given_up  # (nodes this link left, too)
         return [a for a in addresses if a not in last] + [a for a in addresses if a in last]
 
     # ---- opening ----------------------------------------------------------------------
@@ -391,6 +409,7 @@ class NextHop:
                 raise  # the request itself is wrong: no replica will take it
             except OutOfTime as exc:
                 tries.why.append(str(exc))
+                tries.short = True
                 break
             except NODE_FAILURES as exc:
                 self._raise_if_behind(exc, address)
@@ -409,9 +428,13 @@ class NextHop:
             route=self.route[1:],
             start=self.hop.start,
             end=self.hop.end,
-            timeout_ms=math.ceil(left * 1000),
+            timeout_ms=wire_ms(left),
         )
-        return await self.channels.call(address, "Open", request, left)
+        try:
+            return await self.channels.call(address, "Open", request, left)
+        except Unavailable:
+            self._raise_if_short(deadline, left, address)
+            raise
 
     # ---- time ---------------------------------------------------------------------------
 
@@ -419,6 +442,14 @@ class NextHop:
     def _deadline(timeout_s: float | None) -> float | None:
         """When an open or step must be answered by (None: each call gets ``timeout_s``)."""
         return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+    def _raise_if_short(self, deadline: float | None, left: float, address: str) -> None:
+        """The owner's deadline passed while ``address``, given ``left`` seconds of it, did
+        not answer: too little to blame it for (a refill that took the time, a late owner)."""
+        if deadline is None or left >= FAIR_TRY_S:
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            raise OutOfTime(f"{self.owner}'s time ran out asking {address} ({left:.3g} s)")
 
     def _left(self, deadline: float | None, address: str) -> float:
         """Seconds left before ``deadline`` to ask ``address``; OutOfTime if none."""
@@ -494,7 +525,9 @@ class NextHop:
                     self.drop_stream()
                     raise
                 except OutOfTime as exc:
+                    self.drop_stream()
                     tries.why.append(str(exc))
+                    tries.short = True
                     raise self._gone(tries) from None
                 except NODE_FAILURES as exc:
                     self.drop_stream()
@@ -513,7 +546,7 @@ class NextHop:
         tries.failed.append(address)
         if isinstance(why, QuotaExceeded):
             tries.refused.append(why)
-        self.failed.add(address)
+        self.given_up.add(address)
 
     def _paced(
         self, address: str, request: pb.StepRequest, reply: pb.StepReply, own_ms: float | None
@@ -598,7 +631,7 @@ class NextHop:
     ) -> pb.StepReply:
         """One step on the stream to ``address`` (opened on first use), by ``deadline``."""
         left = self._left(deadline, address)
-        request.timeout_ms = math.ceil(left * 1000)
+        request.timeout_ms = wire_ms(left)
         self._use(address)
         if self._call is None:
             self._call = self.channels.stream(address)
@@ -612,6 +645,8 @@ class NextHop:
         except asyncio.InvalidStateError:  # the stream had already ended
             raise Unavailable(f"{address}: the session stream had ended", [address]) from None
         except asyncio.TimeoutError:
+            self.drop_stream()
+            self._raise_if_short(deadline, left, address)
             raise Unavailable(
                 f"{address}: no answer to the step at position {request.pos} within {left:.3g} s",
                 [address],
@@ -666,10 +701,12 @@ class NextHop:
 
     def _gone(self, tries: Tries) -> Unavailable | QuotaExceeded:
         """Why the hop did not take an open or step: UNAVAILABLE naming the nodes that
-        failed; or, when every one of them refused for a quota, nobody is gone: the
-        refusal, with the soonest any of them said it would take the call again."""
+        failed; or (``final_refusals``), when every node of the hop was asked and refused
+        for a quota, nobody is gone: the refusal, with the soonest any of them said it would
+        take the call again."""
         hop, why = self.hop, "; ".join(tries.why)
-        if tries.failed and len(tries.refused) == len(tries.failed):
+        refused = tries.failed and len(tries.refused) == len(tries.failed) and not tries.short
+        if refused and self.final_refusals:
             after = [r.retry_after_s for r in tries.refused if r.retry_after_s is not None]
             return QuotaExceeded(
                 f"units [{hop.start}, {hop.end}) refused {self.owner}: {why}",

@@ -126,15 +126,13 @@ def unbindable(address: str) -> str | None:
         return None  # (gRPC will say)
     why = None
     for family, kind, proto, _, sockaddr in resolved:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:  # (no IPv6 here: OSError)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
                 probe.bind(sockaddr)
                 return None
-            except OSError as exc:
-                why = why or (
-                    "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                )
+        except OSError as exc:
+            why = why or ("the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror)
     return why
 
 

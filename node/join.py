@@ -198,8 +198,9 @@ class Volunteer:
                 return await method(request, timeout=10, metadata=self.security.metadata())
             except grpc.aio.AioRpcError as err:
                 exc = rpc.error_from_rpc(err, self.target)
-                if not isinstance(exc, Unavailable):  # (a deadline is Unavailable too)
-                    raise exc from None
+                unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if err.code() not in unreachable or not isinstance(exc, Unavailable):
+                    raise exc from None  # (it answered: not a coordinator, or refused)
                 delay = next(delays)
                 self.events.info(
                     f"cannot reach the coordinator at {self.target} ({what}); retrying in {delay:g} s"
@@ -466,7 +467,7 @@ class Volunteer:
             return kv_budget(self.capacity.memory_bytes, weights, whole_process=False)
         held = psutil.Process().memory_info().rss
         kv = kv_budget(self.promised.memory_bytes, held, whole_process=True)
-        if kv == MIN_SHARE:
+        if self.promised.memory_bytes - held - STEP_BUFFERS < MIN_SHARE:
             log.warning(
                 "the process holds %s of the %s it may take: KV caches get %s anyway",
                 format_size(held),

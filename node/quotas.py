@@ -74,6 +74,11 @@ class Quotas:
         while spent and spent[0][0] <= now - WINDOW_S:
             spent.popleft()
         used = sum(k for _, k in spent)
+        if n > self.limits.tokens_per_minute:  # no wait will let it through
+            raise QuotaExceeded(
+                f"quota: tokens per minute per client is {self.limits.tokens_per_minute}: a "
+                f"step of {n} positions can never pass it (send the prompt in smaller chunks)"
+            )
         if used + n > self.limits.tokens_per_minute:
             wait = WINDOW_S - (now - spent[0][0]) if spent else WINDOW_S
             raise QuotaExceeded(

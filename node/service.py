@@ -303,7 +303,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     @handles_errors
     async def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
-        deadline = time.monotonic() + onward_timeout(request.timeout_ms, self.step_timeout_s)
+        deadline = time.perf_counter() + onward_timeout(request.timeout_ms, self.step_timeout_s)
         session = self.sessions.find(request.spec.session_id)
         if session is not None:  # opened again (a repair upstream): check, and reach onwards
             async with session.lock:
@@ -312,7 +312,7 @@ class NodeService(pb_grpc.NodeServicer):
                 if session.spec != spec:
                     raise FailedPrecondition("this session id is already open with another spec")
                 self._bind(session, self.check_route(session.stage, request.route))
-                reply = await self._open_onwards(session, deadline - time.monotonic())
+                reply = await self._open_onwards(session, deadline - time.perf_counter())
                 session.touch()
                 return reply
         stage = self.current_stage(request.start, request.end)
@@ -327,7 +327,7 @@ class NodeService(pb_grpc.NodeServicer):
                 self._bind(session, route)
                 if not route:
                     self._share_key(session)
-                return await self._open_onwards(session, deadline - time.monotonic())
+                return await self._open_onwards(session, deadline - time.perf_counter())
         except BaseException:  # refused downstream, or the caller went away: nothing stays
             self._drop(session)
             raise

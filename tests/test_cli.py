@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from swarm import BIN
+from swarm import BIN, Swarm
 
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
@@ -322,6 +322,19 @@ def test_a_web_servers_port_given_for_the_coordinators_is_one_line_not_a_retry_l
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"nanoshard-node: error: {web_server}: it answers"), done.stderr
+
+
+def test_join_pointed_at_a_nodes_port_says_so_and_stops() -> None:
+    """A node answers gRPC, but not the coordinator's calls: one line, no retry loop."""
+    with Swarm() as swarm:
+        _, node = swarm.node("demo", "0:8")
+        join = [str(BIN / "nanoshard-node"), "join", "--coordinator", node, "--no-mdns"]
+        done = subprocess.run(
+            [*join, "--max-memory", "200M"], capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nanoshard-node: error: {node}: it does not serve this call"), last
 
 
 def test_a_tls_file_that_is_not_pem_is_named(

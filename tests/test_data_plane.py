@@ -473,6 +473,32 @@ def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
         assert repaired.kind == "repair" and f"refilled {c2} from 0" in repaired.detail
 
 
+def test_a_quota_at_a_later_hop_is_routed_around_not_the_users_refusal() -> None:
+    """At a later hop a quota's caller is the node before it, not the user: its refusal is
+    that hop being full for the relay, so the client re-plans around it (and the step
+    goes through another node), instead of answering the user a refusal of theirs."""
+    with Swarm() as swarm:
+        a = swarm.node("demo", "0:3")[1]
+        c = swarm.node("demo", "3:8", "--quota-tokens-per-minute", "20")[1]
+        c2 = swarm.node("demo", "3:8")[1]
+        asked: list[list[str]] = []
+
+        def planner(avoid: list[str]) -> Route:
+            asked.append(sorted(avoid))
+            last = c2 if c in avoid else c
+            first = pb.Hop(start=0, end=3, addresses=[a])
+            return Route([first, pb.Hop(start=3, end=8, addresses=[last])], 8)
+
+        retry = RetryPolicy(attempts=2, backoff_s=0.01)
+        session = RouteSession(None, 64, planner=planner, retry=retry)
+        result = session.step(list(range(100, 130)), 0)  # 30 positions: over c's 20 a minute
+        session.close()
+    assert [h["address"] for h in result.hops] == [a, c2]
+    assert asked == [[], [c]]
+    (rerouted,) = session.recoveries
+    assert rerouted.kind == "reroute" and "tokens per minute" in rerouted.detail
+
+
 def test_int8_weights_on_nodes_equal_local_int8(tiny_model: Path) -> None:
     """`--dtype int8` nodes (weight-only int8) say so in Info and give exactly the local
     int8 path's tokens: quantization is per stage, so the split does not change it."""

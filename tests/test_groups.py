@@ -720,6 +720,8 @@ def test_an_idle_node_is_told_why() -> None:
     tiny = registry.nodes[nid(3)]
     assert tiny.assigned is None
     assert "holds no unit of this model" in assignment(registry, tiny).why_idle
+    registry.exclude(odd.address, "a forged trace")  # (spot-checks)
+    assert "spot-checks excluded it: a forged trace" in assignment(registry, odd).why_idle
     settling = Registry(GPT2, tp="off", settle_until=math.inf)  # a coordinator just restarted
     settling.join(record(0))
     waiting = settling.nodes[nid(0)]

@@ -12,7 +12,7 @@ import pytest
 from swarm import Swarm
 
 from nanoshard import rpc
-from nanoshard.errors import ResourceExhausted
+from nanoshard.errors import QuotaExceeded, ResourceExhausted
 from nanoshard.node.quotas import Holding, QuotaLimits, Quotas
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -45,11 +45,17 @@ def test_tokens_per_minute_slide() -> None:
     q = Quotas(QuotaLimits(tokens_per_minute=100), clock)
     q.charge_tokens("a", 60)
     q.charge_tokens("b", 100)  # another caller has its own minute
-    with pytest.raises(ResourceExhausted, match=r"tokens per minute per client is 100 \(a used 60"):
+    with pytest.raises(
+        QuotaExceeded, match=r"tokens per minute per client is 100 \(a used 60"
+    ) as err:
         q.charge_tokens("a", 41)
+    assert err.value.retry_after_s == pytest.approx(60)  # when the 60 leave the minute
     q.charge_tokens("a", 40)  # a refusal counted nothing
     clock.now += 61
     q.charge_tokens("a", 100)
+    with pytest.raises(QuotaExceeded, match="a step of 101 positions can never pass") as err:
+        q.charge_tokens("c", 101)
+    assert err.value.retry_after_s is None  # no wait would let it through
 
 
 # ---- on a node ------------------------------------------------------------------------

@@ -545,6 +545,30 @@ def test_a_quota_refusal_reaches_the_caller_at_once_and_names_no_node_gone() -> 
         session.close()
 
 
+def test_a_node_given_too_little_of_a_step_is_not_blamed_for_its_silence() -> None:
+    """As a node's own deadline runs out, the node it was asking is named silent only if
+    it had a fair try (``FAIR_TRY_S``): a replica left with a fraction of a second after a
+    refill is not blamed, and the link does not give up on it."""
+    with scripted_node() as late, scripted_node() as silent:
+        late.hang_at = {1: 1.0}
+        silent.hang_at = {0: 3.0}
+
+        async def main() -> None:
+            channels = Channels()
+            link = await link_on(late, channels)
+            await link.step(token_step(1, 0))
+            with pytest.raises(Unavailable, match="time ran out asking") as err:
+                await link.step(token_step(2, 1), timeout_s=0.3)
+            assert err.value.failed == [] and not link.given_up
+            other = await link_on(silent, channels)
+            with pytest.raises(Unavailable, match="no answer") as err:
+                await other.step(token_step(1, 0), timeout_s=hop_module.FAIR_TRY_S + 0.2)
+            assert err.value.failed == [silent.address] and other.given_up == {silent.address}
+            await channels.close()
+
+        asyncio.run(main())
+
+
 def test_a_node_gives_the_hops_after_it_less_time_than_its_caller_gives_it() -> None:
     assert hop_module.onward_timeout(0, 120.0) == 120.0  # unsaid: the node's own limit
     assert hop_module.onward_timeout(60_000, 120.0) == pytest.approx(60 * hop_module.HOP_SHARE)
