@@ -104,6 +104,12 @@ def random_checkpoint(config: GPTConfig, directory: Path, seed: int = 0) -> Path
     return directory
 
 
+def speed_model(model: str | None) -> str:
+    """The checkpoint a benchmark was given, else its speed model: GPT-2 124M's shape with
+    random weights (``random_checkpoint``, made once)."""
+    return model or str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+
+
 def even_splits(n_units: int, n_stages: int) -> list[tuple[int, int]]:
     """``n_units`` cut into ``n_stages`` contiguous stages as even as units allow
     (14 units, 3 stages -> 0:5, 5:10, 10:14)."""

@@ -39,8 +39,6 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 # isort: on
 import torch
 from common import (
-    BENCH_CACHE,
-    GPT2_124M,
     GREEDY,
     RESULTS,
     Nodes,
@@ -49,8 +47,8 @@ from common import (
     markdown_table,
     median,
     raise_on_sigterm,
-    random_checkpoint,
     save_results,
+    speed_model,
     spread,
 )
 
@@ -311,8 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     opts.tokens = opts.tokens or (4 if opts.quick else 32)
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
-    if opts.model is None:
-        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    opts.model = speed_model(opts.model)
     return opts
 
 

@@ -38,7 +38,6 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 # isort: on
 import torch
 from common import (
-    BENCH_CACHE,
     GPT2_124M,
     PROMPTS,
     RESULTS,
@@ -47,8 +46,8 @@ from common import (
     markdown_table,
     median,
     raise_on_sigterm,
-    random_checkpoint,
     save_results,
+    speed_model,
 )
 
 from nanoshard.checkpoint import open_checkpoint
@@ -329,8 +328,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
     opts.agree_tokens = opts.agree_tokens or (64 if opts.quick else 512)
     opts.threads = [1] if opts.quick else [int(t) for t in opts.threads.split(",")]
-    if opts.model is None:
-        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    opts.model = speed_model(opts.model)
     return opts
 
 

@@ -32,15 +32,13 @@ from statistics import median
 import torch
 from bare_chain import BareChain, BareSession
 from common import (
-    BENCH_CACHE,
-    GPT2_124M,
     RESULTS,
     even_splits,
     machine_info,
     markdown_table,
     raise_on_sigterm,
-    random_checkpoint,
     save_results,
+    speed_model,
 )
 from pipe_chain import PipeChain
 
@@ -179,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = p.parse_args(argv)
     opts.tokens = opts.tokens or (8 if opts.quick else 128)
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
-    if opts.model is None:
-        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    opts.model = speed_model(opts.model)
     raise_on_sigterm()
     started = time.perf_counter()
     result: dict = {"machine": machine_info()}

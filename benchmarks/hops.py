@@ -56,8 +56,6 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 import torch
 from bare_chain import BareChain, BareSession
 from common import (
-    BENCH_CACHE,
-    GPT2_124M,
     GREEDY,
     PROMPTS,
     RESULTS,
@@ -70,11 +68,11 @@ from common import (
     median,
     open_chain,
     raise_on_sigterm,
-    random_checkpoint,
     run_chain,
     run_local,
     run_paired,
     save_results,
+    speed_model,
     spread,
 )
 from echo import EchoServer, measure_floor
@@ -710,8 +708,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.chains = sorted({int(k) for k in opts.chains.split(",")})
     names = [codecs.check_codec(c) for c in opts.codecs.split(",")]
     opts.codecs = ("fp32", *[c for c in names if c != "fp32"])
-    if opts.model is None:
-        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    opts.model = speed_model(opts.model)
     return opts
 
 

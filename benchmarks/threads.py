@@ -26,8 +26,6 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 # isort: on
 import torch
 from common import (
-    BENCH_CACHE,
-    GPT2_124M,
     RESULTS,
     NodeProcess,
     even_splits,
@@ -35,10 +33,10 @@ from common import (
     markdown_table,
     median,
     raise_on_sigterm,
-    random_checkpoint,
     run_chain,
     run_local,
     save_results,
+    speed_model,
     spread,
 )
 from concurrency import run_sessions
@@ -165,8 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = p.parse_args(argv)
     opts.tokens = opts.tokens or (4 if opts.quick else 24)
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
-    if opts.model is None:
-        opts.model = str(random_checkpoint(GPT2_124M, BENCH_CACHE / "gpt2-124m-random"))
+    opts.model = speed_model(opts.model)
     raise_on_sigterm()
     started = time.perf_counter()
     result: dict = {"machine": machine_info()}

@@ -644,8 +644,7 @@ class NextHop:
             raise rpc.error_from_rpc(err, address) from None
         except asyncio.InvalidStateError:  # the stream had already ended
             raise Unavailable(f"{address}: the session stream had ended", [address]) from None
-        except asyncio.TimeoutError:
-            self.drop_stream()
+        except asyncio.TimeoutError:  # (``_step`` drops the stream, whichever it raises)
             self._raise_if_short(deadline, left, address)
             raise Unavailable(
                 f"{address}: no answer to the step at position {request.pos} within {left:.3g} s",
