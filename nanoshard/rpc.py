@@ -26,6 +26,15 @@ MAX_RETRY_AFTER_S = 3600.0
 NOT_HTTP2 = "Failed parsing HTTP/2"
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
+# A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
+# answers nothing: every connection pings its peer at least this often, and one whose ping
+# goes unanswered for PING_TIMEOUT_S is cut, failing its calls at once (UNAVAILABLE), within
+# KEEPALIVE_S + PING_TIMEOUT_S of the hang however long the calls' own deadlines are. A
+# peer busy computing answers (gRPC's transport threads do, not Python's).
+KEEPALIVE_S = 10
+PING_TIMEOUT_S = 10
+# What gRPC's C core says when it cut a connection for an unanswered ping
+PING_TIMEOUT = "ping timeout"
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,8 +52,11 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", PING_TIMEOUT_S * 1000),
+        # (every ping's timeout, the keepalive's included: gRPC's own is 60 s, which a
+        # ping in flight when the peer hangs waits out whatever keepalive_timeout says)
+        ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_S * 1000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         # Volunteers come back (a restarted coordinator, a node on the same address): retry
@@ -197,6 +209,14 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
         return errors.FailedPrecondition(
             f"{where}it answers, but not in gRPC (HTTP/2): is that the right port? (a web "
             "server's, such as nanoshard api's, is not a coordinator's or a node's)"
+        )
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and PING_TIMEOUT in detail
+        and FAILED_KEY not in trailers
+    ):
+        detail = (
+            f"no answer to a ping in {PING_TIMEOUT_S} s: hung, asleep or cut off (gRPC: {detail})"
         )
     if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
         detail = f"it does not serve this call ({detail}): is it the right address?"

@@ -427,17 +427,12 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
         assert tokens == expected
 
 
-def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
-    tiny_model: Path,
-) -> None:
-    """The last node hangs (SIGSTOP: its connections stay open, nothing answers). Each
-    step carries how long its caller waits and every node gives the hops after it less, so
-    the node before the silent one gives up first and names it; the client hears whom to
-    avoid and tries again, the middle node goes to the hop's replica (refilled), and the
-    generation goes on with the same tokens. Before, the client's own deadline came first
-    and it blamed the first node, which was fine."""
+def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, str, str]:
+    """A greedy generation of 30 tokens along a 3-hop route whose last hop has a replica;
+    after 10 tokens its node hangs (SIGSTOP: its connections stay open, nothing answers).
+    The tokens must be those of a run without the hang. Returns the session's recoveries,
+    the first node, the hung one and its replica."""
     prompt = [464, 3290, 373, 257, 1332]
-    timeout_s = 8.0
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
         _, c2 = swarm.node(str(tiny_model), "4:6")
@@ -448,7 +443,7 @@ def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
         ref.close()
 
         retry = RetryPolicy(attempts=2, backoff_s=0.01)
-        session = RouteSession(route, 60, retry=retry, timeout_s=timeout_s)
+        session = RouteSession(route, 60, retry=retry, **options)
         tokens: list[int] = []
         result = session.step(prompt, 0)
         for _ in range(10):
@@ -462,15 +457,38 @@ def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
             if len(tokens) < 30:
                 result = session.step([result.token], len(prompt) + len(tokens) - 1)
         assert [h["address"] for h in result.hops] == [a, b, c2]
-        retried, repaired = session.recoveries
         session.close()
-        assert tokens == expected
-        # the middle node's word reached the client, which blamed nobody of its own ...
-        assert retried.kind == "retry", retried
-        assert f"{c}: no answer" in retried.detail, retried.detail
-        assert f"{a}: no answer" not in retried.detail, retried.detail
-        # ... and the middle node moved to the replica when the step came again
-        assert repaired.kind == "repair" and f"refilled {c2} from 0" in repaired.detail
+    assert tokens == expected
+    return session.recoveries, a, c, c2
+
+
+def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
+    tiny_model: Path,
+) -> None:
+    """Each step carries how long its caller waits and every node gives the hops after it
+    less, so when a node hangs, the node before it gives up first and names it (here the
+    client's 8 s come before the connection's ping timeout); the client hears whom to
+    avoid and tries again, the middle node goes to the hop's replica (refilled), and the
+    generation goes on with the same tokens. Before, the client's own deadline came first
+    and it blamed the first node, which was fine."""
+    (retried, repaired), a, c, c2 = hang_the_last_hop(tiny_model, timeout_s=8.0)
+    # the middle node's word reached the client, which blamed nobody of its own ...
+    assert retried.kind == "retry", retried
+    assert f"{c}: no answer to the step" in retried.detail, retried.detail
+    assert f"{a}: no answer" not in retried.detail, retried.detail
+    # ... and the middle node moved to the replica when the step came again
+    assert repaired.kind == "repair" and f"refilled {c2} from 0" in repaired.detail
+
+
+def test_a_hung_hop_is_cut_by_its_ping_and_replaced_within_the_step(tiny_model: Path) -> None:
+    """With the client's default timeout (60 s) a hung node is found by its connection's
+    ping, unanswered for rpc.PING_TIMEOUT_S, long before any step's deadline: the node before
+    it moves to the hop's replica (refilled) inside the same step, and the client retries
+    nothing."""
+    (repaired,), _, c, c2 = hang_the_last_hop(tiny_model)
+    assert repaired.kind == "repair", repaired
+    assert f"{c}: no answer to a ping in {rpc.PING_TIMEOUT_S} s" in repaired.detail, repaired
+    assert f"refilled {c2} from 0" in repaired.detail, repaired
 
 
 def test_a_quota_at_a_later_hop_is_routed_around_not_the_users_refusal() -> None:

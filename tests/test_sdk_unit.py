@@ -579,6 +579,26 @@ def test_a_node_gives_the_hops_after_it_less_time_than_its_caller_gives_it() -> 
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 6
 
 
+def test_a_peer_cut_for_an_unanswered_ping_is_named_hung_and_a_relayed_one_is_not() -> None:
+    """gRPC's "ping timeout" (the connection to a hung peer cut) names that peer in words a
+    volunteer reads; an UNAVAILABLE a node relays (the hops behind it) keeps its own."""
+    cut = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "Stream removed (ping timeout)",
+    )  # fmt: skip
+    err = rpc.error_from_rpc(cut, "10.0.0.7:7001")
+    assert isinstance(err, Unavailable) and err.failed == ["10.0.0.7:7001"]
+    assert f"no answer to a ping in {rpc.PING_TIMEOUT_S} s: hung" in str(err)
+    relayed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+        grpc.aio.Metadata((rpc.FAILED_KEY, "10.0.0.9:7001")),
+        "units [4, 6) unreachable from 10.0.0.7:7001: Stream removed (ping timeout)",
+    )  # fmt: skip
+    err = rpc.error_from_rpc(relayed, "10.0.0.7:7001")
+    assert err.failed == ["10.0.0.9:7001"] and "no answer to a ping" not in str(err)
+    assert ("grpc.http2.ping_timeout_ms", rpc.PING_TIMEOUT_S * 1000) in rpc.channel_options()
+
+
 def test_channels_past_their_bound_never_cut_a_live_stream(
     node: ScriptedNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
