@@ -51,11 +51,13 @@ ABANDON_TIMEOUT_S = 2.0  # closing a session left behind by a reroute: best effo
 class RetryPolicy:
     """How hard a session tries before it gives up: finite, with backoff."""
 
-    attempts: int = 6  # new routes (or, along a fixed route, new tries) per step
+    attempts: int = 6  # new routes (or, along a fixed route, new tries) per step, at least
     backoff_s: float = 0.1  # first wait; doubles each time
     max_backoff_s: float = 2.0
     avoid_s: float = 30.0  # how long a failed node is avoided
-    route_wait_s: float = 20.0  # how long to wait for a first route (a coordinator restarting)
+    # How long to wait for a route: a first one (a coordinator restarting), or, once a step
+    # failed, one around the loss (the swarm re-placing a stage whose every node is gone)
+    route_wait_s: float = 20.0
 
 
 @dataclass
@@ -320,15 +322,19 @@ class SwarmSession:
         """Send one chunk along the route. When the first hop's link gives up (UNAVAILABLE:
         its stage, or a hop behind it, is gone with every replica), go on along a new route
         from the planner, replayed; along a fixed route, try the same nodes again (a stream
-        that broke, an answer that was lost). With backoff, ``retry.attempts`` times."""
+        that broke, an answer that was lost). With backoff, ``retry.attempts`` times; with a
+        planner, also until ``retry.route_wait_s`` after the first failure, so a stage lost
+        with all its nodes is waited for while the coordinator places it again (a node's
+        heartbeats time out, another loads the units: about 10 s with the defaults)."""
         # One step id for every attempt: a node that ran the step already (and whose answer
         # was lost) then answers it again, or forwards its stored output, instead of
         # refusing a second copy of positions it holds.
         step_id = self._next_step_id()
         delays = backoff_delays(self.retry.backoff_s, self.retry.max_backoff_s)
         failure: Unavailable | None = None
-        for attempt in range(self.retry.attempts + 1):
-            started = time.perf_counter()
+        attempt, failed_at = 0, 0.0
+        started = time.perf_counter()  # (a recovery's cost: from the step's first try on)
+        while True:
             try:
                 if failure is not None and self.planner is not None:
                     await self._reroute()
@@ -342,9 +348,17 @@ class SwarmSession:
             except Unavailable as exc:
                 log.info("step at %d failed (%s)", pos, exc)
                 self.avoid.add(exc.failed)
+                if failure is None:
+                    failed_at = time.monotonic()
                 failure = exc
-                if attempt < self.retry.attempts:
-                    await asyncio.sleep(next(delays))
+                attempt += 1
+                left = 0.0  # (along a fixed route no new route comes: tries alone count)
+                if self.planner is not None:
+                    left = failed_at + self.retry.route_wait_s - time.monotonic()
+                if self.retry.attempts == 0 or (attempt > self.retry.attempts and left <= 0):
+                    break
+                wait = next(delays)
+                await asyncio.sleep(wait if attempt <= self.retry.attempts else min(wait, left))
                 continue
             ms = (time.perf_counter() - started) * 1e3
             if failure is not None:
@@ -356,8 +370,9 @@ class SwarmSession:
         assert failure is not None
         if self.retry.attempts == 0:
             raise failure
+        took = time.monotonic() - failed_at
         raise Unavailable(
-            f"gave up after {self.retry.attempts} attempts: {failure}", failure.failed
+            f"gave up after {attempt} tries in {took:.0f} s: {failure}", failure.failed
         )
 
     def _followed(self) -> list[int]:

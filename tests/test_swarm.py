@@ -179,6 +179,47 @@ def test_a_killed_node_is_replaced_and_a_restarted_coordinator_regains_everyone(
         client.close()
 
 
+def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
+    tmp_path: Path,
+) -> None:
+    """No replicas: three volunteers that each hold about half the model share it once
+    (the coordinator's default flags). The node holding the head is killed mid-generation:
+    no node serves those units until the coordinator has timed it out and placed them on
+    another, which loads them. The client waits for that route (``RetryPolicy.
+    route_wait_s``) instead of giving up after its tries, and the generation ends with the
+    tokens of a run without the loss."""
+    name = "t" + secrets.token_hex(4)
+    memory = str(int(demo_bytes() * 0.55 / 0.8))
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", name, "--replicas", "1")
+        nodes = {
+            f"n{i}": swarm.join(
+                "--swarm", name, "--coordinator", address, "--max-memory", memory,
+                "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}",
+            )
+            for i in range(3)
+        }  # fmt: skip
+        coordinator = CoordinatorClient(address)
+        status = wait_until("three nodes serving every unit", lambda: covered(coordinator, 3), 120)
+        head = status["model"]["n_units"] - 1
+        holders = [n["name"] for n in status["nodes"] if n["stage"][0] <= head < n["stage"][1]]
+        assert len(holders) == 1, status["nodes"]  # the head served once: its loss is a gap
+        with Client(address, check_rate=0) as client:
+            reference = client.generate("ROMEO:", 120, temperature=0.0)
+            seen = 0
+
+            def on_token(_token: object) -> None:
+                nonlocal seen
+                seen += 1
+                if seen == 20:
+                    nodes[holders[0]].kill()
+
+            result = client.generate("ROMEO:", 120, temperature=0.0, on_token=on_token)
+        coordinator.close()
+    assert result.token_ids == reference.token_ids
+    assert [r.kind for r in result.recoveries] == ["reroute"], result.recoveries
+
+
 def test_a_coordinator_back_on_another_port_is_found_again(tmp_path: Path) -> None:
     """Volunteers and a client that found their coordinator by mDNS find it again when it
     restarts on another port: the volunteers join it with the stages they hold, and the
