@@ -12,6 +12,7 @@ import tiktoken
 from nanoshard import discovery, machine, rpc
 from nanoshard.config import GPTConfig
 from nanoshard.errors import FailedPrecondition, NotFound
+from nanoshard.files import write_atomic
 from nanoshard.security import Security
 from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -83,10 +84,9 @@ class CoordinatorClient:
             return gpt2_encoding()
         digest = hashlib.sha256(card.vocab_json + b"\0" + card.merges_txt).hexdigest()[:16]
         folder = cache_dir / digest
-        if not (folder / "merges.txt").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "vocab.json").write_bytes(card.vocab_json)
-            (folder / "merges.txt").write_bytes(card.merges_txt)
+        for name, data in (("vocab.json", card.vocab_json), ("merges.txt", card.merges_txt)):
+            if not (folder / name).is_file():  # (written whole: other clients share the folder)
+                write_atomic(folder / name, data)
         return encoding_from_hf_files(folder / "vocab.json", folder / "merges.txt", card.name)
 
     def route(self, avoid: list[str] | None = None, peek: bool = False) -> Route:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -49,6 +49,7 @@ from nanoshard.config import (
 )
 from nanoshard.engine import Stage
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound
+from nanoshard.files import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -562,21 +563,20 @@ def save_hf_checkpoint(
         "eos_token_id": eot,
         "torch_dtype": str(stored_dtype).removeprefix("torch."),
     }
-    _replace(
+    replace_atomic(
         directory / "model.safetensors",
         lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}),
     )
-    _replace(
+    replace_atomic(
         directory / "config.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"),
+        lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"),
     )
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         for name in TOKENIZER_FILES + EXTRA_TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
-                _replace(
-                    directory / name, lambda tmp, n=name: shutil.copyfile(tokenizer_dir / n, tmp)
-                )
+                source = tokenizer_dir / name
+                replace_atomic(directory / name, functools.partial(shutil.copyfile, source))
             elif name in TOKENIZER_FILES:
                 raise NotFound(
                     f"{tokenizer_dir}: no {name} (a GPT-2 tokenizer is vocab.json + merges.txt)"
@@ -620,14 +620,4 @@ def save_nanogpt_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def _replace(path: Path, write: Any) -> None:
-    """Write ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomic(path, lambda tmp: torch.save(ckpt, tmp))

@@ -206,7 +206,7 @@ def quantize_int8(module: nn.Module) -> None:
 
 PACK_ROWS = 16  # the batch size oneDNN lays the weight out for (MAX_BATCH's default)
 SMALL_LINEAR = 1 << 18  # weights below which a layer runs row by row instead (``RowLinear``)
-PACKABLE = (torch.float32, torch.bfloat16)
+PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def row_candidates() -> tuple[int, ...]:
@@ -243,7 +243,7 @@ def _probe_min_rows(packed: torch.Tensor, bias: torch.Tensor | None, shape: tupl
 
 
 class PackedLinear(nn.Module):
-    """An inference-only ``nn.Linear`` (CPU, fp32 or bf16) on oneDNN with its weight packed
+    """An inference-only ``nn.Linear`` (CPU, fp32, bf16 or fp16) on oneDNN with its weight packed
     once; runs at least ``min_rows`` rows so a row's result never depends on the others."""
 
     weight_packed: torch.Tensor
@@ -319,7 +319,12 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``pack_linears`` applies: oneDNN on a CPU, for weights of this dtype."""
     if device.type != "cpu" or dtype not in PACKABLE or not torch.backends.mkldnn.is_available():
         return False
-    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:  # (a CPU with AVX512-FP16: plain fp16 ``F.linear`` sums one
+        # row differently from several there, 2026-12-06; elsewhere it stays as it was)
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 def pack_linears(stage: Stage) -> None:
@@ -542,7 +547,7 @@ class Stage(nn.Module):
 
     def to_weights(self, dtype: torch.dtype) -> Stage:
         """This stage with its weights cast to ``dtype`` (``torch.int8``: quantized) and, where
-        oneDNN runs them (CPU, fp32 or bf16), its Linear layers packed: ready for inference,
+        oneDNN runs them (CPU, fp32, bf16 or fp16), its Linear layers packed: ready for inference,
         no longer for training."""
         if dtype == torch.int8:
             quantize_int8(self.float())
@@ -609,7 +614,7 @@ class Stage(nn.Module):
         their weights once for all B rows, which is the point; attention stays per session.
 
         On a CPU row b equals that lone step bit for bit, whatever the other rows: a lone
-        decode step *is* this code with B = 1, fp32 and bf16 Linear layers are packed so
+        decode step *is* this code with B = 1, fp32, bf16 and fp16 Linear layers are packed so
         their rows do not depend on B (``PackedLinear``), and int8 layers quantize each
         session's activations on their own (``linear_dynamic``). On CUDA and MPS the
         Linear layers are plain ``F.linear``, and the matrix library may pick another kernel

@@ -38,9 +38,10 @@ from nanoshard import machine
 from nanoshard.config import GPTConfig
 from nanoshard.engine import DTYPES, Stage, parse_dtype, weights_name
 from nanoshard.errors import InvalidArgument
+from nanoshard.files import write_atomic
 from nanoshard.v1 import coordinator_pb2 as pb
 
-from .weights import cache_root, write_atomic
+from .weights import cache_root
 
 log = logging.getLogger(__name__)
 

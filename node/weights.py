@@ -28,8 +28,6 @@ import atexit
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from nanoshard import machine, rpc
 from nanoshard.checkpoint import Checkpoint, TensorEntry, tensor_sha256
 from nanoshard.config import check_units, stage_tensor_names
 from nanoshard.errors import CheckpointError
+from nanoshard.files import write_atomic
 from nanoshard.modelcard import CHUNK_BYTES, ModelCardInfo, check_card
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
@@ -87,19 +86,6 @@ def cache_root(cache_dir: str | Path | None) -> Path:
 
 def tensor_path(cache_dir: Path, sha256: str) -> Path:
     return cache_dir / "tensors" / sha256
-
-
-def write_atomic(path: Path, data: bytes | bytearray) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def read_cached(cache_dir: Path, entry: TensorEntry) -> torch.Tensor | None:
