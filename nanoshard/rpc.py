@@ -27,13 +27,15 @@ NOT_HTTP2 = "Failed parsing HTTP/2"
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
-# answers nothing: every connection pings its peer at least this often, and one whose ping
-# goes unanswered for PING_TIMEOUT_S is cut, failing its calls at once (UNAVAILABLE), within
-# KEEPALIVE_S + PING_TIMEOUT_S of the hang however long the calls' own deadlines are. A
-# peer busy computing answers (gRPC's transport threads do, not Python's).
+# answers nothing: every connection pings its peer at least every KEEPALIVE_S, and one whose
+# ping goes unanswered for PING_TIMEOUT_S is cut, failing its calls at once (UNAVAILABLE),
+# within KEEPALIVE_S + PING_TIMEOUT_S of the hang however long the calls' own deadlines are.
+# A peer busy computing answers (gRPC's transport threads do, not Python's). A ping waits
+# behind the data queued on the link: 1 Mbit/s with a router holding 1000 packets (12 s of
+# them) delayed pings by up to 10 s and more under a bulk transfer, and a 10 s timeout cut
+# such healthy streams (2026-12-06, emulated with netem); hence 20 s.
 KEEPALIVE_S = 10
-PING_TIMEOUT_S = 10
-# What gRPC's C core says when it cut a connection for an unanswered ping
+PING_TIMEOUT_S = 20
 PING_TIMEOUT = "ping timeout"
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
