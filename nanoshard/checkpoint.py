@@ -618,6 +618,4 @@ def save_nanogpt_checkpoint(
         "best_val_loss": 1e9,
         "config": {},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    replace_atomic(Path(path), lambda tmp: torch.save(ckpt, tmp))

@@ -321,9 +321,8 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:  # (a CPU with AVX512-FP16: plain fp16 ``F.linear`` sums one
-        # row differently from several there, 2026-12-06; elsewhere it stays as it was)
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    if dtype == torch.float16:  # (on a CPU with AVX512-FP16, plain fp16 ``F.linear`` sums
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())  # one row differently)
     return True
 
 
