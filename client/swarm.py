@@ -59,7 +59,7 @@ class CoordinatorClient:
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = rpc.open_channel(address, security)
+        self._channel = rpc.open_channel(address, security, ping_timeout_s=rpc.BULK_PING_TIMEOUT_S)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._card: cpb.ModelCard | None = None
 

@@ -31,11 +31,15 @@ MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # ping goes unanswered for PING_TIMEOUT_S is cut, failing its calls at once (UNAVAILABLE),
 # within KEEPALIVE_S + PING_TIMEOUT_S of the hang however long the calls' own deadlines are.
 # A peer busy computing answers (gRPC's transport threads do, not Python's). A ping waits
-# behind the data queued on the link: 1 Mbit/s with a router holding 1000 packets (12 s of
-# them) delayed pings by up to 10 s and more under a bulk transfer, and a 10 s timeout cut
-# such healthy streams (2026-12-06, emulated with netem); hence 20 s.
+# behind the data queued on the link, and on a slow link with a deep buffer a bulk transfer
+# delays it by tens of seconds (1 Mbit/s, a router holding 1000 packets, TCP cubic: 10 s and
+# more; 24-43 s under gRPC's own 60 s timeout; 2026-12-06, emulated): a timeout of 10 s cut
+# every such healthy stream. The data plane (steps: a few MB at most, and a hung hop costs
+# a user's generation its time) takes 20 s; channels to the coordinator (whose calls carry
+# their own deadlines, and which sends a new node its weights) keep gRPC's 60 s.
 KEEPALIVE_S = 10
 PING_TIMEOUT_S = 20
+BULK_PING_TIMEOUT_S = 60
 PING_TIMEOUT = "ping timeout"
 
 STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
@@ -50,15 +54,17 @@ STATUS_OF: dict[type[errors.NanoshardError], grpc.StatusCode] = {
 }
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def channel_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, ping_timeout_s: int = PING_TIMEOUT_S
+) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
-        ("grpc.keepalive_timeout_ms", PING_TIMEOUT_S * 1000),
+        ("grpc.keepalive_timeout_ms", ping_timeout_s * 1000),
         # (every ping's timeout, the keepalive's included: gRPC's own is 60 s, which a
         # ping in flight when the peer hangs waits out whatever keepalive_timeout says)
-        ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_S * 1000),
+        ("grpc.http2.ping_timeout_ms", ping_timeout_s * 1000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         # Volunteers come back (a restarted coordinator, a node on the same address): retry

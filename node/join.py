@@ -287,7 +287,9 @@ class Volunteer:
     def _connect(self, target: str) -> None:
         """Talk to the coordinator at ``target`` from now on."""
         self.target = target
-        self._channel = rpc.open_channel(target, self.security, aio=True)
+        self._channel = rpc.open_channel(
+            target, self.security, aio=True, ping_timeout_s=rpc.BULK_PING_TIMEOUT_S
+        )
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
 
     async def _find_again(self) -> bool:

@@ -597,6 +597,9 @@ def test_a_peer_cut_for_an_unanswered_ping_is_named_hung_and_a_relayed_one_is_no
     err = rpc.error_from_rpc(relayed, "10.0.0.7:7001")
     assert err.failed == ["10.0.0.9:7001"] and "no answer to a ping" not in str(err)
     assert ("grpc.http2.ping_timeout_ms", rpc.PING_TIMEOUT_S * 1000) in rpc.channel_options()
+    # (a coordinator's channel carries weights: a slow link's queue must not cut it)
+    bulk = rpc.channel_options(ping_timeout_s=rpc.BULK_PING_TIMEOUT_S)
+    assert ("grpc.http2.ping_timeout_ms", rpc.BULK_PING_TIMEOUT_S * 1000) in bulk
 
 
 def test_channels_past_their_bound_never_cut_a_live_stream(
