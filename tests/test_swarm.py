@@ -183,7 +183,7 @@ def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
     tmp_path: Path,
 ) -> None:
     """No replicas: three volunteers that each hold about half the model share it once
-    (the coordinator's default flags). The node holding the head is killed mid-generation:
+    (one replica asked; the coordinator's default heartbeats). The node holding the head is killed mid-generation:
     no node serves those units until the coordinator has timed it out and placed them on
     another, which loads them. The client waits for that route (``RetryPolicy.
     route_wait_s``) instead of giving up after its tries, and the generation ends with the
@@ -202,7 +202,8 @@ def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
         coordinator = CoordinatorClient(address)
         status = wait_until("three nodes serving every unit", lambda: covered(coordinator, 3), 120)
         head = status["model"]["n_units"] - 1
-        holders = [n["name"] for n in status["nodes"] if n["stage"][0] <= head < n["stage"][1]]
+        stages = {n["name"]: n["stage"] or [0, 0] for n in status["nodes"]}  # (idle: none)
+        holders = [who for who, (start, end) in stages.items() if start <= head < end]
         assert len(holders) == 1, status["nodes"]  # the head served once: its loss is a gap
         with Client(address, check_rate=0) as client:
             reference = client.generate("ROMEO:", 120, temperature=0.0)
