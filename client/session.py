@@ -355,10 +355,10 @@ class SwarmSession:
                 left = 0.0  # (along a fixed route no new route comes: tries alone count)
                 if self.planner is not None:
                     left = failed_at + self.retry.route_wait_s - time.monotonic()
-                if self.retry.attempts == 0 or (attempt > self.retry.attempts and left <= 0):
+                tried_all = attempt > self.retry.attempts
+                if self.retry.attempts == 0 or (tried_all and left <= 0):
                     break
-                wait = next(delays)
-                await asyncio.sleep(wait if attempt <= self.retry.attempts else min(wait, left))
+                await asyncio.sleep(min(next(delays), left) if tried_all else next(delays))
                 continue
             ms = (time.perf_counter() - started) * 1e3
             if failure is not None:

@@ -63,6 +63,10 @@ SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minut
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
 
 
+# What a coordinator that cannot be reached answers (anything else: it answered)
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def kv_budget(share: int, held: int, whole_process: bool) -> int:
     """Bytes the KV caches of a node's sessions may reserve, of the ``share`` it may use,
     ``held`` of which is taken now. A share for weights and KV caches alone
@@ -198,8 +202,7 @@ class Volunteer:
                 return await method(request, timeout=10, metadata=self.security.metadata())
             except grpc.aio.AioRpcError as err:
                 exc = rpc.error_from_rpc(err, self.target)
-                unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                if err.code() not in unreachable or not isinstance(exc, Unavailable):
+                if err.code() not in UNREACHABLE or not isinstance(exc, Unavailable):
                     raise exc from None  # (it answered: not a coordinator, or refused)
                 delay = next(delays)
                 self.events.info(
