@@ -344,7 +344,9 @@ class SwarmSession:
                 )
                 reply, repair = await self.first.step(request, meanwhile=self._check_pending)
                 self._raise_forged()  # a trace of an earlier step that its node did not sign
-                self._check_signatures(reply, pos, len(ids), self._followed())
+                self._check_signatures(
+                    reply, pos, len(ids), self._followed(), check_point=return_output
+                )
             except Unavailable as exc:
                 log.info("step at %d failed (%s)", pos, exc)
                 self.avoid.add(exc.failed)
@@ -380,7 +382,13 @@ class SwarmSession:
         return self.checker.followed(self.session_id) if self.checker is not None else []
 
     def _check_signatures(
-        self, reply: pb.StepReply, pos: int, n_tokens: int, followed: Sequence[int] = ()
+        self,
+        reply: pb.StepReply,
+        pos: int,
+        n_tokens: int,
+        followed: Sequence[int] = (),
+        *,
+        check_point: bool = False,
     ) -> None:
         """A trace that vouches for something must carry its node's signature over the
         step: a hop that rewrote a later hop's trace or token is caught. The node of a
@@ -391,7 +399,10 @@ class SwarmSession:
         checked now, before the token is answered (on the session's MAC if the head made
         one, else by signature); a ``followed`` hop's, what a check point
         compares, checked while the next step is on its way (``_check_pending``; a forged
-        one fails that step) and always before the check point. The other hops' traces
+        one fails that step) and always before the check point. A head that made a MAC
+        signs only its ``check_point`` steps (the steps that asked for its output: all a
+        check compares of it; ``node/evidence.maced_only``), so only those of its
+        signatures are checked, when it is followed. The other hops' traces
         vouch for nothing the client uses, and a signature check costs more CPU (about
         60 µs) than a hop's own Python: they are not checked. A step without a token (a
         prefill chunk) has every trace checked."""
@@ -414,8 +425,11 @@ class SwarmSession:
             forged = _forged_trace(self.session_id, keys, reply, head, pos, n_tokens, mac)
             if forged is not None:
                 raise forged
-            # (a head accepted on its MAC has its signature checked later if it is followed)
-            behind = [k for k in followed if k < head or (k == head and mac is not None)]
+            # (a head accepted on its MAC has its check point's signature checked later if
+            # it is followed; it signs no other step)
+            behind = [
+                k for k in followed if k < head or (k == head and mac is not None and check_point)
+            ]
             if behind:
                 self._unchecked.append((self.session_id, keys, reply, pos, n_tokens, behind))
         else:

@@ -196,11 +196,14 @@ def sign_step(
     tokens: int,
     trace: pb.HopTrace,
     mac_key: bytes | None = None,
+    *,
+    sign: bool = True,
 ) -> None:
     """Sign ``trace`` (its stage and digests filled in) for the step at ``pos``; with the
-    session's ``mac_key`` (the head's), MAC it too."""
+    session's ``mac_key`` (the head's), MAC it too (without ``sign``, only MAC it)."""
     statement = trace_statement(session_id, pos, tokens, trace)
-    trace.signature = key.sign(statement)
+    if sign or mac_key is None:
+        trace.signature = key.sign(statement)
     if mac_key is not None:
         trace.mac = step_mac(mac_key, statement)
 

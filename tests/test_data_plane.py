@@ -15,7 +15,7 @@ import pytest
 from routes import RouteSession, fixed_session
 from swarm import LISTENING, Swarm, nanoshard, wait_until
 
-from nanoshard import rpc
+from nanoshard import identity, rpc
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.route import Route, route_from_addresses
 from nanoshard.client.session import RetryPolicy
@@ -350,6 +350,42 @@ def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str
     )
     code, _, trailers = code_of(lambda: first.Step(late, timeout=30))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and trailers[rpc.KV_LENGTH_KEY] == "3"
+    first.Close(pb.CloseRequest(session_id=s.session_id), timeout=30)
+
+
+def test_the_head_macs_every_step_and_signs_what_a_check_may_compare(
+    tiny_chain: list[str],
+) -> None:
+    """With a session key, the head MACs every step's trace but signs only a prefill chunk
+    (no token: the client checks it by signature) and a step that asks for its output (a
+    check point); a decode step's token is proven by the MAC alone. Every other hop signs
+    every step."""
+    share = identity.SessionShare()
+    s = spec(client_share=share.share)
+    keys = [hop.public_keys[0] for hop in route_from_addresses(tiny_chain).hops]
+    first = stub(tiny_chain[0])
+    opened = first.Open(pb.OpenRequest(spec=s, route=route_after(tiny_chain, 0)), timeout=30)
+    mac_key = share.client_key(s.session_id, opened.session_key.share)
+
+    def step(step_id: int, pos: int, ids: list[int], **flags: bool) -> pb.StepReply:
+        req = pb.StepRequest(
+            session_id=s.session_id, step_id=step_id, pos=pos, tokens=pb.Tokens(ids=ids), **flags
+        )
+        return first.Step(req, timeout=30)
+
+    prefill = step(1, 0, [1, 2, 3])
+    decode = step(2, 3, [5], sample=True)
+    check = step(3, 4, [decode.token], sample=True, return_output=True)
+    for reply, pos, n, head_signed in ((prefill, 0, 3, True), (decode, 3, 1, False),
+                                       (check, 4, 1, True)):  # fmt: skip
+        assert len(reply.hops) == 3
+        assert identity.step_maced(mac_key, s.session_id, pos, n, reply.hops[-1])
+        signed = [
+            identity.step_signed(k, s.session_id, pos, n, h)
+            for k, h in zip(keys, reply.hops, strict=True)
+        ]
+        assert signed == [True, True, head_signed], (pos, signed)
+        assert bool(reply.hops[-1].signature) == head_signed
     first.Close(pb.CloseRequest(session_id=s.session_id), timeout=30)
 
 

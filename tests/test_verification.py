@@ -188,8 +188,10 @@ def test_the_head_and_the_client_share_a_session_key_no_relay_can_swap() -> None
 def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it() -> None:
     """A head trace carrying the session key's MAC is its word without a signature check;
     one whose MAC fails (a relay's rewrite, a head restarted with a new key) is judged by
-    its signature. A followed head taken on its MAC has its signature checked while the
-    next step travels: the evidence spot-checks rest on is still the signature."""
+    its signature. A followed head taken on its MAC has its check point's signature checked
+    while the next step travels: the evidence spot-checks rest on is still the signature.
+    It signs no other decode step (their MAC is the token's proof, and no check compares
+    them): their signatures are not checked."""
     keys, addresses, session = checking_session(2)
     sid, route_keys = session.session_id, session._keys
     mac_key = secrets.token_bytes(32)
@@ -213,7 +215,10 @@ def test_the_heads_token_is_taken_on_its_mac_and_judged_by_signature_without_it(
     assert forged(None) is not None  # by signature alone it is caught
     # a MAC of another head's session
     assert forged(HeadKey(addresses[0], b"", mac_key)) is not None
-    session._check_signatures(unsigned, 5, 1, followed=[1])  # followed: taken now ...
+    session._check_signatures(unsigned, 5, 1, followed=[1])  # not a check point: the MAC
+    session._check_pending()
+    session._raise_forged()
+    session._check_signatures(unsigned, 5, 1, followed=[1], check_point=True)  # taken now ...
     session._check_pending()
     with pytest.raises(Unavailable, match=re.escape("a trace of 10.0.0.2:1")):
         session._raise_forged()  # ... and its signature found wrong before the next step
