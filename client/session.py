@@ -260,6 +260,7 @@ class SwarmSession:
             tokens=pb.Tokens(ids=ids),
             sample=sample,
             return_output=return_output,
+            mac_only=self._mac is not None,  # (the head need not sign what no check compares)
         )
 
     async def step(self, tokens: list[int], pos: int) -> StepResult:

@@ -49,14 +49,17 @@ def sign_step(
 
 def maced_only(session: NodeSession, req: pb.StepRequest) -> bool:
     """Whether the step's trace carries the session's MAC and no signature: a head's decode
-    step that is not a check point. Its MAC is the client's proof of the token (no relay
-    can forge it), and a spot-check compares the head only at check points, the steps that
-    ask for its output (every session asks at its check points, followed or not, so the
-    head cannot tell which are checked): only those, and prefill chunks, which the client
+    step that is not a check point, of a client that takes the head's token on the MAC
+    (``mac_only``: it may not have, e.g. a route naming the head by another address than
+    the head's own). The MAC is then the client's proof of the token (no relay can forge
+    it), and a spot-check compares the head only at check points, the steps that ask for
+    its output (every session asks at its check points, followed or not, so the head
+    cannot tell which are checked): only those, and prefill chunks, which the client
     checks by signature, are evidence (a signature: 50-60 µs of the step's way back)."""
     return (
         session.stage.has_head
         and session.mac_key is not None
+        and req.mac_only
         and req.sample
         and not req.return_output
         and not req.chunks

@@ -648,6 +648,7 @@ class NodeService(pb_grpc.NodeServicer):
                     activations=out,
                     sample=req.sample,
                     return_output=req.return_output,
+                    mac_only=req.mac_only,
                 )
                 sent_at = time.perf_counter()
                 try:

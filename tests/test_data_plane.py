@@ -356,10 +356,11 @@ def test_duplicate_step_is_answered_again_without_recompute(tiny_chain: list[str
 def test_the_head_macs_every_step_and_signs_what_a_check_may_compare(
     tiny_chain: list[str],
 ) -> None:
-    """With a session key, the head MACs every step's trace but signs only a prefill chunk
-    (no token: the client checks it by signature) and a step that asks for its output (a
-    check point); a decode step's token is proven by the MAC alone. Every other hop signs
-    every step."""
+    """With a session key that the client takes (``mac_only``), the head MACs every step's
+    trace but signs only a prefill chunk (no token: the client checks it by signature) and
+    a step that asks for its output (a check point); a decode step's token is proven by the
+    MAC alone. A client that does not take the key gets every step signed. Every other hop
+    signs every step."""
     share = identity.SessionShare()
     s = spec(client_share=share.share)
     keys = [hop.public_keys[0] for hop in route_from_addresses(tiny_chain).hops]
@@ -373,11 +374,12 @@ def test_the_head_macs_every_step_and_signs_what_a_check_may_compare(
         )
         return first.Step(req, timeout=30)
 
-    prefill = step(1, 0, [1, 2, 3])
-    decode = step(2, 3, [5], sample=True)
-    check = step(3, 4, [decode.token], sample=True, return_output=True)
+    prefill = step(1, 0, [1, 2, 3], mac_only=True)
+    decode = step(2, 3, [5], sample=True, mac_only=True)
+    check = step(3, 4, [decode.token], sample=True, return_output=True, mac_only=True)
+    unmaced = step(4, 5, [check.token], sample=True)
     for reply, pos, n, head_signed in ((prefill, 0, 3, True), (decode, 3, 1, False),
-                                       (check, 4, 1, True)):  # fmt: skip
+                                       (check, 4, 1, True), (unmaced, 5, 1, True)):  # fmt: skip
         assert len(reply.hops) == 3
         assert identity.step_maced(mac_key, s.session_id, pos, n, reply.hops[-1])
         signed = [

@@ -121,7 +121,7 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output", "chunks", "timeout_ms")
+    __slots__ = ("session_id", "step_id", "pos", "tokens", "activations", "this_hop_only", "sample", "return_output", "chunks", "timeout_ms", "mac_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class StepRequest(_message.Message):
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     step_id: int
     pos: int
@@ -142,7 +143,8 @@ class StepRequest(_message.Message):
     return_output: bool
     chunks: _containers.RepeatedCompositeFieldContainer[InputChunk]
     timeout_ms: int
-    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[InputChunk, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    mac_only: bool
+    def __init__(self, session_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., this_hop_only: _Optional[bool] = ..., sample: _Optional[bool] = ..., return_output: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[InputChunk, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., mac_only: _Optional[bool] = ...) -> None: ...
 
 class InputChunk(_message.Message):
     __slots__ = ("pos", "tokens", "activations")
