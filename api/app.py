@@ -74,6 +74,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.created = int(time.time())
         self.tasks: set[asyncio.Task] = set()  # generations running (also those abandoned)
+        # Set when the server is asked to stop (server.py): what still runs ends at once.
+        self.stopping = asyncio.Event()
         self._status: tuple[float, dict[str, Any]] = (0.0, {})
         self._status_lock = asyncio.Lock()
 
@@ -133,6 +135,8 @@ class Run:
         it waits (the prefill), ``gone`` is asked every ``WATCH_S`` whether the client
         left; if so the generation is cancelled (its session closes) and False returned."""
         r, client = self.request, self.client
+        if self.gateway.stopping.is_set():
+            raise going()
         self.prompt_ids = client.encode(r.prompt)
         try:
             check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
@@ -172,6 +176,8 @@ class Run:
                 return False
         self._first = first.result()
         if self._first is None:
+            if self._stopped is not None:
+                raise self._stopped  # the gateway stopped before the first token
             task.result()  # the generation's error, if it failed before its first token
         else:
             metrics.first_token.observe(time.perf_counter() - started)
@@ -341,22 +347,29 @@ async def complete(
     gateway: Gateway, request: ApiRequest, gone: Callable[[], Awaitable[bool]] | None = None
 ) -> Response:
     """A completion (text or chat), whole or streamed. ``gone`` says whether the client
-    left (watched until the first token; then sse-starlette watches a stream)."""
+    left (watched until the first token; then sse-starlette watches a stream). If the
+    gateway stops before the first token, or before a whole completion's end, the
+    generation stops at once and the request is answered 503 (``going``), rather than
+    holding the gateway up until the generation's end."""
     run = Run(gateway, request)
+    watch = asyncio.ensure_future(_stop_on(gateway.stopping, run))
     try:
-        model = await gateway.model(request.model)
-        if not await run.start(gone):
-            return Response(status_code=CLIENT_GONE)  # nobody reads it
-    except NanoshardError as exc:
-        raise error_for(exc) from None
-    prefix = "chatcmpl-" if request.chat else "cmpl-"
-    reply = Reply(prefix + secrets.token_hex(12), int(time.time()), model, request.chat)
-    if not request.stream:
         try:
-            text = "".join([piece async for piece, _ in run.pieces()])
+            model = await gateway.model(request.model)
+            if not await run.start(gone):
+                return Response(status_code=CLIENT_GONE)  # nobody reads it
         except NanoshardError as exc:
             raise error_for(exc) from None
-        return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
+        prefix = "chatcmpl-" if request.chat else "cmpl-"
+        reply = Reply(prefix + secrets.token_hex(12), int(time.time()), model, request.chat)
+        if not request.stream:
+            try:
+                text = "".join([piece async for piece, _ in run.pieces()])
+            except NanoshardError as exc:
+                raise error_for(exc) from None
+            return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
+    finally:
+        watch.cancel()
     shutdown = anyio.Event()  # set by sse-starlette when the server stops
     return EventSourceResponse(
         stream(run, reply, shutdown),
@@ -419,6 +432,6 @@ async def stream(
             run.cancel()
 
 
-async def _stop_on(shutdown: anyio.Event, run: Run) -> None:
+async def _stop_on(shutdown: anyio.Event | asyncio.Event, run: Run) -> None:
     await shutdown.wait()
     run.stop(going())

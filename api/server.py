@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -58,6 +59,21 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the gateway as soon as it is asked to stop (SIGINT,
+    SIGTERM): uvicorn then waits for every request in flight, and a whole completion still
+    running would hold the gateway up until its end; told, it ends at once (503)."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._loop.call_soon_threadsafe(self._stopping.set)  # (in a signal handler)
+
+
 async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
     """Serve until SIGINT/SIGTERM; ``ready(url)`` once the server accepts connections."""
     client = AsyncClient(
@@ -70,9 +86,11 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
         check_rate=config.check_rate,
         retry=RetryPolicy(route_wait_s=config.route_wait_s),
     )
-    app = create_app(Gateway(client, config.options))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+    gateway = Gateway(client, config.options)
+    app = create_app(gateway)
+    server = _Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"),
+        gateway.stopping,
     )
     listener = listen(config.host, config.port)
     task = asyncio.create_task(server.serve(sockets=[listener]))
@@ -92,6 +110,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
     finally:
         if not task.done():
             server.should_exit = True
+            gateway.stopping.set()
             with contextlib.suppress(Exception):
                 await task
         await client.close()

@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -299,6 +300,48 @@ def test_a_gateway_stopped_mid_stream_says_so_and_closes_its_sessions(api: ApiSw
         "no session open on any node",
         lambda: all(n["sessions"] == 0 for n in api.status()["nodes"]),
     )
+
+
+def test_a_gateway_stopped_mid_completion_answers_at_once_and_closes_its_session(
+    api: ApiSwarm,
+) -> None:
+    """Ctrl-C on `nanoshard api` while a whole (not streamed) completion runs: the request
+    is answered 503 saying so, not held until its 240 tokens are done, the gateway ends as
+    Ctrl-C ends any command, and the generation's session closes on every node."""
+    api.ready()
+    gateway = api.start_gateway(api.address)
+    url = gateway.wait_for(GATEWAY).group(1)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    outcome: list[object] = []
+
+    def complete() -> None:
+        try:
+            outcome.append(client.completions.create(model="demo", prompt=PROMPT, max_tokens=240))
+        except openai.APIError as exc:
+            outcome.append(exc)
+
+    request = threading.Thread(target=complete)
+    request.start()
+    wait_until(  # its first token came back: the session is open on every hop
+        "the completion's first token",
+        lambda: re.search(r"nanoshard_api_time_to_first_token_seconds_count 1\.0", metrics(url)),
+        every=0.02,
+    )
+    gateway.popen.send_signal(signal.SIGINT)
+    request.join(timeout=60)
+    assert not request.is_alive()
+    (answer,) = outcome
+    assert isinstance(answer, openai.APIStatusError), answer
+    assert answer.status_code == 503 and "gateway is shutting down" in str(answer)
+    assert gateway.popen.wait(timeout=60) == 130, gateway.output
+    wait_until(
+        "no session open on any node",
+        lambda: all(n["sessions"] == 0 for n in api.status()["nodes"]),
+    )
+
+
+def metrics(url: str) -> str:
+    return urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
 
 
 def test_a_node_killed_mid_stream_costs_only_time(api: ApiSwarm) -> None:
