@@ -67,6 +67,29 @@ COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after 
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def rendezvous_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """A torch.distributed store (the rendezvous of a group) listening on ``host`` only.
+    Given a port, torch's store listens on every interface, and it answers anyone: it
+    takes no swarm key. So it gets a socket bound here, as the data plane is."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+        port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        master_listen_fd=listener.detach(),  # (the store owns the socket from here on)
+    )
+
+
 def kv_budget(share: int, held: int, whole_process: bool) -> int:
     """Bytes the KV caches of a node's sessions may reserve, of the ``share`` it may use,
     ``held`` of which is taken now. A share for weights and KV caches alone
@@ -377,13 +400,7 @@ class Volunteer:
     def _open_store(self) -> dist.TCPStore:
         """The torch.distributed store of the groups this node will be rank 0 of: one for
         the process (each formation uses its own key prefix), on its data plane's host."""
-        return dist.TCPStore(
-            self.host,
-            0,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=FORM_TIMEOUT_S),
-        )
+        return rendezvous_store(self.host, FORM_TIMEOUT_S)
 
     def _follow(self, assignment: cpb.Assignment) -> None:
         tp = assignment.tp if assignment.tp.size > 1 else None

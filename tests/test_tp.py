@@ -10,6 +10,7 @@ import itertools
 import multiprocessing as mp
 from typing import Any
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from conftest import with_noisy_biases
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.errors import InvalidArgument
+from nanoshard.node.join import rendezvous_store
 from nanoshard.tp import Collective, shard, vocab_range
 
 CONFIG = GPTConfig(block_size=96, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
@@ -148,3 +150,20 @@ def test_vocab_range_covers_the_vocabulary_once() -> None:
             ranges = [vocab_range(vocab, r, size) for r in range(size)]
             assert ranges[0][0] == 0 and ranges[-1][1] == vocab
             assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+
+
+def test_a_rendezvous_store_listens_on_its_nodes_host_only() -> None:
+    """torch's store, given a port, listens on every interface, and takes no swarm key: a
+    node's rendezvous listens on its data plane's host alone, and serves a member there."""
+    store = rendezvous_store("127.0.0.1", 10.0)
+    listening = [
+        c.laddr.ip
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == store.port
+    ]
+    assert listening == ["127.0.0.1"]  # (torch's own: "::", every interface)
+    member = dist.TCPStore(
+        "127.0.0.1", store.port, is_master=False, timeout=datetime.timedelta(seconds=10)
+    )
+    member.set("rank 1", "here")
+    assert store.get("rank 1") == b"here"
