@@ -251,6 +251,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # (json's parser recurses once per level of nesting)
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
 
 
 class CountRequests:
@@ -266,12 +268,21 @@ class CountRequests:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
 
+        started = False
+
         async def counted(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # a failure in the gateway: Starlette answers it (500), outside
+                self.metrics.requests.labels(endpoint, "500").inc()
+            raise
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -282,6 +293,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # (Starlette raises it on after this answer: the server logs its traceback)
+        why = f"the gateway failed on this request ({type(exc).__name__}); it keeps serving"
+        return JSONResponse(ApiError(500, why, type="server_error").body(), status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -201,7 +201,7 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise bad("model is required: the swarm's model, as GET /v1/models lists it", "model")
     for name, neutral in NEUTRAL.items():
-        if name in body and body[name] not in neutral:
+        if name in body and not _neutral(body[name], neutral):
             raise bad(f"{name} is not supported by this server", name)
     n = _integer(body, "n")
     if n is not None and n != 1:
@@ -216,7 +216,7 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
             max_tokens = value
     seed = _integer(body, "seed")
     if seed is not None and not -(2**63) <= seed < 2**63:
-        raise bad(f"seed must fit in 64 bits, got {seed}", "seed")
+        raise bad(f"seed must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {seed}", "seed")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is None:
@@ -261,6 +261,12 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
     }
 
 
+def _neutral(value: object, neutral: tuple[object, ...]) -> bool:
+    """``value`` is one of ``neutral``, of the same JSON type: a completion's ``logprobs: 0``
+    asks for the chosen tokens' logprobs, although 0 == False in Python."""
+    return any(type(value) is type(n) and value == n for n in neutral)
+
+
 def parse_completion(body: Any) -> Request:
     """``POST /v1/completions``'s body, checked."""
     fields = _common(body, chat=False)
@@ -270,8 +276,11 @@ def parse_completion(body: Any) -> Request:
     if isinstance(prompt, list):
         if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise bad("prompt must be a string or token ids (one prompt per request)", "prompt")
-    elif not isinstance(prompt, str):
+    elif prompt is None:
         raise bad("prompt is required: a string or a list of token ids", "prompt")
+    elif not isinstance(prompt, str):
+        kind = type(prompt).__name__
+        raise bad(f"prompt must be a string or a list of token ids, not {kind}", "prompt")
     return Request(prompt=prompt, **fields)
 
 

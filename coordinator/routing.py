@@ -204,12 +204,12 @@ def uncovered_message(servers: Sequence[Server], n_units: int) -> str:
 
 
 def format_units(units: Sequence[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7'."""
+    """[1, 2, 3, 7] -> '[1, 4), [7, 8)': stages, as everything else names units."""
     parts, i = [], 0
     while i < len(units):
         j = i
         while j + 1 < len(units) and units[j + 1] == units[j] + 1:
             j += 1
-        parts.append(str(units[i]) if i == j else f"{units[i]}-{units[j]}")
+        parts.append(f"[{units[i]}, {units[j] + 1})")
         i = j + 1
     return ", ".join(parts)

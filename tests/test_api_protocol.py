@@ -135,6 +135,9 @@ def test_a_completion_request_maps_to_the_clis_sampling() -> None:
         ({"model": "demo", "prompt": "x", "stream_options": {"include_usage": True}}, None),
         ({"model": "demo", "prompt": "x", "echo": True}, "echo"),
         ({"model": "demo", "prompt": "x", "logprobs": 3}, "logprobs"),
+        # (0 asks for the chosen tokens' logprobs: not the neutral false, though 0 == False)
+        ({"model": "demo", "prompt": "x", "logprobs": 0}, "logprobs"),
+        ({"model": "demo", "prompt": 5}, "prompt"),
     ],
 )
 def test_bad_completion_requests_are_400(body: object, param: str | None) -> None:
@@ -143,6 +146,8 @@ def test_bad_completion_requests_are_400(body: object, param: str | None) -> Non
     assert err.value.status == 400
     if param is not None:
         assert err.value.param == param
+    if isinstance(body, dict) and "prompt" in body:  # (given, so never called missing)
+        assert "prompt is required" not in str(err.value)
 
 
 def test_neutral_values_of_unsupported_parameters_pass() -> None:

@@ -4,10 +4,12 @@ before the first token (during the prefill) cancels its generation at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from types import SimpleNamespace
 from typing import Any
 
-from nanoshard.api.app import CLIENT_GONE, Gateway, complete
+from nanoshard.api.app import CLIENT_GONE, Gateway, complete, create_app
 from nanoshard.api.protocol import parse_completion
 
 
@@ -54,3 +56,65 @@ def test_a_client_that_leaves_during_the_prefill_cancels_its_generation() -> Non
         assert gateway.metrics.registry.get_sample_value("nanoshard_api_disconnects_total") == 1
 
     asyncio.run(run())
+
+
+class Broken:
+    """An SDK client that fails inside (a defect of the gateway's, not the caller's)."""
+
+    async def connect(self) -> None:
+        raise RuntimeError("a defect")
+
+
+async def post(app: Any, path: str, body: bytes) -> tuple[int, dict]:
+    """One POST through the ASGI ``app``, in process: its status and JSON answer."""
+    request = [{"type": "http.request", "body": body, "more_body": False}]
+    answer: dict[str, Any] = {"body": b""}
+
+    async def receive() -> dict:
+        return request.pop(0) if request else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    with contextlib.suppress(RuntimeError):  # (Starlette raises a defect on, once answered)
+        await app(scope, receive, send)
+    return answer["status"], json.loads(answer["body"])
+
+
+def test_a_body_nested_too_deeply_is_a_400_and_a_defect_a_counted_json_500() -> None:
+    gateway = Gateway(Broken())  # type: ignore[arg-type]
+    app = create_app(gateway)
+
+    async def run() -> None:
+        status, deep = await post(app, "/v1/completions", b"[" * 5000 + b"]" * 5000)
+        assert status == 400 and "nested too deeply" in deep["error"]["message"]
+        body = json.dumps({"model": "demo", "prompt": "hi"}).encode()
+        status, failed = await post(app, "/v1/completions", body)
+        assert status == 500 and failed["error"]["type"] == "server_error"
+        assert "RuntimeError" in failed["error"]["message"]
+
+    asyncio.run(run())
+
+    def answered(status: str) -> float | None:
+        return gateway.metrics.registry.get_sample_value(
+            "nanoshard_api_requests_total", {"endpoint": "/v1/completions", "status": status}
+        )
+
+    assert answered("400") == 1 and answered("500") == 1
