@@ -369,6 +369,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(StatusView(coordinator.status()))
         return 0
+    if not console.is_terminal:  # (a pipe, a file: Live would draw only its last frame)
+        while True:
+            console.print(StatusView(coordinator.status()))
+            time.sleep(2)
     with Live(StatusView(coordinator.status()), console=console, refresh_per_second=1) as live:
         while True:
             time.sleep(2)
@@ -387,7 +391,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, quiet=args.command in ("generate", "status"))
     commands = {
         "generate": cmd_generate,
         "coordinator": cmd_coordinator,

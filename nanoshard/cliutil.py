@@ -93,9 +93,11 @@ def listening_pattern(who: str | None = None) -> re.Pattern[str]:
     return re.compile((re.escape(who) if who else r"\S+") + r": listening on (\S+)")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Log to stderr: what a long-running role does (INFO); with ``quiet`` (a command that
+    prints its own results, as ``generate``), warnings only; with ``verbose``, everything."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -796,3 +796,16 @@ def test_a_closed_async_client_says_so() -> None:
 
     asyncio.run(main())
     assert len(core.sessions) == 1 and core.sessions[0].fed == []
+
+
+def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
+    refused = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:17999: "
+        "Failed to connect to remote host: Connection refused",
+    )  # fmt: skip
+    err = rpc.error_from_rpc(refused, "127.0.0.1:17999")
+    assert isinstance(err, Unavailable) and err.failed == ["127.0.0.1:17999"]
+    assert str(err) == (
+        "127.0.0.1:17999: nothing listens there (connection refused): stopped, or not that port"
+    )
