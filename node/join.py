@@ -173,6 +173,9 @@ class Volunteer:
         self.node_id = self.key.node_id
         self.security = config.security.with_identity(self.node_id)  # tokens name this node
         self.stop = asyncio.Event()
+        # Set when the coordinator must hear of a change now, not at the next heartbeat:
+        # a stage loaded or given up (routes name what it serves), a group broken.
+        self.beat = asyncio.Event()
         self.target = ""
         self.joined = False  # the coordinator took its Join (it says it left only then)
         self.card: cpb.ModelCard | None = None
@@ -423,6 +426,7 @@ class Volunteer:
             if self.plane is not None:  # open sessions finish on the stage they hold
                 self.plane.service.set_stage(None)
             self.ready = None
+            self.beat.set()
             return
         self.loading = asyncio.create_task(self._load(wanted[0], wanted[1], tp))
 
@@ -473,6 +477,7 @@ class Volunteer:
         self.plane.sessions.budget_bytes = self._kv_budget(weights)
         self.plane.service.set_stage(stage, group)  # new sessions go here; open ones finish
         self.ready = (start, end)
+        self.beat.set()
         where = "" if tp is None else f" as rank {tp.rank} of tensor-parallel group {tp.id}"
         self.events.info(f"serving units [{start}, {end}) on {self.plane.address}{where}")
         if not self.said_ready:
@@ -616,9 +621,18 @@ class Volunteer:
         assert self.plane is not None
         unreachable: float | None = None  # since when the coordinator has not answered
         said = 0.0  # when that was last said
+        self.plane.service.on_broken = self.beat.set
         while not self.stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), self.heartbeat_interval)
+            stop, beat = (
+                asyncio.ensure_future(self.stop.wait()),
+                asyncio.ensure_future(self.beat.wait()),
+            )
+            await asyncio.wait(
+                (stop, beat), timeout=self.heartbeat_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop.cancel()
+            beat.cancel()
+            self.beat.clear()
             if self.stop.is_set():
                 break
             task = self.loading
