@@ -40,8 +40,9 @@ class StatusView:
         units = _coverage_table(s)
         yield units if _fits(units, console, options) else _coverage_runs(s)
         gaps = sum(1 for u in s.units if u.replicas == 0)
+        nodes = f"{len(s.nodes)} node" + ("" if len(s.nodes) == 1 else "s")
         yield Text(
-            f"{len(s.nodes)} node{'' if len(s.nodes) == 1 else 's'} · measured {s.measured_tokens_per_s:.1f} tokens/s (last 10 s) · "
+            f"{nodes} · measured {s.measured_tokens_per_s:.1f} tokens/s (last 10 s) · "
             f"estimated {s.tokens_per_s:.1f} tokens/s per session · "
             + (f"{gaps} units uncovered" if gaps else "every unit covered"),
             style="bold red" if gaps else "bold",

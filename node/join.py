@@ -670,8 +670,8 @@ class Volunteer:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     self.events.info(
-                        "the coordinator does not know this node (it restarted, or dropped this node after "
-                        "missed heartbeats): joining again"
+                        "the coordinator does not know this node (it restarted, or dropped "
+                        "this node after missed heartbeats): joining again"
                     )
                     await self._join()
                     unreachable = None
