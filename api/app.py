@@ -387,17 +387,18 @@ async def complete(
             return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
     finally:
         watch.cancel()
-    shutdown = anyio.Event()  # set by sse-starlette when the server stops
     return EventSourceResponse(
-        stream(run, reply, shutdown),
+        stream(run, reply, gateway.stopping),
         sep="\n",
-        shutdown_event=shutdown,
+        # (sse-starlette sets it when the server stops, then gives the stream this grace to
+        # end by itself, which ``gateway.stopping`` makes it do, on its error event)
+        shutdown_event=anyio.Event(),
         shutdown_grace_period=SHUTDOWN_GRACE_S,
     )
 
 
 def going() -> ApiError:
-    """What a stream still open when the gateway stops ends with."""
+    """What a completion still running when the gateway stops ends with."""
     return ApiError(
         503,
         "the gateway is shutting down: this completion was stopped before its end",
@@ -407,15 +408,15 @@ def going() -> ApiError:
 
 
 async def stream(
-    run: Run, reply: Reply, shutdown: anyio.Event | None = None
+    run: Run, reply: Reply, stopping: asyncio.Event | None = None
 ) -> AsyncIterator[ServerSentEvent]:
     """The chunks of one streamed completion. A client that leaves cancels this generator
     (sse-starlette watches for the disconnect): the generation stops and its session
-    closes at once. When the gateway stops (``shutdown``), the generation stops too and
+    closes at once. When the gateway stops (``stopping``), the generation stops too and
     the stream ends on an error event saying so, not as if the text were whole."""
     r = run.request
     done = False
-    watch = asyncio.ensure_future(_stop_on(shutdown, run)) if shutdown is not None else None
+    watch = asyncio.ensure_future(_stop_on(stopping, run)) if stopping is not None else None
     try:
         first = True
         if r.chat:  # the role comes first, as OpenAI sends it
@@ -449,6 +450,6 @@ async def stream(
             run.cancel()
 
 
-async def _stop_on(shutdown: anyio.Event | asyncio.Event, run: Run) -> None:
-    await shutdown.wait()
+async def _stop_on(stopping: asyncio.Event, run: Run) -> None:
+    await stopping.wait()
     run.stop(going())

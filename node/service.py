@@ -73,10 +73,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _nothing() -> None:
-    pass
-
-
 def _on_result(then: Callable[[Any], None], job: asyncio.Future) -> None:
     """A worker job's done-callback: ``then(its value)`` if it succeeded."""
     if not job.cancelled() and job.exception() is None:
@@ -121,7 +117,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._opening: list[Holding] = []  # sessions being opened: their callers' quotas
         self.stage = stage  # new sessions open on this stage; open ones keep theirs
         self.group: Membership | None = None  # the tensor-parallel group serving it, if any
-        self.on_broken: Callable[[], None] = _nothing  # told when a group breaks (join's)
+        self.on_broken: Callable[[], None] | None = None  # told when a group breaks (join's)
         self._views: dict[tuple[int, int], Stage] = {}  # parts of it routes asked for
         self.identity = identity
         self.worker = worker
@@ -172,7 +168,8 @@ class NodeService(pb_grpc.NodeServicer):
         group.collective.abort()  # a collective waiting on the group fails now, not at its timeout
         if self.group is group:
             self.stage, self._views = None, {}
-        self.on_broken()
+        if self.on_broken is not None:
+            self.on_broken()
         for session in self.sessions.all():
             if (
                 session.stage.shard is not None
