@@ -332,7 +332,8 @@ class SwarmSession:
         # refusing a second copy of positions it holds.
         step_id = self._next_step_id()
         delays = backoff_delays(self.retry.backoff_s, self.retry.max_backoff_s)
-        failure: Unavailable | None = None
+        failure: Unavailable | None = None  # the last try's
+        first: Unavailable | None = None  # the first try's: what was lost
         attempt, failed_at = 0, 0.0
         started = time.perf_counter()  # (a recovery's cost: from the step's first try on)
         while True:
@@ -351,8 +352,8 @@ class SwarmSession:
             except Unavailable as exc:
                 log.info("step at %d failed (%s)", pos, exc)
                 self.avoid.add(exc.failed)
-                if failure is None:
-                    failed_at = time.monotonic()
+                if first is None:
+                    first, failed_at = exc, time.monotonic()
                 failure = exc
                 attempt += 1
                 left = 0.0  # (along a fixed route no new route comes: tries alone count)
@@ -364,9 +365,9 @@ class SwarmSession:
                 await asyncio.sleep(min(next(delays), left) if tried_all else next(delays))
                 continue
             ms = (time.perf_counter() - started) * 1e3
-            if failure is not None:
+            if first is not None and failure is not None:
                 kind = "reroute" if self.planner is not None else "retry"
-                self.recoveries.append(Recovery(pos, kind, str(failure), ms))
+                self.recoveries.append(Recovery(pos, kind, _lost(first, failure, attempt), ms))
             if repair:
                 self.recoveries.append(Recovery(pos, "repair", f"client: {repair}", ms))
             return reply
@@ -374,8 +375,10 @@ class SwarmSession:
         if self.retry.attempts == 0:
             raise failure
         took = time.monotonic() - failed_at
+        assert first is not None
+        since = "" if str(first) == str(failure) else f" (the first: {first})"
         raise Unavailable(
-            f"gave up after {attempt} tries in {took:.0f} s: {failure}", failure.failed
+            f"gave up after {attempt} tries in {took:.0f} s: {failure}{since}", failure.failed
         )
 
     def _followed(self) -> list[int]:
@@ -461,6 +464,14 @@ class SwarmSession:
             self.first = None
         if self.checker is not None and self.session_id:
             self.checker.end(self.session_id)
+
+
+def _lost(first: Unavailable, last: Unavailable, tries: int) -> str:
+    """A recovery's reason: the first failure (what was lost; the later tries meet its
+    consequences, such as no node serving those units yet), and the last if it differs."""
+    if tries == 1 or str(last) == str(first):
+        return str(first)
+    return f"{first}; then {tries - 1} more failed tries, the last: {last}"
 
 
 def _forged_trace(

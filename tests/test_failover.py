@@ -171,6 +171,9 @@ def test_losing_every_replica_of_a_stage_ends_with_a_clear_error(four: FourNodes
         assert "gave up" in message and re.search(r"no ready node serves units \[\d", message), (
             message
         )
+        # ... and names what was lost first
+        first = message.partition("(the first: ")[2]
+        assert any(v in first for v in [*holders, others[0]]), message
     for _ in victims:
         four.add()
 

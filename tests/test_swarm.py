@@ -205,6 +205,7 @@ def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
         stages = {n["name"]: n["stage"] or [0, 0] for n in status["nodes"]}  # (idle: none)
         holders = [who for who, (start, end) in stages.items() if start <= head < end]
         assert len(holders) == 1, status["nodes"]  # the head served once: its loss is a gap
+        lost = next(n["address"] for n in status["nodes"] if n["name"] == holders[0])
         with Client(address, check_rate=0) as client:
             reference = client.generate("ROMEO:", 120, temperature=0.0)
             seen = 0
@@ -219,6 +220,8 @@ def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
         coordinator.close()
     assert result.token_ids == reference.token_ids
     assert [r.kind for r in result.recoveries] == ["reroute"], result.recoveries
+    # its reason is the node lost, not only what the later tries met (no node serves ...)
+    assert lost in result.recoveries[0].detail.split(";")[0], result.recoveries
 
 
 def test_a_coordinator_back_on_another_port_is_found_again(tmp_path: Path) -> None:
