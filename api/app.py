@@ -335,11 +335,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         body = await read_json(request, gateway.options.max_body_bytes)
         return await complete(gateway, parse_chat(body), request.is_disconnected)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # (HEAD: monitors probe)
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])  # (HEAD: monitors probe)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

@@ -65,25 +65,31 @@ class Broken:
         raise RuntimeError("a defect")
 
 
-async def post(app: Any, path: str, body: bytes) -> tuple[int, dict]:
-    """One POST through the ASGI ``app``, in process: its status and JSON answer."""
+async def call(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One request through the ASGI ``app``, in process: its status and body."""
     request = [{"type": "http.request", "body": body, "more_body": False}]
     answer: dict[str, Any] = {"body": b""}
+    answered = asyncio.Event()
 
     async def receive() -> dict:
-        return request.pop(0) if request else {"type": "http.disconnect"}
+        if request:
+            return request.pop(0)
+        await answered.wait()  # the caller stays until it has its answer
+        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         if message["type"] == "http.response.start":
             answer["status"] = message["status"]
         elif message["type"] == "http.response.body":
             answer["body"] += message.get("body", b"")
+            if not message.get("more_body"):
+                answered.set()
 
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
@@ -95,7 +101,27 @@ async def post(app: Any, path: str, body: bytes) -> tuple[int, dict]:
     }
     with contextlib.suppress(RuntimeError):  # (Starlette raises a defect on, once answered)
         await app(scope, receive, send)
-    return answer["status"], json.loads(answer["body"])
+    return answer["status"], answer["body"]
+
+
+async def post(app: Any, path: str, body: bytes) -> tuple[int, dict]:
+    """One POST through the ASGI ``app``: its status and JSON answer."""
+    status, answer = await call(app, "POST", path, body)
+    return status, json.loads(answer)
+
+
+def test_the_web_view_and_metrics_answer_head() -> None:
+    """Uptime monitors and load balancers probe with HEAD (the server drops the body)."""
+    app = create_app(Gateway(Broken()))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        for path in ("/", "/metrics"):
+            status, got = await call(app, "GET", path)
+            assert status == 200 and got, path
+            assert (await call(app, "HEAD", path))[0] == 200, path
+        assert (await call(app, "PUT", "/"))[0] == 405
+
+    asyncio.run(run())
 
 
 def test_a_body_nested_too_deeply_is_a_400_and_a_defect_a_counted_json_500() -> None:
