@@ -24,6 +24,7 @@ from nanoshard.client.checks import DEFAULT_CHECK_RATE
 from nanoshard.cliutil import (
     API,
     COORDINATOR,
+    add_version,
     address_arg,
     listening_line,
     port_arg,
@@ -75,9 +76,16 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
 
 
+CHECK_RATE_HELP = (
+    "share of sessions' hops a shadow replica follows and spot-checks "
+    f"(default {DEFAULT_CHECK_RATE}; 0 = off)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard", description="Run a GPT across machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text (through the swarm, a route, or locally)")
@@ -96,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-rate",
         type=float,
         default=DEFAULT_CHECK_RATE,
-        help="share of sessions' hops a shadow replica follows and checks "
-        f"(default {DEFAULT_CHECK_RATE}; 0 = off)",
+        help=CHECK_RATE_HELP,
     )
     g.add_argument("--device", default="auto", help="--local: cpu, cuda, mps or auto")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="--local: weights dtype")
@@ -117,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=port_arg, default=d.port, help=f"port (default {d.port}; 0 = any free)"
     )
     c.add_argument(
-        "--replicas", type=int, default=d.replicas, help="copies of every unit to aim for"
+        "--replicas",
+        type=int,
+        default=d.replicas,
+        help=f"copies of every unit to aim for (default {d.replicas})",
     )
-    c.add_argument("--swarm", default=d.swarm, help="swarm name nodes must match")
+    c.add_argument(
+        "--swarm", default=d.swarm, help=f"swarm name nodes must match (default {d.swarm!r})"
+    )
     c.add_argument(
         "--tp",
         default=str(d.tp),
@@ -192,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-rate",
         type=float,
         default=DEFAULT_CHECK_RATE,
-        help=f"share of steps spot-checked (default {DEFAULT_CHECK_RATE}; 0 = off)",
+        help=CHECK_RATE_HELP,
     )
     a.add_argument(
         "--route-wait",

@@ -94,6 +94,10 @@ def generate_on_nodes(
         tls_ca=args.tls_ca,
         check_rate=args.check_rate,
     ) as client:
+        if args.coordinator is None and route is None and not args.json:
+            # whose swarm the prompt goes to (without --swarm: the first mDNS found)
+            which = "" if args.swarm else ": the first swarm that answered (--swarm NAME chooses)"
+            print(f"[coordinator {client.coordinator}, found by mDNS{which}]", file=sys.stderr)
         result = client.generate(
             args.prompt,
             args.max_new_tokens,

@@ -264,6 +264,12 @@ class AsyncClient:
         return session
 
     @property
+    def coordinator(self) -> str | None:
+        """The coordinator's HOST:PORT once connected (given, or found by mDNS); None for a
+        fixed route."""
+        return self._coordinator.address if self._coordinator is not None else None
+
+    @property
     def checks(self) -> list[CheckResult]:
         """The spot-checks run so far (the last 1000), oldest first. Checks run in the
         background: :meth:`wait_for_checks` waits for those still queued."""
@@ -585,6 +591,10 @@ class Client:
     @property
     def config(self) -> GPTConfig:
         return self.core.config
+
+    @property
+    def coordinator(self) -> str | None:
+        return self.core.coordinator
 
     @property
     def encoding(self) -> tiktoken.Encoding:

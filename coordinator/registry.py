@@ -337,8 +337,8 @@ class Registry:
             slowdown = placement_slowdown(record.slowdown, record.load.live, others)
             if slowdown != record.slowdown:
                 log.info(
-                    "node %s runs at %.1f x its measured step time, beyond what the swarm "
-                    "shares (placement counted %.1f x)",
+                    "placement now counts node %s at %.1f x its measured step time (it "
+                    "counted %.1f x): its slowdown beyond what every node of the swarm shares",
                     record.name,
                     slowdown,
                     record.slowdown,
@@ -534,7 +534,7 @@ class Registry:
     def describe(self) -> str:
         parts = []
         for r in sorted(self.nodes.values(), key=lambda r: (r.assigned or (999, 999), r.name)):
-            stage = list(r.assigned) if r.assigned else "idle"
+            stage = "[{}, {})".format(*r.assigned) if r.assigned else "idle"
             seat = self.seat(r)
             where = f" in {seat.id} rank {seat.rank}/{seat.size}" if seat else ""
             parts.append(f"{r.name}={stage}{where}")
@@ -596,7 +596,11 @@ class Registry:
                 f" of weights, and weights may fill {WEIGHT_SHARE:.0%} of a node's memory)"
             )
         if not self.settled:
-            return "the coordinator lets the swarm register again before it places anything"
+            return (
+                "the coordinator has just started: for a heartbeat timeout and two intervals "
+                "it waits for the nodes of a swarm it may have served to register again, "
+                "then places"
+            )
         if self.tp not in ("auto", "off"):
             groups_of = (
                 f"the coordinator forms tensor-parallel groups of {self.tp} (--tp {self.tp})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import math
 import re
@@ -20,6 +21,15 @@ COORDINATOR = "nanoshard coordinator"
 NODE = "nanoshard-node"
 API = "nanoshard api"
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the installed nanoshard's."""
+    try:
+        version = importlib.metadata.version("nanoshard")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        version = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
 
 
 def parse_size(text: str) -> int:

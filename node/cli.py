@@ -14,6 +14,7 @@ from pathlib import Path
 import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torch loads
 from nanoshard.cliutil import (
     NODE,
+    add_version,
     address_arg,
     format_size,
     listening_line,
@@ -183,6 +184,7 @@ def add_threads_flag(parser: argparse.ArgumentParser, default: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard-node", description="Run a nanoshard node.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     d = ServeConfig()
     s = sub.add_parser("serve", help="serve one stage without a coordinator")

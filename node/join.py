@@ -231,8 +231,10 @@ class Volunteer:
                 if err.code() not in UNREACHABLE or not isinstance(exc, Unavailable):
                     raise exc from None  # (it answered: not a coordinator, or refused)
                 delay = next(delays)
+                why = str(exc).removeprefix(f"{self.target}: ")
                 self.events.info(
-                    f"cannot reach the coordinator at {self.target} ({what}); retrying in {delay:g} s"
+                    f"cannot reach the coordinator at {self.target} ({what}): {why}; retrying "
+                    f"in {delay:g} s"
                 )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)

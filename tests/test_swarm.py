@@ -102,6 +102,9 @@ def test_volunteers_find_the_coordinator_fetch_only_their_units_and_generate(
         found = nanoshard("generate", "--swarm", swarm_name, *mdns, *common)
         assert found.returncode == 0, found.stderr
         assert json.loads(found.stdout)["token_ids"] == local["token_ids"]
+        # (and says which coordinator it found: the swarm a prompt goes to)
+        shown = nanoshard("generate", "--swarm", swarm_name, *mdns, "--max-new-tokens", "3", "A")
+        assert f"[coordinator {address}, found by mDNS]" in shown.stderr, shown.stderr
         # ... and finds none of another swarm: one line, no traceback
         other = nanoshard("generate", "--swarm", swarm_name + "x", *mdns, *common)
         assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr
