@@ -2,8 +2,9 @@
 
 The coordinator routes by these (``coordinator/registry.py``): a node's speed measured as
 it started says what it can do on an idle machine, and these say what it does now — its
-owner may have started a game since. Per decode step: its own compute (EWMA, and the 90th
-percentile of the last 64), and that compute over what its measured capacity predicts
+owner may have started a game since. Per decode step: its own compute (the median of the
+last 9, and the 90th percentile of the last 64), and that compute over what its measured
+capacity predicts
 for the units the step ran (the *speed ratio*: 1 as measured, 5 five times slower); per
 token of prompt chunks; positions computed and tokens drawn per second over the last
 ``WINDOW_S``; and, per next hop its sessions used, the round trip (a step's time there
@@ -20,7 +21,8 @@ from nanoshard.engine import Stage
 from nanoshard.v1 import coordinator_pb2 as cpb
 
 WINDOW_S = 10.0  # rates are counted over this long
-EWMA = 0.2  # weight of the newest figure
+EWMA = 0.2  # weight of the newest figure (prompt chunks, next hops' round trips)
+LATEST = 9  # a decode step's time and speed ratio: the median of the last this many
 RECENT = 64  # decode steps the p90 is taken over
 MAX_NEXT_HOPS = 8  # next-hop links reported (the most recently used)
 
@@ -31,6 +33,26 @@ class _Ewma:
 
     def add(self, x: float) -> None:
         self.value = x if self.value == 0.0 else (1 - EWMA) * self.value + EWMA * x
+
+
+class _Median:
+    """The median of the last ``LATEST`` figures: it follows a lasting change within half
+    of them, and one slow step (a first step after an idle minute, a pause) moves it not at
+    all, where an EWMA jumps and then reads above the steps' own 90th percentile."""
+
+    def __init__(self) -> None:
+        self.latest: deque[float] = deque(maxlen=LATEST)
+
+    def add(self, x: float) -> None:
+        self.latest.append(x)
+
+    @property
+    def value(self) -> float:
+        if not self.latest:
+            return 0.0
+        ordered = sorted(self.latest)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class _Rate:
@@ -57,10 +79,10 @@ class LiveStats:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.capacity: tuple[float, float] | None = None
-        self.decode = _Ewma()
+        self.decode = _Median()
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.prefill = _Ewma()
-        self.ratio = _Ewma()
+        self.ratio = _Median()
         self.positions = _Rate(clock)
         self.sampled = _Rate(clock)
         self.last_step = clock()
