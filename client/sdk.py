@@ -69,6 +69,8 @@ class GenerationResult:
     token_ms: list[float]  # each later token
     steps: list[list[dict[str, Any]]] = field(default_factory=list)  # per step, per hop traces
     recoveries: list[Recovery] = field(default_factory=list)  # failures survived, and their cost
+    # per step, what went to no hop (failed tries, reroutes, a spot-check's material)
+    waited_ms: list[float] = field(default_factory=list)
 
     @property
     def mean_token_ms(self) -> float:
@@ -77,7 +79,9 @@ class GenerationResult:
     @property
     def hops(self) -> list[dict[str, Any]]:
         """Per hop: node, units, compute / queue / transfer ms, bytes (summed over steps)."""
-        return summarize_hops(self.steps, [self.ttft_ms, *self.token_ms])
+        walls = [self.ttft_ms, *self.token_ms]
+        waited = self.waited_ms or [0.0] * len(walls)
+        return summarize_hops(self.steps, [w - x for w, x in zip(walls, waited, strict=False)])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -490,6 +494,7 @@ class AsyncChatSession:
             ttft_ms=gen.prefill_ms,
             token_ms=gen.decode_ms,
             steps=gen.hops,
+            waited_ms=gen.waited_ms,
             recoveries=list(self._session.recoveries),
         )
 

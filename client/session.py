@@ -155,6 +155,7 @@ class SwarmSession:
         self._unchecked: list[tuple[bytes, dict[str, bytes], pb.StepReply, int, int, list[int]]]
         self._unchecked = []
         self._forged: Unavailable | None = None
+        self._waited_s = 0.0  # this step's time that went to no hop (StepResult.waited_ms)
 
     def _spec(self) -> pb.SessionSpec:
         return pb.SessionSpec(
@@ -266,6 +267,7 @@ class SwarmSession:
     async def step(self, tokens: list[int], pos: int) -> StepResult:
         if self.first is None:
             raise InvalidArgument("open the session before its first step")
+        self._waited_s = 0.0
         await self._leave_excluded(pos)
         hops: list[dict] = []
         reply = None
@@ -296,11 +298,13 @@ class SwarmSession:
             # The material comes over blocking calls: off the event loop (a check point
             # is a small share of all steps).
             spec, route = self._spec(), self.route
+            gathering = time.perf_counter()
             for k in checks:
                 await asyncio.to_thread(
                     self.checker.gather, route, k, spec, self.replay.chunks, reply
                 )
-        return StepResult(reply.token, hops)
+            self._waited_s += time.perf_counter() - gathering
+        return StepResult(reply.token, hops, self._waited_s * 1e3)
 
     async def _leave_excluded(self, pos: int) -> None:
         """If spot-checks got a node of this session excluded, go on along a new route
@@ -315,6 +319,7 @@ class SwarmSession:
         await self._reroute()
         self._served = []
         ms = (time.perf_counter() - started) * 1e3
+        self._waited_s += ms / 1e3
         self.recoveries.append(Recovery(pos, "reroute", f"{', '.join(bad)} excluded", ms))
 
     async def _send(
@@ -341,6 +346,7 @@ class SwarmSession:
                 if failure is not None and self.planner is not None:
                     await self._reroute()
                 assert self.first is not None
+                tried = time.perf_counter()  # (this try's start: the time before it is lost)
                 request = self._request(
                     step_id, pos, ids, sample=sample, return_output=return_output
                 )
@@ -365,6 +371,7 @@ class SwarmSession:
                 await asyncio.sleep(min(next(delays), left) if tried_all else next(delays))
                 continue
             ms = (time.perf_counter() - started) * 1e3
+            self._waited_s += tried - started
             if first is not None and failure is not None:
                 kind = "reroute" if self.planner is not None else "retry"
                 self.recoveries.append(Recovery(pos, kind, _lost(first, failure, attempt), ms))

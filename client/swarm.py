@@ -42,7 +42,7 @@ def find_coordinator(
         which = f"of swarm {swarm!r} " if swarm else ""
         raise NotFound(
             f"no coordinator {which}answered on mDNS within {timeout_s:.0f} s: "
-            "give its address (--coordinator HOST:PORT; Client(\"HOST:PORT\") in Python)"
+            'give its address (--coordinator HOST:PORT; Client("HOST:PORT") in Python)'
         )
     if found.properties.get("tls") == "1" and not tls:
         raise FailedPrecondition(

@@ -33,6 +33,9 @@ STOP_NOTES = {
 class StepResult:
     token: int
     hops: list[dict[str, Any]] = field(default_factory=list)  # per-hop trace, empty locally
+    # Of the step's time, what went to no hop: failed tries and reroutes, a spot-check's
+    # material (so a hop's transfer time is not charged with it).
+    waited_ms: float = 0.0
 
 
 class Session(Protocol):
@@ -59,6 +62,7 @@ class Generation:
     prefill_ms: float = 0.0  # time to first token
     decode_ms: list[float] = field(default_factory=list)  # one per later token
     hops: list[list[dict[str, Any]]] = field(default_factory=list)  # trace of each step
+    waited_ms: list[float] = field(default_factory=list)  # each step's (StepResult)
     text: str = ""
 
 
@@ -98,6 +102,7 @@ def _loop(
     result = yield list(prompt_ids), start_pos
     gen.prefill_ms = (time.perf_counter() - t0) * 1e3
     gen.hops.append(result.hops)
+    gen.waited_ms.append(result.waited_ms)
     while True:
         token = result.token
         if token == eot_id:
@@ -117,6 +122,7 @@ def _loop(
         result = yield [token], pos
         gen.decode_ms.append((time.perf_counter() - t0) * 1e3)
         gen.hops.append(result.hops)
+        gen.waited_ms.append(result.waited_ms)
     return gen
 
 

@@ -225,6 +225,8 @@ def test_a_generation_waits_out_the_loss_of_a_stage_the_swarm_places_again(
     assert [r.kind for r in result.recoveries] == ["reroute"], result.recoveries
     # its reason is the node lost, not only what the later tries met (no node serves ...)
     assert lost in result.recoveries[0].detail.split(";")[0], result.recoveries
+    # and the wait is the recovery's, not a hop's transfer time
+    assert sum(h["transfer_ms"] for h in result.hops) < result.recoveries[0].ms, result.hops
 
 
 def test_a_coordinator_back_on_another_port_is_found_again(tmp_path: Path) -> None:
