@@ -360,6 +360,14 @@ class SwarmSession:
                 self.avoid.add(exc.failed)
                 if first is None:
                     first, failed_at = exc, time.monotonic()
+                    if self.planner is not None:  # (said once: the wait may be long)
+                        log.warning(
+                            "the step at position %d failed (%s): looking for a new route "
+                            "for up to %.0f s",
+                            pos,
+                            exc,
+                            self.retry.route_wait_s,
+                        )
                 failure = exc
                 attempt += 1
                 left = 0.0  # (along a fixed route no new route comes: tries alone count)

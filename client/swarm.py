@@ -67,7 +67,10 @@ class CoordinatorClient:
         try:
             return method(request, timeout=self.timeout_s)
         except grpc.RpcError as err:
-            raise rpc.error_from_rpc(err, self.address) from None
+            # (its words name nodes and units: not mistaken for a node's own failure)
+            raise rpc.error_from_rpc(
+                err, self.address, f"the coordinator at {self.address}"
+            ) from None
 
     def card(self) -> cpb.ModelCard:
         if self._card is None:

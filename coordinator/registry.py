@@ -86,6 +86,11 @@ class NodeRecord:
     tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
     slowdown: float = 1.0  # placement's factor on its measured step times (load.py)
     public_key: bytes = b""  # its Ed25519 identity (nanoshard/identity.py), proven at join
+    # A member of a group that broke, which may be the member that failed (a node cannot
+    # tell which peer did): placement leaves it out until its next heartbeat shows it alive.
+    # Else the survivors were grouped with a dead member again at once, and sat in its
+    # rendezvous (20 s) while a volunteer that came to take its place waited behind them.
+    suspect: bool = False
 
 
 @dataclass
@@ -227,8 +232,22 @@ class Registry:
         if record is None:
             return False
         log.info("node %s (%s) left", record.name, node_id[:8])
+        self._suspect_peers(record)  # (it may be leaving a group a peer of it broke)
         self.replan()
         return True
+
+    def _suspect_peers(self, record: NodeRecord) -> None:
+        """``record``'s group broke: its other members are suspects (``NodeRecord.suspect``)."""
+        group = self.groups.get(record.group)
+        for m in group.members if group is not None else ():
+            peer = self.nodes.get(m)
+            if peer is not None and peer is not record and not peer.suspect:
+                peer.suspect = True
+                log.info(
+                    "group %s broke: %s is placed again once its next heartbeat shows it alive",
+                    group.id,  # type: ignore[union-attr]
+                    peer.name,
+                )
 
     def exclude(self, address: str, reason: str) -> None:
         """Take the node at ``address`` (and its id, wherever it comes back) out of
@@ -275,6 +294,7 @@ class Registry:
         if record is None:
             return None
         record.last_heartbeat = now
+        alive_again, record.suspect = record.suspect, False
         record.ready = None if record.address in self.excluded else ready
         reported, record.tp_group = record.tp_group, tp_group if record.ready is not None else ""
         record.load = load
@@ -295,8 +315,12 @@ class Registry:
                     group.id,
                     record.name,
                 )
+                self._suspect_peers(record)
                 if self.settled:
                     self.replan({group.id})
+                return record
+        if alive_again and self.settled:
+            self.replan()
         return record
 
     def expire(self, now: float) -> list[NodeRecord]:
@@ -373,7 +397,7 @@ class Registry:
         return [
             self._capacity(r)
             for r in sorted(self.nodes.values(), key=lambda r: r.node_id)
-            if r.address not in self.excluded
+            if r.address not in self.excluded and not r.suspect
         ]
 
     @property
@@ -404,7 +428,11 @@ class Registry:
         given = [b for b in self._budgets if b is not None]  # (None: no limit, which wins)
         budget = None if None in self._budgets else min(given, default=None)
         self._broken, self._budgets = set(), []
-        active = {nid: r for nid, r in self.nodes.items() if r.address not in self.excluded}
+        active = {
+            nid: r
+            for nid, r in self.nodes.items()
+            if r.address not in self.excluded and not r.suspect
+        }
         previous: Placement = {
             nid: r.assigned for nid, r in active.items() if r.assigned is not None and not r.group
         }

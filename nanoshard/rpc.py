@@ -201,11 +201,12 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.NanoshardError) -
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def error_from_rpc(err: grpc.RpcError, peer: str = "") -> errors.NanoshardError:
-    """Turn a failed call back into a nanoshard error (the caller's view)."""
+def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> errors.NanoshardError:
+    """Turn a failed call back into a nanoshard error (the caller's view): its message
+    starts with ``label`` (default ``peer``, the address called)."""
     code = err.code() if hasattr(err, "code") else None
     detail = (err.details() if hasattr(err, "details") else None) or str(err)
-    where = f"{peer}: " if peer else ""
+    where = f"{label or peer}: " if label or peer else ""
     trailers = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         length = trailers.get(KV_LENGTH_KEY)  # a peer's word: a plain, short number or nothing

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import statistics
 import threading
 import time
@@ -62,6 +63,20 @@ def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(vocab_size, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (rank < extra)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a failed collective or rendezvous means, in words for a volunteer: gloo's and
+    the store's own text names a C++ source line and a peer's gloo port, then a paragraph
+    of advice."""
+    text = str(exc)
+    low = text.lower()
+    if any(s in low for s in ("connection reset", "connection closed", "broken pipe", "eof")):
+        return "a member's connection closed (it stopped, crashed or left)"
+    if "timed out" in low or "timeout" in low:
+        return "a member did not answer in time (hung, asleep, cut off, or never came)"
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0].strip().splitlines()[0][:200] if text else "?"
 
 
 class CollectiveError(RuntimeError):
@@ -179,7 +194,10 @@ class Collective:
         try:
             work.wait()
         except RuntimeError as exc:  # gloo: a peer closed the connection, or the timeout
-            raise CollectiveError(f"tensor-parallel group {self.group}: {exc}") from None
+            log.info("group %s: a collective failed: %s", self.group, exc)  # (gloo's own words)
+            raise CollectiveError(
+                f"tensor-parallel group {self.group}: {failure_reason(exc)}"
+            ) from None
 
     def _count(self, started: float, nbytes: int) -> None:
         with self._lock:

@@ -40,7 +40,7 @@ from nanoshard.errors import CheckpointError, InvalidArgument, Unavailable
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
-from nanoshard.tp import Collective, CollectiveError, shard
+from nanoshard.tp import Collective, CollectiveError, failure_reason, shard
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
@@ -576,7 +576,8 @@ class Volunteer:
             collective, probe_ms, bytes_per_s = await asyncio.to_thread(form)
         # A member that never came, a bad address, or a backend this node cannot run.
         except (RuntimeError, ValueError, InvalidArgument) as exc:
-            raise CollectiveError(f"group {tp.id} did not form: {exc}") from None
+            log.info("group %s did not form: %s", tp.id, exc)  # (torch's own words)
+            raise CollectiveError(f"group {tp.id} did not form: {failure_reason(exc)}") from None
         group = Membership(tp, collective)
         group.link.probe_ms, group.link.bytes_per_s = probe_ms, bytes_per_s
         self.events.info(

@@ -312,7 +312,8 @@ def test_a_web_servers_port_given_for_the_coordinators_is_one_line_not_a_retry_l
         main(["status", "--coordinator", web_server])
     assert exit.value.code == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"nanoshard: error: {web_server}: it answers")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"nanoshard: error: the coordinator at {web_server}: it answers"), err
     assert "not in gRPC" in err and "Traceback" not in err, err
     join = [str(BIN / "nanoshard-node"), "join", "--coordinator", web_server]
     join += ["--mdns-interface", "127.0.0.1"]  # (it stops before advertising anything)

@@ -475,7 +475,9 @@ def test_a_member_leaving_dissolves_its_group_and_ids_are_never_reused() -> None
     assert registry.nodes[nid(0)].assigned is None
     assert after["n2"] == before["n2"] and after["n3"] == before["n3"]  # untouched
     assert [s.address for s in registry.servers()] == ["10.0.0.3:7961"]
-    registry.join(record(4))  # a new member: a new formation, a new id
+    registry.join(record(4))  # a new member ...
+    assert "n0" not in seats(registry)  # ... and n0, which may have failed: a suspect
+    registry.heartbeat(nid(0), 2.0, None, Load(), "")  # alive: a new formation, a new id
     again = seats(registry)
     assert again["n0"][0] == again["n4"][0]
     assert again["n0"][0] not in {gid for gid, _, _ in before.values()}
@@ -502,13 +504,33 @@ def test_a_group_that_broke_is_formed_again_under_a_new_id() -> None:
     serve_all(registry)
     old = seats(registry)["n0"][0]
     assert registry.servers()
-    # n1's collective failed (n0 hung): it stops serving the group and waits.
+    # n1's collective failed (n0 hung?): it stops serving the group and waits. n0 is not
+    # grouped again until a heartbeat shows it alive (a hung or dead n0 sends none).
     registry.heartbeat(nid(1), 2.0, None, Load(), "")
+    assert seats(registry) == {} and registry.nodes[nid(0)].suspect
+    registry.heartbeat(nid(0), 2.5, None, Load(), "")
     new = seats(registry)
     assert new["n0"][0] == new["n1"][0] != old
     assert registry.servers() == []  # until both serve the new formation
     serve_all(registry, 3.0)
     assert len(registry.servers()) == 1
+
+
+def test_a_survivor_is_not_grouped_again_with_the_member_that_died() -> None:
+    """Rank 1 of the only group dies. Rank 0's collective fails: it leaves and joins again
+    (node/join.py) before the dead member's heartbeats time out. The dead member is not
+    grouped with it again (it would sit in a rendezvous nobody comes to for 20 s); a
+    volunteer that comes to take its place is, at once."""
+    registry = Registry(GPT2, tp=2, heartbeat_timeout_s=6)
+    registry.join(record(0))
+    registry.join(record(1))
+    serve_all(registry)
+    registry.leave(nid(0))
+    registry.join(record(0))
+    assert seats(registry) == {}  # n1 (dead) waits for a heartbeat that never comes
+    registry.join(record(2))
+    found = seats(registry)
+    assert found["n0"][0] == found["n2"][0] and "n1" not in found
 
 
 def test_rank_0_rejoining_with_another_store_re_forms_its_group() -> None:

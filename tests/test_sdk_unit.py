@@ -809,3 +809,8 @@ def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
     assert str(err) == (
         "127.0.0.1:17999: nothing listens there (connection refused): stopped, or not that port"
     )
+    # a coordinator's call is labelled so (its own errors name nodes: not to be taken for
+    # a node that failed), and still names the address that failed
+    err = rpc.error_from_rpc(refused, "127.0.0.1:17999", "the coordinator at 127.0.0.1:17999")
+    assert str(err).startswith("the coordinator at 127.0.0.1:17999: nothing listens there")
+    assert isinstance(err, Unavailable) and err.failed == ["127.0.0.1:17999"]

@@ -8,6 +8,7 @@ import functools
 import io
 import itertools
 import multiprocessing as mp
+import time
 from typing import Any
 
 import psutil
@@ -20,7 +21,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.errors import InvalidArgument
 from nanoshard.node.join import rendezvous_store
-from nanoshard.tp import Collective, shard, vocab_range
+from nanoshard.tp import Collective, CollectiveError, failure_reason, shard, vocab_range
 
 CONFIG = GPTConfig(block_size=96, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
 PROMPT = [3, 17, 99, 0, 42, 5, 64, 8]
@@ -134,6 +135,34 @@ def test_a_new_group_measures_its_links_and_still_sums() -> None:
     for probe_ms, bytes_per_s, total in in_group(2, probe_then_sum):
         assert 0 < probe_ms < 1000 and bytes_per_s > 1e6
         assert total == 3.0  # 1 + 2
+
+
+def outlive_a_member(collective: Collective) -> str:
+    """Rank 1 returns at once (its process ends); rank 0's next collective then fails."""
+    if collective.rank == 1:
+        return ""
+    time.sleep(2.0)
+    try:
+        collective.all_reduce(torch.ones(3))
+    except CollectiveError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_member_lost_reads_as_such_not_as_gloos_own_text() -> None:
+    """A volunteer reads why its group broke in a line: not gloo's C++ source line, peer
+    port and paragraph of advice."""
+    message, _ = in_group(2, outlive_a_member)
+    assert message == (
+        "tensor-parallel group test: a member's connection closed (it stopped, crashed or left)"
+    )
+    timed_out = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+        "20000ms for recv operation to complete"
+    )
+    assert "did not answer in time" in failure_reason(timed_out)
+    other = RuntimeError("[/x/gloo/transport/tcp/pair.cc:9] Something else. This is typically")
+    assert failure_reason(other) == "Something else"
 
 
 def test_a_group_runs_on_gloo_or_on_nccl_with_cuda_only() -> None:
