@@ -25,6 +25,7 @@ MAX_RETRY_AFTER_S = 3600.0
 # What gRPC's C core says when the peer answered, but not in HTTP/2 (a web server: HTTP/1.x)
 NOT_HTTP2 = "Failed parsing HTTP/2"
 REFUSED = "Connection refused"  # (gRPC's text: nothing listens at that address)
+CLOSED = ("Socket closed", "Connection reset")  # (gRPC's: the peer's process went away)
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
@@ -230,6 +231,12 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         )
     if code == grpc.StatusCode.UNAVAILABLE and REFUSED in detail and FAILED_KEY not in trailers:
         detail = "nothing listens there (connection refused): stopped, or not that port"
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and any(text in detail for text in CLOSED)
+        and FAILED_KEY not in trailers
+    ):
+        detail = f"the connection closed: it stopped, crashed or left (gRPC: {detail})"
     if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
         detail = f"it does not serve this call ({detail}): is it the right address?"
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]

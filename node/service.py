@@ -163,8 +163,8 @@ class NodeService(pb_grpc.NodeServicer):
         nothing until the coordinator forms a new group (the volunteer re-joins)."""
         if group.broken:
             return
-        group.broken = why
-        log.warning("tensor-parallel group %s is broken: %s", group.id, why)
+        group.broken = why.removeprefix(f"tensor-parallel group {group.id}: ")  # (said once)
+        log.warning("tensor-parallel group %s is broken: %s", group.id, group.broken)
         group.collective.abort()  # a collective waiting on the group fails now, not at its timeout
         if self.group is group:
             self.stage, self._views = None, {}

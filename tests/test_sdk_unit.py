@@ -809,6 +809,14 @@ def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
     assert str(err) == (
         "127.0.0.1:17999: nothing listens there (connection refused): stopped, or not that port"
     )
+    closed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "Stream removed (Socket closed)",
+    )  # fmt: skip
+    assert str(rpc.error_from_rpc(closed, "127.0.0.1:17999")) == (
+        "127.0.0.1:17999: the connection closed: it stopped, crashed or left "
+        "(gRPC: Stream removed (Socket closed))"
+    )
     # a coordinator's call is labelled so (its own errors name nodes: not to be taken for
     # a node that failed), and still names the address that failed
     err = rpc.error_from_rpc(refused, "127.0.0.1:17999", "the coordinator at 127.0.0.1:17999")
