@@ -214,6 +214,47 @@ def test_a_lost_member_costs_nothing_but_time(tmp_path: Path, fault: str) -> Non
         victim.popen.send_signal(signal.SIGCONT)  # (a hung volunteer that wakes up joins again)
 
 
+def test_a_group_without_a_spare_re_forms_with_the_volunteer_who_comes(tmp_path: Path) -> None:
+    """The only group: two volunteers, each too small for the demo model alone. Rank 1 is
+    killed mid-generation and a third volunteer joins. Rank 0 is not grouped again with
+    the dead member (it sat 20 s in a rendezvous nobody came to, and the newcomer waited
+    behind it past the client's 20 s wait for a route) but with the newcomer, and the
+    generation goes on with the tokens of a run without the loss. Default heartbeats and
+    timeouts: what a user gets."""
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--swarm", name)
+
+        def volunteer(i: int) -> Any:
+            return swarm.join("--swarm", name, "--coordinator", address, "--max-memory", "5M",
+                              "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
+
+        procs = [volunteer(0), volunteer(1)]
+        client = CoordinatorClient(address)
+        status = wait_until("one TP-2 group", lambda: groups_ready(client, 2, 2), timeout=240)
+        rank1 = next(n for n in status["nodes"] if n["tp"]["rank"] == 1)
+        victim = procs[int(rank1["name"].removeprefix("n"))]
+        with Client(address, check_rate=0) as sdk:
+            reference = sdk.generate("ROMEO:", 120, temperature=0.0)
+            seen = 0
+
+            def on_token(_token: object) -> None:
+                nonlocal seen
+                seen += 1
+                if seen == 20:
+                    victim.popen.send_signal(signal.SIGKILL)
+                    volunteer(2)
+
+            result = sdk.generate("ROMEO:", 120, temperature=0.0, on_token=on_token)
+        client.close()
+    assert result.token_ids == reference.token_ids
+    assert [r.kind for r in result.recoveries] == ["reroute"], result.recoveries
+    assert "a member's connection closed" in result.recoveries[0].detail, result.recoveries
+    # (about 4 s here: the newcomer's start; grouped with the dead member, rank 0 first
+    # waited out its 20 s rendezvous)
+    assert result.recoveries[0].ms < 15_000, result.recoveries
+
+
 def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
     """--tp auto (the default): volunteers whose memory holds the head but not the embedding
     unit; placement groups nodes for it, and the swarm gives --local's tokens."""
