@@ -68,14 +68,22 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._stopping = stopping
         self._loop = asyncio.get_running_loop()
+        self.stopped_by: int | None = None  # the signal that stopped it
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again as its serve() ends, inside the event loop, where
+        # asyncio's own SIGINT handler may turn it into a cancellation that a clean-up
+        # absorbs (the gateway then exited 0 on Ctrl-C, under load): ``serve`` returns it
+        # instead, and the command ends as the signal asks once the loop is closed.
+        self._captured_signals.clear()
+        self.stopped_by = self.stopped_by or sig
         self._loop.call_soon_threadsafe(self._stopping.set)  # (in a signal handler)
 
 
-async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
-    """Serve until SIGINT/SIGTERM; ``ready(url)`` once the server accepts connections."""
+async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> int | None:
+    """Serve until SIGINT/SIGTERM; ``ready(url)`` once the server accepts connections.
+    Returns the signal that stopped it."""
     client = AsyncClient(
         config.coordinator,
         mdns_interfaces=config.mdns_interfaces,
@@ -107,6 +115,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> None:
         warm.add_done_callback(_note)
         ready(f"http://{config.host}:{port}")
         await task
+        return server.stopped_by
     finally:
         if not task.done():
             server.should_exit = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -336,7 +337,12 @@ def cmd_api(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(listening_line(API, url), flush=True)
 
-    asyncio.run(serve(config, ready))
+    stopped_by = asyncio.run(serve(config, ready))
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt  # (ends as Ctrl-C ends any command: one line, 130)
+    if stopped_by is not None:
+        signal.signal(stopped_by, signal.SIG_DFL)
+        signal.raise_signal(stopped_by)  # (SIGTERM: ended by it, as a process expects)
     return 0
 
 

@@ -193,7 +193,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             with console.status("waiting until every unit is served…"):
                 status = wait_for_coverage(coordinator, procs, config.nodes, config.timeout)
             url = start_gateway(procs, address, config)
-            console.print(f"[bold]web view:[/]   {url}")  # (a line each: URLs are not wrapped)
+            console.print(f"[bold]web view:[/] {url}")  # (a line each: URLs are not wrapped)
             console.print(f"[bold]OpenAI API:[/] {url}/v1 (model {status.model_name!r})")
             console.print(StatusView(status))
 
