@@ -239,13 +239,15 @@ class Registry:
     def _suspect_peers(self, record: NodeRecord) -> None:
         """``record``'s group broke: its other members are suspects (``NodeRecord.suspect``)."""
         group = self.groups.get(record.group)
-        for m in group.members if group is not None else ():
+        if group is None:
+            return
+        for m in group.members:
             peer = self.nodes.get(m)
             if peer is not None and peer is not record and not peer.suspect:
                 peer.suspect = True
                 log.info(
                     "group %s broke: %s is placed again once its next heartbeat shows it alive",
-                    group.id,  # type: ignore[union-attr]
+                    group.id,
                     peer.name,
                 )
 
