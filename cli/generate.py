@@ -20,6 +20,7 @@ from nanoshard.security import read_key
 from nanoshard.tokenizer import encoding_for
 
 DEFAULT_MODEL = "demo"  # of --local and --route: the built-in model
+UNTRUSTED = 3  # the exit code of a generation part of which a node excluded for lying computed
 
 
 def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
@@ -78,8 +79,9 @@ def generate_locally(
 
 def generate_on_nodes(
     args: argparse.Namespace, on_token: Callable[[Token], object] | None
-) -> tuple[GenerationResult, list[CheckResult]]:
-    """Through the swarm (or ``--route``'s nodes): the result, and the spot-checks run."""
+) -> tuple[GenerationResult, list[CheckResult], dict[str, int]]:
+    """Through the swarm (or ``--route``'s nodes): the result, the spot-checks run, and the
+    nodes of the result they got excluded (``Client.excluded``)."""
     route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
     if args.route is not None and not route:
         raise InvalidArgument("--route needs at least one HOST:PORT")
@@ -107,7 +109,8 @@ def generate_on_nodes(
             seed=args.seed,
             on_token=on_token,
         )
-        return result, client.wait_for_checks()
+        checks = client.wait_for_checks()
+        return result, checks, client.excluded(result)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -123,6 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     on_token = None if args.json else show
     checks: list[CheckResult] = []
+    excluded: dict[str, int] = {}
     if args.model is not None and not (args.local or args.route):
         raise InvalidArgument(
             "--model is for --local and --route: a swarm serves its coordinator's model "
@@ -150,14 +154,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.local:
             result = generate_locally(args, on_token)
         else:
-            result, checks = generate_on_nodes(args, on_token)
+            result, checks, excluded = generate_on_nodes(args, on_token)
     except BaseException:
         if started:  # an error or Ctrl-C mid-stream starts its own line, after the text
             sys.stdout.write("\n")
             sys.stdout.flush()
         raise
-    report(result, args, with_hops=not args.local, checks=checks)
-    return 0
+    report(result, args, with_hops=not args.local, checks=checks, excluded=excluded)
+    return UNTRUSTED if excluded else 0
 
 
 def refuse_flags(given: dict[str, bool], why: str) -> None:
@@ -171,12 +175,14 @@ def report(
     args: argparse.Namespace,
     with_hops: bool,
     checks: list[CheckResult],
+    excluded: dict[str, int] | None = None,
 ) -> None:
     out = result.to_dict()
     if not with_hops:
         del out["hops"]
     else:
         out["checks"] = [c.to_dict() for c in checks]
+        out["excluded"] = excluded or {}
     if args.json:
         print(json.dumps(out))
         return
@@ -206,5 +212,12 @@ def report(
             f"  {row['node']} units [{row['units'][0]}, {row['units'][1]}): compute "
             f"{row['compute_ms']:.1f} ms, queue {row['queue_ms']:.1f} ms, transfer "
             f"{row['transfer_ms']:.1f} ms, {row['bytes_out']} bytes out ({row['codec']})",
+            file=sys.stderr,
+        )
+    for address, k in (excluded or {}).items():
+        print(
+            f"warning: spot-checks got {address} excluded for lying (the coordinator's re-run "
+            f"contradicted what it signed): the text from generated token {k + 1} on went "
+            "through it and may be wrong; run the prompt again",
             file=sys.stderr,
         )

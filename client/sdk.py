@@ -283,6 +283,18 @@ class AsyncClient:
         await asyncio.to_thread(self.checker.wait)
         return self.checks
 
+    def excluded(self, result: GenerationResult) -> dict[str, int]:
+        """The nodes that computed part of ``result`` and that spot-checks have since got
+        excluded (the coordinator's re-run contradicted what they signed), each with the
+        first generated token that went through it: the text from there on may be wrong.
+        A session leaves such a node at its next step; a check that finds it after the
+        last one leaves the text as it came. Complete once :meth:`wait_for_checks` returns."""
+        first: dict[str, int] = {}
+        for k, traces in enumerate(result.steps):
+            for trace in traces:
+                first.setdefault(trace["address"], k)
+        return {a: first[a] for a in self.checker.excluded(list(first))}
+
     async def status(self) -> dict[str, Any]:
         """The swarm's status, as ``nanoshard status --json`` prints it."""
         await self.connect()
@@ -615,6 +627,10 @@ class Client:
 
     def wait_for_checks(self) -> list[CheckResult]:
         return self._loop.run(self.core.wait_for_checks())
+
+    def excluded(self, result: GenerationResult) -> dict[str, int]:
+        """As :meth:`AsyncClient.excluded`."""
+        return self.core.excluded(result)
 
     def status(self) -> dict[str, Any]:
         return self._loop.run(self.core.status())

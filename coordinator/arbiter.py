@@ -24,8 +24,6 @@ from nanoshard.v1 import node_pb2 as pb
 
 from .model import ModelStore
 
-ARBITER = "coordinator"  # the coordinator's name as a witness in the ledger
-
 
 def _activations(act: pb.Activations, rows: int, width: int, what: str) -> None:
     if act.codec not in codecs.CODECS:

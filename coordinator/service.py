@@ -33,7 +33,7 @@ from nanoshard.tp import MAX_PEERS
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 
-from .arbiter import ARBITER, Arbiter, read_evidence, signers
+from .arbiter import Arbiter, read_evidence, signers
 from .groups import LinkReport, PeerReport
 from .limits import Bounded, RateLimit
 from .load import LiveReport
@@ -42,7 +42,7 @@ from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
 from .replanner import Replanner
 from .routing import Server, plan_route, route_ms
-from .trust import Comparison, Ledger, suggested_rate
+from .trust import ARBITER, Comparison, Ledger, suggested_rate
 
 log = logging.getLogger(__name__)
 

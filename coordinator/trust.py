@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+ARBITER = "coordinator"  # the coordinator's name as a witness in the ledger (its re-runs)
 PROBATION_PASSES = 4  # agreeing checks before clients follow a node at their own rate
 SUSPECT_SHARE = 0.2  # a node more of whose checks than this disagreed is followed always
 
@@ -72,9 +73,16 @@ class Ledger:
         return self.tallies(now).get(address, (0, 0))
 
     def tallies(self, now: float) -> dict[str, tuple[int, int]]:
-        """``tally`` of every address at once, in one pass (a status lists every node)."""
+        """``tally`` of every address at once (a status lists every node). A disagreement
+        with a node the coordinator's own re-run has contradicted counts against that node
+        only: the honest witness of a liar's check is not held to have failed it."""
+        recent = self._recent(now)
+        caught = {c.b for c in recent if c.a == ARBITER and not c.agree}
         counts: dict[str, list[int]] = {}
-        for c in self._recent(now):
-            for address in {c.a, c.b}:
+        for c in recent:
+            sides = {c.a, c.b}
+            if not c.agree and len(sides & caught) == 1:
+                sides &= caught
+            for address in sides:
                 counts.setdefault(address, [0, 0])[0 if c.agree else 1] += 1
         return {address: (passed, failed) for address, (passed, failed) in counts.items()}

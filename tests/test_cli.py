@@ -347,3 +347,24 @@ def test_a_tls_file_that_is_not_pem_is_named(
         main(["status", "--coordinator", "127.0.0.1:1", "--tls-ca", str(junk)])
     assert exit.value.code == 1
     assert capsys.readouterr().err == f"nanoshard: error: {junk} is not a certificate in PEM\n"
+
+
+def test_a_generation_a_node_excluded_for_lying_computed_ends_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from argparse import Namespace
+
+    from nanoshard.cli.generate import UNTRUSTED, report
+    from nanoshard.client.sdk import GenerationResult
+
+    result = GenerationResult("!", [0], [1, 2], "max_new_tokens", 1.0, [])
+    report(result, Namespace(json=False), True, [], {"127.0.0.1:9": 2})
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "warning: spot-checks got 127.0.0.1:9 excluded for lying (the coordinator's re-run "
+        "contradicted what it signed): the text from generated token 3 on went through it "
+        "and may be wrong; run the prompt again"
+    )
+    report(result, Namespace(json=True), True, [], {"127.0.0.1:9": 2})
+    assert '"excluded": {"127.0.0.1:9": 2}' in capsys.readouterr().out
+    assert UNTRUSTED not in (0, 1, 2, 130)  # an exit code of its own

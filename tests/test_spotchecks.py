@@ -25,7 +25,7 @@ from nanoshard.client.checks import CHECK_EVERY, Checker, CheckResult
 from nanoshard.client.route import Route
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
-from nanoshard.coordinator.trust import Comparison, Ledger
+from nanoshard.coordinator.trust import ARBITER, Comparison, Ledger
 from nanoshard.engine import init_weights
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import generate
@@ -101,6 +101,22 @@ def test_old_checks_expire_from_the_tallies() -> None:
     ledger.add([cmp("H", "L1", 0.05), cmp("H", "L2", 1e-6)])
     assert ledger.tally("H", 0) == (1, 1) and ledger.tally("L2", 0) == (1, 0)
     assert ledger.tally("H", 61) == (0, 0)  # forgotten after the window
+
+
+def test_a_disagreement_with_a_caught_liar_counts_against_the_liar_only() -> None:
+    ledger = Ledger()
+    # a client's check: the liar L and its honest witness H disagree; the coordinator's
+    # re-run then matches H's signed output and contradicts L's
+    ledger.add([cmp("L", "H", 0.1), cmp(ARBITER, "H", 1e-7), cmp(ARBITER, "L", 0.1)])
+    assert ledger.tally("H", 0) == (1, 0)
+    assert ledger.tally("L", 0) == (0, 2)
+    # its later disagreements too, settled or not
+    ledger.add([Comparison("H", "L", 0, 6, 44, 0.1, 1e-3, 0.0)])
+    assert ledger.tally("H", 0) == (1, 0) and ledger.tally("L", 0) == (0, 3)
+    # a disagreement nobody settled stays against both
+    unsettled = Ledger()
+    unsettled.add([cmp("L", "H", 0.1)])
+    assert unsettled.tally("H", 0) == (0, 1) and unsettled.tally("L", 0) == (0, 1)
 
 
 # ---- real nodes -----------------------------------------------------------------------
@@ -263,10 +279,12 @@ def run_checked(
     rate: float = 1.0,
     runs: int = 1,
     until: Callable[[list[CheckResult]], bool] | None = None,
+    served: list[tuple[dict[str, int], dict[str, int]]] | None = None,
 ) -> tuple[list[CheckResult], dict]:
     """Generations of 50 steps (a prompt, then 49 tokens) with spot-checks at ``rate``,
     once every unit has ``replicas``: ``runs`` of them, or fewer once ``until`` holds of
-    the checks so far; the checks and the status after them."""
+    the checks so far; the checks and the status after them. ``served`` gets, per run,
+    the first step of each node in it and what ``Client.excluded`` said of it."""
     with Client(address, check_rate=rate, check_seed=seed) as client:
         wait_until(
             f"{replicas} replicas of every unit",
@@ -278,6 +296,12 @@ def run_checked(
             got = client.generate(PROMPT, STEPS - 1, temperature=0)
             assert len(got.token_ids) == STEPS - 1
             checks = client.wait_for_checks()
+            if served is not None:
+                first: dict[str, int] = {}
+                for k, traces in enumerate(got.steps):
+                    for trace in traces:
+                        first.setdefault(trace["address"], k)
+                served.append((first, client.excluded(got)))
             if until is not None and until(checks):
                 break
         status = client.status()
@@ -295,10 +319,16 @@ def test_a_perturbing_node_is_found_within_50_steps_and_excluded(
         address = whole_model_swarm(swarm, tiny_model, replicas, liar=True)
         # a session's hop and its shadow are two of the nodes: with three, the liar may be
         # in neither, so sessions go on until a check disagrees (10 in all at most)
+        served: list[tuple[dict[str, int], dict[str, int]]] = []
         checks, nodes = run_checked(
-            address, replicas, runs=10, until=lambda cs: any(not c.agree for c in cs)
+            address, replicas, runs=10, until=lambda cs: any(not c.agree for c in cs), served=served
         )
         liar = nodes["liar"]
+        # the generation that went through it says so, from the liar's first step on
+        first, excluded = served[-1]
+        a_liar = liar["address"]
+        assert excluded == ({a_liar: first[a_liar]} if a_liar in first else {}), served[-1]
+        assert all(not excluded for _, excluded in served[:-1])
         assert checks, "no step was checked"
         for c in checks:  # the liar's checks disagree; once it is out, the rest agree
             assert c.agree == (liar["address"] not in {c.checked, *c.distances}), c
@@ -308,6 +338,7 @@ def test_a_perturbing_node_is_found_within_50_steps_and_excluded(
         for name in [n for n in nodes if n != "liar"]:  # honest ones keep serving
             honest = nodes[name]
             assert honest["excluded"] is None, nodes
+            assert honest["checks"]["failed"] == 0, nodes  # its disagreements were the liar's
             assert honest["stage"] is not None and honest["serving"] == honest["stage"], nodes
         # status says so, to people too
         shown = nanoshard("status", "--coordinator", address)
