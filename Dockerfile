@@ -6,8 +6,11 @@
 #   docker run --rm --network host nanoshard join --coordinator 192.168.1.10:7960
 #   docker run --rm --network host --entrypoint nanoshard nanoshard coordinator --model demo
 #
-# mDNS needs --network host: multicast does not cross Docker's default bridge. Without it,
-# pass --coordinator HOST:PORT and publish the node's port (-p 7961:7961 ... join --port 7961).
+# A node needs --network host: multicast (mDNS) does not cross Docker's default bridge, and
+# on a bridge a node would give the swarm its container's address, which no other machine
+# reaches. A coordinator alone may run on a bridge: publish its port (-p 7960:7960).
+# The built-in demo model needs nothing more; a nanoGPT ckpt.pt needs GPT-2's BPE files
+# (`make gpt2-bpe` in a checkout): mount them and point NANOSHARD_GPT2_BPE_DIR at them.
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim
 
@@ -30,7 +33,10 @@ COPY coordinator ./coordinator
 COPY client ./client
 COPY cli ./cli
 COPY api ./api
-RUN pip install . && useradd --create-home volunteer
+# The cache (weights, the node's key) is a volume: its folder must exist, the volunteer's,
+# or Docker makes it root's and the node cannot write its key there.
+RUN pip install . && useradd --create-home volunteer \
+    && mkdir -p /home/volunteer/.cache/nanoshard && chown -R volunteer: /home/volunteer/.cache
 
 USER volunteer
 VOLUME ["/home/volunteer/.cache/nanoshard"]

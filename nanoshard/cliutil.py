@@ -8,6 +8,7 @@ import importlib
 import importlib.metadata
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -117,7 +118,15 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
 def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
     """A console script's ``main``: import ``module`` (torch and the rest: a second or
     two), then run its ``main(argv)``. Ctrl-C while it loads ends as it does later: one
-    line and exit 130, not a traceback from the middle of an import."""
+    line and exit 130, not a traceback from the middle of an import.
+
+    The native libraries' own log lines (gRPC's C core: a TLS handshake that failed, with
+    its source file; torch's C++: a group's rendezvous polling for a member that died)
+    would reach the terminal beside the command's own account of the same thing: only
+    their errors do, unless ``-v``. Each reads its setting once, as it loads: set first."""
+    if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:

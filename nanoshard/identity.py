@@ -85,7 +85,10 @@ class NodeKey:
             raise FailedPrecondition(f"cannot keep this node's key in {folder}: {exc}") from None
         for index in range(MAX_KEY_FILES):
             path = folder / ("node.key" if index == 0 else f"node-{index}.key")
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:  # a folder in its place, no permission, ...
+                raise FailedPrecondition(f"cannot keep this node's key in {path}: {exc}") from None
             lock = os.fdopen(handle, "r+b")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,7 +97,14 @@ class NodeKey:
                 continue
             pem = lock.read()
             if pem:
-                private = serialization.load_pem_private_key(pem, password=None)
+                try:
+                    private = serialization.load_pem_private_key(pem, password=None)
+                except (ValueError, TypeError):  # not PEM, or a key with a password
+                    lock.close()
+                    raise InvalidArgument(
+                        f"{path} does not hold an Ed25519 key in PEM: move it away and a new "
+                        "one is made (the node then has a new identity)"
+                    ) from None
                 if not isinstance(private, Ed25519PrivateKey):
                     lock.close()
                     raise InvalidArgument(f"{path} does not hold an Ed25519 key")

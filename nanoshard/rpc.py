@@ -26,6 +26,8 @@ MAX_RETRY_AFTER_S = 3600.0
 NOT_HTTP2 = "Failed parsing HTTP/2"
 REFUSED = "Connection refused"  # (gRPC's text: nothing listens at that address)
 CLOSED = ("Socket closed", "Connection reset")  # (gRPC's: the peer's process went away)
+CONNECTING = "failed to connect to all addresses"  # (gRPC's: no connection was made)
+TLS_FAILED = "Tls handshake failed"  # (gRPC's)
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
@@ -236,7 +238,14 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         and any(text in detail for text in CLOSED)
         and FAILED_KEY not in trailers
     ):
-        detail = f"the connection closed: it stopped, crashed or left (gRPC: {detail})"
+        # (closed while connecting, as a TLS server closes on a caller without TLS)
+        tls = ", or it serves TLS: pass --tls-ca" if CONNECTING in detail else ""
+        detail = f"the connection closed: it stopped, crashed or left{tls} (gRPC: {detail})"
+    if code == grpc.StatusCode.UNAVAILABLE and TLS_FAILED in detail:
+        detail = (
+            "the TLS handshake failed: its certificate does not verify against --tls-ca "
+            f"(another swarm's CA, or a certificate for another host) (gRPC: {detail})"
+        )
     if code == grpc.StatusCode.UNIMPLEMENTED:  # another kind of server (a node, not a coordinator)
         detail = f"it does not serve this call ({detail}): is it the right address?"
     cls = _BY_CODE.get(code, errors.Unavailable)  # type: ignore[arg-type]

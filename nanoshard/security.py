@@ -119,7 +119,7 @@ def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
     """Each TLS file given holds what its flag says, in PEM: else InvalidArgument now (gRPC
     would only say it failed to bind, or to make a handshaker)."""
 
-    def private_key(data: bytes) -> object:
+    def private_key(data: bytes) -> Any:
         return serialization.load_pem_private_key(data, password=None)
 
     certificates = x509.load_pem_x509_certificates
@@ -128,13 +128,28 @@ def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
         (ca, "a certificate", certificates),
         (key, "an unencrypted private key", private_key),
     ]
+    loaded = []
     for path, what, load in files:
         if path is None:
+            loaded.append(None)
             continue
         try:
-            load(Path(path).read_bytes())
+            loaded.append(load(Path(path).read_bytes()))
         except (ValueError, TypeError):  # (cryptography's reason is a paragraph long)
             raise InvalidArgument(f"{path} is not {what} in PEM") from None
+    certs, _, private = loaded
+    if certs and private is not None and _public(certs[0].public_key()) != _public(
+        private.public_key()
+    ):
+        raise InvalidArgument(f"{key} is not the private key of the certificate {cert}")
+
+
+def _public(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 @dataclass
@@ -244,6 +259,11 @@ def read_key(key: str | None, key_file: str | Path | None) -> SwarmKey | None:
             key = Path(key_file).read_text().strip()
         except OSError as exc:
             raise InvalidArgument(f"cannot read the swarm key file {key_file}: {exc}") from None
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                f"the swarm key file {key_file} is not text (UTF-8): write the key as text, "
+                "e.g. the output of `openssl rand -hex 32`"
+            ) from None
         if not key:
             raise InvalidArgument(f"the swarm key file {key_file} is empty")
     key = key or os.environ.get(KEY_ENV) or None

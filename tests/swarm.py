@@ -85,6 +85,12 @@ class Proc:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def wait(self, timeout: float) -> int:
+        """Its exit code, once it has ended and all its output is read."""
+        code = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
     def wait_for(self, pattern: re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

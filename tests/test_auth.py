@@ -3,6 +3,8 @@ calls without one, and TLS end to end."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 
 import grpc
@@ -213,7 +215,28 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
         local = local_tokens("--temperature", "0", "--max-new-tokens", "20", "ROMEO:")
         assert tokens == local
         # a client trusting another CA does not talk to these servers
-        with pytest.raises(NanoshardError):
+        with pytest.raises(NanoshardError, match="the TLS handshake failed: its certificate"):
             Client(coordinator, swarm_key=KEY, tls_ca=other / "ca.pem", timeout_s=5)
-        # nor does one speaking plaintext
+        # nor does one speaking plaintext, which is told what may be missing
         assert raw_call(coordinator, "Coordinator", "GetStatus") == grpc.StatusCode.UNAVAILABLE
+        plain = nanoshard("status", "--coordinator", coordinator, "--swarm-key", KEY)
+        assert plain.returncode == 1, plain.stderr
+        assert "or it serves TLS: pass --tls-ca" in plain.stderr.strip().splitlines()[-1]
+
+
+def test_a_volunteer_without_the_ca_is_told_the_coordinator_it_found_needs_tls(
+    tmp_path: Path,
+) -> None:
+    certs = tmp_path / "certs"
+    assert nanoshard("certs", str(certs), "--hosts", "127.0.0.1").returncode == 0
+    tls = ["--tls-cert", str(certs / "127.0.0.1.pem"), "--tls-key", str(certs / "127.0.0.1.key")]
+    name = f"tls-{secrets.token_hex(4)}"
+    with Swarm() as swarm:
+        swarm.coordinator("--swarm", name, *tls, "--tls-ca", str(certs / "ca.pem"))
+        volunteer = swarm.join("--swarm", name, "--cache-dir", str(tmp_path / "n"))
+        assert volunteer.wait(timeout=120) == 1, volunteer.output
+        assert re.fullmatch(
+            r"nanoshard-node: error: the coordinator at 127\.0\.0\.1:\d+ needs TLS: pass "
+            r"--tls-ca \(the swarm's CA\), and --tls-cert/--tls-key for this node",
+            volunteer.lines[-1],
+        ), volunteer.output

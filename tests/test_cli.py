@@ -349,6 +349,35 @@ def test_a_tls_file_that_is_not_pem_is_named(
     assert capsys.readouterr().err == f"nanoshard: error: {junk} is not a certificate in PEM\n"
 
 
+def test_a_tls_key_of_another_certificate_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for folder in ("one", "two"):
+        with pytest.raises(SystemExit) as made:
+            main(["certs", str(tmp_path / folder), "--hosts", "127.0.0.1"])
+        assert made.value.code == 0
+    cert, key = tmp_path / "one" / "127.0.0.1.pem", tmp_path / "two" / "127.0.0.1.key"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main(["coordinator", "--no-mdns", "--tls-cert", str(cert), "--tls-key", str(key)])
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert err == f"nanoshard: error: {key} is not the private key of the certificate {cert}\n"
+
+
+def test_a_swarm_key_file_that_is_not_text_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "swarm.key"
+    binary.write_bytes(bytes(range(200, 256)))
+    with pytest.raises(SystemExit) as exit:
+        main(["status", "--coordinator", "127.0.0.1:1", "--swarm-key-file", str(binary)])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.startswith(
+        f"nanoshard: error: the swarm key file {binary} is not text (UTF-8)"
+    )
+
+
 def test_a_generation_a_node_excluded_for_lying_computed_ends_with_a_warning(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -20,9 +20,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def instruction(name: str) -> list[str]:
-    return [
-        line.split(None, 1)[1] for line in DOCKERFILE.splitlines() if line.startswith(name + " ")
-    ]
+    """Each ``name`` instruction's arguments, its continued lines joined."""
+    lines = DOCKERFILE.replace("\\\n", " ").splitlines()
+    return [line.split(None, 1)[1] for line in lines if line.startswith(name + " ")]
 
 
 def test_the_image_installs_the_package_from_its_folders() -> None:
@@ -59,3 +59,15 @@ def test_compose_services_run_real_commands(service: str) -> None:
     parser = {"nanoshard": nanoshard_parser, "nanoshard-node": node_parser}[entry[0]]()
     args = parser.parse_args(spec["command"])
     assert args.command in ("coordinator", "join")
+
+
+def test_the_cache_volume_is_the_volunteers_folder() -> None:
+    """Docker makes a volume's mount point root's unless the image has the folder: the node,
+    which runs as the volunteer, could not write its key there."""
+    (volume,) = instruction("VOLUME")
+    (folder,) = json.loads(volume)
+    (user,) = instruction("USER")
+    setup = " ".join(instruction("RUN"))
+    assert f"mkdir -p {folder}" in setup
+    assert re.search(rf"chown -R {user}: {re.escape(str(Path(folder).parent))}\b", setup), setup
+    assert DOCKERFILE.index("chown") < DOCKERFILE.index("USER ")

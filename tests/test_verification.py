@@ -29,7 +29,7 @@ from nanoshard.coordinator.model import ModelStore
 from nanoshard.coordinator.registry import Capacity, NodeRecord, Registry
 from nanoshard.coordinator.service import REPORTS_PER_MIN, CoordinatorService
 from nanoshard.coordinator.trust import PROBATION_PASSES, suggested_rate
-from nanoshard.errors import InvalidArgument, Unavailable
+from nanoshard.errors import FailedPrecondition, InvalidArgument, Unavailable
 from nanoshard.generation import LocalSession, generate
 from nanoshard.identity import NodeKey
 from nanoshard.sampling import SamplingParams
@@ -59,6 +59,17 @@ def test_a_key_is_kept_per_folder_and_locked_per_process(tmp_path: Path) -> None
     finally:
         held.kill()
         held.wait()
+
+
+def test_a_key_file_that_is_no_key_is_refused_with_its_path(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    (keys / "node.key").mkdir(parents=True)  # a folder in its place
+    with pytest.raises(FailedPrecondition, match="cannot keep this node's key in .*node.key"):
+        NodeKey.load(keys)
+    (keys / "node.key").rmdir()
+    (keys / "node.key").write_text("garbage\n")
+    with pytest.raises(InvalidArgument, match="node.key does not hold an Ed25519 key in PEM"):
+        NodeKey.load(keys)
 
 
 def test_a_signed_step_binds_its_session_positions_stage_and_digests() -> None:
