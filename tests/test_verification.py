@@ -64,11 +64,11 @@ def test_a_key_is_kept_per_folder_and_locked_per_process(tmp_path: Path) -> None
 def test_a_key_file_that_is_no_key_is_refused_with_its_path(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     (keys / "node.key").mkdir(parents=True)  # a folder in its place
-    with pytest.raises(FailedPrecondition, match="cannot keep this node's key in .*node.key"):
+    with pytest.raises(FailedPrecondition, match=r"cannot keep this node's key in .*node\.key"):
         NodeKey.load(keys)
     (keys / "node.key").rmdir()
     (keys / "node.key").write_text("garbage\n")
-    with pytest.raises(InvalidArgument, match="node.key does not hold an Ed25519 key in PEM"):
+    with pytest.raises(InvalidArgument, match=r"node\.key does not hold an Ed25519 key in PEM"):
         NodeKey.load(keys)
 
 
