@@ -138,8 +138,10 @@ def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
         except (ValueError, TypeError):  # (cryptography's reason is a paragraph long)
             raise InvalidArgument(f"{path} is not {what} in PEM") from None
     certs, _, private = loaded
-    if certs and private is not None and _public(certs[0].public_key()) != _public(
-        private.public_key()
+    if (
+        certs
+        and private is not None
+        and _public(certs[0].public_key()) != _public(private.public_key())
     ):
         raise InvalidArgument(f"{key} is not the private key of the certificate {cert}")
 
