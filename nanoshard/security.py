@@ -128,7 +128,7 @@ def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
         (ca, "a certificate", certificates),
         (key, "an unencrypted private key", private_key),
     ]
-    loaded = []
+    loaded: list[Any] = []
     for path, what, load in files:
         if path is None:
             loaded.append(None)
