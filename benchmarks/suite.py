@@ -1,6 +1,6 @@
 """Every benchmark, then one page that holds each performance target against what was measured.
 
-    make bench                        # the same as: python benchmarks/suite.py (~40 min here)
+    make bench                        # the same as: python benchmarks/suite.py (~10 min here)
     python benchmarks/suite.py --quick
 
 Runs ``engine.py`` (peers, weights), ``hops.py`` (hop overhead against the gRPC echo floor
