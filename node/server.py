@@ -129,6 +129,7 @@ class DataPlane:
     async def stop(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        self.service.stop_streams()
         await self.server.stop(grace=2)
         await self.service.channels.close()
         self.worker.close()

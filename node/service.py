@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -48,6 +48,7 @@ from .sessions import NodeSession, SessionSpec, SessionTable
 from .wire import spec_from_wire, spec_to_wire
 from .worker import ComputeWorker, Timed
 
+Request = TypeVar("Request")  # what a stream carries: steps, or a group's commands
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +123,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.identity = identity
         self.worker = worker
         self.sessions = sessions
+        self.stopping = False  # its server stops: its streams end (``_next``)
+        self._waiting: set[asyncio.Task] = set()  # streams waiting for a request
         self.channels = Channels(self.security, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.step_timeout_s = step_timeout_s
@@ -436,13 +439,41 @@ class NodeService(pb_grpc.NodeServicer):
         self, next_request: Callable[[], Awaitable[pb.StepRequest | None]], context: Any
     ) -> None:
         try:
-            while (request := await next_request()) is not None:
+            while (request := await self._next(next_request)) is not None:
                 await context.write(await self._step(request))
         except NanoshardError as exc:
             await rpc.abort(context, exc)
         except Exception as exc:
             log.exception("Steps failed")
             await rpc.abort(context, Internal(f"a step failed on this node: {exc}"))
+
+    async def _next(
+        self, next_request: Callable[[], Awaitable[Request | None]]
+    ) -> Request | None:
+        """A stream's next request (None at its end). Once the node stops, Unavailable, at
+        once if the stream waits: it ends before the server's grace is over (else gRPC
+        cancels it then and logs that as an error), and the hop before it repairs."""
+        if self.stopping:
+            raise Unavailable(f"{self.identity.address} is stopping", [self.identity.address])
+        task = asyncio.current_task()
+        assert task is not None  # (a gRPC handler runs in a task)
+        self._waiting.add(task)
+        try:
+            return await next_request()
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            raise Unavailable(
+                f"{self.identity.address} is stopping", [self.identity.address]
+            ) from None
+        finally:
+            self._waiting.discard(task)
+
+    def stop_streams(self) -> None:
+        """The node stops: its streams end as they finish their step (``_next``)."""
+        self.stopping = True
+        for task in list(self._waiting):
+            task.cancel()
 
     def _group_of(self, stage: Stage) -> Membership | None:
         """The group a sharded stage runs in; Unavailable if it is broken or gone."""
@@ -465,7 +496,7 @@ class NodeService(pb_grpc.NodeServicer):
         member has its shard: each command is checked against the group it serves then."""
         group = None
         try:
-            while (command := await next_request()) is not None:
+            while (command := await self._next(next_request)) is not None:
                 group = self.group
                 self._check_member(group, command, rpc.peer_host(context))
                 assert group is not None
