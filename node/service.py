@@ -447,9 +447,7 @@ class NodeService(pb_grpc.NodeServicer):
             log.exception("Steps failed")
             await rpc.abort(context, Internal(f"a step failed on this node: {exc}"))
 
-    async def _next(
-        self, next_request: Callable[[], Awaitable[Request | None]]
-    ) -> Request | None:
+    async def _next(self, next_request: Callable[[], Awaitable[Request | None]]) -> Request | None:
         """A stream's next request (None at its end). Once the node stops, Unavailable, at
         once if the stream waits: it ends before the server's grace is over (else gRPC
         cancels it then and logs that as an error), and the hop before it repairs."""
