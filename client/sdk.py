@@ -471,6 +471,7 @@ class AsyncChatSession:
             return False
 
         budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
+        earlier = len(self._session.recoveries)  # (the session's, from its calls before)
         try:
             gen = await agenerate(
                 traced,
@@ -507,7 +508,7 @@ class AsyncChatSession:
             token_ms=gen.decode_ms,
             steps=gen.hops,
             waited_ms=gen.waited_ms,
-            recoveries=list(self._session.recoveries),
+            recoveries=self._session.recoveries[earlier:],
         )
 
     def stream(

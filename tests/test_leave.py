@@ -119,6 +119,8 @@ def test_a_session_through_a_node_that_leaves_goes_on_on_its_replica(tmp_path: P
                 # its open stream ended as it stopped, not cancelled by gRPC (which logs that)
                 assert "Traceback" not in victim.output, victim.output
                 rest = chat.generate("", 39)
+                more = chat.generate("", 3)
+        assert more.recoveries == []  # each call's recoveries are its own
         assert first.token_ids + rest.token_ids == reference.token_ids
         assert any(hop["address"] in r.detail for r in rest.recoveries), rest.recoveries
         assert [h["address"] for h in rest.steps[-1]] != [hop["address"]]
