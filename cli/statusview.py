@@ -117,7 +117,11 @@ def _stage(n: cpb.NodeStatus, sep: str = " ") -> str:
 def _health(n: cpb.NodeStatus) -> Text:
     if n.excluded:
         return Text("EXCLUDED", style="bold red")
-    return Text("ok", style="green") if n.healthy else Text("DOWN", style="bold red")
+    if n.healthy:
+        return Text("ok", style="green")
+    if n.heartbeating:  # on time, not serving yet: waiting for a stage or a group, or loading
+        return Text("standby" if n.assignment.idle else "loading", style="yellow")
+    return Text("DOWN", style="bold red")
 
 
 def _load(n: cpb.NodeStatus) -> Text:

@@ -135,6 +135,7 @@ class CoordinatorService:
         self.registry = registry
         self.swarm = swarm
         self.heartbeat_interval_s = heartbeat_interval_s
+        self._late_s = 2 * heartbeat_interval_s + 1  # a node quiet longer is not heartbeating
         self.epoch = epoch
         self.clock = clock
         self.wall_clock = wall_clock  # join proofs carry the time they were made
@@ -393,7 +394,8 @@ class CoordinatorService:
                         live=live_wire(ld.live),
                     ),
                     last_heartbeat_s=age,
-                    healthy=r.ready is not None and age <= 2 * self.heartbeat_interval_s + 1,
+                    healthy=r.ready is not None and age <= self._late_s,
+                    heartbeating=age <= self._late_s,
                     checks_passed=passed,
                     checks_failed=failed,
                     excluded=registry.excluded.get(r.address, ""),

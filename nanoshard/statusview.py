@@ -47,6 +47,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "live": _live(n.load.live),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
                 "healthy": n.healthy,
+                "heartbeating": n.heartbeating,
                 "checks": {"passed": n.checks_passed, "failed": n.checks_failed},
                 "excluded": n.excluded or None,
             }

@@ -102,6 +102,20 @@ def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: 
     assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
 
 
+def test_a_node_on_time_but_not_serving_is_standby_or_loading_not_down() -> None:
+    status = swarm_status()
+    status.nodes[1].heartbeating = True  # loading its stage, heartbeating on time
+    status.nodes.add(name="spare-box", address="10.0.0.9:7961", heartbeating=True)  # idle
+    status.nodes[-1].assignment.idle = True
+    wide = render(status, 200)
+    row = {n.name: next(r for r in wide.splitlines() if n.name in r) for n in status.nodes}
+    assert "standby" in row["spare-box"] and "DOWN" not in row["spare-box"], wide
+    assert "loading" in row["node-7f3a9c21"] and "DOWN" not in row["node-7f3a9c21"], wide
+    assert "DOWN" not in wide  # nobody is late
+    late = swarm_status()  # the loading node's heartbeats stopped: it is down
+    assert "DOWN" in render(late, 200)
+
+
 def test_a_wide_terminal_gets_one_row_per_node() -> None:
     wide = render(swarm_status(), 200)
     rows = [line for line in wide.splitlines() if "alice-laptop" in line]

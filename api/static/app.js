@@ -62,11 +62,14 @@ function nodeCard(n, byAddress) {
   const stage = n.stage ? `${n.stage[0]}:${n.stage[1]}` : "idle";
   const loading = n.stage && (!n.serving || n.serving[0] !== n.stage[0] || n.serving[1] !== n.stage[1]);
   const cls = ["node"];
-  if (!n.healthy) cls.push("unhealthy");
+  if (!n.healthy && !n.heartbeating) cls.push("unhealthy");
   if (n.excluded) cls.push("excluded");
   if (loading) cls.push("loading");
   if (n.sessions > 0) cls.push("busy");
-  const health = n.excluded ? "excluded" : !n.healthy ? "silent" : loading ? "loading" : "healthy";
+  const health = n.excluded ? "excluded"
+    : n.healthy ? (loading ? "loading" : "healthy")
+    : n.heartbeating ? (n.stage ? "loading" : "standby")
+    : "silent";
   const step = n.live.decode_ms || n.step_ms_p50;
   const tp = n.tp.size > 1 ? `${n.tp.group} · rank ${n.tp.rank}/${n.tp.size}` : "–";
   const next = n.live.next_hops.map((h) => (byAddress.get(h.address) || h.address) + ` (${fmt(h.rtt_ms, 2)} ms)`);
