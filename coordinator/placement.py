@@ -261,12 +261,19 @@ def place(
 
     # From scratch. Should fastest-first leave a unit short (its few possible holders spent
     # elsewhere), try smallest-first, which keeps big nodes for big units; then fewer replicas.
+    # Of these, the one that serves the most units, then misses the fewest of ``replicas``
+    # (the aims' order): asking fewer replicas everywhere because memory denies them on a few
+    # units must not trade the others' redundancy for throughput.
     small_first = sorted(usable, key=lambda i: (sw.memory[i], i))
+    served, full = [min(k, 1) for k in holders], [min(k, replicas) for k in holders]
+    tried = []
     for r, order in itertools.product(range(replicas, 0, -1), (usable, small_first)):
         need = [min(k, r) for k in holders]
-        fresh = _fill(sw, {}, order, need)
-        if fresh.short(need) == 0:
+        fill = _fill(sw, {}, order, need)
+        tried.append(((fill.short(served), fill.short(full)), need, fill))
+        if fill.short(need) == 0:
             break
+    _, need, fresh = min(tried, key=lambda t: t[0])  # (the first of equals: more replicas asked)
     if not previous:
         return sw.placement(fresh.stages)
 

@@ -135,7 +135,6 @@ class CoordinatorService:
         self.registry = registry
         self.swarm = swarm
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._late_s = 2 * heartbeat_interval_s + 1  # a node quiet longer is not heartbeating
         self.epoch = epoch
         self.clock = clock
         self.wall_clock = wall_clock  # join proofs carry the time they were made
@@ -349,6 +348,7 @@ class CoordinatorService:
         self, registry: Registry, tallies: dict[str, tuple[int, int]], now: float
     ) -> cpb.SwarmStatus:
         nodes = []
+        late_s = 2 * self.heartbeat_interval_s + 1  # a node quiet longer is not heartbeating
         for r in sorted(
             registry.nodes.values(), key=lambda r: (r.assigned or (1 << 30, 0), r.name)
         ):
@@ -394,8 +394,8 @@ class CoordinatorService:
                         live=live_wire(ld.live),
                     ),
                     last_heartbeat_s=age,
-                    healthy=r.ready is not None and age <= self._late_s,
-                    heartbeating=age <= self._late_s,
+                    healthy=r.ready is not None and age <= late_s,
+                    heartbeating=age <= late_s,
                     checks_passed=passed,
                     checks_failed=failed,
                     excluded=registry.excluded.get(r.address, ""),

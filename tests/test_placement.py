@@ -125,6 +125,25 @@ def test_one_node_loss_breaks_no_route() -> None:
         assert min(coverage(rest, 50)) >= 1, f"losing {lost} leaves a gap"
 
 
+def test_memory_denying_a_few_units_a_replica_costs_the_others_none() -> None:
+    """A big node and two small ones that hold the model only together, one unit short: the
+    big node keeps the whole model and the small ones double what they can, rather than
+    everyone asked one replica and the big node cut down to a third of a slow chain."""
+    units = unit_costs(GPT2)
+    together = sum(u.weight_bytes for u in units)  # 498 MB: the small two hold ~96 % of it
+    small = int(together * 0.48)
+    nodes = [
+        NodeCapacity("big", memory_bytes=10 * together, block_ms=0.2),
+        NodeCapacity("small-1", memory_bytes=small, block_ms=0.6),
+        NodeCapacity("small-2", memory_bytes=small, block_ms=0.2),
+    ]
+    for previous in (None, {"big": (0, 14)}):
+        placement = place(units, nodes, previous, replicas=2)
+        assert placement["big"] == (0, 14), placement
+        cover = coverage(placement, 14)
+        assert min(cover) == 1 and sum(c == 2 for c in cover) >= 10, cover
+
+
 def test_replicas_asked_beyond_capacity_give_what_exists() -> None:
     # Two nodes: at most two copies, whatever is asked; no error.
     units = unit_costs(GPT2)
