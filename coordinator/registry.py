@@ -308,7 +308,7 @@ class Registry:
                 group.first_heard = now
             if self._servable(group):
                 if not group.up:
-                    log.info("group %s is up: units %s", group.id, list(group.stage))
+                    log.info("group %s is up: units [%d, %d)", group.id, *group.stage)
                 group.up = True
             elif group.up and (record.ready, record.tp_group) != (group.stage, group.id):
                 # A member stopped serving a group that was up: a peer died or hung.

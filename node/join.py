@@ -269,7 +269,7 @@ class Volunteer:
             )
             self.events.info(
                 f"capacity on {device} {config.dtype}: block {capacity.block_ms:.2f} ms, head "
-                f"{capacity.head_ms:.2f} ms, memory {capacity.memory_bytes / 2**30:.1f} GiB"
+                f"{capacity.head_ms:.2f} ms, memory {format_size(capacity.memory_bytes)}"
             )
             self.capacity = self.promised = capacity
             self.plane = DataPlane(

@@ -52,6 +52,7 @@ Request = TypeVar("Request")  # what a stream carries: steps, or a group's comma
 log = logging.getLogger(__name__)
 
 
+DISSOLVED = "the node was given another stage"  # why a group placement dissolved ends
 RELEASE_EVERY_S = 5.0  # freed memory goes back to the OS at least this often
 
 
@@ -151,7 +152,7 @@ class NodeService(pb_grpc.NodeServicer):
         if stage is not None:
             self.metrics.serving(stage)
         if old is not None and old is not group:
-            self.break_group(old, "the node was given another stage")
+            self.break_group(old, DISSOLVED)
             old.close()
         if first and stage is not None:
             # What is alive now (torch, the weights' modules: ~300k objects) stays for
@@ -167,7 +168,9 @@ class NodeService(pb_grpc.NodeServicer):
         if group.broken:
             return
         group.broken = why.removeprefix(f"tensor-parallel group {group.id}: ")  # (said once)
-        log.warning("tensor-parallel group %s is broken: %s", group.id, group.broken)
+        # (a group placement dissolved is no fault: the node was given another stage)
+        level = logging.INFO if why == DISSOLVED else logging.WARNING
+        log.log(level, "tensor-parallel group %s is broken: %s", group.id, group.broken)
         group.collective.abort()  # a collective waiting on the group fails now, not at its timeout
         if self.group is group:
             self.stage, self._views = None, {}
