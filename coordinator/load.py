@@ -10,9 +10,9 @@ since (``Handouts``), so that a burst of new sessions spreads over the replicas 
 of all taking the route that was best a heartbeat ago.
 
 Placement weighs a node by its measured capacity times its ``slowdown``
-(``placement_slowdown``): the same live ratio, but over what the other nodes' fresh ratios
-share (``shared_ratios``: a busy swarm, or nodes sharing a machine, slows everyone, and
-moving stages helps nobody), and with hysteresis, since moving a stage costs a fetch and a
+(``placement_slowdown``): the same live ratio, but over what the other nodes' ratios share
+(``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
+nodes sharing a machine, slows everyone, and moving stages helps nobody), and with hysteresis, since moving a stage costs a fetch and a
 load while a route costs nothing. A node counts as slowed once fresh steps run ``SLOW``
 times its measurement, follows its ratio from then on only when it moves
 by half again, and counts as recovered once fresh steps run under ``RECOVERED`` times it,
@@ -64,13 +64,19 @@ def fresh(live: LiveReport) -> bool:
     return live.speed_ratio > 0 and live.idle_s <= FRESH_S
 
 
-def shared_ratios(reports: Sequence[LiveReport]) -> list[float]:
-    """For each report, the median fresh speed ratio of the *other* reports (at least 1;
-    1 when none is fresh): the slowdown they share, which is not the node's own."""
-    order = sorted(
-        (i for i, r in enumerate(reports) if fresh(r)), key=lambda i: reports[i].speed_ratio
-    )
-    ratios = [reports[i].speed_ratio for i in order]
+def shared_ratios(
+    reports: Sequence[LiveReport], rests: Sequence[float] | None = None
+) -> list[float]:
+    """For each report, the median speed ratio of the *other* nodes (at least 1; 1 when
+    none has one): the slowdown they share, which is not the node's own. A fresh report
+    counts as it runs now; another node counts with the lowest ratio it reported
+    (``rests``, 0: none), how its steps run at rest — above 1 where a step's fixed cost is
+    most of it (a tiny model: 3-4 x on a busy machine), which a node that routes use alone
+    would otherwise be counted slow for."""
+    rests = rests if rests is not None else [0.0] * len(reports)
+    values = [r.speed_ratio if fresh(r) else rest for r, rest in zip(reports, rests, strict=True)]
+    order = sorted((i for i, v in enumerate(values) if v > 0), key=values.__getitem__)
+    ratios = [values[i] for i in order]
     rank = {i: k for k, i in enumerate(order)}
     return [max(_median_without(ratios, rank.get(i)), 1.0) for i in range(len(reports))]
 

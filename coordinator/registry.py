@@ -85,6 +85,7 @@ class NodeRecord:
     group: str = ""  # the group (formation id) it is assigned to serve its stage in
     tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
     slowdown: float = 1.0  # placement's factor on its measured step times (load.py)
+    rest_ratio: float = 0.0  # the lowest live speed ratio it reported (0: none yet)
     public_key: bytes = b""  # its Ed25519 identity (nanoshard/identity.py), proven at join
     # A member of a group that broke, which may be the member that failed (a node cannot
     # tell which peer did): placement leaves it out until its next heartbeat shows it alive.
@@ -300,6 +301,8 @@ class Registry:
         record.ready = None if record.address in self.excluded else ready
         reported, record.tp_group = record.tp_group, tp_group if record.ready is not None else ""
         record.load = load
+        if (ratio := load.live.speed_ratio) > 0:
+            record.rest_ratio = min(record.rest_ratio or ratio, ratio)
         if reported != record.tp_group:
             self._prune()
         group = self.groups.get(record.group)
@@ -358,7 +361,7 @@ class Registry:
         sessions open on the old one finish there. Returns the units to load (0 as well
         when the placement is left to the ``Replanner``)."""
         records = list(self.nodes.values())
-        shared = shared_ratios([r.load.live for r in records])
+        shared = shared_ratios([r.load.live for r in records], [r.rest_ratio for r in records])
         for record, others in zip(records, shared, strict=True):
             slowdown = placement_slowdown(record.slowdown, record.load.live, others)
             if slowdown != record.slowdown:

@@ -59,6 +59,14 @@ def test_the_slowdown_nodes_share_is_not_their_own() -> None:
     assert shared_ratios([live(5.0), live(1.0), live(1.2)]) == [1.1, 3.1, 3.0]
     assert shared_ratios([live(4.0)] * 4 + [live(0.5)]) == [4.0] * 4 + [4.0]
     assert shared_ratios([live(9.0, idle_s=100), live(2.0)]) == [2.0, 1.0]  # stale: not counted
+    # ... but a node that ran no step lately counts at its rest: a tiny model's steps at
+    # rest read 3.5 x on a busy machine everywhere, so the one node routes use is not slow
+    idle = [live(3.6, idle_s=100), live(3.9, idle_s=100)]
+    assert shared_ratios([live(3.5), *idle], [3.5, 3.4, 3.6]) == pytest.approx([3.5, 3.55, 3.45])
+    assert placement_slowdown(1.0, live(3.5), shared=3.5) == 1.0
+    # while one slowed 10 x from its first step (its rest: slow) stands out against them
+    assert shared_ratios([live(35.0), *idle], [35.0, 3.4, 3.6])[0] == pytest.approx(3.5)
+    assert placement_slowdown(1.0, live(35.0), shared=3.5) == 10.0
 
 
 def three_stages() -> Registry:
@@ -73,6 +81,21 @@ def stages(registry: Registry) -> dict[str, tuple[int, int] | None]:
 def report(registry: Registry, name: str, now: float, ratio: float) -> None:
     r = next(r for r in registry.nodes.values() if r.name == name)
     registry.heartbeat(r.node_id, now, r.ready, Load(live=live(ratio)))
+
+
+def test_a_tiny_models_ratio_at_rest_moves_no_stage() -> None:
+    """Every node's steps read 3.5 x at rest (a step's fixed cost): the one node routes use
+    now is not counted slow against the others' rest, though none of them ran lately."""
+    registry = three_stages()
+    names = [r.name for r in registry.nodes.values()]
+    for name in names:
+        report(registry, name, 1.0, ratio=3.5)
+    for r in registry.nodes.values():  # then none runs a step for a while ...
+        registry.heartbeat(r.node_id, 100.0, r.ready, Load(live=live(3.5, idle_s=99)))
+    assert min(r.rest_ratio for r in registry.nodes.values()) == 3.5
+    report(registry, names[0], 101.0, ratio=3.6)  # ... but one: at its rest
+    assert registry.rebalance(101.0 + MIN_REBALANCE_S) == 0
+    assert {r.slowdown for r in registry.nodes.values()} == {1.0}
 
 
 def test_a_slowed_node_is_placed_by_its_live_speed_once_and_nothing_flaps() -> None:
