@@ -12,12 +12,13 @@ of all taking the route that was best a heartbeat ago.
 Placement weighs a node by its measured capacity times its ``slowdown``
 (``placement_slowdown``): the same live ratio, but over what the other nodes' ratios share
 (``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
-nodes sharing a machine, slows everyone, and moving stages helps nobody), and with hysteresis, since moving a stage costs a fetch and a
-load while a route costs nothing. A node counts as slowed once fresh steps run ``SLOW``
-times its measurement, follows its ratio from then on only when it moves
-by half again, and counts as recovered once fresh steps run under ``RECOVERED`` times it,
-or once it has run nothing for ``RECHECK_S`` (placement may then give it work to show it).
-Noise on a shared machine (1.5-2x here) moves no stage.
+nodes sharing a machine, slows everyone, and moving stages helps nobody), and with
+hysteresis, since moving a stage costs a fetch and a load while a route costs nothing. A
+node counts as slowed once fresh steps run ``SLOW`` times its measurement, follows its
+ratio from then on only when it moves by half again, and counts as recovered once fresh
+steps run under ``RECOVERED`` times it, or once it has run nothing for ``RECHECK_S``
+(placement may then give it work to show it). Noise on a shared machine (1.5-2x here)
+moves no stage.
 """
 
 from __future__ import annotations
