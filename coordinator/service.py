@@ -189,6 +189,13 @@ class CoordinatorService:
             raise FailedPrecondition(
                 f"this node is for swarm {request.swarm!r}, the coordinator runs swarm {self.swarm!r}"
             )
+        if request.tls != self.security.tls:  # else a client could reach one or the other
+            raise FailedPrecondition(
+                "this swarm's coordinator serves TLS: so must its nodes (--tls-cert, --tls-key "
+                "and --tls-ca)"
+                if self.security.tls
+                else "this swarm's coordinator serves no TLS: so must its nodes (drop --tls-cert)"
+            )
         if request.model_id and request.model_id != self.store.model_id:
             raise FailedPrecondition(
                 f"this node holds model {request.model_id[:12]}…, the swarm runs "

@@ -391,6 +391,7 @@ class Volunteer:
             store_port=self.store.port if self.store is not None else 0,
             public_key=self.key.public_key,
             proof_ms=int(time.time() * 1000),
+            tls=self.security.tls,
         )
         request.proof = self.key.sign(
             join_proof_message(request.swarm, request.node_id, request.address, request.proof_ms)

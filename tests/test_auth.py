@@ -222,6 +222,16 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
         plain = nanoshard("status", "--coordinator", coordinator, "--swarm-key", KEY)
         assert plain.returncode == 1, plain.stderr
         assert "or it serves TLS: pass --tls-ca" in plain.stderr.strip().splitlines()[-1]
+        # and a volunteer that would serve plaintext is not taken in
+        plaintext = swarm.join(
+            "--coordinator", coordinator, "--no-mdns", "--tls-ca", str(certs / "ca.pem"),
+            "--swarm-key", KEY, "--cache-dir", str(tmp_path / "plain"),
+        )  # fmt: skip
+        assert plaintext.wait(timeout=120) == 1, plaintext.output
+        assert plaintext.lines[-1].endswith(
+            "this swarm's coordinator serves TLS: so must its nodes (--tls-cert, --tls-key "
+            "and --tls-ca)"
+        ), plaintext.output
 
 
 def test_a_volunteer_without_the_ca_is_told_the_coordinator_it_found_needs_tls(

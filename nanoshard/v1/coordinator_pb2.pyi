@@ -94,7 +94,7 @@ class GroupLink(_message.Message):
     def __init__(self, probe_ms: _Optional[float] = ..., bytes_per_s: _Optional[float] = ..., live_ms: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port", "public_key", "proof", "proof_ms")
+    __slots__ = ("node_id", "name", "address", "protocol_version", "swarm", "model_id", "capacity", "held_start", "held_end", "store_port", "public_key", "proof", "proof_ms", "tls")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class JoinRequest(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     PROOF_MS_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -121,7 +122,8 @@ class JoinRequest(_message.Message):
     public_key: bytes
     proof: bytes
     proof_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ..., public_key: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., proof_ms: _Optional[int] = ...) -> None: ...
+    tls: bool
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., swarm: _Optional[str] = ..., model_id: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., held_start: _Optional[int] = ..., held_end: _Optional[int] = ..., store_port: _Optional[int] = ..., public_key: _Optional[bytes] = ..., proof: _Optional[bytes] = ..., proof_ms: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("idle", "start", "end", "version", "tp", "why_idle")
