@@ -175,7 +175,7 @@ class SwarmSession:
         nodes, with backoff, for up to ``retry.route_wait_s``."""
         give_up = time.monotonic() + self.retry.route_wait_s
         delays = backoff_delays(self.retry.backoff_s, self.retry.max_backoff_s)
-        route = self.route
+        route, told = self.route, False
         while True:
             try:
                 await self._open_on(route)
@@ -184,6 +184,9 @@ class SwarmSession:
                 left = give_up - time.monotonic()
                 if self.planner is None or left <= 0:
                     raise
+                if not told:  # (once: the wait may be long, and silent it looks hung)
+                    told = True
+                    log.warning("no route yet (%s): waiting up to %.0f s for one", exc, left)
                 self.avoid.add(exc.failed)
                 route = None
                 await asyncio.sleep(min(next(delays), left))  # (the last try at the deadline)

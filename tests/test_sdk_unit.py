@@ -7,6 +7,7 @@ import _thread
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
 import threading
 import time
@@ -543,6 +544,27 @@ def test_a_quota_refusal_reaches_the_caller_at_once_and_names_no_node_gone() -> 
         assert err.value.retry_after_s == 12.0 and session.recoveries == []
         assert plans == [[], []]  # no new route asked for
         session.close()
+
+
+def test_waiting_for_a_first_route_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A swarm with no route yet (a coordinator just started): the session waits for one,
+    and says so once, not silently for up to 20 s."""
+    with scripted_node() as node:
+        route = Route([pb.Hop(start=0, end=3, addresses=[node.address])], 3)
+        plans: list[list[str]] = []
+
+        def planner(avoid: list[str]) -> Route:
+            plans.append(avoid)
+            if len(plans) < 3:
+                raise Unavailable("no ready node serves units [0, 3)", [])
+            return route
+
+        with caplog.at_level(logging.WARNING, logger="nanoshard.client.session"):
+            session = RouteSession(None, 32, planner=planner)
+        session.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(plans) == 3 and len(said) == 1, said
+    assert said[0].startswith("no route yet (no ready node serves units [0, 3)): waiting up to ")
 
 
 def test_a_node_given_too_little_of_a_step_is_not_blamed_for_its_silence() -> None:
