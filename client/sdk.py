@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,7 @@ class AsyncClient:
         self._channels = Channels(self.security)
         self._connected = False
         self._connecting = asyncio.Lock()
+        self._stop = threading.Event()  # ends an mDNS search on a worker thread (Ctrl-C, close)
         self._closed = False
 
     # ---- the swarm ----------------------------------------------------------------------
@@ -171,7 +173,11 @@ class AsyncClient:
             raise FailedPrecondition("this client is closed: make a new one")
         async with self._connecting:  # the first calls of several tasks connect once
             if not self._connected:
-                await asyncio.to_thread(self._connect)
+                try:
+                    await asyncio.to_thread(self._connect)
+                except asyncio.CancelledError:  # its thread would search mDNS on for seconds
+                    self._stop.set()
+                    raise
                 self._connected = True
         return self
 
@@ -195,6 +201,7 @@ class AsyncClient:
                 mdns_interfaces=interfaces,
                 swarm=swarm,
                 tls=self.security.tls_ca is not None,
+                stop=self._stop,
             )
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
@@ -232,6 +239,7 @@ class AsyncClient:
                 swarm=swarm,
                 timeout_s=FIND_AGAIN_S,
                 tls=self.security.tls_ca is not None,
+                stop=self._stop,
             )
         except NanoshardError:
             return False
@@ -305,6 +313,7 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the client's connections; any call after this is a FailedPrecondition."""
         self._closed = True
+        self._stop.set()
         await asyncio.to_thread(self.checker.close)
         if self._coordinator is not None:
             self._coordinator.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import grpc
@@ -30,6 +31,7 @@ def find_coordinator(
     swarm: str | None = None,
     timeout_s: float = 5.0,
     tls: bool = False,
+    stop: threading.Event | None = None,
 ) -> str:
     """The coordinator's HOST:PORT: the one given, else one advertised on mDNS (of this
     protocol version, and of ``swarm`` when given): the first found, or the first by name
@@ -37,7 +39,7 @@ def find_coordinator(
     TLS (its TXT record says) is: without ``tls`` that is an error naming the flag."""
     if address:
         return address
-    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm)
+    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm, stop)
     if found is None:
         which = f"of swarm {swarm!r} " if swarm else ""
         raise NotFound(

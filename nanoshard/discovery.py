@@ -53,6 +53,7 @@ SERVICE_OF_KIND = {"node": NODE_SERVICE, "coordinator": COORD_SERVICE}
 # goodbye would linger in long-running browsers for over an hour. Two minutes for every
 # record bounds that; the extra refresh traffic is a few hundred bytes per service.
 _TTL_S = 120
+STOP_POLL_S = 0.1  # a wait that may be stopped looks at its stop this often
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
 
@@ -383,15 +384,21 @@ class Watcher:
         with self._cond:
             return dict(self._services)
 
-    def wait_for(self, predicate: Callable[[dict[str, Found]], bool], timeout_s: float) -> bool:
-        """Block until ``predicate(services)`` holds or ``timeout_s`` passes."""
+    def wait_for(
+        self,
+        predicate: Callable[[dict[str, Found]], bool],
+        timeout_s: float,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until ``predicate(services)`` holds or ``timeout_s`` passes (or ``stop`` is
+        set: a caller interrupted, which is looked at every ``STOP_POLL_S``)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while not predicate(self._services):
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (stop is not None and stop.is_set()):
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(left, STOP_POLL_S) if stop is not None else left)
             return True
 
     def close(self) -> None:
@@ -413,28 +420,33 @@ def browse(
     interfaces: list[str] | None = None,
     want: int = 1,
     match: Callable[[Found], bool] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Found]:
     """Services of ``service_type`` (those ``match`` accepts), returned as soon as ``want``
-    are found or when ``timeout_s`` passes, sorted by name."""
+    are found or when ``timeout_s`` passes (or ``stop`` is set), sorted by name."""
     accept = match or (lambda _f: True)
 
     def matching(services: dict[str, Found]) -> list[Found]:
         return sorted((f for f in services.values() if accept(f)), key=lambda f: f.name)
 
     with Watcher(service_type, interfaces) as watcher:
-        watcher.wait_for(lambda s: len(matching(s)) >= want, timeout_s)
+        watcher.wait_for(lambda s: len(matching(s)) >= want, timeout_s, stop)
         return matching(watcher.services())
 
 
 def find_coordinator(
-    interfaces: list[str] | None = None, timeout_s: float = 3.0, swarm: str | None = None
+    interfaces: list[str] | None = None,
+    timeout_s: float = 3.0,
+    swarm: str | None = None,
+    stop: threading.Event | None = None,
 ) -> Found | None:
-    """The first coordinator of this protocol version (and of ``swarm``, when given)."""
+    """The first coordinator of this protocol version (and of ``swarm``, when given); None
+    if none answers within ``timeout_s`` (or ``stop`` is set first)."""
 
     def match(f: Found) -> bool:
         if f.properties.get("proto") != str(PROTOCOL_VERSION):
             return False
         return swarm is None or f.properties.get("swarm") == swarm
 
-    found = browse(COORD_SERVICE, timeout_s, interfaces, want=1, match=match)
+    found = browse(COORD_SERVICE, timeout_s, interfaces, want=1, match=match, stop=stop)
     return found[0] if found else None

@@ -182,6 +182,16 @@ def test_adverts_seen_updated_and_gone_in_another_process(swarm: str, watcher: L
 
 
 @pytest.mark.slow
+def test_a_search_stops_when_told_not_at_its_timeout(swarm: str) -> None:
+    """A client interrupted (Ctrl-C) while it looks for a coordinator stops its search at
+    once, not when the search would have given up."""
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    assert d.find_coordinator(LOOPBACK, timeout_s=30.0, swarm=swarm, stop=stop) is None
+    assert time.monotonic() - started < 15.0  # (the timeout is 30 s: it stopped on the event)
+
+
 def test_find_coordinator_filters_by_swarm_and_protocol(swarm: str) -> None:
     other, old = uuid.uuid4().hex, uuid.uuid4().hex
     mine = d.Advert(
