@@ -12,7 +12,7 @@ import tiktoken
 
 from nanoshard import discovery, machine, rpc
 from nanoshard.config import GPTConfig
-from nanoshard.errors import FailedPrecondition, NotFound
+from nanoshard.errors import NotFound
 from nanoshard.files import write_atomic
 from nanoshard.security import Security
 from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
@@ -46,10 +46,7 @@ def find_coordinator(
             f"no coordinator {which}answered on mDNS within {timeout_s:.0f} s: "
             'give its address (--coordinator HOST:PORT; Client("HOST:PORT") in Python)'
         )
-    if found.properties.get("tls") == "1" and not tls:
-        raise FailedPrecondition(
-            f"the coordinator at {found.target} needs TLS: pass --tls-ca (the swarm's CA)"
-        )
+    found.require_tls(tls)
     return found.target
 
 

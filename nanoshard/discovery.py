@@ -311,6 +311,15 @@ class Found:
         host = self.addresses[0]
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    def require_tls(self, tls: bool, flags: str = "") -> None:
+        """FailedPrecondition naming ``--tls-ca`` (and ``flags``) if the service needs TLS
+        (its TXT record says) and the caller has none (``tls``)."""
+        if self.properties.get("tls") == "1" and not tls:
+            raise FailedPrecondition(
+                f"the coordinator at {self.target} needs TLS: pass --tls-ca (the swarm's CA)"
+                + flags
+            )
+
 
 def _found(info: ServiceInfo, service_type: str) -> Found | None:
     if info.port is None:

@@ -36,7 +36,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, FailedPrecondition, InvalidArgument, Unavailable
+from nanoshard.errors import CheckpointError, InvalidArgument, Unavailable
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
@@ -210,11 +210,9 @@ class Volunteer:
             )
             if found is not None:
                 self.events.info(f"found coordinator {found.name} at {found.target}")
-                if found.properties.get("tls") == "1" and self.security.tls_ca is None:
-                    raise FailedPrecondition(
-                        f"the coordinator at {found.target} needs TLS: pass --tls-ca (the "
-                        "swarm's CA), and --tls-cert/--tls-key for this node"
-                    )
+                found.require_tls(
+                    self.security.tls_ca is not None, ", and --tls-cert/--tls-key for this node"
+                )
                 return found.target
             if not told:
                 told = True

@@ -455,7 +455,7 @@ class NodeService(pb_grpc.NodeServicer):
         once if the stream waits: it ends before the server's grace is over (else gRPC
         cancels it then and logs that as an error), and the hop before it repairs."""
         if self.stopping:
-            raise Unavailable(f"{self.identity.address} is stopping", [self.identity.address])
+            raise self._stopping()
         task = asyncio.current_task()
         assert task is not None  # (a gRPC handler runs in a task)
         self._waiting.add(task)
@@ -464,11 +464,12 @@ class NodeService(pb_grpc.NodeServicer):
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
-            raise Unavailable(
-                f"{self.identity.address} is stopping", [self.identity.address]
-            ) from None
+            raise self._stopping() from None
         finally:
             self._waiting.discard(task)
+
+    def _stopping(self) -> Unavailable:
+        return Unavailable(f"{self.identity.address} is stopping", [self.identity.address])
 
     def stop_streams(self) -> None:
         """The node stops: its streams end as they finish their step (``_next``)."""
