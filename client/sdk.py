@@ -162,7 +162,9 @@ class AsyncClient:
         self._channels = Channels(self.security)
         self._connected = False
         self._connecting = asyncio.Lock()
-        self._stop = threading.Event()  # ends an mDNS search on a worker thread (Ctrl-C, close)
+        # The stop of the mDNS search connect runs on a worker thread (set on Ctrl-C or
+        # close: else the thread searches on for seconds); each connect has its own.
+        self._search: threading.Event | None = None
         self._closed = False
 
     # ---- the swarm ----------------------------------------------------------------------
@@ -173,15 +175,16 @@ class AsyncClient:
             raise FailedPrecondition("this client is closed: make a new one")
         async with self._connecting:  # the first calls of several tasks connect once
             if not self._connected:
+                stop = self._search = threading.Event()
                 try:
-                    await asyncio.to_thread(self._connect)
-                except asyncio.CancelledError:  # its thread would search mDNS on for seconds
-                    self._stop.set()
+                    await asyncio.to_thread(self._connect, stop)
+                except asyncio.CancelledError:
+                    stop.set()
                     raise
                 self._connected = True
         return self
 
-    def _connect(self) -> None:
+    def _connect(self, stop: threading.Event) -> None:
         coordinator, route, model = self._where
         if route is not None:
             self._route = route_from_addresses(route, security=self.security)
@@ -201,7 +204,7 @@ class AsyncClient:
                 mdns_interfaces=interfaces,
                 swarm=swarm,
                 tls=self.security.tls_ca is not None,
-                stop=self._stop,
+                stop=stop,
             )
             self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
@@ -239,7 +242,6 @@ class AsyncClient:
                 swarm=swarm,
                 timeout_s=FIND_AGAIN_S,
                 tls=self.security.tls_ca is not None,
-                stop=self._stop,
             )
         except NanoshardError:
             return False
@@ -313,7 +315,8 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the client's connections; any call after this is a FailedPrecondition."""
         self._closed = True
-        self._stop.set()
+        if self._search is not None:
+            self._search.set()
         await asyncio.to_thread(self.checker.close)
         if self._coordinator is not None:
             self._coordinator.close()

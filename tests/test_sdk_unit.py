@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -29,7 +30,13 @@ from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
 from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
-from nanoshard.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, Unavailable
+from nanoshard.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+)
 from nanoshard.generation import StepResult
 from nanoshard.hop import Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams, float32
@@ -544,6 +551,23 @@ def test_a_quota_refusal_reaches_the_caller_at_once_and_names_no_node_gone() -> 
         assert err.value.retry_after_s == 12.0 and session.recoveries == []
         assert plans == [[], []]  # no new route asked for
         session.close()
+
+
+def test_a_search_stopped_by_one_call_does_not_stop_the_next() -> None:
+    """A connect given up on (a timeout, Ctrl-C) stops its mDNS search; a later call
+    searches again for its whole time instead of failing at once."""
+
+    async def main() -> None:
+        client = AsyncClient(mdns_interfaces=["127.0.0.1"], swarm=f"none-{os.getpid()}")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.connect(), 0.5)
+        started = time.monotonic()
+        with pytest.raises(NotFound, match="answered on mDNS within 5 s"):
+            await client.connect()
+        assert time.monotonic() - started >= 4.0  # it searched (5 s), not stopped at once
+        await client.close()
+
+    asyncio.run(main())
 
 
 def test_waiting_for_a_first_route_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
