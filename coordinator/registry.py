@@ -6,8 +6,9 @@ Tensor-parallel groups (``groups.py`` decides them): each formation gets an id o
 (the coordinator's salt, the placement version, an index), so a re-formed group never
 reuses one. A group is servable while every member heartbeats ready on its stage with
 ``tp_group`` = its id; a member that leaves, times out, is excluded, or stops serving a
-group that was up breaks it, and placement runs again (the group is re-formed with a new
-id, or dissolved).
+group that was up breaks it, and so does a member that gives it up (its collectives failed,
+or the group did not form: ``gave_up``); placement runs again (the group is re-formed with
+a new id, or dissolved).
 
 No gRPC and no wall clock: the servicer passes ``now`` in, so tests can drive time.
 """
@@ -292,7 +293,10 @@ class Registry:
         ready: tuple[int, int] | None,
         load: Load,
         tp_group: str = "",
+        gave_up: str = "",
     ) -> NodeRecord | None:
+        """A node's heartbeat: alive at ``now``, serving ``ready`` (in group ``tp_group``),
+        under ``load``; ``gave_up``: the last group it gave up (broke, or did not form)."""
         record = self.nodes.get(node_id)
         if record is None:
             return None
@@ -309,6 +313,17 @@ class Registry:
         if group is not None:
             if group.first_heard is None:
                 group.first_heard = now
+            if gave_up == group.id:  # its collectives failed (a peer died or hung), or never ran
+                log.warning(
+                    "group %s broke (%s gave it up: %s): placing again",
+                    group.id,
+                    record.name,
+                    "a member failed" if group.up else "it did not form",
+                )
+                self._suspect_peers(record)
+                if self.settled:
+                    self.replan({group.id})
+                return record
             if self._servable(group):
                 if not group.up:
                     log.info("group %s is up: units [%d, %d)", group.id, *group.stage)

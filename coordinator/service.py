@@ -273,10 +273,16 @@ class CoordinatorService:
             peers,
             live,
         )
-        if len(request.tp_group) > MAX_GROUP_ID:
-            raise InvalidArgument(f"tp_group is longer than {MAX_GROUP_ID} characters")
+        for name in ("tp_group", "gave_up_group"):
+            if len(getattr(request, name)) > MAX_GROUP_ID:
+                raise InvalidArgument(f"{name} is longer than {MAX_GROUP_ID} characters")
         record = self.registry.heartbeat(
-            request.node_id, self.clock(), ready, load, request.tp_group if ready else ""
+            request.node_id,
+            self.clock(),
+            ready,
+            load,
+            request.tp_group if ready else "",
+            request.gave_up_group,
         )
         if record is None:
             raise NotFound("this coordinator does not know the node (it restarted?): join again")

@@ -21,11 +21,13 @@ state), plus one all-reduce at the embedding and a few bytes per member for samp
 The collectives run on ``torch.distributed``, one process group per TP group
 (``Collective``): NCCL when the coordinator saw every member on CUDA, else gloo (a CUDA
 member of a gloo group sums through host memory). Each has a timeout: a member that dies
-makes the others' collective fail at once, one that hangs makes it fail at the timeout.
+makes the others' collective fail at once, one that hangs makes it fail at the timeout, or
+as soon as the member that waits gives the group up (``Collective.abort``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import re
@@ -50,6 +52,9 @@ SIZES = (2, 4)  # group sizes placement forms (each must divide n_head)
 MAX_PEERS = 8  # peers a node measures its links to, for placement to price groups with
 PROBE_BYTES = 4 * 2**20  # the all-reduce a new group measures its bandwidth with ...
 PROBE_BIG_ROUNDS = 3  # ... this many times
+# A gloo collective waits in slices this long, so that giving its group up ends the wait:
+# gloo's own abort leaves a collective already waiting to its timeout (torch 2.13).
+ABORT_POLL_S = 0.1
 
 
 def check_split(n_head: int, size: int) -> None:
@@ -107,6 +112,9 @@ class Collective:
         self.device = device or torch.device("cpu")  # where the collectives' tensors live
         self.stats = CollectiveStats()
         self._lock = threading.Lock()
+        self.aborted = ""  # why the group was given up ("" while it serves)
+        # NCCL's wait only orders the device's stream: there, abort is the process group's.
+        self._sliced = isinstance(pg, dist.ProcessGroupGloo)
 
     @classmethod
     def form(
@@ -183,8 +191,10 @@ class Collective:
         moved = 2 * (self.size - 1) / self.size * big.nbytes  # a ring all-reduce's traffic
         return latency * 1e3, moved / per_call
 
-    def abort(self) -> None:
-        """Fail every collective of this member, waiting or to come (the group is over)."""
+    def abort(self, why: str = "it was given up") -> None:
+        """Fail every collective of this member, waiting (within ``ABORT_POLL_S``) or to
+        come: the group is over, for ``why``."""
+        self.aborted = self.aborted or why
         try:
             self.pg.abort()
         except RuntimeError as exc:
@@ -192,12 +202,22 @@ class Collective:
 
     def _wait(self, work: dist.Work) -> None:
         try:
-            work.wait()
+            if not self._sliced:
+                work.wait()
+                return
+            while not self.aborted:
+                with contextlib.suppress(RuntimeError):  # (the slice's end, or its failure)
+                    if work.wait(datetime.timedelta(seconds=ABORT_POLL_S)):
+                        return
+                if work.is_completed():
+                    work.wait()  # its own failure, raised again
+                    return
         except RuntimeError as exc:  # gloo: a peer closed the connection, or the timeout
             log.info("group %s: a collective failed: %s", self.group, exc)  # (gloo's own words)
             raise CollectiveError(
                 f"tensor-parallel group {self.group}: {failure_reason(exc)}"
             ) from None
+        raise CollectiveError(f"tensor-parallel group {self.group}: {self.aborted}")
 
     def _count(self, started: float, nbytes: int) -> None:
         with self._lock:

@@ -119,6 +119,10 @@ class MemberLink:
 
     def send(self, command: pb.GroupCommand) -> asyncio.Future[pb.GroupAck]:
         future: asyncio.Future[pb.GroupAck] = asyncio.get_running_loop().create_future()
+        # A step that fails before awaiting its acks (its own collective failed) leaves
+        # them: their failure is the link's, said once (``_fail``), not asyncio's "never
+        # retrieved" error with a traceback.
+        future.add_done_callback(_retrieved)
         if self.error is not None:
             future.set_exception(self.error)
             return future
@@ -167,6 +171,11 @@ class MemberLink:
         if self._call is not None:
             self._call.cancel()
         self._fail(f"the group link to {self.address} was closed", broken=False)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def acks(futures: list[asyncio.Future[pb.GroupAck]]) -> list[pb.GroupAck]:

@@ -5,7 +5,8 @@ The life of a node: find the coordinator (mDNS, or --coordinator), read the mode
 measure its capacity (cached), start its data plane with no stage, advertise itself,
 register, fetch and load its stage, then heartbeat. A new assignment in a heartbeat reply
 is loaded beside the old stage and swapped in; sessions already open finish on the old
-one. If the coordinator restarts, the node joins again and keeps serving meanwhile. On
+one. A tensor-parallel group that breaks (or does not form) is given up: the node says so
+in its heartbeats and the coordinator places it again. If the coordinator restarts, the node joins again and keeps serving meanwhile. On
 SIGINT/SIGTERM it deregisters, stops advertising and ends.
 """
 
@@ -61,6 +62,7 @@ STEP_BUFFERS = 64 * 2**20
 FORM_TIMEOUT_S = 300.0  # a group forms once every member has its weights: wait this long
 SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minute
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
+GAVE_UP_KEPT = 16  # groups a node remembers it gave up (ids never repeat)
 
 
 # What a coordinator that cannot be reached answers (anything else: it answered)
@@ -190,7 +192,9 @@ class Volunteer:
         self.loading: asyncio.Task | None = None
         self.wanted: tuple[int, int, str] | None = NOT_YET  # the stage, and its group's id
         self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
-        self.unformed = ""  # why the group it was assigned to did not form ("" = it did)
+        # The groups it gave up (they broke, or did not form), newest last: it serves them
+        # no more, and tells the coordinator of the last one (``_give_up``).
+        self.gave_up: list[str] = []
         self.said_ready = False
         self.runtime_bytes = 0  # the process before any stage, taken out of the default share
 
@@ -413,6 +417,8 @@ class Volunteer:
 
     def _follow(self, assignment: cpb.Assignment) -> None:
         tp = assignment.tp if assignment.tp.size > 1 else None
+        if tp is not None and tp.id in self.gave_up:
+            return  # (a reply sent before the coordinator heard: it places this node again)
         wanted = (
             None if assignment.idle else (assignment.start, assignment.end, tp.id if tp else "")
         )
@@ -468,8 +474,8 @@ class Volunteer:
         try:
             group = None if tp is None else await self._form(tp)
         except CollectiveError as exc:
-            self.events.info(str(exc))
-            self.unformed = str(exc)  # the heartbeat loop joins again: placement re-forms
+            assert tp is not None
+            self._give_up(tp.id, str(exc))  # (still serving what it served before)
             return
         transform = None if group is None else functools.partial(shard, collective=group.collective)
         threads = self._threads_for(tp)
@@ -604,25 +610,26 @@ class Volunteer:
         if self.plane is not None:
             self.plane.service.break_group(group, why)
 
-    async def _rejoin_if_broken(self) -> None:
-        """A broken group cannot mend: leave and join again, so placement forms a new one."""
+    def _give_up_if_broken(self) -> None:
+        """The group this node serves in broke: it cannot mend (``_give_up``)."""
         assert self.plane is not None
         group = self.plane.service.group
-        if group is not None and group.broken:
-            why = f"tensor-parallel group {group.id} broke ({group.broken})"
-        elif self.unformed:
-            why = self.unformed
-        else:
+        if group is None or not group.broken or group.id in self.gave_up:
             return
-        self.events.info(f"{why}: joining the swarm again")
-        self.unformed = ""
-        self.plane.service.set_stage(None)
-        self.ready, self.wanted = None, NOT_YET
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-            await self._stub.Leave(
-                cpb.LeaveRequest(node_id=self.node_id), timeout=3, metadata=self.security.metadata()
-            )
-        await self._join()
+        self.plane.service.set_stage(None)  # (its sessions failed over already)
+        self.ready = None
+        self._give_up(group.id, f"tensor-parallel group {group.id} broke ({group.broken})")
+
+    def _give_up(self, group: str, why: str) -> None:
+        """Serve ``group`` no more, whatever a reply sent meanwhile assigns (``_follow``), and
+        tell the coordinator now (``gave_up_group``): it places the group's members again,
+        in a new group or none. The node neither leaves nor re-joins: it stays placeable,
+        so whatever placement does next, it takes part."""
+        self.events.info(f"{why}: waiting for the coordinator to place this node again")
+        self.gave_up = [*self.gave_up[-(GAVE_UP_KEPT - 1) :], group]
+        if self.wanted and self.wanted[2] == group:
+            self.wanted = NOT_YET  # whatever comes next is followed
+        self.beat.set()
 
     async def _heartbeats(self, local: object) -> None:
         assert self.plane is not None
@@ -648,7 +655,7 @@ class Volunteer:
             task = self.advertising
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]  # so does an advert that failed
-            await self._rejoin_if_broken()
+            self._give_up_if_broken()
             info = self.plane.service
             group = info.group
             request = cpb.HeartbeatRequest(
@@ -657,6 +664,7 @@ class Volunteer:
                 start=self.ready[0] if self.ready else 0,
                 end=self.ready[1] if self.ready else 0,
                 tp_group=group.id if group is not None and self.ready else "",
+                gave_up_group=self.gave_up[-1] if self.gave_up else "",
                 load=cpb.NodeLoad(
                     sessions=len(self.plane.sessions),
                     kv_bytes_used=self.plane.sessions.used_bytes,

@@ -164,14 +164,14 @@ class NodeService(pb_grpc.NodeServicer):
 
     def break_group(self, group: Membership, why: str) -> None:
         """The group cannot run steps any more: its sessions fail over, and the node serves
-        nothing until the coordinator forms a new group (the volunteer re-joins)."""
+        nothing until the coordinator places it again (the volunteer gives the group up)."""
         if group.broken:
             return
         group.broken = why.removeprefix(f"tensor-parallel group {group.id}: ")  # (said once)
         # (a group placement dissolved is no fault: the node was given another stage)
         level = logging.INFO if why == DISSOLVED else logging.WARNING
         log.log(level, "tensor-parallel group %s is broken: %s", group.id, group.broken)
-        group.collective.abort()  # a collective waiting on the group fails now, not at its timeout
+        group.collective.abort(group.broken)  # one waiting fails now, not at its timeout
         if self.group is group:
             self.stage, self._views = None, {}
         if self.on_broken is not None:
@@ -407,8 +407,7 @@ class NodeService(pb_grpc.NodeServicer):
         group = self.group
         if group is not None and group.links and session.stage.shard is not None:
             closed = pb.CloseRequest(session_id=session.spec.session_id, this_hop_only=True)
-            for ack in group.send(pb.GroupCommand(close=closed)):  # answered in order
-                ack.add_done_callback(lambda f: f.cancelled() or f.exception())
+            group.send(pb.GroupCommand(close=closed))  # (answered in order; not awaited)
 
     async def expire_forever(self, every_s: float) -> None:
         """Close sessions idle for longer than the TTL; their memory returns."""

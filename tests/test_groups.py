@@ -517,20 +517,38 @@ def test_a_group_that_broke_is_formed_again_under_a_new_id() -> None:
 
 
 def test_a_survivor_is_not_grouped_again_with_the_member_that_died() -> None:
-    """Rank 1 of the only group dies. Rank 0's collective fails: it leaves and joins again
-    (node/join.py) before the dead member's heartbeats time out. The dead member is not
-    grouped with it again (it would sit in a rendezvous nobody comes to for 20 s); a
-    volunteer that comes to take its place is, at once."""
+    """Rank 1 of the only group dies. Rank 0's collective fails: it gives the group up
+    (node/join.py) before the dead member's heartbeats time out, and stays in the swarm.
+    The dead member is not grouped with it again (it would sit in a rendezvous nobody comes
+    to for 20 s); a volunteer that comes to take its place is, at once."""
     registry = Registry(GPT2, tp=2, heartbeat_timeout_s=6)
     registry.join(record(0))
     registry.join(record(1))
     serve_all(registry)
-    registry.leave(nid(0))
-    registry.join(record(0))
+    old = registry.nodes[nid(0)].group
+    registry.heartbeat(nid(0), 2.0, None, Load(), "", gave_up=old)
     assert seats(registry) == {}  # n1 (dead) waits for a heartbeat that never comes
     registry.join(record(2))
     found = seats(registry)
-    assert found["n0"][0] == found["n2"][0] and "n1" not in found
+    assert found["n0"][0] == found["n2"][0] != old and "n1" not in found
+
+
+def test_a_group_given_up_before_it_formed_is_formed_again_at_once() -> None:
+    """A member's rendezvous failed (its peer came late): it gives the group up, and the
+    group is formed again now, not at the form timeout; a late report of it moves nothing."""
+    registry = Registry(GPT2, tp=2, heartbeat_timeout_s=1e9, form_timeout_s=300)
+    registry.join(record(0))
+    registry.join(record(1))
+    old = seats(registry)["n0"][0]
+    for i in (0, 1):
+        registry.heartbeat(nid(i), 1.0, None, Load(), "")  # fetching, forming
+    registry.heartbeat(nid(0), 21.0, None, Load(), "", gave_up=old)
+    assert seats(registry) == {}  # n1 is a suspect until it heartbeats
+    registry.heartbeat(nid(1), 21.5, None, Load(), "", gave_up=old)  # (it gave up too)
+    new = seats(registry)
+    assert new["n0"][0] == new["n1"][0] != old
+    registry.heartbeat(nid(0), 22.0, None, Load(), "", gave_up=old)
+    assert seats(registry) == new
 
 
 def test_rank_0_rejoining_with_another_store_re_forms_its_group() -> None:
@@ -711,6 +729,9 @@ def test_the_wire_refuses_a_bad_store_port_and_group_id() -> None:
                 await svc.Heartbeat(cpb.HeartbeatRequest(node_id=nid(0), load=bad), Context())
         request = cpb.HeartbeatRequest(node_id=nid(0), ready=True, end=14, tp_group="x" * 65)
         with pytest.raises(RuntimeError, match="tp_group is longer"):
+            await svc.Heartbeat(request, Context())
+        request = cpb.HeartbeatRequest(node_id=nid(0), gave_up_group="x" * 65)
+        with pytest.raises(RuntimeError, match="gave_up_group is longer"):
             await svc.Heartbeat(request, Context())
         status = status_json(await svc.GetStatus(cpb.StatusRequest(), Context()))
         assert status["nodes"][0]["tp"] == {"group": "", "rank": 0, "size": 1}

@@ -8,6 +8,7 @@ import functools
 import io
 import itertools
 import multiprocessing as mp
+import threading
 import time
 from typing import Any
 
@@ -163,6 +164,30 @@ def test_a_member_lost_reads_as_such_not_as_gloos_own_text() -> None:
     assert "did not answer in time" in failure_reason(timed_out)
     other = RuntimeError("[/x/gloo/transport/tcp/pair.cc:9] Something else. This is typically")
     assert failure_reason(other) == "Something else"
+
+
+def give_up_while_waiting(collective: Collective) -> tuple[str, float]:
+    """Rank 1 never sums (it hangs); rank 0 gives the group up 1 s into its wait, from
+    another thread, as a node whose group broke does: how its wait ended, and when."""
+    if collective.rank == 1:
+        time.sleep(5.0)  # past rank 0's end: no connection closes meanwhile
+        return "", 0.0
+    threading.Timer(1.0, collective.abort, ("the node was given another stage",)).start()
+    started = time.monotonic()
+    try:
+        collective.all_reduce(torch.ones(3))
+    except CollectiveError as exc:
+        return str(exc), time.monotonic() - started
+    return "no error", time.monotonic() - started
+
+
+def test_giving_a_group_up_ends_a_collective_already_waiting() -> None:
+    """gloo's own abort leaves a waiting collective to its timeout (60 s here, 20 s in a
+    node): a member whose group broke would sit out the rest of it, holding its compute
+    worker, and join no new group meanwhile."""
+    (message, waited), _ = in_group(2, give_up_while_waiting)
+    assert message == "tensor-parallel group test: the node was given another stage"
+    assert waited < 4.0  # 1 s, and then at most a slice of its wait (ABORT_POLL_S)
 
 
 def test_a_group_runs_on_gloo_or_on_nccl_with_cuda_only() -> None:

@@ -170,20 +170,22 @@ class JoinReply(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., coordinator_epoch: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "ready", "start", "end", "load", "tp_group")
+    __slots__ = ("node_id", "ready", "start", "end", "load", "tp_group", "gave_up_group")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     TP_GROUP_FIELD_NUMBER: _ClassVar[int]
+    GAVE_UP_GROUP_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     ready: bool
     start: int
     end: int
     load: NodeLoad
     tp_group: str
-    def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., tp_group: _Optional[str] = ...) -> None: ...
+    gave_up_group: str
+    def __init__(self, node_id: _Optional[str] = ..., ready: _Optional[bool] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., tp_group: _Optional[str] = ..., gave_up_group: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("assignment", "coordinator_epoch", "peers")
