@@ -6,8 +6,9 @@ measure its capacity (cached), start its data plane with no stage, advertise its
 register, fetch and load its stage, then heartbeat. A new assignment in a heartbeat reply
 is loaded beside the old stage and swapped in; sessions already open finish on the old
 one. A tensor-parallel group that breaks (or does not form) is given up: the node says so
-in its heartbeats and the coordinator places it again. If the coordinator restarts, the node joins again and keeps serving meanwhile. On
-SIGINT/SIGTERM it deregisters, stops advertising and ends.
+in its heartbeats, and the coordinator places it again. If the coordinator restarts, the
+node joins again and keeps serving meanwhile. On SIGINT/SIGTERM it deregisters, stops
+advertising and ends.
 """
 
 from __future__ import annotations
