@@ -32,6 +32,7 @@ from nanoshard.security import Security, identity_of
 from nanoshard.tp import MAX_PEERS
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 from .arbiter import Arbiter, read_evidence, signers
 from .groups import LinkReport, PeerReport
@@ -59,6 +60,7 @@ REPORTS_PER_MIN = 60  # spot-check reports a caller may send a minute
 MAX_SETTLED = 10_000  # settled steps remembered (a replayed report is not re-run)
 MAX_FALSE_REPORTERS = 10_000
 PROOF_WINDOW_S = 60.0  # how far a join proof's time may be from the coordinator's clock
+CERT_CHECK_TIMEOUT_S = 5.0  # a TLS coordinator's call to a joining node (its certificate)
 
 
 def handles_errors(method: Callable) -> Callable:
@@ -172,6 +174,33 @@ class CoordinatorService:
         if self.security.key is not None and identity_of(context) != node_id:
             raise Unauthenticated(f"this token is not node {node_id[:16]!r}'s own")
 
+    async def _check_certificate(self, address: str) -> None:
+        """In a TLS swarm whose coordinator holds the swarm's CA (``--tls-ca``): the joining
+        node's data plane at ``address`` must prove its name with a certificate that CA
+        signed, as every client will ask of it; else FailedPrecondition (it would be
+        placed, and every client would fail its handshake). A node the coordinator cannot
+        reach is taken in (clients may reach it where the coordinator does not)."""
+        if not self.security.tls or self.security.tls_ca is None:
+            return
+        channel = rpc.open_channel(address, self.security, aio=True)
+        try:
+            await pb_grpc.NodeStub(channel).Info(
+                pb.InfoRequest(), timeout=CERT_CHECK_TIMEOUT_S, metadata=self.security.metadata()
+            )
+        except grpc.aio.AioRpcError as err:
+            if rpc.tls_refused(err.details() or ""):
+                raise FailedPrecondition(
+                    f"this node's TLS certificate (at {address}) does not verify against the "
+                    "coordinator's CA (another swarm's CA, or a certificate for another host): "
+                    "clients would refuse it; use a certificate the swarm's CA signed for this "
+                    "host (nanoshard certs)"
+                ) from None
+            log.warning(
+                "cannot check the certificate of the node at %s: %s", address, err.details()
+            )
+        finally:
+            await channel.close()
+
     def _stage(self, start: int, end: int, what: str) -> tuple[int, int]:
         if not 0 <= start < end <= self.registry.config.n_units:
             raise InvalidArgument(f"{what}: [{start}, {end}) is not a stage of this model")
@@ -225,6 +254,7 @@ class CoordinatorService:
         held = None
         if request.held_end:
             held = self._stage(request.held_start, request.held_end, "held stage")
+        await self._check_certificate(request.address)
         record = NodeRecord(
             node_id=request.node_id,
             name=request.name[:64] or request.node_id[:8],

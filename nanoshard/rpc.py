@@ -27,7 +27,8 @@ NOT_HTTP2 = "Failed parsing HTTP/2"
 REFUSED = "Connection refused"  # (gRPC's text: nothing listens at that address)
 CLOSED = ("Socket closed", "Connection reset")  # (gRPC's: the peer's process went away)
 CONNECTING = "failed to connect to all addresses"  # (gRPC's: no connection was made)
-TLS_FAILED = "Tls handshake failed"  # (gRPC's)
+# gRPC's words for a server certificate the caller's CA refused, or one for another host
+TLS_REFUSED = ("Tls handshake failed", "Hostname Verification Check failed")
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
@@ -85,6 +86,11 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 0),  # two servers must never share a port by accident
     ]
+
+
+def tls_refused(detail: str) -> bool:
+    """Whether a call failed because the server's certificate did not verify."""
+    return any(text in detail for text in TLS_REFUSED)
 
 
 def open_channel(
@@ -241,7 +247,7 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         # (closed while connecting, as a TLS server closes on a caller without TLS)
         tls = ", or it serves TLS: pass --tls-ca" if CONNECTING in detail else ""
         detail = f"the connection closed: it stopped, crashed or left{tls} (gRPC: {detail})"
-    if code == grpc.StatusCode.UNAVAILABLE and TLS_FAILED in detail:
+    if code == grpc.StatusCode.UNAVAILABLE and tls_refused(detail):
         detail = (
             "the TLS handshake failed: its certificate does not verify against --tls-ca "
             f"(another swarm's CA, or a certificate for another host) (gRPC: {detail})"

@@ -232,6 +232,18 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
             "this swarm's coordinator serves TLS: so must its nodes (--tls-cert, --tls-key "
             "and --tls-ca)"
         ), plaintext.output
+        # nor one whose certificate every client would refuse: another CA's, or the swarm
+        # CA's for another host
+        assert nanoshard("certs", str(certs), "--hosts", "localhost").returncode == 0
+        for cert in (other / "127.0.0.1", certs / "localhost"):
+            refused = swarm.join(
+                "--coordinator", coordinator, "--no-mdns", "--tls-cert", f"{cert}.pem",
+                "--tls-key", f"{cert}.key", "--tls-ca", str(certs / "ca.pem"),
+                "--swarm-key", KEY, "--cache-dir", str(tmp_path / "refused"),
+            )  # fmt: skip
+            assert refused.wait(timeout=120) == 1, refused.output
+            assert "does not verify against the coordinator's CA" in refused.lines[-1], cert
+        assert len(client.status().nodes) == 2  # (neither was placed)
 
 
 def test_a_volunteer_without_the_ca_is_told_the_coordinator_it_found_needs_tls(
