@@ -28,6 +28,7 @@ from nanoshard.cliutil import (
     add_version,
     address_arg,
     listening_line,
+    parse_command_line,
     port_arg,
     positive_seconds,
     run_cli,
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard", description="Run a GPT across machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
 
     g = sub.add_parser("generate", help="generate text (through the swarm, a route, or locally)")
     where = g.add_mutually_exclusive_group()
@@ -407,8 +408,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     setup_logging(args.verbose, quiet=args.command in ("generate", "status"))
     commands = {
         "generate": cmd_generate,

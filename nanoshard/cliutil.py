@@ -33,6 +33,22 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
 
 
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` for a tool of commands (its subparsers' dest is
+    ``command``, not required). argparse alone takes an unknown option before the command
+    (``nanoshard --bogus``) for a missing command; here each mistake is one line that names
+    it and says where the options are listed. Exit code 2, as argparse's own errors."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        listed_by = f"{parser.prog} {args.command}" if args.command else parser.prog
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see {listed_by} --help)")
+    if args.command is None:
+        parser.error(f"give a command (see {parser.prog} --help)")
+    return args
+
+
 def parse_size(text: str) -> int:
     """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes (binary multiples)."""
     m = SIZE.match(text)

@@ -18,6 +18,7 @@ from nanoshard.cliutil import (
     address_arg,
     format_size,
     listening_line,
+    parse_command_line,
     port_arg,
     positive_seconds,
     run_cli,
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard-node", description="Run a nanoshard node.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
     d = ServeConfig()
     s = sub.add_parser("serve", help="serve one stage without a coordinator")
     s.add_argument("--model", default=d.model, help="checkpoint path, or 'demo' (default)")
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     setup_logging(args.verbose)
 
     def run() -> int:

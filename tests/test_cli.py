@@ -18,6 +18,7 @@ from swarm import BIN, Swarm
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
+from nanoshard.node import main as node_main
 from nanoshard.v1 import coordinator_pb2 as cpb
 
 GPT2 = GPTConfig(n_layer=12, n_head=12, n_embd=768)
@@ -265,6 +266,46 @@ def test_a_mistake_is_one_line_and_starts_nothing(
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("nanoshard"), err
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "says"),
+    [
+        ("nanoshard", ["--bogus"], "unrecognized arguments: --bogus (see nanoshard --help)"),
+        (
+            "nanoshard",
+            ["generate", "--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard generate --help)",
+        ),
+        ("nanoshard", ["frobnicate"], "invalid choice: 'frobnicate' (choose from 'generate',"),
+        ("nanoshard", ["-v"], "give a command (see nanoshard --help)"),
+        (
+            "nanoshard-node",
+            ["--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard-node --help)",
+        ),
+        (
+            "nanoshard-node",
+            ["join", "--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard-node join --help)",
+        ),
+        ("nanoshard-node", ["frobnicate"], "invalid choice: 'frobnicate' (choose from 'serve',"),
+    ],
+)
+def test_an_unknown_option_or_command_is_named_in_one_line(
+    tool: str, argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown option before the command once read "the following arguments are
+    required: command": the mistake is named, after argparse's usage lines, and nothing
+    starts."""
+    with pytest.raises(SystemExit) as exit:
+        {"nanoshard": main, "nanoshard-node": node_main}[tool](argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    first, *wrapped, last = err.strip().splitlines()
+    assert first.startswith(f"usage: {tool} [-h]"), err
+    assert all(line.startswith(" ") for line in wrapped), err
+    assert last.startswith(f"{tool}: error: ") and says in last, err
 
 
 def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
