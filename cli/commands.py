@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from nanoshard.cliutil import (
     port_arg,
     positive_seconds,
     run_cli,
+    server_exit,
     setup_logging,
     size_arg,
 )
@@ -308,8 +308,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     def ready(address: str) -> None:
         print(listening_line(COORDINATOR, address), flush=True)
 
-    asyncio.run(serve(config, ready))
-    return 0
+    return server_exit(asyncio.run(serve(config, ready)))
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -338,13 +337,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(listening_line(API, url), flush=True)
 
-    stopped_by = asyncio.run(serve(config, ready))
-    if stopped_by == signal.SIGINT:
-        raise KeyboardInterrupt  # (ends as Ctrl-C ends any command: one line, 130)
-    if stopped_by is not None:
-        signal.signal(stopped_by, signal.SIG_DFL)
-        signal.raise_signal(stopped_by)  # (SIGTERM: ended by it, as a process expects)
-    return 0
+    return server_exit(asyncio.run(serve(config, ready)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from nanoshard.cliutil import (
     port_arg,
     positive_seconds,
     run_cli,
+    server_exit,
     setup_logging,
     size_arg,
 )
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             def ready(address: str) -> None:
                 print(listening_line(NODE, address), flush=True)
 
-            asyncio.run(serve(config, ready))
+            return server_exit(asyncio.run(serve(config, ready)))
         elif args.command == "join":
             if args.no_mdns and not args.coordinator:
                 raise InvalidArgument("--no-mdns needs --coordinator HOST:PORT")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 leave_slower=args.leave_slower,
                 metrics=metrics,
             )
-            asyncio.run(join(join_config, ConsoleEvents()))
+            return server_exit(asyncio.run(join(join_config, ConsoleEvents())))
         return 0
 
     run_cli("nanoshard-node", run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import io
+import re
+import signal
 import socket
 import subprocess
 import threading
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from swarm import BIN, Swarm
+from swarm import BIN, LISTENING, Proc, Swarm
 
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
@@ -306,6 +308,60 @@ def test_an_unknown_option_or_command_is_named_in_one_line(
     assert first.startswith(f"usage: {tool} [-h]"), err
     assert all(line.startswith(" ") for line in wrapped), err
     assert last.startswith(f"{tool}: error: ") and says in last, err
+
+
+READY = re.compile(r"^nanoshard-node: ready: ")  # a volunteer's line once it serves
+SIGNALLED = [  # a server's exit code after a clean stop, by the signal that asked for it
+    pytest.param(signal.SIGINT, 130, id="ctrl-c"),
+    pytest.param(signal.SIGTERM, 0, id="sigterm"),
+]
+
+
+def assert_interrupted_line(proc: Proc, tool: str, sig: int) -> None:
+    """Ctrl-C's one line ends the output; a SIGTERM's clean stop has none."""
+    said = [line for line in proc.lines if "interrupted" in line]
+    if sig == signal.SIGINT:
+        assert said == [f"{tool}: interrupted"] == proc.lines[-1:], proc.output
+    else:
+        assert not said, proc.output
+
+
+def start_server(swarm: Swarm, server: str, cache: Path) -> Proc:
+    """``server`` on loopback, mDNS off, once it has said it serves."""
+    if server == "coordinator":
+        return swarm.coordinator("--no-mdns")[0]
+    if server == "serve":
+        return swarm.node("demo", "0:8")[0]
+    if server == "api":  # (it serves with no coordinator: its requests would wait for one)
+        api = [str(BIN / "nanoshard"), "api", "--host", "127.0.0.1", "--port", "0"]
+        proc = swarm.start([*api, "--coordinator", "127.0.0.1:1"])
+        proc.wait_for(LISTENING)
+        return proc
+    _, address = swarm.coordinator("--no-mdns", "--replicas", "1")
+    proc = swarm.join("--coordinator", address, "--no-mdns", "--max-memory", "256M",
+                      "--cache-dir", str(cache))  # fmt: skip
+    proc.wait_for(READY)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["coordinator", "api", "serve", "join"])
+@pytest.mark.parametrize(("sig", "code"), SIGNALLED)
+def test_a_server_stops_cleanly_with_130_on_ctrl_c_and_0_on_sigterm(
+    server: str, sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    """Ctrl-C ends a server as it ends any command, one line and 130; SIGTERM (docker
+    stop, systemd) is how a server is meant to be stopped, so its clean stop is 0. (The
+    coordinator and the nodes once ended 0 on both; the gateway was killed by SIGTERM.)"""
+    with Swarm() as swarm:
+        proc = start_server(swarm, server, tmp_path)
+        proc.popen.send_signal(sig)
+        assert proc.wait(timeout=60) == code, proc.output
+    assert "Traceback" not in proc.output, proc.output
+    tool = "nanoshard-node" if server in ("serve", "join") else "nanoshard"
+    assert_interrupted_line(proc, tool, sig)
+    if server == "join":
+        assert "left the swarm" in proc.output, proc.output
 
 
 def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
