@@ -3,6 +3,7 @@ flags that would be silently ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import re
@@ -13,9 +14,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
-from swarm import BIN, LISTENING, Proc, Swarm
+from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
@@ -362,6 +364,39 @@ def test_a_server_stops_cleanly_with_130_on_ctrl_c_and_0_on_sigterm(
     assert_interrupted_line(proc, tool, sig)
     if server == "join":
         assert "left the swarm" in proc.output, proc.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), SIGNALLED)
+def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
+    sig: signal.Signals, code: int
+) -> None:
+    """Signalled while its swarm forms, the demo stops its coordinator and node, then ends
+    as a server does. (SIGTERM once killed the demo alone: the processes it had started,
+    each in a session of its own, ran on.)"""
+    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "1", "--api-port", "0"])
+    parent = psutil.Process(demo.popen.pid)
+    started: list[psutil.Process] = []
+
+    def coordinator_and_node() -> list[psutil.Process]:
+        children = parent.children()
+        return children if len(children) == 2 else []
+
+    try:
+        started = wait_until("the demo's coordinator and node", coordinator_and_node)
+        demo.popen.send_signal(sig)
+        assert demo.wait(timeout=60) == code, demo.output
+        _, running = psutil.wait_procs(started, timeout=10)
+        assert not running, running
+    finally:  # (by PID, whatever failed: the demo, then what it started)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started += [c for c in parent.children() if c not in started]
+        demo.kill()
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert "all demo processes stopped" in demo.output and "Traceback" not in demo.output
+    assert_interrupted_line(demo, "nanoshard", sig)
 
 
 def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
