@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -28,9 +27,11 @@ from nanoshard.cliutil import (
     add_version,
     address_arg,
     listening_line,
+    parse_command_line,
     port_arg,
     positive_seconds,
     run_cli,
+    server_exit,
     setup_logging,
     size_arg,
 )
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard", description="Run a GPT across machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
 
     g = sub.add_parser("generate", help="generate text (through the swarm, a route, or locally)")
     where = g.add_mutually_exclusive_group()
@@ -307,8 +308,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     def ready(address: str) -> None:
         print(listening_line(COORDINATOR, address), flush=True)
 
-    asyncio.run(serve(config, ready))
-    return 0
+    return server_exit(asyncio.run(serve(config, ready)))
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -337,13 +337,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(listening_line(API, url), flush=True)
 
-    stopped_by = asyncio.run(serve(config, ready))
-    if stopped_by == signal.SIGINT:
-        raise KeyboardInterrupt  # (ends as Ctrl-C ends any command: one line, 130)
-    if stopped_by is not None:
-        signal.signal(stopped_by, signal.SIG_DFL)
-        signal.raise_signal(stopped_by)  # (SIGTERM: ended by it, as a process expects)
-    return 0
+    return server_exit(asyncio.run(serve(config, ready)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -407,8 +401,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     setup_logging(args.verbose, quiet=args.command in ("generate", "status"))
     commands = {
         "generate": cmd_generate,

@@ -4,8 +4,9 @@ Starts a coordinator and N volunteer nodes as separate processes (mDNS bound to 
 so the nodes find the coordinator by themselves), waits until every unit is served, starts
 the HTTP gateway (``nanoshard api``: OpenAI's API and the live web view) and prints its URL,
 shows the status table, streams a generation through the nodes with a per-hop timing
-summary, and stops every process it started, also on Ctrl-C. With ``--keep`` the swarm and
-the gateway stay up after the generation, for the web view and API clients, until Ctrl-C.
+summary, and stops every process it started, also on Ctrl-C or SIGTERM. With ``--keep`` the
+swarm and the gateway stay up after the generation, for the web view and API clients, until
+Ctrl-C or SIGTERM. It ends as the servers it runs do: 130 on Ctrl-C, 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -55,7 +56,19 @@ class DemoConfig:
     codec: str = "fp32"
     timeout: float = 180.0  # seconds to wait for the swarm to form
     api_port: int = 8000  # the gateway's (another free one if taken; 0: any free)
-    keep: bool = False  # keep the swarm and the gateway up after the generation, until Ctrl-C
+    keep: bool = False  # keep the swarm and the gateway up after the generation, until stopped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the demo is as Ctrl-C raises KeyboardInterrupt (a subclass: what
+    stops on Ctrl-C stops on it too)."""
+
+
+def terminate(*_: object) -> None:
+    """The demo's SIGTERM handler. Only the first counts: a second one would cut short the
+    stopping of the processes it started."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 class Processes:
@@ -67,9 +80,9 @@ class Processes:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
-        # Ctrl-C waits until the child is on the list (else one forked just then runs on:
-        # in a session of its own, it never sees the Ctrl-C either).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Ctrl-C and SIGTERM wait until the child is on the list (else one forked just then
+        # runs on: in a session of its own, it never sees the signal either).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             popen = subprocess.Popen(
                 [sys.executable, *args],
@@ -137,6 +150,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
     share = model_bytes * 1.6 / config.nodes if config.nodes > 1 else model_bytes * 2
     memory = int(share / 0.8)  # placement fills 80 % of a node's memory with weights
     swarm = "demo-" + secrets.token_hex(3)
+    signal.signal(signal.SIGTERM, terminate)  # stop the processes, as Ctrl-C does
     with tempfile.TemporaryDirectory(prefix="nanoshard-demo-") as tmp:
         procs = Processes(Path(tmp))
         try:
@@ -218,6 +232,8 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             else:
                 console.print("[dim]nanoshard demo --keep keeps the swarm and the web view up[/]")
             return 0
+        except Terminated:
+            return 0  # (a server's clean stop, once the finally has stopped every process)
         finally:
             with console.status("stopping the swarm…"):
                 procs.stop()
@@ -249,15 +265,9 @@ def start_gateway(procs: Processes, coordinator: str, config: DemoConfig) -> str
 
 def keep_running(procs: Processes) -> None:
     """Until Ctrl-C or SIGTERM (or a process of the swarm ends)."""
-
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # stop the children too, as Ctrl-C does
-    with contextlib.suppress(KeyboardInterrupt):
-        while True:
-            procs.check()
-            time.sleep(0.5)
+    while True:
+        procs.check()
+        time.sleep(0.5)
 
 
 def wait_for_coverage(

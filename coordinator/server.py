@@ -63,7 +63,9 @@ async def serve(
     config: CoordinatorConfig,
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
-) -> None:
+) -> int | None:
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set); ``on_ready(address)`` once it
+    answers. Returns the signal that stopped it (None: ``stop``)."""
     if config.mdns:  # a wrong --mdns-interface is refused before anything starts
         zeroconf_interfaces(config.mdns_interfaces)
     store = await asyncio.to_thread(
@@ -135,10 +137,10 @@ async def serve(
     registry.settle_until = (
         time.monotonic() + config.heartbeat_timeout + 2 * config.heartbeat_interval
     )
+    stop = stop or asyncio.Event()
+    received = stop_on_signals(stop)  # (first: once it says it is ready, a signal stops it)
     if on_ready:
         on_ready(address)
-    stop = stop or asyncio.Event()
-    stop_on_signals(stop)
     try:
         while not stop.is_set():
             try:
@@ -160,3 +162,4 @@ async def serve(
         await server.stop(grace=1)
         await service.replanner.close()
         exclusions.close()
+    return received[0] if received else None

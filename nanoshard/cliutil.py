@@ -33,6 +33,22 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
 
 
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` for a tool of commands (its subparsers' dest is
+    ``command``, not required). argparse alone takes an unknown option before the command
+    (``nanoshard --bogus``) for a missing command; here each mistake is one line that names
+    it and says where the options are listed. Exit code 2, as argparse's own errors."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        listed_by = f"{parser.prog} {args.command}" if args.command else parser.prog
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see {listed_by} --help)")
+    if args.command is None:
+        parser.error(f"give a command (see {parser.prog} --help)")
+    return args
+
+
 def parse_size(text: str) -> int:
     """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes (binary multiples)."""
     m = SIZE.match(text)
@@ -150,11 +166,30 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """Set ``stop`` on SIGINT or SIGTERM (when running in the main thread)."""
+def stop_on_signals(stop: asyncio.Event) -> list[int]:
+    """Set ``stop`` on SIGINT or SIGTERM (when running in the main thread). Returns the
+    signals received, filled in as they come: the first is what stopped the server (its
+    exit code: server_exit)."""
     loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (RuntimeError, ValueError):  # not the main thread: the caller stops us
-            return
+            break
+    return received
+
+
+def server_exit(stopped_by: int | None) -> int:
+    """A server's exit code once it has stopped cleanly, by the signal that asked it to
+    (None: it ended by itself). Ctrl-C (SIGINT) ends it as it ends any command, one line
+    and 130 (raised as KeyboardInterrupt, for run_cli); SIGTERM (docker stop, systemd,
+    kill) is how a server is meant to be stopped, so its clean stop is 0."""
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt
+    return 0

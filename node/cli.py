@@ -18,9 +18,11 @@ from nanoshard.cliutil import (
     address_arg,
     format_size,
     listening_line,
+    parse_command_line,
     port_arg,
     positive_seconds,
     run_cli,
+    server_exit,
     setup_logging,
     size_arg,
 )
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard-node", description="Run a nanoshard node.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
     d = ServeConfig()
     s = sub.add_parser("serve", help="serve one stage without a coordinator")
     s.add_argument("--model", default=d.model, help="checkpoint path, or 'demo' (default)")
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     setup_logging(args.verbose)
 
     def run() -> int:
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             def ready(address: str) -> None:
                 print(listening_line(NODE, address), flush=True)
 
-            asyncio.run(serve(config, ready))
+            return server_exit(asyncio.run(serve(config, ready)))
         elif args.command == "join":
             if args.no_mdns and not args.coordinator:
                 raise InvalidArgument("--no-mdns needs --coordinator HOST:PORT")
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 leave_slower=args.leave_slower,
                 metrics=metrics,
             )
-            asyncio.run(join(join_config, ConsoleEvents()))
+            return server_exit(asyncio.run(join(join_config, ConsoleEvents())))
         return 0
 
     run_cli("nanoshard-node", run)

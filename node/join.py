@@ -737,9 +737,10 @@ class Volunteer:
         self.events.info("left the swarm" if self.joined else "stopped before joining the swarm")
 
 
-async def join(config: JoinConfig, events: Events | None = None) -> Volunteer:
+async def join(config: JoinConfig, events: Events | None = None) -> int | None:
+    """Volunteer until SIGINT/SIGTERM. Returns the signal that stopped it."""
     volunteer = Volunteer(config, events)
-    stop_on_signals(volunteer.stop)
+    received = stop_on_signals(volunteer.stop)
     with contextlib.suppress(asyncio.CancelledError):
         await volunteer.run()
-    return volunteer
+    return received[0] if received else None

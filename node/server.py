@@ -144,7 +144,9 @@ def quick_model_id(checkpoint: Checkpoint) -> str:
     return "meta-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
+async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int | None:
+    """Serve one stage until SIGINT/SIGTERM; ``on_ready(address)`` once it answers.
+    Returns the signal that stopped it."""
     checkpoint = open_checkpoint(config.model)
     start, end = parse_units(config.units, checkpoint.config)
     device = pick_device(config.device)
@@ -180,9 +182,10 @@ async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = No
         config.dtype,
         config.batch,
     )
+    stop = asyncio.Event()
+    received = stop_on_signals(stop)  # (first: once it says it is ready, a signal stops it)
     if on_ready:
         on_ready(plane.address)
-    stop = asyncio.Event()
-    stop_on_signals(stop)
     await stop.wait()
     await plane.stop()
+    return received[0] if received else None

@@ -3,21 +3,26 @@ flags that would be silently ignored."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
+import re
+import signal
 import socket
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
-from swarm import BIN, Swarm
+from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
+from nanoshard.node import main as node_main
 from nanoshard.v1 import coordinator_pb2 as cpb
 
 GPT2 = GPTConfig(n_layer=12, n_head=12, n_embd=768)
@@ -265,6 +270,133 @@ def test_a_mistake_is_one_line_and_starts_nothing(
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("nanoshard"), err
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "says"),
+    [
+        ("nanoshard", ["--bogus"], "unrecognized arguments: --bogus (see nanoshard --help)"),
+        (
+            "nanoshard",
+            ["generate", "--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard generate --help)",
+        ),
+        ("nanoshard", ["frobnicate"], "invalid choice: 'frobnicate' (choose from 'generate',"),
+        ("nanoshard", ["-v"], "give a command (see nanoshard --help)"),
+        (
+            "nanoshard-node",
+            ["--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard-node --help)",
+        ),
+        (
+            "nanoshard-node",
+            ["join", "--bogus"],
+            "unrecognized arguments: --bogus (see nanoshard-node join --help)",
+        ),
+        ("nanoshard-node", ["frobnicate"], "invalid choice: 'frobnicate' (choose from 'serve',"),
+    ],
+)
+def test_an_unknown_option_or_command_is_named_in_one_line(
+    tool: str, argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown option before the command once read "the following arguments are
+    required: command": the mistake is named, after argparse's usage lines, and nothing
+    starts."""
+    with pytest.raises(SystemExit) as exit:
+        {"nanoshard": main, "nanoshard-node": node_main}[tool](argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    first, *wrapped, last = err.strip().splitlines()
+    assert first.startswith(f"usage: {tool} [-h]"), err
+    assert all(line.startswith(" ") for line in wrapped), err
+    assert last.startswith(f"{tool}: error: ") and says in last, err
+
+
+READY = re.compile(r"^nanoshard-node: ready: ")  # a volunteer's line once it serves
+SIGNALLED = [  # a server's exit code after a clean stop, by the signal that asked for it
+    pytest.param(signal.SIGINT, 130, id="ctrl-c"),
+    pytest.param(signal.SIGTERM, 0, id="sigterm"),
+]
+
+
+def assert_interrupted_line(proc: Proc, tool: str, sig: int) -> None:
+    """Ctrl-C's one line ends the output; a SIGTERM's clean stop has none."""
+    said = [line for line in proc.lines if "interrupted" in line]
+    if sig == signal.SIGINT:
+        assert said == [f"{tool}: interrupted"] == proc.lines[-1:], proc.output
+    else:
+        assert not said, proc.output
+
+
+def start_server(swarm: Swarm, server: str, cache: Path) -> Proc:
+    """``server`` on loopback, mDNS off, once it has said it serves."""
+    if server == "coordinator":
+        return swarm.coordinator("--no-mdns")[0]
+    if server == "serve":
+        return swarm.node("demo", "0:8")[0]
+    if server == "api":  # (it serves with no coordinator: its requests would wait for one)
+        api = [str(BIN / "nanoshard"), "api", "--host", "127.0.0.1", "--port", "0"]
+        proc = swarm.start([*api, "--coordinator", "127.0.0.1:1"])
+        proc.wait_for(LISTENING)
+        return proc
+    _, address = swarm.coordinator("--no-mdns", "--replicas", "1")
+    proc = swarm.join("--coordinator", address, "--no-mdns", "--max-memory", "256M",
+                      "--cache-dir", str(cache))  # fmt: skip
+    proc.wait_for(READY)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["coordinator", "api", "serve", "join"])
+@pytest.mark.parametrize(("sig", "code"), SIGNALLED)
+def test_a_server_stops_cleanly_with_130_on_ctrl_c_and_0_on_sigterm(
+    server: str, sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    """Ctrl-C ends a server as it ends any command, one line and 130; SIGTERM (docker
+    stop, systemd) is how a server is meant to be stopped, so its clean stop is 0. (The
+    coordinator and the nodes once ended 0 on both; the gateway was killed by SIGTERM.)"""
+    with Swarm() as swarm:
+        proc = start_server(swarm, server, tmp_path)
+        proc.popen.send_signal(sig)
+        assert proc.wait(timeout=60) == code, proc.output
+    assert "Traceback" not in proc.output, proc.output
+    tool = "nanoshard-node" if server in ("serve", "join") else "nanoshard"
+    assert_interrupted_line(proc, tool, sig)
+    if server == "join":
+        assert "left the swarm" in proc.output, proc.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), SIGNALLED)
+def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
+    sig: signal.Signals, code: int
+) -> None:
+    """Signalled while its swarm forms, the demo stops its coordinator and node, then ends
+    as a server does. (SIGTERM once killed the demo alone: the processes it had started,
+    each in a session of its own, ran on.)"""
+    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "1", "--api-port", "0"])
+    parent = psutil.Process(demo.popen.pid)
+    started: list[psutil.Process] = []
+
+    def coordinator_and_node() -> list[psutil.Process]:
+        children = parent.children()
+        return children if len(children) == 2 else []
+
+    try:
+        started = wait_until("the demo's coordinator and node", coordinator_and_node)
+        demo.popen.send_signal(sig)
+        assert demo.wait(timeout=60) == code, demo.output
+        _, running = psutil.wait_procs(started, timeout=10)
+        assert not running, running
+    finally:  # (by PID, whatever failed: the demo, then what it started)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started += [c for c in parent.children() if c not in started]
+        demo.kill()
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert "all demo processes stopped" in demo.output and "Traceback" not in demo.output
+    assert_interrupted_line(demo, "nanoshard", sig)
 
 
 def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
