@@ -1,5 +1,6 @@
 """Private swarms: swarm-key tokens (what they accept and refuse), every service refusing
-calls without one, the coordinator proving the key back, and TLS end to end."""
+calls without one, the coordinator proving the key back (and volunteers and clients leaving
+a coordinator that cannot), and TLS end to end."""
 
 from __future__ import annotations
 
@@ -337,6 +338,63 @@ def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> No
     done = nanoshard("status", "--coordinator", coordinator)
     assert done.returncode != 0 and "swarm key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---- a stranger's coordinator ---------------------------------------------------------
+
+
+def test_a_volunteer_leaves_a_stranger_announcing_its_swarm(tmp_path: Path) -> None:
+    """A coordinator without the key accepts any token: it is found by mDNS under the
+    swarm's name, and the volunteer stops at its first answer, in one line."""
+    name = f"stranger-{secrets.token_hex(4)}"
+    with Swarm() as swarm:
+        swarm.coordinator("--swarm", name)  # (mDNS on 127.0.0.1 only)
+        volunteer = swarm.join("--swarm", name, "--swarm-key", KEY, "--cache-dir", str(tmp_path))
+        assert volunteer.wait(timeout=120) == 1, volunteer.output
+        assert re.fullmatch(f"nanoshard-node: error: {STRANGER}", volunteer.lines[-1]), (
+            volunteer.output
+        )
+        assert "Traceback" not in volunteer.output
+        assert not any("joined the swarm" in line for line in volunteer.lines)
+
+
+def test_a_volunteer_stops_when_a_stranger_takes_its_coordinators_address(
+    tmp_path: Path,
+) -> None:
+    """The coordinator a node joined is replaced at the same address by one without the
+    key: the node's heartbeats reach it, and it stops instead of joining it."""
+    with Swarm() as swarm:
+        first, coordinator = swarm.coordinator("--swarm-key", KEY, "--no-mdns", *STEADY)
+        volunteer = swarm.join(
+            "--coordinator", coordinator, "--no-mdns", "--swarm-key", KEY,
+            "--cache-dir", str(tmp_path),
+        )  # fmt: skip
+        member = CoordinatorClient(coordinator, security=Security(key=SwarmKey(KEY)))
+        wait_until("the node serving", lambda: covered(member, 1), timeout=120)
+        member.close()
+        first.kill()
+        port = int(coordinator.rsplit(":", 1)[1])
+        swarm.coordinator("--no-mdns", *STEADY, port=port)
+        assert volunteer.wait(timeout=120) == 1, volunteer.output
+        assert re.fullmatch(f"nanoshard-node: error: {STRANGER}", volunteer.lines[-1]), (
+            volunteer.output
+        )
+        assert "Traceback" not in volunteer.output
+
+
+def test_a_client_with_the_key_refuses_a_strangers_coordinator() -> None:
+    with Swarm() as swarm:
+        _, coordinator = swarm.coordinator("--no-mdns")
+        for command in [["status"], ["generate", "--max-new-tokens", "3", "ROMEO:"]]:
+            done = nanoshard(*command, "--coordinator", coordinator, "--swarm-key", KEY)
+            assert done.returncode == 1, done.stderr
+            last = done.stderr.strip().splitlines()[-1]
+            assert re.fullmatch(f"nanoshard: error: {STRANGER}", last), done.stderr
+            assert "Traceback" not in done.stderr
+        with pytest.raises(Unauthenticated, match=STRANGER):
+            Client(coordinator, swarm_key=KEY)
+        # without a key there is nothing to prove: an open swarm's clients are unchanged
+        assert nanoshard("status", "--coordinator", coordinator).returncode == 0
 
 
 # ---- TLS ------------------------------------------------------------------------------
