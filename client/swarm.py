@@ -58,18 +58,23 @@ class CoordinatorClient:
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.security = security or Security()
         self._channel = rpc.open_channel(address, security, ping_timeout_s=rpc.BULK_PING_TIMEOUT_S)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._card: cpb.ModelCard | None = None
 
     def _call(self, method, request):  # type: ignore[no-untyped-def]
+        """A unary call; its reply once the coordinator proved it holds the swarm key."""
+        sent = self.security.metadata()
         try:
-            return method(request, timeout=self.timeout_s)
+            reply, call = method.with_call(request, timeout=self.timeout_s, metadata=sent)
         except grpc.RpcError as err:
             # (its words name nodes and units: not mistaken for a node's own failure)
             raise rpc.error_from_rpc(
                 err, self.address, f"the coordinator at {self.address}"
             ) from None
+        self.security.verify_proof(call.initial_metadata(), sent, self.address)
+        return reply
 
     def card(self) -> cpb.ModelCard:
         if self._card is None:

@@ -166,7 +166,7 @@ class CoordinatorService:
                 "FetchTensors": ("server_stream", self.FetchTensors, cpb.FetchRequest),
                 "ReportCheck": ("unary", self.ReportCheck, cpb.CheckReport),
             },
-            guard=self.security.check,
+            guard=self.security.check_and_prove,  # every answer proves the key
         )
 
     def _as_itself(self, node_id: str, context: Any) -> None:

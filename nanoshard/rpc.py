@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import grpc
 
 from nanoshard import errors
-from nanoshard.security import Security, TokenInterceptor, identity_of
+from nanoshard.security import Metadata, Security, TokenInterceptor, identity_of
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # per gRPC message, both ways; prefills are chunked below it
 KV_LENGTH_KEY = "nanoshard-kv-length"  # trailing metadata of FAILED_PRECONDITION: the real length
@@ -288,11 +288,18 @@ def _parse(cls: Any, raw: bytes) -> Any:
         ) from None
 
 
-Guard = Callable[[Any], None]  # raises a NanoshardError to refuse a call (before parsing)
+# Raises a NanoshardError to refuse a call (before parsing); else gives the initial metadata
+# to answer it with, sent at once (None or (): none of its own, sent when gRPC sends it)
+Guard = Callable[[Any], Metadata | None]
 
 
 def _no_guard(context: Any) -> None:
     return None
+
+
+async def _answer(context: Any, metadata: Metadata | None) -> None:
+    if metadata:  # (sent now, so a stream's caller reads it before the first message)
+        await context.send_initial_metadata(metadata)
 
 
 def strict_service(
@@ -304,8 +311,8 @@ def strict_service(
     server-streaming handlers take parsed messages, as generated servicers do; a "stream"
     handler takes ``next_request()`` (the next parsed message, or None at the end) and
     writes with ``context.write``: gRPC's read/write API, cheaper per message than its
-    async iterators. ``guard`` sees every call first (the
-    swarm key's check)."""
+    async iterators. ``guard`` sees every call first (the swarm key's check) and gives the
+    initial metadata it is answered with (the coordinator's proof of the key)."""
     handlers = {}
     for name, (kind, handler, request_cls) in methods.items():
         if kind == "unary":
@@ -314,10 +321,11 @@ def strict_service(
                 raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> Any:
                 try:
-                    guard(context)
+                    answer = guard(context)
                     request = _parse(_c, raw)
                 except errors.NanoshardError as exc:
                     await abort(context, exc)
+                await _answer(context, answer)
                 return await _h(request, context)
 
             handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -329,10 +337,11 @@ def strict_service(
                 raw: bytes, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> Any:
                 try:
-                    guard(context)
+                    answer = guard(context)
                     request = _parse(_c, raw)
                 except errors.NanoshardError as exc:
                     await abort(context, exc)
+                await _answer(context, answer)
                 async for reply in _h(request, context):
                     yield reply
 
@@ -345,9 +354,10 @@ def strict_service(
                 raw_iterator: Any, context: Any, _h: Any = handler, _c: Any = request_cls
             ) -> None:
                 try:
-                    guard(context)
+                    answer = guard(context)
                 except errors.NanoshardError as exc:
                     await abort(context, exc)
+                await _answer(context, answer)
 
                 async def next_request() -> Any:
                     raw = await context.read()

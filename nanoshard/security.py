@@ -12,6 +12,19 @@ is the caller's own: the node id for a node, ``client:<random>`` for a client; t
 coordinator only lets a node join, heartbeat or leave as itself. Everyone who holds the key
 can make tokens, so a key shuts strangers out of a swarm; it does not rank its members.
 
+The coordinator proves the key back: it answers every call whose token it accepted with
+initial metadata ``nanoshard-proof``, HMAC-SHA256 (hex) of ``server.<the token's nonce>``
+under the same derived key. The nonce is the caller's own and fresh, so a proof fits one
+call only. Volunteers and clients check it on every control-plane call whose answer they
+use (``Security.verify_proof``) and stop at a coordinator that answers without it: a
+stranger's, announcing the swarm's name on mDNS or sitting at the address given. Initial
+metadata, not trailing: it comes before a stream's first message (a volunteer takes no
+byte of weights unproven; trailing metadata comes after the whole download), and grpc and
+grpc.aio give it for unary and streaming calls alike. Nodes give no proof: their callers
+got the route from a coordinator that proved itself, and no step gains work. A proof does
+not cover the answer's content: a stranger relaying each call to the real coordinator can
+pass its proofs along with answers of its own, which only TLS rules out.
+
 TLS (``--tls-cert/--tls-key`` on servers, ``--tls-ca`` on whoever connects): the server
 proves its name with a certificate signed by the swarm's CA (``nanoshard certs`` makes
 both), so activations and tokens travel encrypted and a client talks to no impostor.
@@ -29,7 +42,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +54,13 @@ from cryptography.hazmat.primitives import serialization
 from nanoshard.errors import InvalidArgument, Unauthenticated
 
 TOKEN_KEY = "nanoshard-token"
+PROOF_KEY = "nanoshard-proof"  # a server's initial metadata: its proof that it holds the key
 KEY_ENV = "NANOSHARD_SWARM_KEY"
 TOKEN_TTL_S = 60.0
 CLOCK_SKEW_S = 30.0
 MAX_REMEMBERED = 200_000  # nonces kept to refuse replays (each for TOKEN_TTL_S + skew)
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 class SwarmKey:
@@ -94,6 +110,17 @@ class SwarmKey:
                 raise Unauthenticated("too many calls in the last minute: try again shortly")
             self._seen[parts[3]] = now + TOKEN_TTL_S + 2 * CLOCK_SKEW_S
         return identity
+
+    def proof(self, token: str) -> str:
+        """A server's answer to a call bearing ``token`` (one it accepted, or one its caller
+        made): proof that it holds this key, bound to the token's nonce."""
+        return self._mac(f"server.{token.split('.')[3]}")
+
+    def proves(self, token: str, proof: object) -> bool:
+        """Whether ``proof`` (a server's word: anything) is this key's proof for ``token``."""
+        if isinstance(proof, str):
+            proof = proof.encode(errors="replace")
+        return isinstance(proof, bytes) and hmac.compare_digest(self.proof(token).encode(), proof)
 
 
 def token_of(context: Any) -> str | None:
@@ -184,9 +211,51 @@ class Security:
 
     # ---- the caller's side --------------------------------------------------------------
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
+    def metadata(self) -> Metadata:
         """Metadata for one call: a fresh token, or nothing without a swarm key."""
         return ((TOKEN_KEY, self.key.token(self.identity)),) if self.key else ()
+
+    def verify_proof(self, answered: Any, sent: Metadata, coordinator: str) -> None:
+        """Unless this swarm has no key: raise Unauthenticated unless ``answered``, the
+        initial metadata of a call made with ``sent`` (``metadata()``), holds the proof that
+        the coordinator at ``coordinator`` (HOST:PORT) holds the key."""
+        if self.key is None:
+            return
+        token = dict(sent)[TOKEN_KEY]
+        proofs = [value for name, value in answered or () if name == PROOF_KEY]
+        if not proofs or not self.key.proves(token, proofs[0]):
+            how = "it answered without proof" if not proofs else "its proof is wrong"
+            raise Unauthenticated(
+                f"the coordinator at {coordinator} does not hold this swarm's key ({how}): "
+                "is it a stranger's?"
+            )
+
+    async def proven(self, method: Any, request: Any, coordinator: str, **options: Any) -> Any:
+        """``method(request, **options)``, a unary call of a grpc.aio stub, with a fresh
+        token: its reply once the coordinator proved it holds the key (``verify_proof``)."""
+        sent = self.metadata()
+        call = method(request, metadata=sent, **options)
+        reply = await call
+        self.verify_proof(await call.initial_metadata(), sent, coordinator)
+        return reply
+
+    async def proven_stream(
+        self, method: Any, request: Any, coordinator: str, **options: Any
+    ) -> AsyncIterator[Any]:
+        """The replies of ``method(request, **options)``, a server-streaming call of a
+        grpc.aio stub, with a fresh token: none before the coordinator proved it holds the
+        key. (Checked on the first reply, when the initial metadata has surely come: a call
+        that fails before it raises its own error, not a missing proof.)"""
+        sent = self.metadata()
+        call = method(request, metadata=sent, **options)
+        proven = False
+        async for reply in call:
+            if not proven:
+                self.verify_proof(await call.initial_metadata(), sent, coordinator)
+                proven = True
+            yield reply
+        if not proven:  # (no reply at all: the stream's end must be proven too)
+            self.verify_proof(await call.initial_metadata(), sent, coordinator)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         if self.tls_ca is None:
@@ -203,12 +272,22 @@ class Security:
 
     def check(self, context: Any) -> None:
         """Refuse a call without a valid token (when this swarm has a key)."""
+        self._checked(context)
+
+    def check_and_prove(self, context: Any) -> Metadata:
+        """``check``, then the initial metadata that answers the call: this server's proof
+        that it holds the key (nothing without a key)."""
+        token = self._checked(context)
+        return ((PROOF_KEY, self.key.proof(token)),) if self.key and token else ()
+
+    def _checked(self, context: Any) -> str | None:
         if self.key is None:
-            return
+            return None
         token = token_of(context)
         if token is None:
             raise Unauthenticated("this swarm needs a swarm key: pass --swarm-key")
         self.key.verify(token)
+        return token
 
 
 class _CallDetails(
@@ -226,13 +305,16 @@ class TokenInterceptor(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Puts a fresh swarm token on every call of a (synchronous) channel."""
+    """Puts a fresh swarm token on every call of a (synchronous) channel that carries none
+    (a caller that checks the server's proof passes its own)."""
 
     def __init__(self, security: Security) -> None:
         self.security = security
 
     def _details(self, d: Any) -> _CallDetails:
-        metadata = [*(d.metadata or ()), *self.security.metadata()]
+        metadata = [*(d.metadata or ())]
+        if not any(name == TOKEN_KEY for name, _ in metadata):
+            metadata += self.security.metadata()
         compression = getattr(d, "compression", None)
         return _CallDetails(
             d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, compression

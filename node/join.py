@@ -233,7 +233,7 @@ class Volunteer:
         delays = backoff_delays(0.5, 10.0)
         while True:
             try:
-                return await method(request, timeout=10, metadata=self.security.metadata())
+                return await self.security.proven(method, request, self.target, timeout=10)
             except grpc.aio.AioRpcError as err:
                 exc = rpc.error_from_rpc(err, self.target)
                 if err.code() not in UNREACHABLE or not isinstance(exc, Unavailable):
@@ -461,7 +461,8 @@ class Volunteer:
                         end,
                         self.config.cache_dir,
                         progress=self.events.progress(f"units [{start}, {end})"),
-                        metadata=self.security.metadata(),
+                        security=self.security,
+                        coordinator=self.target,
                     )
                     break
                 except Unavailable as exc:
@@ -678,10 +679,11 @@ class Volunteer:
                 ),
             )
             try:
-                reply = await self._stub.Heartbeat(
+                reply = await self.security.proven(
+                    self._stub.Heartbeat,
                     request,
+                    self.target,
                     timeout=max(self.heartbeat_interval, 2.0),
-                    metadata=self.security.metadata(),
                 )
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:

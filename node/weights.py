@@ -43,6 +43,7 @@ from nanoshard.config import check_units, stage_tensor_names
 from nanoshard.errors import CheckpointError
 from nanoshard.files import write_atomic
 from nanoshard.modelcard import CHUNK_BYTES, ModelCardInfo, check_card
+from nanoshard.security import Security
 from nanoshard.v1 import coordinator_pb2 as pb
 from nanoshard.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -159,7 +160,8 @@ async def fetch_stage(
     progress: Progress | None = None,
     *,
     stats: FetchStats | None = None,
-    metadata: tuple[tuple[str, str], ...] = (),
+    security: Security | None = None,
+    coordinator: str = "",
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The tensors of units ``[start, end)`` (nanoGPT names, stored dtype, CPU), ready for
     ``Stage.from_tensors``, and the bytes that came over the network: from the cache, the
@@ -168,7 +170,8 @@ async def fetch_stage(
     Fetched tensors are checked against the card (size, sha256) before they are cached or
     returned; a mismatch raises CheckpointError naming the tensor. ``progress`` gets
     (bytes_done, bytes_total) of the download; ``stats`` (filled in) says what came from where;
-    ``metadata`` goes with the call (the node's swarm token).
+    ``security`` puts the node's swarm token on the call and checks that the coordinator (at
+    ``coordinator``, HOST:PORT) proves it holds the key before a byte is taken.
     """
     info = await asyncio.to_thread(check_card, card)  # builds shapes: not on the event loop
     check_units(info.config, start, end)
@@ -195,7 +198,9 @@ async def fetch_stage(
             start,
             end,
         )
-        fetched = await _fetch(stub, info, missing, root, total, progress, stats, metadata)
+        fetched = await _fetch(
+            stub, info, missing, root, total, progress, stats, security or Security(), coordinator
+        )
         tensors.update(fetched)
         log.info(
             "fetched %d bytes (%d tensors) for units [%d, %d); %d bytes (%d tensors) were cached",
@@ -220,7 +225,8 @@ async def _fetch(
     total: int,
     progress: Progress | None,
     stats: FetchStats,
-    metadata: tuple[tuple[str, str], ...],
+    security: Security,
+    coordinator: str,
 ) -> dict[str, torch.Tensor]:
     """One FetchTensors call for ``names``; every chunk checked, every tensor verified."""
     wanted = set(names)
@@ -235,7 +241,8 @@ async def _fetch(
         return CheckpointError(f"the coordinator sent bad weights: {what}")
 
     try:
-        async for chunk in stub.FetchTensors(pb.FetchRequest(names=names), metadata=metadata):
+        request = pb.FetchRequest(names=names)
+        async for chunk in security.proven_stream(stub.FetchTensors, request, coordinator):
             if chunk.name != current:
                 if current is not None and received != len(buffer):
                     raise bad(f"{current!r} ended after {received} of {len(buffer)} bytes")

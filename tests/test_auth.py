@@ -1,8 +1,10 @@
 """Private swarms: swarm-key tokens (what they accept and refuse), every service refusing
-calls without one, and TLS end to end."""
+calls without one, the coordinator proving the key back (and volunteers and clients leaving
+a coordinator that cannot), and TLS end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from pathlib import Path
@@ -12,11 +14,19 @@ import pytest
 from swarm import Swarm, local_tokens, nanoshard, wait_until
 from test_swarm import STEADY, covered
 
-from nanoshard import Client
+from nanoshard import Client, rpc
 from nanoshard.client.swarm import CoordinatorClient
-from nanoshard.errors import NanoshardError, Unauthenticated
-from nanoshard.security import CLOCK_SKEW_S, TOKEN_KEY, TOKEN_TTL_S, Security, SwarmKey
+from nanoshard.errors import InvalidArgument, NanoshardError, Unauthenticated
+from nanoshard.security import (
+    CLOCK_SKEW_S,
+    PROOF_KEY,
+    TOKEN_KEY,
+    TOKEN_TTL_S,
+    Security,
+    SwarmKey,
+)
 from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 KEY = "correct horse battery staple"
 NODE_METHODS = ["Open", "Steps", "Step", "Close", "Info"]
@@ -30,6 +40,11 @@ COORDINATOR_METHODS = [
     "FetchTensors",
 ]
 STREAMING = {"Steps": "stream_stream", "FetchTensors": "unary_stream"}
+# What a volunteer or client says of a coordinator that does not prove the swarm key
+STRANGER = (
+    r"the coordinator at 127\.0\.0\.1:\d+ does not hold this swarm's key \(it answered "
+    r"without proof\): is it a stranger's\?"
+)
 
 
 # ---- tokens ---------------------------------------------------------------------------
@@ -101,6 +116,108 @@ def test_replay_memory_forgets_only_expired_tokens() -> None:
 def test_short_keys_are_refused() -> None:
     with pytest.raises(NanoshardError, match="8 characters"):
         SwarmKey("short")
+
+
+# ---- the coordinator's proof ------------------------------------------------------------
+
+
+class Context:
+    """What a server's guard reads of a call: its metadata."""
+
+    def __init__(self, metadata) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+def test_a_proof_fits_one_call_and_one_key() -> None:
+    ours, theirs = Security(key=SwarmKey(KEY)), Security(key=SwarmKey("another swarm's key"))
+    sent = ours.metadata()
+    answered = Security(key=SwarmKey(KEY)).check_and_prove(Context(sent))  # the server's side
+    assert [name for name, _ in answered] == [PROOF_KEY]
+    ours.verify_proof(answered, sent, "127.0.0.1:1")  # proven: no error
+    other_call = ours.metadata()  # another nonce
+    with pytest.raises(Unauthenticated, match="its proof is wrong"):
+        ours.verify_proof(answered, other_call, "127.0.0.1:1")
+    theirs_sent = theirs.metadata()
+    their_proof = theirs.check_and_prove(Context(theirs_sent))
+    forged = ((PROOF_KEY, dict(their_proof)[PROOF_KEY]),)  # right nonce, another key
+    with pytest.raises(Unauthenticated, match="its proof is wrong"):
+        ours.verify_proof(forged, ((TOKEN_KEY, dict(theirs_sent)[TOKEN_KEY]),), "h:1")
+    for garbage in ["", "zz", "é" * 64, b"\xff" * 64, dict(answered)[PROOF_KEY][:-1]]:
+        with pytest.raises(Unauthenticated, match="its proof is wrong"):
+            ours.verify_proof(((PROOF_KEY, garbage),), sent, "h:1")
+    for missing in [(), None, (("nanoshard-other", "x"),)]:
+        with pytest.raises(Unauthenticated) as err:
+            ours.verify_proof(missing, sent, "127.0.0.1:7")
+        assert re.fullmatch(STRANGER, str(err.value)), err.value
+    # without a key there is nothing to prove, either way
+    assert Security().check_and_prove(Context(())) == ()
+    Security().verify_proof((), (), "h:1")
+
+
+async def answers_of(server_security: Security, names: list[str]) -> tuple[list, list]:
+    """Call a server guarded by ``server_security`` (a unary call, then a stream of one
+    chunk per name; "fail" ends it with an error first) as a member of the swarm: what each
+    call gave, or the error it raised."""
+
+    async def status(request: cpb.StatusRequest, context) -> cpb.SwarmStatus:
+        return cpb.SwarmStatus()
+
+    async def chunks(request: cpb.FetchRequest, context):
+        for name in request.names:
+            if name == "fail":
+                await rpc.abort(context, InvalidArgument("no such tensor"))
+            yield cpb.TensorChunk(name=name)
+
+    service = rpc.strict_service(
+        "nanoshard.v1.Coordinator",
+        {
+            "GetStatus": ("unary", status, cpb.StatusRequest),
+            "FetchTensors": ("server_stream", chunks, cpb.FetchRequest),
+        },
+        guard=server_security.check_and_prove,
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((service,))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    member = Security(key=SwarmKey(KEY))
+    unary: list = []
+    streamed: list = []
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = cpb_grpc.CoordinatorStub(channel)
+            try:
+                unary.append(await member.proven(stub.GetStatus, cpb.StatusRequest(), address))
+            except (Unauthenticated, grpc.aio.AioRpcError) as exc:
+                unary.append(exc)
+            request = cpb.FetchRequest(names=names)
+            try:
+                async for chunk in member.proven_stream(stub.FetchTensors, request, address):
+                    streamed.append(chunk.name)
+            except (Unauthenticated, grpc.aio.AioRpcError) as exc:
+                streamed.append(exc)
+    finally:
+        await server.stop(None)
+    return unary, streamed
+
+
+def test_calls_take_no_reply_from_a_coordinator_without_the_key() -> None:
+    proving = Security(key=SwarmKey(KEY))
+    unary, streamed = asyncio.run(answers_of(proving, ["a", "b"]))
+    assert unary == [cpb.SwarmStatus()] and streamed == ["a", "b"]
+    # a stranger (no key: any token passes) gets nothing of a stream past its door
+    for names in [["a", "b"], []]:
+        unary, streamed = asyncio.run(answers_of(Security(), names))
+        for answer in (unary, streamed):
+            assert len(answer) == 1 and isinstance(answer[0], Unauthenticated), answer
+            assert re.fullmatch(STRANGER, str(answer[0])), answer
+    # a stream that fails before its first reply raises its own error, not a missing proof
+    _, streamed = asyncio.run(answers_of(Security(), ["fail"]))
+    assert isinstance(streamed[0], grpc.aio.AioRpcError), streamed
+    assert streamed[0].code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # ---- a keyed swarm --------------------------------------------------------------------
@@ -179,6 +296,38 @@ def test_replayed_tokens_and_borrowed_identities_are_refused(keyed_swarm) -> Non
     assert len(CoordinatorClient(coordinator, security=member).status().nodes) == 2
 
 
+def test_the_coordinator_proves_the_key_to_members_only(keyed_swarm) -> None:
+    coordinator, nodes = keyed_swarm
+    member = Security(key=SwarmKey(KEY))
+    card = CoordinatorClient(coordinator, security=member).card()  # (itself proven)
+    fetch = cpb.FetchRequest(names=[card.units[0].tensors[0].name]).SerializeToString()
+    with grpc.insecure_channel(coordinator) as channel:
+        for method, kind, request in [
+            ("GetStatus", "unary_unary", b""),
+            ("FetchTensors", "unary_stream", fetch),
+        ]:
+            call = getattr(channel, kind)(f"/nanoshard.v1.Coordinator/{method}")
+            sent = member.metadata()
+            if kind == "unary_unary":
+                _, answer = call.with_call(request, timeout=10, metadata=sent)
+            else:
+                answer = call(request, timeout=10, metadata=sent)
+                assert list(answer)
+            member.verify_proof(answer.initial_metadata(), sent, coordinator)
+        # a stranger's token gets a refusal, and no proof to take away
+        stranger = Security(key=SwarmKey("not this swarm's key"))
+        status = channel.unary_unary("/nanoshard.v1.Coordinator/GetStatus")
+        with pytest.raises(grpc.RpcError) as err:
+            status(b"", timeout=10, metadata=stranger.metadata())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert PROOF_KEY not in dict(err.value.initial_metadata() or ())
+    # nodes prove nothing (their callers' routes came from a coordinator that did)
+    with grpc.insecure_channel(nodes[0]) as channel:
+        info = channel.unary_unary("/nanoshard.v1.Node/Info")
+        _, answer = info.with_call(b"", timeout=10, metadata=member.metadata())
+        assert PROOF_KEY not in dict(answer.initial_metadata() or ())
+
+
 def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> None:
     coordinator, _ = keyed_swarm
     with Client(coordinator, swarm_key=KEY) as client:
@@ -189,6 +338,63 @@ def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> No
     done = nanoshard("status", "--coordinator", coordinator)
     assert done.returncode != 0 and "swarm key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---- a stranger's coordinator ---------------------------------------------------------
+
+
+def test_a_volunteer_leaves_a_stranger_announcing_its_swarm(tmp_path: Path) -> None:
+    """A coordinator without the key accepts any token: it is found by mDNS under the
+    swarm's name, and the volunteer stops at its first answer, in one line."""
+    name = f"stranger-{secrets.token_hex(4)}"
+    with Swarm() as swarm:
+        swarm.coordinator("--swarm", name)  # (mDNS on 127.0.0.1 only)
+        volunteer = swarm.join("--swarm", name, "--swarm-key", KEY, "--cache-dir", str(tmp_path))
+        assert volunteer.wait(timeout=120) == 1, volunteer.output
+        assert re.fullmatch(f"nanoshard-node: error: {STRANGER}", volunteer.lines[-1]), (
+            volunteer.output
+        )
+        assert "Traceback" not in volunteer.output
+        assert not any("joined the swarm" in line for line in volunteer.lines)
+
+
+def test_a_volunteer_stops_when_a_stranger_takes_its_coordinators_address(
+    tmp_path: Path,
+) -> None:
+    """The coordinator a node joined is replaced at the same address by one without the
+    key: the node's heartbeats reach it, and it stops instead of joining it."""
+    with Swarm() as swarm:
+        first, coordinator = swarm.coordinator("--swarm-key", KEY, "--no-mdns", *STEADY)
+        volunteer = swarm.join(
+            "--coordinator", coordinator, "--no-mdns", "--swarm-key", KEY,
+            "--cache-dir", str(tmp_path),
+        )  # fmt: skip
+        member = CoordinatorClient(coordinator, security=Security(key=SwarmKey(KEY)))
+        wait_until("the node serving", lambda: covered(member, 1), timeout=120)
+        member.close()
+        first.kill()
+        port = int(coordinator.rsplit(":", 1)[1])
+        swarm.coordinator("--no-mdns", *STEADY, port=port)
+        assert volunteer.wait(timeout=120) == 1, volunteer.output
+        assert re.fullmatch(f"nanoshard-node: error: {STRANGER}", volunteer.lines[-1]), (
+            volunteer.output
+        )
+        assert "Traceback" not in volunteer.output
+
+
+def test_a_client_with_the_key_refuses_a_strangers_coordinator() -> None:
+    with Swarm() as swarm:
+        _, coordinator = swarm.coordinator("--no-mdns")
+        for command in [["status"], ["generate", "--max-new-tokens", "3", "ROMEO:"]]:
+            done = nanoshard(*command, "--coordinator", coordinator, "--swarm-key", KEY)
+            assert done.returncode == 1, done.stderr
+            last = done.stderr.strip().splitlines()[-1]
+            assert re.fullmatch(f"nanoshard: error: {STRANGER}", last), done.stderr
+            assert "Traceback" not in done.stderr
+        with pytest.raises(Unauthenticated, match=STRANGER):
+            Client(coordinator, swarm_key=KEY)
+        # without a key there is nothing to prove: an open swarm's clients are unchanged
+        assert nanoshard("status", "--coordinator", coordinator).returncode == 0
 
 
 # ---- TLS ------------------------------------------------------------------------------
