@@ -371,19 +371,18 @@ def test_a_server_stops_cleanly_with_130_on_ctrl_c_and_0_on_sigterm(
 def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     sig: signal.Signals, code: int
 ) -> None:
-    """Signalled while its swarm forms, the demo stops its coordinator and node, then ends
-    as a server does. (SIGTERM once killed the demo alone: the processes it had started,
-    each in a session of its own, ran on.)"""
-    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "1", "--api-port", "0"])
+    """Signalled with its swarm up (``--keep``), the demo stops its coordinator, node and
+    gateway, then ends as a server does. (SIGTERM once killed the demo alone: the processes
+    it had started, each in a session of its own, ran on.) Signalled at a moment it polled
+    for instead, the demo could be done already: its own stop has two children too."""
+    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "1", "--api-port", "0", "--keep"])
     parent = psutil.Process(demo.popen.pid)
     started: list[psutil.Process] = []
-
-    def coordinator_and_node() -> list[psutil.Process]:
-        children = parent.children()
-        return children if len(children) == 2 else []
-
     try:
-        started = wait_until("the demo's coordinator and node", coordinator_and_node)
+        kept = "the swarm keeps running"
+        wait_until("the demo's swarm kept up", lambda: kept in demo.output, timeout=180)
+        started = parent.children()
+        assert len(started) == 3, started  # its coordinator, node and gateway
         demo.popen.send_signal(sig)
         assert demo.wait(timeout=60) == code, demo.output
         _, running = psutil.wait_procs(started, timeout=10)
