@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import secrets
 import signal
 import socket
@@ -39,6 +40,8 @@ from nanoshard.v1 import coordinator_pb2 as cpb
 from .statusview import StatusView
 
 LOOPBACK = "127.0.0.1"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # what stops the demo, and its processes
+STOP_TIMEOUT_S = 10.0  # a process still running this long after SIGTERM is killed
 
 
 MAX_NODES = 32  # volunteer processes one demo starts, at most
@@ -81,8 +84,10 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
         # Ctrl-C and SIGTERM wait until the child is on the list (else one forked just then
-        # runs on: in a session of its own, it never sees the signal either).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # runs on: in a session of its own, it never sees the signal either). The child
+        # takes them again at once: a mask outlives exec, and a child that blocks SIGTERM
+        # could only be killed, not stopped.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             popen = subprocess.Popen(
                 [sys.executable, *args],
@@ -90,6 +95,9 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us only
+                preexec_fn=functools.partial(
+                    signal.pthread_sigmask, signal.SIG_UNBLOCK, STOP_SIGNALS
+                ),
             )
             self.children.append((name, popen))
         finally:
@@ -106,17 +114,22 @@ class Processes:
                 tail = "\n".join(self.log(name).splitlines()[-5:])
                 raise NanoshardError(f"{name} exited with {popen.returncode}:\n{tail}")
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop every child (SIGTERM: a node leaves the swarm); those that did not stop
+        within ``STOP_TIMEOUT_S`` are killed, and named."""
         for _, popen in reversed(self.children):
             if popen.poll() is None:
                 popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, popen in self.children:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        killed = []
+        for name, popen in self.children:
             try:
                 popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()
+                killed.append(name)
+        return killed
 
 
 def wait_for_address(procs: Processes, name: str, who: str, timeout: float) -> str:
@@ -236,7 +249,12 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             return 0  # (a server's clean stop, once the finally has stopped every process)
         finally:
             with console.status("stopping the swarm…"):
-                procs.stop()
+                killed = procs.stop()
+            if killed:
+                console.print(
+                    f"[yellow]killed {', '.join(killed)}: not stopped {STOP_TIMEOUT_S:g} s after "
+                    "SIGTERM[/]"
+                )
             console.print("[dim]all demo processes stopped[/]")
 
 

@@ -395,6 +395,7 @@ def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
     assert "all demo processes stopped" in demo.output and "Traceback" not in demo.output
+    assert "killed" not in demo.output  # they stopped on SIGTERM (they once had it blocked)
     assert_interrupted_line(demo, "nanoshard", sig)
 
 
