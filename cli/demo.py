@@ -164,6 +164,9 @@ def run_demo(config: DemoConfig, console: Console) -> int:
     memory = int(share / 0.8)  # placement fills 80 % of a node's memory with weights
     swarm = "demo-" + secrets.token_hex(3)
     signal.signal(signal.SIGTERM, terminate)  # stop the processes, as Ctrl-C does
+    # Ctrl-C too where the demo started ignoring it (a shell's background job): Python then
+    # installs no handler of its own, and the servers, which install theirs, would stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="nanoshard-demo-") as tmp:
         procs = Processes(Path(tmp))
         try:
