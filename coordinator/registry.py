@@ -313,28 +313,18 @@ class Registry:
         if group is not None:
             if group.first_heard is None:
                 group.first_heard = now
+            broke = ""  # why the group no longer works
             if gave_up == group.id:  # its collectives failed (a peer died or hung), or never ran
-                log.warning(
-                    "group %s broke (%s gave it up: %s): placing again",
-                    group.id,
-                    record.name,
-                    "a member failed" if group.up else "it did not form",
-                )
-                self._suspect_peers(record)
-                if self.settled:
-                    self.replan({group.id})
-                return record
-            if self._servable(group):
+                how = "a member failed" if group.up else "it did not form"
+                broke = f"{record.name} gave it up: {how}"
+            elif self._servable(group):
                 if not group.up:
                     log.info("group %s is up: units [%d, %d)", group.id, *group.stage)
                 group.up = True
             elif group.up and (record.ready, record.tp_group) != (group.stage, group.id):
-                # A member stopped serving a group that was up: a peer died or hung.
-                log.warning(
-                    "group %s broke (%s no longer serves it): placing again",
-                    group.id,
-                    record.name,
-                )
+                broke = f"{record.name} no longer serves it"  # a peer died or hung
+            if broke:
+                log.warning("group %s broke (%s): placing again", group.id, broke)
                 self._suspect_peers(record)
                 if self.settled:
                     self.replan({group.id})
