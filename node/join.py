@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,7 @@ MIN_SHARE = 64 * 2**20  # weights and KV caches get at least this, or the node d
 STEP_BUFFERS = 64 * 2**20
 FORM_TIMEOUT_S = 300.0  # a group forms once every member has its weights: wait this long
 SAY_EVERY_S = 60.0  # a coordinator that does not answer is said so once a minute
+LOOK_AGAIN_S = 3.0  # one mDNS look-up for a coordinator found by mDNS that stopped answering
 COLLECTIVE_TIMEOUT_S = 20.0  # a member that hangs fails the group's step after this
 GAVE_UP_KEPT = 16  # groups a node remembers it gave up (ids never repeat)
 
@@ -196,6 +198,9 @@ class Volunteer:
         # The groups it gave up (they broke, or did not form), newest last: it serves them
         # no more, and tells the coordinator of the last one (``_give_up``).
         self.gave_up: list[str] = []
+        # The mDNS look-up for a coordinator that stopped answering (``_look_again``).
+        self.looking: asyncio.Task[discovery.Found | None] | None = None
+        self.looked_up = threading.Event()  # set: look-ups stop (the node stops)
         self.said_ready = False
         self.runtime_bytes = 0  # the process before any stage, taken out of the default share
 
@@ -331,25 +336,46 @@ class Volunteer:
         )
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
 
-    async def _find_again(self) -> bool:
+    def _look_again(self) -> discovery.Found | None:
         """The coordinator does not answer. One found by mDNS may have restarted on another
-        port or host: look for it there again, and join it if it moved (True)."""
+        port or host: look for it there again, beside the heartbeats (a look-up browses and
+        resolves for up to ``LOOK_AGAIN_S``, longer than a heartbeat interval may be), one
+        look-up at a time. What the last one found, once it is done; None meanwhile."""
         if self.config.coordinator:
-            return False
-        found = await asyncio.to_thread(
-            discovery.find_coordinator,
-            self.config.mdns_interfaces,
-            min(self.heartbeat_interval, 2.0),
-            self.config.swarm,
-        )
-        if found is None or found.target == self.target:
-            return False
+            return None
+        looking = self.looking
+        if looking is None:
+            self.looking = asyncio.create_task(
+                asyncio.to_thread(
+                    discovery.find_coordinator,
+                    self.config.mdns_interfaces,
+                    LOOK_AGAIN_S,
+                    self.config.swarm,
+                    self.looked_up,
+                )
+            )
+            self.looking.add_done_callback(self._looked)
+            return None
+        if not looking.done():
+            return None
+        self.looking = None
+        try:
+            return looking.result()
+        except OSError as exc:  # (the network changed under it: look again at the next beat)
+            self.events.info(f"looking for the coordinator by mDNS failed: {exc}")
+            return None
+
+    def _looked(self, task: asyncio.Task) -> None:
+        if task is self.looking:  # (not one dropped since: the coordinator answered)
+            self.beat.set()  # what it found is taken at once, not at the next heartbeat
+
+    async def _join_moved(self, found: discovery.Found) -> None:
+        """Join the coordinator found again at another address."""
         self.events.info(f"found coordinator {found.name} again, at {found.target}: joining it")
         old = self._channel
         self._connect(found.target)
         await old.close()
         await self._join()
-        return True
 
     def _local_checkpoint(self):  # type: ignore[no-untyped-def]
         if not self.config.model:
@@ -706,9 +732,13 @@ class Volunteer:
                     self.events.info(f"{why}: still serving, retrying")
                     said = now
                 unreachable = now if unreachable is None else unreachable
-                if err.code() != grpc.StatusCode.INVALID_ARGUMENT and await self._find_again():
-                    unreachable = None
+                if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    found = self._look_again()
+                    if found is not None and found.target != self.target:
+                        await self._join_moved(found)
+                        unreachable = None
                 continue
+            self.looking = None  # (what a look-up still running finds is no longer wanted)
             if unreachable is not None:
                 self.events.info("the coordinator answers again")
                 unreachable = None
@@ -717,6 +747,7 @@ class Volunteer:
             self._follow(reply.assignment)
 
     async def _shutdown(self) -> None:
+        self.looked_up.set()
         if self.loading is not None:
             self.loading.cancel()
         # First tell the coordinator: routes stop naming this node at once, and sessions
