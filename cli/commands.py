@@ -361,19 +361,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from nanoshard.client.swarm import CoordinatorClient, find_coordinator
+    from nanoshard.client.swarm import open_coordinator
     from nanoshard.statusview import status_json
 
     from .statusview import StatusView
 
-    security = security_from_args(args)
-    address = find_coordinator(
+    coordinator = open_coordinator(
         args.coordinator,
+        security_from_args(args),
         mdns_interfaces=args.mdns_interfaces,
         swarm=args.swarm,
-        tls=security.tls_ca is not None,
     )
-    coordinator = CoordinatorClient(address, security=security)
     if args.json:
         print(json.dumps(status_json(coordinator.status())))
         return 0

@@ -46,7 +46,7 @@ from .checks import DEFAULT_CHECK_RATE, Checker, CheckResult
 from .loop import LoopThread
 from .route import Route, route_from_addresses
 from .session import DEFAULT_TIMEOUT_S, Recovery, RetryPolicy, SwarmSession
-from .swarm import CoordinatorClient, find_coordinator
+from .swarm import CoordinatorClient, open_coordinator
 
 FIND_AGAIN_S = 2.0  # how long a client browses mDNS for a coordinator that stopped answering
 
@@ -157,6 +157,7 @@ class AsyncClient:
         )
         self._where = (coordinator, list(route) if route is not None else None, model)
         self._discovery = (mdns_interfaces, swarm)
+        self._strangers: set[str] = set()  # coordinators found on mDNS without the key
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
         self._channels = Channels(self.security)
@@ -199,14 +200,14 @@ class AsyncClient:
                 )
         else:
             interfaces, swarm = self._discovery
-            address = find_coordinator(
+            self._coordinator = open_coordinator(
                 coordinator,
+                self.security,
                 mdns_interfaces=interfaces,
                 swarm=swarm,
-                tls=self.security.tls_ca is not None,
                 stop=stop,
+                passed_over=self._strangers,
             )
-            self._coordinator = CoordinatorClient(address, security=self.security)
             self.config = self._coordinator.config()
             self.encoding = self._coordinator.encoding()
             self.model_name = self._coordinator.card().name
@@ -236,21 +237,20 @@ class AsyncClient:
         if self._where[0] is not None:
             return False
         try:
-            address = find_coordinator(
+            found = open_coordinator(
                 None,
+                self.security,
                 mdns_interfaces=interfaces,
                 swarm=swarm,
                 timeout_s=FIND_AGAIN_S,
-                tls=self.security.tls_ca is not None,
+                passed_over=self._strangers,
             )
         except NanoshardError:
             return False
-        if address == self._coordinator.address:
+        if found.address == self._coordinator.address:
+            found.close()
             return False
-        old, self._coordinator = (
-            self._coordinator,
-            CoordinatorClient(address, security=self.security),
-        )
+        old, self._coordinator = self._coordinator, found
         self.checker.report = self._coordinator.report_check
         old.close()
         return True

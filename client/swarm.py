@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
+from collections.abc import Collection
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,7 @@ import tiktoken
 
 from nanoshard import discovery, machine, rpc
 from nanoshard.config import GPTConfig
-from nanoshard.errors import NotFound
+from nanoshard.errors import NotFound, Stranger
 from nanoshard.files import write_atomic
 from nanoshard.security import Security
 from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
@@ -32,14 +34,16 @@ def find_coordinator(
     timeout_s: float = 5.0,
     tls: bool = False,
     stop: threading.Event | None = None,
+    passed_over: Collection[str] = (),
 ) -> str:
     """The coordinator's HOST:PORT: the one given, else one advertised on mDNS (of this
-    protocol version, and of ``swarm`` when given): the first found, or the first by name
-    if several were seen at once. Whether it answers is not checked here; whether it needs
-    TLS (its TXT record says) is: without ``tls`` that is an error naming the flag."""
+    protocol version, and of ``swarm`` when given) at an address not in ``passed_over``:
+    the first found, or the first by name if several were seen at once. Whether it answers
+    is not checked here; whether it needs TLS (its TXT record says) is: without ``tls``
+    that is an error naming the flag."""
     if address:
         return address
-    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm, stop)
+    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm, stop, passed_over)
     if found is None:
         which = f"of swarm {swarm!r} " if swarm else ""
         raise NotFound(
@@ -48,6 +52,50 @@ def find_coordinator(
         )
     found.require_tls(tls)
     return found.target
+
+
+def open_coordinator(
+    address: str | None,
+    security: Security,
+    *,
+    mdns_interfaces: list[str] | None = None,
+    swarm: str | None = None,
+    timeout_s: float = 5.0,
+    stop: threading.Event | None = None,
+    passed_over: set[str] | None = None,
+) -> CoordinatorClient:
+    """A client of the coordinator ``find_coordinator`` finds, once it proved it holds the
+    swarm key (its model card is read). One found by mDNS that cannot prove it is a
+    stranger's: its address joins ``passed_over`` and the search goes on, for ``timeout_s``
+    in all (a stranger announcing the swarm's name on the LAN does not stop its clients)."""
+    passed = passed_over if passed_over is not None else set()
+    deadline = time.monotonic() + timeout_s
+    stranger: Stranger | None = None
+    while True:
+        try:
+            target = find_coordinator(
+                address,
+                mdns_interfaces=mdns_interfaces,
+                swarm=swarm,
+                timeout_s=max(deadline - time.monotonic(), 0.0),
+                tls=security.tls_ca is not None,
+                stop=stop,
+                passed_over=frozenset(passed),
+            )
+        except NotFound:
+            if stranger is None:
+                raise
+            raise stranger from None  # (what was found, and why it was passed over)
+        coordinator = CoordinatorClient(target, security=security)
+        try:
+            coordinator.card()
+            return coordinator
+        except Stranger as exc:
+            coordinator.close()
+            if address:
+                raise
+            passed.add(target)
+            stranger = exc
 
 
 class CoordinatorClient:

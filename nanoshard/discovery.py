@@ -25,7 +25,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import ifaddr  # a dependency of zeroconf itself
@@ -448,12 +448,14 @@ def find_coordinator(
     timeout_s: float = 3.0,
     swarm: str | None = None,
     stop: threading.Event | None = None,
+    passed_over: Collection[str] = (),
 ) -> Found | None:
-    """The first coordinator of this protocol version (and of ``swarm``, when given); None
-    if none answers within ``timeout_s`` (or ``stop`` is set first)."""
+    """The first coordinator of this protocol version (and of ``swarm``, when given) whose
+    address is not in ``passed_over``; None if none answers within ``timeout_s`` (or
+    ``stop`` is set first)."""
 
     def match(f: Found) -> bool:
-        if f.properties.get("proto") != str(PROTOCOL_VERSION):
+        if f.properties.get("proto") != str(PROTOCOL_VERSION) or f.target in passed_over:
             return False
         return swarm is None or f.properties.get("swarm") == swarm
 

@@ -54,6 +54,11 @@ class Unauthenticated(NanoshardError):
     """The call carries no valid swarm token (a private swarm, and a wrong or missing key)."""
 
 
+class Stranger(Unauthenticated):
+    """A coordinator answered without proof that it holds the swarm key: a stranger's (or
+    an older nanoshard's). Raised by its caller, never sent."""
+
+
 class Internal(NanoshardError):
     """Something failed inside a peer (a bug, or its device ran out of memory)."""
 

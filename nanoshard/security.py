@@ -51,7 +51,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from nanoshard.errors import InvalidArgument, Unauthenticated
+from nanoshard.errors import InvalidArgument, Stranger, Unauthenticated
 
 TOKEN_KEY = "nanoshard-token"
 PROOF_KEY = "nanoshard-proof"  # a server's initial metadata: its proof that it holds the key
@@ -216,7 +216,7 @@ class Security:
         return ((TOKEN_KEY, self.key.token(self.identity)),) if self.key else ()
 
     def verify_proof(self, answered: Any, sent: Metadata, coordinator: str) -> None:
-        """Unless this swarm has no key: raise Unauthenticated unless ``answered``, the
+        """Unless this swarm has no key: raise ``Stranger`` unless ``answered``, the
         initial metadata of a call made with ``sent`` (``metadata()``), holds the proof that
         the coordinator at ``coordinator`` (HOST:PORT) holds the key."""
         if self.key is None:
@@ -225,7 +225,7 @@ class Security:
         proofs = [value for name, value in answered or () if name == PROOF_KEY]
         if not proofs or not self.key.proves(token, proofs[0]):
             how = "it answered without proof" if not proofs else "its proof is wrong"
-            raise Unauthenticated(
+            raise Stranger(
                 f"the coordinator at {coordinator} does not hold this swarm's key ({how}): "
                 "is it a stranger's?"
             )

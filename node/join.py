@@ -39,7 +39,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, InvalidArgument, Unavailable
+from nanoshard.errors import CheckpointError, InvalidArgument, Stranger, Unavailable
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
@@ -201,6 +201,7 @@ class Volunteer:
         # The mDNS look-up for a coordinator that stopped answering (``_look_again``).
         self.looking: asyncio.Task[discovery.Found | None] | None = None
         self.looked_up = threading.Event()  # set: look-ups stop (the node stops)
+        self.strangers: set[str] = set()  # coordinators' addresses found without the key
         self.said_ready = False
         self.runtime_bytes = 0  # the process before any stage, taken out of the default share
 
@@ -217,6 +218,8 @@ class Volunteer:
                 self.config.mdns_interfaces,
                 self.config.discovery_timeout,
                 self.config.swarm,
+                self.looked_up,
+                frozenset(self.strangers),
             )
             if found is not None:
                 self.events.info(f"found coordinator {found.name} at {found.target}")
@@ -260,11 +263,8 @@ class Volunteer:
         if config.mdns:  # a wrong --mdns-interface is refused before anything starts
             discovery.zeroconf_interfaces(config.mdns_interfaces)
         device = pick_device(config.device)  # (and a device this machine lacks)
-        self.target = await self.find_coordinator()
-        self._connect(self.target)
         try:
-            card = await self.call(self._stub.GetModelCard, cpb.ModelCardRequest(), "model card")
-            self.card = card  # type: ignore[assignment]
+            self.card = card = await self._first_card()
             self.model_config = GPTConfig.from_dict(json.loads(card.config_json))  # type: ignore[attr-defined]
             local = self._local_checkpoint()
             capacity = await asyncio.to_thread(
@@ -310,7 +310,29 @@ class Volunteer:
             await self._heartbeats(local)
         finally:
             await self._shutdown()
-            await self._channel.close()
+            if self.target:  # (connected: ``_connect``)
+                await self._channel.close()
+
+    async def _first_card(self) -> cpb.ModelCard:
+        """Find the coordinator and read its model card. One found by mDNS that cannot
+        prove it holds the swarm key is a stranger's: passed over, and the search goes on
+        (a stranger announcing the swarm's name on the LAN must not end its volunteers)."""
+        while True:
+            self._connect(await self.find_coordinator())
+            try:
+                card = cpb.ModelCardRequest()
+                return await self.call(self._stub.GetModelCard, card, "model card")  # type: ignore[return-value]
+            except Stranger as exc:
+                self._pass_over(exc)
+                await self._channel.close()
+
+    def _pass_over(self, stranger: Stranger) -> None:
+        """The coordinator at ``self.target`` is a stranger's: end a node given its address;
+        a node that found it by mDNS looks on for the swarm's own."""
+        if self.config.coordinator:
+            raise stranger
+        self.strangers.add(self.target)
+        self.events.info(f"{stranger} (passed over: looking on by mDNS for the swarm's own)")
 
     def _runtime_out_of_the_share(self) -> None:
         """The default share of RAM (half of what is free) is what the whole process may
@@ -352,6 +374,7 @@ class Volunteer:
                     LOOK_AGAIN_S,
                     self.config.swarm,
                     self.looked_up,
+                    frozenset(self.strangers),
                 )
             )
             self.looking.add_done_callback(self._looked)
@@ -369,13 +392,21 @@ class Volunteer:
         if task is self.looking:  # (not one dropped since: the coordinator answered)
             self.beat.set()  # what it found is taken at once, not at the next heartbeat
 
-    async def _join_moved(self, found: discovery.Found) -> None:
-        """Join the coordinator found again at another address."""
+    async def _join_moved(self, found: discovery.Found) -> bool:
+        """Join the coordinator found again at another address, unless it is a stranger's
+        (False: the node stays with the one it had, and looks on)."""
         self.events.info(f"found coordinator {found.name} again, at {found.target}: joining it")
-        old = self._channel
+        old = (self.target, self._channel, self._stub)
         self._connect(found.target)
-        await old.close()
-        await self._join()
+        try:
+            await self._join()
+        except Stranger as exc:
+            self._pass_over(exc)
+            await self._channel.close()
+            self.target, self._channel, self._stub = old
+            return False
+        await old[1].close()
+        return True
 
     def _local_checkpoint(self):  # type: ignore[no-untyped-def]
         if not self.config.model:
@@ -705,21 +736,11 @@ class Volunteer:
                 ),
             )
             try:
-                reply = await self.security.proven(
-                    self._stub.Heartbeat,
-                    request,
-                    self.target,
-                    timeout=max(self.heartbeat_interval, 2.0),
-                )
+                reply = await self._heartbeat(request)
+            except Stranger as exc:  # (one found by mDNS, and a stranger's took its place)
+                self._pass_over(exc)
+                unreachable = time.monotonic() if unreachable is None else unreachable
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    self.events.info(
-                        "the coordinator does not know this node (it restarted, or dropped "
-                        "this node after missed heartbeats): joining again"
-                    )
-                    await self._join()
-                    unreachable = None
-                    continue
                 now = time.monotonic()
                 if unreachable is None or now - said >= SAY_EVERY_S:
                     since = "" if unreachable is None else f" for {now - unreachable:.0f} s"
@@ -732,19 +753,42 @@ class Volunteer:
                     self.events.info(f"{why}: still serving, retrying")
                     said = now
                 unreachable = now if unreachable is None else unreachable
-                if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    found = self._look_again()
-                    if found is not None and found.target != self.target:
-                        await self._join_moved(found)
-                        unreachable = None
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    continue
+            else:
+                self.looking = None  # (what a look-up still running finds is not wanted)
+                if unreachable is not None:
+                    self.events.info("the coordinator answers again")
+                    unreachable = None
+                if reply is not None:  # (None: it did not know this node, which joined again)
+                    if self.links is not None:
+                        self.links.want(list(reply.peers))
+                    self._follow(reply.assignment)
                 continue
-            self.looking = None  # (what a look-up still running finds is no longer wanted)
-            if unreachable is not None:
-                self.events.info("the coordinator answers again")
+            # Gone, or a stranger's in its place: look for it by mDNS, beside the heartbeats.
+            found = self._look_again()
+            if found is not None and found.target != self.target and await self._join_moved(found):
                 unreachable = None
-            if self.links is not None:
-                self.links.want(list(reply.peers))
-            self._follow(reply.assignment)
+
+    async def _heartbeat(self, request: cpb.HeartbeatRequest) -> cpb.HeartbeatReply | None:
+        """One heartbeat: the coordinator's reply, or None once the node joined again
+        because the coordinator did not know it."""
+        try:
+            return await self.security.proven(  # type: ignore[no-any-return]
+                self._stub.Heartbeat,
+                request,
+                self.target,
+                timeout=max(self.heartbeat_interval, 2.0),
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        self.events.info(
+            "the coordinator does not know this node (it restarted, or dropped this node "
+            "after missed heartbeats): joining again"
+        )
+        await self._join()
+        return None
 
     async def _shutdown(self) -> None:
         self.looked_up.set()

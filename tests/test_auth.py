@@ -5,6 +5,7 @@ a coordinator that cannot), and TLS end to end."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 from pathlib import Path
@@ -343,19 +344,43 @@ def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> No
 # ---- a stranger's coordinator ---------------------------------------------------------
 
 
-def test_a_volunteer_leaves_a_stranger_announcing_its_swarm(tmp_path: Path) -> None:
-    """A coordinator without the key accepts any token: it is found by mDNS under the
-    swarm's name, and the volunteer stops at its first answer, in one line."""
+def test_a_volunteer_looking_by_mdns_passes_strangers_over(tmp_path: Path) -> None:
+    """A coordinator without the key accepts any token. Announcing the swarm's name on
+    mDNS, it is found first, and the volunteer passes it over at its first answer and looks
+    on: it joins the swarm's own coordinator once that one starts. A client looking by
+    mDNS passes the stranger over too: it names it when it finds no other, and reaches the
+    swarm's own once there is one. When a stranger's then takes that coordinator's address
+    and the swarm's own restarts elsewhere, the volunteer passes the stranger over again
+    and joins its own there."""
     name = f"stranger-{secrets.token_hex(4)}"
+    passed = re.compile(re.escape("(passed over: looking on by mDNS for the swarm's own)"))
+    own = ["--swarm", name, "--swarm-key", KEY, *STEADY]
+    status = ["status", "--json", "--swarm", name, "--swarm-key", KEY]
+    status += ["--mdns-interface", "127.0.0.1"]
     with Swarm() as swarm:
-        swarm.coordinator("--swarm", name)  # (mDNS on 127.0.0.1 only)
+        swarm.coordinator("--swarm", name, "--state-dir", str(tmp_path / "s1"))
         volunteer = swarm.join("--swarm", name, "--swarm-key", KEY, "--cache-dir", str(tmp_path))
-        assert volunteer.wait(timeout=120) == 1, volunteer.output
-        assert re.fullmatch(f"nanoshard-node: error: {STRANGER}", volunteer.lines[-1]), (
-            volunteer.output
-        )
+        volunteer.wait_for(passed)
+        done = nanoshard(*status)
+        assert done.returncode == 1, done.stderr
+        assert re.fullmatch(f"nanoshard: error: {STRANGER}", done.stderr.strip()), done.stderr
+        first, address = swarm.coordinator(*own)
+        member = CoordinatorClient(address, security=Security(key=SwarmKey(KEY)))
+        wait_until("the node serving", lambda: covered(member, 1), timeout=120)
+        member.close()
+        done = nanoshard(*status)
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads(done.stdout)["nodes"]) == 1
+        first.kill()
+        port = int(address.rsplit(":", 1)[1])
+        swarm.coordinator("--swarm", name, "--state-dir", str(tmp_path / "s2"), port=port)
+        volunteer.wait_for(re.compile(STRANGER.replace(r"\d+", str(port)) + r" \(passed over"))
+        _, moved = swarm.coordinator(*own)
+        member = CoordinatorClient(moved, security=Security(key=SwarmKey(KEY)))
+        wait_until("the node serving again", lambda: covered(member, 1), timeout=120)
+        member.close()
+        assert volunteer.popen.poll() is None, volunteer.output
         assert "Traceback" not in volunteer.output
-        assert not any("joined the swarm" in line for line in volunteer.lines)
 
 
 def test_a_volunteer_stops_when_a_stranger_takes_its_coordinators_address(
