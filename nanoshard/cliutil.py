@@ -151,6 +151,22 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
     main(argv)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread of a command that holds something on other
+    machines (a generation's session on its nodes), so that it lets it go as on Ctrl-C
+    (``raise_on_sigterm``). ``run_cli`` ends it with one line and exit 143 (128 + 15)."""
+
+
+def raise_on_sigterm() -> None:
+    """From now on, SIGTERM raises ``Terminated`` in the main thread (instead of ending
+    the process where it stands)."""
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def run_cli(prog: str, main: Callable[[], int | None]) -> None:
     """Run a CLI: a nanoshard error is one line on stderr and exit 1, never a traceback."""
     try:
@@ -161,6 +177,9 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except BrokenPipeError:
         sys.exit(0)
     sys.exit(code or 0)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 from rich.console import Console
@@ -24,6 +25,8 @@ from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.node import main as node_main
 from nanoshard.v1 import coordinator_pb2 as cpb
+from nanoshard.v1 import node_pb2 as pb
+from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
 GPT2 = GPTConfig(n_layer=12, n_head=12, n_embd=768)
 NODES = [  # (name, address, device, dtype): the second is still loading, the third excluded
@@ -397,6 +400,42 @@ def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     assert "all demo processes stopped" in demo.output and "Traceback" not in demo.output
     assert "killed" not in demo.output  # they stopped on SIGTERM (they once had it blocked)
     assert_interrupted_line(demo, "nanoshard", sig)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [
+        pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl-c"),
+        pytest.param(signal.SIGTERM, 143, "terminated", id="sigterm"),
+    ],
+)
+def test_a_generation_stopped_by_a_signal_closes_its_session(
+    sig: signal.Signals, code: int, said: str
+) -> None:
+    """``generate`` stopped mid-generation (Ctrl-C; SIGTERM from kill, ``timeout`` or a
+    supervisor) closes its session on its nodes before it ends, so their KV memory is free
+    at once, not at the session's TTL (300 s). (SIGTERM once ended it where it stood.)
+    Its node is stopped while it is signalled: a generation cannot end by itself then."""
+    with Swarm() as swarm:
+        node, address = swarm.node("demo", "0:8")
+        channel = grpc.insecure_channel(address)
+        info = pb_grpc.NodeStub(channel).Info
+        sessions = lambda: info(pb.InfoRequest(), timeout=10).sessions  # noqa: E731
+        greedy = ["--max-new-tokens", "240", "--temperature", "0", "ROMEO:"]
+        generate = swarm.start([str(BIN / "nanoshard"), "generate", "--route", address, *greedy])
+        wait_until("the generation's session open", lambda: sessions() == 1, every=0.01)
+        node.popen.send_signal(signal.SIGSTOP)
+        try:
+            assert generate.popen.poll() is None, generate.output  # it waits on the node
+            generate.popen.send_signal(sig)
+        finally:
+            node.popen.send_signal(signal.SIGCONT)
+        assert generate.wait(timeout=60) == code, generate.output
+        assert generate.lines[-1] == f"nanoshard: {said}", generate.output
+        wait_until("the session closed", lambda: sessions() == 0, timeout=30)
+        channel.close()
+    assert "Traceback" not in generate.output, generate.output
 
 
 def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
