@@ -200,7 +200,7 @@ class Volunteer:
         self.gave_up: list[str] = []
         # The mDNS look-up for a coordinator that stopped answering (``_look_again``).
         self.looking: asyncio.Task[discovery.Found | None] | None = None
-        self.looked_up = threading.Event()  # set: look-ups stop (the node stops)
+        self.stop_looking = threading.Event()  # set: look-ups stop (the node stops)
         self.strangers: set[str] = set()  # coordinators' addresses found without the key
         self.said_ready = False
         self.runtime_bytes = 0  # the process before any stage, taken out of the default share
@@ -218,7 +218,7 @@ class Volunteer:
                 self.config.mdns_interfaces,
                 self.config.discovery_timeout,
                 self.config.swarm,
-                self.looked_up,
+                self.stop_looking,
                 frozenset(self.strangers),
             )
             if found is not None:
@@ -320,8 +320,8 @@ class Volunteer:
         while True:
             self._connect(await self.find_coordinator())
             try:
-                card = cpb.ModelCardRequest()
-                return await self.call(self._stub.GetModelCard, card, "model card")  # type: ignore[return-value]
+                request = cpb.ModelCardRequest()
+                return await self.call(self._stub.GetModelCard, request, "model card")  # type: ignore[return-value]
             except Stranger as exc:
                 self._pass_over(exc)
                 await self._channel.close()
@@ -331,8 +331,9 @@ class Volunteer:
         a node that found it by mDNS looks on for the swarm's own."""
         if self.config.coordinator:
             raise stranger
-        self.strangers.add(self.target)
-        self.events.info(f"{stranger} (passed over: looking on by mDNS for the swarm's own)")
+        if self.target not in self.strangers:  # (said once: its heartbeats may go on)
+            self.strangers.add(self.target)
+            self.events.info(f"{stranger} (passed over: looking on by mDNS for the swarm's own)")
 
     def _runtime_out_of_the_share(self) -> None:
         """The default share of RAM (half of what is free) is what the whole process may
@@ -373,7 +374,7 @@ class Volunteer:
                     self.config.mdns_interfaces,
                     LOOK_AGAIN_S,
                     self.config.swarm,
-                    self.looked_up,
+                    self.stop_looking,
                     frozenset(self.strangers),
                 )
             )
@@ -735,36 +736,37 @@ class Volunteer:
                     live=info.live.report(),
                 ),
             )
-            try:
-                reply = await self._heartbeat(request)
-            except Stranger as exc:  # (one found by mDNS, and a stranger's took its place)
-                self._pass_over(exc)
-                unreachable = time.monotonic() if unreachable is None else unreachable
-            except grpc.aio.AioRpcError as err:
-                now = time.monotonic()
-                if unreachable is None or now - said >= SAY_EVERY_S:
-                    since = "" if unreachable is None else f" for {now - unreachable:.0f} s"
-                    why = (
-                        f"the coordinator at {self.target} refused this node's heartbeat: "
-                        f"{err.details()}"
-                        if err.code() == grpc.StatusCode.INVALID_ARGUMENT
-                        else f"cannot reach the coordinator at {self.target}{since}"
-                    )
-                    self.events.info(f"{why}: still serving, retrying")
-                    said = now
-                unreachable = now if unreachable is None else unreachable
-                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if self.target not in self.strangers:  # (else a stranger's took its address)
+                try:
+                    reply = await self._heartbeat(request)
+                except Stranger as exc:
+                    self._pass_over(exc)
+                    unreachable = time.monotonic() if unreachable is None else unreachable
+                except grpc.aio.AioRpcError as err:
+                    now = time.monotonic()
+                    if unreachable is None or now - said >= SAY_EVERY_S:
+                        since = "" if unreachable is None else f" for {now - unreachable:.0f} s"
+                        why = (
+                            f"the coordinator at {self.target} refused this node's heartbeat: "
+                            f"{err.details()}"
+                            if err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                            else f"cannot reach the coordinator at {self.target}{since}"
+                        )
+                        self.events.info(f"{why}: still serving, retrying")
+                        said = now
+                    unreachable = now if unreachable is None else unreachable
+                    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        continue
+                else:
+                    self.looking = None  # (what a look-up still running finds is not wanted)
+                    if unreachable is not None:
+                        self.events.info("the coordinator answers again")
+                        unreachable = None
+                    if reply is not None:  # (None: it did not know this node: joined again)
+                        if self.links is not None:
+                            self.links.want(list(reply.peers))
+                        self._follow(reply.assignment)
                     continue
-            else:
-                self.looking = None  # (what a look-up still running finds is not wanted)
-                if unreachable is not None:
-                    self.events.info("the coordinator answers again")
-                    unreachable = None
-                if reply is not None:  # (None: it did not know this node, which joined again)
-                    if self.links is not None:
-                        self.links.want(list(reply.peers))
-                    self._follow(reply.assignment)
-                continue
             # Gone, or a stranger's in its place: look for it by mDNS, beside the heartbeats.
             found = self._look_again()
             if found is not None and found.target != self.target and await self._join_moved(found):
@@ -791,7 +793,7 @@ class Volunteer:
         return None
 
     async def _shutdown(self) -> None:
-        self.looked_up.set()
+        self.stop_looking.set()
         if self.loading is not None:
             self.loading.cancel()
         # First tell the coordinator: routes stop naming this node at once, and sessions
