@@ -405,6 +405,9 @@ class NextHop:
         for address in self.candidates():
             try:
                 reply = await self._open_at(address, deadline)
+            except asyncio.CancelledError:  # the owner left: the node may have opened it
+                self._use(address)  # (so that ``close`` reaches it)
+                raise
             except InvalidArgument:
                 raise  # the request itself is wrong: no replica will take it
             except OutOfTime as exc:

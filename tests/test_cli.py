@@ -413,10 +413,12 @@ def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
 def test_a_generation_stopped_by_a_signal_closes_its_session(
     sig: signal.Signals, code: int, said: str
 ) -> None:
-    """``generate`` stopped mid-generation (Ctrl-C; SIGTERM from kill, ``timeout`` or a
-    supervisor) closes its session on its nodes before it ends, so their KV memory is free
-    at once, not at the session's TTL (300 s). (SIGTERM once ended it where it stood.)
-    Its node is stopped while it is signalled: a generation cannot end by itself then."""
+    """``generate`` stopped by Ctrl-C or SIGTERM (kill, ``timeout``, a supervisor) once
+    its session is open on its node closes it there before it ends, so the node's KV memory
+    is free at once, not at the session's TTL (300 s). The node is stopped while the
+    command is signalled, so the generation cannot end by itself first; the open may not
+    have been answered yet. (SIGTERM once ended the command where it stood, and a client
+    interrupted while its open was unanswered never closed the session.)"""
     with Swarm() as swarm:
         node, address = swarm.node("demo", "0:8")
         channel = grpc.insecure_channel(address)
