@@ -20,9 +20,11 @@ import pytest
 from rich.console import Console
 from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 
+from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.cli import main
 from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
+from nanoshard.engine import init_weights
 from nanoshard.node import main as node_main
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
@@ -402,6 +404,15 @@ def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     assert_interrupted_line(demo, "nanoshard", sig)
 
 
+@pytest.fixture
+def long_model(tmp_path: Path) -> Path:
+    """A random GPT-2 with a context of 1024 and GPT-2's vocabulary: a greedy generation of
+    1000 tokens takes seconds, where the demo model's whole context takes under one."""
+    config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=2, n_head=4, n_embd=256)
+    save_hf_checkpoint(config, init_weights(config, seed=0), tmp_path / "long")
+    return tmp_path / "long"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "code", "said"),
@@ -411,21 +422,23 @@ def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     ],
 )
 def test_a_generation_stopped_by_a_signal_closes_its_session(
-    sig: signal.Signals, code: int, said: str
+    sig: signal.Signals, code: int, said: str, long_model: Path
 ) -> None:
-    """``generate`` stopped by Ctrl-C or SIGTERM (kill, ``timeout``, a supervisor) once
-    its session is open on its node closes it there before it ends, so the node's KV memory
-    is free at once, not at the session's TTL (300 s). The node is stopped while the
-    command is signalled, so the generation cannot end by itself first; the open may not
-    have been answered yet. (SIGTERM once ended the command where it stood, and a client
-    interrupted while its open was unanswered never closed the session.)"""
+    """``generate`` stopped by Ctrl-C or SIGTERM (kill, ``timeout``, a supervisor) in the
+    middle of a generation closes its session on its node before it ends, so the node's KV
+    memory is free at once, not at the session's TTL (300 s). The node is stopped while the
+    command is signalled, so the generation cannot end by itself first (it has seconds
+    to go when the session is seen open; the open itself may not have been answered yet).
+    (SIGTERM once ended the command where it stood, and a client interrupted while its open
+    was unanswered never closed the session.)"""
     with Swarm() as swarm:
-        node, address = swarm.node("demo", "0:8")
+        node, address = swarm.node(str(long_model), "0:4")
         channel = grpc.insecure_channel(address)
         info = pb_grpc.NodeStub(channel).Info
         sessions = lambda: info(pb.InfoRequest(), timeout=10).sessions  # noqa: E731
-        greedy = ["--max-new-tokens", "240", "--temperature", "0", "ROMEO:"]
-        generate = swarm.start([str(BIN / "nanoshard"), "generate", "--route", address, *greedy])
+        greedy = ["--max-new-tokens", "1000", "--temperature", "0", "--model", str(long_model)]
+        command = [str(BIN / "nanoshard"), "generate", "--route", address, *greedy, "ROMEO:"]
+        generate = swarm.start(command)
         wait_until("the generation's session open", lambda: sessions() == 1, every=0.01)
         node.popen.send_signal(signal.SIGSTOP)
         try:
