@@ -274,7 +274,11 @@ class AsyncClient:
             timeout_s=self.timeout_s,
             checker=self.checker,
         )
-        await session.open()
+        try:
+            await session.open()
+        except BaseException:  # (refused, or cancelled: a node may have opened it already)
+            await session.close()
+            raise
         return session
 
     @property
