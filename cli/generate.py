@@ -12,7 +12,7 @@ import tiktoken
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.checks import DEFAULT_CHECK_RATE, CheckResult
 from nanoshard.client.sdk import Client, GenerationResult, Token
-from nanoshard.cliutil import raise_on_sigterm
+from nanoshard.cliutil import interruptible
 from nanoshard.engine import parse_dtype, pick_device
 from nanoshard.errors import InvalidArgument
 from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
@@ -115,7 +115,7 @@ def generate_on_nodes(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    raise_on_sigterm()  # a generation stopped by SIGTERM closes its session, as on Ctrl-C
+    interruptible()  # a generation stopped by a signal closes its session on its nodes
     started = False
 
     def show(token: Token) -> None:

@@ -154,16 +154,19 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread of a command that holds something on other
     machines (a generation's session on its nodes), so that it lets it go as on Ctrl-C
-    (``raise_on_sigterm``). ``run_cli`` ends it with one line and exit 143 (128 + 15)."""
+    (``interruptible``). ``run_cli`` ends it with one line and exit 143 (128 + 15)."""
 
 
-def raise_on_sigterm() -> None:
-    """From now on, SIGTERM raises ``Terminated`` in the main thread (instead of ending
-    the process where it stands)."""
+def interruptible() -> None:
+    """From now on, Ctrl-C raises KeyboardInterrupt and SIGTERM ``Terminated`` in the main
+    thread, instead of ending the process where it stands (SIGTERM), or of nothing at all
+    (Ctrl-C, where the command started ignoring SIGINT, as a shell script's background job
+    does: Python then installs no handler of its own)."""
 
     def terminated(_signum: int, _frame: object) -> None:
         raise Terminated
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, terminated)
 
 
