@@ -11,12 +11,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_garbage_on_every_rpc_is_answered_and_costs_nothing() -> None:
-    result = fuzz.run(per_method=150, seed=1)
+    # (the suite's longest test at 150 a method, 1-2 min; the full-size run, 10,000 a
+    # method, is in the README)
+    per_method = 75
+    result = fuzz.run(per_method=per_method, seed=1)
     for service, methods in result["codes"].items():
         expected = fuzz.NODE if service == "node" else fuzz.COORDINATOR
         assert set(methods) == set(expected)
         for method, codes in methods.items():
-            assert sum(codes.values()) == 150, (service, method)
+            assert sum(codes.values()) == per_method, (service, method)
             # a status for each (run() fails on a hang); never a crash of the handler
             assert "UNKNOWN" not in codes and "INTERNAL" not in codes, (service, method, codes)
     # garbage is refused as such, not passed on: most messages are invalid
