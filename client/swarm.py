@@ -6,7 +6,6 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 import grpc
@@ -26,34 +25,6 @@ from .route import Route
 DEFAULT_CACHE = machine.cache_dir() / "tokenizers"
 
 
-def find_coordinator(
-    address: str | None,
-    *,
-    mdns_interfaces: list[str] | None = None,
-    swarm: str | None = None,
-    timeout_s: float = 5.0,
-    tls: bool = False,
-    stop: threading.Event | None = None,
-    passed_over: Collection[str] = (),
-) -> str:
-    """The coordinator's HOST:PORT: the one given, else one advertised on mDNS (of this
-    protocol version, and of ``swarm`` when given) at an address not in ``passed_over``:
-    the first found, or the first by name if several were seen at once. Whether it answers
-    is not checked here; whether it needs TLS (its TXT record says) is: without ``tls``
-    that is an error naming the flag."""
-    if address:
-        return address
-    found = discovery.find_coordinator(mdns_interfaces, timeout_s, swarm, stop, passed_over)
-    if found is None:
-        which = f"of swarm {swarm!r} " if swarm else ""
-        raise NotFound(
-            f"no coordinator {which}answered on mDNS within {timeout_s:.0f} s: "
-            'give its address (--coordinator HOST:PORT; Client("HOST:PORT") in Python)'
-        )
-    found.require_tls(tls)
-    return found.target
-
-
 def open_coordinator(
     address: str | None,
     security: Security,
@@ -64,28 +35,33 @@ def open_coordinator(
     stop: threading.Event | None = None,
     passed_over: set[str] | None = None,
 ) -> CoordinatorClient:
-    """A client of the coordinator ``find_coordinator`` finds, once it proved it holds the
-    swarm key (its model card is read). One found by mDNS that cannot prove it is a
-    stranger's: its address joins ``passed_over`` and the search goes on, for ``timeout_s``
-    in all (a stranger announcing the swarm's name on the LAN does not stop its clients)."""
+    """A client of the coordinator at ``address``, else of one advertised on mDNS (of this
+    protocol version, and of ``swarm`` when given; the first found, or the first by name if
+    several were seen at once), once it proved it holds the swarm key (its model card is
+    read). One found by mDNS that cannot prove it is a stranger's: its address joins
+    ``passed_over`` and the search goes on, for ``timeout_s`` in all (a stranger announcing
+    the swarm's name on the LAN does not stop its clients). Whether one found needs TLS
+    (its TXT record says) is checked too: without a CA that is an error naming the flag."""
     passed = passed_over if passed_over is not None else set()
     deadline = time.monotonic() + timeout_s
     stranger: Stranger | None = None
     while True:
-        try:
-            target = find_coordinator(
-                address,
-                mdns_interfaces=mdns_interfaces,
-                swarm=swarm,
-                timeout_s=max(deadline - time.monotonic(), 0.0),
-                tls=security.tls_ca is not None,
-                stop=stop,
-                passed_over=frozenset(passed),
+        target = address
+        if not target:
+            left = max(deadline - time.monotonic(), 0.0)
+            found = discovery.find_coordinator(
+                mdns_interfaces, left, swarm, stop, frozenset(passed)
             )
-        except NotFound:
-            if stranger is None:
-                raise
-            raise stranger from None  # (what was found, and why it was passed over)
+            if found is None and stranger is not None:
+                raise stranger  # (what was found, and why it was passed over)
+            if found is None:
+                which = f"of swarm {swarm!r} " if swarm else ""
+                raise NotFound(
+                    f"no coordinator {which}answered on mDNS within {timeout_s:.0f} s: "
+                    'give its address (--coordinator HOST:PORT; Client("HOST:PORT") in Python)'
+                )
+            found.require_tls(security.tls_ca is not None)
+            target = found.target
         coordinator = CoordinatorClient(target, security=security)
         try:
             coordinator.card()

@@ -213,14 +213,7 @@ class Volunteer:
         self.events.info("looking for a coordinator by mDNS…")
         told = False
         while not self.stop.is_set():  # volunteers may start before their coordinator
-            found = await asyncio.to_thread(
-                discovery.find_coordinator,
-                self.config.mdns_interfaces,
-                self.config.discovery_timeout,
-                self.config.swarm,
-                self.stop_looking,
-                frozenset(self.strangers),
-            )
+            found = await self._browse(self.config.discovery_timeout)
             if found is not None:
                 self.events.info(f"found coordinator {found.name} at {found.target}")
                 found.require_tls(
@@ -235,6 +228,17 @@ class Volunteer:
                     "isolation? then pass --coordinator HOST:PORT)"
                 )
         raise asyncio.CancelledError  # stopped while looking
+
+    async def _browse(self, timeout_s: float) -> discovery.Found | None:
+        """One mDNS look-up for the swarm's coordinator, past the strangers it met."""
+        return await asyncio.to_thread(
+            discovery.find_coordinator,
+            self.config.mdns_interfaces,
+            timeout_s,
+            self.config.swarm,
+            self.stop_looking,
+            frozenset(self.strangers),
+        )
 
     async def call(self, method: Callable, request: object, what: str) -> object:
         """A control-plane call, retried with backoff while the coordinator is unreachable."""
@@ -368,16 +372,7 @@ class Volunteer:
             return None
         looking = self.looking
         if looking is None:
-            self.looking = asyncio.create_task(
-                asyncio.to_thread(
-                    discovery.find_coordinator,
-                    self.config.mdns_interfaces,
-                    LOOK_AGAIN_S,
-                    self.config.swarm,
-                    self.stop_looking,
-                    frozenset(self.strangers),
-                )
-            )
+            self.looking = asyncio.create_task(self._browse(LOOK_AGAIN_S))
             self.looking.add_done_callback(self._looked)
             return None
         if not looking.done():
@@ -395,18 +390,16 @@ class Volunteer:
 
     async def _join_moved(self, found: discovery.Found) -> bool:
         """Join the coordinator found again at another address, unless it is a stranger's
-        (False: the node stays with the one it had, and looks on)."""
+        (False: passed over, its address gets no heartbeat, and the look-ups go on)."""
         self.events.info(f"found coordinator {found.name} again, at {found.target}: joining it")
-        old = (self.target, self._channel, self._stub)
+        old = self._channel
         self._connect(found.target)
+        await old.close()
         try:
             await self._join()
         except Stranger as exc:
             self._pass_over(exc)
-            await self._channel.close()
-            self.target, self._channel, self._stub = old
             return False
-        await old[1].close()
         return True
 
     def _local_checkpoint(self):  # type: ignore[no-untyped-def]
