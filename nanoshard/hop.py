@@ -367,7 +367,7 @@ class NextHop:
         self.final_refusals = final_refusals
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
-        self._leaving: set[asyncio.Task] = set()  # closes sent to nodes this link left
+        self._leaving: set[asyncio.Task] = set()  # closes sent in the background
         self.pace = Pace()  # of the node it last stepped on (``_paced_on``) ...
         self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
@@ -717,6 +717,13 @@ class NextHop:
         return Unavailable(
             f"units [{hop.start}, {hop.end}) unreachable from {self.owner}: {why}", tries.failed
         )
+
+    def abandon(self) -> None:
+        """``close``, in the background: for an owner giving the session up where it cannot
+        wait (its own open was refused or cancelled after this link's node took it)."""
+        task = asyncio.ensure_future(self.close())
+        self._leaving.add(task)
+        task.add_done_callback(_forget(self._leaving))
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close the session on the current node and the hops after it. Best effort: a

@@ -338,7 +338,10 @@ class NodeService(pb_grpc.NodeServicer):
                     self._share_key(session)
                 return await self._open_onwards(session, deadline - time.perf_counter())
         except BaseException:  # refused downstream, or the caller went away: nothing stays
+            link = session.next
             self._drop(session)
+            if link is not None:  # here or onwards (a later hop may have opened it already)
+                link.abandon()
             raise
 
     def _share_key(self, session: NodeSession) -> None:

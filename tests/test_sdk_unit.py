@@ -251,9 +251,14 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.extra_traces = 0  # traces it adds to each reply (a lying node's)
         self.timeouts: list[int] = []  # the timeout_ms of every Open and step it got
         self.quota: tuple[str, str] | None = None  # refuse everything: (message, retry after)
+        self.opening = threading.Event()  # set once an Open arrived ...
+        self.open_after = threading.Event()  # ... which is answered once this is set
+        self.open_after.set()
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         self.timeouts.append(request.timeout_ms)
+        self.opening.set()
+        self.open_after.wait()
         self.refuse_if_over_quota(context)
         return pb.OpenReply(length=self.length)
 
@@ -499,6 +504,39 @@ def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
         with pytest.raises(Unavailable, match="4 traces for the 1 hops") as err:
             await link.step(token_step(1, 0))
         assert err.value.failed == [node.address]
+        await channels.close()
+
+    asyncio.run(main())
+
+
+def test_an_open_given_up_midway_is_closed_where_it_went(node: ScriptedNode) -> None:
+    """An owner that gives a session up while its link's open is on its way (a node's own
+    open cancelled by its caller) abandons the link: the node it asked, which may have
+    opened the session, is told to close it (with the hops after it), in the background."""
+    node.open_after.clear()
+
+    async def main() -> None:
+        channels = Channels()
+        spec = pb.SessionSpec(session_id=LINK_SESSION, max_length=8, codec="fp32")
+        link = NextHop(
+            channels,
+            spec,
+            [pb.Hop(start=0, end=3, addresses=[node.address])],
+            token_replay(),
+            timeout_s=30,
+        )
+        opening = asyncio.ensure_future(link.open())
+        await asyncio.to_thread(node.opening.wait, 10)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        link.abandon()
+        node.open_after.set()  # (the node opens it after all)
+        for _ in range(100):
+            if node.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert node.closed == [LINK_SESSION]
         await channels.close()
 
     asyncio.run(main())
