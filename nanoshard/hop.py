@@ -727,13 +727,23 @@ class NextHop:
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close the session on the current node and the hops after it. Best effort: a
-        node that is gone frees it at its TTL."""
+        node that is gone frees it at its TTL. An owner cancelled meanwhile (Ctrl-C right
+        after a generation's last token) is cancelled once the node answered, within
+        ``timeout_s``: a close cut short would leave the session to the nodes' TTL."""
         self.drop_stream()
         if self.address is None:
             return
         request = pb.CloseRequest(session_id=self.spec.session_id)
+        closing = asyncio.ensure_future(
+            self.channels.call(self.address, "Close", request, timeout_s)
+        )
+        self._leaving.add(closing)
+        closing.add_done_callback(_forget(self._leaving))
         try:
-            await self.channels.call(self.address, "Close", request, timeout_s)
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await asyncio.wait([closing])  # (cancelled again: it still ends on its own)
+            raise
         except Exception:
             log.debug("could not close session at %s", self.address)
 

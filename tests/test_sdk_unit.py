@@ -254,6 +254,8 @@ class ScriptedNode(pb_grpc.NodeServicer):
         self.opening = threading.Event()  # set once an Open arrived ...
         self.open_after = threading.Event()  # ... which is answered once this is set
         self.open_after.set()
+        self.closing, self.close_after = threading.Event(), threading.Event()  # (as for Open)
+        self.close_after.set()
 
     def Open(self, request: pb.OpenRequest, context: Any) -> pb.OpenReply:
         self.timeouts.append(request.timeout_ms)
@@ -263,6 +265,8 @@ class ScriptedNode(pb_grpc.NodeServicer):
         return pb.OpenReply(length=self.length)
 
     def Close(self, request: pb.CloseRequest, context: Any) -> pb.CloseReply:
+        self.closing.set()
+        self.close_after.wait()
         self.closed.append(request.session_id)
         return pb.CloseReply(closed=True)
 
@@ -536,6 +540,29 @@ def test_an_open_given_up_midway_is_closed_where_it_went(node: ScriptedNode) -> 
             if node.closed:
                 break
             await asyncio.sleep(0.05)
+        assert node.closed == [LINK_SESSION]
+        await channels.close()
+
+    asyncio.run(main())
+
+
+def test_a_close_its_owner_gives_up_on_is_seen_through(node: ScriptedNode) -> None:
+    """An owner cancelled while its link closes the session (Ctrl-C right after the last
+    token) is cancelled once the node answered the close, not before: the session does
+    not stay open on the route until the nodes' TTL."""
+    node.close_after.clear()
+
+    async def main() -> None:
+        channels = Channels()
+        link = await link_on(node, channels)
+        closing = asyncio.ensure_future(link.close())
+        await asyncio.to_thread(node.closing.wait, 10)
+        closing.cancel()
+        await asyncio.sleep(0.3)
+        assert not closing.done()  # waiting for the node's answer
+        node.close_after.set()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
         assert node.closed == [LINK_SESSION]
         await channels.close()
 
