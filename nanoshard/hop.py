@@ -46,7 +46,7 @@ import math
 import statistics
 import sys
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -367,7 +367,7 @@ class NextHop:
         self.final_refusals = final_refusals
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
-        self._leaving: set[asyncio.Task] = set()  # closes sent in the background
+        self._background: set[asyncio.Future] = set()  # closes sent in the background
         self.pace = Pace()  # of the node it last stepped on (``_paced_on``) ...
         self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
@@ -680,9 +680,14 @@ class NextHop:
         """Free the session on a node this link moved away from, now rather than at its
         TTL; the hops after it keep theirs. In the background: the node may well be gone."""
         request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
-        task = asyncio.ensure_future(self.channels.call(address, "Close", request, LEAVE_TIMEOUT_S))
-        self._leaving.add(task)
-        task.add_done_callback(_forget(self._leaving))
+        self._in_background(self.channels.call(address, "Close", request, LEAVE_TIMEOUT_S))
+
+    def _in_background(self, work: Awaitable[Any]) -> asyncio.Future:
+        """``work`` as a task of its own, kept until it ends (its failure is ignored)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(_forget(self._background))
+        return task
 
     def drop_stream(self) -> None:
         """End the stream (the next step opens a new one); the session stays open."""
@@ -721,9 +726,7 @@ class NextHop:
     def abandon(self) -> None:
         """``close``, in the background: for an owner giving the session up where it cannot
         wait (its own open was refused or cancelled after this link's node took it)."""
-        task = asyncio.ensure_future(self.close())
-        self._leaving.add(task)
-        task.add_done_callback(_forget(self._leaving))
+        self._in_background(self.close())
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close the session on the current node and the hops after it. Best effort: a
@@ -734,11 +737,7 @@ class NextHop:
         if self.address is None:
             return
         request = pb.CloseRequest(session_id=self.spec.session_id)
-        closing = asyncio.ensure_future(
-            self.channels.call(self.address, "Close", request, timeout_s)
-        )
-        self._leaving.add(closing)
-        closing.add_done_callback(_forget(self._leaving))
+        closing = self._in_background(self.channels.call(self.address, "Close", request, timeout_s))
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
@@ -748,8 +747,8 @@ class NextHop:
             log.debug("could not close session at %s", self.address)
 
 
-def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
-    def done(task: asyncio.Task) -> None:
+def _forget(tasks: set[asyncio.Future]) -> Callable[[asyncio.Future], None]:
+    def done(task: asyncio.Future) -> None:
         tasks.discard(task)
         if not task.cancelled():
             task.exception()  # a node that is gone: nothing to report
