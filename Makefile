@@ -23,7 +23,7 @@ gpt2-bpe: $(STAMP)
 # A worker per core and one more: the multi-process tests spend a third of their time waiting
 # on the processes they start (2 cores ran 67 % busy with two workers, 90 % with three). An idle
 # worker takes tests from the end of another's queue (conftest.py puts short ones last).
-WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1) + 1 )))
 test: $(STAMP) gpt2-bpe
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal
 
