@@ -683,7 +683,8 @@ class NextHop:
         self._in_background(self.channels.call(address, "Close", request, LEAVE_TIMEOUT_S))
 
     def _in_background(self, work: Awaitable[Any]) -> asyncio.Future:
-        """``work`` as a task of its own, kept until it ends (its failure is ignored)."""
+        """``work`` as a task of its own, kept until it ends (a failure nobody awaits is
+        dropped: a node that is gone)."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(_forget(self._background))

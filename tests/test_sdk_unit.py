@@ -313,6 +313,8 @@ def scripted_node() -> Iterator[ScriptedNode]:
     try:
         yield servicer
     finally:
+        servicer.open_after.set()  # (a call a test held is let go, even if the test failed)
+        servicer.close_after.set()
         server.stop(0)
 
 
