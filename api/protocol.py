@@ -31,7 +31,7 @@ request equals ``nanoshard generate --temperature T --top-p P --seed S`` token f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nanoshard.errors import (
@@ -68,6 +68,20 @@ NEUTRAL: dict[str, tuple[object, ...]] = {
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
 }
+
+# OpenAI's parameters that change nothing here: bookkeeping, or how to use tools a request
+# cannot have (``tools`` is refused above unless empty). Accepted and ignored.
+IGNORED = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice"})
+# Every parameter a request may carry; any other is refused, as OpenAI's API refuses it, so
+# that a misspelt or unsupported one (``top_k``, ``max_new_tokens``) is not silently dropped.
+COMMON = frozenset(
+    {"model", "n", "seed", "stop", "stream", "stream_options", "nanoshard", "user"}
+    | {"temperature", "top_p", "max_tokens"}
+    | NEUTRAL.keys()
+    | IGNORED
+)
+COMPLETION = COMMON | {"prompt"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "function_call"}
 
 
 class ApiError(Exception):
@@ -156,7 +170,6 @@ class Request:
     include_usage: bool = False
     hops: bool = False
     user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def max_new_tokens(self, prompt_len: int, block_size: int) -> int:
         if self.max_tokens is not None:
@@ -197,6 +210,9 @@ def _integer(body: dict, name: str) -> int | None:
 def _common(body: Any, chat: bool) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    for name in body:
+        if name not in (CHAT if chat else COMPLETION):
+            raise bad(f"unrecognized request argument supplied: {name}", name)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required: the swarm's model, as GET /v1/models lists it", "model")

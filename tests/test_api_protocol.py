@@ -138,6 +138,11 @@ def test_a_completion_request_maps_to_the_clis_sampling() -> None:
         # (0 asks for the chosen tokens' logprobs: not the neutral false, though 0 == False)
         ({"model": "demo", "prompt": "x", "logprobs": 0}, "logprobs"),
         ({"model": "demo", "prompt": 5}, "prompt"),
+        # (a parameter this server does not know is refused, not dropped: OpenAI's way)
+        ({"model": "demo", "prompt": "x", "top_k": 40}, "top_k"),
+        ({"model": "demo", "prompt": "x", "max_new_tokens": 8}, "max_new_tokens"),
+        ({"model": "demo", "prompt": "x", "max_completion_tokens": 8}, "max_completion_tokens"),
+        ({"model": "demo", "prompt": "x", "messages": []}, "messages"),
     ],
 )
 def test_bad_completion_requests_are_400(body: object, param: str | None) -> None:
@@ -154,6 +159,18 @@ def test_neutral_values_of_unsupported_parameters_pass() -> None:
     body = {"model": "demo", "prompt": "x", "logprobs": None, "echo": False}
     body |= {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1}
     assert parse_completion(body).prompt == "x"
+
+
+def test_parameters_that_change_nothing_here_pass() -> None:
+    """OpenAI's bookkeeping parameters, and tool choices without tools, are ignored."""
+    ignored = {"metadata": {"k": "v"}, "store": False, "service_tier": "auto", "user": "u"}
+    ignored |= {"parallel_tool_calls": True, "tool_choice": "none"}
+    assert parse_completion({"model": "demo", "prompt": "x"} | ignored).prompt == "x"
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat(chat | ignored | {"function_call": "none", "max_completion_tokens": 3})
+    with pytest.raises(ApiError, match="unrecognized request argument supplied: prompt") as err:
+        parse_chat(chat | {"prompt": "x"})
+    assert err.value.status == 400 and err.value.param == "prompt"
 
 
 def test_chat_messages_render_with_the_template() -> None:
