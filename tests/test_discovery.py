@@ -30,10 +30,11 @@ LOOPBACK = ["127.0.0.1"]
 # A browser process: prints one JSON line per change it sees, until its stdin closes.
 WATCH = textwrap.dedent(
     """
-    import json, logging, sys
+    import json, logging, sys, threading
     from nanoshard import discovery as d
     logging.basicConfig(level=logging.DEBUG, format="watcher %(relativeCreated)d %(message)s")
     logging.getLogger("zeroconf").setLevel(logging.INFO)
+    printing = threading.Lock()  # (the two watchers call back on threads of their own)
 
     def show(kind):
         def on_change(name, found):
@@ -41,12 +42,14 @@ WATCH = textwrap.dedent(
             if found is not None:
                 row["found"] = {"addresses": list(found.addresses), "port": found.port,
                                 "properties": found.properties}
-            print(json.dumps(row), flush=True)
+            with printing:
+                print(json.dumps(row), flush=True)
         return on_change
 
     with d.Watcher(d.NODE_SERVICE, ["127.0.0.1"], show("node")), \\
             d.Watcher(d.COORD_SERVICE, ["127.0.0.1"], show("coordinator")):
-        print(json.dumps({"ready": True}), flush=True)
+        with printing:
+            print(json.dumps({"ready": True}), flush=True)
         sys.stdin.read()
     """
 )
