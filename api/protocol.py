@@ -210,9 +210,10 @@ def _integer(body: dict, name: str) -> int | None:
 def _common(body: Any, chat: bool) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    for name in body:
-        if name not in (CHAT if chat else COMPLETION):
-            raise bad(f"unrecognized request argument supplied: {name}", name)
+    unknown = body.keys() - (CHAT if chat else COMPLETION)
+    if unknown:
+        name = min(unknown)
+        raise bad(f"unrecognized request argument supplied: {name}", name)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required: the swarm's model, as GET /v1/models lists it", "model")
