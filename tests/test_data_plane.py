@@ -468,8 +468,8 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
 def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, str, str]:
     """A greedy generation of 30 tokens along a 3-hop route whose last hop has a replica;
     after 10 tokens its node hangs (SIGSTOP: its connections stay open, nothing answers).
-    The tokens must be those of a run without the hang. Returns the session's recoveries,
-    the first node, the hung one and its replica."""
+    The tokens must be those of a run without the hang. Returns the session's recoveries
+    from the hang on, the first node, the hung one and its replica."""
     prompt = [464, 3290, 373, 257, 1332]
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
@@ -487,7 +487,13 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
         for _ in range(10):
             tokens.append(result.token)
             result = session.step([result.token], len(prompt) + len(tokens) - 1)
-        assert [h["address"] for h in result.hops] == [a, b, c]
+        # The node serving the last hop now hangs (b may have left c for c2 already: a
+        # link leaves a node whose steps slow down, and a busy host slows a tiny model's
+        # steps many times over); what happened before the hang is not this test's.
+        assert [h["address"] for h in result.hops][:2] == [a, b]
+        serving = result.hops[2]["address"]
+        c, c2 = (c, c2) if serving == c else (c2, c)
+        before = len(session.recoveries)
         last = next(p for p in swarm.procs if c in p.output)
         last.popen.send_signal(signal.SIGSTOP)  # (the swarm kills it, SIGCONT too)
         while len(tokens) < 30:
@@ -497,7 +503,7 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
         assert [h["address"] for h in result.hops] == [a, b, c2]
         session.close()
     assert tokens == expected
-    return session.recoveries, a, c, c2
+    return session.recoveries[before:], a, c, c2
 
 
 def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
