@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -56,6 +57,7 @@ from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
 from .worker import MAX_BATCH, MAX_QUEUE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIN_SHARE = 64 * 2**20  # weights and KV caches get at least this, or the node does not start
 # A step's own buffers, kept out of the KV budget of a node whose share is the whole
@@ -93,6 +95,35 @@ def rendezvous_store(host: str, timeout_s: float) -> dist.TCPStore:
         timeout=datetime.timedelta(seconds=timeout_s),
         master_listen_fd=listener.detach(),  # (the store owns the socket from here on)
     )
+
+
+async def on_own_thread(call: Callable[[], T], name: str) -> T:
+    """``call()`` on a daemon thread of its own. ``asyncio.to_thread``'s threads are waited
+    for when the event loop closes and when the process ends; a group's rendezvous blocks in
+    torch's C++ until every member has come (minutes, when one never does), and a node that
+    stops must not wait for it. Cancelled, the caller stops waiting; the call runs on."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # (the caller was cancelled)
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the caller, whatever it is
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done
 
 
 def kv_budget(share: int, held: int, whole_process: bool) -> int:
@@ -636,7 +667,7 @@ class Volunteer:
             return collective, *collective.probe(config.n_embd)
 
         try:
-            collective, probe_ms, bytes_per_s = await asyncio.to_thread(form)
+            collective, probe_ms, bytes_per_s = await on_own_thread(form, f"group {tp.id}")
         # A member that never came, a bad address, or a backend this node cannot run.
         except (RuntimeError, ValueError, InvalidArgument) as exc:
             log.info("group %s did not form: %s", tp.id, exc)  # (torch's own words)

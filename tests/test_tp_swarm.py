@@ -4,6 +4,7 @@ processes on loopback; each group's members join a gloo process group on 127.0.0
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -253,6 +254,34 @@ def test_a_group_without_a_spare_re_forms_with_the_volunteer_who_comes(tmp_path:
     # (about 4 s here: the newcomer's start; grouped with the dead member, rank 0 first
     # waited out its 20 s rendezvous)
     assert result.recoveries[0].ms < 15_000, result.recoveries
+
+
+def test_a_volunteer_waiting_for_its_group_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """A volunteer grouped with one that never comes to the group's rendezvous (stopped,
+    though the coordinator still counts it) stops on SIGTERM within seconds, cleanly: it
+    leaves the swarm and ends 0. (It once waited for the thread forming the group, blocked
+    in torch's rendezvous for up to 300 s: `nanoshard demo` killed such a node 10 s after
+    its SIGTERM when the coordinator regrouped the last nodes as the others left.)"""
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        # Counted alive for 40 s after its last heartbeat: time for the other to start and
+        # be grouped with it (the coordinator's first placement waits as long, too).
+        _, address = swarm.coordinator(
+            "--swarm", name, "--heartbeat-interval", "0.5", "--heartbeat-timeout", "40"
+        )
+
+        def volunteer(i: int) -> Any:
+            return swarm.join("--swarm", name, "--coordinator", address, "--max-memory", "5M",
+                              "--cache-dir", str(tmp_path / f"n{i}"), "--name", f"n{i}")  # fmt: skip
+
+        absent = volunteer(0)
+        absent.wait_for(re.compile(r"ready: serving units"), timeout=180)
+        absent.popen.send_signal(signal.SIGSTOP)  # alive to the coordinator, gone to its group
+        waiting = volunteer(1)
+        waiting.wait_for(re.compile(r"forming tensor-parallel group .* of 2"), timeout=120)
+        waiting.popen.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=30) == 0, waiting.output
+        assert "left the swarm" in waiting.output, waiting.output
 
 
 def test_auto_forms_a_group_for_a_unit_no_node_can_hold(tmp_path: Path) -> None:
