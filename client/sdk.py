@@ -29,7 +29,7 @@ from typing import Any
 
 import tiktoken
 
-from nanoshard import rpc
+from nanoshard import discovery, rpc
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.codec import check_codec
 from nanoshard.config import GPTConfig
@@ -157,7 +157,7 @@ class AsyncClient:
         )
         self._where = (coordinator, list(route) if route is not None else None, model)
         self._discovery = (mdns_interfaces, swarm)
-        self._strangers: set[str] = set()  # coordinators found on mDNS without the key
+        self._strangers = discovery.PassedOver()  # coordinators found on mDNS without the key
         self._coordinator: CoordinatorClient | None = None
         self._route: Route | None = None
         self._channels = Channels(self.security)

@@ -33,7 +33,7 @@ def open_coordinator(
     swarm: str | None = None,
     timeout_s: float = 5.0,
     stop: threading.Event | None = None,
-    passed_over: set[str] | None = None,
+    passed_over: discovery.PassedOver | None = None,
 ) -> CoordinatorClient:
     """A client of the coordinator at ``address``, else of one advertised on mDNS (of this
     protocol version, and of ``swarm`` when given; the first found, or the first by name if
@@ -42,16 +42,14 @@ def open_coordinator(
     ``passed_over`` and the search goes on, for ``timeout_s`` in all (a stranger announcing
     the swarm's name on the LAN does not stop its clients). Whether one found needs TLS
     (its TXT record says) is checked too: without a CA that is an error naming the flag."""
-    passed = passed_over if passed_over is not None else set()
+    passed = passed_over if passed_over is not None else discovery.PassedOver()
     deadline = time.monotonic() + timeout_s
     stranger: Stranger | None = None
     while True:
         target = address
         if not target:
             left = max(deadline - time.monotonic(), 0.0)
-            found = discovery.find_coordinator(
-                mdns_interfaces, left, swarm, stop, frozenset(passed)
-            )
+            found = discovery.find_coordinator(mdns_interfaces, left, swarm, stop, passed.current())
             if found is None and stranger is not None:
                 raise stranger  # (what was found, and why it was passed over)
             if found is None:

@@ -55,6 +55,7 @@ SERVICE_OF_KIND = {"node": NODE_SERVICE, "coordinator": COORD_SERVICE}
 _TTL_S = 120
 STOP_POLL_S = 0.1  # a wait that may be stopped looks at its stop this often
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+PASS_OVER_S = 30.0  # a stranger's coordinator is passed over this long, then tried again
 
 
 # ----------------------------------------------------------------------------- interfaces
@@ -441,6 +442,35 @@ def browse(
     with Watcher(service_type, interfaces) as watcher:
         watcher.wait_for(lambda s: len(matching(s)) >= want, timeout_s, stop)
         return matching(watcher.services())
+
+
+class PassedOver:
+    """The addresses of coordinators found without the swarm key (strangers'), each passed
+    over for ``for_s`` from the last time it proved a stranger's, then tried again: the
+    swarm's own may have started there since (a coordinator restarted with its key, on the
+    same port, after it was started without it)."""
+
+    def __init__(
+        self, for_s: float = PASS_OVER_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.for_s, self.clock = for_s, clock
+        self._until: dict[str, float] = {}
+
+    def add(self, target: str) -> bool:
+        """Pass ``target`` over from now on; False if it was passed over already."""
+        new = target not in self
+        self._until[target] = self.clock() + self.for_s
+        return new
+
+    def __contains__(self, target: object) -> bool:
+        until = self._until.get(target) if isinstance(target, str) else None
+        return until is not None and self.clock() < until
+
+    def current(self) -> frozenset[str]:
+        """The addresses passed over now (the others are forgotten)."""
+        now = self.clock()
+        self._until = {t: until for t, until in self._until.items() if now < until}
+        return frozenset(self._until)
 
 
 def find_coordinator(

@@ -232,7 +232,7 @@ class Volunteer:
         # The mDNS look-up for a coordinator that stopped answering (``_look_again``).
         self.looking: asyncio.Task[discovery.Found | None] | None = None
         self.stop_looking = threading.Event()  # set: look-ups stop (the node stops)
-        self.strangers: set[str] = set()  # coordinators' addresses found without the key
+        self.strangers = discovery.PassedOver()  # coordinators found without the key
         self.said_ready = False
         self.runtime_bytes = 0  # the process before any stage, taken out of the default share
 
@@ -268,7 +268,7 @@ class Volunteer:
             timeout_s,
             self.config.swarm,
             self.stop_looking,
-            frozenset(self.strangers),
+            self.strangers.current(),
         )
 
     async def call(self, method: Callable, request: object, what: str) -> object:
@@ -366,8 +366,7 @@ class Volunteer:
         a node that found it by mDNS looks on for the swarm's own."""
         if self.config.coordinator:
             raise stranger
-        if self.target not in self.strangers:  # (said once: its heartbeats may go on)
-            self.strangers.add(self.target)
+        if self.strangers.add(self.target):  # (said once a pass: its heartbeats may go on)
             self.events.info(f"{stranger} (passed over: looking on by mDNS for the swarm's own)")
 
     def _runtime_out_of_the_share(self) -> None:

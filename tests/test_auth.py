@@ -347,24 +347,26 @@ def test_the_swarm_generates_with_the_key_and_refuses_without(keyed_swarm) -> No
 def test_a_volunteer_looking_by_mdns_passes_strangers_over(tmp_path: Path) -> None:
     """A coordinator without the key accepts any token. Announcing the swarm's name on
     mDNS, it is found first, and the volunteer passes it over at its first answer and looks
-    on: it joins the swarm's own coordinator once that one starts. A client looking by
-    mDNS passes the stranger over too: it names it when it finds no other, and reaches the
-    swarm's own once there is one. When a stranger's then takes that coordinator's address
-    and the swarm's own restarts elsewhere, the volunteer passes the stranger over again
-    and joins its own there."""
+    on. The swarm's own then starts at that very address (as when a coordinator started
+    without its key is restarted with it): the volunteer tries the address again once its
+    pass is over, and joins it. A client looking by mDNS passes the stranger over too: it
+    names it when it finds no other, and reaches the swarm's own once there is one. When a
+    stranger's then takes that coordinator's address and the swarm's own restarts
+    elsewhere, the volunteer passes the stranger over again and joins its own there."""
     name = f"stranger-{secrets.token_hex(4)}"
     passed = re.compile(re.escape("(passed over: looking on by mDNS for the swarm's own)"))
     own = ["--swarm", name, "--swarm-key", KEY, *STEADY]
     status = ["status", "--json", "--swarm", name, "--swarm-key", KEY]
     status += ["--mdns-interface", "127.0.0.1"]
     with Swarm() as swarm:
-        swarm.coordinator("--swarm", name, "--state-dir", str(tmp_path / "s1"))
+        stranger, address = swarm.coordinator("--swarm", name, "--state-dir", str(tmp_path / "s1"))
         volunteer = swarm.join("--swarm", name, "--swarm-key", KEY, "--cache-dir", str(tmp_path))
         volunteer.wait_for(passed)
         done = nanoshard(*status)
         assert done.returncode == 1, done.stderr
         assert re.fullmatch(f"nanoshard: error: {STRANGER}", done.stderr.strip()), done.stderr
-        first, address = swarm.coordinator(*own)
+        stranger.kill()
+        first, _ = swarm.coordinator(*own, port=int(address.rsplit(":", 1)[1]))
         member = CoordinatorClient(address, security=Security(key=SwarmKey(KEY)))
         wait_until("the node serving", lambda: covered(member, 1), timeout=120)
         member.close()
@@ -373,8 +375,14 @@ def test_a_volunteer_looking_by_mdns_passes_strangers_over(tmp_path: Path) -> No
         assert len(json.loads(done.stdout)["nodes"]) == 1
         first.kill()
         port = int(address.rsplit(":", 1)[1])
+        said = len(volunteer.lines)  # (it passed a stranger over at this address before)
         swarm.coordinator("--swarm", name, "--state-dir", str(tmp_path / "s2"), port=port)
-        volunteer.wait_for(re.compile(STRANGER.replace(r"\d+", str(port)) + r" \(passed over"))
+        again = re.compile(STRANGER.replace(r"\d+", str(port)) + r" \(passed over")
+        wait_until(
+            "the stranger passed over again",
+            lambda: any(again.search(line) for line in volunteer.lines[said:]),
+            timeout=60,
+        )
         _, moved = swarm.coordinator(*own)
         member = CoordinatorClient(moved, security=Security(key=SwarmKey(KEY)))
         wait_until("the node serving again", lambda: covered(member, 1), timeout=120)

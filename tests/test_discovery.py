@@ -310,3 +310,22 @@ def test_node_properties_schema() -> None:
     assert d.node_properties("a", "s", "cpu", 0, 1.0)["stage"] == ""
     assert d.node_properties("a", "s", "cpu", 0, 1.0, tls=True)["tls"] == "1"
     assert d.coordinator_properties("c", "s", tls=True)["tls"] == "1"
+
+
+def test_a_strangers_coordinator_is_passed_over_for_a_while_then_tried_again() -> None:
+    """A coordinator found without the key is passed over for ``for_s``, from the last
+    time it proved a stranger's; then its address is tried again (the swarm's own may have
+    started there since)."""
+    now = [100.0]
+    passed = d.PassedOver(for_s=30.0, clock=lambda: now[0])
+    assert passed.add("10.0.0.5:7000")
+    assert not passed.add("10.0.0.5:7000")  # (said once a pass)
+    now[0] += 20.0
+    assert passed.add("10.0.0.6:7000")
+    assert "10.0.0.5:7000" in passed and passed.current() == {"10.0.0.5:7000", "10.0.0.6:7000"}
+    now[0] += 10.0
+    assert "10.0.0.5:7000" not in passed and passed.current() == {"10.0.0.6:7000"}
+    assert passed.add("10.0.0.5:7000")  # a stranger still: passed over again, said again
+    now[0] += 29.0
+    assert passed.current() == {"10.0.0.5:7000"}
+    assert 7000 not in passed  # (not an address)
