@@ -97,7 +97,11 @@ async def serve(config: GatewayConfig, ready: Callable[[str], None]) -> int | No
     gateway = Gateway(client, config.options)
     app = create_app(gateway)
     server = _Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"),
+        # (no lifespan: the app has no start-up or shut-down of its own, and a second Ctrl-C
+        # cancelled uvicorn's lifespan task, which logged that as a traceback)
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level="warning", lifespan="off"
+        ),
         gateway.stopping,
     )
     listener = listen(config.host, config.port)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -13,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from nanoshard.errors import NanoshardError
 
@@ -171,21 +174,59 @@ def interruptible() -> None:
 
 
 def run_cli(prog: str, main: Callable[[], int | None]) -> None:
-    """Run a CLI: a nanoshard error is one line on stderr and exit 1, never a traceback."""
+    """Run a CLI: a nanoshard error is one line on stderr and exit 1, never a traceback;
+    Ctrl-C one line and 130, SIGTERM (where the command takes it) one line and 143. A
+    signal once the command is done changes nothing (``_end_on_signals``)."""
+    code: int | None = None
     try:
-        code = main()
+        code = _outcome(prog, main)
+        _end_on_signals(code)
+    except KeyboardInterrupt:  # (the instant the command ended: by the signal's code)
+        _exit_now(130 if code is None else code)
+    except Terminated:
+        _exit_now(128 + signal.SIGTERM if code is None else code)
+    sys.exit(code)
+
+
+def _outcome(prog: str, main: Callable[[], int | None]) -> int:
+    try:
+        return main() or 0
     except NanoshardError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
-        sys.exit(0)
-    sys.exit(code or 0)
+        return 0
+
+
+def _end_on_signals(code: int) -> None:
+    """The command is done, with exit ``code``, and the process ends, which takes a moment
+    (threads joined, torch's clean-up). A Ctrl-C or SIGTERM meanwhile would raise in the
+    middle of it (a traceback, and exit 0): instead it ends the process at once with the
+    same code, until the exit handlers run; from then on it is ignored (Python restores
+    the default action, death by the signal, for its last instants)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def ignore() -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+    for sig in signals:
+        signal.signal(sig, lambda _signum, _frame: _exit_now(code))
+    atexit.register(ignore)  # (the last registered: the first to run)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once with ``code``, what it wrote flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def stop_on_signals(stop: asyncio.Event) -> list[int]:
