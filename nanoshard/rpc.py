@@ -135,7 +135,7 @@ def check_address(address: object, what: str = "") -> str:
 def add_port(server: Any, address: str, security: Security | None = None) -> int:
     """Listen on ``address``: over TLS when ``security`` has a certificate."""
     creds = security.server_credentials() if security else None
-    if not address.endswith(":0") and (why := unbindable(address)):
+    if why := unbindable(address):
         raise errors.Unavailable(f"cannot listen on {address}: {why}")
     try:
         if creds is None:
@@ -157,8 +157,8 @@ def unbindable(address: str) -> str | None:
         resolved = socket.getaddrinfo(
             host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except OSError:
-        return None  # (gRPC will say)
+    except OSError as exc:
+        return f"the host name does not resolve ({exc.strerror or exc})"
     why = None
     for family, kind, proto, _, sockaddr in resolved:
         try:

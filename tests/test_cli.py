@@ -476,24 +476,27 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
             assert "in use" in err.strip().splitlines()[-1], err
 
 
-def test_a_port_in_use_is_our_one_line_not_grpcs_log_first() -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "nonsense.invalid"])
+def test_an_address_it_cannot_listen_on_is_our_one_line_not_grpcs_log_first(host: str) -> None:
     """gRPC's C core prints its own "add_port.cc ... Failed to add port" line when a bind
-    fails: the port is asked of the OS first, so the user reads only nanoshard's line."""
+    fails (a port in use, a host name that does not resolve): the address is asked of the
+    OS first, so the user reads only nanoshard's line."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = str(taken.getsockname()[1])
+        port = str(taken.getsockname()[1]) if host == "127.0.0.1" else "0"
         serve = [str(BIN / "nanoshard-node"), "serve", "--model", "demo", "--units", "0:8"]
         done = subprocess.run(
-            [*serve, "--host", "127.0.0.1", "--port", port],
+            [*serve, "--host", host, "--port", port],
             capture_output=True,
             text=True,
             timeout=120,
         )
     assert done.returncode == 1, done.stderr
     assert "add_port" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    why = "the port is in use" if host == "127.0.0.1" else "the host name does not resolve ("
     last = done.stderr.strip().splitlines()[-1]
-    assert last == f"nanoshard-node: error: cannot listen on 127.0.0.1:{port}: the port is in use"
+    assert last.startswith(f"nanoshard-node: error: cannot listen on {host}:{port}: {why}"), last
 
 
 @pytest.fixture
