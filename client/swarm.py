@@ -13,7 +13,7 @@ import tiktoken
 
 from nanoshard import discovery, machine, rpc
 from nanoshard.config import GPTConfig
-from nanoshard.errors import NotFound, Stranger
+from nanoshard.errors import NotFound, Stranger, Unauthenticated
 from nanoshard.files import write_atomic
 from nanoshard.security import Security
 from nanoshard.tokenizer import encoding_from_hf_files, gpt2_encoding
@@ -70,6 +70,14 @@ def open_coordinator(
                 raise
             passed.add(target)
             stranger = exc
+        except Unauthenticated as exc:  # (a keyed swarm's, and this client has no key)
+            coordinator.close()
+            if address or swarm or found is None:
+                raise
+            name = found.properties.get("swarm", "")
+            raise Unauthenticated(
+                f"{exc} (found on mDNS, of swarm {name!r}: --swarm NAME picks the swarm)"
+            ) from None
 
 
 class CoordinatorClient:
