@@ -26,6 +26,7 @@ from nanoshard.cliutil import (
     COORDINATOR,
     add_version,
     address_arg,
+    interruptible,
     listening_line,
     parse_command_line,
     port_arg,
@@ -379,6 +380,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(StatusView(coordinator.status()))
         return 0
+    interruptible()  # SIGTERM too leaves the terminal as it was (Live hides the cursor)
     if not console.is_terminal:  # (a pipe, a file: Live would draw only its last frame)
         while True:
             console.print(StatusView(coordinator.status()))

@@ -378,6 +378,27 @@ def test_a_server_stops_cleanly_with_130_on_ctrl_c_and_0_on_sigterm(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [
+        pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl-c"),
+        pytest.param(signal.SIGTERM, 143, "terminated", id="sigterm"),
+    ],
+)
+def test_status_watch_ends_on_a_signal_with_one_line(sig: int, code: int, said: str) -> None:
+    """``status --watch`` refreshes until stopped: Ctrl-C or SIGTERM end it with one line,
+    leaving the terminal as it was (SIGTERM once killed it mid-frame, its cursor hidden)."""
+    with Swarm() as swarm:
+        _, address = swarm.coordinator("--no-mdns")
+        watch = swarm.start([str(BIN / "nanoshard"), "status", "--watch", "--coordinator", address])
+        wait_until("two frames", lambda: watch.output.count(" · placement v") >= 2, timeout=60)
+        watch.popen.send_signal(sig)
+        assert watch.wait(timeout=30) == code, watch.output
+    assert watch.lines[-1] == f"nanoshard: {said}", watch.output
+    assert "Traceback" not in watch.output, watch.output
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), SIGNALLED)
 def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     sig: signal.Signals, code: int
