@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -54,7 +55,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        why = exc.strerror or str(exc)
+        why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise NanoshardError(f"the gateway cannot listen on {host}:{port}: {why}") from None
     return sock
 

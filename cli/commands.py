@@ -66,7 +66,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         help="--local and --route: " + MODEL_HELP + " (a swarm serves its coordinator's model)",
     )
     p.add_argument("--revision", default=None, help="of a hub id: branch, tag or commit")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="(default 100)")
+    p.add_argument(
+        "--max-new-tokens", "--max-tokens", type=int, default=100, help="(default 100)"
+    )  # (--max-tokens: OpenAI's name, which the API takes)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")

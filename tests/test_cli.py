@@ -23,6 +23,7 @@ from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.cli import main
+from nanoshard.cli.commands import build_parser
 from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.engine import init_weights
@@ -167,6 +168,12 @@ def test_swarm_with_an_address_is_refused_in_one_line(
     assert capsys.readouterr().err == (
         f"nanoshard: error: --swarm chooses a coordinator found by mDNS; drop it with {flags[0]}\n"
     )
+
+
+def test_generate_takes_openais_max_tokens_for_max_new_tokens() -> None:
+    """``--max-tokens 5 x`` once read 5 as the prompt and refused "--max-tokens x"."""
+    args = build_parser().parse_args(["generate", "--max-tokens", "5", "x"])
+    assert (args.max_new_tokens, args.prompt) == (5, "x")
 
 
 def grouped_status() -> cpb.SwarmStatus:
