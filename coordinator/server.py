@@ -68,6 +68,7 @@ async def serve(
     answers. Returns the signal that stopped it (None: ``stop``)."""
     if config.mdns:  # a wrong --mdns-interface is refused before anything starts
         zeroconf_interfaces(config.mdns_interfaces)
+    rpc.check_listenable(f"{config.host}:{config.port}")  # (so is a port in use)
     store = await asyncio.to_thread(
         ModelStore.open, config.model, trust_pickle=config.trust_pickle, revision=config.revision
     )

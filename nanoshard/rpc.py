@@ -135,8 +135,7 @@ def check_address(address: object, what: str = "") -> str:
 def add_port(server: Any, address: str, security: Security | None = None) -> int:
     """Listen on ``address``: over TLS when ``security`` has a certificate."""
     creds = security.server_credentials() if security else None
-    if why := unbindable(address):
-        raise errors.Unavailable(f"cannot listen on {address}: {why}")
+    check_listenable(address)
     try:
         if creds is None:
             return int(server.add_insecure_port(address))
@@ -146,6 +145,13 @@ def add_port(server: Any, address: str, security: Security | None = None) -> int
         if address.endswith(":0"):
             why = "the address is not this machine's"
         raise errors.Unavailable(f"cannot listen on {address}: {why}") from None
+
+
+def check_listenable(address: str) -> None:
+    """Unavailable, saying why, if no server can listen on ``address`` now (a server asks
+    before its slow start-up too: a port in use is said at once)."""
+    if why := unbindable(address):
+        raise errors.Unavailable(f"cannot listen on {address}: {why}")
 
 
 def unbindable(address: str) -> str | None:

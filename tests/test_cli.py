@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import logging
 import re
 import signal
 import socket
@@ -487,7 +488,10 @@ def test_a_generation_stopped_by_a_signal_closes_its_session(
     assert "Traceback" not in generate.output, generate.output
 
 
-def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_is_one_line(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -502,6 +506,8 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
             err = capsys.readouterr().err
             assert "Traceback" not in err and f"127.0.0.1:{port}" in err, err
             assert "in use" in err.strip().splitlines()[-1], err
+            # (said before the model is read)
+            assert not [r for r in caplog.records if "hashing" in r.getMessage()], err
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "nonsense.invalid"])
