@@ -7,7 +7,7 @@ import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -17,6 +17,7 @@ import uvicorn
 from nanoshard.client.checks import DEFAULT_CHECK_RATE
 from nanoshard.client.sdk import AsyncClient
 from nanoshard.client.session import RetryPolicy
+from nanoshard.cliutil import hold_stop_signals
 from nanoshard.errors import NanoshardError
 
 from .app import Gateway, GatewayOptions, create_app
@@ -70,6 +71,13 @@ class _Server(uvicorn.Server):
         self._stopping = stopping
         self._loop = asyncio.get_running_loop()
         self.stopped_by: int | None = None  # the signal that stopped it
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():  # (which puts the handlers from before back)
+            yield
+        if self.stopped_by is not None:
+            hold_stop_signals()  # (another signal changes nothing: it stopped cleanly)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

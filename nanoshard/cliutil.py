@@ -14,10 +14,13 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
 from nanoshard.errors import NanoshardError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what stops a command, or a server
 
 # Who prints a "listening on" line: the coordinator, a node's data plane, the HTTP gateway
 # (whose address is a URL: http://HOST:PORT).
@@ -210,15 +213,12 @@ def _end_on_signals(code: int) -> None:
     middle of it (a traceback, and exit 0): instead it ends the process at once with the
     same code, until the exit handlers run; from then on it is ignored (Python restores
     the default action, death by the signal, for its last instants)."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def ignore() -> None:
-        for sig in signals:
-            signal.signal(sig, signal.SIG_IGN)
-
-    for sig in signals:
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signals are the main thread's)
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda _signum, _frame: _exit_now(code))
-    atexit.register(ignore)  # (the last registered: the first to run)
+    atexit.unregister(hold_stop_signals)
+    atexit.register(hold_stop_signals)  # (the last registered: the first to run)
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -239,13 +239,25 @@ def stop_on_signals(stop: asyncio.Event) -> list[int]:
     def on_signal(sig: int) -> None:
         received.append(sig)
         stop.set()
+        for each in STOP_SIGNALS:  # the server stops cleanly from here
+            loop.remove_signal_handler(each)
+        hold_stop_signals()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, on_signal, sig)
         except (RuntimeError, ValueError):  # not the main thread: the caller stops us
             break
     return received
+
+
+def hold_stop_signals() -> None:
+    """A server asked to stop stops cleanly: another Ctrl-C or SIGTERM changes nothing,
+    until the command is done (``run_cli`` then takes them). Its event loop, once closed,
+    would put the default actions back meanwhile (a SIGTERM then ended the process by the
+    signal, not 0)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def server_exit(stopped_by: int | None) -> int:

@@ -455,12 +455,14 @@ class PassedOver:
     ) -> None:
         self.for_s, self.clock = for_s, clock
         self._until: dict[str, float] = {}
+        self._lock = threading.Lock()  # (a client's look-ups run on worker threads)
 
     def add(self, target: str) -> bool:
         """Pass ``target`` over from now on; False if it was passed over already."""
-        new = target not in self
-        self._until[target] = self.clock() + self.for_s
-        return new
+        with self._lock:
+            new = target not in self
+            self._until[target] = self.clock() + self.for_s
+            return new
 
     def __contains__(self, target: object) -> bool:
         until = self._until.get(target) if isinstance(target, str) else None
@@ -468,9 +470,10 @@ class PassedOver:
 
     def current(self) -> frozenset[str]:
         """The addresses passed over now (the others are forgotten)."""
-        now = self.clock()
-        self._until = {t: until for t, until in self._until.items() if now < until}
-        return frozenset(self._until)
+        with self._lock:
+            now = self.clock()
+            self._until = {t: until for t, until in self._until.items() if now < until}
+            return frozenset(self._until)
 
 
 def find_coordinator(
