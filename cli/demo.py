@@ -30,7 +30,7 @@ from rich.table import Table
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.sdk import Client, GenerationResult
 from nanoshard.client.swarm import CoordinatorClient
-from nanoshard.cliutil import API, COORDINATOR, listening_pattern
+from nanoshard.cliutil import API, COORDINATOR, STOP_SIGNALS, listening_pattern
 from nanoshard.codec import check_codec
 from nanoshard.errors import InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import STOP_NOTES
@@ -40,7 +40,6 @@ from nanoshard.v1 import coordinator_pb2 as cpb
 from .statusview import StatusView
 
 LOOPBACK = "127.0.0.1"
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # what stops the demo, and its processes
 STOP_TIMEOUT_S = 10.0  # a process still running this long after SIGTERM is killed
 
 
