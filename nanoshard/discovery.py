@@ -55,7 +55,7 @@ SERVICE_OF_KIND = {"node": NODE_SERVICE, "coordinator": COORD_SERVICE}
 _TTL_S = 120
 STOP_POLL_S = 0.1  # a wait that may be stopped looks at its stop this often
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
-PASS_OVER_S = 30.0  # a stranger's coordinator is passed over this long, then tried again
+PASS_OVER_S = 10.0  # a stranger's coordinator is passed over this long, then tried again
 
 
 # ----------------------------------------------------------------------------- interfaces

@@ -264,10 +264,10 @@ def test_a_volunteer_waiting_for_its_group_stops_at_once_on_sigterm(tmp_path: Pa
     its SIGTERM when the coordinator regrouped the last nodes as the others left.)"""
     name = "tp" + secrets.token_hex(4)
     with Swarm() as swarm:
-        # Counted alive for 30 s after its last heartbeat: time for the other to start and
+        # Counted alive for 20 s after its last heartbeat: time for the other to start and
         # be grouped with it (the coordinator's first placement waits as long, too).
         _, address = swarm.coordinator(
-            "--swarm", name, "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30"
+            "--swarm", name, "--heartbeat-interval", "0.5", "--heartbeat-timeout", "20"
         )
 
         def volunteer(i: int) -> Any:
