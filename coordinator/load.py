@@ -12,7 +12,8 @@ of all taking the route that was best a heartbeat ago.
 Placement weighs a node by its measured capacity times its ``slowdown``
 (``placement_slowdown``): the same live ratio, but over what the other nodes' ratios share
 (``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
-nodes sharing a machine, slows everyone, and moving stages helps nobody), and with
+nodes sharing a machine, slows everyone, and moving stages helps nobody; a group's member
+over its partners', ``partners_ratio``), and with
 hysteresis, since moving a stage costs a fetch and a load while a route costs nothing. A
 node counts as slowed once fresh steps run ``SLOW`` times its measurement, follows its
 ratio from then on only when it moves by half again, and counts as recovered once fresh
@@ -80,6 +81,15 @@ def shared_ratios(
     ratios = [values[i] for i in order]
     rank = {i: k for k, i in enumerate(order)}
     return [max(_median_without(ratios, rank.get(i)), 1.0) for i in range(len(reports))]
+
+
+def partners_ratio(partners: Sequence[LiveReport]) -> float | None:
+    """What a group's member is measured against: the median fresh speed ratio of its
+    partners (at least 1), who run the same shapes in step with it, so share whatever a
+    step costs beyond its units' compute (on a small model, most of it); None while none of
+    them has one (the member is not judged)."""
+    ratios = sorted(r.speed_ratio for r in partners if fresh(r))
+    return max(_median_without(ratios, None), 1.0) if ratios else None
 
 
 def _median_without(ratios: list[float], skip: int | None) -> float:

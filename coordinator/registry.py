@@ -27,7 +27,15 @@ from nanoshard.config import GPTConfig
 from nanoshard.tp import MAX_PEERS
 
 from . import groups
-from .load import Handouts, LiveReport, placement_slowdown, shared_ratios, speed_factor
+from .load import (
+    Handouts,
+    LiveReport,
+    fresh,
+    partners_ratio,
+    placement_slowdown,
+    shared_ratios,
+    speed_factor,
+)
 from .placement import NodeCapacity, Placement, UnitCost, stage_bytes, unit_costs, units_moved
 from .routing import Server, prefix_sums
 
@@ -368,14 +376,20 @@ class Registry:
         records = list(self.nodes.values())
         shared = shared_ratios([r.load.live for r in records], [r.rest_ratio for r in records])
         for record, others in zip(records, shared, strict=True):
+            if record.tp_group:  # a member: against its partners
+                baseline = self._partners_ratio(record)
+                if baseline is None and fresh(record.load.live):
+                    continue  # (judged once a partner's figure is in too)
+                others = baseline or others
             slowdown = placement_slowdown(record.slowdown, record.load.live, others)
             if slowdown != record.slowdown:
                 log.info(
                     "placement now counts node %s at %.1f x its measured step time (it "
-                    "counted %.1f x): its slowdown beyond what every node of the swarm shares",
+                    "counted %.1f x): its slowdown beyond what %s",
                     record.name,
                     slowdown,
                     record.slowdown,
+                    "its group's partners show" if record.tp_group else "the swarm's nodes share",
                 )
                 record.slowdown = slowdown
                 self._drifted = True
@@ -384,6 +398,13 @@ class Registry:
             return 0
         self.rebalanced_at, self._drifted = now, False
         return self.replan(budget=self.move_budget())
+
+    def _partners_ratio(self, record: NodeRecord) -> float | None:
+        """``load.partners_ratio`` of the group ``record`` reports serving in."""
+        group = self.groups.get(record.tp_group)
+        members = group.members if group is not None else ()
+        partners = [self.nodes[m] for m in members if m != record.node_id and m in self.nodes]
+        return partners_ratio([p.load.live for p in partners])
 
     def move_budget(self) -> int:
         """Units one re-placement may have nodes load: ``MOVE_SHARE`` of those held."""

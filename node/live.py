@@ -4,8 +4,9 @@ The coordinator routes by these (``coordinator/registry.py``): a node's speed me
 it started says what it can do on an idle machine, and these say what it does now — its
 owner may have started a game since. Per decode step: its own compute (the median of the
 last 9, and the 90th percentile of the last 64), and that compute over what its measured
-capacity predicts
-for the units the step ran (the *speed ratio*: 1 as measured, 5 five times slower); per
+capacity predicts for the units the step ran (the *speed ratio*: 1 as measured, 5 five
+times slower; a group's member counts its share of the units, and its compute without the
+time its collectives took, which a slow member makes the others wait); per
 token of prompt chunks; positions computed and tokens drawn per second over the last
 ``WINDOW_S``; and, per next hop its sessions used, the round trip (a step's time there
 less the next node's own time on it) and the bytes sent per second.
@@ -88,8 +89,16 @@ class LiveStats:
         self.last_step = clock()
         self.hops: OrderedDict[str, tuple[_Ewma, _Rate]] = OrderedDict()
 
-    def step(self, stage: Stage, n_tokens: int, compute_ms: float, sampled: bool) -> None:
-        """A step of ``n_tokens`` positions on ``stage`` (a view, maybe) took ``compute_ms``."""
+    def step(
+        self,
+        stage: Stage,
+        n_tokens: int,
+        compute_ms: float,
+        sampled: bool,
+        collective_ms: float = 0.0,
+    ) -> None:
+        """A step of ``n_tokens`` positions on ``stage`` (a view, maybe) took ``compute_ms``,
+        ``collective_ms`` of it in its group's collectives (a member of a group)."""
         self.last_step = self.clock()
         self.positions.add(n_tokens)
         if sampled:
@@ -100,15 +109,19 @@ class LiveStats:
         self.decode.add(compute_ms)
         self.recent.append(compute_ms)
         expected = self.expected_ms(stage)
-        if expected > 0 and stage.shard is None:  # (a group's steps wait on each other)
-            self.ratio.add(compute_ms / expected)
+        if expected > 0:
+            # A member's own compute is what its collectives did not take: waiting there for
+            # a slow member is that member's slowness, not this one's.
+            self.ratio.add(max(compute_ms - collective_ms, 0.0) / expected)
 
     def expected_ms(self, stage: Stage) -> float:
-        """A decode step of ``stage``'s units, as the node's capacity measurement prices it."""
+        """A decode step of ``stage``'s units, as the node's capacity measurement prices it
+        (a member of a group computes its share: 1/size of each unit)."""
         if self.capacity is None:
             return 0.0
         block_ms, head_ms = self.capacity
-        return block_ms * stage.n_blocks + (head_ms if stage.has_head else 0.0)
+        ms = block_ms * stage.n_blocks + (head_ms if stage.has_head else 0.0)
+        return ms / stage.shard.size if stage.shard is not None else ms
 
     def hop(self, address: str, rtt_ms: float, nbytes: int) -> None:
         """A step went on to ``address``: its round trip, and the bytes sent."""

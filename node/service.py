@@ -734,7 +734,9 @@ class NodeService(pb_grpc.NodeServicer):
         over), the KV handle, the signed trace."""
         stage = session.stage
         if timed is not None:
-            count = functools.partial(self._count, stage, req, n_tokens, timed, out, returned)
+            count = functools.partial(
+                self._count, stage, req, n_tokens, timed, trace.collective_ms, out, returned
+            )
             if later:
                 asyncio.get_running_loop().call_soon(count)
             else:
@@ -776,11 +778,12 @@ class NodeService(pb_grpc.NodeServicer):
         req: pb.StepRequest,
         n_tokens: int,
         timed: Timed,
+        collective_ms: float,
         out: Any,
         returned: list[pb.Activations],
     ) -> None:
         sampled = stage.has_head and out is not None
-        self.live.step(stage, n_tokens, timed.compute_ms, sampled)
+        self.live.step(stage, n_tokens, timed.compute_ms, sampled, collective_ms)
         # (a group member samples too, on rank 0's word: its token is not counted)
         self.metrics.step(stage, n_tokens, timed.compute_ms, sampled and not req.this_hop_only)
         if returned:

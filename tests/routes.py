@@ -68,3 +68,19 @@ class RouteSession:
 def fixed_session(route: Route, max_length: int, **options: Any) -> RouteSession:
     """A greedy session along a fixed route: a hop gone with all its replicas fails it."""
     return RouteSession(route, max_length, retry=RetryPolicy(attempts=0), **options)
+
+
+def led_by(route: Route, address: str) -> Route | None:
+    """``route``, with ``address`` moved first in the hop that names it (in place; None if
+    no hop does)."""
+    for hop in route.hops:
+        if address in hop.addresses:
+            i = list(hop.addresses).index(address)
+            for name in ("addresses", "public_keys", "check_rates"):
+                values = list(getattr(hop, name))
+                if len(values) > i:
+                    values.insert(0, values.pop(i))
+                    del getattr(hop, name)[:]
+                    getattr(hop, name).extend(values)
+            return route
+    return None

@@ -13,14 +13,22 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from routes import RouteSession
+from routes import RouteSession, led_by
 from swarm import Swarm, local_tokens, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint
-from nanoshard.client.route import Route
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
-from nanoshard.coordinator.load import FADE_S, OPEN_S, Handouts, LiveReport, speed_factor
+from nanoshard.coordinator.load import (
+    FADE_S,
+    FRESH_S,
+    OPEN_S,
+    Handouts,
+    LiveReport,
+    partners_ratio,
+    placement_slowdown,
+    speed_factor,
+)
 from nanoshard.coordinator.registry import WEIGHT_SHARE, Capacity, Load, NodeRecord, Registry
 from nanoshard.coordinator.routing import (
     AVOIDED_PENALTY_MS,
@@ -35,7 +43,7 @@ from nanoshard.errors import Unavailable
 from nanoshard.generation import generate
 from nanoshard.hop import SLOWER
 from nanoshard.node.cli import build_parser as node_parser
-from nanoshard.node.live import RECENT, LiveStats
+from nanoshard.node.live import LATEST, RECENT, LiveStats
 from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 from nanoshard.v1 import coordinator_pb2 as cpb
@@ -141,6 +149,36 @@ def test_a_nodes_steps_give_its_live_speed_rates_and_links() -> None:
     for _ in range(RECENT):  # the p90 is of the last RECENT decode steps
         live.step(blocks, 1, 6.0, sampled=False)
     assert len(live.recent) == RECENT and live.report().decode_ms_p90 == 6.0
+
+
+def test_a_group_member_counts_its_share_and_not_the_wait_for_a_slow_member() -> None:
+    """A member of a group of 2 computes half of each unit; the time its collectives take,
+    waiting for a slower member, is not its own slowness."""
+    live, slow = LiveStats(Clock()), LiveStats(Clock())
+    live.capacity = slow.capacity = (2.0, 10.0)
+    share = SimpleNamespace(n_blocks=3, has_head=False, shard=SimpleNamespace(size=2))
+    assert live.expected_ms(share) == 3.0  # half of 6 ms
+    for _ in range(LATEST):
+        live.step(share, 1, 30.0, sampled=False, collective_ms=27.0)  # waited 27 ms for it
+        slow.step(share, 1, 30.0, sampled=False, collective_ms=0.5)  # (the other waited)
+    assert live.report().speed_ratio == pytest.approx(1.0)
+    assert slow.report().speed_ratio == pytest.approx(29.5 / 3)
+    assert live.report().decode_ms == slow.report().decode_ms == 30.0  # (the step's own time)
+
+
+def test_a_group_member_is_judged_against_its_partners_once_they_have_figures() -> None:
+    """Partners run the same shapes in step: what a step costs beyond its units' compute
+    (most of a small model's) they share, so it slows no member on its own."""
+    assert partners_ratio([]) is None
+    assert partners_ratio([LiveReport(speed_ratio=9.0, idle_s=FRESH_S + 1)]) is None  # stale
+    assert partners_ratio([LiveReport()]) is None  # no figure yet
+    assert partners_ratio([LiveReport(speed_ratio=9.0)]) == 9.0
+    assert partners_ratio([LiveReport(speed_ratio=0.5)]) == 1.0  # (at least 1)
+    three = [LiveReport(speed_ratio=r) for r in (2.0, 9.0, 4.0)]
+    assert partners_ratio(three) == 4.0
+    # a member at a small model's 9 x beside a partner at 9 x is not slowed; at 90 x it is
+    assert placement_slowdown(1.0, LiveReport(speed_ratio=9.0), 9.0) == 1.0
+    assert placement_slowdown(1.0, LiveReport(speed_ratio=90.0), 9.0) == 10.0
 
 
 def test_a_serve_node_without_a_capacity_reports_no_ratio() -> None:
@@ -317,22 +355,6 @@ def test_a_node_may_keep_its_routes_as_planned(
         with pytest.raises(SystemExit):
             parse([command, *units, "--leave-slower", bad])
         assert "--leave-slower" in capsys.readouterr().err
-
-
-def led_by(route: Route, address: str) -> Route | None:
-    """``route``, with ``address`` moved first in the hop that names it (in place; None if
-    no hop does)."""
-    for hop in route.hops:
-        if address in hop.addresses:
-            i = list(hop.addresses).index(address)
-            for name in ("addresses", "public_keys", "check_rates"):
-                values = list(getattr(hop, name))
-                if len(values) > i:
-                    values.insert(0, values.pop(i))
-                    del getattr(hop, name)[:]
-                    getattr(hop, name).extend(values)
-            return route
-    return None
 
 
 @pytest.mark.slow

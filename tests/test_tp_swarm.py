@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from routes import RouteSession, led_by
 from swarm import Swarm, local_tokens, nanoshard, settled, wait_until
 
 from nanoshard.checkpoint import open_checkpoint, resolve_model, save_hf_checkpoint
@@ -20,7 +21,9 @@ from nanoshard.client import Client
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.config import GPTConfig
 from nanoshard.engine import init_weights
+from nanoshard.generation import generate as generate_on
 from nanoshard.statusview import status_json
+from nanoshard.tokenizer import encoding_for
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 
@@ -254,6 +257,55 @@ def test_a_group_without_a_spare_re_forms_with_the_volunteer_who_comes(tmp_path:
     # (about 4 s here: the newcomer's start; grouped with the dead member, rank 0 first
     # waited out its 20 s rendezvous)
     assert result.recoveries[0].ms < 15_000, result.recoveries
+
+
+def test_routes_leave_a_group_whose_member_slows_down(tmp_path: Path) -> None:
+    """Two TP-2 groups serving the whole model (replicas of each other); one member computes
+    10 times slower than it measured at start (``slow:10:0``: its owner took the machine
+    back). A greedy generation through its group gives the local tokens. Then the member's
+    live speed ratio shows its slowness and its partner's does not (the partner waits for
+    it in their collectives, which is not its own time), and new routes take the other
+    group."""
+    name = "tp" + secrets.token_hex(4)
+    with Swarm() as swarm:
+        coordinator, address = swarm.coordinator(
+            "--swarm", name, "--tp", "2", "--replicas", "2", *STEADY
+        )
+        for i in range(4):
+            env = {"NANOSHARD_FAULT": "slow:10:0"} if i == 0 else None
+            swarm.join("--swarm", name, "--coordinator", address, "--name", f"n{i}",
+                       "--cache-dir", str(tmp_path / f"n{i}"), env=env)  # fmt: skip
+        client = CoordinatorClient(address)
+        status = wait_until("two TP-2 groups", lambda: groups_ready(client, 4, 2), timeout=240)
+        group = next(n["tp"]["group"] for n in status["nodes"] if n["name"] == "n0")
+        members = {n["tp"]["rank"]: n for n in status["nodes"] if n["tp"]["group"] == group}
+        partner = next(n["name"] for n in members.values() if n["name"] != "n0")
+        slowed = members[0]["address"]  # (the group's address: its rank 0's)
+        route = wait_until("a route naming n0's group", lambda: led_by(client.route(), slowed))
+        ckpt = open_checkpoint("demo")
+        enc = encoding_for(ckpt.path)
+        session = RouteSession(route, 256)
+        try:
+            done = generate_on(session, enc.encode("JULIET:"), 100,
+                               block_size=ckpt.config.block_size, eot_id=enc.eot_token)  # fmt: skip
+        finally:
+            session.close()
+        assert done.token_ids == local_tokens("--max-new-tokens", "100", "--temperature", "0",
+                                              "JULIET:")  # fmt: skip
+
+        def ratios() -> dict[str, float] | None:
+            live = {
+                n["name"]: n["live"]["speed_ratio"] for n in status_json(client.status())["nodes"]
+            }
+            return live if live.get("n0", 0) > 0 and live.get(partner, 0) > 0 else None
+
+        live = wait_until("both members' live speed", ratios, timeout=30)
+        assert live["n0"] >= 3 * live[partner], live
+        # the coordinator counts n0 slowed (against its partner), and so its group: new
+        # routes take the other one (peeked: they count on no node)
+        coordinator.wait_for(re.compile(r"placement now counts node n0 at \d"), timeout=30)
+        assert all(client.route(peek=True).hops[0].addresses[0] != slowed for _ in range(5))
+        assert not re.search(rf"counts node {partner} at", coordinator.output)
 
 
 def test_a_volunteer_waiting_for_its_group_stops_at_once_on_sigterm(tmp_path: Path) -> None:
