@@ -139,8 +139,9 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
 
 def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
     """A console script's ``main``: import ``module`` (torch and the rest: a second or
-    two), then run its ``main(argv)``. Ctrl-C while it loads ends as it does later: one
-    line and exit 130, not a traceback from the middle of an import.
+    two), then run its ``main(argv)``. Ctrl-C or SIGTERM while it loads ends as it does
+    later: one line and exit 130 or 143, not a traceback from the middle of an import (or,
+    for SIGTERM, an end without a word).
 
     The native libraries' own log lines (gRPC's C core: a TLS handshake that failed, with
     its source file; torch's C++: a group's rendezvous polling for a member that died)
@@ -149,12 +150,24 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
     if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
     main(argv)
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
 
 
 class Terminated(BaseException):
@@ -169,11 +182,8 @@ def interruptible() -> None:
     (Ctrl-C, where the command started ignoring SIGINT, as a shell script's background job
     does: Python then installs no handler of its own)."""
 
-    def terminated(_signum: int, _frame: object) -> None:
-        raise Terminated
-
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def run_cli(prog: str, main: Callable[[], int | None]) -> None:

@@ -1,8 +1,13 @@
-"""What both command-line tools share: the backoff schedule, the "listening on" line, sizes."""
+"""What both command-line tools share: the backoff schedule, the "listening on" line, sizes,
+a signal while a tool loads."""
 
 from __future__ import annotations
 
 import itertools
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +45,24 @@ def test_sizes(text: str, size: int) -> None:
 def test_not_a_size(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_while_a_tool_loads_is_one_line(
+    tmp_path: Path, sig: signal.Signals, code: int, word: str
+) -> None:
+    """Ctrl-C or SIGTERM while a tool still imports its modules (torch: a second or two)
+    ends it with one line and 130 or 143: not a traceback from inside an import, nor, for
+    SIGTERM, an end without a word. (The module signals its own process as it loads.)"""
+    (tmp_path / "loading.py").write_text(
+        f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(30)\n"
+    )
+    run = "from nanoshard.cliutil import run_loaded; run_loaded('tool', 'loading', [])"
+    done = subprocess.run(
+        [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (code, f"tool: {word}\n")
