@@ -15,7 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from nanoshard import machine, rpc
 from nanoshard.cliutil import stop_on_signals
-from nanoshard.discovery import Advert, Advertiser, coordinator_properties, zeroconf_interfaces
+from nanoshard.discovery import (
+    Advert,
+    Advertiser,
+    coordinator_properties,
+    instance_name,
+    zeroconf_interfaces,
+)
 from nanoshard.security import Security
 
 from . import groups
@@ -114,7 +120,7 @@ async def serve(
     if config.mdns:
         advert = Advert(
             "coordinator",
-            f"{config.name}-{epoch.hex()[:8]}",
+            instance_name(config.name, epoch.hex()[:8]),
             config.host,
             port,
             coordinator_properties(epoch.hex(), config.swarm, tls=config.security.tls),

@@ -185,10 +185,19 @@ def stage_txt(stage: tuple[int, int] | None) -> str:
     return "" if stage is None else f"{stage[0]}-{stage[1]}"
 
 
+def instance_name(name: str, unique: str) -> str:
+    """An mDNS instance name people can read in a service browser: ``name`` (a node's
+    ``--name``, or host:port), dots made dashes, cut to fit 63 bytes with ``-unique`` (an
+    id of the process: two processes may share a name)."""
+    tail = f"-{unique}"
+    head = name.replace(".", "-").encode()[: 63 - len(tail.encode())]
+    return head.decode(errors="ignore") + tail if head else unique
+
+
 @dataclass
 class Advert:
     """What one process advertises. ``name`` is the instance name, unique per process
-    (e.g. ``f"{name}-{node_id[:8]}"``); ``host`` is the address the gRPC server listens
+    (``instance_name``); ``host`` is the address the gRPC server listens
     on (``0.0.0.0`` for all), from which the advertised addresses are derived."""
 
     kind: str  # "node" or "coordinator"

@@ -455,7 +455,8 @@ class Volunteer:
             tls=self.security.tls,
         )
         host = self.plane.address.rsplit(":", 1)[0]
-        advert = discovery.Advert("node", f"node-{self.node_id[:12]}", host, self.plane.port, props)
+        name = discovery.instance_name(self.plane.name, self.node_id[:12])
+        advert = discovery.Advert("node", name, host, self.plane.port, props)
         return discovery.Advertiser(advert, self.config.mdns_interfaces)
 
     # ---- membership -----------------------------------------------------------------

@@ -312,6 +312,14 @@ def test_node_properties_schema() -> None:
     assert d.coordinator_properties("c", "s", tls=True)["tls"] == "1"
 
 
+def test_an_instance_name_is_the_name_people_gave_cut_to_fit() -> None:
+    assert d.instance_name("laptop", "3fa2c1d0") == "laptop-3fa2c1d0"
+    assert d.instance_name("gpu.box.lan:7961", "3fa2c1d0") == "gpu-box-lan:7961-3fa2c1d0"
+    assert d.instance_name("", "3fa2c1d0") == "3fa2c1d0"
+    long = d.instance_name("é" * 40, "3fa2c1d0")  # 80 bytes of name: cut on a character
+    assert long == "é" * 27 + "-3fa2c1d0" and len(long.encode()) == 63
+
+
 def test_a_strangers_coordinator_is_passed_over_for_a_while_then_tried_again() -> None:
     """A coordinator found without the key is passed over for ``for_s``, from the last
     time it proved a stranger's; then its address is tried again (the swarm's own may have
