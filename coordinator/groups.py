@@ -307,13 +307,16 @@ def plan(
     link: Link = LINK,
     measured: Mapping[tuple[str, ...], Link] | None = None,
     peers: Mapping[tuple[str, str], Sequence[PeerReport]] | None = None,
+    slowed: Collection[str] = (),
 ) -> Plan:
     """Place ``nodes``, in groups as ``mode`` says.
 
     ``previous`` is the placement in force (node ids, and ``group_key``s for groups);
     ``previous_groups`` the groups in force (members in rank order): those whose members
     are all still here and eligible stay together, so a join or a leave elsewhere re-forms
-    no group. ``eligible``: the nodes that may join a group (None: all). A group is priced
+    no group, but for a member ``slowed`` (counted slowed from its live speed), which a
+    faster node in no group replaces (``_spared``). ``eligible``: the nodes that may join a
+    group (None: all). A group is priced
     with its ``measured`` link where its members reported one, else from their pings to
     each other (``peers``, by ``pair``) where every pair measured its link, else with
     ``link``.
@@ -329,6 +332,7 @@ def plan(
         for g in previous_groups
         if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
     ]
+    kept = _spared(kept, set(slowed), ok, by_id)
     ctx = _Context(
         units,
         by_id,
@@ -391,6 +395,36 @@ def _against(chosen: Plan, baseline: Plan) -> Plan:
         chosen.gaps,
         chosen.predictions,
     )
+
+
+def _spared(
+    kept: Sequence[tuple[str, ...]],
+    slowed: Collection[str],
+    ok: Collection[str],
+    by_id: Mapping[str, NodeCapacity],
+) -> list[tuple[str, ...]]:
+    """The groups in force, each member counted slowed replaced by the fastest eligible
+    node in no group, where one is faster than it (its slowdown counted: a group waits for
+    its slowest member) and has the memory the group's smallest member has (which binds
+    its share: ``group_capacity``)."""
+    taken = {m for g in kept for m in g}
+    spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
+    out = []
+    for group in kept:
+        members = list(group)
+        share = min(by_id[m].memory_bytes for m in group)
+        for rank, m in enumerate(members):
+            if m not in slowed:
+                continue
+            spare = next(
+                (n for n in spares if _speed(n) < _speed(by_id[m]) and n.memory_bytes >= share),
+                None,
+            )
+            if spare is not None:
+                spares.remove(spare)
+                members[rank] = spare.node_id
+        out.append(tuple(members))
+    return out
 
 
 def _form(

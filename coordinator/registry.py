@@ -487,6 +487,7 @@ class Registry:
             link=self.link,
             measured={g: self.link_of(g) for g in in_force},
             peers=self.peer_reports(),
+            slowed={nid for nid, r in active.items() if r.slowdown > 1.0},
         )
         return PlanInput(kwargs, broken, budget, frozenset(self.nodes))
 

@@ -338,6 +338,27 @@ def test_groups_in_force_stay_together_when_others_join() -> None:
     assert set(first.groups) <= set(again.groups)
 
 
+def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
+    """A group in force keeps its members, but for one counted slowed: the fastest node in
+    no group takes its place where it is faster (its slowdown counted) and has the memory
+    the group's smallest member has; the slowed one is left out of the group."""
+    swarm = nodes(3, 2000, 2.0, 11.0)
+    in_force = [(swarm[0].node_id, swarm[1].node_id)]
+    previous = {groups.group_key(in_force[0]): (0, GPT2.n_units)}
+    slowed = NodeCapacity(swarm[1].node_id, 2000 * MB, 2.0 * 50, 11.0 * 50)  # its owner's game
+    now = [swarm[0], slowed, swarm[2]]
+    kw: dict[str, Any] = dict(mode=2, n_head=12, hidden_bytes=HIDDEN)
+    stays = plan(UNITS, now, previous, in_force, **kw)  # (not counted slowed: kept)
+    assert list(stays.groups) == in_force
+    spared = plan(UNITS, now, previous, in_force, slowed={slowed.node_id}, **kw)
+    assert list(spared.groups) == [(swarm[0].node_id, swarm[2].node_id)]
+    assert slowed.node_id not in spared.placement
+    # a spare with less memory than the group's smallest member would shrink its share
+    small = NodeCapacity(swarm[2].node_id, 1900 * MB, 2.0, 11.0)
+    kept = plan(UNITS, [swarm[0], slowed, small], previous, in_force, slowed={slowed.node_id}, **kw)
+    assert list(kept.groups) == in_force
+
+
 def test_plan_is_deterministic_and_order_independent() -> None:
     swarm = [NodeCapacity(f"n{i}", (100 + 37 * i) * MB, 1.5 + i % 3, 11.0) for i in range(10)]
     first = plan(UNITS, swarm, n_head=12, hidden_bytes=HIDDEN)

@@ -308,6 +308,44 @@ def test_routes_leave_a_group_whose_member_slows_down(tmp_path: Path) -> None:
         assert not re.search(rf"counts node {partner} at", coordinator.output)
 
 
+def test_a_spare_takes_the_place_of_a_member_that_slows_down(tmp_path: Path) -> None:
+    """A TP-2 group, one of its members 10 times slower than it measured at start
+    (``slow:10:0``), and a spare volunteer that came later (a group in force stays as it
+    is when others join). Once the coordinator counts the member slowed, the spare takes
+    its place in a group formed anew, and the member is left idle. A greedy generation
+    across the change gives the local tokens, and so does one after it."""
+    name = "tp" + secrets.token_hex(4)
+    greedy = ["--max-new-tokens", "60", "--temperature", "0", "JULIET:"]
+    with Swarm() as swarm:
+        coordinator, address = swarm.coordinator(
+            "--swarm", name, "--tp", "2", "--replicas", "1", *STEADY
+        )
+
+        def volunteer(i: int, env: dict[str, str] | None = None) -> None:
+            swarm.join("--swarm", name, "--coordinator", address, "--name", f"n{i}",
+                       "--cache-dir", str(tmp_path / f"n{i}"), env=env)  # fmt: skip
+
+        volunteer(0, {"NANOSHARD_FAULT": "slow:10:0"})
+        volunteer(1)
+        client = CoordinatorClient(address)
+        wait_until("a TP-2 group", lambda: groups_ready(client, 2, 2), timeout=240)
+        volunteer(2)
+        wait_until("the spare", lambda: len(status_json(client.status())["nodes"]) == 3)
+        local = local_tokens(*greedy)
+        assert generate("--coordinator", address, "--check-rate", "0", *greedy) == local
+
+        def spared() -> dict | None:
+            nodes = {n["name"]: n for n in status_json(client.status())["nodes"]}
+            pair = [n for n in nodes.values() if n["tp"]["size"] == 2 and n["serving"]]
+            if {n["name"] for n in pair} != {"n1", "n2"} or nodes["n0"]["stage"]:
+                return None
+            return nodes if len({n["tp"]["group"] for n in pair}) == 1 else None
+
+        wait_until("the spare in the slowed member's place", spared, timeout=120)
+        coordinator.wait_for(re.compile(r"placement now counts node n0 at \d"), timeout=10)
+        assert generate("--coordinator", address, "--check-rate", "0", *greedy) == local
+
+
 def test_a_volunteer_waiting_for_its_group_stops_at_once_on_sigterm(tmp_path: Path) -> None:
     """A volunteer grouped with one that never comes to the group's rendezvous (stopped,
     though the coordinator still counts it) stops on SIGTERM within seconds, cleanly: it
