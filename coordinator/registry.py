@@ -373,15 +373,16 @@ class Registry:
         given a new stage keeps serving its old one until the new one is loaded, and
         sessions open on the old one finish there. Returns the units to load (0 as well
         when the placement is left to the ``Replanner``)."""
-        records = list(self.nodes.values())
-        shared = shared_ratios([r.load.live for r in records], [r.rest_ratio for r in records])
-        for record, others in zip(records, shared, strict=True):
-            if record.tp_group:  # a member: against its partners
-                baseline = self._partners_ratio(record)
-                if baseline is None and fresh(record.load.live):
+        alone = [r for r in self.nodes.values() if not r.tp_group]
+        shared = shared_ratios([r.load.live for r in alone], [r.rest_ratio for r in alone])
+        against = dict(zip([r.node_id for r in alone], shared, strict=True))
+        for record in self.nodes.values():
+            others = against.get(record.node_id)
+            if record.tp_group:  # a group's member: against its partners, not the swarm
+                others = self._partners_ratio(record)
+                if others is None and fresh(record.load.live):
                     continue  # (judged once a partner's figure is in too)
-                others = baseline or others
-            slowdown = placement_slowdown(record.slowdown, record.load.live, others)
+            slowdown = placement_slowdown(record.slowdown, record.load.live, others or 1.0)
             if slowdown != record.slowdown:
                 log.info(
                     "placement now counts node %s at %.1f x its measured step time (it "

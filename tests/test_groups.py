@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nanoshard.config import GPTConfig
 from nanoshard.coordinator import groups
 from nanoshard.coordinator.groups import LINK, allreduce_ms, broadcast_ms, plan, predict
+from nanoshard.coordinator.load import LiveReport
 from nanoshard.coordinator.placement import (
     NodeCapacity,
     coverage,
@@ -26,6 +27,7 @@ from nanoshard.coordinator.placement import (
     unit_costs,
 )
 from nanoshard.coordinator.registry import (
+    MIN_REBALANCE_S,
     WEIGHT_SHARE,
     Capacity,
     Load,
@@ -289,6 +291,36 @@ def test_a_group_whose_every_member_runs_on_cuda_sums_on_nccl() -> None:
         assert seat is not None
         backends.setdefault(seat.id, set()).add(seat.backend)
     assert sorted(b for (b,) in map(tuple, backends.values())) == ["gloo", "nccl"]
+
+
+def test_a_member_is_counted_slowed_against_its_partners_and_a_spare_takes_its_place() -> None:
+    """A small model's member reads 9 x at rest (fixed cost over its share): beside a
+    partner at 9 x it is not slowed, at 90 x it is, and not before a partner has a figure.
+    The next placement puts the node in no group in its place."""
+    registry = Registry(GPT2, tp=2)
+    for i in range(2):
+        registry.join(record(i))
+    serve_all(registry)
+    registry.join(record(2))  # later: a spare (the group in force stays)
+    (group,) = registry.groups.values()
+    slow, partner = group.members
+
+    def report(node_id: str, ratio: float) -> None:
+        r = registry.nodes[node_id]
+        registry.heartbeat(
+            node_id, 2.0, r.assigned, Load(live=LiveReport(speed_ratio=ratio)), r.group
+        )
+
+    report(slow, 90.0)
+    registry.rebalance(3.0)  # (the partner has no figure yet: nobody is judged)
+    assert registry.nodes[slow].slowdown == 1.0
+    report(partner, 9.0)
+    registry.rebalance(3.0)
+    assert (registry.nodes[slow].slowdown, registry.nodes[partner].slowdown) == (10.0, 1.0)
+    registry.rebalance(3.0 + MIN_REBALANCE_S)
+    nodes = registry.nodes
+    assert nodes[partner].group == nodes[nid(2)].group not in ("", group.id)
+    assert nodes[slow].group == ""
 
 
 def test_nodes_are_asked_to_ping_the_peers_they_may_group_with() -> None:
