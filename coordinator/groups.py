@@ -315,7 +315,7 @@ def plan(
     ``previous_groups`` the groups in force (members in rank order): those whose members
     are all still here and eligible stay together, so a join or a leave elsewhere re-forms
     no group, but for a member ``slowed`` (counted slowed from its live speed), which a
-    faster node in no group replaces (``_spared``). ``eligible``: the nodes that may join a
+    faster spare replaces (``_spared``). ``eligible``: the nodes that may join a
     group (None: all). A group is priced
     with its ``measured`` link where its members reported one, else from their pings to
     each other (``peers``, by ``pair``) where every pair measured its link, else with
@@ -332,7 +332,7 @@ def plan(
         for g in previous_groups
         if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
     ]
-    kept = _spared(kept, set(slowed), ok, by_id)
+    kept = _spared(kept, previous, set(slowed), ok, by_id)
     ctx = _Context(
         units,
         by_id,
@@ -399,15 +399,16 @@ def _against(chosen: Plan, baseline: Plan) -> Plan:
 
 def _spared(
     kept: Sequence[tuple[str, ...]],
+    previous: Mapping[str, Stage],
     slowed: Collection[str],
     ok: Collection[str],
     by_id: Mapping[str, NodeCapacity],
 ) -> list[tuple[str, ...]]:
-    """The groups in force, each member counted slowed replaced by the fastest eligible
-    node in no group, where one is faster than it (its slowdown counted: a group waits for
-    its slowest member) and has the memory the group's smallest member has (which binds
-    its share: ``group_capacity``)."""
-    taken = {m for g in kept for m in g}
+    """The groups in force, each member counted slowed replaced by the fastest spare (an
+    eligible node that serves nothing: ``previous`` has no stage for it) faster than it
+    (its slowdown counted: a group waits for its slowest member) with the memory of the
+    group's smallest member (which binds its share: ``group_capacity``)."""
+    taken = {m for g in kept for m in g} | set(previous)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
     for group in kept:
