@@ -332,7 +332,7 @@ def plan(
         for g in previous_groups
         if len(g) in tp.SIZES and len(set(g)) == len(g) and all(m in ok for m in g)
     ]
-    kept = _spared(kept, previous, set(slowed), ok, by_id)
+    kept = _spared(kept, previous, set(slowed), ok, by_id, units)
     ctx = _Context(
         units,
         by_id,
@@ -403,17 +403,19 @@ def _spared(
     slowed: Collection[str],
     ok: Collection[str],
     by_id: Mapping[str, NodeCapacity],
+    units: Sequence[UnitCost],
 ) -> list[tuple[str, ...]]:
     """The groups in force, each member counted slowed replaced by the fastest spare (an
     eligible node that serves nothing: ``previous`` has no stage for it) faster than it
-    (its slowdown counted: a group waits for its slowest member) with the memory of the
-    group's smallest member (which binds its share: ``group_capacity``)."""
+    (its slowdown counted: a group waits for its slowest member) with the memory for its
+    share of the group's stage."""
     taken = {m for g in kept for m in g} | set(previous)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
     for group in kept:
         members = list(group)
-        share = min(by_id[m].memory_bytes for m in group)
+        stage = previous.get(group_key(group))
+        share = stage_bytes(units, *stage, len(group)) if stage else math.inf
         for rank, m in enumerate(members):
             if m not in slowed:
                 continue

@@ -373,7 +373,7 @@ def test_groups_in_force_stay_together_when_others_join() -> None:
 def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
     """A group in force keeps its members, but for one counted slowed: the fastest spare
     (serving nothing) takes its place where it is faster (its slowdown counted) and has the
-    memory the group's smallest member has; the slowed one is left out of the group."""
+    memory for its share of the group's stage; the slowed one is left out of the group."""
     swarm = nodes(3, 2000, 2.0, 11.0)
     in_force = [(swarm[0].node_id, swarm[1].node_id)]
     previous = {groups.group_key(in_force[0]): (0, GPT2.n_units)}
@@ -385,10 +385,14 @@ def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
     spared = plan(UNITS, now, previous, in_force, slowed={slowed.node_id}, **kw)
     assert list(spared.groups) == [(swarm[0].node_id, swarm[2].node_id)]
     assert slowed.node_id not in spared.placement
-    # a spare with less memory than the group's smallest member would shrink its share
-    small = NodeCapacity(swarm[2].node_id, 1900 * MB, 2.0, 11.0)
-    kept = plan(UNITS, [swarm[0], slowed, small], previous, in_force, slowed={slowed.node_id}, **kw)
-    assert list(kept.groups) == in_force
+    # a spare needs the memory for its share of the group's stage, no more
+    share = stage_bytes(UNITS, 0, GPT2.n_units, 2)
+    for spare_bytes, swapped in ((share, True), (share - 1, False)):
+        spare = NodeCapacity(swarm[2].node_id, spare_bytes, 2.0, 11.0)
+        again = plan(
+            UNITS, [swarm[0], slowed, spare], previous, in_force, slowed={slowed.node_id}, **kw
+        )
+        assert (list(again.groups) != in_force) == swapped
     # a node serving a stage of its own is no spare
     serving = {**previous, swarm[2].node_id: (0, 4)}
     kept = plan(UNITS, now, serving, in_force, slowed={slowed.node_id}, **kw)
