@@ -150,8 +150,11 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
     if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # (as ``interruptible`` does later: Ctrl-C is taken even where the tool started with
+    # SIGINT ignored, as a shell script's background job does)
+    taken = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    before = {sig: signal.signal(sig, how) for sig, how in taken.items()} if main_thread else {}
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
@@ -161,8 +164,8 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
         print(f"{prog}: terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
+        for sig, how in before.items():
+            signal.signal(sig, how)
     main(argv)
 
 
