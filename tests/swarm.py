@@ -147,6 +147,15 @@ class Swarm:
         procs = [self.start(self.serve_args(model, units, *extra)) for units in splits]
         return [p.wait_for(LISTENING).group(1) for p in procs]
 
+    def serving(self, address: str) -> Proc:
+        """The process listening on ``address`` (by its own "listening on" line: another's
+        output may name it too, as its next hop)."""
+        for proc in self.procs:
+            said = next((m for line in list(proc.lines) if (m := LISTENING.search(line))), None)
+            if said is not None and said.group(1) == address:
+                return proc
+        raise LookupError(f"no process of this swarm listens on {address}")
+
     def coordinator(self, *extra: str, port: int = 0) -> tuple[Proc, str]:
         """Start ``nanoshard coordinator`` on loopback (mDNS on loopback too)."""
         proc = self.start(

@@ -450,7 +450,7 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
             tokens.append(result.token)
             result = session.step([result.token], len(prompt) + len(tokens) - 1)
         assert [h["address"] for h in result.hops] == [a, b, c]
-        middle = next(p for p in swarm.procs if b in p.output)
+        middle = swarm.serving(b)
         middle.kill()
         while len(tokens) < 40:
             tokens.append(result.token)
@@ -494,7 +494,7 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
         serving = result.hops[2]["address"]
         c, c2 = (c, c2) if serving == c else (c2, c)
         before = len(session.recoveries)
-        last = next(p for p in swarm.procs if c in p.output)
+        last = swarm.serving(c)
         last.popen.send_signal(signal.SIGSTOP)  # (the swarm kills it, SIGCONT too)
         while len(tokens) < 30:
             tokens.append(result.token)
