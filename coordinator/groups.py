@@ -80,6 +80,9 @@ class Link:
 # members that compute in between (each wakes the other), and a data-plane message held
 # while a hop computes ~1.1 ms. They price a group before its members measured its links.
 LINK = Link(latency_ms=1.7, bytes_per_s=1e9, message_ms=1.1)
+# A spare takes a slowed member's place in its group if it runs this many times faster than
+# the member as slowed (``load.SLOW``, from which a node counts as slowed at all).
+SPARE = 3.0
 
 
 @dataclass(frozen=True)
@@ -399,34 +402,38 @@ def _against(chosen: Plan, baseline: Plan) -> Plan:
 
 def _spared(
     kept: Sequence[tuple[str, ...]],
-    previous: Mapping[str, Stage],
+    previous: dict[str, Stage],
     slowed: Collection[str],
     ok: Collection[str],
     by_id: Mapping[str, NodeCapacity],
     units: Sequence[UnitCost],
 ) -> list[tuple[str, ...]]:
-    """The groups in force, each member counted slowed replaced by the fastest spare (an
-    eligible node that serves nothing: ``previous`` has no stage for it) faster than it
-    (its slowdown counted: a group waits for its slowest member) with the memory for its
-    share of the group's stage."""
-    taken = {m for g in kept for m in g} | set(previous)
+    """The groups in force, with spares in place of their members counted slowed: a spare
+    is an eligible node that serves nothing (``previous`` has no stage for it) and is not
+    slowed itself, has the memory for its share of the group's stage, and runs ``SPARE``
+    times faster than the member as slowed (so no two slowed nodes are swapped back and
+    forth). A group is given spares only for all its slowed members (it waits for its
+    slowest), the fastest spare for the slowest member; it keeps its stage (in
+    ``previous``, under its new key)."""
+    taken = {m for g in kept for m in g} | set(previous) | set(slowed)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
     for group in kept:
-        members = list(group)
         stage = previous.get(group_key(group))
         share = stage_bytes(units, *stage, len(group)) if stage else math.inf
-        for rank, m in enumerate(members):
-            if m not in slowed:
-                continue
-            spare = next(
-                (n for n in spares if _speed(n) < _speed(by_id[m]) and n.memory_bytes >= share),
-                None,
-            )
-            if spare is not None:
-                spares.remove(spare)
-                members[rank] = spare.node_id
-        out.append(tuple(members))
+        slowest_first = sorted((m for m in group if m in slowed), key=lambda m: _speed(by_id[m]))
+        swaps: dict[str, NodeCapacity] = {}
+        for m in reversed(slowest_first):
+            fit = [n for n in spares if n not in swaps.values() and n.memory_bytes >= share
+                   and n.block_ms * SPARE <= by_id[m].block_ms]  # fmt: skip
+            if not fit:
+                break
+            swaps[m] = fit[0]
+        if stage is not None and swaps and len(swaps) == len(slowest_first):
+            spares = [n for n in spares if n not in swaps.values()]
+            group = tuple(swaps[m].node_id if m in swaps else m for m in group)
+            previous[group_key(group)] = stage
+        out.append(group)
     return out
 
 

@@ -312,6 +312,8 @@ class Registry:
         alive_again, record.suspect = record.suspect, False
         record.ready = None if record.address in self.excluded else ready
         reported, record.tp_group = record.tp_group, tp_group if record.ready is not None else ""
+        if reported != record.tp_group:
+            record.rest_ratio = 0.0  # (of another basis: all of each unit, or a share)
         record.load = load
         if (ratio := load.live.speed_ratio) > 0:
             record.rest_ratio = min(record.rest_ratio or ratio, ratio)

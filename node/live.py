@@ -84,6 +84,7 @@ class LiveStats:
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.prefill = _Ewma()
         self.ratio = _Median()
+        self._share = 0  # the group size its ratio is of (1: alone; 0: no step yet)
         self.positions = _Rate(clock)
         self.sampled = _Rate(clock)
         self.last_step = clock()
@@ -109,10 +110,18 @@ class LiveStats:
         self.decode.add(compute_ms)
         self.recent.append(compute_ms)
         expected = self.expected_ms(stage)
+        share = stage.shard.size if stage.shard is not None else 1
+        if share != self._share:  # alone after a group, or the other way: a new basis
+            self.ratio, self._share = _Median(), share
         if expected > 0:
             # A member's own compute is what its collectives did not take: waiting there for
             # a slow member is that member's slowness, not this one's.
             self.ratio.add(max(compute_ms - collective_ms, 0.0) / expected)
+
+    def forget_ratio(self) -> None:
+        """The node joined a group or left one: its ratio was of another basis (all of each
+        unit, or a share of it), and is not known again until its next decode step."""
+        self.ratio, self._share = _Median(), 0
 
     def expected_ms(self, stage: Stage) -> float:
         """A decode step of ``stage``'s units, as the node's capacity measurement prices it

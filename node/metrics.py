@@ -182,6 +182,6 @@ class NodeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "nanoshard_node_speed_ratio",
-            "Decode compute now over what the capacity measurement predicts (EWMA; 0: unknown)",
+            "Decode compute now over what the capacity measurement predicts (0: unknown)",
             value=ratio,
         )

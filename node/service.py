@@ -151,6 +151,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.stage, self._views, self.group = stage, {}, group
         if stage is not None:
             self.metrics.serving(stage)
+        if old is not group:
+            self.live.forget_ratio()
         if old is not None and old is not group:
             self.break_group(old, DISSOLVED)
             old.close()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nanoshard.config import GPTConfig
 from nanoshard.coordinator import groups
-from nanoshard.coordinator.groups import LINK, allreduce_ms, broadcast_ms, plan, predict
+from nanoshard.coordinator.groups import LINK, SPARE, allreduce_ms, broadcast_ms, plan, predict
 from nanoshard.coordinator.load import LiveReport
 from nanoshard.coordinator.placement import (
     NodeCapacity,
@@ -393,10 +393,35 @@ def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
             UNITS, [swarm[0], slowed, spare], previous, in_force, slowed={slowed.node_id}, **kw
         )
         assert (list(again.groups) != in_force) == swapped
-    # a node serving a stage of its own is no spare
+    # a node serving a stage of its own is no spare, nor is a slowed one, nor one that
+    # does not run SPARE times faster than the member as slowed
     serving = {**previous, swarm[2].node_id: (0, 4)}
     kept = plan(UNITS, now, serving, in_force, slowed={slowed.node_id}, **kw)
     assert list(kept.groups) == in_force
+    both = {slowed.node_id, swarm[2].node_id}
+    assert list(plan(UNITS, now, previous, in_force, slowed=both, **kw).groups) == in_force
+    near = NodeCapacity(swarm[2].node_id, 2000 * MB, 2.0 * 50 / SPARE * 1.01, 11.0)
+    again = plan(UNITS, [swarm[0], slowed, near], previous, in_force, slowed={slowed.node_id}, **kw)
+    assert list(again.groups) == in_force
+
+
+def test_a_group_of_4_is_given_spares_for_all_its_slowed_members_or_none() -> None:
+    """It waits for its slowest member: one spare for two slowed members gains nothing, and
+    re-forming it would cost a load and a rendezvous. With two, both are replaced, and the
+    group keeps its stage."""
+    swarm = nodes(6, 2000, 2.0, 11.0)
+    group = tuple(n.node_id for n in swarm[:4])
+    stage = (0, GPT2.n_units)
+    slow = [NodeCapacity(n.node_id, 2000 * MB, 100.0, 550.0) for n in swarm[:2]]
+    kw: dict[str, Any] = dict(
+        mode=4, n_head=12, hidden_bytes=HIDDEN, slowed={n.node_id for n in slow}
+    )
+    previous = {groups.group_key(group): stage}
+    one = plan(UNITS, [*slow, *swarm[2:5]], previous, [group], **kw)
+    assert list(one.groups) == [group]
+    two = plan(UNITS, [*slow, *swarm[2:]], previous, [group], **kw)
+    ((members, placed),) = two.groups.items()
+    assert set(members) == {n.node_id for n in swarm[2:]} and placed == stage
 
 
 def test_plan_is_deterministic_and_order_independent() -> None:

@@ -164,6 +164,10 @@ def test_a_group_member_counts_its_share_and_not_the_wait_for_a_slow_member() ->
     assert live.report().speed_ratio == pytest.approx(1.0)
     assert slow.report().speed_ratio == pytest.approx(29.5 / 3)
     assert live.report().decode_ms == slow.report().decode_ms == 30.0  # (the step's own time)
+    live.step(stage(3), 1, 6.0, sampled=False)  # alone again: another basis, a ratio anew
+    assert live.report().speed_ratio == 1.0
+    live.forget_ratio()  # (a node joining or leaving a group, before its next step)
+    assert live.report().speed_ratio == 0
 
 
 def test_a_group_member_is_judged_against_its_partners_once_they_have_figures() -> None:
