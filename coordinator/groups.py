@@ -413,13 +413,18 @@ def _spared(
     slowed itself, has the memory for its share of the group's stage, and runs ``SPARE``
     times faster than the member as slowed (so no two slowed nodes are swapped back and
     forth). A group is given spares only for all its slowed members (it waits for its
-    slowest), the fastest spare for the slowest member; it keeps its stage (in
-    ``previous``, under its new key)."""
+    slowest), the fastest spare for the slowest member, and only where another server
+    holds its stage meanwhile (a group formed anew serves nothing until its members have
+    loaded their shares and met: the only one would leave its units without a route). It
+    keeps its stage (in ``previous``, under its new key)."""
     taken = {m for g in kept for m in g} | set(previous) | set(slowed)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
     for group in kept:
         stage = previous.get(group_key(group))
+        others = {k: s for k, s in previous.items() if k != group_key(group)}
+        if stage is not None and min(coverage(others, len(units))[slice(*stage)]) == 0:
+            stage = None  # (no replica of its stage: it stays as it is)
         share = stage_bytes(units, *stage, len(group)) if stage else math.inf
         slowest_first = sorted((m for m in group if m in slowed), key=lambda m: _speed(by_id[m]))
         swaps: dict[str, NodeCapacity] = {}

@@ -296,13 +296,13 @@ def test_a_group_whose_every_member_runs_on_cuda_sums_on_nccl() -> None:
 def test_a_member_is_counted_slowed_against_its_partners_and_a_spare_takes_its_place() -> None:
     """A small model's member reads 9 x at rest (fixed cost over its share): beside a
     partner at 9 x it is not slowed, at 90 x it is, and not before a partner has a figure.
-    The next placement puts the node in no group in its place."""
+    The next placement puts the spare in its place (the other group serves meanwhile)."""
     registry = Registry(GPT2, tp=2)
-    for i in range(2):
+    for i in range(4):
         registry.join(record(i))
     serve_all(registry)
-    registry.join(record(2))  # later: a spare (the group in force stays)
-    (group,) = registry.groups.values()
+    registry.join(record(4))  # later: a spare (the groups in force stay)
+    group = registry.groups[registry.nodes[nid(0)].group]
     slow, partner = group.members
 
     def report(node_id: str, ratio: float) -> None:
@@ -319,7 +319,7 @@ def test_a_member_is_counted_slowed_against_its_partners_and_a_spare_takes_its_p
     assert (registry.nodes[slow].slowdown, registry.nodes[partner].slowdown) == (10.0, 1.0)
     registry.rebalance(3.0 + MIN_REBALANCE_S)
     nodes = registry.nodes
-    assert nodes[partner].group == nodes[nid(2)].group not in ("", group.id)
+    assert nodes[partner].group == nodes[nid(4)].group not in ("", group.id)
     assert nodes[slow].group == ""
 
 
@@ -371,57 +371,59 @@ def test_groups_in_force_stay_together_when_others_join() -> None:
 
 
 def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
-    """A group in force keeps its members, but for one counted slowed: the fastest spare
+    """Groups in force keep their members, but for one counted slowed: the fastest spare
     (serving nothing) takes its place where it is faster (its slowdown counted) and has the
-    memory for its share of the group's stage; the slowed one is left out of the group."""
-    swarm = nodes(3, 2000, 2.0, 11.0)
-    in_force = [(swarm[0].node_id, swarm[1].node_id)]
-    previous = {groups.group_key(in_force[0]): (0, GPT2.n_units)}
-    slowed = NodeCapacity(swarm[1].node_id, 2000 * MB, 2.0 * 50, 11.0 * 50)  # its owner's game
-    now = [swarm[0], slowed, swarm[2]]
-    kw: dict[str, Any] = dict(mode=2, n_head=12, hidden_bytes=HIDDEN)
-    stays = plan(UNITS, now, previous, in_force, **kw)  # (not counted slowed: kept)
-    assert list(stays.groups) == in_force
-    spared = plan(UNITS, now, previous, in_force, slowed={slowed.node_id}, **kw)
-    assert list(spared.groups) == [(swarm[0].node_id, swarm[2].node_id)]
-    assert slowed.node_id not in spared.placement
+    memory for its share of the group's stage, and another server holds that stage
+    meanwhile; the slowed one is left out of the group."""
+    swarm = nodes(5, 2000, 2.0, 11.0)
+    ids = [n.node_id for n in swarm]
+    in_force = [(ids[0], ids[1]), (ids[3], ids[4])]  # replicas of each other
+    whole = (0, GPT2.n_units)
+    previous = {groups.group_key(g): whole for g in in_force}
+    slowed = NodeCapacity(ids[1], 2000 * MB, 2.0 * 50, 11.0 * 50)  # its owner's game
+    now = [swarm[0], slowed, *swarm[2:]]
+    kw: dict[str, Any] = dict(mode=2, n_head=12, hidden_bytes=HIDDEN, slowed={ids[1]})
+
+    def formed(nodes: list, previous: dict, in_force: list = in_force, **over: Any) -> set:
+        return set(plan(UNITS, nodes, previous, in_force, **{**kw, **over}).groups)
+
+    assert formed(now, previous, slowed=()) == set(in_force)  # not counted slowed: kept
+    spared = plan(UNITS, now, previous, in_force, **kw)
+    assert set(spared.groups) == {(ids[0], ids[2]), in_force[1]}
+    assert ids[1] not in spared.placement
+    # the only server of its stage keeps its member: re-formed, it would serve nothing a while
+    alone = {groups.group_key(in_force[0]): whole}
+    assert formed(now[:3], alone, in_force[:1]) == set(in_force[:1])
     # a spare needs the memory for its share of the group's stage, no more
-    share = stage_bytes(UNITS, 0, GPT2.n_units, 2)
+    share = stage_bytes(UNITS, *whole, 2)
     for spare_bytes, swapped in ((share, True), (share - 1, False)):
-        spare = NodeCapacity(swarm[2].node_id, spare_bytes, 2.0, 11.0)
-        again = plan(
-            UNITS, [swarm[0], slowed, spare], previous, in_force, slowed={slowed.node_id}, **kw
-        )
-        assert (list(again.groups) != in_force) == swapped
+        spare = NodeCapacity(ids[2], spare_bytes, 2.0, 11.0)
+        assert (formed([*now[:2], spare, *now[3:]], previous) != set(in_force)) == swapped
     # a node serving a stage of its own is no spare, nor is a slowed one, nor one that
     # does not run SPARE times faster than the member as slowed
-    serving = {**previous, swarm[2].node_id: (0, 4)}
-    kept = plan(UNITS, now, serving, in_force, slowed={slowed.node_id}, **kw)
-    assert list(kept.groups) == in_force
-    both = {slowed.node_id, swarm[2].node_id}
-    assert list(plan(UNITS, now, previous, in_force, slowed=both, **kw).groups) == in_force
-    near = NodeCapacity(swarm[2].node_id, 2000 * MB, 2.0 * 50 / SPARE * 1.01, 11.0)
-    again = plan(UNITS, [swarm[0], slowed, near], previous, in_force, slowed={slowed.node_id}, **kw)
-    assert list(again.groups) == in_force
+    assert formed(now, {**previous, ids[2]: (0, 4)}) == set(in_force)
+    assert formed(now, previous, slowed={ids[1], ids[2]}) == set(in_force)
+    near = NodeCapacity(ids[2], 2000 * MB, 2.0 * 50 / SPARE * 1.01, 11.0)
+    assert formed([*now[:2], near, *now[3:]], previous) == set(in_force)
 
 
 def test_a_group_of_4_is_given_spares_for_all_its_slowed_members_or_none() -> None:
     """It waits for its slowest member: one spare for two slowed members gains nothing, and
     re-forming it would cost a load and a rendezvous. With two, both are replaced, and the
     group keeps its stage."""
-    swarm = nodes(6, 2000, 2.0, 11.0)
-    group = tuple(n.node_id for n in swarm[:4])
-    stage = (0, GPT2.n_units)
-    slow = [NodeCapacity(n.node_id, 2000 * MB, 100.0, 550.0) for n in swarm[:2]]
-    kw: dict[str, Any] = dict(
-        mode=4, n_head=12, hidden_bytes=HIDDEN, slowed={n.node_id for n in slow}
-    )
-    previous = {groups.group_key(group): stage}
-    one = plan(UNITS, [*slow, *swarm[2:5]], previous, [group], **kw)
-    assert list(one.groups) == [group]
-    two = plan(UNITS, [*slow, *swarm[2:]], previous, [group], **kw)
-    ((members, placed),) = two.groups.items()
-    assert set(members) == {n.node_id for n in swarm[2:]} and placed == stage
+    swarm = nodes(10, 2000, 2.0, 11.0)
+    ids = [n.node_id for n in swarm]
+    first, second = tuple(ids[:4]), tuple(ids[4:8])
+    whole = (0, GPT2.n_units)
+    previous = {groups.group_key(first): whole, groups.group_key(second): whole}
+    slow = [NodeCapacity(i, 2000 * MB, 100.0, 550.0) for i in ids[:2]]
+    kw: dict[str, Any] = dict(mode=4, n_head=12, hidden_bytes=HIDDEN, slowed=set(ids[:2]))
+    one = plan(UNITS, [*slow, *swarm[2:9]], previous, [first, second], **kw)
+    assert set(one.groups) == {first, second}
+    two = plan(UNITS, [*slow, *swarm[2:]], previous, [first, second], **kw)
+    spared = {g: s for g, s in two.groups.items() if g != second}
+    ((members, placed),) = spared.items()
+    assert set(members) == {*ids[2:4], *ids[8:]} and placed == whole
 
 
 def test_plan_is_deterministic_and_order_independent() -> None:
