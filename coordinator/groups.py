@@ -420,23 +420,26 @@ def _spared(
     taken = {m for g in kept for m in g} | set(previous) | set(slowed)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
+    forming: set[str] = set()  # the groups formed anew here, which serve nothing a while
     for group in kept:
-        stage = previous.get(group_key(group))
-        others = {k: s for k, s in previous.items() if k != group_key(group)}
+        key = group_key(group)
+        stage = previous.get(key)
+        others = {k: s for k, s in previous.items() if k != key and k not in forming}
         if stage is not None and min(coverage(others, len(units))[slice(*stage)]) == 0:
-            stage = None  # (no replica of its stage: it stays as it is)
+            stage = None  # (no other server of its stage: it stays as it is)
         share = stage_bytes(units, *stage, len(group)) if stage else math.inf
-        slowest_first = sorted((m for m in group if m in slowed), key=lambda m: _speed(by_id[m]))
+        slow = sorted((m for m in group if m in slowed), key=lambda m: _speed(by_id[m]))
         swaps: dict[str, NodeCapacity] = {}
-        for m in reversed(slowest_first):
+        for m in reversed(slow):  # the slowest first
             fit = [n for n in spares if n not in swaps.values() and n.memory_bytes >= share
                    and n.block_ms * SPARE <= by_id[m].block_ms]  # fmt: skip
             if not fit:
                 break
             swaps[m] = fit[0]
-        if stage is not None and swaps and len(swaps) == len(slowest_first):
+        if stage is not None and swaps and len(swaps) == len(slow):
             spares = [n for n in spares if n not in swaps.values()]
             group = tuple(swaps[m].node_id if m in swaps else m for m in group)
+            forming |= {key, group_key(group)}
             previous[group_key(group)] = stage
         out.append(group)
     return out

@@ -394,6 +394,11 @@ def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
     # the only server of its stage keeps its member: re-formed, it would serve nothing a while
     alone = {groups.group_key(in_force[0]): whole}
     assert formed(now[:3], alone, in_force[:1]) == set(in_force[:1])
+    # and of two replicas each with a slowed member, one is re-formed, not both at once
+    slowed4 = NodeCapacity(ids[4], 2000 * MB, 2.0 * 50, 11.0 * 50)
+    spare2 = NodeCapacity("n9", 2000 * MB, 2.0, 11.0)
+    both = formed([*now[:4], slowed4, spare2], previous, slowed={ids[1], ids[4]})
+    assert len(both & set(in_force)) == 1
     # a spare needs the memory for its share of the group's stage, no more
     share = stage_bytes(UNITS, *whole, 2)
     for spare_bytes, swapped in ((share, True), (share - 1, False)):
