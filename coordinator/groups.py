@@ -413,7 +413,8 @@ def _spared(
     slowed itself, has the memory for its share of the group's stage, and runs ``SPARE``
     times faster than the member as slowed (so no two slowed nodes are swapped back and
     forth). A group is given spares only for all its slowed members (it waits for its
-    slowest), the fastest spare for the slowest member, and only where another server
+    slowest), the fastest spare (on another host than the member's, where there is one)
+    for the slowest member, and only where another server
     holds its stage meanwhile (a group formed anew serves nothing until its members have
     loaded their shares and met: the only one would leave its units without a route). It
     keeps its stage (in ``previous``, under its new key)."""
@@ -435,7 +436,8 @@ def _spared(
                    and n.block_ms * SPARE <= by_id[m].block_ms]  # fmt: skip
             if not fit:
                 break
-            swaps[m] = fit[0]
+            # (one on another host first: a machine busy as a whole slows every node on it)
+            swaps[m] = min(fit, key=lambda n: bool(n.host) and n.host == by_id[m].host)
         if stage is not None and swaps and len(swaps) == len(slow):
             spares = [n for n in spares if n not in swaps.values()]
             group = tuple(swaps[m].node_id if m in swaps else m for m in group)

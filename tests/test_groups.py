@@ -410,6 +410,13 @@ def test_a_spare_takes_the_place_of_a_member_counted_slowed() -> None:
     assert formed(now, previous, slowed={ids[1], ids[2]}) == set(in_force)
     near = NodeCapacity(ids[2], 2000 * MB, 2.0 * 50 / SPARE * 1.01, 11.0)
     assert formed([*now[:2], near, *now[3:]], previous) == set(in_force)
+    # of two spares, one on the slowed member's host (busy as a whole, maybe) and a slower
+    # one elsewhere, the one elsewhere
+    on = [dataclasses.replace(n, host=h) for n, h in zip(now, "aaacd", strict=True)]
+    there = NodeCapacity("n9", 2000 * MB, 2.5, 11.0, host="e")
+    assert (ids[0], "n9") in formed([*on, there], previous)
+    assert (ids[0], ids[2]) in formed([*on[:2], dataclasses.replace(on[2], host="c"), *on[3:],
+                                       there], previous)  # fmt: skip
 
 
 def test_a_group_of_4_is_given_spares_for_all_its_slowed_members_or_none() -> None:
