@@ -318,11 +318,10 @@ def plan(
     ``previous_groups`` the groups in force (members in rank order): those whose members
     are all still here and eligible stay together, so a join or a leave elsewhere re-forms
     no group, but for a member ``slowed`` (counted slowed from its live speed), which a
-    faster spare replaces (``_spared``). ``eligible``: the nodes that may join a
-    group (None: all). A group is priced
-    with its ``measured`` link where its members reported one, else from their pings to
-    each other (``peers``, by ``pair``) where every pair measured its link, else with
-    ``link``.
+    faster spare replaces (``_spared``). ``eligible``: the nodes that may join a group
+    (None: all). A group is priced with its ``measured`` link where its members reported
+    one, else from their pings to each other (``peers``, by ``pair``) where every pair
+    measured its link, else with ``link``.
     """
     nodes = sorted(nodes, key=lambda n: n.node_id)
     if any(n.size != 1 for n in nodes):
@@ -414,10 +413,10 @@ def _spared(
     times faster than the member as slowed (so no two slowed nodes are swapped back and
     forth). A group is given spares only for all its slowed members (it waits for its
     slowest), the fastest spare (on another host than the member's, where there is one)
-    for the slowest member, and only where another server
-    holds its stage meanwhile (a group formed anew serves nothing until its members have
-    loaded their shares and met: the only one would leave its units without a route). It
-    keeps its stage (in ``previous``, under its new key)."""
+    for the slowest member, and only where another server holds its stage meanwhile (a
+    group formed anew serves nothing until its members have loaded their shares and met:
+    the only one would leave its units without a route). It keeps its stage (in
+    ``previous``, under its new key)."""
     taken = {m for g in kept for m in g} | set(previous) | set(slowed)
     spares = sorted((by_id[i] for i in ok if i not in taken), key=_speed)
     out = []
