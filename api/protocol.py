@@ -9,8 +9,9 @@ would change the output but cannot be honoured is refused with 400):
 ``prompt``             completions: a string, a list of one string, token ids, or a list
                        of one list of token ids
 ``messages``           chat: a non-empty list of ``{role, content}``; role ``system``,
-                       ``developer``, ``user`` or ``assistant``; content a string or a list
-                       of ``{"type": "text", "text": ...}`` parts
+                       ``developer``, ``user`` or ``assistant``; content a string or a
+                       non-empty list of ``{"type": "text", "text": ...}`` parts; ``name``
+                       (a string) is ignored
 ``max_tokens``         >= 1 (chat: ``max_completion_tokens`` too, which wins); default 16
                        for completions, the rest of the context for chat
 ``temperature``        [0, 2], default 1 (0: greedy)
@@ -23,6 +24,9 @@ would change the output but cannot be honoured is refused with 400):
 ``nanoshard``          extension: ``{"hops": true}`` adds each token's per-hop traces to
                        the stream's chunks as ``nanoshard.hops`` (standard chunks otherwise)
 =====================  =================================================================
+
+A field this server does not know is refused, at the top level and inside
+``stream_options``, ``nanoshard`` and each message, as OpenAI's API refuses it.
 
 The sampling is the CLI's: ``SamplingParams(temperature, top_k=0, top_p, seed)``, so a
 request equals ``nanoshard generate --temperature T --top-p P --seed S`` token for token.
@@ -82,6 +86,19 @@ COMMON = frozenset(
 )
 COMPLETION = COMMON | {"prompt"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "function_call"}
+# Inside objects, the same rule: what this server reads, and what OpenAI clients send that
+# changes nothing here (``include_obfuscation``: padding of stream events; a message's
+# ``name``; the fields of an assistant message handed back as it came, when empty).
+STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
+EXTENSION = frozenset({"hops"})
+MESSAGE = frozenset({"role", "content", "name"})
+MESSAGE_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "refusal": (None,),
+    "tool_calls": (None, []),
+    "function_call": (None,),
+    "audio": (None,),
+    "annotations": (None, []),
+}
 
 
 class ApiError(Exception):
@@ -215,7 +232,9 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
         name = min(unknown)
         raise bad(f"unrecognized request argument supplied: {name}", name)
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if model is not None and not isinstance(model, str):
+        raise bad(f"model must be a string, got {model!r}", "model")
+    if not model:
         raise bad("model is required: the swarm's model, as GET /v1/models lists it", "model")
     for name, neutral in NEUTRAL.items():
         if name in body and not _neutral(body[name], neutral):
@@ -251,12 +270,14 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
         raise bad("stream_options is an object, allowed with stream: true", "stream_options")
+    _known_fields(options, STREAM_OPTIONS, "stream_options")
     include_usage = (options or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("stream_options.include_usage must be true or false", "stream_options")
     extension = body.get("nanoshard")
     if extension is not None and not isinstance(extension, dict):
         raise bad('nanoshard must be an object, e.g. {"hops": true}', "nanoshard")
+    _known_fields(extension, EXTENSION, "nanoshard")
     hops = (extension or {}).get("hops", False)
     if not isinstance(hops, bool):
         raise bad("nanoshard.hops must be true or false", "nanoshard")
@@ -276,6 +297,12 @@ def _common(body: Any, chat: bool) -> dict[str, Any]:
         "hops": hops,
         "user": user,
     }
+
+
+def _known_fields(fields: dict | None, known: frozenset[str], where: str) -> None:
+    """400 for a field of the object ``where`` that this server does not know."""
+    if unknown := (fields or {}).keys() - known:
+        raise bad(f"unrecognized argument supplied in {where}: {min(unknown)}", where)
 
 
 def _neutral(value: object, neutral: tuple[object, ...]) -> bool:
@@ -313,6 +340,15 @@ def parse_chat(body: Any) -> Request:
             raise bad(
                 f"messages[{i}] must have a role among {', '.join(ROLES)}", f"messages[{i}].role"
             )
+        for name in m.keys() - MESSAGE:
+            if name not in MESSAGE_NEUTRAL:
+                raise bad(
+                    f"unrecognized argument supplied in messages[{i}]: {name}", f"messages[{i}]"
+                )
+            if not _neutral(m[name], MESSAGE_NEUTRAL[name]):
+                raise bad(f"messages[{i}].{name} is not supported by this server", f"messages[{i}]")
+        if "name" in m and not isinstance(m["name"], str):
+            raise bad(f"messages[{i}].name must be a string", f"messages[{i}].name")
         turns.append((m["role"], _content(m.get("content"), i)))
     return Request(prompt=chat_prompt(turns), **fields)
 
@@ -320,13 +356,17 @@ def parse_chat(body: Any) -> Request:
 def _content(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
+    if (
+        isinstance(content, list)
+        and content
+        and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        )
     ):
         return "".join(p["text"] for p in content)
     raise bad(
-        f"messages[{i}].content must be a string or a list of text parts",
+        f"messages[{i}].content must be a string or a non-empty list of text parts",
         f"messages[{i}].content",
     )
 

@@ -232,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--coordinator", type=address_arg, metavar="HOST:PORT", help="default: find it by mDNS"
     )
-    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (--watch: a line of one every 2 s)",
+    )
     st.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     add_mdns_options(st)
     add_security_args(st, server=False)
@@ -375,14 +379,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         mdns_interfaces=args.mdns_interfaces,
         swarm=args.swarm,
     )
-    if args.json:
-        print(json.dumps(status_json(coordinator.status())))
-        return 0
+    if args.watch:
+        interruptible()  # SIGTERM too leaves the terminal as it was (Live hides the cursor)
+    if args.json:  # (with --watch: JSON Lines, one object a line, each as it comes)
+        while True:
+            print(json.dumps(status_json(coordinator.status())), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(2)
     console = Console()
     if not args.watch:
         console.print(StatusView(coordinator.status()))
         return 0
-    interruptible()  # SIGTERM too leaves the terminal as it was (Live hides the cursor)
     if not console.is_terminal:  # (a pipe, a file: Live would draw only its last frame)
         while True:
             console.print(StatusView(coordinator.status()))

@@ -143,6 +143,13 @@ def test_a_completion_request_maps_to_the_clis_sampling() -> None:
         ({"model": "demo", "prompt": "x", "max_new_tokens": 8}, "max_new_tokens"),
         ({"model": "demo", "prompt": "x", "max_completion_tokens": 8}, "max_completion_tokens"),
         ({"model": "demo", "prompt": "x", "messages": []}, "messages"),
+        ({"model": ["demo"], "prompt": "x"}, "model"),
+        # (inside objects too, a field this server does not know is refused)
+        (
+            {"model": "demo", "prompt": "x", "stream": True, "stream_options": {"foo": 1}},
+            "stream_options",
+        ),  # fmt: skip
+        ({"model": "demo", "prompt": "x", "nanoshard": {"bogus": True}}, "nanoshard"),
     ],
 )
 def test_bad_completion_requests_are_400(body: object, param: str | None) -> None:
@@ -153,6 +160,39 @@ def test_bad_completion_requests_are_400(body: object, param: str | None) -> Non
         assert err.value.param == param
     if isinstance(body, dict) and "prompt" in body:  # (given, so never called missing)
         assert "prompt is required" not in str(err.value)
+
+
+def test_a_model_that_is_not_a_string_is_named_so() -> None:
+    with pytest.raises(ApiError, match=r"model must be a string, got \['demo'\]"):
+        parse_completion({"model": ["demo"], "prompt": "x"})
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "user", "content": "hi", "extra": "x"}, "messages[0]"),
+        ({"role": "user", "content": []}, "messages[0].content"),
+        ({"role": "user", "content": "hi", "name": 3}, "messages[0].name"),
+        ({"role": "assistant", "content": "hi", "refusal": "no"}, "messages[0]"),
+    ],
+)
+def test_bad_chat_message_fields_are_400(message: dict, param: str) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_chat({"model": "demo", "messages": [message]})
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_what_openai_clients_send_in_objects_passes() -> None:
+    """A message's name, an assistant message handed back as it came (its empty fields),
+    and stream options this server has nothing to do with."""
+    handed_back = {"role": "assistant", "content": "Hail.", "refusal": None, "tool_calls": None}
+    handed_back |= {"function_call": None, "audio": None, "annotations": []}
+    messages = [{"role": "user", "content": "Hi", "name": "ann"}, handed_back]
+    options = {"include_usage": True, "include_obfuscation": False}
+    r = parse_chat(
+        {"model": "demo", "messages": messages, "stream": True, "stream_options": options}
+    )
+    assert r.prompt == "USER:\nHi\n\nASSISTANT:\nHail.\n\nASSISTANT:\n" and r.include_usage
 
 
 def test_neutral_values_of_unsupported_parameters_pass() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import logging
 import re
 import signal
@@ -398,12 +399,19 @@ def test_status_watch_ends_on_a_signal_with_one_line(sig: int, code: int, said: 
     leaving the terminal as it was (SIGTERM once killed it mid-frame, its cursor hidden)."""
     with Swarm() as swarm:
         _, address = swarm.coordinator("--no-mdns")
-        watch = swarm.start([str(BIN / "nanoshard"), "status", "--watch", "--coordinator", address])
+        status = [str(BIN / "nanoshard"), "status", "--watch", "--coordinator", address]
+        watch = swarm.start(status)
+        lines = swarm.start([*status, "--json"])  # JSON Lines: an object a line, as they come
         wait_until("two frames", lambda: watch.output.count(" · placement v") >= 2, timeout=60)
-        watch.popen.send_signal(sig)
-        assert watch.wait(timeout=30) == code, watch.output
-    assert watch.lines[-1] == f"nanoshard: {said}", watch.output
-    assert "Traceback" not in watch.output, watch.output
+        wait_until("two objects", lambda: len(lines.lines) >= 2, timeout=60)
+        for proc in (watch, lines):
+            proc.popen.send_signal(sig)
+            assert proc.wait(timeout=30) == code, proc.output
+    for proc in (watch, lines):
+        assert proc.lines[-1] == f"nanoshard: {said}", proc.output
+        assert "Traceback" not in proc.output, proc.output
+    objects = [json.loads(line) for line in lines.lines[:-1]]
+    assert len(objects) >= 2 and all(o["swarm"] == "default" for o in objects), lines.output
 
 
 @pytest.mark.slow
