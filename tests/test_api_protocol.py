@@ -148,7 +148,7 @@ def test_a_completion_request_maps_to_the_clis_sampling() -> None:
         (
             {"model": "demo", "prompt": "x", "stream": True, "stream_options": {"foo": 1}},
             "stream_options",
-        ),  # fmt: skip
+        ),
         ({"model": "demo", "prompt": "x", "nanoshard": {"bogus": True}}, "nanoshard"),
     ],
 )
