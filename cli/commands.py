@@ -59,7 +59,9 @@ CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default="", help="the text to continue")
+    p.add_argument(
+        "prompt", nargs="?", default=None, help="the text to continue (- reads it from stdin)"
+    )
     p.add_argument(
         "--model",
         default=None,

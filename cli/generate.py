@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable
-
-import tiktoken
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.checks import DEFAULT_CHECK_RATE, CheckResult
@@ -18,17 +18,10 @@ from nanoshard.errors import InvalidArgument
 from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import read_key
-from nanoshard.tokenizer import encoding_for
+from nanoshard.tokenizer import encoding_for, prompt_ids
 
 DEFAULT_MODEL = "demo"  # of --local and --route: the built-in model
 UNTRUSTED = 3  # the exit code of a generation part of which a node excluded for lying computed
-
-
-def prompt_ids(enc: tiktoken.Encoding, prompt: str) -> list[int]:
-    ids = enc.encode(prompt, allowed_special="all")
-    if not ids and "<|endoftext|>" in enc.special_tokens_set:
-        ids = [enc.eot_token]  # GPT-2 starts an unconditioned text at <|endoftext|>
-    return ids
 
 
 def generate_locally(
@@ -40,7 +33,7 @@ def generate_locally(
     )
     config = checkpoint.config
     enc = encoding_for(checkpoint.path)
-    ids = prompt_ids(enc, args.prompt)
+    ids = prompt_ids(enc, args.prompt or "", config.vocab_size)
     check_prompt(ids, config.vocab_size, config.block_size)
     stage = checkpoint.load_stage(
         0, config.n_units, parse_dtype(args.dtype), pick_device(args.device)
@@ -114,8 +107,48 @@ def generate_on_nodes(
         return result, checks, client.excluded(result)
 
 
+def read_prompt(prompt: str | None) -> str:
+    """The text to continue: the argument as given, stdin's text (as it is) for ``-``. With
+    none, an empty text (a generation from <|endoftext|>), said on stderr when stdin is a
+    pipe or a file: it is read only when asked, so a prompt piped in by mistake is not lost
+    without a word."""
+    if prompt == "-":
+        return sys.stdin.read()
+    if prompt is None:
+        if _stdin_holds_data():
+            print(
+                "nanoshard: no prompt given: generating from an empty text "
+                "(pass - as the prompt to read it from stdin)",
+                file=sys.stderr,
+            )
+        return ""
+    return prompt
+
+
+def _stdin_holds_data() -> bool:
+    try:
+        info = os.fstat(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):  # (closed, or not a file)
+        return False
+    return stat.S_ISFIFO(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_size > 0)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The generation's own options, checked before any swarm is looked for (which can take
+    seconds), and named by their flags."""
+    if args.max_new_tokens < 1:
+        raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except InvalidArgument as exc:  # (its messages start with the field's name)
+        name, _, rest = str(exc).partition(" ")
+        raise InvalidArgument(f"--{name.replace('_', '-')} {rest}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     interruptible()  # a generation stopped by a signal closes its session on its nodes
+    check_options(args)
+    args.prompt = read_prompt(args.prompt)
     started = False
 
     def show(token: Token) -> None:

@@ -39,7 +39,7 @@ from nanoshard.hop import Channels
 from nanoshard.sampling import SamplingParams, integer, real
 from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
-from nanoshard.tokenizer import encoding_for
+from nanoshard.tokenizer import encoding_for, prompt_ids
 from nanoshard.trace import summarize_hops
 
 from .checks import DEFAULT_CHECK_RATE, Checker, CheckResult
@@ -338,10 +338,7 @@ class AsyncClient:
         """A prompt's token ids: text encoded, or the ids given (ints: bytes and floats are
         refused, not read as ids or truncated)."""
         if isinstance(prompt, str):
-            ids = self.encoding.encode(prompt, allowed_special="all")
-            if not ids and self.eot_id is not None:
-                ids = [self.eot_id]
-            return ids
+            return prompt_ids(self.encoding, prompt, self.config.vocab_size)
         if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
             raise InvalidArgument(
                 f"prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}"

@@ -24,20 +24,24 @@ import torch
 from nanoshard import hub, rpc
 from nanoshard.checkpoint import (
     DEMO,
-    TOKENIZER_FILES,
     Checkpoint,
     TensorEntry,
     open_checkpoint,
     tensor_sha256,
 )
 from nanoshard.errors import (
-    CheckpointError,
     FailedPrecondition,
     InvalidArgument,
     NanoshardError,
 )
 from nanoshard.modelcard import CHUNK_BYTES, manifest_model_id
-from nanoshard.tokenizer import encoding_from_hf_files
+from nanoshard.tokenizer import (
+    GPT2_N_VOCAB,
+    TOKENIZER_FILES,
+    encoding_for,
+    tokenizer_files,
+    vocabulary_mismatch,
+)
 from nanoshard.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -116,7 +120,7 @@ class ModelStore:
         """
         checkpoint = open_checkpoint(spec, trust_pickle=trust_pickle, revision=revision)
         path = Path(checkpoint.path)
-        vocab_json, merges_txt = _tokenizer_files(path if path.is_dir() else path.parent)
+        vocab_json, merges_txt = _tokenizer_files(path, checkpoint.config.vocab_size)
         log.info("hashing %s (%d tensors)", path, len(checkpoint.tensor_names()))
         units = checkpoint.manifest()
         store = cls(
@@ -209,22 +213,16 @@ def _nbytes(entry: TensorEntry) -> int:
     return torch.Size(entry.shape).numel() * getattr(torch, entry.dtype).itemsize
 
 
-def _tokenizer_files(directory: Path) -> tuple[bytes, bytes]:
-    """``vocab.json`` and ``merges.txt`` of a model directory, checked; empty when absent."""
-    present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
-    if not present:
-        return b"", b""  # the standard gpt2 encoding
-    if len(present) != len(TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{directory}: has {present[0]} but not the rest of a GPT-2 tokenizer "
-            f"({' + '.join(TOKENIZER_FILES)})"
-        )
-    vocab, merges = (directory / name for name in TOKENIZER_FILES)
-    try:  # refuse at start a tokenizer every client would choke on later
-        encoding_from_hf_files(vocab, merges, name=directory.name or "model")
-        return vocab.read_bytes(), merges.read_bytes()
-    except (NanoshardError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: broken tokenizer files: {e}") from None
+def _tokenizer_files(path: Path, vocab_size: int) -> tuple[bytes, bytes]:
+    """``vocab.json`` and ``merges.txt`` of a model (``tokenizer_files``), checked; empty
+    when it has none (GPT-2's). A vocabulary smaller than the tokenizer's is logged."""
+    files = tokenizer_files(path)
+    n_ids, which = GPT2_N_VOCAB, "GPT-2's: the model has no files of its own"
+    if files is not None:  # refuse at start a tokenizer every client would choke on later
+        n_ids, which = encoding_for(path).n_vocab, f"{' + '.join(TOKENIZER_FILES)}"
+    if why := vocabulary_mismatch(n_ids, vocab_size, which):
+        log.warning("%s: %s", path, why)
+    return (b"", b"") if files is None else (files[0].read_bytes(), files[1].read_bytes())
 
 
 async def fetch_tensors(

@@ -50,6 +50,7 @@ from nanoshard.config import (
 from nanoshard.engine import Stage
 from nanoshard.errors import CheckpointError, InvalidArgument, NotFound
 from nanoshard.files import replace_atomic
+from nanoshard.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 # Causal-mask buffers older GPT-2 code saved next to the weights, and the tied lm_head.
 SKIPPED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 EXTRA_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 HF_FILES = ("config.json", "pytorch_model.bin", "model.safetensors.index.json")

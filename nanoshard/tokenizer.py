@@ -20,11 +20,13 @@ from pathlib import Path
 
 import tiktoken
 
-from nanoshard.errors import InvalidArgument, NotFound
+from nanoshard.errors import CheckpointError, InvalidArgument, NanoshardError, NotFound
 
 log = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # a model's own tokenizer, beside its weights
+GPT2_N_VOCAB = 50257  # the token ids of GPT-2's tokenizer (50256: <|endoftext|>)
 
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, whitespace. The same
 # pattern as Hugging Face's ByteLevel pre-tokenizer, written as tiktoken's gpt2 / r50k_base
@@ -185,10 +187,61 @@ def tiktoken_cache_key(url: str) -> str:
     return hashlib.sha1(url.encode()).hexdigest()
 
 
-def encoding_for(model_path: Path) -> tiktoken.Encoding:
-    """The tokenizer of a model: its own files when it has them (a Hugging Face directory),
-    else GPT-2's (a nanoGPT ``ckpt.pt`` fine-tuned from GPT-2)."""
+def tokenizer_files(model_path: Path) -> tuple[Path, Path] | None:
+    """A model's own tokenizer: ``vocab.json`` and ``merges.txt`` in its folder (a Hugging
+    Face directory, or the folder that holds its checkpoint file), or None when it has
+    neither (it takes GPT-2's). One without the other: CheckpointError."""
     model_path = Path(model_path)
-    if model_path.is_dir() and (model_path / "vocab.json").is_file():
-        return load_encoding(model_path)
-    return gpt2_encoding()
+    folder = model_path if model_path.is_dir() else model_path.parent
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        return None
+    if len(present) != len(TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder}: has {present[0]} but not the rest of a GPT-2 tokenizer "
+            f"({' + '.join(TOKENIZER_FILES)})"
+        )
+    vocab, merges = (folder / name for name in TOKENIZER_FILES)
+    return vocab, merges
+
+
+def encoding_for(model_path: Path) -> tiktoken.Encoding:
+    """The tokenizer of a model: its own files when it has them (``tokenizer_files``), else
+    GPT-2's (a nanoGPT ``ckpt.pt`` fine-tuned from GPT-2). Broken files: CheckpointError."""
+    files = tokenizer_files(model_path)
+    if files is None:
+        return gpt2_encoding()
+    try:
+        return encoding_from_hf_files(*files, name=files[0].parent.name or "model")
+    except (NanoshardError, OSError, ValueError) as e:
+        raise CheckpointError(f"{files[0].parent}: broken tokenizer files: {e}") from None
+
+
+def prompt_ids(enc: tiktoken.Encoding, text: str, vocab_size: int) -> list[int]:
+    """A text prompt's token ids (an empty text: <|endoftext|>, where the tokenizer has it,
+    as GPT-2 starts an unconditioned text), each one inside the model's vocabulary: a
+    tokenizer with more ids than the model (a checkpoint trained with another one, served
+    without its files) is named, rather than an id the model has no row for."""
+    ids = enc.encode(text, allowed_special="all")
+    if not ids and ENDOFTEXT in enc.special_tokens_set:
+        ids = [enc.eot_token]
+    if bad := [t for t in ids if t >= vocab_size]:
+        raise InvalidArgument(
+            f"the prompt's text has token id {bad[0]} in the tokenizer ({enc.name}, "
+            f"{enc.n_vocab} ids), outside the model's vocabulary of {vocab_size}: the model was "
+            "trained with another tokenizer (put its vocab.json and merges.txt beside its "
+            "weights), or give the prompt as token ids"
+        )
+    return ids
+
+
+def vocabulary_mismatch(n_ids: int, vocab_size: int, tokenizer: str) -> str:
+    """Why most text prompts will fail on a model whose vocabulary is smaller than its
+    tokenizer's ids, or "" (GPT-2 checkpoints pad theirs: 50304 rows for 50257 ids)."""
+    if n_ids <= vocab_size:
+        return ""
+    return (
+        f"its vocabulary has {vocab_size} entries but its tokenizer ({tokenizer}) {n_ids} ids: "
+        "text prompts will fail unless every token is below that (put the model's own "
+        f"{' and '.join(TOKENIZER_FILES)} beside its weights)"
+    )

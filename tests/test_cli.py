@@ -8,10 +8,12 @@ import http.server
 import io
 import json
 import logging
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -264,6 +266,15 @@ MISTAKES = [
         1,
         "--check-rate, --tls-ca: for a swarm or --route",
     ),
+    # (the generation's own options: checked before any swarm is looked for, named as flags)
+    (
+        ["generate", "--coordinator", "127.0.0.1:1", "--max-tokens", "0", "hi"],
+        1,
+        "--max-new-tokens",
+    ),
+    (["generate", "--coordinator", "127.0.0.1:1", "--top-p", "0", "hi"], 1, "--top-p must be in"),
+    (["generate", "--coordinator", "127.0.0.1:1", "--top-k", "-1", "hi"], 1, "--top-k must be >="),
+    (["generate", "--route", "127.0.0.1:1", "--temperature", "nan", "hi"], 1, "--temperature must"),
     (["demo", "--nodes", "1000"], 1, "--nodes must be 1 to 32"),
     (["demo", "--temperature", "-1"], 1, "temperature must be in [0, 100]"),
     (["certs", "--hosts", "127.0.0.1", "--days", "99999999", "x"], 1, "--days must be 1 to"),
@@ -273,6 +284,34 @@ MISTAKES = [
         "give the swarm key once",
     ),
 ]
+
+
+def test_a_prompt_is_read_from_stdin_when_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-`` reads the prompt from stdin; with no prompt at all, a piped one is not read, and
+    the generation says so on stderr rather than continue an empty text without a word."""
+
+    def generate(prompt: list[str], stdin: str) -> tuple[dict, str]:
+        read, write = os.pipe()
+        os.write(write, stdin.encode())
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            monkeypatch.setattr(sys, "stdin", pipe)
+            greedy = ["--temperature", "0", "--max-new-tokens", "2", "--json"]
+            with pytest.raises(SystemExit) as exit:
+                main(["generate", "--local", *greedy, *prompt])
+        out, err = capsys.readouterr()
+        assert exit.value.code == 0, err
+        return json.loads(out), err
+
+    given, _ = generate(["ROMEO:"], "")
+    piped, _ = generate(["-"], "ROMEO:")
+    assert piped["prompt_token_ids"] == given["prompt_token_ids"], piped
+    assert piped["token_ids"] == given["token_ids"]
+    unread, err = generate([], "ROMEO:")
+    assert "no prompt given" in err and "pass - as the prompt" in err, err
+    assert unread["prompt_token_ids"] == generate([""], "")[0]["prompt_token_ids"]
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), MISTAKES)

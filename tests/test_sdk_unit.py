@@ -75,6 +75,9 @@ class FakeSession:
 
 
 class FakeEncoding:
+    name, n_vocab = "fake", 0x110000  # (tiktoken's Encoding: every character its own id)
+    special_tokens_set, eot_token = {"<|endoftext|>"}, EOT
+
     def encode(self, text: str, allowed_special: str = "all") -> list[int]:
         return [ord(c) for c in text]
 

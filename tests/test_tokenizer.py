@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 
 from nanoshard import tokenizer
-from nanoshard.errors import InvalidArgument, NotFound
+from nanoshard.errors import CheckpointError, InvalidArgument, NotFound
 from nanoshard.tokenizer import (
     ENDOFTEXT,
     GPT2_FILES,
@@ -147,3 +147,30 @@ def test_endoftext_sharing_an_id_is_refused(tmp_path: Path) -> None:
     (directory / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(InvalidArgument, match="shares its id"):
         load_encoding(directory)
+
+
+def test_a_models_own_tokenizer_is_beside_its_weights(tmp_path: Path) -> None:
+    """A Hugging Face folder's files, or those in the folder of a checkpoint file: the same
+    rule for the coordinator, ``generate --local`` and a client on a fixed route. One of
+    the two files without the other is refused, not passed over for GPT-2's."""
+    folder = _write_tiny_bpe(tmp_path / "model", TINY_MERGES)
+    checkpoint = folder / "ckpt.pt"
+    checkpoint.write_bytes(b"")
+    for path in (folder, checkpoint):
+        assert tokenizer.tokenizer_files(path) == (folder / "vocab.json", folder / "merges.txt")
+        assert tokenizer.encoding_for(path).n_vocab == 256 + len(TINY_MERGES) + 1
+    assert tokenizer.tokenizer_files(tmp_path / "elsewhere.pt") is None
+    (folder / "vocab.json").unlink()
+    for path in (folder, checkpoint):
+        with pytest.raises(CheckpointError, match=r"has merges\.txt but not the rest"):
+            tokenizer.encoding_for(path)
+
+
+def test_a_prompt_outside_the_models_vocabulary_names_the_tokenizer(tmp_path: Path) -> None:
+    enc = load_encoding(_write_tiny_bpe(tmp_path / "tiny", TINY_MERGES))
+    assert tokenizer.prompt_ids(enc, " the", 300) == [258]
+    assert tokenizer.prompt_ids(enc, "", 300) == [enc.eot_token]  # an unconditioned text
+    with pytest.raises(InvalidArgument, match=r"token id 258 in the tokenizer \(tiny, 262 ids\)"):
+        tokenizer.prompt_ids(enc, " the", 258)
+    assert tokenizer.vocabulary_mismatch(50257, 50304, "GPT-2's") == ""  # (padded)
+    assert "its vocabulary has 96 entries" in tokenizer.vocabulary_mismatch(50257, 96, "GPT-2's")
