@@ -325,10 +325,14 @@ class Found:
         """FailedPrecondition naming ``--tls-ca`` (and ``flags``) if the service needs TLS
         (its TXT record says) and the caller has none (``tls``)."""
         if self.properties.get("tls") == "1" and not tls:
-            raise FailedPrecondition(
-                f"the coordinator at {self.target} needs TLS: pass --tls-ca (the swarm's CA)"
-                + flags
-            )
+            raise needs_tls(self.target, flags)
+
+
+def needs_tls(target: str, flags: str = "") -> FailedPrecondition:
+    """The error of a caller without TLS whose coordinator, at ``target``, serves TLS."""
+    return FailedPrecondition(
+        f"the coordinator at {target} needs TLS: pass --tls-ca (the swarm's CA){flags}"
+    )
 
 
 def _found(info: ServiceInfo, service_type: str) -> Found | None:

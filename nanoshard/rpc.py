@@ -7,6 +7,7 @@ import errno
 import math
 import re
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -221,6 +222,33 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.NanoshardError) -
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def closed_connecting(err: grpc.RpcError) -> bool:
+    """Whether a call failed because the connection closed before gRPC had made one: the
+    peer went away, or it serves TLS (a TLS server closes on a caller without it)."""
+    code = err.code() if hasattr(err, "code") else None
+    detail = (err.details() if hasattr(err, "details") else None) or ""
+    closed = any(text in detail for text in CLOSED) and CONNECTING in detail
+    return code == grpc.StatusCode.UNAVAILABLE and closed
+
+
+def serves_tls(target: str, timeout_s: float = 3.0) -> bool:
+    """Whether the server at ``target`` (HOST:PORT) answers a TLS handshake (its certificate
+    unchecked): what a caller without TLS asks once its connection closed before gRPC
+    made one (``closed_connecting``), to tell a TLS server from one that went away."""
+    host, _, port = target.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout_s) as sock,
+            context.wrap_socket(sock),
+        ):
+            return True
+    except (OSError, ValueError):  # (ssl.SSLError is an OSError)
+        return False
+
+
 def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> errors.NanoshardError:
     """Turn a failed call back into a nanoshard error (the caller's view): its message
     starts with ``label`` (default ``peer``, the address called)."""
@@ -255,8 +283,7 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         and any(text in detail for text in CLOSED)
         and FAILED_KEY not in trailers
     ):
-        # (closed while connecting, as a TLS server closes on a caller without TLS)
-        tls = ", or it serves TLS: pass --tls-ca" if CONNECTING in detail else ""
+        tls = ", or it serves TLS: pass --tls-ca" if closed_connecting(err) else ""
         detail = f"the connection closed: it stopped, crashed or left{tls} (gRPC: {detail})"
     if code == grpc.StatusCode.UNAVAILABLE and tls_refused(detail):
         detail = (

@@ -40,7 +40,12 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, InvalidArgument, Stranger, Unavailable
+from nanoshard.errors import (
+    CheckpointError,
+    InvalidArgument,
+    Stranger,
+    Unavailable,
+)
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
@@ -71,6 +76,7 @@ GAVE_UP_KEPT = 16  # groups a node remembers it gave up (ids never repeat)
 
 
 # What a coordinator that cannot be reached answers (anything else: it answered)
+TLS_FLAGS = ", and --tls-cert/--tls-key for this node"  # (what a volunteer lacks for TLS)
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -247,9 +253,7 @@ class Volunteer:
             found = await self._browse(self.config.discovery_timeout)
             if found is not None:
                 self.events.info(f"found coordinator {found.name} at {found.target}")
-                found.require_tls(
-                    self.security.tls_ca is not None, ", and --tls-cert/--tls-key for this node"
-                )
+                found.require_tls(self.security.tls_ca is not None, TLS_FLAGS)
                 return found.target
             if not told:
                 told = True
@@ -281,6 +285,9 @@ class Volunteer:
                 exc = rpc.error_from_rpc(err, self.target)
                 if err.code() not in UNREACHABLE or not isinstance(exc, Unavailable):
                     raise exc from None  # (it answered: not a coordinator, or refused)
+                plain = self.security.tls_ca is None and rpc.closed_connecting(err)
+                if plain and await asyncio.to_thread(rpc.serves_tls, self.target):
+                    raise discovery.needs_tls(self.target, TLS_FLAGS) from None  # (as by mDNS)
                 delay = next(delays)
                 why = str(exc).removeprefix(f"{self.target}: ")
                 self.events.info(
