@@ -11,4 +11,6 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> None:
     """The console script (``cli/commands.py``, loaded once Ctrl-C can end it cleanly)."""
-    run_loaded("nanoshard", "nanoshard.cli.commands", argv)
+    run_loaded(
+        "nanoshard", "nanoshard.cli.commands", argv, frozenset({"coordinator", "api", "demo"})
+    )

@@ -137,17 +137,22 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
-def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
+def run_loaded(
+    prog: str, module: str, argv: list[str] | None, servers: frozenset[str] = frozenset()
+) -> None:
     """A console script's ``main``: import ``module`` (torch and the rest: a second or
     two), then run its ``main(argv)``. Ctrl-C or SIGTERM while it loads ends as it does
-    later: one line and exit 130 or 143, not a traceback from the middle of an import (or,
-    for SIGTERM, an end without a word).
+    later: one line and exit 130 or 143 (0 for SIGTERM to one of its ``servers``
+    commands: how a server is meant to be stopped, ``server_exit``), not a traceback from
+    the middle of an import (or, for SIGTERM, an end without a word).
 
     The native libraries' own log lines (gRPC's C core: a TLS handshake that failed, with
     its source file; torch's C++: a group's rendezvous polling for a member that died)
     would reach the terminal beside the command's own account of the same thing: only
     their errors do, unless ``-v``. Each reads its setting once, as it loads: set first."""
-    if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), None)
+    if not {"-v", "--verbose"} & set(args):
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # (as ``interruptible`` does later: Ctrl-C is taken even where the tool started with
@@ -162,7 +167,7 @@ def run_loaded(prog: str, module: str, argv: list[str] | None) -> None:
         sys.exit(130)
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(0 if command in servers else 128 + signal.SIGTERM)
     finally:
         for sig, how in before.items():
             signal.signal(sig, how)

@@ -48,20 +48,29 @@ def test_not_a_size(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sig", "code", "word"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
-    ids=["ctrl-c", "sigterm"],
+    ("sig", "command", "code", "word"),
+    [
+        (signal.SIGINT, "ask", 130, "interrupted"),
+        (signal.SIGTERM, "ask", 143, "terminated"),
+        (signal.SIGINT, "serve", 130, "interrupted"),
+        (signal.SIGTERM, "serve", 0, "terminated"),  # (how a server is meant to be stopped)
+    ],
+    ids=["ctrl-c", "sigterm", "ctrl-c-server", "sigterm-server"],
 )
 def test_a_signal_while_a_tool_loads_is_one_line(
-    tmp_path: Path, sig: signal.Signals, code: int, word: str
+    tmp_path: Path, sig: signal.Signals, command: str, code: int, word: str
 ) -> None:
     """Ctrl-C or SIGTERM while a tool still imports its modules (torch: a second or two)
-    ends it with one line and 130 or 143: not a traceback from inside an import, nor, for
-    SIGTERM, an end without a word. (The module signals its own process as it loads.)"""
+    ends it with one line and 130 or 143 (a server's SIGTERM: 0, as later): not a
+    traceback from inside an import, nor, for SIGTERM, an end without a word. (The module
+    signals its own process as it loads.)"""
     (tmp_path / "loading.py").write_text(
         f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(30)\n"
     )
-    run = "from nanoshard.cliutil import run_loaded; run_loaded('tool', 'loading', [])"
+    run = (
+        "from nanoshard.cliutil import run_loaded; "
+        f"run_loaded('tool', 'loading', ['-v', '{command}'], frozenset({{'serve'}}))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
