@@ -27,6 +27,7 @@ MAX_RETRY_AFTER_S = 3600.0
 NOT_HTTP2 = "Failed parsing HTTP/2"
 REFUSED = "Connection refused"  # (gRPC's text: nothing listens at that address)
 CLOSED = ("Socket closed", "Connection reset")  # (gRPC's: the peer's process went away)
+RESOLVING = ("errors resolving", "DNS resolution failed")  # (gRPC's: the host name is unknown)
 CONNECTING = "failed to connect to all addresses"  # (gRPC's: no connection was made)
 # gRPC's words for a server certificate the caller's CA refused, or one for another host
 TLS_REFUSED = ("Tls handshake failed", "Hostname Verification Check failed")
@@ -276,6 +277,9 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         detail = (
             f"no answer to a ping in {PING_TIMEOUT_S} s: hung, asleep or cut off (gRPC: {detail})"
         )
+    if code == grpc.StatusCode.UNAVAILABLE and any(text in detail for text in RESOLVING):
+        host = peer.rpartition(":")[0] or "its host"
+        detail = f"{host} does not resolve: no such host (a typo, or a name this network's DNS does not know)"
     if code == grpc.StatusCode.UNAVAILABLE and REFUSED in detail and FAILED_KEY not in trailers:
         detail = "nothing listens there (connection refused): stopped, or not that port"
     if (

@@ -938,3 +938,12 @@ def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
     err = rpc.error_from_rpc(refused, "127.0.0.1:17999", "the coordinator at 127.0.0.1:17999")
     assert str(err).startswith("the coordinator at 127.0.0.1:17999: nothing listens there")
     assert isinstance(err, Unavailable) and err.failed == ["127.0.0.1:17999"]
+    unknown = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "errors resolving nosuch.invalid:7960: [field:hostname lookup error:address lookup "
+        "failed for nosuch.invalid:7960: Domain name not found]",
+    )  # fmt: skip
+    assert str(rpc.error_from_rpc(unknown, "nosuch.invalid:7960")) == (
+        "nosuch.invalid:7960: nosuch.invalid does not resolve: no such host (a typo, or a name "
+        "this network's DNS does not know)"
+    )
