@@ -359,6 +359,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_ms(pid: int) -> float:
+    """CPU time a process has used so far, all its threads, user and system (``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> list[float]:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]

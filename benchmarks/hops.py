@@ -45,7 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from common import (
     Nodes,
     Paired,
     agreement,
+    cpu_ms,
     even_splits,
     machine_info,
     markdown_table,
@@ -200,7 +201,16 @@ def measure_speed(
         if c.nodes == 0:
             return run_local(stage, ids, tokens, c.threads)
         if c.bare:
-            return run_against_floor(routes[c.nodes], bare.address, pipes, stage, ids, tokens)
+            mine = [nodes.procs[(opts.model, u, ())].popen.pid for u in splits[c.nodes]]
+            theirs = [proc.pid for proc in reversed(bare.procs)]  # (started last to first)
+            before = [cpu_ms(pid) for pid in mine + theirs]
+            got = run_against_floor(routes[c.nodes], bare.address, pipes, stage, ids, tokens)
+            used = [
+                (cpu_ms(pid) - b) / (2 * tokens)
+                for pid, b in zip(mine + theirs, before, strict=True)
+            ]
+            got.chain_cpu_ms, got.bare_cpu_ms = used[: len(mine)], used[len(mine) :]
+            return got
         return run_paired(routes[c.nodes], stage, ids, tokens, c.codec)
 
     for c in configs:  # warm-up: first calls, channels, allocator
@@ -300,6 +310,9 @@ class AgainstFloor:
     pipe_compute_ms: list[float]
     back_chain_ms: list[float]
     back_bare_ms: list[float]
+    # CPU per token of each node process (all threads), nanoshard's and the bare ones
+    chain_cpu_ms: list[float] = field(default_factory=list)
+    bare_cpu_ms: list[float] = field(default_factory=list)
 
 
 # chain, bare, local, pipes; bare, chain, local, pipes (token by token)
@@ -430,7 +443,15 @@ def bare_row(
         "pipe_overhead_per_hop_ms": round(median(diffs("pipe_ms", "local_ms")) / c.nodes, 3),
         "pipe_compute_ms_sum": round(median([ms for r in runs for ms in r.pipe_compute_ms]), 3),
         "floor_above_pipes_per_hop_ms": round(median(diffs("bare_ms", "pipe_ms")) / c.nodes, 3),
+        # each node's CPU per token (its threads, both chains' tokens in the same runs)
+        "chain_cpu_ms_per_node": per_node([r.chain_cpu_ms for r in runs]),
+        "cpu_ms_per_node": per_node([r.bare_cpu_ms for r in runs]),
     }
+
+
+def per_node(repeats: list[list[float]]) -> list[float]:
+    """Each node's median over the repeats of a figure per node."""
+    return [round(median(v), 3) for v in zip(*repeats, strict=True)]
 
 
 def measure_prefill(stage: Stage, route: Route, enc: Any, opts: argparse.Namespace) -> dict:
@@ -624,7 +645,10 @@ def render_markdown(result: dict) -> str:
                 f"{ms(r['chain_above_floor_with_local_per_hop_ms'])} with the local step "
                 "between tokens, which charges what follows it). The nodes' compute, summed: "
                 f"the chain {ms(r['chain_compute_ms_sum'])} ms, the floor "
-                f"{ms(r['compute_ms_sum'])}.\n"
+                f"{ms(r['compute_ms_sum'])}. Each node's CPU per token (all its threads, "
+                "`/proc`; prefill included): the chain's "
+                f"{', '.join(ms(v) for v in r['chain_cpu_ms_per_node'])} ms, the floor's "
+                f"{', '.join(ms(v) for v in r['cpu_ms_per_node'])}.\n"
             )
             out.append(
                 "\nBelow that floor, the same stages in the same number of processes linked "

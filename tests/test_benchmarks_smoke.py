@@ -89,6 +89,10 @@ def test_hops_benchmark_runs(tiny_model: Path, tmp_path: Path) -> None:
     # the same stages over OS pipes, in the same turns: they agreed on every token too
     assert bare["pipe_ms_per_token"] > 0 and bare["pipe_compute_ms_sum"] > 0
     assert "floor_above_pipes_per_hop_ms" in bare
+    # each node's CPU per token, both chains (/proc counts in ticks: a few tokens of a tiny
+    # model may take less than one on some node, never on all of them)
+    cpu = bare["chain_cpu_ms_per_node"] + bare["cpu_ms_per_node"]
+    assert len(cpu) == 4 and min(cpu) >= 0 and sum(cpu) > 0
     chain = configs[(2, "fp32")]
     assert chain["tokens_match_local"]  # fp32 is lossless: the chain is the local path
     assert chain["local_ms_per_token"] > 0  # the paired local steps ran
