@@ -99,6 +99,9 @@ class CoordinatorClient:
         try:
             reply, call = method.with_call(request, timeout=self.timeout_s, metadata=sent)
         except grpc.RpcError as err:
+            plain = self.security.tls_ca is None and rpc.closed_connecting(err)
+            if plain and rpc.serves_tls(self.address):  # (as mDNS would have said)
+                raise discovery.needs_tls(self.address) from None
             # (its words name nodes and units: not mistaken for a node's own failure)
             raise rpc.error_from_rpc(
                 err, self.address, f"the coordinator at {self.address}"

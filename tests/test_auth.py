@@ -456,11 +456,14 @@ def test_tls_swarm_generates_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
         # a client trusting another CA does not talk to these servers
         with pytest.raises(NanoshardError, match="the TLS handshake failed: its certificate"):
             Client(coordinator, swarm_key=KEY, tls_ca=other / "ca.pem", timeout_s=5)
-        # nor does one speaking plaintext, which is told what may be missing
+        # nor does one speaking plaintext, which is told what is missing
         assert raw_call(coordinator, "Coordinator", "GetStatus") == grpc.StatusCode.UNAVAILABLE
         plain = nanoshard("status", "--coordinator", coordinator, "--swarm-key", KEY)
         assert plain.returncode == 1, plain.stderr
-        assert "or it serves TLS: pass --tls-ca" in plain.stderr.strip().splitlines()[-1]
+        assert plain.stderr.strip().splitlines()[-1] == (
+            f"nanoshard: error: the coordinator at {coordinator} needs TLS: pass --tls-ca (the "
+            "swarm's CA)"
+        ), plain.stderr
         # and a volunteer that would serve plaintext is not taken in
         plaintext = swarm.join(
             "--coordinator", coordinator, "--no-mdns", "--tls-ca", str(certs / "ca.pem"),
