@@ -231,6 +231,7 @@ class Volunteer:
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
         self.wanted: tuple[int, int, str] | None = NOT_YET  # the stage, and its group's id
+        self.why_idle = ""  # why it serves none, as last told
         self.store: dist.TCPStore | None = None  # the rendezvous of groups it is rank 0 of
         # The groups it gave up (they broke, or did not form), newest last: it serves them
         # no more, and tells the coordinator of the last one (``_give_up``).
@@ -512,18 +513,15 @@ class Volunteer:
         wanted = (
             None if assignment.idle else (assignment.start, assignment.end, tp.id if tp else "")
         )
+        if wanted is None and wanted == self.wanted and assignment.why_idle != self.why_idle:
+            self._stand_by(assignment.why_idle)  # (still idle, for another reason)
         if wanted == self.wanted:
             return
         self.wanted = wanted
         if self.loading is not None:
             self.loading.cancel()
         if wanted is None:
-            memory = self.capacity.memory_bytes / 2**30
-            why = assignment.why_idle or (  # (a coordinator that does not say)
-                "the swarm may be covered already, "
-                f"or {memory:.2f} GiB may hold no unit of this model: see nanoshard status"
-            )
-            self.events.info(f"assigned no stage for now: standing by ({why})")
+            self._stand_by(assignment.why_idle)
             self.loading = None
             if self.plane is not None:  # open sessions finish on the stage they hold
                 self.plane.service.set_stage(None)
@@ -531,6 +529,16 @@ class Volunteer:
             self.beat.set()
             return
         self.loading = asyncio.create_task(self._load(wanted[0], wanted[1], tp))
+
+    def _stand_by(self, why_idle: str) -> None:
+        """Say why this node serves no stage (each time the reason changes)."""
+        self.why_idle = why_idle
+        why = why_idle or (  # (a coordinator that does not say)
+            "the swarm may be covered already, or "
+            f"{self.capacity.memory_bytes / 2**30:.2f} GiB may hold no unit of this model: see "
+            "nanoshard status"
+        )
+        self.events.info(f"assigned no stage for now: standing by ({why})")
 
     async def _load(self, start: int, end: int, tp: cpb.TpGroup | None = None) -> None:
         assert self.plane is not None and self.card is not None and self.model_config
@@ -783,7 +791,8 @@ class Volunteer:
                             if err.code() == grpc.StatusCode.INVALID_ARGUMENT
                             else f"cannot reach the coordinator at {self.target}{since}"
                         )
-                        self.events.info(f"{why}: still serving, retrying")
+                        doing = "still serving" if self.ready else "standing by"
+                        self.events.info(f"{why}: {doing}, retrying")
                         said = now
                     unreachable = now if unreachable is None else unreachable
                     if err.code() == grpc.StatusCode.INVALID_ARGUMENT:

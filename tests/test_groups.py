@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,6 +39,7 @@ from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, plan_route
 from nanoshard.coordinator.service import CoordinatorService, assignment
 from nanoshard.errors import InvalidArgument
 from nanoshard.identity import NodeKey, join_proof_message
+from nanoshard.node.join import Events, JoinConfig, Volunteer
 from nanoshard.statusview import status_json
 from nanoshard.v1 import coordinator_pb2 as cpb
 
@@ -869,3 +871,22 @@ def test_an_idle_node_is_told_why() -> None:
     settling.join(record(0))
     waiting = settling.nodes[nid(0)]
     assert "register again" in assignment(settling, waiting).why_idle
+
+
+def test_a_standing_by_volunteer_is_told_each_new_reason(tmp_path: Path) -> None:
+    """The volunteer says why it stands by when it starts to, and again each time the reason
+    changes (a coordinator that has just started, then a group with no place for it), not
+    once at every heartbeat."""
+    said: list[str] = []
+
+    class Told(Events):
+        def info(self, message: str) -> None:
+            said.append(message)
+
+    volunteer = Volunteer(JoinConfig(cache_dir=tmp_path), Told())
+    for why in ("it has just started", "it has just started", "no group for this node"):
+        volunteer._follow(cpb.Assignment(idle=True, why_idle=why))
+    assert said == [
+        "assigned no stage for now: standing by (it has just started)",
+        "assigned no stage for now: standing by (no group for this node)",
+    ]
