@@ -190,12 +190,13 @@ class Run:
         if not task.cancelled() and task.exception() is not None:
             log.info("generation failed: %s", task.exception())
         if self.result is not None:
-            self.gateway.metrics.completion_tokens.inc(len(self.result.token_ids))
             for recovery in self.result.recoveries:
                 self.gateway.metrics.recoveries.labels(recovery.kind).inc()
 
     def _on_token(self, token: Token) -> bool:
         now = time.perf_counter()
+        # (as it comes: a generation that fails or is left midway generated these too)
+        self.gateway.metrics.completion_tokens.inc()
         if self._first is not None:
             self.gateway.metrics.token.observe(now - self._last)
         self._last = now

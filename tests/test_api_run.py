@@ -11,6 +11,8 @@ from typing import Any
 
 from nanoshard.api.app import CLIENT_GONE, Gateway, complete, create_app
 from nanoshard.api.protocol import parse_completion
+from nanoshard.client.sdk import Token
+from nanoshard.errors import QuotaExceeded
 
 
 class Prefilling:
@@ -144,3 +146,27 @@ def test_a_body_nested_too_deeply_is_a_400_and_a_defect_a_counted_json_500() -> 
         )
 
     assert answered("400") == 1 and answered("500") == 1
+
+
+class FailingMidway(Prefilling):
+    """An SDK client whose generation draws three tokens, then fails (a quota used up)."""
+
+    encoding = SimpleNamespace(decode_single_token_bytes=lambda token: b" x")
+
+    async def generate(self, *args: Any, on_token: Any, **kwargs: Any) -> None:
+        for token in (464, 3290, 373):
+            on_token(Token(token, " x"))
+            await asyncio.sleep(0)
+        raise QuotaExceeded("127.0.0.1:1: caller over its tokens per minute", 60.0)
+
+
+def test_the_tokens_of_a_stream_that_fails_midway_are_counted() -> None:
+    """``nanoshard_api_completion_tokens`` counts what the swarm generated, as the
+    per-token latencies do: a stream that ends in an error event generated its tokens too
+    (they were counted only for generations that ended well)."""
+    gateway = Gateway(FailingMidway())  # type: ignore[arg-type]
+    app = create_app(gateway)
+    body = {"model": "demo", "prompt": "hi", "max_tokens": 8, "stream": True}
+    status, answer = asyncio.run(call(app, "POST", "/v1/completions", json.dumps(body).encode()))
+    assert status == 200 and b"quota_exceeded" in answer, answer
+    assert gateway.metrics.registry.get_sample_value("nanoshard_api_completion_tokens_total") == 3
