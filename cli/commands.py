@@ -31,10 +31,10 @@ from nanoshard.cliutil import (
     parse_command_line,
     port_arg,
     positive_seconds,
+    positive_size_arg,
     run_cli,
     server_exit,
     setup_logging,
-    size_arg,
 )
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import DTYPES
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--max-body",
-        type=size_arg,
+        type=positive_size_arg,
         default="1M",
         metavar="SIZE",
         help="request bodies larger than this are refused with 413 (default 1M)",

@@ -72,6 +72,14 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_size_arg(text: str) -> int:
+    """``size_arg`` for a size that must hold something: 0 is the flag's one-line error."""
+    n = size_arg(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("give a size above 0 (512K, 64M, 2G, ...)")
+    return n
+
+
 def port_arg(text: str) -> int:
     """A port for argparse: 0 (any free one) to 65535."""
     try:

@@ -230,7 +230,7 @@ def prompt_ids(enc: tiktoken.Encoding, text: str, vocab_size: int) -> list[int]:
             f"the prompt's text has token id {bad[0]} in the tokenizer ({enc.name}, "
             f"{enc.n_vocab} ids), outside the model's vocabulary of {vocab_size}: the model was "
             "trained with another tokenizer (put its vocab.json and merges.txt beside its "
-            "weights), or give the prompt as token ids"
+            "weights), or give the prompt as token ids (the SDK and the HTTP API take them)"
         )
     return ids
 

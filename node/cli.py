@@ -21,6 +21,7 @@ from nanoshard.cliutil import (
     parse_command_line,
     port_arg,
     positive_seconds,
+    positive_size_arg,
     run_cli,
     server_exit,
     setup_logging,
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     s.add_argument(
         "--kv-memory",
-        type=size_arg,
+        type=positive_size_arg,
         default=d.kv_memory,
         metavar="SIZE",
         help="memory for the KV caches of all sessions (default 1G)",
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument(
         "--max-memory",
-        type=size_arg,
+        type=positive_size_arg,
         default=None,
         metavar="SIZE",
         help="memory for weights and KV caches (default: half of the free RAM, or 80%% of "

@@ -327,6 +327,29 @@ def test_a_mistake_is_one_line_and_starts_nothing(
 
 
 @pytest.mark.parametrize(
+    ("tool", "argv"),
+    [
+        ("nanoshard", ["api", "--max-body", "0"]),
+        ("nanoshard-node", ["join", "--max-memory", "0"]),
+        ("nanoshard-node", ["serve", "--units", "0:2", "--kv-memory", "0"]),
+    ],
+)
+def test_a_size_that_must_hold_something_is_refused_at_start(
+    tool: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 once started a gateway that refused every request (413), or a node that measured
+    its machine before it said no."""
+    with pytest.raises(SystemExit) as exit:
+        {"nanoshard": main, "nanoshard-node": node_main}[tool](argv)
+    assert exit.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"{tool} {argv[0]}: error: argument {argv[-2]}: give a size above 0 (512K, 64M, 2G, ...)"
+    )
+
+
+@pytest.mark.parametrize(
     ("tool", "argv", "says"),
     [
         ("nanoshard", ["--bogus"], "unrecognized arguments: --bogus (see nanoshard --help)"),
