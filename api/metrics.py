@@ -6,7 +6,14 @@ do not share counters.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 # Per-token latencies of a small model on a CPU are milliseconds; a volunteer swarm over a
 # WAN can take seconds.
@@ -15,6 +22,7 @@ TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 class GatewayMetrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # as the nodes' and the coordinator's: no ``_created`` series
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

@@ -66,10 +66,11 @@ function nodeCard(n, byAddress) {
   if (n.excluded) cls.push("excluded");
   if (loading) cls.push("loading");
   if (n.sessions > 0) cls.push("busy");
+  // (the words of nanoshard status: ok, loading, standby, down, excluded)
   const health = n.excluded ? "excluded"
-    : n.healthy ? (loading ? "loading" : "healthy")
+    : n.healthy ? (loading ? "loading" : "ok")
     : n.heartbeating ? (n.stage ? "loading" : "standby")
-    : "silent";
+    : "down";
   const step = n.live.decode_ms || n.step_ms_p50;
   const tp = n.tp.size > 1 ? `${n.tp.group} · rank ${n.tp.rank}/${n.tp.size}` : "–";
   const next = n.live.next_hops.map((h) => (byAddress.get(h.address) || h.address) + ` (${fmt(h.rtt_ms, 2)} ms)`);
@@ -82,7 +83,7 @@ function nodeCard(n, byAddress) {
     ["next hops", next.length ? next.join(", ") : "–"],
     ["health", health],
   ];
-  return el("div", { class: cls.join(" "), "data-node": n.name, "data-stage": stage,
+  return el("div", { class: cls.join(" "), "data-node": n.name, "data-stage": stage, "data-health": health,
       style: `border-left-color: ${n.healthy && !n.excluded ? colorOf(n.name) : "var(--bad)"}` },
     el("div", { class: "name" }, n.name),
     el("span", { class: "stage" }, stageText(n.stage)),
