@@ -48,9 +48,14 @@ class ExclusionStore:
     def __init__(
         self, path: Path | str, ttl_s: float, clock: Callable[[], float] = time.time
     ) -> None:
+        folder = Path(path).parent
+        if path != ":memory:" and folder.exists() and not folder.is_dir():
+            raise FailedPrecondition(
+                f"cannot keep exclusions in {folder}: it is a file, not a folder (--state-dir)"
+            )
         try:
             if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(path))
             self.db.execute(SCHEMA)
             self.db.commit()

@@ -520,6 +520,12 @@ def test_a_hop_that_rewrites_a_later_hops_token_is_caught_by_the_client(
 # ---- exclusions that last ---------------------------------------------------------------
 
 
+def test_a_state_dir_that_is_a_file_is_named_so(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    with pytest.raises(FailedPrecondition, match=r"state: it is a file, not a folder"):
+        ExclusionStore(tmp_path / "state" / "exclusions.sqlite", ttl_s=3600)
+
+
 def test_an_exclusion_outlives_a_restart_follows_the_key_and_expires(tmp_path: Path) -> None:
     clock = [1_000_000.0]
     path = tmp_path / "exclusions.sqlite"
