@@ -36,6 +36,7 @@ from nanoshard.config import GPTConfig
 from nanoshard.errors import FailedPrecondition, InvalidArgument, NanoshardError, Unavailable
 from nanoshard.generation import StepResult, agenerate, check_prompt, max_length_for
 from nanoshard.hop import Channels
+from nanoshard.modelcard import quick_model_id
 from nanoshard.sampling import SamplingParams, integer, real
 from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
@@ -197,6 +198,13 @@ class AsyncClient:
                 raise InvalidArgument(
                     f"the route serves a model of {self._route.n_units} units, {model} has "
                     f"{self.config.n_units}"
+                )
+            quick = quick_model_id(checkpoint)  # (static nodes' ids: by names and shapes)
+            if self._route.model_id.startswith("meta-") and self._route.model_id != quick:
+                raise InvalidArgument(
+                    f"the route's nodes serve another model than {model} (their model id "
+                    f"{self._route.model_id}, {model}'s {quick}: its tensors' names, shapes and "
+                    "dtypes differ): give the checkpoint they serve (--model; Client(model=...))"
                 )
         else:
             interfaces, swarm = self._discovery

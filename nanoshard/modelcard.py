@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nanoshard.checkpoint import FLOATS, TensorEntry, model_shapes
+from nanoshard.checkpoint import FLOATS, Checkpoint, TensorEntry, model_shapes
 from nanoshard.config import GPTConfig, unit_tensor_names
 from nanoshard.errors import CheckpointError, InvalidArgument
 from nanoshard.v1 import coordinator_pb2 as pb
@@ -93,3 +93,13 @@ def check_card(card: pb.ModelCard) -> ModelCardInfo:
     if manifest_model_id(config, units) != card.model_id:
         raise bad(f"model_id {card.model_id[:70]!r} is not the hash of its manifest")
     return ModelCardInfo(card.model_id, card.name, config, units, entries)
+
+
+def quick_model_id(checkpoint: Checkpoint) -> str:
+    """An id for the weights a static node serves, from metadata only (no tensor reads):
+    nodes of one route must agree on it, and a client given the route's model checks it
+    (another model, not other weights of the same shapes). The coordinator's model_id (a
+    hash of every tensor) is the exact one."""
+    info = [(n, *checkpoint.tensor_info(n)) for n in checkpoint.tensor_names()]
+    blob = json.dumps([checkpoint.config.to_dict(), [(n, list(s), str(d)) for n, s, d in info]])
+    return "meta-" + hashlib.sha256(blob.encode()).hexdigest()[:16]

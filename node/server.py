@@ -7,8 +7,6 @@ on the same ``DataPlane`` and lets the coordinator choose the stage.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import secrets
 import socket
@@ -19,12 +17,13 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from nanoshard import rpc
-from nanoshard.checkpoint import Checkpoint, open_checkpoint
+from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import stop_on_signals
 from nanoshard.config import describe_units, parse_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey
+from nanoshard.modelcard import quick_model_id
 from nanoshard.security import Security
 
 from .metrics import NodeMetrics
@@ -133,15 +132,6 @@ class DataPlane:
         await self.server.stop(grace=2)
         await self.service.channels.close()
         self.worker.close()
-
-
-def quick_model_id(checkpoint: Checkpoint) -> str:
-    """An id for the weights a static node serves, from metadata only (no tensor reads):
-    nodes of one route must agree on it. The coordinator's model_id (a hash of every
-    tensor) is the exact one."""
-    info = [(n, *checkpoint.tensor_info(n)) for n in checkpoint.tensor_names()]
-    blob = json.dumps([checkpoint.config.to_dict(), [(n, list(s), str(d)) for n, s, d in info]])
-    return "meta-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 async def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import shutil
@@ -91,6 +92,23 @@ def test_a_route_may_name_its_nodes_by_another_address(
     by_hand = [a.replace("127.0.0.1", "localhost") for a in tiny_chain]
     routed = run_json("--route", ",".join(by_hand), *common)
     assert routed["token_ids"] == run_json("--local", *common)["token_ids"]
+
+
+def test_a_route_given_another_model_is_refused(
+    tiny_model: Path, tiny_chain: list[str], tmp_path: Path
+) -> None:
+    """``--model`` says what the route's nodes serve (its config and tokenizer): another
+    model of the same depth but other shapes once generated garbage without a word."""
+    wider = dataclasses.replace(TINY, n_embd=64)
+    save_hf_checkpoint(
+        wider, init_weights(wider, seed=3), tmp_path / "wider", tokenizer_dir=tiny_model
+    )
+    done = nanoshard(
+        "generate", "--route", ",".join(tiny_chain), "--model", str(tmp_path / "wider"), PROMPT
+    )
+    assert done.returncode == 1, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("nanoshard: error: the route's nodes serve another model than"), last
 
 
 @pytest.mark.parametrize(

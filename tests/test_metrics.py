@@ -41,7 +41,8 @@ from nanoshard.metrics import (
     new_registry,
     on_loop,
 )
-from nanoshard.node.server import DataPlane, quick_model_id
+from nanoshard.modelcard import quick_model_id
+from nanoshard.node.server import DataPlane
 from nanoshard.statusview import status_json
 from nanoshard.tokenizer import gpt2_bpe_dir
 from nanoshard.v1 import coordinator_pb2 as cpb

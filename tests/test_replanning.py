@@ -31,7 +31,8 @@ from nanoshard.coordinator.registry import MIN_REBALANCE_S, REBALANCE_S, Load, R
 from nanoshard.coordinator.replanner import Replanner
 from nanoshard.errors import NanoshardError
 from nanoshard.generation import LocalSession, generate
-from nanoshard.node.server import DataPlane, quick_model_id
+from nanoshard.modelcard import quick_model_id
+from nanoshard.node.server import DataPlane
 from nanoshard.sampling import SamplingParams
 
 
