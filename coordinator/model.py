@@ -219,7 +219,7 @@ def _tokenizer_files(path: Path, vocab_size: int) -> tuple[bytes, bytes]:
     files = tokenizer_files(path)
     n_ids, which = GPT2_N_VOCAB, "GPT-2's: the model has no files of its own"
     if files is not None:  # refuse at start a tokenizer every client would choke on later
-        n_ids, which = encoding_for(path).n_vocab, f"{' + '.join(TOKENIZER_FILES)}"
+        n_ids, which = encoding_for(path).n_vocab, " + ".join(TOKENIZER_FILES)
     if why := vocabulary_mismatch(n_ids, vocab_size, which):
         log.warning("%s: %s", path, why)
     return (b"", b"") if files is None else (files[0].read_bytes(), files[1].read_bytes())

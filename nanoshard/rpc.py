@@ -279,7 +279,10 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         )
     if code == grpc.StatusCode.UNAVAILABLE and any(text in detail for text in RESOLVING):
         host = peer.rpartition(":")[0] or "its host"
-        detail = f"{host} does not resolve: no such host (a typo, or a name this network's DNS does not know)"
+        detail = (
+            f"{host} does not resolve: no such host (a typo, or a name this network's DNS "
+            "does not know)"
+        )
     if code == grpc.StatusCode.UNAVAILABLE and REFUSED in detail and FAILED_KEY not in trailers:
         detail = "nothing listens there (connection refused): stopped, or not that port"
     if (

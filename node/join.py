@@ -40,12 +40,7 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import (
-    CheckpointError,
-    InvalidArgument,
-    Stranger,
-    Unavailable,
-)
+from nanoshard.errors import CheckpointError, InvalidArgument, Stranger, Unavailable
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
