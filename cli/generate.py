@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import stat
 import sys
@@ -149,6 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     interruptible()  # a generation stopped by a signal closes its session on its nodes
     check_options(args)
     args.prompt = read_prompt(args.prompt)
+    if not args.verbose:  # (every check is reported after the text: not mid-line in it)
+        logging.getLogger("nanoshard.client.checks").setLevel(logging.ERROR)
     started = False
 
     def show(token: Token) -> None:
