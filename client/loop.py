@@ -35,7 +35,10 @@ class LoopThread:
             raise FailedPrecondition("this client is closed: make a new one")
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("a synchronous nanoshard call from its own event loop thread")
+            raise FailedPrecondition(  # (it would wait for itself for ever)
+                "a synchronous nanoshard call from its own event loop thread (inside "
+                "on_token?): make it after the call that runs the callback returns"
+            )
         finished = threading.Event()
 
         async def tracked() -> T:

@@ -168,6 +168,7 @@ class AsyncClient:
         # close: else the thread searches on for seconds); each connect has its own.
         self._search: threading.Event | None = None
         self._closed = False
+        self._chats: set[AsyncChatSession] = set()  # open: closed with the client
 
     # ---- the swarm ----------------------------------------------------------------------
 
@@ -325,8 +326,11 @@ class AsyncClient:
         return status_json(await asyncio.to_thread(self._coordinator.status))
 
     async def close(self) -> None:
-        """Close the client's connections; any call after this is a FailedPrecondition."""
+        """Close the client's chat sessions still open (their nodes free them at once, not
+        at their TTL) and its connections; any call after this is a FailedPrecondition."""
         self._closed = True
+        chats, self._chats = self._chats, set()
+        await asyncio.gather(*(chat.close() for chat in chats), return_exceptions=True)
         if self._search is not None:
             self._search.set()
         await asyncio.to_thread(self.checker.close)
@@ -377,7 +381,9 @@ class AsyncClient:
                     f"max_length must be in [1, {block_size}] (this model's context), "
                     f"got {max_length}"
                 )
-        return await AsyncChatSession.open(self, params, max_length, codec)
+        chat = await AsyncChatSession.open(self, params, max_length, codec)
+        self._chats.add(chat)
+        return chat
 
     async def generate(
         self,
@@ -411,7 +417,8 @@ class AsyncClient:
     ) -> AsyncIterator[Token]:
         """Like :meth:`generate`, yielding each token as it arrives."""
         return _stream(
-            lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options)
+            lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options),
+            options,
         )
 
 
@@ -536,10 +543,12 @@ class AsyncChatSession:
         self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
     ) -> AsyncIterator[Token]:
         return _stream(
-            lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options)
+            lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options),
+            options,
         )
 
     async def close(self) -> None:
+        self.client._chats.discard(self)
         await self._session.close()
 
     async def __aenter__(self) -> AsyncChatSession:
@@ -584,12 +593,15 @@ class _Traced:
 
 
 async def _stream(
-    run: Callable[[Callable[[Token], bool]], Awaitable[object]],
+    run: Callable[[Callable[[Token], bool]], Awaitable[object]], options: dict[str, Any]
 ) -> AsyncIterator[Token]:
     """Run a generation (``run(on_token)``) as a task; yield its tokens as they arrive.
+    ``options``: the caller's, which cannot hold its own ``on_token``.
 
     When the consumer stops early (closes this iterator, or breaks out of its loop), the
     generation stops at its next token and its session closes before this returns."""
+    if "on_token" in options:
+        raise InvalidArgument("stream yields each token itself: on_token is generate's")
     tokens: asyncio.Queue[Token | None] = asyncio.Queue()
     stopped = False
 

@@ -160,6 +160,37 @@ def test_a_chat_may_start_from_an_empty_prompt_as_generate_does() -> None:
     assert first.token_ids == client.generate("", 2, temperature=0).token_ids
 
 
+def test_closing_a_client_closes_its_chat_sessions() -> None:
+    """A chat left open when its client closes is closed on its nodes then, not held there
+    until their TTL (5 minutes of KV memory each)."""
+    client = FakeClient()
+    left = client.session(temperature=0)
+    left.generate("ab", 2)
+    closed = client.session(temperature=0)
+    closed.close()  # (by hand: the client does not close it again)
+    client.close()
+    assert [s.closed for s in client.sessions] == [True, True]
+    with pytest.raises(FailedPrecondition, match="client is closed"):
+        left.generate("", 2)
+
+
+def test_a_sync_call_from_on_token_is_a_nanoshard_error() -> None:
+    """It would wait for itself: refused, as every SDK error is, with a NanoshardError."""
+    client = FakeClient()
+    with pytest.raises(FailedPrecondition, match="from its own event loop thread"):
+        client.generate([1, 2], 3, on_token=lambda t: client.generate([1], 1) and True)
+    client.close()
+
+
+def test_a_stream_given_on_token_says_it_yields_them_itself() -> None:
+    client = FakeClient()
+    with pytest.raises(InvalidArgument, match="on_token is generate's"):
+        list(client.stream([1, 2], 3, on_token=print))
+    with client.session(temperature=0) as chat, pytest.raises(InvalidArgument, match="on_token"):
+        list(chat.stream([1, 2], 3, on_token=print))
+    client.close()
+
+
 def test_a_generation_that_fills_the_context_says_so() -> None:
     client = FakeClient()  # a context of 64 positions
     result = client.generate([1, 2, 3], 1000, temperature=0)
