@@ -3,7 +3,7 @@ FastAPI app, over one :class:`~nanoshard.client.sdk.AsyncClient` (the process's 
 to the swarm; it holds no weights).
 
 Policy is elsewhere and pure: what a request may say and what an answer looks like
-(``protocol.py``), which text a stream may send when (``textstream.py``).
+(``protocol.py``), which text a stream may send when (``nanoshard/textstream.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nanoshard.client.sdk import AsyncClient, GenerationResult, Token
 from nanoshard.errors import InvalidArgument, NanoshardError
 from nanoshard.generation import check_prompt
+from nanoshard.textstream import TextStream
 
 from .metrics import GatewayMetrics
 from .protocol import (
@@ -43,7 +44,6 @@ from .protocol import (
     usage,
 )
 from .protocol import Request as ApiRequest
-from .textstream import TextStream
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"

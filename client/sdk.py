@@ -40,6 +40,7 @@ from nanoshard.modelcard import quick_model_id
 from nanoshard.sampling import SamplingParams, integer, real
 from nanoshard.security import Security, SwarmKey, read_key
 from nanoshard.statusview import status_json
+from nanoshard.textstream import TextStream
 from nanoshard.tokenizer import encoding_for, prompt_ids
 from nanoshard.trace import summarize_hops
 
@@ -57,7 +58,7 @@ class Token:
     """One generated token, as ``stream`` yields it."""
 
     id: int
-    text: str  # its text (may be "" while a multi-byte character is incomplete)
+    text: str  # its text: "" while a character is incomplete or a stop string may begin
     hops: list[dict[str, Any]] = field(default_factory=list)  # the traces of the step that made it
 
 
@@ -478,27 +479,25 @@ class AsyncChatSession:
             raise InvalidArgument(
                 f"this session holds {self.max_length} positions; {self.length + len(feed)} needed"
             )
-        tokens: list[int] = []
-        undecoded: list[int] = []
         traced = _Traced(self._session)
+        budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
+        # Each token's text as the result's text will have it: what a stop string may begin
+        # (or half a character) is held until a later token shows it is not, and the text
+        # ends before a stop string: the texts of the tokens ``on_token`` sees, joined, are
+        # the result's text (unless ``on_token`` itself stops the generation).
+        texts = TextStream(stops)
+        drawn = 0
 
         def each_token(token: int) -> bool:
-            tokens.append(token)
-            if on_token is not None:
-                undecoded.append(token)
-                text = client.encoding.decode(undecoded, errors="replace")
-                if text.endswith("\ufffd"):  # half a character: its text comes with the next token
-                    text = ""
-                else:
-                    undecoded.clear()
-                if on_token(Token(token, text, traced.hops)):
-                    return True
-            if stops:
-                text = client.encoding.decode(tokens, errors="replace")
-                return any(s in text for s in stops)
-            return False
+            nonlocal drawn
+            drawn += 1
+            text = texts.push(client.encoding.decode_single_token_bytes(token))
+            if not texts.stopped and (drawn == budget or token == client.eot_id):
+                text += texts.finish()  # (the last token: nothing is held past it)
+            if on_token is not None and on_token(Token(token, text, traced.hops)):
+                return True
+            return texts.stopped
 
-        budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
         earlier = len(self._session.recoveries)  # (the session's, from its calls before)
         try:
             gen = await agenerate(

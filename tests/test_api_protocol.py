@@ -18,7 +18,6 @@ from nanoshard.api.protocol import (
     parse_chat,
     parse_completion,
 )
-from nanoshard.api.textstream import TextStream, final_text, held_back
 from nanoshard.errors import (
     Internal,
     InvalidArgument,
@@ -28,6 +27,7 @@ from nanoshard.errors import (
     Unauthenticated,
     Unavailable,
 )
+from nanoshard.textstream import TextStream, final_text, held_back
 
 # ---- streamed text ------------------------------------------------------------------
 

@@ -84,6 +84,9 @@ class FakeEncoding:
     def decode(self, ids: list[int], errors: str = "strict") -> str:
         return "".join(f"<{i}>" for i in ids)
 
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return f"<{token}>".encode()
+
 
 class FakeCore(AsyncClient):
     """The real asyncio SDK (sessions, generate, stream) on fake sessions."""
@@ -188,6 +191,19 @@ def test_a_stream_given_on_token_says_it_yields_them_itself() -> None:
         list(client.stream([1, 2], 3, on_token=print))
     with client.session(temperature=0) as chat, pytest.raises(InvalidArgument, match="on_token"):
         list(chat.stream([1, 2], 3, on_token=print))
+    client.close()
+
+
+def test_a_streams_texts_join_to_the_generations_text() -> None:
+    """A stream holds back what may begin a stop string, as the gateway's does: its tokens'
+    texts, joined, are ``generate``'s text (the stop string once came out of a stream)."""
+    client = FakeClient()
+    for stop in ("3><10", "<1005>", "nowhere"):  # over two tokens, one whole, none
+        whole = client.generate([1, 2], 6, stop=stop, temperature=0)
+        streamed = list(client.stream([1, 2], 6, stop=stop, temperature=0))
+        assert "".join(t.text for t in streamed) == whole.text, stop
+        assert [t.id for t in streamed] == whole.token_ids
+    assert whole.text == "".join(f"<{1002 + k}>" for k in range(6))  # (nothing held at the end)
     client.close()
 
 
