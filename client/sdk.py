@@ -541,9 +541,19 @@ class AsyncChatSession:
     def stream(
         self, prompt: str | Sequence[int] = "", max_new_tokens: int = 100, **options: Any
     ) -> AsyncIterator[Token]:
+        """Like :meth:`generate`, yielding each token as it arrives. Left early, after the
+        swarm drew tokens past the last one yielded (it runs ahead of its reader), the
+        session cannot go on: those tokens are in its text, and nobody read them."""
         return _stream(
             lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options),
             options,
+            self._unread,
+        )
+
+    def _unread(self, tokens: int) -> None:
+        self._broken = self._broken or (
+            f"its last stream was left with {tokens} token(s) drawn past the last one it "
+            "yielded, now in its text unread"
         )
 
     async def close(self) -> None:
@@ -592,19 +602,25 @@ class _Traced:
 
 
 async def _stream(
-    run: Callable[[Callable[[Token], bool]], Awaitable[object]], options: dict[str, Any]
+    run: Callable[[Callable[[Token], bool]], Awaitable[object]],
+    options: dict[str, Any],
+    unread: Callable[[int], None] | None = None,
 ) -> AsyncIterator[Token]:
     """Run a generation (``run(on_token)``) as a task; yield its tokens as they arrive.
     ``options``: the caller's, which cannot hold its own ``on_token``.
 
     When the consumer stops early (closes this iterator, or breaks out of its loop), the
-    generation stops at its next token and its session closes before this returns."""
+    generation stops at its next token and its session closes before this returns; the
+    tokens it drew past the last one yielded are counted to ``unread``, if any."""
     if "on_token" in options:
         raise InvalidArgument("stream yields each token itself: on_token is generate's")
     tokens: asyncio.Queue[Token | None] = asyncio.Queue()
     stopped = False
+    drawn = yielded = 0
 
     def on_token(token: Token) -> bool:
+        nonlocal drawn
+        drawn += 1
         tokens.put_nowait(token)
         return stopped
 
@@ -613,6 +629,7 @@ async def _stream(
     try:
         while (token := await tokens.get()) is not None:
             yield token
+            yielded += 1
     except asyncio.CancelledError:  # the consumer was cancelled: so is the generation
         task.cancel()
         raise
@@ -622,6 +639,8 @@ async def _stream(
             await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # a consumer that left early does not see it
+        if unread is not None and drawn > yielded:
+            unread(drawn - yielded)
     await task  # the generation's error, if it failed
 
 

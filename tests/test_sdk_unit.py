@@ -207,6 +207,23 @@ def test_a_streams_texts_join_to_the_generations_text() -> None:
     client.close()
 
 
+def test_a_chat_whose_stream_was_left_early_does_not_go_on_from_text_never_read() -> None:
+    """The swarm runs ahead of a stream's reader: left early, the session holds tokens
+    nobody read (the next call once fed them on without a word, so the text it continued
+    was not the one its user saw). It says so instead, and a new session goes on."""
+    client = FakeClient(step_s=0.005)
+    with client.session(temperature=0) as chat:
+        for k, _ in enumerate(chat.stream([1, 2], 20)):
+            if k == 2:
+                break
+        with pytest.raises(FailedPrecondition, match=r"left with \d+ token\(s\) drawn past"):
+            chat.generate("", 2)
+    with client.session(temperature=0) as chat:  # read to its end: it goes on
+        assert len(list(chat.stream([1, 2], 3))) == 3
+        assert len(chat.generate("", 2).token_ids) == 2
+    client.close()
+
+
 def test_a_generation_that_fills_the_context_says_so() -> None:
     client = FakeClient()  # a context of 64 positions
     result = client.generate([1, 2, 3], 1000, temperature=0)
