@@ -628,8 +628,8 @@ async def _stream(
     task.add_done_callback(lambda _: tokens.put_nowait(None))
     try:
         while (token := await tokens.get()) is not None:
+            yielded += 1  # (before: a consumer that leaves does so at the yield)
             yield token
-            yielded += 1
     except asyncio.CancelledError:  # the consumer was cancelled: so is the generation
         task.cancel()
         raise

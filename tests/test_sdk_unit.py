@@ -220,6 +220,9 @@ def test_a_chat_whose_stream_was_left_early_does_not_go_on_from_text_never_read(
             chat.generate("", 2)
     with client.session(temperature=0) as chat:  # read to its end: it goes on
         assert len(list(chat.stream([1, 2], 3))) == 3
+        for k, _ in enumerate(chat.stream("", 3)):
+            if k == 2:
+                break  # (at its last token: nothing was drawn past it)
         assert len(chat.generate("", 2).token_ids) == 2
     client.close()
 
