@@ -144,6 +144,11 @@ class AsyncClient:
                     f"{route!r:.60} (one node: route=['HOST:PORT'])"
                 )
             route = [rpc.check_address(a, "a route's node") for a in route]
+            if coordinator:
+                raise InvalidArgument(
+                    "give a coordinator or a route, not both (a route's nodes are asked "
+                    "directly: no coordinator is used)"
+                )
         timeout_s = real("timeout_s", timeout_s)
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise InvalidArgument(f"timeout_s must be a positive number of seconds: {timeout_s}")
@@ -436,6 +441,7 @@ class AsyncChatSession:
         self.length = 0  # positions the nodes hold
         self.pending: int | None = None  # the last token generated, not yet fed
         self._broken = ""  # why the session cannot go on (a generation failed midway)
+        self._closed = False
 
     @classmethod
     async def open(
@@ -457,6 +463,8 @@ class AsyncChatSession:
         client = self.client
         if client._closed:
             raise FailedPrecondition("this session's client is closed")
+        if self._closed:
+            raise FailedPrecondition("this session is closed: open a new one")
         if self._broken:
             raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
         max_new_tokens = _max_new_tokens(max_new_tokens)
@@ -557,6 +565,7 @@ class AsyncChatSession:
         )
 
     async def close(self) -> None:
+        self._closed = True
         self.client._chats.discard(self)
         await self._session.close()
 

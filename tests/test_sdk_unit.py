@@ -177,6 +177,18 @@ def test_closing_a_client_closes_its_chat_sessions() -> None:
         left.generate("", 2)
 
 
+def test_a_closed_chat_session_says_so() -> None:
+    """Its next call once read "open the session before its first step"."""
+    client = FakeClient()
+    chat = client.session(temperature=0)
+    chat.generate([1, 2], 2)
+    chat.close()
+    chat.close()  # (twice is fine)
+    with pytest.raises(FailedPrecondition, match="this session is closed: open a new one"):
+        chat.generate("", 2)
+    client.close()
+
+
 def test_a_sync_call_from_on_token_is_a_nanoshard_error() -> None:
     """It would wait for itself: refused, as every SDK error is, with a NanoshardError."""
     client = FakeClient()
@@ -921,6 +933,7 @@ def test_a_session_of_a_bad_length_is_refused(max_length: Any) -> None:
         (None, {"route": "127.0.0.1:1"}, "route must be a list"),  # not 11 one-character hops
         (None, {"route": []}, "route must be a list"),
         (None, {"route": ["127.0.0.1:1", "nowhere"]}, "a route's node .* is not HOST:PORT"),
+        ("127.0.0.1:1", {"route": ["127.0.0.1:2"]}, "a coordinator or a route, not both"),
         ("127.0.0.1:1", {"timeout_s": 0}, "timeout_s must be a positive number"),
         ("127.0.0.1:1", {"timeout_s": -1}, "timeout_s must be a positive number"),
         ("127.0.0.1:1", {"timeout_s": float("inf")}, "timeout_s must be a positive number"),
