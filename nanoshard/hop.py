@@ -385,14 +385,16 @@ class NextHop:
         return self.route[0]
 
     def candidates(self) -> list[str]:
-        """The current node first, then the hop's replicas in route order, avoided last."""
-        avoided = set(self.avoided())
+        """The current node first, then the hop's replicas in route order; after them the
+        avoided ones and those this link left for slowness, and last those it gave up on
+        (a node it left for slowness, then one that failed, the current one: the slow one
+        is tried first, not the failed one again)."""
+        later = set(self.avoided()) | set(self.slowed)
         addresses = list(self.hop.addresses)
         if self.address in addresses:
             addresses.remove(self.address)
             addresses.insert(0, self.address)
-        last = avoided | set(self.slowed) | self.given_up  # (nodes this link left, too)
-        return [a for a in addresses if a not in last] + [a for a in addresses if a in last]
+        return sorted(addresses, key=lambda a: (a in self.given_up, a in later))  # (stable)
 
     # ---- opening ----------------------------------------------------------------------
 

@@ -564,6 +564,22 @@ def test_a_link_takes_paces_only_from_the_hops_of_its_route() -> None:
 LINK_SESSION = b"l" * 16
 
 
+def test_a_link_tries_the_node_it_left_for_slowness_before_one_that_failed() -> None:
+    """A link that left c for slowness, for c2, then c2 hangs: the next try of the step goes
+    to c, not to c2 again (it was: the current node stayed first, each try spent its time
+    on c2 and had none left for c; CI saw the hung-hop test give up after 3 such tries)."""
+    hop = pb.Hop(start=4, end=6, addresses=["c:1", "c2:1", "c3:1"])
+    link = NextHop(Channels(), pb.SessionSpec(session_id=b"s"), [hop], token_replay(),
+                   timeout_s=1.0)  # fmt: skip
+    assert link.candidates() == ["c:1", "c2:1", "c3:1"]
+    link.address, link.slowed = "c2:1", {"c:1": 4.0}  # (moved to c2: c was slow)
+    assert link.candidates() == ["c2:1", "c3:1", "c:1"]
+    link.given_up.add("c2:1")  # then c2 failed
+    assert link.candidates() == ["c3:1", "c:1", "c2:1"]
+    link.given_up.add("c3:1")
+    assert link.candidates() == ["c:1", "c2:1", "c3:1"]  # (failed ones last, in route order)
+
+
 async def link_on(node: ScriptedNode, channels: Channels) -> NextHop:
     """An open link to ``node`` alone (a one-hop route), for session ``LINK_SESSION``."""
     spec = pb.SessionSpec(session_id=LINK_SESSION, max_length=8, codec="fp32")
