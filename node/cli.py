@@ -79,7 +79,7 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=MAX_QUEUE,
         metavar="N",
-        help=f"compute jobs waiting before new ones are refused (default {MAX_QUEUE})",
+        help=f"compute jobs queued or running before new ones are refused (default {MAX_QUEUE})",
     )
     g.add_argument(
         "--quota-sessions",

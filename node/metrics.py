@@ -170,7 +170,7 @@ class NodeCollector(Collector):
         yield info
         yield GaugeMetricFamily("nanoshard_node_sessions", "Sessions open here", value=sessions)
         yield GaugeMetricFamily(
-            "nanoshard_node_queue_depth", "Compute jobs waiting for the worker", value=queue
+            "nanoshard_node_queue_depth", "Compute jobs queued or running", value=queue
         )
         yield GaugeMetricFamily(
             "nanoshard_node_kv_bytes_used",

@@ -53,7 +53,7 @@ class ServeConfig:
     max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
     security: Security = field(default_factory=Security)  # swarm key and TLS
     quotas: QuotaLimits = field(default_factory=QuotaLimits)  # per caller; 0 = no limit
-    max_queue: int = MAX_QUEUE  # compute jobs waiting before new ones are refused
+    max_queue: int = MAX_QUEUE  # compute jobs queued or running before new ones are refused
     leave_slower: float = SLOWER  # a next-hop node this many times slower is left; inf: never
     metrics: CollectorRegistry | None = None  # where its metrics go (--metrics-port's)
 

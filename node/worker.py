@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 16  # decode steps per forward (the default; 1 = each step alone)
-MAX_QUEUE = 64  # jobs waiting for the worker before new ones are refused (back-pressure)
+MAX_QUEUE = 64  # jobs queued or running before new ones are refused (back-pressure)
 GATHER_S = 0.008  # how long a decode step waits, at most, for the other active sessions'
 GATHER_GAP_S = 0.002  # ... and no longer than this after the last one came
 ACTIVE_S = 1.0  # a session that computed here this recently (a prefill too) is expected back
@@ -165,17 +165,18 @@ class ComputeWorker:
 
     @property
     def queue_length(self) -> int:
-        return self._jobs.qsize()
+        """Jobs submitted and not yet answered: queued, or running (the worker takes every
+        queued job off ``_jobs`` at once to batch them, so its size says nothing)."""
+        return self._outstanding
 
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[Timed]:
         """Queue ``fn()`` for the worker thread; the future settles with its result (or
         exception). A one-token ``StageStep`` may run batched with others queued beside it."""
-        waiting = self._jobs.qsize()
-        if waiting >= self.max_queue:
+        if self._outstanding >= self.max_queue:
+            n = self._outstanding
             raise ResourceExhausted(
-                f"node busy: {waiting} step{'s are' if waiting != 1 else ' is'} queued for its "
-                "compute (the limit is "
-                f"{self.max_queue}): retry shortly or use a replica"
+                f"node busy: {n} step{'s are' if n != 1 else ' is'} queued or running on its "
+                f"compute (the limit is {self.max_queue}): retry shortly or use a replica"
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Timed] = loop.create_future()

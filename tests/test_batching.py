@@ -21,6 +21,7 @@ from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.client.route import route_from_addresses
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
+from nanoshard.errors import ResourceExhausted
 from nanoshard.generation import LocalSession, generate
 from nanoshard.node.worker import ComputeWorker, StageStep
 from nanoshard.sampling import SamplingParams
@@ -152,10 +153,10 @@ def test_worker_batches_queued_decode_steps(tiny_config, tiny_weights) -> None:
             steps.append(worker.run(bad))
             tasks = [asyncio.ensure_future(s) for s in steps]
             for _ in range(10_000):  # each task queues its job when it starts
-                if worker.queue_length == len(steps):
+                if worker.queue_length == len(steps) + 1:  # (and the blocker runs)
                     break
                 await asyncio.sleep(0.001)
-            assert worker.queue_length == len(steps), worker.queue_length
+            assert worker.queue_length == len(steps) + 1, worker.queue_length
             gate.set()  # ... while everything queues up behind it
             await blocker
             done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -194,6 +195,41 @@ def test_worker_without_batching_runs_each_step_alone(tiny_config, tiny_weights)
         assert timed.batch == 1
         with torch.inference_mode():
             assert torch.equal(timed.value, stage(torch.tensor([7]), cache, pos))
+
+
+def test_the_queue_limit_counts_the_jobs_the_worker_took_to_batch() -> None:
+    # The worker takes every queued job off its queue at once (to batch them): jobs it
+    # holds that way still wait, and count against --max-queue.
+    first, second = threading.Event(), threading.Event()
+    running = threading.Semaphore(0)
+
+    def hold(gate: threading.Event) -> None:
+        running.release()
+        assert gate.wait(timeout=30)
+
+    async def main() -> None:
+        worker = ComputeWorker(max_batch=16, max_queue=3)
+        try:
+            a = worker.submit(lambda: hold(first))
+            assert await asyncio.to_thread(running.acquire, True, 30)
+            b = worker.submit(lambda: hold(second))  # queued behind a ...
+            c = worker.submit(lambda: None)
+            first.set()  # ... and taken off the queue with c once a is done
+            assert await asyncio.to_thread(running.acquire, True, 30)
+            await a
+            assert worker.queue_length == 2  # b runs, c waits
+            d = worker.submit(lambda: None)
+            with pytest.raises(ResourceExhausted, match="3 steps are queued or running"):
+                worker.submit(lambda: None)
+            second.set()
+            await asyncio.gather(b, c, d)
+            assert worker.queue_length == 0
+        finally:
+            first.set()
+            second.set()
+            worker.close()
+
+    asyncio.run(main())
 
 
 def test_a_lone_sessions_decode_step_runs_inline_and_equals_the_workers(
