@@ -135,7 +135,8 @@ class AsyncClient:
 
         Every option is checked here, before anything connects: a typo is a one-line
         InvalidArgument now, not a node or coordinator blamed for it later."""
-        if coordinator is not None and coordinator != "":  # "" finds one by mDNS, as None
+        coordinator = coordinator or None  # "" finds one by mDNS, as None
+        if coordinator is not None:
             rpc.check_address(coordinator, "the coordinator")
         if route is not None:
             if isinstance(route, str) or not isinstance(route, Sequence) or not route:
@@ -215,7 +216,7 @@ class AsyncClient:
                 )
         else:
             interfaces, swarm = self._discovery
-            self._coordinator = open_coordinator(
+            found = open_coordinator(
                 coordinator,
                 self.security,
                 mdns_interfaces=interfaces,
@@ -223,10 +224,15 @@ class AsyncClient:
                 stop=stop,
                 passed_over=self._strangers,
             )
-            self.config = self._coordinator.config()
-            self.encoding = self._coordinator.encoding()
-            self.model_name = self._coordinator.card().name
-            self.checker.report = self._coordinator.report_check
+            try:
+                self.config = found.config()
+                self.encoding = found.encoding()
+                self.model_name = found.card().name
+            except BaseException:
+                found.close()
+                raise
+            self._coordinator = found
+            self.checker.report = found.report_check
         special = self.encoding.special_tokens_set
         self.eot_id = self.encoding.eot_token if "<|endoftext|>" in special else None
 
@@ -442,6 +448,7 @@ class AsyncChatSession:
         self.pending: int | None = None  # the last token generated, not yet fed
         self._broken = ""  # why the session cannot go on (a generation failed midway)
         self._closed = False
+        self._busy = False  # a generation runs: one at a time continues one text
 
     @classmethod
     async def open(
@@ -467,6 +474,11 @@ class AsyncChatSession:
             raise FailedPrecondition("this session is closed: open a new one")
         if self._broken:
             raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
+        if self._busy:
+            raise FailedPrecondition(
+                "a generation is already running on this session: a session continues one "
+                "text, one call at a time (await it, or open another session)"
+            )
         max_new_tokens = _max_new_tokens(max_new_tokens)
         stops = _stops(stop)
         # An empty text continues the session; as its first prompt it starts a text at
@@ -507,6 +519,7 @@ class AsyncChatSession:
             return texts.stopped
 
         earlier = len(self._session.recoveries)  # (the session's, from its calls before)
+        self._busy = True
         try:
             gen = await agenerate(
                 traced,
@@ -520,6 +533,8 @@ class AsyncChatSession:
         except BaseException as exc:  # the nodes may hold more than this session counted
             self._broken = f"a generation failed midway: {type(exc).__name__}"
             raise
+        finally:
+            self._busy = False
         if gen.stop_reason == "max_new_tokens" and len(gen.token_ids) < max_new_tokens:
             gen.stop_reason = "context"  # the session's positions ran out first (``budget``)
         if gen.stop_reason == "eot":
@@ -663,7 +678,10 @@ class Client:
         try:
             self._loop.run(self.core.connect())
         except BaseException:
-            self._loop.close()
+            try:
+                self._loop.run(self.core.close())
+            finally:
+                self._loop.close()
             raise
 
     @property

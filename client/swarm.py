@@ -78,6 +78,9 @@ def open_coordinator(
             raise Unauthenticated(
                 f"{exc} (found on mDNS, of swarm {name!r}: --swarm NAME picks the swarm)"
             ) from None
+        except BaseException:
+            coordinator.close()
+            raise
 
 
 class CoordinatorClient:

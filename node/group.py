@@ -182,5 +182,4 @@ async def acks(futures: list[asyncio.Future[pb.GroupAck]]) -> list[pb.GroupAck]:
     """The members' acks, or Unavailable naming the first member that failed."""
     if not futures:
         return []
-    async with asyncio.timeout(ACK_TIMEOUT_S):
-        return list(await asyncio.gather(*futures))
+    return list(await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT_S))

@@ -386,7 +386,7 @@ class NodeService(pb_grpc.NodeServicer):
         except Unavailable as exc:
             self.break_group(group, str(exc))
             raise
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (not TimeoutError before Python 3.11)
             why = f"a member of tensor-parallel group {group.id} did not answer in time"
             self.break_group(group, why)
             raise Unavailable(why, [self.identity.address]) from None

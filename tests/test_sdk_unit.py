@@ -189,6 +189,26 @@ def test_a_closed_chat_session_says_so() -> None:
     client.close()
 
 
+def test_a_chat_session_runs_one_generation_at_a_time() -> None:
+    """A second call while one runs was sent on the same stream: both failed, a healthy
+    node was blamed and the session broken. It is now refused at once, and the first
+    goes on as if alone."""
+
+    async def main() -> None:
+        core = FakeCore(step_s=0.01)
+        chat = await core.session(temperature=0)
+        first = asyncio.ensure_future(chat.generate([1, 2], 5))
+        await asyncio.sleep(0.02)  # (the first is under way)
+        with pytest.raises(FailedPrecondition, match="already running on this session"):
+            await chat.generate([3], 2)
+        assert (await first).token_ids == [1002, 1003, 1004, 1005, 1006]
+        assert (await chat.generate("", 1)).token_ids == [1007]  # and the session goes on
+        assert contiguous(core.sessions[0].fed)
+        await core.close()
+
+    asyncio.run(main())
+
+
 def test_a_sync_call_from_on_token_is_a_nanoshard_error() -> None:
     """It would wait for itself: refused, as every SDK error is, with a NanoshardError."""
     client = FakeClient()
