@@ -22,7 +22,6 @@ class Route:
     hops: list[pb.Hop]
     n_units: int
     model_id: str = ""
-    names: dict[str, str] = field(default_factory=dict)  # address -> node name
     # a node's own address (what its traces name) -> the one this route dials, where the
     # two differ (a route made by hand: "localhost:7005" for a node at 127.0.0.1:7005)
     aliases: dict[str, str] = field(default_factory=dict)
@@ -56,7 +55,7 @@ def route_from_addresses(
     addresses: list[str], timeout_s: float = 10.0, security: Security | None = None
 ) -> Route:
     """Ask each node what it serves; the given order must chain embed to head."""
-    hops, n_units, model_ids, names, aliases = [], 0, set(), {}, {}
+    hops, n_units, model_ids, aliases = [], 0, set(), {}
     for address in addresses:
         with rpc.open_channel(address, security) as ch:
             try:
@@ -67,9 +66,8 @@ def route_from_addresses(
         hops.append(pb.Hop(start=info.start, end=info.end, addresses=[address], public_keys=keys))
         n_units = info.n_units
         model_ids.add(info.model_id)
-        names[address] = info.name
         if info.address and info.address != address:
             aliases[info.address] = address
     if len(model_ids) > 1:
         raise InvalidArgument(f"the nodes serve different models ({', '.join(sorted(model_ids))})")
-    return Route(hops, n_units, model_ids.pop() if model_ids else "", names, aliases)
+    return Route(hops, n_units, model_ids.pop() if model_ids else "", aliases)

@@ -401,7 +401,7 @@ class NextHop:
     async def open(self, timeout_s: float | None = None) -> pb.OpenReply:
         """Open the session on the first node of the hop that takes it, within
         ``timeout_s`` (None: each node tried gets the link's own); its answer (the positions
-        it holds, and the KV handles of it and the hops after it)."""
+        it holds, and the head's share of the session's key)."""
         deadline = self._deadline(timeout_s)
         tries = Tries()
         for address in self.candidates():

@@ -299,13 +299,12 @@ class NodeService(pb_grpc.NodeServicer):
             session.next.rebind(route)
 
     async def _open_onwards(self, session: NodeSession, timeout_s: float) -> pb.OpenReply:
-        """This node's answer to an Open: its KV handle, then those of the later hops
-        (opened along the route within ``timeout_s``), and the head's share of the
+        """This node's answer to an Open, once the later hops opened the session along the
+        route (within ``timeout_s``): the positions it holds, and the head's share of the
         session's key."""
-        reply = pb.OpenReply(length=session.length, handles=[self.handle(session)])
+        reply = pb.OpenReply(length=session.length)
         if session.next is not None:
             onwards = await session.next.open(timeout_s)
-            reply.handles.extend(onwards.handles)
             if onwards.HasField("session_key"):
                 reply.session_key.CopyFrom(onwards.session_key)
         elif session.session_key is not None:

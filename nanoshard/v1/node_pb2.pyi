@@ -85,14 +85,12 @@ class OpenRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("length", "handles", "session_key")
+    __slots__ = ("length", "session_key")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
-    HANDLES_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     length: int
-    handles: _containers.RepeatedCompositeFieldContainer[KVHandle]
     session_key: SessionKey
-    def __init__(self, length: _Optional[int] = ..., handles: _Optional[_Iterable[_Union[KVHandle, _Mapping]]] = ..., session_key: _Optional[_Union[SessionKey, _Mapping]] = ...) -> None: ...
+    def __init__(self, length: _Optional[int] = ..., session_key: _Optional[_Union[SessionKey, _Mapping]] = ...) -> None: ...
 
 class SessionKey(_message.Message):
     __slots__ = ("address", "share", "signature")
