@@ -103,7 +103,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRoute(self, request, context):
-        """A chain of stages covering every unit, with the replicas of each hop.
+        """A route: hops covering every unit in order, with the replicas of each hop.
         UNAVAILABLE (naming the uncovered units) when the swarm cannot serve the model now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
