@@ -216,6 +216,24 @@ class Run:
             raise self._stopped
         await self._task
 
+    async def whole(self, gone: Callable[[], Awaitable[bool]] | None = None) -> str | None:
+        """The whole text (the pieces joined), or None if the client left first: ``gone``
+        is asked every ``WATCH_S``, as during the prefill, and the generation cancelled
+        (a client that gave up must not hold the swarm until its ``max_tokens``)."""
+        joined = asyncio.ensure_future(self._joined())
+        try:
+            while not (await asyncio.wait({joined}, timeout=WATCH_S))[0]:
+                if gone is not None and await gone():
+                    self.cancel()
+                    await asyncio.wait({joined})  # (its session closed on every hop)
+                    return None
+            return joined.result()
+        finally:
+            joined.cancel()
+
+    async def _joined(self) -> str:
+        return "".join([piece async for piece, _ in self.pieces()])
+
     def cancel(self) -> None:
         """Its client left: stop the generation (its session closes at once)."""
         if self._task is not None and not self._task.done():
@@ -365,7 +383,8 @@ async def complete(
     gateway: Gateway, request: ApiRequest, gone: Callable[[], Awaitable[bool]] | None = None
 ) -> Response:
     """A completion (text or chat), whole or streamed. ``gone`` says whether the client
-    left (watched until the first token; then sse-starlette watches a stream). If the
+    left (watched until the first token, and to the end of a whole completion; then
+    sse-starlette watches a stream). If the
     gateway stops before the first token, or before a whole completion's end, the
     generation stops at once and the request is answered 503 (``going``), rather than
     holding the gateway up until the generation's end."""
@@ -382,9 +401,11 @@ async def complete(
         reply = Reply(prefix + secrets.token_hex(12), int(time.time()), model, request.chat)
         if not request.stream:
             try:
-                text = "".join([piece async for piece, _ in run.pieces()])
+                text = await run.whole(gone)
             except NanoshardError as exc:
                 raise error_for(exc) from None
+            if text is None:
+                return Response(status_code=CLIENT_GONE)
             return JSONResponse(reply.whole(text, run.finish_reason, run.usage()))
     finally:
         watch.cancel()

@@ -171,11 +171,13 @@ class AsyncClient:
         self._channels = Channels(self.security)
         self._connected = False
         self._connecting = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where it runs: the first call's
         # The stop of the mDNS search connect runs on a worker thread (set on Ctrl-C or
         # close: else the thread searches on for seconds); each connect has its own.
         self._search: threading.Event | None = None
         self._closed = False
-        self._chats: set[AsyncChatSession] = set()  # open: closed with the client
+        # open chat sessions (a generate call's too): stopped and closed with the client
+        self._chats: set[AsyncChatSession] = set()
 
     # ---- the swarm ----------------------------------------------------------------------
 
@@ -183,6 +185,14 @@ class AsyncClient:
         """Find the swarm and read its model card (done once; every call does it first)."""
         if self._closed:
             raise FailedPrecondition("this client is closed: make a new one")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:  # (its gRPC channels belong to the first one)
+            raise FailedPrecondition(
+                "this AsyncClient was first used on another event loop (an earlier "
+                "asyncio.run?): make one in each loop, or use the synchronous Client"
+            )
         async with self._connecting:  # the first calls of several tasks connect once
             if not self._connected:
                 stop = self._search = threading.Event()
@@ -338,10 +348,16 @@ class AsyncClient:
         return status_json(await asyncio.to_thread(self._coordinator.status))
 
     async def close(self) -> None:
-        """Close the client's chat sessions still open (their nodes free them at once, not
-        at their TTL) and its connections; any call after this is a FailedPrecondition."""
+        """Stop the generations still running (each ends in FailedPrecondition), close the
+        client's chat sessions still open (their nodes free them at once, not at their TTL)
+        and its connections; any call after this is a FailedPrecondition."""
         self._closed = True
         chats, self._chats = self._chats, set()
+        here = asyncio.current_task()  # (close may be called from inside a generation)
+        running = [c._running for c in chats if c._running not in (None, here)]
+        for task in running:
+            task.cancel()  # (before the channels close: its session closes on its nodes)
+        await asyncio.gather(*running, return_exceptions=True)
         await asyncio.gather(*(chat.close() for chat in chats), return_exceptions=True)
         if self._search is not None:
             self._search.set()
@@ -393,9 +409,7 @@ class AsyncClient:
                     f"max_length must be in [1, {block_size}] (this model's context), "
                     f"got {max_length}"
                 )
-        chat = await AsyncChatSession.open(self, params, max_length, codec)
-        self._chats.add(chat)
-        return chat
+        return await AsyncChatSession.open(self, params, max_length, codec)
 
     async def generate(
         self,
@@ -448,13 +462,15 @@ class AsyncChatSession:
         self.pending: int | None = None  # the last token generated, not yet fed
         self._broken = ""  # why the session cannot go on (a generation failed midway)
         self._closed = False
-        self._busy = False  # a generation runs: one at a time continues one text
+        self._running: asyncio.Task | None = None  # the generation running: one at a time
 
     @classmethod
     async def open(
         cls, client: AsyncClient, params: SamplingParams, max_length: int, codec: str | None
     ) -> AsyncChatSession:
-        return cls(client, params, max_length, await client.open_session(params, max_length, codec))
+        chat = cls(client, params, max_length, await client.open_session(params, max_length, codec))
+        client._chats.add(chat)
+        return chat
 
     async def generate(
         self,
@@ -474,7 +490,7 @@ class AsyncChatSession:
             raise FailedPrecondition("this session is closed: open a new one")
         if self._broken:
             raise FailedPrecondition(f"this session cannot go on ({self._broken}): open a new one")
-        if self._busy:
+        if self._running is not None:
             raise FailedPrecondition(
                 "a generation is already running on this session: a session continues one "
                 "text, one call at a time (await it, or open another session)"
@@ -519,7 +535,7 @@ class AsyncChatSession:
             return texts.stopped
 
         earlier = len(self._session.recoveries)  # (the session's, from its calls before)
-        self._busy = True
+        self._running = asyncio.current_task()
         try:
             gen = await agenerate(
                 traced,
@@ -532,9 +548,11 @@ class AsyncChatSession:
             )
         except BaseException as exc:  # the nodes may hold more than this session counted
             self._broken = f"a generation failed midway: {type(exc).__name__}"
+            if isinstance(exc, asyncio.CancelledError) and client._closed:
+                raise FailedPrecondition("the client was closed during this generation") from None
             raise
         finally:
-            self._busy = False
+            self._running = None
         if gen.stop_reason == "max_new_tokens" and len(gen.token_ids) < max_new_tokens:
             gen.stop_reason = "context"  # the session's positions ran out first (``budget``)
         if gen.stop_reason == "eot":
@@ -580,6 +598,8 @@ class AsyncChatSession:
         )
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         self.client._chats.discard(self)
         await self._session.close()

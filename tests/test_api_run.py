@@ -60,6 +60,49 @@ def test_a_client_that_leaves_during_the_prefill_cancels_its_generation() -> Non
     asyncio.run(run())
 
 
+class Generating(Prefilling):
+    """An SDK client whose generation draws a token every 10 ms until it is cancelled."""
+
+    encoding = SimpleNamespace(decode_single_token_bytes=lambda token: b" x")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+
+    async def generate(self, *args: Any, on_token: Any, **kwargs: Any) -> None:
+        self.started.set()
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                self.tokens += 1
+                on_token(Token(500, " x", []))
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def test_a_client_that_leaves_a_whole_completion_midway_cancels_its_generation() -> None:
+    """A client that gave up on a whole (not streamed) completion once held the swarm until
+    its max_tokens, counted as answered."""
+
+    async def run() -> None:
+        client = Generating()
+        gateway = Gateway(client)  # type: ignore[arg-type]
+        body = {"model": "demo", "prompt": "hi", "max_tokens": 200, "stream": False}
+
+        async def gone() -> bool:  # the client leaves once 5 tokens are drawn
+            return client.tokens >= 5
+
+        reply = await asyncio.wait_for(complete(gateway, parse_completion(body), gone), 10)
+        assert reply.status_code == CLIENT_GONE
+        assert client.cancelled.is_set() and client.tokens < 200
+        await asyncio.sleep(0)  # the task's done callback runs after its cancellation
+        assert not gateway.tasks
+        assert gateway.metrics.registry.get_sample_value("nanoshard_api_disconnects_total") == 1
+
+    asyncio.run(run())
+
+
 class Broken:
     """An SDK client that fails inside (a defect of the gateway's, not the caller's)."""
 

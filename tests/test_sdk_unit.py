@@ -63,6 +63,7 @@ class FakeSession:
         self.fed: list[tuple[list[int], int]] = []  # (tokens, pos) of every step
         self.recoveries: list[Any] = []
         self.closed = False
+        self.events: list[str] = []  # (its client's: what closed, in order)
 
     async def step(self, tokens: list[int], pos: int) -> StepResult:
         await asyncio.sleep(self.step_s)
@@ -72,6 +73,7 @@ class FakeSession:
 
     async def close(self) -> None:
         self.closed = True
+        self.events.append("session closed")
 
 
 class FakeEncoding:
@@ -99,11 +101,20 @@ class FakeCore(AsyncClient):
         self._connected = True
         self.session_options = session_options
         self.sessions: list[FakeSession] = []
+        self.events: list[str] = []
+        close_channels = self._channels.close
+
+        async def closing_channels() -> None:
+            self.events.append("channels closed")
+            await close_channels()
+
+        self._channels.close = closing_channels  # type: ignore[method-assign]
 
     async def open_session(  # type: ignore[override]
         self, params: SamplingParams, max_length: int, codec: str | None = None
     ) -> FakeSession:
         self.sessions.append(FakeSession(**self.session_options))
+        self.sessions[-1].events = self.events
         return self.sessions[-1]
 
 
@@ -175,6 +186,46 @@ def test_closing_a_client_closes_its_chat_sessions() -> None:
     assert [s.closed for s in client.sessions] == [True, True]
     with pytest.raises(FailedPrecondition, match="client is closed"):
         left.generate("", 2)
+
+
+@pytest.mark.parametrize("how", ["generate", "stream"])
+def test_closing_a_client_stops_its_running_generations_first(how: str) -> None:
+    """A client closed while a generation ran (in another thread, or a stream not read
+    to its end) closed its connections under it: the session stayed open on its nodes
+    until its TTL, and the call ended in a bare CancelledError."""
+    client = FakeClient(step_s=0.01)
+    outcome: list[BaseException] = []
+    if how == "generate":
+
+        def run() -> None:
+            try:
+                client.generate([1, 2], 1000)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while not client.sessions or len(client.sessions[0].fed) < 3:
+            time.sleep(0.01)
+        client.close()
+        thread.join(timeout=30)
+        assert len(outcome) == 1 and isinstance(outcome[0], FailedPrecondition), outcome
+        assert "closed during this generation" in str(outcome[0])
+    else:
+        tokens = client.stream([1, 2], 1000)  # (still referenced: not closed by the loop)
+        assert [next(tokens).id for _ in range(2)] == [1002, 1003]
+        client.close()
+    assert client.sessions[0].closed
+    assert client.core.events == ["session closed", "channels closed"]  # type: ignore[attr-defined]
+
+
+def test_an_async_client_used_from_a_second_event_loop_says_so() -> None:
+    """Its channels belong to the loop it first ran on: a second ``asyncio.run`` got
+    "RuntimeError: Event loop is closed" from inside gRPC."""
+    core = FakeCore()
+    assert asyncio.run(core.generate([1, 2], 2)).token_ids == [1002, 1003]
+    with pytest.raises(FailedPrecondition, match="first used on another event loop"):
+        asyncio.run(core.generate([1, 2], 2))
 
 
 def test_a_closed_chat_session_says_so() -> None:
