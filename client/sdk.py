@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class GenerationResult:
     recoveries: list[Recovery] = field(default_factory=list)  # failures survived, and their cost
     # per step, what went to no hop (failed tries, reroutes, a spot-check's material)
     waited_ms: list[float] = field(default_factory=list)
+    seed: int = 0  # the sampling's (drawn at random when the call gave none)
 
     @property
     def mean_token_ms(self) -> float:
@@ -92,6 +94,7 @@ class GenerationResult:
             "token_ids": self.token_ids,
             "prompt_token_ids": self.prompt_token_ids,
             "stop_reason": self.stop_reason,
+            "seed": self.seed,
             "timings": {
                 "prefill_ms": round(self.ttft_ms, 3),
                 "decode_ms": [round(ms, 3) for ms in self.token_ms],
@@ -392,12 +395,13 @@ class AsyncClient:
         temperature: float = 0.8,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         codec: str | None = None,
     ) -> AsyncChatSession:
-        """A session that keeps its KV caches between calls (sampling fixed for its life).
-        It holds ``max_length`` positions, 1 to the model's context (None: all of it)."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        """A session that keeps its KV caches between calls (sampling fixed for its life:
+        ``seed`` None draws one at random). It holds ``max_length`` positions, 1 to the
+        model's context (None: all of it)."""
+        params = SamplingParams(temperature, top_k, top_p, _seed(seed))
         await self.connect()
         block_size = self.config.block_size
         if max_length is None:
@@ -419,18 +423,19 @@ class AsyncClient:
         temperature: float = 0.8,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         codec: str | None = None,
         on_token: Callable[[Token], bool | None] | None = None,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt`` (text or token ids). Temperature 0 is
-        greedy; sampling is a pure function of ``seed`` and position; the text ends before
-        the first ``stop`` string; ``on_token`` sees each token as it arrives (returning
-        True stops the generation there, with stop_reason "stop")."""
+        greedy; sampling is a pure function of ``seed`` and position (None: a seed drawn at
+        random for this call, in the result's ``seed``); the text ends before the first
+        ``stop`` string; ``on_token`` sees each token as it arrives (returning True stops
+        the generation there, with stop_reason "stop")."""
         max_new_tokens = _max_new_tokens(max_new_tokens)
         _stops(stop)  # checked before a session opens on the nodes
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        params = SamplingParams(temperature, top_k, top_p, _seed(seed))
         await self.connect()
         ids = self.encode(prompt)
         check_prompt(ids, self.config.vocab_size, self.config.block_size)
@@ -577,6 +582,7 @@ class AsyncChatSession:
             steps=gen.hops,
             waited_ms=gen.waited_ms,
             recoveries=self._session.recoveries[earlier:],
+            seed=self.params.seed,
         )
 
     def stream(
@@ -609,6 +615,12 @@ class AsyncChatSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _seed(seed: int | None) -> int:
+    """The seed a call samples with: the one given (checked by ``SamplingParams``), or a
+    new one at random, so that calls without a seed differ, as OpenAI's do."""
+    return secrets.randbits(63) if seed is None else seed
 
 
 def _max_new_tokens(value: object) -> int:

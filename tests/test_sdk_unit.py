@@ -101,6 +101,7 @@ class FakeCore(AsyncClient):
         self._connected = True
         self.session_options = session_options
         self.sessions: list[FakeSession] = []
+        self.opened_with: list[SamplingParams] = []
         self.events: list[str] = []
         close_channels = self._channels.close
 
@@ -115,6 +116,7 @@ class FakeCore(AsyncClient):
     ) -> FakeSession:
         self.sessions.append(FakeSession(**self.session_options))
         self.sessions[-1].events = self.events
+        self.opened_with.append(params)
         return self.sessions[-1]
 
 
@@ -226,6 +228,19 @@ def test_an_async_client_used_from_a_second_event_loop_says_so() -> None:
     assert asyncio.run(core.generate([1, 2], 2)).token_ids == [1002, 1003]
     with pytest.raises(FailedPrecondition, match="first used on another event loop"):
         asyncio.run(core.generate([1, 2], 2))
+
+
+def test_calls_without_a_seed_sample_with_seeds_of_their_own() -> None:
+    """The default seed was 0: every unseeded call sampled the same text."""
+    client = FakeClient()
+    first, second = client.generate([1], 2), client.generate([1], 2)
+    assert first.seed != second.seed  # (two draws of 63 bits)
+    assert client.generate([1], 2, seed=7).seed == 7
+    with client.session() as chat:
+        assert chat.generate([1], 1).seed == chat.generate("", 1).seed  # one per session
+    seeds = [p.seed for p in client.core.opened_with]  # type: ignore[attr-defined]
+    assert seeds[:3] == [first.seed, second.seed, 7]
+    client.close()
 
 
 def test_a_closed_chat_session_says_so() -> None:
