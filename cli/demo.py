@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import secrets
 import signal
 import socket
@@ -82,10 +81,11 @@ class Processes:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
-        # Ctrl-C and SIGTERM wait until the child is on the list (else one forked just then
-        # runs on: in a session of its own, it never sees the signal either). The child
-        # takes them again at once: a mask outlives exec, and a child that blocks SIGTERM
-        # could only be killed, not stopped.
+        # Ctrl-C and SIGTERM wait until the child is on the list (else one started just then
+        # runs on: in a session of its own, it never sees the signal either). The mask
+        # outlives exec: the child takes them again as it starts (``run_cli``), not in a
+        # ``preexec_fn``, which would make Python fork() beside this process's live gRPC
+        # channels (whose fork handlers crashed a child now and then: "api exited with -6").
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             popen = subprocess.Popen(
@@ -94,9 +94,6 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us only
-                preexec_fn=functools.partial(
-                    signal.pthread_sigmask, signal.SIG_UNBLOCK, STOP_SIGNALS
-                ),
             )
             self.children.append((name, popen))
         finally:

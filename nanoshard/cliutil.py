@@ -160,6 +160,7 @@ def run_loaded(
     their errors do, unless ``-v``. Each reads its setting once, as it loads: set first."""
     args = sys.argv[1:] if argv is None else argv
     command = next((a for a in args if not a.startswith("-")), None)
+    unblock_stop_signals()
     if not {"-v", "--verbose"} & set(args):
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -202,10 +203,23 @@ def interruptible() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def unblock_stop_signals() -> None:
+    """Take Ctrl-C and SIGTERM even if the process started with them blocked: a parent
+    that blocks them while it starts a child (so that a signal cannot come between the
+    child's start and its record: the demo) passes its mask on through exec. (Undoing it
+    in the child, rather than between fork and exec in a ``preexec_fn``, lets Python start
+    the child without fork(): gRPC's fork handlers can crash a child forked beside live
+    channels, before its exec, with "epoll_wait error: Bad file descriptor".) A signal
+    that came meanwhile is delivered now."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def run_cli(prog: str, main: Callable[[], int | None]) -> None:
     """Run a CLI: a nanoshard error is one line on stderr and exit 1, never a traceback;
     Ctrl-C one line and 130, SIGTERM (where the command takes it) one line and 143. A
     signal once the command is done changes nothing (``_end_on_signals``)."""
+    unblock_stop_signals()
     code: int | None = None
     try:
         code = _outcome(prog, main)

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from nanoshard.backoff import backoff_delays
-from nanoshard.cliutil import COORDINATOR, NODE, listening_line, listening_pattern, parse_size
+from nanoshard.cliutil import (
+    COORDINATOR,
+    NODE,
+    STOP_SIGNALS,
+    listening_line,
+    listening_pattern,
+    parse_size,
+)
 
 
 def test_backoff_doubles_from_the_first_delay_up_to_the_cap_and_stays_there() -> None:
@@ -75,3 +82,26 @@ def test_a_signal_while_a_tool_loads_is_one_line(
         [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stderr) == (code, f"tool: {word}\n")
+
+
+def test_a_command_started_with_its_stop_signals_blocked_takes_them() -> None:
+    """The demo blocks Ctrl-C and SIGTERM while it starts a child (the mask outlives
+    exec) and leaves the unblocking to the child, so that Python need not fork() beside
+    its live gRPC channels (a preexec_fn forces fork(), and gRPC's fork handlers crashed
+    such children now and then)."""
+    run = (
+        "import signal; from nanoshard.cliutil import run_cli; "
+        "run_cli('tool', lambda: print(*sorted(int(s) for s in "
+        "signal.pthread_sigmask(signal.SIG_BLOCK, []))))"
+    )
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    still = {int(n) for n in out.split()}  # the signals still blocked, by number
+    assert not still & {int(s) for s in STOP_SIGNALS}, out
