@@ -73,7 +73,9 @@ log = logging.getLogger(__name__)
 MAX_CHANNELS = 256  # channels kept open to nodes; the least recently used go first
 REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries per node
 CLOSE_TIMEOUT_S = 10.0
-LEAVE_TIMEOUT_S = 2.0  # freeing the session on a node a link moved away from
+# Freeing the session on a node a link moved away from: delivered whenever the node answers
+# within this (one that hung and came back frees it then, not at its TTL).
+LEAVE_WITHIN_S = 120.0
 SLOWER = 3.0  # a node whose decode steps take this many times their first pace is left
 HOP_SHARE = 0.9  # of the time its caller waits, what a node gives the hops after it
 FAIR_TRY_S = 1.0  # a node silent for less than this, as a step's time ran out, is not blamed
@@ -123,6 +125,7 @@ class Channels:
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Future] = set()  # evicted channels still closing
         self._streams: Counter[str] = Counter()  # open session streams, by address
+        self._background: set[asyncio.Future] = set()  # closes sent in the background
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         channel = self._channels.get(address)
@@ -158,15 +161,33 @@ class Channels:
         call.add_done_callback(ended)
         return call
 
+    def in_background(self, work: Awaitable[Any]) -> asyncio.Future:
+        """``work`` (a close) as a task of its own, kept here until it ends, also once the
+        link that sent it is gone (a failure nobody awaits is dropped: a node that is
+        gone)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(_forget(self._background))
+        return task
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """For one call: this process's swarm token, if the swarm has a key."""
         return self.security.metadata()
 
-    async def call(self, address: str, method: str, request: Any, timeout_s: float) -> Any:
-        """A unary call to the node at ``address``; failures as nanoshard errors."""
+    async def call(
+        self,
+        address: str,
+        method: str,
+        request: Any,
+        timeout_s: float,
+        wait_for_ready: bool = False,
+    ) -> Any:
+        """A unary call to the node at ``address``; failures as nanoshard errors. With
+        ``wait_for_ready``, a node that cannot be reached is waited for (within
+        ``timeout_s``) rather than failed at once."""
         try:
             return await getattr(self.stub(address), method)(
-                request, timeout=timeout_s, metadata=self.metadata()
+                request, timeout=timeout_s, metadata=self.metadata(), wait_for_ready=wait_for_ready
             )
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, address) from None
@@ -367,7 +388,7 @@ class NextHop:
         self.final_refusals = final_refusals
         self.address: str | None = None  # the node this link steps on, once open
         self._call: Any = None  # the open Steps stream to it
-        self._background: set[asyncio.Future] = set()  # closes sent in the background
+        self._leaving: dict[str, asyncio.Future] = {}  # the close of each node it left
         self.pace = Pace()  # of the node it last stepped on (``_paced_on``) ...
         self.others: dict[str, Pace] = {}  # ... and of the owner ("") and the hops after it
         self._paced_on: str | None = None
@@ -427,6 +448,7 @@ class NextHop:
         raise self._gone(tries)
 
     async def _open_at(self, address: str, deadline: float | None) -> pb.OpenReply:
+        self._stay(address)
         left = self._left(deadline, address)
         request = pb.OpenRequest(
             spec=self.spec,
@@ -673,6 +695,7 @@ class NextHop:
 
     def _use(self, address: str) -> None:
         if self.address != address:
+            self._stay(address)
             self.drop_stream()
             if self.address is not None:
                 self._leave(self.address)
@@ -680,17 +703,20 @@ class NextHop:
 
     def _leave(self, address: str) -> None:
         """Free the session on a node this link moved away from, now rather than at its
-        TTL; the hops after it keep theirs. In the background: the node may well be gone."""
+        TTL; the hops after it keep theirs. In the background: the node may well be gone,
+        or hung (SIGSTOP, a swapping machine), and the close waits for it to answer again."""
         request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
-        self._in_background(self.channels.call(address, "Close", request, LEAVE_TIMEOUT_S))
+        leave = self.channels.call(address, "Close", request, LEAVE_WITHIN_S, wait_for_ready=True)
+        self._leaving[address] = self._in_background(leave)
+
+    def _stay(self, address: str) -> None:
+        """The link goes back to ``address``: its close, if it still waits, is not sent."""
+        leaving = self._leaving.pop(address, None)
+        if leaving is not None:
+            leaving.cancel()
 
     def _in_background(self, work: Awaitable[Any]) -> asyncio.Future:
-        """``work`` as a task of its own, kept until it ends (a failure nobody awaits is
-        dropped: a node that is gone)."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(_forget(self._background))
-        return task
+        return self.channels.in_background(work)
 
     def drop_stream(self) -> None:
         """End the stream (the next step opens a new one); the session stays open."""

@@ -681,6 +681,48 @@ def token_step(step_id: int, pos: int) -> pb.StepRequest:
     )
 
 
+def test_a_node_left_while_out_of_reach_frees_the_session_once_back() -> None:
+    """A link that leaves a node it cannot reach (hung, cut off) closes the session there
+    once the node answers again: the close waits for it. It was dropped at once, and a
+    node back from a hang kept the session, and its KV memory, until its TTL."""
+    gone = ScriptedNode()
+
+    def serve(port: int) -> tuple[grpc.Server, int]:
+        server = grpc.server(futures.ThreadPoolExecutor(4, thread_name_prefix="scripted-node"))
+        pb_grpc.add_NodeServicer_to_server(gone, server)
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        return server, bound
+
+    server, port = serve(0)
+    address = f"127.0.0.1:{port}"
+
+    async def main() -> None:
+        with scripted_node() as spare:
+            channels = Channels()
+            spec = pb.SessionSpec(session_id=LINK_SESSION, max_length=8, codec="fp32")
+            hop = pb.Hop(start=0, end=3, addresses=[address, spare.address])
+            link = NextHop(channels, spec, [hop], token_replay(), timeout_s=30)
+            await link.open()
+            assert link.address == address
+            server.stop(0)  # out of reach: the step goes to the spare (opened there)
+            reply, _ = await link.step(token_step(1, 0))
+            assert reply.token == answer(1) and link.address == spare.address
+            await asyncio.sleep(1.0)  # (what gave the close up before)
+            back, _ = await asyncio.to_thread(serve, port)
+            try:
+                for _ in range(300):  # (gRPC's reconnection backoff: seconds)
+                    if gone.closed:
+                        break
+                    await asyncio.sleep(0.1)
+                assert gone.closed == [LINK_SESSION]
+            finally:
+                back.stop(0)
+                await channels.close()
+
+    asyncio.run(main())
+
+
 def test_a_reply_with_more_traces_than_hops_counts_against_its_node(
     node: ScriptedNode,
 ) -> None:
