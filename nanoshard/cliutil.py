@@ -152,7 +152,9 @@ def run_loaded(
     two), then run its ``main(argv)``. Ctrl-C or SIGTERM while it loads ends as it does
     later: one line and exit 130 or 143 (0 for SIGTERM to one of its ``servers``
     commands: how a server is meant to be stopped, ``server_exit``), not a traceback from
-    the middle of an import (or, for SIGTERM, an end without a word).
+    the middle of an import (or, for SIGTERM, an end without a word). So does one that
+    comes once it is loaded, before the command takes the signals itself (it ended the
+    process by the signal, without a word).
 
     The native libraries' own log lines (gRPC's C core: a TLS handshake that failed, with
     its source file; torch's C++: a group's rendezvous polling for a member that died)
@@ -168,7 +170,9 @@ def run_loaded(
     # SIGINT ignored, as a shell script's background job does)
     taken = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
     main_thread = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, how) for sig, how in taken.items()} if main_thread else {}
+    if main_thread:
+        for sig, how in taken.items():
+            signal.signal(sig, how)
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
@@ -177,9 +181,8 @@ def run_loaded(
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         sys.exit(0 if command in servers else 128 + signal.SIGTERM)
-    finally:
-        for sig, how in before.items():
-            signal.signal(sig, how)
+    if main_thread and command in servers:  # (SIGINT: KeyboardInterrupt, as while loading)
+        signal.signal(signal.SIGTERM, _raise_server_terminated)
     main(argv)
 
 
@@ -187,10 +190,19 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
+def _raise_server_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated(server=True)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread of a command that holds something on other
     machines (a generation's session on its nodes), so that it lets it go as on Ctrl-C
-    (``interruptible``). ``run_cli`` ends it with one line and exit 143 (128 + 15)."""
+    (``interruptible``). ``run_cli`` ends it with one line and exit 143 (128 + 15), or 0
+    for a server, which SIGTERM is how to stop (``server_exit``)."""
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__()
+        self.server = server
 
 
 def interruptible() -> None:
@@ -240,9 +252,9 @@ def _outcome(prog: str, main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Terminated as exc:
         print(f"{prog}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 0 if exc.server else 128 + signal.SIGTERM
     except BrokenPipeError:
         return 0
 

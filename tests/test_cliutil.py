@@ -84,6 +84,29 @@ def test_a_signal_while_a_tool_loads_is_one_line(
     assert (done.returncode, done.stderr) == (code, f"tool: {word}\n")
 
 
+@pytest.mark.parametrize(("command", "code"), [("status", 143), ("serve", 0)])
+def test_a_sigterm_once_loaded_and_before_the_command_takes_it_is_one_line(
+    tmp_path: Path, command: str, code: int
+) -> None:
+    """Between a tool's import and its own signal handling (a server's event loop), a
+    SIGTERM ended it by the signal, without a word: now as while it loads (a server, the
+    way it is meant to be stopped: 0)."""
+    (tmp_path / "loaded.py").write_text(
+        "import os, signal, time\n"
+        "from nanoshard.cliutil import run_cli\n"
+        "def main(argv):\n"
+        "    run_cli('tool', lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+    )
+    run = (
+        "from nanoshard.cliutil import run_loaded; "
+        f"run_loaded('tool', 'loaded', ['{command}'], frozenset({{'serve'}}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (code, "tool: terminated\n")
+
+
 def test_a_command_started_with_its_stop_signals_blocked_takes_them() -> None:
     """The demo blocks Ctrl-C and SIGTERM while it starts a child (the mask outlives
     exec) and leaves the unblocking to the child, so that Python need not fork() beside
