@@ -37,6 +37,8 @@ import binascii
 import collections
 import hashlib
 import hmac
+import logging
+import math
 import os
 import secrets
 import threading
@@ -52,6 +54,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from nanoshard.errors import InvalidArgument, Stranger, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 TOKEN_KEY = "nanoshard-token"
 PROOF_KEY = "nanoshard-proof"  # a server's initial metadata: its proof that it holds the key
@@ -284,10 +288,31 @@ class Security:
         if self.key is None:
             return None
         token = token_of(context)
-        if token is None:
-            raise Unauthenticated("this swarm needs a swarm key: pass --swarm-key")
-        self.key.verify(token)
+        try:
+            if token is None:
+                raise Unauthenticated("this swarm needs a swarm key: pass --swarm-key")
+            self.key.verify(token)
+        except Unauthenticated as exc:
+            _say_refused(context.peer(), exc)
+            raise
         return token
+
+
+_REFUSED_SAID: dict[str, float] = {}  # peer host -> when a refusal of its calls was last said
+REFUSED_SAY_EVERY_S = 60.0
+
+
+def _say_refused(peer: str, why: Exception) -> None:
+    """Log that a caller's call was refused for its token: at most once a minute a host
+    (a volunteer with the wrong key retries every few seconds), so that an operator sees
+    why a node never joins, not only the node's own log."""
+    host = peer.rsplit(":", 1)[0]  # ("ipv4:10.0.0.5:41234": its port changes per connection)
+    now = time.monotonic()
+    if now - _REFUSED_SAID.get(host, -math.inf) >= REFUSED_SAY_EVERY_S:
+        if len(_REFUSED_SAID) > 1024:  # (a bounded memory of whom it told about)
+            _REFUSED_SAID.clear()
+        _REFUSED_SAID[host] = now
+        log.warning("refused a call from %s: %s", host, why)
 
 
 class _CallDetails(

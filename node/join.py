@@ -780,10 +780,10 @@ class Volunteer:
                     now = time.monotonic()
                     if unreachable is None or now - said >= SAY_EVERY_S:
                         since = "" if unreachable is None else f" for {now - unreachable:.0f} s"
-                        why = (
-                            f"the coordinator at {self.target} refused this node's heartbeat: "
-                            f"{err.details()}"
-                            if err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        why = (  # (it answered, and refused: a key it no longer takes?)
+                            f"the coordinator at {self.target} refused this node's heartbeat"
+                            f"{since}: {err.details()}"
+                            if err.code() not in UNREACHABLE
                             else f"cannot reach the coordinator at {self.target}{since}"
                         )
                         doing = "still serving" if self.ready else "standing by"

@@ -99,6 +99,33 @@ def test_other_keys_and_stale_tokens_are_refused() -> None:
         ours.verify(future)
 
 
+def test_a_refused_caller_is_logged_once_a_minute_a_host(caplog: pytest.LogCaptureFixture) -> None:
+    """A volunteer with the wrong key retries every few seconds: its coordinator said
+    nothing at all, so only the volunteer's own log told why it never joined."""
+
+    class Call:
+        def __init__(self, token: str, port: int) -> None:
+            self.token, self.port = token, port
+
+        def invocation_metadata(self) -> tuple:
+            return ((TOKEN_KEY, self.token),)
+
+        def peer(self) -> str:
+            return f"ipv4:10.9.8.7:{self.port}"
+
+    ours, theirs = SwarmKey("the swarm's key"), SwarmKey("another key")
+    security = Security(key=ours)
+    with caplog.at_level("WARNING", logger="nanoshard.security"):
+        for port in (5000, 5001, 5002):  # (a new connection, a new port, each time)
+            with pytest.raises(Unauthenticated, match="uses another key"):
+                security.check(Call(theirs.token("n1"), port))
+        security.check(Call(ours.token("n1"), 5003))  # (a good one says nothing)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "refused a call from ipv4:10.9.8.7: bad swarm token: this swarm uses another key"
+    ]
+
+
 def test_replay_memory_forgets_only_expired_tokens() -> None:
     clock = Clock()
     key = SwarmKey(KEY, clock)
