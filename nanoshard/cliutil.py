@@ -114,6 +114,8 @@ def positive_seconds(text: str) -> float:
 
 def format_size(n: int) -> str:
     """Bytes for people, in the binary units parse_size reads: ``3.1 MiB``, ``11.5 GiB``."""
+    if n >= 2**40:
+        return f"{n / 2**40:.1f} TiB"
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.1f} MiB"

@@ -301,6 +301,14 @@ class Volunteer:
         if config.mdns:  # a wrong --mdns-interface is refused before anything starts
             discovery.zeroconf_interfaces(config.mdns_interfaces)
         device = pick_device(config.device)  # (and a device this machine lacks)
+        total = psutil.virtual_memory().total
+        if config.max_memory is not None and device.type == "cpu" and config.max_memory > total:
+            log.warning(
+                "--max-memory %s is more than this machine's memory (%s): the system may kill "
+                "this node before it holds that much",
+                format_size(config.max_memory),
+                format_size(total),
+            )
         try:
             self.card = card = await self._first_card()
             self.model_config = GPTConfig.from_dict(json.loads(card.config_json))  # type: ignore[attr-defined]

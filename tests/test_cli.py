@@ -651,6 +651,18 @@ def test_join_pointed_at_a_nodes_port_says_so_and_stops() -> None:
     assert last.startswith(f"nanoshard-node: error: {node}: it does not serve this call"), last
 
 
+def test_join_warns_of_more_max_memory_than_the_machine_has() -> None:
+    """`--max-memory 100T` was taken without a word on a 24 GiB machine (and promised)."""
+    with Swarm() as swarm:
+        _, node = swarm.node("demo", "0:8")  # (a coordinator that is not: the join ends)
+        join = [str(BIN / "nanoshard-node"), "join", "--coordinator", node, "--no-mdns"]
+        done = subprocess.run(
+            [*join, "--max-memory", "100T"], capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    assert "--max-memory 100.0 TiB is more than this machine's memory" in done.stderr
+
+
 def test_a_tls_file_that_is_not_pem_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
