@@ -19,6 +19,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from nanoshard.statusview import health
 from nanoshard.v1 import coordinator_pb2 as cpb
 
 
@@ -114,14 +115,12 @@ def _stage(n: cpb.NodeStatus, sep: str = " ") -> str:
     return sep.join(parts)
 
 
+HEALTH_STYLES = {"ok": "green", "loading": "yellow", "standby": "yellow"}  # else bold red
+
+
 def _health(n: cpb.NodeStatus) -> Text:
-    if n.excluded:
-        return Text("EXCLUDED", style="bold red")
-    if n.healthy:
-        return Text("ok", style="green")
-    if n.heartbeating:  # on time, not serving yet: waiting for a stage or a group, or loading
-        return Text("standby" if n.assignment.idle else "loading", style="yellow")
-    return Text("DOWN", style="bold red")
+    word = health(n)
+    return Text(word, style=HEALTH_STYLES.get(word, "bold red"))
 
 
 def _load(n: cpb.NodeStatus) -> Text:

@@ -46,6 +46,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
                 "live": _live(n.load.live),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
+                "health": health(n),
                 "healthy": n.healthy,
                 "heartbeating": n.heartbeating,
                 "checks": {"passed": n.checks_passed, "failed": n.checks_failed},
@@ -55,6 +56,19 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
         ],
         "units": [{"unit": u.unit, "name": u.name, "replicas": u.replicas} for u in s.units],
     }
+
+
+def health(n: cpb.NodeStatus) -> str:
+    """A node's health in one word, as ``nanoshard status`` shows it: ``EXCLUDED`` (a check
+    caught it), ``ok`` (serving), ``loading`` (on time, its stage not loaded yet),
+    ``standby`` (on time, no stage for it) or ``DOWN`` (its heartbeats stopped)."""
+    if n.excluded:
+        return "EXCLUDED"
+    if n.healthy:
+        return "ok"
+    if n.heartbeating:  # on time, not serving yet: waiting for a stage or a group, or loading
+        return "standby" if n.assignment.idle else "loading"
+    return "DOWN"
 
 
 def _tp(n: cpb.NodeStatus) -> dict[str, Any]:

@@ -237,6 +237,17 @@ def test_the_status_json_carries_each_nodes_group() -> None:
     assert all(n["tp"] == {"group": "", "rank": 0, "size": 1} for n in alone)
 
 
+def test_the_status_json_says_each_nodes_health_in_the_tables_word() -> None:
+    """Scripts could not tell a node loading its stage from a spare standing by."""
+    from nanoshard.statusview import status_json
+
+    status = swarm_status()
+    words = [n["health"] for n in status_json(status)["nodes"]]
+    table = render(status, width=160)
+    assert words and all(re.search(rf"\b{w}\b", table) for w in words), (words, table)
+    assert set(words) <= {"ok", "loading", "standby", "DOWN", "EXCLUDED"}
+
+
 @pytest.mark.parametrize("value", ["8", "yes"])
 def test_a_bad_tp_is_refused_in_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit:
