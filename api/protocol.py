@@ -349,13 +349,15 @@ def parse_chat(body: Any) -> Request:
                 raise bad(f"messages[{i}].{name} is not supported by this server", f"messages[{i}]")
         if "name" in m and not isinstance(m["name"], str):
             raise bad(f"messages[{i}].name must be a string", f"messages[{i}].name")
-        turns.append((m["role"], _content(m.get("content"), i)))
+        turns.append((m["role"], _content(m.get("content"), i, m["role"])))
     return Request(prompt=chat_prompt(turns), **fields)
 
 
-def _content(content: Any, i: int) -> str:
+def _content(content: Any, i: int, role: str) -> str:
     if isinstance(content, str):
         return content
+    if content is None and role == "assistant":  # (as OpenAI takes an assistant turn back)
+        return ""
     if (
         isinstance(content, list)
         and content

@@ -193,6 +193,12 @@ def test_what_openai_clients_send_in_objects_passes() -> None:
         {"model": "demo", "messages": messages, "stream": True, "stream_options": options}
     )
     assert r.prompt == "USER:\nHi\n\nASSISTANT:\nHail.\n\nASSISTANT:\n" and r.include_usage
+    # an assistant turn whose content is null (OpenAI takes it back so: it was refused 400)
+    nothing = parse_chat({"model": "demo", "messages": [{"role": "assistant", "content": None}]})
+    assert nothing.prompt == "ASSISTANT:\n\n\nASSISTANT:\n"
+    with pytest.raises(ApiError) as err:  # (a user's turn needs its content)
+        parse_chat({"model": "demo", "messages": [{"role": "user", "content": None}]})
+    assert err.value.param == "messages[0].content"
 
 
 def test_neutral_values_of_unsupported_parameters_pass() -> None:
