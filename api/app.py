@@ -187,8 +187,9 @@ class Run:
     def _done(self, task: asyncio.Task) -> None:
         self.gateway.tasks.discard(task)
         self.gateway.metrics.active.dec()
-        if not task.cancelled() and task.exception() is not None:
-            log.info("generation failed: %s", task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.info("generation failed: %s", exc)
+            self.gateway.metrics.failures.labels(type(exc).__name__).inc()
         if self.result is not None:
             for recovery in self.result.recoveries:
                 self.gateway.metrics.recoveries.labels(recovery.kind).inc()

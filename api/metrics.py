@@ -58,6 +58,12 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.failures = Counter(
+            "nanoshard_api_generations_failed",
+            "generations that ended in an error, by its kind (a stream's after its 200)",
+            ["error"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "nanoshard_api_disconnects",
             "streams whose client left before the end (their sessions closed)",

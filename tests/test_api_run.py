@@ -203,7 +203,7 @@ class FailingMidway(Prefilling):
         raise QuotaExceeded("127.0.0.1:1: caller over its tokens per minute", 60.0)
 
 
-def test_the_tokens_of_a_stream_that_fails_midway_are_counted() -> None:
+def test_a_stream_that_fails_midway_counts_its_tokens_and_its_failure() -> None:
     """``nanoshard_api_completion_tokens`` counts what the swarm generated, as the
     per-token latencies do: a stream that ends in an error event generated its tokens too
     (they were counted only for generations that ended well)."""
@@ -212,4 +212,8 @@ def test_the_tokens_of_a_stream_that_fails_midway_are_counted() -> None:
     body = {"model": "demo", "prompt": "hi", "max_tokens": 8, "stream": True}
     status, answer = asyncio.run(call(app, "POST", "/v1/completions", json.dumps(body).encode()))
     assert status == 200 and b"quota_exceeded" in answer, answer
-    assert gateway.metrics.registry.get_sample_value("nanoshard_api_completion_tokens_total") == 3
+    samples = gateway.metrics.registry.get_sample_value
+    assert samples("nanoshard_api_completion_tokens_total") == 3
+    # ... and its failure is counted, which its 200 does not say
+    failed = "nanoshard_api_generations_failed_total"
+    assert samples(failed, {"error": "QuotaExceeded"}) == 1
