@@ -385,10 +385,10 @@ async def complete(
 ) -> Response:
     """A completion (text or chat), whole or streamed. ``gone`` says whether the client
     left (watched until the first token, and to the end of a whole completion; then
-    sse-starlette watches a stream). If the
-    gateway stops before the first token, or before a whole completion's end, the
-    generation stops at once and the request is answered 503 (``going``), rather than
-    holding the gateway up until the generation's end."""
+    sse-starlette watches a stream). If the gateway stops before the first token, or
+    before a whole completion's end, the generation stops at once and the request is
+    answered 503 (``going``), rather than holding the gateway up until the generation's
+    end."""
     run = Run(gateway, request)
     watch = asyncio.ensure_future(_stop_on(gateway.stopping, run))
     try:
