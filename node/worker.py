@@ -188,9 +188,9 @@ class ComputeWorker:
         """Run ``fn`` (a one-token ``StageStep``) here, on the calling event loop, if it is
         a lone session's: nothing submitted is unsettled (the worker is idle, and only the
         loop submits), no other session computed here (a decode step or a prefill) in the
-        last ``ACTIVE_S`` (a batch could form), no slow fault, and such a step took at most ``INLINE_MAX_MS`` last time
-        (a slow device's step runs on the worker, so the loop answers pings and heartbeats
-        meanwhile). None: it was not run (``submit`` it)."""
+        last ``ACTIVE_S`` (a batch could form), no slow fault, and such a step took at most
+        ``INLINE_MAX_MS`` last time (a slow device's step runs on the worker, so the loop
+        answers pings and heartbeats meanwhile). None: it was not run (``submit`` it)."""
         if self._outstanding or self.slow is not None or self._lone_ms > INLINE_MAX_MS:
             return None
         if not isinstance(fn, StageStep) or not fn.batchable:
