@@ -82,7 +82,8 @@ def _on_result(then: Callable[[Any], None], job: asyncio.Future) -> None:
 
 
 def handles_errors(method: Callable) -> Callable:
-    """Answer nanoshard errors with their gRPC status; anything else is a bug, logged."""
+    """Answer nanoshard errors with their gRPC status; anything else is a bug, logged. (For
+    a call or a stream alike: a stream's handler gets its requests' reader.)"""
 
     @functools.wraps(method)
     async def wrapper(self: NodeService, request: Any, context: Any) -> Any:
@@ -441,17 +442,12 @@ class NodeService(pb_grpc.NodeServicer):
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepReply:
         return await self._step(request)
 
+    @handles_errors
     async def Steps(
         self, next_request: Callable[[], Awaitable[pb.StepRequest | None]], context: Any
     ) -> None:
-        try:
-            while (request := await self._next(next_request)) is not None:
-                await context.write(await self._step(request))
-        except NanoshardError as exc:
-            await rpc.abort(context, exc)
-        except Exception as exc:
-            log.exception("Steps failed")
-            await rpc.abort(context, Internal(f"a step failed on this node: {exc}"))
+        while (request := await self._next(next_request)) is not None:
+            await context.write(await self._step(request))
 
     async def _next(self, next_request: Callable[[], Awaitable[Request | None]]) -> Request | None:
         """A stream's next request (None at its end). Once the node stops, Unavailable, at
