@@ -237,11 +237,16 @@ def report(
             f"  recovered at position {r.pos}: {r.kind} ({r.detail}), {r.ms:.0f} ms",
             file=sys.stderr,
         )
+    names = {t["address"]: t["node"] for traces in result.steps for t in traces if t["node"]}
+
+    def who(address: str) -> str:  # (a node by its name, as the hop lines below say it)
+        return f"{names[address]} ({address})" if address in names else address
+
     for c in checks:
         verdict = "agree" if c.agree else "DISAGREE"
-        distances = ", ".join(f"{a} {d:.2g}" for a, d in c.distances.items())
+        distances = ", ".join(f"{who(a)} {d:.2g}" for a, d in c.distances.items())
         print(
-            f"  spot-check of {c.checked}, units [{c.start}, {c.end}) at position {c.pos}: "
+            f"  spot-check of {who(c.checked)}, units [{c.start}, {c.end}) at position {c.pos}: "
             f"{verdict} ({distances}; tolerance {c.tolerance:.2g})",
             file=sys.stderr,
         )

@@ -714,6 +714,26 @@ def test_a_swarm_key_file_that_is_not_text_is_named(
     )
 
 
+def test_a_spot_check_names_its_nodes_as_the_hop_lines_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Spot-check lines named nodes by address, the hop lines by name."""
+    from argparse import Namespace
+
+    from nanoshard.cli.generate import report
+    from nanoshard.client.checks import CheckResult
+    from nanoshard.client.sdk import GenerationResult
+    from nanoshard.trace import trace_to_dict
+
+    trace = trace_to_dict(pb.HopTrace(node="n3", address="127.0.0.1:46041", start=6, end=8))
+    result = GenerationResult("!", [0], [1, 2], "max_new_tokens", 1.0, [], steps=[[trace]])
+    check = CheckResult(6, 8, 4, 1, "127.0.0.1:46041", {"127.0.0.1:5": 0.0}, 1e-5)
+    report(result, Namespace(json=False), False, [check])
+    err = capsys.readouterr().err
+    assert "spot-check of n3 (127.0.0.1:46041), units [6, 8) at position 4: agree" in err
+    assert "(127.0.0.1:5 0;" in err  # (a shadow that computed no step: its address)
+
+
 def test_a_generation_a_node_excluded_for_lying_computed_ends_with_a_warning(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
