@@ -207,7 +207,10 @@ def test_closing_a_client_stops_its_running_generations_first(how: str) -> None:
 
         thread = threading.Thread(target=run)
         thread.start()
-        while not client.sessions or len(client.sessions[0].fed) < 3:
+        deadline = time.monotonic() + 30
+        while (not client.sessions or len(client.sessions[0].fed) < 3) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         client.close()
         thread.join(timeout=30)
