@@ -164,35 +164,55 @@ def run_loaded(
     their errors do, unless ``-v``. Each reads its setting once, as it loads: set first."""
     args = sys.argv[1:] if argv is None else argv
     command = next((a for a in args if not a.startswith("-")), None)
+    _SIGNALLED.clear()
     unblock_stop_signals()
     if not {"-v", "--verbose"} & set(args):
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # (as ``interruptible`` does later: Ctrl-C is taken even where the tool started with
     # SIGINT ignored, as a shell script's background job does)
-    taken = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    taken = {signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_terminated}
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         for sig, how in taken.items():
             signal.signal(sig, how)
     try:
         main = importlib.import_module(module).main
+        if _SIGNALLED:  # raised, then swallowed by a library as it loaded (see _SIGNALLED)
+            raise KeyboardInterrupt if _SIGNALLED[-1] == signal.SIGINT else Terminated
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         sys.exit(0 if command in servers else 128 + signal.SIGTERM)
-    if main_thread and command in servers:  # (SIGINT: KeyboardInterrupt, as while loading)
-        signal.signal(signal.SIGTERM, _raise_server_terminated)
+    if main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (as asyncio.run expects)
+        if command in servers:
+            signal.signal(signal.SIGTERM, _raise_server_terminated)
     main(argv)
 
 
-def _raise_terminated(_signum: int, _frame: object) -> None:
+# The stop signals a tool took while it loaded or started. The exception a handler raises
+# can be swallowed by the library it interrupts: torch's C init imports numpy and drops any
+# error of that import (numpy is optional to it), so a SIGTERM in its first half-second was
+# lost 1 time in 10 and the node served on. What is noted here is acted on once the import
+# is over (``run_loaded``) or the server takes the signals (``stop_on_signals``).
+_SIGNALLED: list[int] = []
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    _SIGNALLED.append(signum)
     raise Terminated
 
 
-def _raise_server_terminated(_signum: int, _frame: object) -> None:
+def _raise_server_terminated(signum: int, _frame: object) -> None:
+    _SIGNALLED.append(signum)
     raise Terminated(server=True)
 
 
@@ -252,9 +272,11 @@ def _outcome(prog: str, main: Callable[[], int | None]) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _SIGNALLED.clear()  # (it got through)
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
+        _SIGNALLED.clear()
         print(f"{prog}: terminated", file=sys.stderr)
         return 0 if exc.server else 128 + signal.SIGTERM
     except BrokenPipeError:
@@ -302,6 +324,10 @@ def stop_on_signals(stop: asyncio.Event) -> list[int]:
             loop.add_signal_handler(sig, on_signal, sig)
         except (RuntimeError, ValueError):  # not the main thread: the caller stops us
             break
+    else:
+        if _SIGNALLED:  # (taken as the server started, and swallowed: it stops it now)
+            loop.call_soon(on_signal, _SIGNALLED[-1])
+            _SIGNALLED.clear()
     return received
 
 
