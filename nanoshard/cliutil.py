@@ -151,12 +151,12 @@ def run_loaded(
     prog: str, module: str, argv: list[str] | None, servers: frozenset[str] = frozenset()
 ) -> None:
     """A console script's ``main``: import ``module`` (torch and the rest: a second or
-    two), then run its ``main(argv)``. Ctrl-C or SIGTERM while it loads ends as it does
-    later: one line and exit 130 or 143 (0 for SIGTERM to one of its ``servers``
-    commands: how a server is meant to be stopped, ``server_exit``), not a traceback from
-    the middle of an import (or, for SIGTERM, an end without a word). So does one that
-    comes once it is loaded, before the command takes the signals itself (it ended the
-    process by the signal, without a word).
+    two), then run its ``main(argv)``. Ctrl-C or SIGTERM while it loads ends it once the
+    import is over (``_SIGNALLED``) as it does later: one line and exit 130 or 143 (0 for
+    SIGTERM to one of its ``servers`` commands: how a server is meant to be stopped,
+    ``server_exit``), not a traceback from the middle of an import (or, for SIGTERM, an
+    end without a word). So does one that comes once it is loaded, before the command
+    takes the signals itself (it ended the process by the signal, without a word).
 
     The native libraries' own log lines (gRPC's C core: a TLS handshake that failed, with
     its source file; torch's C++: a group's rendezvous polling for a member that died)
@@ -171,14 +171,13 @@ def run_loaded(
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # (as ``interruptible`` does later: Ctrl-C is taken even where the tool started with
     # SIGINT ignored, as a shell script's background job does)
-    taken = {signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_terminated}
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
-        for sig, how in taken.items():
-            signal.signal(sig, how)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _note_signal)  # (acted on once the import is over)
     try:
         main = importlib.import_module(module).main
-        if _SIGNALLED:  # raised, then swallowed by a library as it loaded (see _SIGNALLED)
+        if _SIGNALLED:
             raise KeyboardInterrupt if _SIGNALLED[-1] == signal.SIGINT else Terminated
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -188,22 +187,23 @@ def run_loaded(
         sys.exit(0 if command in servers else 128 + signal.SIGTERM)
     if main_thread:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # (as asyncio.run expects)
-        if command in servers:
-            signal.signal(signal.SIGTERM, _raise_server_terminated)
+        terminate = _raise_server_terminated if command in servers else _raise_terminated
+        signal.signal(signal.SIGTERM, terminate)
     main(argv)
 
 
-# The stop signals a tool took while it loaded or started. The exception a handler raises
-# can be swallowed by the library it interrupts: torch's C init imports numpy and drops any
-# error of that import (numpy is optional to it), so a SIGTERM in its first half-second was
-# lost 1 time in 10 and the node served on. What is noted here is acted on once the import
-# is over (``run_loaded``) or the server takes the signals (``stop_on_signals``).
+# The stop signals a tool took while it loaded or started. An exception raised in the
+# middle of the libraries' imports can be swallowed (torch's C init imports numpy and drops
+# any error of that import: a SIGTERM in a node's first half-second was lost 1 time in 10,
+# and the node served on) or end the process in C++ (pybind11: "terminate called after
+# throwing"), so while a tool loads its signals are only noted, and acted on once the
+# import is over (``run_loaded``, a second or two); one whose exception a library swallows
+# as a server starts is acted on when the server takes the signals (``stop_on_signals``).
 _SIGNALLED: list[int] = []
 
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
+def _note_signal(signum: int, _frame: object) -> None:
     _SIGNALLED.append(signum)
-    raise KeyboardInterrupt
 
 
 def _raise_terminated(signum: int, _frame: object) -> None:

@@ -68,11 +68,13 @@ def test_a_signal_while_a_tool_loads_is_one_line(
     tmp_path: Path, sig: signal.Signals, command: str, code: int, word: str
 ) -> None:
     """Ctrl-C or SIGTERM while a tool still imports its modules (torch: a second or two)
-    ends it with one line and 130 or 143 (a server's SIGTERM: 0, as later): not a
-    traceback from inside an import, nor, for SIGTERM, an end without a word. (The module
-    signals its own process as it loads.)"""
+    ends it, once the import is over, with one line and 130 or 143 (a server's SIGTERM:
+    0, as later): not a traceback from inside an import, nor, for SIGTERM, an end without
+    a word, and never the command itself. (The module signals its own process as it
+    loads.)"""
     (tmp_path / "loading.py").write_text(
-        f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(30)\n"
+        f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(0.5)\n"
+        "def main(argv):\n    time.sleep(60)\n"
     )
     run = (
         "from nanoshard.cliutil import run_loaded; "
@@ -125,7 +127,7 @@ def test_a_signal_a_library_swallows_as_the_tool_loads_still_ends_it(
         "import os, signal, time\n"
         "try:\n"
         f"    os.kill(os.getpid(), {int(sig)})\n"
-        "    time.sleep(5)\n"
+        "    time.sleep(0.5)\n"
         "except BaseException:\n"
         "    pass\n"
         "def main(argv):\n"
