@@ -486,10 +486,8 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
 def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, str, str]:
     """A greedy generation of 30 tokens along a 3-hop route whose last hop has a replica;
     after 10 tokens its node hangs (SIGSTOP: its connections stay open, nothing answers).
-    The tokens must be those of a run without the hang. Once the hung node comes back
-    (SIGCONT), it frees the session: the node that left it sent it a close that waited
-    for it (it kept the session, and its KV memory, until its TTL). Returns the session's
-    recoveries from the hang on, the first node, the hung one and its replica."""
+    The tokens must be those of a run without the hang. Returns the session's recoveries
+    from the hang on, the first node, the hung one and its replica."""
     prompt = [464, 3290, 373, 257, 1332]
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
@@ -522,11 +520,6 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
                 result = session.step([result.token], len(prompt) + len(tokens) - 1)
         assert [h["address"] for h in result.hops] == [a, b, c2]
         session.close()
-        last.popen.send_signal(signal.SIGCONT)
-        wait_until(
-            f"{c}, back, to free the session",
-            lambda: stub(c).Info(pb.InfoRequest(), timeout=10).sessions == 0,
-        )
     assert tokens == expected
     return session.recoveries[before:], a, c, c2
 
