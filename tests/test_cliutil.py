@@ -54,6 +54,18 @@ def test_not_a_size(text: str) -> None:
         parse_size(text)
 
 
+def run_tool(folder: Path, module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``run_loaded`` of ``module`` (a file in ``folder``) with ``args``, in a process of
+    its own ("serve" is its server command)."""
+    run = (
+        "from nanoshard.cliutil import run_loaded; "
+        f"run_loaded('tool', '{module}', {args!r}, frozenset({{'serve'}}))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", run], cwd=folder, capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.mark.parametrize(
     ("sig", "command", "code", "word"),
     [
@@ -76,13 +88,7 @@ def test_a_signal_while_a_tool_loads_is_one_line(
         f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(0.5)\n"
         "def main(argv):\n    time.sleep(60)\n"
     )
-    run = (
-        "from nanoshard.cliutil import run_loaded; "
-        f"run_loaded('tool', 'loading', ['-v', '{command}'], frozenset({{'serve'}}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    done = run_tool(tmp_path, "loading", ["-v", command])
     assert (done.returncode, done.stderr) == (code, f"tool: {word}\n")
 
 
@@ -99,13 +105,7 @@ def test_a_sigterm_once_loaded_and_before_the_command_takes_it_is_one_line(
         "def main(argv):\n"
         "    run_cli('tool', lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
     )
-    run = (
-        "from nanoshard.cliutil import run_loaded; "
-        f"run_loaded('tool', 'loaded', ['{command}'], frozenset({{'serve'}}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    done = run_tool(tmp_path, "loaded", [command])
     assert (done.returncode, done.stderr) == (code, "tool: terminated\n")
 
 
@@ -133,13 +133,7 @@ def test_a_signal_a_library_swallows_as_the_tool_loads_still_ends_it(
         "def main(argv):\n"
         "    time.sleep(60)\n"
     )
-    run = (
-        "from nanoshard.cliutil import run_loaded; "
-        f"run_loaded('tool', 'swallowing', ['{command}'], frozenset({{'serve'}}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, timeout=30
-    )
+    done = run_tool(tmp_path, "swallowing", [command])
     assert (done.returncode, done.stderr) == (code, f"tool: {word}\n")
 
 
