@@ -143,7 +143,6 @@ class Run:
         except InvalidArgument as exc:
             raise bad(str(exc), "messages" if r.chat else "prompt") from None
         max_new = r.max_new_tokens(len(self.prompt_ids), client.config.block_size)
-        seed = r.seed if r.seed is not None else secrets.randbits(63)
         self._last = time.perf_counter()
         started = self._last
 
@@ -155,7 +154,7 @@ class Run:
                     temperature=r.temperature,
                     top_k=0,
                     top_p=r.top_p,
-                    seed=seed,
+                    seed=r.seed,  # (None: the SDK draws one, as OpenAI does)
                     on_token=self._on_token,
                 )
                 if tail := self.text.finish():
@@ -169,11 +168,9 @@ class Run:
         self.gateway.tasks.add(task)
         task.add_done_callback(self._done)
         first = asyncio.ensure_future(self.queue.get())
-        while not (await asyncio.wait({first}, timeout=WATCH_S))[0]:
-            if gone is not None and await gone():
-                first.cancel()
-                self.cancel()
-                return False
+        if not await self._unless_gone(first, gone):
+            first.cancel()
+            return False
         self._first = first.result()
         if self._first is None:
             if self._stopped is not None:
@@ -223,17 +220,26 @@ class Run:
         (a client that gave up must not hold the swarm until its ``max_tokens``)."""
         joined = asyncio.ensure_future(self._joined())
         try:
-            while not (await asyncio.wait({joined}, timeout=WATCH_S))[0]:
-                if gone is not None and await gone():
-                    self.cancel()
-                    await asyncio.wait({joined})  # (its session closed on every hop)
-                    return None
+            if not await self._unless_gone(joined, gone):
+                await asyncio.wait({joined})  # (its session closed on every hop)
+                return None
             return joined.result()
         finally:
             joined.cancel()
 
     async def _joined(self) -> str:
         return "".join([piece async for piece, _ in self.pieces()])
+
+    async def _unless_gone(
+        self, work: asyncio.Future, gone: Callable[[], Awaitable[bool]] | None
+    ) -> bool:
+        """Wait for ``work``, asking ``gone`` every ``WATCH_S``; if the client left, cancel
+        the generation (its session closes) and say so (False)."""
+        while not (await asyncio.wait({work}, timeout=WATCH_S))[0]:
+            if gone is not None and await gone():
+                self.cancel()
+                return False
+        return True
 
     def cancel(self) -> None:
         """Its client left: stop the generation (its session closes at once)."""

@@ -206,8 +206,7 @@ def _note_signal(signum: int, _frame: object) -> None:
     _SIGNALLED.append(signum)
 
 
-def _raise_terminated(signum: int, _frame: object) -> None:
-    _SIGNALLED.append(signum)
+def _raise_terminated(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
@@ -272,11 +271,9 @@ def _outcome(prog: str, main: Callable[[], int | None]) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _SIGNALLED.clear()  # (it got through)
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
-        _SIGNALLED.clear()
         print(f"{prog}: terminated", file=sys.stderr)
         return 0 if exc.server else 128 + signal.SIGTERM
     except BrokenPipeError:

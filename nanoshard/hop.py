@@ -707,16 +707,13 @@ class NextHop:
         or hung (SIGSTOP, a swapping machine), and the close waits for it to answer again."""
         request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
         leave = self.channels.call(address, "Close", request, LEAVE_WITHIN_S, wait_for_ready=True)
-        self._leaving[address] = self._in_background(leave)
+        self._leaving[address] = self.channels.in_background(leave)
 
     def _stay(self, address: str) -> None:
         """The link goes back to ``address``: its close, if it still waits, is not sent."""
         leaving = self._leaving.pop(address, None)
         if leaving is not None:
             leaving.cancel()
-
-    def _in_background(self, work: Awaitable[Any]) -> asyncio.Future:
-        return self.channels.in_background(work)
 
     def drop_stream(self) -> None:
         """End the stream (the next step opens a new one); the session stays open."""
@@ -755,7 +752,7 @@ class NextHop:
     def abandon(self) -> None:
         """``close``, in the background: for an owner giving the session up where it cannot
         wait (its own open was refused or cancelled after this link's node took it)."""
-        self._in_background(self.close())
+        self.channels.in_background(self.close())
 
     async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close the session on the current node and the hops after it. Best effort: a
@@ -766,7 +763,9 @@ class NextHop:
         if self.address is None:
             return
         request = pb.CloseRequest(session_id=self.spec.session_id)
-        closing = self._in_background(self.channels.call(self.address, "Close", request, timeout_s))
+        closing = self.channels.in_background(
+            self.channels.call(self.address, "Close", request, timeout_s)
+        )
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:

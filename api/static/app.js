@@ -66,11 +66,8 @@ function nodeCard(n, byAddress) {
   if (n.excluded) cls.push("excluded");
   if (loading) cls.push("loading");
   if (n.sessions > 0) cls.push("busy");
-  // (the words of nanoshard status: ok, loading, standby, down, excluded)
-  const health = n.excluded ? "excluded"
-    : n.healthy ? (loading ? "loading" : "ok")
-    : n.heartbeating ? (n.stage ? "loading" : "standby")
-    : "down";
+  // (nanoshard status's word; a serving node moving to another stage reads loading here)
+  const health = n.health === "ok" && loading ? "loading" : n.health.toLowerCase();
   const step = n.live.decode_ms || n.step_ms_p50;
   const tp = n.tp.size > 1 ? `${n.tp.group} · rank ${n.tp.rank}/${n.tp.size}` : "–";
   const next = n.live.next_hops.map((h) => (byAddress.get(h.address) || h.address) + ` (${fmt(h.rtt_ms, 2)} ms)`);
