@@ -632,7 +632,7 @@ def state_sizes(sim: Sim) -> dict[str, float]:
             sessions=3,
             kv_bytes_used=1 << 30,
             kv_bytes_budget=1 << 32,
-            queue_length=1,
+            queue_depth=1,
             step_ms_p50=20.0,
             live=cpb.LiveLoad(
                 decode_ms=20.0,

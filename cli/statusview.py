@@ -125,7 +125,7 @@ def _health(n: cpb.NodeStatus) -> Text:
 
 def _load(n: cpb.NodeStatus) -> Text:
     """Queued steps and the node's live compute per decode step."""
-    return Text(f"q{n.load.queue_length} {n.load.live.decode_ms:.1f}ms")
+    return Text(f"q{n.load.queue_depth} {n.load.live.decode_ms:.1f}ms")
 
 
 def _slowdown(n: cpb.NodeStatus) -> Text:

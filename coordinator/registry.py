@@ -71,7 +71,7 @@ class Load:
     sessions: int = 0
     kv_bytes_used: int = 0
     kv_bytes_budget: int = 0
-    queue_length: int = 0
+    queue_depth: int = 0
     step_ms_p50: float = 0.0
     tp_link: groups.LinkReport = field(default_factory=groups.LinkReport)  # a member's links
     # Its pings to the peers it may form a group with (``peers_of``), by their address.
@@ -710,7 +710,7 @@ class Registry:
                 continue
             start, end = r.ready
             unit_ms, cum = self._unit_times(r, start, end)
-            load = r.load.sessions + r.load.queue_length + self._pending(r)
+            load = r.load.sessions + r.load.queue_depth + self._pending(r)
             # (its speed now, against its measurement: applied to the kept times)
             speed = speed_factor(r.load.live)
             out.append(Server(r.address, start, end, unit_ms, float(load), speed=speed, cum=cum))
@@ -723,7 +723,7 @@ class Registry:
             )
             start, end = group.stage
             unit_ms = tuple(cap.unit_ms(self.units[u]) for u in range(start, end))
-            load = max(r.load.sessions + r.load.queue_length for r in records)
+            load = max(r.load.sessions + r.load.queue_depth for r in records)
             load += self._pending(records[0])  # (routes name rank 0)
             out.append(
                 Server(

@@ -297,7 +297,7 @@ class CoordinatorService:
             ld.sessions,
             ld.kv_bytes_used,
             ld.kv_bytes_budget,
-            ld.queue_length,
+            ld.queue_depth,
             ld.step_ms_p50,
             LinkReport(link.probe_ms, link.bytes_per_s, link.live_ms),
             peers,
@@ -418,7 +418,7 @@ class CoordinatorService:
                         sessions=ld.sessions,
                         kv_bytes_used=ld.kv_bytes_used,
                         kv_bytes_budget=ld.kv_bytes_budget,
-                        queue_length=ld.queue_length,
+                        queue_depth=ld.queue_depth,
                         step_ms_p50=ld.step_ms_p50,
                         tp_link=cpb.GroupLink(
                             probe_ms=ld.tp_link.probe_ms,

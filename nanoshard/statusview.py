@@ -41,7 +41,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 ],
                 "serving": [n.ready_start, n.ready_end] if n.ready_end else None,
                 "sessions": n.load.sessions,
-                "queue": n.load.queue_length,
+                "queue": n.load.queue_depth,
                 "kv_bytes_used": n.load.kv_bytes_used,
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
                 "live": _live(n.load.live),

@@ -771,7 +771,7 @@ class Volunteer:
                     sessions=len(self.plane.sessions),
                     kv_bytes_used=self.plane.sessions.used_bytes,
                     kv_bytes_budget=self.plane.sessions.budget_bytes,
-                    queue_length=self.plane.worker.queue_length,
+                    queue_depth=self.plane.worker.queue_depth,
                     step_ms_p50=info.step_ms_p50,
                     tp_link=group.link if group is not None and self.ready else None,
                     peer_links=self.links.report() if self.links else (),

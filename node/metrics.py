@@ -147,7 +147,7 @@ class NodeCollector(Collector):
             svc.identity.address,
             units,
             len(svc.sessions),
-            svc.worker.queue_length,
+            svc.worker.queue_depth,
             svc.sessions.used_bytes,
             svc.sessions.budget_bytes,
             svc.live.ratio.value,

@@ -844,7 +844,7 @@ class NodeService(pb_grpc.NodeServicer):
             sessions=len(self.sessions),
             kv_bytes_used=self.sessions.used_bytes,
             kv_bytes_budget=self.sessions.budget_bytes,
-            queue_length=self.worker.queue_length,
+            queue_depth=self.worker.queue_depth,
             step_ms_p50=self.step_ms_p50,
             epoch=self.identity.epoch,
             protocol_version=PROTOCOL_VERSION,

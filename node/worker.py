@@ -164,7 +164,7 @@ class ComputeWorker:
         self._thread.start()
 
     @property
-    def queue_length(self) -> int:
+    def queue_depth(self) -> int:
         """Jobs submitted and not yet answered: queued, or running (the worker takes every
         queued job off ``_jobs`` at once to batch them, so its size says nothing)."""
         return self._outstanding

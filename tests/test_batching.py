@@ -153,10 +153,10 @@ def test_worker_batches_queued_decode_steps(tiny_config, tiny_weights) -> None:
             steps.append(worker.run(bad))
             tasks = [asyncio.ensure_future(s) for s in steps]
             for _ in range(10_000):  # each task queues its job when it starts
-                if worker.queue_length == len(steps) + 1:  # (and the blocker runs)
+                if worker.queue_depth == len(steps) + 1:  # (and the blocker runs)
                     break
                 await asyncio.sleep(0.001)
-            assert worker.queue_length == len(steps) + 1, worker.queue_length
+            assert worker.queue_depth == len(steps) + 1, worker.queue_depth
             gate.set()  # ... while everything queues up behind it
             await blocker
             done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -217,13 +217,13 @@ def test_the_queue_limit_counts_the_jobs_the_worker_took_to_batch() -> None:
             first.set()  # ... and taken off the queue with c once a is done
             assert await asyncio.to_thread(running.acquire, True, 30)
             await a
-            assert worker.queue_length == 2  # b runs, c waits
+            assert worker.queue_depth == 2  # b runs, c waits
             d = worker.submit(lambda: None)
             with pytest.raises(ResourceExhausted, match="3 steps are queued or running"):
                 worker.submit(lambda: None)
             second.set()
             await asyncio.gather(b, c, d)
-            assert worker.queue_length == 0
+            assert worker.queue_depth == 0
         finally:
             first.set()
             second.set()

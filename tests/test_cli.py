@@ -66,7 +66,7 @@ def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
                 ready_end=end if i != 1 else 0,
                 load=cpb.NodeLoad(
                     sessions=12,
-                    queue_length=3,
+                    queue_depth=3,
                     step_ms_p50=90.0,
                     live=cpb.LiveLoad(decode_ms=41.25, speed_ratio=4.9 if i == 0 else 1.1),
                 ),

@@ -22,11 +22,11 @@ class Capacity(_message.Message):
     def __init__(self, device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., block_ms: _Optional[float] = ..., head_ms: _Optional[float] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "tp_link", "peer_links", "live")
+    __slots__ = ("sessions", "kv_bytes_used", "kv_bytes_budget", "queue_depth", "step_ms_p50", "tp_link", "peer_links", "live")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
     TP_LINK_FIELD_NUMBER: _ClassVar[int]
     PEER_LINKS_FIELD_NUMBER: _ClassVar[int]
@@ -34,12 +34,12 @@ class NodeLoad(_message.Message):
     sessions: int
     kv_bytes_used: int
     kv_bytes_budget: int
-    queue_length: int
+    queue_depth: int
     step_ms_p50: float
     tp_link: GroupLink
     peer_links: _containers.RepeatedCompositeFieldContainer[PeerLink]
     live: LiveLoad
-    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ..., live: _Optional[_Union[LiveLoad, _Mapping]] = ...) -> None: ...
+    def __init__(self, sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_depth: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., tp_link: _Optional[_Union[GroupLink, _Mapping]] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ..., live: _Optional[_Union[LiveLoad, _Mapping]] = ...) -> None: ...
 
 class LiveLoad(_message.Message):
     __slots__ = ("decode_ms", "decode_ms_p90", "prefill_ms_per_token", "tokens_per_s", "sampled_per_s", "speed_ratio", "idle_s", "next_hops")

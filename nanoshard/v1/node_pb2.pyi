@@ -285,7 +285,7 @@ class PingReply(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_length", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size", "public_key")
+    __slots__ = ("name", "address", "model_id", "start", "end", "n_units", "device", "dtype", "sessions", "kv_bytes_used", "kv_bytes_budget", "queue_depth", "step_ms_p50", "epoch", "protocol_version", "tp_rank", "tp_size", "public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -297,7 +297,7 @@ class NodeInfo(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_P50_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -315,11 +315,11 @@ class NodeInfo(_message.Message):
     sessions: int
     kv_bytes_used: int
     kv_bytes_budget: int
-    queue_length: int
+    queue_depth: int
     step_ms_p50: float
     epoch: bytes
     protocol_version: int
     tp_rank: int
     tp_size: int
     public_key: bytes
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_length: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., n_units: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_bytes_budget: _Optional[int] = ..., queue_depth: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., epoch: _Optional[bytes] = ..., protocol_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
