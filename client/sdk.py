@@ -705,7 +705,10 @@ class Client:
     event loop thread of its own. Connects when made (errors are raised here)."""
 
     def __init__(self, coordinator: str | None = None, **options: Any) -> None:
-        self.core = AsyncClient(coordinator, **options)  # options checked before a thread starts
+        try:  # options checked before a thread starts
+            self.core = AsyncClient(coordinator, **options)
+        except TypeError as exc:  # (a wrong keyword: named as the caller wrote it)
+            raise TypeError(str(exc).replace("AsyncClient.__init__()", "Client()")) from None
         self._loop = LoopThread()
         try:
             self._loop.run(self.core.connect())

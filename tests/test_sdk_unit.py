@@ -1099,6 +1099,13 @@ def test_a_bad_client_option_is_refused_before_anything_connects(
     assert set(threading.enumerate()) <= threads  # no loop thread left behind
 
 
+def test_a_misspelt_client_option_is_named_as_written() -> None:
+    with pytest.raises(
+        TypeError, match=r"^Client\(\) got an unexpected keyword argument 'timeout'"
+    ):
+        Client("127.0.0.1:1", timeout=5)  # (timeout_s)
+
+
 def test_good_addresses_are_taken() -> None:
     for address in ["127.0.0.1:7960", "node-1.local:0", "[::1]:65535"]:
         assert AsyncClient(address, check_rate=0)._where[0] == address
