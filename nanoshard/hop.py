@@ -54,6 +54,7 @@ import grpc
 
 from nanoshard import codec as codecs
 from nanoshard import rpc
+from nanoshard.backoff import backoff_delays
 from nanoshard.errors import (
     CacheMismatch,
     FailedPrecondition,
@@ -74,7 +75,8 @@ MAX_CHANNELS = 256  # channels kept open to nodes; the least recently used go fi
 REPAIRS_PER_NODE = 3  # a refill can race with expiry or a restart: a few tries per node
 CLOSE_TIMEOUT_S = 10.0
 # Freeing the session on a node a link moved away from: delivered whenever the node answers
-# within this (one that hung and came back frees it then, not at its TTL).
+# within this, sent again if the connection it went out on is cut (one that hung and came
+# back frees it then, not at its TTL).
 LEAVE_WITHIN_S = 120.0
 SLOWER = 3.0  # a node whose decode steps take this many times their first pace is left
 HOP_SHARE = 0.9  # of the time its caller waits, what a node gives the hops after it
@@ -191,6 +193,29 @@ class Channels:
             )
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, address) from None
+
+    async def call_until_answered(
+        self, address: str, method: str, request: Any, within_s: float
+    ) -> Any:
+        """A unary call that waits for the node at ``address`` to answer, within
+        ``within_s``: for a connection to it (``wait_for_ready``), and again whenever the
+        connection the call went out on is cut unanswered. A hung node's connection stays
+        open, so the call goes out on it, and the keepalive cuts it while the node still
+        hangs (UNAVAILABLE, "ping timeout"): gRPC does not send a call again once it went
+        out, and the node, back, never answers it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        delays = backoff_delays(0.2, 2.0)
+        while True:  # (each try waits for a connection first: no busy loop)
+            try:
+                return await self.call(
+                    address, method, request, deadline - loop.time(), wait_for_ready=True
+                )
+            except Unavailable:
+                delay = next(delays)
+                if loop.time() + delay >= deadline:
+                    raise
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), OrderedDict()
@@ -704,9 +729,10 @@ class NextHop:
     def _leave(self, address: str) -> None:
         """Free the session on a node this link moved away from, now rather than at its
         TTL; the hops after it keep theirs. In the background: the node may well be gone,
-        or hung (SIGSTOP, a swapping machine), and the close waits for it to answer again."""
+        or hung (SIGSTOP, a swapping machine), and the close waits for it to answer again
+        (sent again if the hung node's connection it went out on is cut meanwhile)."""
         request = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
-        leave = self.channels.call(address, "Close", request, LEAVE_WITHIN_S, wait_for_ready=True)
+        leave = self.channels.call_until_answered(address, "Close", request, LEAVE_WITHIN_S)
         self._leaving[address] = self.channels.in_background(leave)
 
     def _stay(self, address: str) -> None:

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from routes import RouteSession, fixed_session
 from swarm import LISTENING, Swarm, nanoshard, wait_until
@@ -483,11 +484,34 @@ def test_lost_hop_is_refilled_from_replay_material(tiny_model: Path) -> None:
         assert tokens == expected
 
 
-def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, str, str]:
+def links_to(pid: int, address: str) -> set[int]:
+    """The local ports of the TCP connections process ``pid`` holds open to ``address``
+    (gRPC's sockets are IPv6 ones: 127.0.0.1 reads ::ffff:127.0.0.1)."""
+    host, port = address.rsplit(":", 1)
+    proc = psutil.Process(pid)
+    held = (
+        proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+    )
+    return {
+        c.laddr.port
+        for c in held
+        if c.raddr
+        and c.raddr.port == int(port)
+        and c.raddr.ip in (host, f"::ffff:{host}")
+        and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def hang_the_last_hop(
+    tiny_model: Path, back_once_cut: bool = False, **options: object
+) -> tuple[list, str, str, str]:
     """A greedy generation of 30 tokens along a 3-hop route whose last hop has a replica;
     after 10 tokens its node hangs (SIGSTOP: its connections stay open, nothing answers).
-    The tokens must be those of a run without the hang. Returns the session's recoveries
-    from the hang on, the first node, the hung one and its replica."""
+    The tokens must be those of a run without the hang. With ``back_once_cut``, the node
+    stays hung until the middle node's keepalive has cut every connection it had to it
+    (a close sent on one of them is lost with it), then comes back (SIGCONT) and must
+    free the session. Returns the session's recoveries from the hang on, the first node,
+    the hung one and its replica."""
     prompt = [464, 3290, 373, 257, 1332]
     with Swarm() as swarm:
         a, b, c = swarm.chain(str(tiny_model), ["0:2", "2:4", "4:6"])
@@ -513,6 +537,9 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
         c, c2 = (c, c2) if serving == c else (c2, c)
         before = len(session.recoveries)
         last = swarm.serving(c)
+        middle = swarm.serving(b).popen.pid
+        hung_links = links_to(middle, c)
+        assert hung_links, f"{b} holds no connection to {c}"
         last.popen.send_signal(signal.SIGSTOP)  # (the swarm kills it, SIGCONT too)
         while len(tokens) < 30:
             tokens.append(result.token)
@@ -520,6 +547,16 @@ def hang_the_last_hop(tiny_model: Path, **options: object) -> tuple[list, str, s
                 result = session.step([result.token], len(prompt) + len(tokens) - 1)
         assert [h["address"] for h in result.hops] == [a, b, c2]
         session.close()
+        if back_once_cut:
+            wait_until(
+                f"{b}'s keepalive to cut its connections to {c}, hung",
+                lambda: not links_to(middle, c) & hung_links,
+            )
+            last.popen.send_signal(signal.SIGCONT)
+            wait_until(
+                f"{c}, back, to free the session",
+                lambda: stub(c).Info(pb.InfoRequest(), timeout=10).sessions == 0,
+            )
     assert tokens == expected
     return session.recoveries[before:], a, c, c2
 
@@ -540,6 +577,18 @@ def test_a_silent_hop_is_named_by_the_node_before_it_not_by_the_client(
     assert f"{a}: no answer" not in retried.detail, retried.detail
     # ... and the middle node moved to the replica when the step came again
     assert repaired.kind == "repair" and f"refilled {c2} from 0" in repaired.detail
+
+
+def test_a_node_left_hung_frees_the_session_once_back_though_its_connection_was_cut(
+    tiny_model: Path,
+) -> None:
+    """The middle node leaves the hung last hop within the step's time (8 s), long before
+    its keepalive cuts the connection: the close of the session there goes out on that
+    connection, still open, and is lost with it once cut. It is sent again, so the node,
+    back, frees the session; it kept it, and its KV memory, until its TTL (300 s), and
+    refused a later failover onto it ("KV memory budget full")."""
+    (retried, _), _, c, _ = hang_the_last_hop(tiny_model, back_once_cut=True, timeout_s=8.0)
+    assert f"{c}: no answer to the step" in retried.detail, retried.detail
 
 
 def test_a_hung_hop_is_cut_by_its_ping_and_replaced_within_the_step(tiny_model: Path) -> None:
