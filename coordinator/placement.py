@@ -243,8 +243,10 @@ def place(
     ``previous`` is the placement in force. Nodes keep their stage while it fits, and new
     nodes go where the swarm is weakest, as long as a fresh placement would lift the weakest
     unit by less than ``rebalance_threshold`` (0.2 = 20 %) and give no more replicas. Else
-    the fewest nodes are released and placed again (1, 2, 4, ...; the most redundant first)
-    that bring it within the threshold.
+    the fewest nodes are released and placed again (1, 2, 4, ... and all but one; the most
+    redundant first, or the weakest unit's holders first) that bring it within the
+    threshold. Only if none does is the swarm placed from scratch, which may move every
+    node.
     """
     nodes = list(nodes)
     if not units:
@@ -282,17 +284,41 @@ def place(
     h, _ = sw.profile(kept)
     redundant = {i: min(h[slice(*s)]) - sw.rate(i, *s) for i, s in kept.items()}
     release = sorted(kept, key=lambda i: (-redundant[i], i))  # level its units keep without it
+    # ... or the weakest unit's holders first (the slowest first), then the rest so: where
+    # that unit's only holder is the trouble (slowed, say), releasing redundant nodes never
+    # lifts it, and going back to scratch would move every node.
+    low = min((x for x, k in zip(h, need, strict=True) if k), default=0.0)
+    weak = sorted(
+        (i for i, s in kept.items() if min(h[slice(*s)]) <= low),
+        key=lambda i: (sw.rate(i, *kept[i]), i),
+    )
+    orders = [release, weak + [i for i in release if i not in weak]]
     target = fresh.weakest(need) / (1 + rebalance_threshold)
-    released = 0
-    while released < len(kept):
-        base = {i: kept[i] for i in release[released:]}
-        result = _fill(sw, base, [i for i in usable if i not in base], need)
-        if result.short(need) <= fresh.short(need) and result.weakest(need) >= target:
-            log.debug("placement: kept %d of %d stages", len(base), len(kept))
-            return sw.placement(result.stages)
-        released = max(1, 2 * released)
+    kept_sets: set[frozenset[int]] = set()  # (those tried)
+    for released in _release_sizes(len(kept)):
+        for order in orders:
+            base = {i: kept[i] for i in order[released:]}
+            if frozenset(base) in kept_sets:
+                continue
+            kept_sets.add(frozenset(base))
+            result = _fill(sw, base, [i for i in usable if i not in base], need)
+            if result.short(need) <= fresh.short(need) and result.weakest(need) >= target:
+                log.debug("placement: kept %d of %d stages", len(base), len(kept))
+                return sw.placement(result.stages)
     log.debug("placement: placed again from scratch")
     return sw.placement(fresh.stages)
+
+
+def _release_sizes(n: int) -> list[int]:
+    """How many of ``n`` kept stages ``place`` releases in turn: 0, 1, 2, 4, ... and n - 1
+    (all but one), short of going back to scratch."""
+    sizes, k = [0] if n else [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    if sizes and n - 1 > sizes[-1]:
+        sizes.append(n - 1)
+    return sizes
 
 
 class _Swarm:
