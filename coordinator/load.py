@@ -13,8 +13,8 @@ Placement weighs a node by its measured capacity times its ``slowdown``
 (``placement_slowdown``): the same live ratio, but over what the other nodes' ratios share
 (``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
 nodes sharing a machine, slows everyone, and moving stages helps nobody; a group's member
-over its partners', ``partners_ratio``), and with
-hysteresis, since moving a stage costs a fetch and a load while a route costs nothing. A
+over its partners', ``partners_ratio``; a node is not judged while no other node has a
+figure), and with hysteresis, since moving a stage costs a fetch and a load while a route costs nothing. A
 node counts as slowed once fresh steps run ``SLOW`` times its measurement, follows its
 ratio from then on only when it moves by half again, and counts as recovered once fresh
 steps run under ``RECOVERED`` times it, or once it has run nothing for ``RECHECK_S``
@@ -68,9 +68,11 @@ def fresh(live: LiveReport) -> bool:
 
 def shared_ratios(
     reports: Sequence[LiveReport], rests: Sequence[float] | None = None
-) -> list[float]:
-    """For each report, the median speed ratio of the *other* nodes (at least 1; 1 when
-    none has one): the slowdown they share, which is not the node's own. A fresh report
+) -> list[float | None]:
+    """For each report, the median speed ratio of the *other* nodes (at least 1; None while
+    none has one: the node is not judged yet, as the first of a route's nodes to report
+    after its first steps would be against nothing): the slowdown they share, which is not
+    the node's own. A fresh report
     counts as it runs now; another node counts with the lowest ratio it reported
     (``rests``, 0: none), how its steps run at rest — above 1 where a step's fixed cost is
     most of it (a tiny model: 3-4 x on a busy machine), which a node that routes use alone
@@ -80,7 +82,8 @@ def shared_ratios(
     order = sorted((i for i, v in enumerate(values) if v > 0), key=values.__getitem__)
     ratios = [values[i] for i in order]
     rank = {i: k for k, i in enumerate(order)}
-    return [max(_median_without(ratios, rank.get(i)), 1.0) for i in range(len(reports))]
+    others = [_median_without(ratios, rank.get(i)) for i in range(len(reports))]
+    return [max(ratio, 1.0) if ratio else None for ratio in others]
 
 
 def partners_ratio(partners: Sequence[LiveReport]) -> float | None:

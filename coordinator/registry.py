@@ -379,11 +379,12 @@ class Registry:
         shared = shared_ratios([r.load.live for r in alone], [r.rest_ratio for r in alone])
         against = dict(zip([r.node_id for r in alone], shared, strict=True))
         for record in self.nodes.values():
-            others = against.get(record.node_id)
-            if record.tp_group:  # a group's member: against its partners, not the swarm
-                others = self._partners_ratio(record)
-                if others is None and fresh(record.load.live):
-                    continue  # (judged once a partner's figure is in too)
+            # (a group's member: against its partners, not the swarm)
+            others = (
+                against[record.node_id] if not record.tp_group else self._partners_ratio(record)
+            )
+            if others is None and fresh(record.load.live):
+                continue  # (judged once another node's figure is in too)
             slowdown = placement_slowdown(record.slowdown, record.load.live, others or 1.0)
             if slowdown != record.slowdown:
                 log.info(

@@ -56,10 +56,10 @@ def test_placement_counts_a_slowdown_only_past_its_hysteresis() -> None:
 
 def test_the_slowdown_nodes_share_is_not_their_own() -> None:
     assert shared_ratios([]) == []
-    assert shared_ratios([live(5.0)]) == [1.0]  # nobody else: nothing shared
+    assert shared_ratios([live(5.0)]) == [None]  # nobody else has a figure: not judged
     assert shared_ratios([live(5.0), live(1.0), live(1.2)]) == [1.1, 3.1, 3.0]
     assert shared_ratios([live(4.0)] * 4 + [live(0.5)]) == [4.0] * 4 + [4.0]
-    assert shared_ratios([live(9.0, idle_s=100), live(2.0)]) == [2.0, 1.0]  # stale: not counted
+    assert shared_ratios([live(9.0, idle_s=100), live(2.0)]) == [2.0, None]  # stale: not counted
     # ... but a node that ran no step lately counts at its rest: a tiny model's steps at
     # rest read 3.5 x on a busy machine everywhere, so the one node routes use is not slow
     idle = [live(3.6, idle_s=100), live(3.9, idle_s=100)]
@@ -105,8 +105,13 @@ def test_a_slowed_node_is_placed_by_its_live_speed_once_and_nothing_flaps() -> N
     first = [name for name, s in before.items() if s == (0, 7)]
     assert len(first) == 2  # the first half is the thinner one: 2 against 4
     assert registry.rebalance(2.0) == 0  # nothing measured: nothing moves
-    report(registry, first[0], 3.0, ratio=2.0)  # noise
+    others = [name for name in before if name != first[0]]
+    for name in others:  # the other nodes run as measured ...
+        report(registry, name, 3.0, ratio=1.0)
+    report(registry, first[0], 3.0, ratio=2.0)  # ... and this one with some noise
     assert registry.rebalance(3.0 + REBALANCE_S) == 0
+    for name in others:
+        report(registry, name, 200.0, ratio=1.0)
     report(registry, first[0], 200.0, ratio=5.0)  # its owner started a game
     moved = registry.rebalance(200.0 + MIN_REBALANCE_S)
     after = stages(registry)
@@ -118,6 +123,24 @@ def test_a_slowed_node_is_placed_by_its_live_speed_once_and_nothing_flaps() -> N
     for t in (220.0, 300.0, 220.0 + REBALANCE_S, 220.0 + 3 * REBALANCE_S):
         assert registry.rebalance(t) == 0  # the same figures: it stays
     assert stages(registry) == after
+
+
+def test_the_first_node_to_report_is_not_judged_against_nothing() -> None:
+    """A swarm's first steps: one node's report comes in before the others' (a tiny model's
+    steps read 5 x at rest, its fixed cost). Against nobody it is not judged; the others'
+    reports at rest then show it shares their ratio, and nothing moves."""
+    registry = three_stages()
+    before = stages(registry)
+    first, *others = before
+    report(registry, first, 2.0, ratio=5.0)
+    assert registry.rebalance(2.0 + MIN_REBALANCE_S) == 0
+    assert {r.slowdown for r in registry.nodes.values()} == {1.0}
+    for name in others:
+        report(registry, name, 3.0, ratio=4.5)
+    report(registry, first, 4.0, ratio=5.0)
+    assert registry.rebalance(4.0 + REBALANCE_S) == 0
+    assert {r.slowdown for r in registry.nodes.values()} == {1.0}
+    assert stages(registry) == before
 
 
 def test_a_swarm_that_is_busy_all_over_moves_nothing() -> None:
