@@ -35,6 +35,7 @@ from nanoshard.cliutil import (
     run_cli,
     server_exit,
     setup_logging,
+    share_arg,
 )
 from nanoshard.coordinator.server import CoordinatorConfig
 from nanoshard.engine import DTYPES
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--codec", default="fp32", help=CODECS_HELP)
     g.add_argument(
         "--check-rate",
-        type=float,
+        type=share_arg,
         default=DEFAULT_CHECK_RATE,
         help=CHECK_RATE_HELP,
     )
@@ -209,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--codec", default="fp32", help=CODECS_HELP)
     a.add_argument(
         "--check-rate",
-        type=float,
+        type=share_arg,
         default=DEFAULT_CHECK_RATE,
         help=CHECK_RATE_HELP,
     )
     a.add_argument(
         "--route-wait",
-        type=float,
+        type=positive_seconds,
         default=20.0,
         metavar="S",
         help="how long a request waits for a route before 503 (default 20)",
@@ -326,8 +327,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     from nanoshard.codec import check_codec
     from nanoshard.security import read_key
 
-    if not args.route_wait > 0:
-        raise InvalidArgument("--route-wait must be more than 0")
     check_codec(args.codec)  # the gateway's own setting: refused now, not on every request
     config = GatewayConfig(
         coordinator=args.coordinator,

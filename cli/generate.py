@@ -146,13 +146,21 @@ def check_options(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--{name.replace('_', '-')} {rest}") from None
 
 
+def quiet_once(started: Callable[[], bool]) -> Callable[[logging.LogRecord], bool]:
+    """A log filter for the client's session: its warnings (a failed step, a new route
+    looked for) are said until the text has ``started``, and then left to the summary's
+    recoveries after the text, not written mid-line in it; errors always."""
+    return lambda record: not started() or record.levelno >= logging.ERROR
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     interruptible()  # a generation stopped by a signal closes its session on its nodes
     check_options(args)
     args.prompt = read_prompt(args.prompt)
+    started = False
     if not args.verbose:  # (every check is reported after the text: not mid-line in it)
         logging.getLogger("nanoshard.client.checks").setLevel(logging.ERROR)
-    started = False
+        logging.getLogger("nanoshard.client.session").addFilter(quiet_once(lambda: started))
 
     def show(token: Token) -> None:
         nonlocal started

@@ -112,6 +112,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def share_arg(text: str) -> float:
+    """A share for argparse (a rate of checks): a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text}: give a number in [0, 1]")
+    return value
+
+
 def format_size(n: int) -> str:
     """Bytes for people, in the binary units parse_size reads: ``3.1 MiB``, ``11.5 GiB``."""
     if n >= 2**40:

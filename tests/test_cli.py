@@ -28,6 +28,7 @@ from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.cli import main
 from nanoshard.cli.commands import build_parser
+from nanoshard.cli.generate import quiet_once
 from nanoshard.cli.statusview import StatusView
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.engine import init_weights
@@ -286,6 +287,9 @@ MISTAKES = [
     (["generate", "--coordinator", "127.0.0.1:1", "--top-p", "0", "hi"], 1, "--top-p must be in"),
     (["generate", "--coordinator", "127.0.0.1:1", "--top-k", "-1", "hi"], 1, "--top-k must be >="),
     (["generate", "--route", "127.0.0.1:1", "--temperature", "nan", "hi"], 1, "--temperature must"),
+    (["generate", "--route", "127.0.0.1:1", "--check-rate", "5", "hi"], 2, "--check-rate: 5:"),
+    (["api", "--check-rate", "nan"], 2, "argument --check-rate: nan: give a number in [0, 1]"),
+    (["api", "--route-wait", "inf"], 2, "argument --route-wait: inf s: give a time above 0"),
     (["demo", "--nodes", "1000"], 1, "--nodes must be 1 to 32"),
     (["demo", "--temperature", "-1"], 1, "temperature must be in [0, 100]"),
     (["certs", "--hosts", "127.0.0.1", "--days", "99999999", "x"], 1, "--days must be 1 to"),
@@ -295,6 +299,21 @@ MISTAKES = [
         "give the swarm key once",
     ),
 ]
+
+
+def test_generate_says_recoveries_after_the_text_not_in_it() -> None:
+    """The session's warnings (a failed step, a new route looked for) go to stderr until
+    the text begins; then the summary after the text reports the recovery."""
+    started = False
+    keep = quiet_once(lambda: started)
+
+    def said(level: int) -> bool:
+        return bool(keep(logging.LogRecord("nanoshard.client.session", level, "", 0, "", (), None)))
+
+    assert said(logging.WARNING)  # (waiting for a route before any text: said)
+    started = True
+    assert not said(logging.WARNING) and not said(logging.INFO)
+    assert said(logging.ERROR)
 
 
 def test_a_prompt_is_read_from_stdin_when_asked(
