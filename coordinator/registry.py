@@ -28,6 +28,7 @@ from nanoshard.tp import MAX_PEERS
 
 from . import groups
 from .load import (
+    RECHECK_S,
     Handouts,
     LiveReport,
     fresh,
@@ -664,6 +665,13 @@ class Registry:
                 "the coordinator has just started: for a heartbeat timeout and two intervals "
                 "it waits for the nodes of a swarm it may have served to register again, "
                 "then places"
+            )
+        if record.slowdown > 1.0:
+            return (
+                f"placement counts its steps {record.slowdown:.1f} x slower than it measured "
+                "at start, beyond what the other nodes share: faster nodes serve its units "
+                f"until it shows it recovered (or has run nothing for {RECHECK_S / 60:.0f} "
+                "minutes)"
             )
         if self.tp not in ("auto", "off"):
             groups_of = (

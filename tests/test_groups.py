@@ -861,6 +861,9 @@ def test_an_idle_node_is_told_why() -> None:
         registry.join(record(i))
     (odd,) = [r for r in registry.nodes.values() if r.assigned is None]
     assert "groups of 2 (--tp 2)" in assignment(registry, odd).why_idle
+    odd.slowdown = 10.0  # (what rebalance takes from its live reports)
+    assert "counts its steps 10.0 x slower than it measured" in assignment(registry, odd).why_idle
+    odd.slowdown = 1.0
     registry.join(record(3, memory_mb=1))  # 1 MB holds no unit of GPT-2
     tiny = registry.nodes[nid(3)]
     assert tiny.assigned is None
