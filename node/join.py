@@ -53,7 +53,6 @@ from .group import MemberLink, Membership
 from .links import PeerLinks
 from .quotas import QuotaLimits
 from .server import DataPlane
-from .service import DISSOLVED
 from .weights import DEFAULT_CACHE_DIR, fetch_stage, verify_local_stage
 from .worker import MAX_BATCH, MAX_QUEUE
 
@@ -524,13 +523,6 @@ class Volunteer:
         self.wanted = wanted
         if self.loading is not None:
             self.loading.cancel()
-        old = self.plane.service.group if self.plane is not None else None
-        if old is not None and (tp is None or tp.id != old.id):
-            # Its group is dissolved: a collective waiting there (for a member that hung,
-            # say) fails now, not at its timeout, and the next stage's build is not queued
-            # behind it on the compute worker.
-            assert self.plane is not None
-            self.plane.service.break_group(old, DISSOLVED)
         if wanted is None:
             self._stand_by(assignment.why_idle)
             self.loading = None

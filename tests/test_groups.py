@@ -4,7 +4,6 @@ model), group ids, routes through groups, a group breaking, and what status show
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -40,9 +39,7 @@ from nanoshard.coordinator.routing import HOP_OVERHEAD_MS, plan_route
 from nanoshard.coordinator.service import CoordinatorService, assignment
 from nanoshard.errors import InvalidArgument
 from nanoshard.identity import NodeKey, join_proof_message
-from nanoshard.node.group import Membership
 from nanoshard.node.join import Events, JoinConfig, Volunteer
-from nanoshard.node.service import DISSOLVED
 from nanoshard.statusview import status_json
 from nanoshard.v1 import coordinator_pb2 as cpb
 
@@ -877,31 +874,6 @@ def test_an_idle_node_is_told_why() -> None:
     settling.join(record(0))
     waiting = settling.nodes[nid(0)]
     assert "register again" in assignment(settling, waiting).why_idle
-
-
-def test_a_member_given_another_group_stops_waiting_in_the_old_one(tmp_path: Path) -> None:
-    """The coordinator dissolved this member's group (a partner hung) and places it in
-    another: the old group is broken at once, so a collective waiting there fails now, not
-    at gloo's timeout, and the new stage's build does not queue behind it on the worker."""
-    old = Membership(tp=cpb.TpGroup(id="g1", rank=1, size=2), collective=None)  # type: ignore[arg-type]
-    broken: list[tuple[str, str]] = []
-    service = SimpleNamespace(group=old, break_group=lambda g, why: broken.append((g.id, why)))
-    volunteer = Volunteer(JoinConfig(cache_dir=tmp_path), Events())
-    volunteer.plane = SimpleNamespace(service=service)  # type: ignore[assignment]
-
-    async def run() -> None:
-        same = cpb.Assignment(start=0, end=2, tp=cpb.TpGroup(id="g1", rank=1, size=2))
-        volunteer._follow(same)  # (its own group again: nothing to break)
-        assert broken == []
-        other = cpb.Assignment(start=0, end=2, tp=cpb.TpGroup(id="g2", rank=0, size=2))
-        volunteer._follow(other)
-        assert broken == [("g1", DISSOLVED)]
-        assert volunteer.loading is not None
-        volunteer.loading.cancel()  # (the new stage's load: not under test)
-        with contextlib.suppress(asyncio.CancelledError):
-            await volunteer.loading
-
-    asyncio.run(run())
 
 
 def test_a_standing_by_volunteer_is_told_each_new_reason(tmp_path: Path) -> None:
