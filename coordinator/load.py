@@ -14,12 +14,12 @@ Placement weighs a node by its measured capacity times its ``slowdown``
 (``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
 nodes sharing a machine, slows everyone, and moving stages helps nobody; a group's member
 over its partners', ``partners_ratio``; a node is not judged while no other node has a
-figure), and with hysteresis, since moving a stage costs a fetch and a load while a route costs nothing. A
-node counts as slowed once fresh steps run ``SLOW`` times its measurement, follows its
-ratio from then on only when it moves by half again, and counts as recovered once fresh
-steps run under ``RECOVERED`` times it, or once it has run nothing for ``RECHECK_S``
-(placement may then give it work to show it). Noise on a shared machine (1.5-2x here)
-moves no stage.
+figure), and with hysteresis, since moving a stage costs a fetch and a load while a route
+costs nothing. A node counts as slowed once fresh steps run ``SLOW`` times its
+measurement, follows its ratio from then on only when it moves by half again, and counts
+as recovered once fresh steps run under ``RECOVERED`` times it, or once it has run
+nothing for ``RECHECK_S`` (placement may then give it work to show it). Noise on a shared
+machine (1.5-2x here) moves no stage.
 """
 
 from __future__ import annotations
