@@ -13,9 +13,9 @@ Placement weighs a node by its measured capacity times its ``slowdown``
 (``placement_slowdown``): the same live ratio, but over what the other nodes' ratios share
 (``shared_ratios``, fresh ones as they run, the others at their lowest: a busy swarm, or
 nodes sharing a machine, slows everyone, and moving stages helps nobody; a group's member
-over its partners', ``partners_ratio``; a node is not judged while no other node has a
-figure), and with hysteresis, since moving a stage costs a fetch and a load while a route
-costs nothing. A node counts as slowed once fresh steps run ``SLOW`` times its
+over its partners' compute, ``partners_ratio``; a node is not judged while no other node
+has a figure), and with hysteresis, since moving a stage costs a fetch and a load while a
+route costs nothing. A node counts as slowed once fresh steps run ``SLOW`` times its
 measurement, follows its ratio from then on only when it moves by half again, and counts
 as recovered once fresh steps run under ``RECOVERED`` times it, or once it has run
 nothing for ``RECHECK_S`` (placement may then give it work to show it). Noise on a shared
@@ -86,12 +86,19 @@ def shared_ratios(
     return [max(ratio, 1.0) if ratio else None for ratio in others]
 
 
-def partners_ratio(partners: Sequence[LiveReport]) -> float | None:
+def partners_ratio(
+    partners: Sequence[LiveReport], scales: Sequence[float] | None = None
+) -> float | None:
     """What a group's member is measured against: the median fresh speed ratio of its
     partners (at least 1), who run the same shapes in step with it, so share whatever a
     step costs beyond its units' compute (on a small model, most of it); None while none of
-    them has one (the member is not judged)."""
-    ratios = sorted(r.speed_ratio for r in partners if fresh(r))
+    them has one (the member is not judged). ``scales``: each partner's measured step time
+    over the member's, for the group's stage. A ratio is its node's compute over its own
+    measurement, and two nodes of one host measure a block from 0.14 to 0.93 ms at start-up:
+    scaled so, a partner's ratio says how its compute compares with the member's
+    measurement, so partners computing alike count alike."""
+    scales = scales if scales is not None else [1.0] * len(partners)
+    ratios = sorted(r.speed_ratio * s for r, s in zip(partners, scales, strict=True) if fresh(r))
     return max(_median_without(ratios, None), 1.0) if ratios else None
 
 

@@ -405,11 +405,18 @@ class Registry:
         return self.replan(budget=self.move_budget())
 
     def _partners_ratio(self, record: NodeRecord) -> float | None:
-        """``load.partners_ratio`` of the group ``record`` reports serving in."""
+        """``load.partners_ratio`` of the group ``record`` reports serving in, each partner's
+        ratio scaled by its measured step time on the group's stage over the member's."""
         group = self.groups.get(record.tp_group)
         members = group.members if group is not None else ()
         partners = [self.nodes[m] for m in members if m != record.node_id and m in self.nodes]
-        return partners_ratio([p.load.live for p in partners])
+        own = self._stage_ms(record, group.stage) if group is not None else 0.0
+        scales = [self._stage_ms(p, group.stage) / own if own > 0 else 1.0 for p in partners]
+        return partners_ratio([p.load.live for p in partners], scales)
+
+    def _stage_ms(self, record: NodeRecord, stage: tuple[int, int]) -> float:
+        """A node's estimated decode-step time for the units of ``stage``."""
+        return self._unit_times(record, *stage)[1][-1]
 
     def move_budget(self) -> int:
         """Units one re-placement may have nodes load: ``MOVE_SHARE`` of those held."""

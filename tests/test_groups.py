@@ -325,6 +325,43 @@ def test_a_member_is_counted_slowed_against_its_partners_and_a_spare_takes_its_p
     assert nodes[slow].group == ""
 
 
+def test_members_computing_alike_are_not_slowed_by_their_start_up_figures() -> None:
+    """Tour D: processes on one host measured a block at 0.14 to 0.93 ms at start-up, so
+    partners computing alike report ratios 4.7 x apart (each over its own figure). A member
+    is judged against its partners' compute, scaled by their measurements: neither counts
+    slowed, nor is the group broken; one computing 10 x slower than its partner still is."""
+    registry = Registry(GPT2, tp=2)
+    for i, block_ms in enumerate((0.14, 0.66)):
+        registry.join(record(i, block_ms=block_ms))
+    serve_all(registry)
+    a, b = nid(0), nid(1)
+    group = registry.nodes[a].group
+    assert group and registry.nodes[b].group == group
+
+    def expected(node_id: str) -> float:  # a decode step as its measurement prices it
+        r = registry.nodes[node_id]
+        return sum(registry.unit_ms(r, u) for u in range(*r.assigned))
+
+    def report(node_id: str, own_ms: float, now: float) -> None:
+        r = registry.nodes[node_id]
+        ratio = own_ms / expected(node_id)  # as the node computes it
+        live = LiveReport(speed_ratio=ratio)
+        registry.heartbeat(node_id, now, r.assigned, Load(live=live), group)
+
+    alike = 2.0 * expected(b)
+    report(a, alike, 2.0)
+    report(b, alike, 2.0)
+    assert registry.nodes[a].load.live.speed_ratio == pytest.approx(2 * 0.66 / 0.14)
+    registry.rebalance(3.0)
+    registry.rebalance(3.0 + MIN_REBALANCE_S)
+    assert (registry.nodes[a].slowdown, registry.nodes[b].slowdown) == (1.0, 1.0)
+    assert registry.nodes[a].group == registry.nodes[b].group == group
+    report(a, 10 * alike, 4.0)
+    registry.rebalance(4.0)
+    assert registry.nodes[a].slowdown == pytest.approx(10.0)
+    assert registry.nodes[b].slowdown == 1.0
+
+
 def test_nodes_are_asked_to_ping_the_peers_they_may_group_with() -> None:
     registry = Registry(GPT2, tp="auto")
     for i in range(11):

@@ -180,6 +180,9 @@ def test_a_group_member_is_judged_against_its_partners_once_they_have_figures() 
     assert partners_ratio([LiveReport(speed_ratio=0.5)]) == 1.0  # (at least 1)
     three = [LiveReport(speed_ratio=r) for r in (2.0, 9.0, 4.0)]
     assert partners_ratio(three) == 4.0
+    # scaled by each partner's measurement over the member's: a partner measured 4 x slower
+    # at 2 x its own figure computes what the member's measurement puts at 8 x
+    assert partners_ratio([LiveReport(speed_ratio=2.0)], [4.0]) == 8.0
     # a member at a small model's 9 x beside a partner at 9 x is not slowed; at 90 x it is
     assert placement_slowdown(1.0, LiveReport(speed_ratio=9.0), 9.0) == 1.0
     assert placement_slowdown(1.0, LiveReport(speed_ratio=90.0), 9.0) == 10.0
