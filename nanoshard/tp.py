@@ -113,6 +113,7 @@ class Collective:
         self.stats = CollectiveStats()
         self._lock = threading.Lock()
         self.aborted = ""  # why the group was given up ("" while it serves)
+        self._waiting_since = 0.0  # when the collective waiting now began (0: none waits)
         # NCCL's wait only orders the device's stream: there, abort is the process group's.
         self._sliced = isinstance(pg, dist.ProcessGroupGloo)
 
@@ -200,7 +201,14 @@ class Collective:
         except RuntimeError as exc:
             log.debug("aborting group %s: %s", self.group, exc)
 
+    def waiting_s(self) -> float:
+        """How long the collective waiting now has waited (0: none waits). A healthy group's
+        take milliseconds; one that waits for seconds waits for a partner gone or hung."""
+        since = self._waiting_since
+        return time.monotonic() - since if since else 0.0
+
     def _wait(self, work: dist.Work) -> None:
+        self._waiting_since = time.monotonic()
         try:
             if not self._sliced:
                 work.wait()
@@ -217,6 +225,8 @@ class Collective:
             raise CollectiveError(
                 f"tensor-parallel group {self.group}: {failure_reason(exc)}"
             ) from None
+        finally:
+            self._waiting_since = 0.0
         raise CollectiveError(f"tensor-parallel group {self.group}: {self.aborted}")
 
     def _count(self, started: float, nbytes: int) -> None:

@@ -37,6 +37,24 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 120.0  # a member's answer to one command (its compute and collectives)
 LIVE_WEIGHT = 0.05  # of a step's collectives in the live figure (about the last 20 steps)
+STUCK_S = 2.0  # a node placed elsewhere gives its old group up once a collective waits this
+STUCK_POLL_S = 0.25
+
+
+async def give_up_when_stuck(group: Membership, give_up: Callable[[Membership, str], None]) -> None:
+    """Watch ``group``, which this node leaves, while its new stage waits for the compute
+    worker: a collective of the old group may hold the worker, waiting for a partner gone
+    or hung, which would queue the new stage behind it until gloo's timeout (20 s in a node).
+    Once one has waited ``STUCK_S``, ``give_up`` the group (which ends the wait). A
+    healthy group's collectives take milliseconds, and it serves until the new stage is
+    ready; run until cancelled or the group breaks."""
+    while not group.broken:
+        if (waited := group.collective.waiting_s()) >= STUCK_S:
+            give_up(
+                group, f"a collective waited {waited:.0f} s for a partner as this node moved on"
+            )
+            return
+        await asyncio.sleep(STUCK_POLL_S)
 
 
 @dataclass

@@ -49,7 +49,7 @@ from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .capacity import load_or_measure, to_wire
-from .group import MemberLink, Membership
+from .group import MemberLink, Membership, give_up_when_stuck
 from .links import PeerLinks
 from .quotas import QuotaLimits
 from .server import DataPlane
@@ -586,7 +586,16 @@ class Volunteer:
             torch.set_num_threads(threads)
             return Stage.from_tensors(config, start, end, tensors, dtype, device, transform)
 
-        stage: Stage = await self.plane.load(build)
+        # (a collective of the group it leaves may hold the worker: a partner gone or hung)
+        old = self.plane.service.group
+        unstick = (
+            None if old is None else asyncio.create_task(give_up_when_stuck(old, self._group_broke))
+        )
+        try:
+            stage: Stage = await self.plane.load(build)
+        finally:
+            if unstick is not None:
+                unstick.cancel()
         weights = stage.weight_nbytes
         self.plane.sessions.budget_bytes = self._kv_budget(weights)
         self.plane.service.set_stage(stage, group)  # new sessions go here; open ones finish
@@ -720,14 +729,21 @@ class Volunteer:
             return
         self.plane.service.set_stage(None)  # (its sessions failed over already)
         self.ready = None
-        self._give_up(group.id, f"tensor-parallel group {group.id} broke ({group.broken})")
+        moving = self.loading is not None and not self.loading.done()  # (placed elsewhere)
+        self._give_up(group.id, f"tensor-parallel group {group.id} broke ({group.broken})", moving)
 
-    def _give_up(self, group: str, why: str) -> None:
+    def _give_up(self, group: str, why: str, moving: bool = False) -> None:
         """Serve ``group`` no more, whatever a reply sent meanwhile assigns (``_follow``), and
         tell the coordinator now (``gave_up_group``): it places the group's members again,
         in a new group or none. The node neither leaves nor re-joins: it stays placeable,
-        so whatever placement does next, it takes part."""
-        self.events.info(f"{why}: waiting for the coordinator to place this node again")
+        so whatever placement does next, it takes part (``moving``: it was placed already,
+        and loads that stage)."""
+        then = (
+            "loading the stage placed next"
+            if moving
+            else "waiting for the coordinator to place this node again"
+        )
+        self.events.info(f"{why}: {then}")
         self.gave_up = [*self.gave_up[-(GAVE_UP_KEPT - 1) :], group]
         if self.wanted and self.wanted[2] == group:
             self.wanted = NOT_YET  # whatever comes next is followed

@@ -3,11 +3,14 @@ on 127.0.0.1, each holding its shard; their output equals the unsharded stage's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import functools
 import io
 import itertools
 import multiprocessing as mp
+import re
 import threading
 import time
 from typing import Any
@@ -21,8 +24,10 @@ from conftest import with_noisy_biases
 from nanoshard.config import GPTConfig
 from nanoshard.engine import Stage, init_weights
 from nanoshard.errors import InvalidArgument
+from nanoshard.node.group import STUCK_S, Membership, give_up_when_stuck
 from nanoshard.node.join import rendezvous_store
 from nanoshard.tp import Collective, CollectiveError, failure_reason, shard, vocab_range
+from nanoshard.v1 import coordinator_pb2 as cpb
 
 CONFIG = GPTConfig(block_size=96, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
 PROMPT = [3, 17, 99, 0, 42, 5, 64, 8]
@@ -188,6 +193,58 @@ def test_giving_a_group_up_ends_a_collective_already_waiting() -> None:
     (message, waited), _ = in_group(2, give_up_while_waiting)
     assert message == "tensor-parallel group test: the node was given another stage"
     assert waited < 4.0  # 1 s, and then at most a slice of its wait (ABORT_POLL_S)
+
+
+def move_on(hung: bool, collective: Collective) -> tuple[str, float, float]:
+    """Rank 0 sums on a thread, as a compute worker does, while its node, placed elsewhere,
+    watches the group (``give_up_when_stuck``); rank 1 sums alike, or hangs past rank 0's
+    end. Why rank 0 gave the group up ("" if it did not), when its sums ended, and how long
+    a collective waited then (0: none waits)."""
+    rounds = 150
+    if collective.rank == 1:
+        if hung:
+            time.sleep(STUCK_S + 4.0)
+        else:
+            for _ in range(rounds):
+                collective.all_reduce(torch.ones(3))
+                time.sleep(0.02)
+        return "", 0.0, 0.0
+    group = Membership(cpb.TpGroup(id="test", rank=0, size=2), collective)
+
+    def give_up(g: Membership, why: str) -> None:  # as a node's service breaks a group
+        g.broken = why
+        g.collective.abort(why)
+
+    def sums() -> None:
+        with contextlib.suppress(CollectiveError):
+            for _ in range(rounds):
+                collective.all_reduce(torch.ones(3))
+                time.sleep(0.02)
+
+    async def watch() -> float:
+        started = time.monotonic()
+        watcher = asyncio.create_task(give_up_when_stuck(group, give_up))
+        await asyncio.to_thread(sums)
+        watcher.cancel()
+        return time.monotonic() - started
+
+    ended = asyncio.run(watch())
+    return group.broken, ended, collective.waiting_s()
+
+
+@pytest.mark.parametrize("hung", [True, False], ids=["hung", "healthy"])
+def test_a_node_placed_elsewhere_gives_its_group_up_only_when_stuck(hung: bool) -> None:
+    """Tour D: a member regrouped while its old group's collective waited for a partner
+    that hung sat out gloo's timeout, its new stage queued behind that collective (a
+    stream stalled 23 s). It gives the old group up once a collective has waited STUCK_S;
+    a healthy group (collectives of milliseconds) serves on until the new stage is ready."""
+    (why, ended, waiting), _ = in_group(2, functools.partial(move_on, hung))
+    assert waiting == 0.0
+    if hung:
+        assert re.fullmatch(r"a collective waited [23] s for a partner as this node moved on", why)
+        assert ended < STUCK_S + 2.0  # not gloo's timeout (60 s here)
+    else:
+        assert why == ""
 
 
 def test_a_group_runs_on_gloo_or_on_nccl_with_cuda_only() -> None:
