@@ -408,9 +408,10 @@ class Registry:
         """``load.partners_ratio`` of the group ``record`` reports serving in, each partner's
         ratio scaled by its measured step time on the group's stage over the member's."""
         group = self.groups.get(record.tp_group)
-        members = group.members if group is not None else ()
-        partners = [self.nodes[m] for m in members if m != record.node_id and m in self.nodes]
-        own = self._stage_ms(record, group.stage) if group is not None else 0.0
+        if group is None:
+            return None
+        partners = [self.nodes[m] for m in group.members if m != record.node_id and m in self.nodes]
+        own = self._stage_ms(record, group.stage)
         scales = [self._stage_ms(p, group.stage) / own if own > 0 else 1.0 for p in partners]
         return partners_ratio([p.load.live for p in partners], scales)
 
