@@ -129,10 +129,13 @@ def _load(n: cpb.NodeStatus) -> Text:
 
 
 def _slowdown(n: cpb.NodeStatus) -> Text:
-    """How many times its capacity measurement the node's steps take now, when that is 1.5
-    or more (`` x4.9``: its owner took the machine back)."""
-    ratio = n.load.live.speed_ratio
-    return Text(f" x{ratio:.1f}", style="bold yellow") if ratio >= 1.5 else Text("")
+    """How many times its capacity measurement placement counts the node's steps, in red,
+    when it counts it slowed (`` x4.9``: its owner took the machine back); else as routing
+    counts them now, in yellow, when that is 1.5 or more."""
+    if n.slowdown > 1.0:
+        return Text(f" x{n.slowdown:.1f}", style="bold red")
+    factor = n.speed_factor
+    return Text(f" x{factor:.1f}", style="bold yellow") if factor >= 1.5 else Text("")
 
 
 def _checks(n: cpb.NodeStatus) -> Text:

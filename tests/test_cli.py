@@ -76,6 +76,8 @@ def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
                 checks_passed=120,
                 checks_failed=i,
                 excluded="disagreed 3 times" if i == 2 else "",
+                speed_factor=4.9 if i == 0 else 1.1,  # as routing counts it
+                slowdown=3.2 if i == 1 else 1.0,  # placement counts it slowed
             )
         )
     served = [0] * n
@@ -115,6 +117,7 @@ def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: 
     for figure in ("1.5s", "2.12ms", "q3 41.2ms", "120/1", "EXCLUDED", "DOWN", "loading"):
         assert figure in out, (figure, out)
     assert out.count("x4.9") == 1 and "x1.1" not in out  # a slowed node: its live slowdown
+    assert out.count("x3.2") == 1  # one placement counts slowed
     assert "measured 12.5 tokens/s" in " ".join(out.split())
     assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
 
