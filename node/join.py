@@ -221,7 +221,7 @@ class Volunteer:
         self._channel: grpc.aio.Channel  # to the coordinator (``_connect``)
         self._stub: cpb_grpc.CoordinatorStub
         self.links: PeerLinks | None = None  # to the peers it may form a group with
-        # mDNS probing takes about 1.5 s: the node joins meanwhile (``_advertise``)
+        # mDNS probing takes about 1.5 s: the node loads its stage meanwhile (``_advertise``)
         self.advertising: asyncio.Task[discovery.Advertiser] | None = None
         self.ready: tuple[int, int] | None = None
         self.loading: asyncio.Task | None = None
@@ -350,9 +350,9 @@ class Volunteer:
             self.links = PeerLinks(self.plane.service.channels, self.plane.address)
             self.plane.service.live.capacity = (capacity.block_ms, capacity.head_ms)
             self.store = await asyncio.to_thread(self._open_store)
-            if config.mdns:
-                self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
             await self._join()
+            if config.mdns:  # once the swarm took it (a node of another swarm advertises nothing)
+                self.advertising = asyncio.create_task(asyncio.to_thread(self._advertise))
             await self._heartbeats(local)
         finally:
             await self._shutdown()

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from zeroconf import InterfaceChoice
+from swarm import Swarm
+from zeroconf import InterfaceChoice, ServiceBrowser, Zeroconf
 
 from nanoshard import discovery as d
 from nanoshard.errors import FailedPrecondition, InvalidArgument
@@ -337,3 +338,28 @@ def test_a_strangers_coordinator_is_passed_over_for_a_while_then_tried_again() -
     now[0] += 29.0
     assert passed.current() == {"10.0.0.5:7000"}
     assert 7000 not in passed  # (not an address)
+
+
+@pytest.mark.slow
+def test_a_node_of_another_swarm_advertises_nothing(swarm: str, tmp_path: Any) -> None:
+    """Tour D: `join --swarm other` advertised itself on mDNS before the coordinator refused
+    it, so browsers on the LAN saw a node that was never in any swarm. It advertises once
+    the swarm took it. (Every announcement is recorded, resolved or not: a node that
+    announces and says goodbye at once would resolve as nothing.)"""
+    seen: list[str] = []
+    zc = Zeroconf(interfaces=LOOPBACK)
+    browser = ServiceBrowser(zc, d.NODE_SERVICE, handlers=[lambda name, **_: seen.append(name)])
+    try:
+        with Swarm() as s:
+            _, address = s.coordinator("--swarm", swarm)
+            node = s.join(
+                "--swarm", f"{swarm}-other", "--coordinator", address,
+                "--cache-dir", str(tmp_path), "--name", f"n-{swarm[:8]}",
+            )  # fmt: skip
+            assert node.wait(timeout=120) == 1
+            assert "runs swarm" in node.output, node.output
+            time.sleep(2.0)  # (an announcement already sent would reach the browser by now)
+        assert not [n for n in seen if f"n-{swarm[:8]}" in n], seen
+    finally:
+        browser.cancel()
+        zc.close()
