@@ -42,21 +42,41 @@ class StatusView:
         yield units if _fits(units, console, options) else _coverage_runs(s)
         gaps = sum(1 for u in s.units if u.replicas == 0)
         nodes = f"{len(s.nodes)} node" + ("" if len(s.nodes) == 1 else "s")
-        yield Text(
-            f"{nodes} · measured {s.measured_tokens_per_s:.1f} tokens/s (last 10 s) · "
-            f"estimated {s.tokens_per_s:.1f} tokens/s per session · "
-            + (f"{gaps} units uncovered" if gaps else "every unit covered"),
-            style="bold red" if gaps else "bold",
-        )
+        summary = [
+            f"{nodes} ·",
+            f"measured {s.measured_tokens_per_s:.1f} tokens/s (last 10 s) ·",
+            f"estimated {s.tokens_per_s:.1f} tokens/s per session ·",
+            f"{gaps} units uncovered" if gaps else "every unit covered",
+        ]
+        style = "bold red" if gaps else "bold"
+        yield _pack([Text(p, style=style) for p in summary], options.max_width)
         for n in s.nodes:
             if n.excluded:
                 yield Text(f"excluded {n.name} ({n.address}): {n.excluded}", style="red")
-        yield from _groups(s)
+        yield from _groups(s, options.max_width)
 
 
-def _groups(s: cpb.SwarmStatus) -> list[Text]:
+def _pack(phrases: list[Text], width: int) -> Text:
+    """``phrases`` joined by spaces, in lines of at most ``width`` where they fit, broken
+    between phrases only: a name, an address or a figure never splits across lines (a
+    phrase wider than a line is left to rich's own wrapping)."""
+    out, used = Text(), 0
+    for phrase in phrases:
+        if used and used + 1 + phrase.cell_len > width:
+            out.append("\n")
+            used = 0
+        elif used:
+            out.append(" ")
+            used += 1
+        out.append_text(phrase)
+        used += phrase.cell_len
+    return out
+
+
+def _groups(s: cpb.SwarmStatus, width: int) -> list[Text]:
     """A line per group: ``group ab12-v3-0 [0,14) up: alice r0, bob r1`` (members in rank
-    order; ``forming`` until every member serves it), and its links as measured."""
+    order; ``forming`` until every member serves it), and its links as measured; packed
+    into lines of ``width`` (``_pack``)."""
     members: dict[str, list[cpb.NodeStatus]] = {}
     for n in s.nodes:
         if not n.assignment.idle and n.assignment.tp.size > 1:
@@ -66,17 +86,20 @@ def _groups(s: cpb.SwarmStatus) -> list[Text]:
         nodes.sort(key=lambda n: n.assignment.tp.rank)
         a = nodes[0].assignment
         up = all(n.ready for n in nodes) and len(nodes) == a.tp.size
-        text = Text(f"group {gid} [{a.start},{a.end}) ")
-        text.append("up" if up else "forming", style="green" if up else "yellow")
-        text.append(": " + ", ".join(f"{n.name} r{n.assignment.tp.rank}" for n in nodes))
+        head = Text(f"group {gid} [{a.start},{a.end}) ")
+        head.append("up" if up else "forming", style="green" if up else "yellow")
+        head.append(":")
+        ranks = [f"{n.name} r{n.assignment.tp.rank}" for n in nodes]
+        phrases = [head, *(Text(r + ",") for r in ranks[:-1]), Text(ranks[-1])]
         links = [n.load.tp_link for n in nodes]
         live = max(link.live_ms for link in links)
         probe = max(link.probe_ms for link in links)
         if live or probe:  # as measured: the slowest member's figure counts
-            text.append(f" · all-reduce {probe:.2f} ms at formation", style="dim")
+            said = f"· all-reduce {probe:.2f} ms at formation"
+            phrases.append(Text(said + ("," if live else ""), style="dim"))
             if live:
-                text.append(f", {live:.2f} ms per collective serving", style="dim")
-        lines.append(text)
+                phrases.append(Text(f"{live:.2f} ms per collective serving", style="dim"))
+        lines.append(_pack(phrases, width))
     return lines
 
 

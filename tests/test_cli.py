@@ -119,6 +119,8 @@ def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: 
     assert out.count("x4.9") == 1 and "x1.1" not in out  # a slowed node: its live slowdown
     assert out.count("x3.2") == 1  # one placement counts slowed
     assert "measured 12.5 tokens/s" in " ".join(out.split())
+    for phrase in ("measured 12.5 tokens/s (last 10 s)", "estimated 21.5 tokens/s per session"):
+        assert phrase in out, out  # on one line: the summary breaks between phrases only
     assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
 
 
@@ -220,7 +222,10 @@ def grouped_status() -> cpb.SwarmStatus:
 
 @pytest.mark.parametrize("width", [80, 200])
 def test_the_status_shows_each_nodes_group_and_each_groups_stage(width: int) -> None:
-    out = render(grouped_status(), width)
+    status = grouped_status()
+    for n in status.nodes:
+        n.load.tp_link.CopyFrom(cpb.GroupLink(probe_ms=0.21, bytes_per_s=1.2e9, live_ms=0.35))
+    out = render(status, width)
     assert max(len(line) for line in out.splitlines()) <= width
     flat = " ".join(out.split())
     for i in range(4):
@@ -229,6 +234,9 @@ def test_the_status_shows_each_nodes_group_and_each_groups_stage(width: int) -> 
     up = "group 5e1f00-v3-0 [0,14) up: volunteer-0-laptop r0, volunteer-1-laptop r1"
     forming = "group 5e1f00-v3-1 [0,14) forming: volunteer-2-laptop r0, volunteer-3-laptop r1"
     assert up in flat and forming in flat
+    # a group's line breaks between its phrases only (tour D: "node-7f3a9c21\nr1")
+    for phrase in ("volunteer-3-laptop r1", "all-reduce 0.21 ms at formation", "0.35 ms per"):
+        assert phrase in out, out
 
 
 def test_the_status_json_carries_each_nodes_group() -> None:
