@@ -24,6 +24,7 @@ from nanoshard.client.checks import DEFAULT_CHECK_RATE
 from nanoshard.cliutil import (
     API,
     COORDINATOR,
+    add_verbose,
     add_version,
     address_arg,
     interruptible,
@@ -70,7 +71,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--revision", default=None, help="of a hub id: branch, tag or commit")
     p.add_argument(
-        "--max-new-tokens", "--max-tokens", type=int, default=100, help="(default 100)"
+        "-n", "--max-new-tokens", "--max-tokens", type=int, default=100, help="(default 100)"
     )  # (--max-tokens: OpenAI's name, which the API takes)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
@@ -92,7 +93,6 @@ CHECK_RATE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard", description="Run a GPT across machines.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
     sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
 
@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the names and IP addresses the swarm's servers are reached by",
     )
     ce.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
+    add_verbose(parser, sub)
     return parser
 
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from nanoshard.errors import NanoshardError
 
@@ -37,6 +37,17 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
         version = "unknown (not installed)"
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+
+
+def add_verbose(parser: argparse.ArgumentParser, commands: Any) -> None:
+    """``-v``/``--verbose`` before the command and after it (``nanoshard generate -v``):
+    each of ``commands`` (the tool's subparsers) takes it too, and leaves the tool's own
+    value alone when not given."""
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for command in {id(p): p for p in commands.choices.values()}.values():
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
 
 
 def parse_command_line(

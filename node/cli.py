@@ -14,6 +14,7 @@ from pathlib import Path
 import nanoshard.threads  # noqa: F401  first: OpenMP's wait policy, before torch loads
 from nanoshard.cliutil import (
     NODE,
+    add_verbose,
     add_version,
     address_arg,
     format_size,
@@ -33,6 +34,7 @@ from nanoshard.hop import SLOWER
 from nanoshard.metrics import add_metrics_args, expose, metrics_from_args
 from nanoshard.security import add_security_args, security_from_args
 
+from .faults import fault_from_env
 from .join import Events, JoinConfig, join
 from .quotas import QuotaLimits
 from .server import ServeConfig, serve
@@ -186,7 +188,6 @@ def add_threads_flag(parser: argparse.ArgumentParser, default: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoshard-node", description="Run a nanoshard node.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version(parser)
     sub = parser.add_subparsers(dest="command")  # (required by parse_command_line)
     d = ServeConfig()
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"idle sessions expire after this long (default {jd.session_ttl:.0f})",
     )
     add_metrics_args(j)
+    add_verbose(parser, sub)
     return parser
 
 
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
 
     def run() -> int:
+        fault_from_env()  # a test fault it cannot read is refused before anything starts
         metrics = expose(metrics_from_args(args), NODE)
         if args.command == "serve":
             if args.kv_memory <= 0:

@@ -9,8 +9,8 @@ as one that behaves until it is trusted.
 Tests and soak runs use it to show that spot-checks find such a node.
 ``NANOSHARD_FAULT=delay:SECONDS`` makes every step hold the node's compute worker that much
 longer (outputs unchanged), so a test can fill the node's queue without betting on timing.
-``NANOSHARD_FAULT=slow:FACTOR:AFTER`` makes the node's compute FACTOR times slower from
-AFTER seconds after it started (outputs unchanged; its capacity, measured as it starts, is
+``NANOSHARD_FAULT=slow:FACTOR[:AFTER]`` makes the node's compute FACTOR times slower from
+AFTER seconds (default 0) after it started (outputs unchanged; its capacity, measured as it starts, is
 not), like a volunteer whose owner starts a game: each compute job then holds the worker
 FACTOR - 1 times as long again as it took.
 ``NANOSHARD_FAULT=forge`` makes the node rewrite what it relays: the token the later hops
@@ -63,7 +63,7 @@ class Delay:
 @dataclass(frozen=True)
 class Slow:
     factor: float  # compute takes this many times as long ...
-    after_s: float  # ... from this long after the node started
+    after_s: float = 0.0  # ... from this long after the node started
     started: float = field(default_factory=time.monotonic)
 
     def hold(self, compute_s: float) -> None:
@@ -97,13 +97,14 @@ def fault_from_env(value: str | None = None) -> Fault | Delay | Slow | Forge | N
         return Fault(*numbers)
     if kind == "delay" and len(numbers) == 1 and 0 < numbers[0] <= 60:
         return Delay(numbers[0])
-    if kind == "slow" and len(numbers) == 2 and 1 < numbers[0] <= 100 and 0 <= numbers[1] <= 1e6:
+    slow_after_ok = len(numbers) == 1 or (len(numbers) == 2 and 0 <= numbers[1] <= 1e6)
+    if kind == "slow" and slow_after_ok and 1 < numbers[0] <= 100:
         return Slow(*numbers)
     if value == "forge":
         return Forge()
     raise InvalidArgument(
         f"{ENV}={value!r}: expected perturb:SCALE[:SHARE[:AFTER]] with 0 < SCALE <= 100, "
         "0 < SHARE <= 1 and AFTER >= 0 seconds, "
-        "delay:SECONDS with 0 < SECONDS <= 60, slow:FACTOR:AFTER with 1 < FACTOR <= 100 "
+        "delay:SECONDS with 0 < SECONDS <= 60, slow:FACTOR[:AFTER] with 1 < FACTOR <= 100 "
         "and AFTER >= 0 seconds, or forge"
     )

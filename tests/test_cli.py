@@ -30,9 +30,11 @@ from nanoshard.cli import main
 from nanoshard.cli.commands import build_parser
 from nanoshard.cli.generate import quiet_once
 from nanoshard.cli.statusview import StatusView
+from nanoshard.cliutil import parse_command_line
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.engine import init_weights
 from nanoshard.node import main as node_main
+from nanoshard.node.cli import build_parser as node_parser
 from nanoshard.v1 import coordinator_pb2 as cpb
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
@@ -184,6 +186,24 @@ def test_generate_takes_openais_max_tokens_for_max_new_tokens() -> None:
     """``--max-tokens 5 x`` once read 5 as the prompt and refused "--max-tokens x"."""
     args = build_parser().parse_args(["generate", "--max-tokens", "5", "x"])
     assert (args.max_new_tokens, args.prompt) == (5, "x")
+    # tour E: `generate -n 100 "JULIET:"` was refused as "unrecognized arguments: -n JULIET:"
+    args = build_parser().parse_args(["generate", "-n", "7", "x"])
+    assert (args.max_new_tokens, args.prompt) == (7, "x")
+
+
+@pytest.mark.parametrize("tool", ["nanoshard", "nanoshard-node"])
+def test_verbose_goes_before_or_after_the_command(tool: str) -> None:
+    """Tour E: `nanoshard generate --verbose` was refused; only `nanoshard -v generate` was
+    taken."""
+    parser = build_parser() if tool == "nanoshard" else node_parser()
+    command = ["generate", "x"] if tool == "nanoshard" else ["join"]
+    for argv, verbose in (
+        (command, False),
+        (["-v", *command], True),
+        ([*command, "-v"], True),
+        ([*command, "--verbose"], True),
+    ):
+        assert parse_command_line(parser, argv).verbose is verbose, argv
 
 
 def grouped_status() -> cpb.SwarmStatus:

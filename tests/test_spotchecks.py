@@ -75,8 +75,10 @@ def test_fault_switch_is_strict() -> None:
     assert delay is not None and delay.seconds == 0.25 and torch.equal(delay(y), y)
     slow = fault_from_env("slow:5:30")
     assert isinstance(slow, Slow) and (slow.factor, slow.after_s) == (5.0, 30.0)
+    at_once = fault_from_env("slow:5")  # (tour E: refused, AFTER was required)
+    assert isinstance(at_once, Slow) and (at_once.factor, at_once.after_s) == (5.0, 0.0)
     for bad in ("perturb", "perturb:x", "perturb:-1", "flip:0.1", "delay:0", "delay:61",
-                "perturb:0.5:0", "perturb:0.5:1.5", "perturb:0.5:1:-1", "perturb:0.5:1:1:1", "slow:5", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
+                "perturb:0.5:0", "perturb:0.5:1.5", "perturb:0.5:1:-1", "perturb:0.5:1:1:1", "slow:1", "slow:1:0", "slow:5:-1", "slow:x:1", "slow:5:1:2"):  # fmt: skip
         with pytest.raises(InvalidArgument):
             fault_from_env(bad)
 
