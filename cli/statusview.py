@@ -153,12 +153,13 @@ def _load(n: cpb.NodeStatus) -> Text:
 
 def _slowdown(n: cpb.NodeStatus) -> Text:
     """How many times its capacity measurement placement counts the node's steps, in red,
-    when it counts it slowed (`` x4.9``: its owner took the machine back); else as routing
-    counts them now, in yellow, when that is 1.5 or more."""
+    when it counts it slowed (`` x4.9``: its owner took the machine back); else, in
+    yellow, its live ratio beyond what the other nodes share, when that is 1.5 or more (a
+    slowdown placement has not acted on, or will not: its hysteresis)."""
     if n.slowdown > 1.0:
         return Text(f" x{n.slowdown:.1f}", style="bold red")
-    factor = n.speed_factor
-    return Text(f" x{factor:.1f}", style="bold yellow") if factor >= 1.5 else Text("")
+    own = n.own_ratio
+    return Text(f" x{own:.1f}", style="bold yellow") if own >= 1.5 else Text("")
 
 
 def _checks(n: cpb.NodeStatus) -> Text:

@@ -95,6 +95,9 @@ class NodeRecord:
     group: str = ""  # the group (formation id) it is assigned to serve its stage in
     tp_group: str = ""  # the group it reports serving its ready stage in ("" = alone)
     slowdown: float = 1.0  # placement's factor on its measured step times (load.py)
+    # Its live ratio over what the others share (its partners', in a group): its own
+    # slowness, as placement reads it before its hysteresis (0: not judged).
+    own_ratio: float = 0.0
     rest_ratio: float = 0.0  # the lowest live speed ratio it reported (0: none yet)
     public_key: bytes = b""  # its Ed25519 identity (nanoshard/identity.py), proven at join
     # A member of a group that broke, which may be the member that failed (a node cannot
@@ -384,7 +387,10 @@ class Registry:
             others = (
                 against[record.node_id] if not record.tp_group else self._partners_ratio(record)
             )
-            if others is None and fresh(record.load.live):
+            live = record.load.live
+            judged = others is not None and fresh(live)
+            record.own_ratio = live.speed_ratio / max(others or 1.0, 1.0) if judged else 0.0
+            if others is None and fresh(live):
                 continue  # (judged once another node's figure is in too)
             slowdown = placement_slowdown(record.slowdown, record.load.live, others or 1.0)
             if slowdown != record.slowdown:

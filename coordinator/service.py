@@ -37,7 +37,7 @@ from nanoshard.v1 import node_pb2_grpc as pb_grpc
 from .arbiter import Arbiter, read_evidence, signers
 from .groups import LinkReport, PeerReport
 from .limits import Bounded, RateLimit
-from .load import LiveReport, speed_factor
+from .load import LiveReport
 from .metrics import CoordinatorMetrics
 from .model import ModelStore, fetch_tensors
 from .registry import Capacity, Load, NodeRecord, Registry
@@ -443,7 +443,7 @@ class CoordinatorService:
                     checks_failed=failed,
                     excluded=registry.excluded.get(r.address, ""),
                     slowdown=r.slowdown,
-                    speed_factor=speed_factor(ld.live),
+                    own_ratio=r.own_ratio,
                 )
             )
         config = registry.config

@@ -46,7 +46,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
                 "live": _live(n.load.live),
                 "slowdown": round(n.slowdown, 2),
-                "speed_factor": round(n.speed_factor, 2),
+                "own_ratio": round(n.own_ratio, 2),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
                 "health": health(n),
                 "healthy": n.healthy,

@@ -78,7 +78,7 @@ def swarm_status(config: GPTConfig = GPT2) -> cpb.SwarmStatus:
                 checks_passed=120,
                 checks_failed=i,
                 excluded="disagreed 3 times" if i == 2 else "",
-                speed_factor=4.9 if i == 0 else 1.1,  # as routing counts it
+                own_ratio=4.9 if i == 0 else 1.1,  # beyond what the others share
                 slowdown=3.2 if i == 1 else 1.0,  # placement counts it slowed
             )
         )

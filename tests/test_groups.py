@@ -355,10 +355,12 @@ def test_members_computing_alike_are_not_slowed_by_their_start_up_figures() -> N
     registry.rebalance(3.0)
     registry.rebalance(3.0 + MIN_REBALANCE_S)
     assert (registry.nodes[a].slowdown, registry.nodes[b].slowdown) == (1.0, 1.0)
+    assert registry.nodes[a].own_ratio == pytest.approx(1.0)  # what status shows
     assert registry.nodes[a].group == registry.nodes[b].group == group
     report(a, 10 * alike, 4.0)
     registry.rebalance(4.0)
     assert registry.nodes[a].slowdown == pytest.approx(10.0)
+    assert registry.nodes[a].own_ratio == pytest.approx(10.0)
     assert registry.nodes[b].slowdown == 1.0
 
 

@@ -327,7 +327,7 @@ def test_heartbeats_carry_live_figures_to_routes_and_status() -> None:
         assert status["measured_tokens_per_s"] == 6.0  # the two nodes holding the head
         node = status["nodes"][0]
         assert node["live"]["decode_ms"] == 6.0 and node["live"]["speed_ratio"] == 1.0
-        assert (node["speed_factor"], node["slowdown"]) == (1.0, 1.0)  # routing's, placement's
+        assert (node["own_ratio"], node["slowdown"]) == (0.0, 1.0)  # (not judged yet)
         assert node["live"]["next_hops"] == [
             {"address": "10.0.0.9:7961", "rtt_ms": 1.2, "bytes_per_s": 9000}
         ]

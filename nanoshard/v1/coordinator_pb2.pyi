@@ -230,7 +230,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "name", "address", "capacity", "assignment", "ready", "ready_start", "ready_end", "load", "last_heartbeat_s", "healthy", "checks_passed", "checks_failed", "excluded", "heartbeating", "slowdown", "speed_factor")
+    __slots__ = ("node_id", "name", "address", "capacity", "assignment", "ready", "ready_start", "ready_end", "load", "last_heartbeat_s", "healthy", "checks_passed", "checks_failed", "excluded", "heartbeating", "slowdown", "own_ratio")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -247,7 +247,7 @@ class NodeStatus(_message.Message):
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEATING_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
-    SPEED_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    OWN_RATIO_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -264,8 +264,8 @@ class NodeStatus(_message.Message):
     excluded: str
     heartbeating: bool
     slowdown: float
-    speed_factor: float
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ready: _Optional[bool] = ..., ready_start: _Optional[int] = ..., ready_end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., last_heartbeat_s: _Optional[float] = ..., healthy: _Optional[bool] = ..., checks_passed: _Optional[int] = ..., checks_failed: _Optional[int] = ..., excluded: _Optional[str] = ..., heartbeating: _Optional[bool] = ..., slowdown: _Optional[float] = ..., speed_factor: _Optional[float] = ...) -> None: ...
+    own_ratio: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., ready: _Optional[bool] = ..., ready_start: _Optional[int] = ..., ready_end: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., last_heartbeat_s: _Optional[float] = ..., healthy: _Optional[bool] = ..., checks_passed: _Optional[int] = ..., checks_failed: _Optional[int] = ..., excluded: _Optional[str] = ..., heartbeating: _Optional[bool] = ..., slowdown: _Optional[float] = ..., own_ratio: _Optional[float] = ...) -> None: ...
 
 class UnitCoverage(_message.Message):
     __slots__ = ("unit", "name", "replicas")
