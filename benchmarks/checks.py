@@ -36,6 +36,7 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 from common import (
     BENCH_CACHE,
     GPT2_124M,
+    LOOPBACK,
     PROMPTS,
     RESULTS,
     machine_info,
@@ -54,7 +55,6 @@ from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 
 BIN = Path(sys.executable).parent
-MDNS = ["--mdns-interface", "127.0.0.1"]
 MEMORY = "420M"  # half of GPT-2 124M's units each: two stages
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -83,14 +83,14 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     caches = tempfile.TemporaryDirectory(prefix="nanoshard-checks-")
     try:
         args = [str(BIN / "nanoshard"), "coordinator", "--model", str(model), "--port", "0"]
-        swarm.start("coordinator", [*args, *MDNS])
+        swarm.start("coordinator", [*args, *LOOPBACK])
         address = swarm.wait_listening("coordinator")
         coordinator = CoordinatorClient(address)
         nodes = []
         for i in range(4):
             args = [str(BIN / "nanoshard-node"), "join", "--coordinator", address]
             args += ["--name", f"n{i}", "--model", str(model), "--max-memory", MEMORY]
-            args += ["--cache-dir", f"{caches.name}/{i}", *MDNS]
+            args += ["--cache-dir", f"{caches.name}/{i}", *LOOPBACK]
             nodes.append(swarm.start(f"n{i}", args))
             settle(coordinator, i + 1)
         wait_served(address, hops=2)

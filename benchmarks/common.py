@@ -49,6 +49,10 @@ BENCH_CACHE = ROOT / ".cache" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE_BIN = Path(sys.executable).parent / "nanoshard-node"
 LISTENING = listening_pattern()
+# What every coordinator and volunteer a benchmark starts is given: its servers listen on
+# loopback only, and so does its mDNS (this machine has an outside interface; the defaults,
+# 0.0.0.0 and every interface, are for a LAN). No tuning: loopback is what they use anyway.
+LOOPBACK = ["--host", "127.0.0.1", "--mdns-interface", "127.0.0.1"]
 
 GPT2_124M = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
 

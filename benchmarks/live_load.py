@@ -41,6 +41,7 @@ import nanoshard.threads  # noqa: F401  before torch: the nodes' thread policy (
 from common import (
     BENCH_CACHE,
     GPT2_124M,
+    LOOPBACK,
     PROMPTS,
     RESULTS,
     machine_info,
@@ -61,7 +62,6 @@ from nanoshard.statusview import status_json
 from nanoshard.tokenizer import encoding_for
 
 BIN = Path(sys.executable).parent
-MDNS = ["--mdns-interface", "127.0.0.1"]
 MEMORY = "325M"  # a third of GPT-2 124M's units each: three stages
 SLOW = 5.0
 LONG_TOKENS = 200
@@ -131,7 +131,7 @@ def measure(opts: argparse.Namespace) -> dict:
     caches = tempfile.TemporaryDirectory(prefix="nanoshard-live-")
     try:
         args = [str(BIN / "nanoshard"), "coordinator", "--model", str(model), "--port", "0"]
-        swarm.start("coordinator", [*args, *MDNS])
+        swarm.start("coordinator", [*args, *LOOPBACK])
         address = swarm.wait_listening("coordinator")
         client = CoordinatorClient(address)
         slowed_started = 0.0
@@ -156,7 +156,7 @@ def measure(opts: argparse.Namespace) -> dict:
             if i == 5:  # the last to start, so its game starts after the others are up
                 env = {"NANOSHARD_FAULT": f"slow:{SLOW:g}:{opts.after:g}"}
                 slowed_started = time.monotonic()
-            swarm.start(f"n{i}", [*args, *MDNS], env=env)
+            swarm.start(f"n{i}", [*args, *LOOPBACK], env=env)
             settle(client, i + 1)  # one at a time: each measures its speed on a quiet machine
         wait_served(address, hops=3)
         settle(client, 6)  # every replica loaded, too

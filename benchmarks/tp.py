@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import (
     BENCH_CACHE,
+    LOOPBACK,
     PROMPTS,
     RESULTS,
     machine_info,
@@ -86,7 +87,6 @@ SHAPES = {
     "1.5b": GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600),
 }
 GREEDY = SamplingParams(temperature=0.0)
-MDNS = ["--mdns-interface", "127.0.0.1"]
 HEARTBEAT_S = 2.5  # the coordinator's default heartbeat interval, and a margin
 
 
@@ -102,13 +102,13 @@ def swarm_of_two(model: Path, tp: str, memory: int | None) -> Iterator[str]:
     caches = tempfile.TemporaryDirectory(prefix="nanoshard-tp-")
     try:
         coordinator_args = [str(BIN / "nanoshard"), "coordinator", "--model", str(model)]
-        coordinator_args += ["--port", "0", "--tp", tp, "--replicas", "1", *MDNS]
+        coordinator_args += ["--port", "0", "--tp", tp, "--replicas", "1", *LOOPBACK]
         swarm.start("coordinator", coordinator_args)
         address = swarm.wait_listening("coordinator")
         client = CoordinatorClient(address)
         for i in range(2):
             args = [str(BIN / "nanoshard-node"), "join", "--coordinator", address]
-            args += ["--model", str(model), "--cache-dir", f"{caches.name}/{i}", *MDNS]
+            args += ["--model", str(model), "--cache-dir", f"{caches.name}/{i}", *LOOPBACK]
             args += ["--max-memory", str(memory)] if memory else []
             swarm.start(f"node{i}", args)
             # One at a time: a node measures its speed on a machine no other node is busy on

@@ -36,6 +36,7 @@ from pathlib import Path
 from common import (
     BENCH_CACHE,
     GPT2_124M,
+    LOOPBACK,
     PROMPTS,
     RESULTS,
     machine_info,
@@ -97,10 +98,17 @@ class Swarm:
 def swarm_of_three(model: Path) -> Iterator[str]:
     swarm = Swarm()
     try:
-        mdns = ["--mdns-interface", "127.0.0.1"]
         swarm.start(
             "coordinator",
-            [str(BIN / "nanoshard"), "coordinator", "--model", str(model), "--port", "0", *mdns],
+            [
+                str(BIN / "nanoshard"),
+                "coordinator",
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                *LOOPBACK,
+            ],
         )
         coordinator = swarm.wait_listening("coordinator")
         for i in range(3):
@@ -115,7 +123,7 @@ def swarm_of_three(model: Path) -> Iterator[str]:
                     "320M",
                     "--model",
                     str(model),
-                    *mdns,
+                    *LOOPBACK,
                 ],
             )
         wait_served(coordinator, hops=3)
