@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.sdk import Client, GenerationResult
@@ -36,7 +37,7 @@ from nanoshard.generation import STOP_NOTES
 from nanoshard.sampling import SamplingParams
 from nanoshard.v1 import coordinator_pb2 as cpb
 
-from .statusview import StatusView
+from .statusview import StatusView, pack
 
 LOOPBACK = "127.0.0.1"
 STOP_TIMEOUT_S = 10.0  # a process still running this long after SIGTERM is killed
@@ -317,7 +318,9 @@ def print_hops(console: Console, result: GenerationResult) -> None:
             f"{r['bytes_out']:,}",
         )
     console.print(table)
-    console.print(
-        f"{len(result.token_ids)} tokens ({STOP_NOTES[result.stop_reason]}); time to first token "
-        f"{result.ttft_ms:.0f} ms, then {result.mean_token_ms:.1f} ms/token"
-    )
+    phrases = [
+        f"{len(result.token_ids)} tokens ({STOP_NOTES[result.stop_reason]});",
+        f"time to first token {result.ttft_ms:.0f} ms,",
+        f"then {result.mean_token_ms:.1f} ms/token",
+    ]
+    console.print(pack([Text(p) for p in phrases], console.width))

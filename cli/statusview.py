@@ -49,14 +49,14 @@ class StatusView:
             f"{gaps} units uncovered" if gaps else "every unit covered",
         ]
         style = "bold red" if gaps else "bold"
-        yield _pack([Text(p, style=style) for p in summary], options.max_width)
+        yield pack([Text(p, style=style) for p in summary], options.max_width)
         for n in s.nodes:
             if n.excluded:
                 yield Text(f"excluded {n.name} ({n.address}): {n.excluded}", style="red")
         yield from _groups(s, options.max_width)
 
 
-def _pack(phrases: list[Text], width: int) -> Text:
+def pack(phrases: list[Text], width: int) -> Text:
     """``phrases`` joined by spaces, in lines of at most ``width`` where they fit, broken
     between phrases only: a name, an address or a figure never splits across lines (a
     phrase wider than a line is left to rich's own wrapping)."""
@@ -76,7 +76,7 @@ def _pack(phrases: list[Text], width: int) -> Text:
 def _groups(s: cpb.SwarmStatus, width: int) -> list[Text]:
     """A line per group: ``group ab12-v3-0 [0,14) up: alice r0, bob r1`` (members in rank
     order; ``forming`` until every member serves it), and its links as measured; packed
-    into lines of ``width`` (``_pack``)."""
+    into lines of ``width`` (``pack``)."""
     members: dict[str, list[cpb.NodeStatus]] = {}
     for n in s.nodes:
         if not n.assignment.idle and n.assignment.tp.size > 1:
@@ -99,7 +99,7 @@ def _groups(s: cpb.SwarmStatus, width: int) -> list[Text]:
             phrases.append(Text(said + ("," if live else ""), style="dim"))
             if live:
                 phrases.append(Text(f"{live:.2f} ms per collective serving", style="dim"))
-        lines.append(_pack(phrases, width))
+        lines.append(pack(phrases, width))
     return lines
 
 

@@ -28,8 +28,10 @@ from swarm import BIN, LISTENING, Proc, Swarm, wait_until
 from nanoshard.checkpoint import save_hf_checkpoint
 from nanoshard.cli import main
 from nanoshard.cli.commands import build_parser
+from nanoshard.cli.demo import print_hops
 from nanoshard.cli.generate import quiet_once
 from nanoshard.cli.statusview import StatusView
+from nanoshard.client.sdk import GenerationResult
 from nanoshard.cliutil import parse_command_line
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.engine import init_weights
@@ -124,6 +126,15 @@ def test_the_status_shows_names_addresses_and_devices_whole_at_any_width(width: 
     for phrase in ("measured 12.5 tokens/s (last 10 s)", "estimated 21.5 tokens/s per session"):
         assert phrase in out, out  # on one line: the summary breaks between phrases only
     assert "…" not in out.replace("abababababab…", "")  # nothing cut but the model id
+
+
+def test_the_demos_summary_breaks_between_phrases_at_80_columns() -> None:
+    """`make demo` ended with "... then 9.8\nms/token" at 80 columns."""
+    result = GenerationResult("", [1] * 120, [1], "max_new_tokens", 20.0, [9.8] * 119)
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    print_hops(console, result)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "then 9.8 ms/token" in out and "time to first token 20 ms," in out, out
 
 
 def test_a_node_on_time_but_not_serving_is_standby_or_loading_not_down() -> None:
