@@ -58,6 +58,13 @@ function drawCoverage(st) {
   );
 }
 
+// As nanoshard status's xN: the factor placement counts a slowed node by, else its live
+// ratio over what the other nodes share once that is 1.5 or more.
+function slowness(n) {
+  if (n.slowdown > 1) return ` · slowed ×${fmt(n.slowdown)}`;
+  return n.own_ratio >= 1.5 ? ` · ×${fmt(n.own_ratio)} slower than the others` : "";
+}
+
 function nodeCard(n, byAddress) {
   const stage = n.stage ? `${n.stage[0]}:${n.stage[1]}` : "idle";
   const loading = n.stage && (!n.serving || n.serving[0] !== n.stage[0] || n.serving[1] !== n.stage[1]);
@@ -74,7 +81,7 @@ function nodeCard(n, byAddress) {
   const rows = [
     ["device", `${n.device} ${n.dtype}`],
     ["TP group", tp],
-    ["step", `${fmt(step, 2)} ms`],
+    ["step", `${fmt(step, 2)} ms${slowness(n)}`],
     ["sessions", n.sessions],
     ["tokens/s", fmt(n.live.tokens_per_s)],
     ["next hops", next.length ? next.join(", ") : "–"],
