@@ -388,8 +388,8 @@ class Registry:
                 against[record.node_id] if not record.tp_group else self._partners_ratio(record)
             )
             live = record.load.live
-            judged = others is not None and fresh(live)
-            record.own_ratio = live.speed_ratio / max(others or 1.0, 1.0) if judged else 0.0
+            # (``others`` is at least 1 where there is one)
+            record.own_ratio = live.speed_ratio / others if others and fresh(live) else 0.0
             if others is None and fresh(live):
                 continue  # (judged once another node's figure is in too)
             slowdown = placement_slowdown(record.slowdown, record.load.live, others or 1.0)

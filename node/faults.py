@@ -10,9 +10,9 @@ Tests and soak runs use it to show that spot-checks find such a node.
 ``NANOSHARD_FAULT=delay:SECONDS`` makes every step hold the node's compute worker that much
 longer (outputs unchanged), so a test can fill the node's queue without betting on timing.
 ``NANOSHARD_FAULT=slow:FACTOR[:AFTER]`` makes the node's compute FACTOR times slower from
-AFTER seconds (default 0) after it started (outputs unchanged; its capacity, measured as it starts, is
-not), like a volunteer whose owner starts a game: each compute job then holds the worker
-FACTOR - 1 times as long again as it took.
+AFTER seconds (default 0) after it started (outputs unchanged; its capacity, measured as it
+starts, is not), like a volunteer whose owner starts a game: each compute job then holds
+the worker FACTOR - 1 times as long again as it took.
 ``NANOSHARD_FAULT=forge`` makes the node rewrite what it relays: the token the later hops
 drew, one higher (its own outputs unchanged), as a middle hop that games its callers would;
 the client's check of the head's word for it (the session key's MAC, else its signature)
