@@ -46,7 +46,7 @@ def status_json(s: cpb.SwarmStatus) -> dict[str, Any]:
                 "step_ms_p50": round(n.load.step_ms_p50, 3),
                 "live": _live(n.load.live),
                 "slowdown": round(n.slowdown, 2),
-                "own_ratio": round(n.own_ratio, 2),
+                "own_ratio": _figure(n.own_ratio, 2),
                 "last_heartbeat_s": round(n.last_heartbeat_s, 2),
                 "health": health(n),
                 "healthy": n.healthy,
@@ -91,6 +91,11 @@ def _tp(n: cpb.NodeStatus) -> dict[str, Any]:
     }
 
 
+def _figure(value: float, digits: int) -> float | None:
+    """A ratio the wire carries as 0 until it is measured: None (JSON null) until then."""
+    return round(value, digits) if value > 0 else None
+
+
 def _live(live: cpb.LiveLoad) -> dict[str, Any]:
     """What the node's steps measured as they ran (``node/live.py``)."""
     return {
@@ -99,7 +104,7 @@ def _live(live: cpb.LiveLoad) -> dict[str, Any]:
         "prefill_ms_per_token": round(live.prefill_ms_per_token, 3),
         "tokens_per_s": round(live.tokens_per_s, 2),
         "sampled_per_s": round(live.sampled_per_s, 2),
-        "speed_ratio": round(live.speed_ratio, 3),
+        "speed_ratio": _figure(live.speed_ratio, 3),
         "idle_s": round(live.idle_s, 1),
         "next_hops": [
             {

@@ -327,7 +327,7 @@ def test_heartbeats_carry_live_figures_to_routes_and_status() -> None:
         assert status["measured_tokens_per_s"] == 6.0  # the two nodes holding the head
         node = status["nodes"][0]
         assert node["live"]["decode_ms"] == 6.0 and node["live"]["speed_ratio"] == 1.0
-        assert (node["own_ratio"], node["slowdown"]) == (0.0, 1.0)  # (not judged yet)
+        assert (node["own_ratio"], node["slowdown"]) == (None, 1.0)  # (not judged yet)
         assert node["live"]["next_hops"] == [
             {"address": "10.0.0.9:7961", "rtt_ms": 1.2, "bytes_per_s": 9000}
         ]
@@ -341,6 +341,10 @@ def test_heartbeats_carry_live_figures_to_routes_and_status() -> None:
             request = cpb.HeartbeatRequest(node_id=some.node_id, load=cpb.NodeLoad(live=bad))
             with pytest.raises(RuntimeError, match="live"):
                 await svc.Heartbeat(request, Context())
+        # a node that has not measured its speed yet says so: null, not a ratio of 0
+        unmeasured = cpb.NodeStatus(load=cpb.NodeLoad(live=cpb.LiveLoad(decode_ms=6.0)))
+        node = status_json(cpb.SwarmStatus(nodes=[unmeasured]))["nodes"][0]
+        assert (node["live"]["speed_ratio"], node["own_ratio"]) == (None, None)
 
     asyncio.run(run())
 
@@ -404,7 +408,7 @@ def test_routes_leave_a_volunteer_whose_steps_slow_down(tmp_path: Path) -> None:
 
         def known_slow() -> dict | None:
             node = next(n for n in status_json(client.status())["nodes"] if n["name"] == "n0")
-            return node if node["live"]["speed_ratio"] >= 3 else None
+            return node if (node["live"]["speed_ratio"] or 0) >= 3 else None
 
         node = wait_until("n0's live speed in status", known_slow, timeout=30)
         assert node["live"]["decode_ms"] > 0
