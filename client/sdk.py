@@ -457,14 +457,24 @@ class AsyncChatSession:
     """A session on the swarm that lives across calls: each call continues the text."""
 
     def __init__(
-        self, client: AsyncClient, params: SamplingParams, max_length: int, session: SwarmSession
+        self,
+        client: AsyncClient,
+        params: SamplingParams,
+        max_length: int,
+        session: SwarmSession,
+        codec: str | None = None,
     ) -> None:
         self.client = client
         self.params = params
         self.max_length = max_length
+        self.codec = codec
         self._session = session
         self.length = 0  # positions the nodes hold
         self.pending: int | None = None  # the last token generated, not yet fed
+        self.ids: list[int] = []  # the text's token ids: what the nodes hold, then ``pending``
+        # The text as its caller saw it, when the nodes hold more (a stop string cut it, or
+        # a stream was left before its last tokens): the next call starts again from it.
+        self._seen: list[int] | None = None
         self._broken = ""  # why the session cannot go on (a generation failed midway)
         self._closed = False
         self._running: asyncio.Task | None = None  # the generation running: one at a time
@@ -473,7 +483,8 @@ class AsyncChatSession:
     async def open(
         cls, client: AsyncClient, params: SamplingParams, max_length: int, codec: str | None
     ) -> AsyncChatSession:
-        chat = cls(client, params, max_length, await client.open_session(params, max_length, codec))
+        session = await client.open_session(params, max_length, codec)
+        chat = cls(client, params, max_length, session, codec)
         client._chats.add(chat)
         return chat
 
@@ -502,13 +513,20 @@ class AsyncChatSession:
             )
         max_new_tokens = _max_new_tokens(max_new_tokens)
         stops = _stops(stop)
+        # The nodes hold tokens the caller never saw: the session starts again (one prefill)
+        # from the text it did see, rather than go on from text nobody read.
+        seen = self._seen
+        length, pending = (0, None) if seen is not None else (self.length, self.pending)
         # An empty text continues the session; as its first prompt it starts a text at
         # <|endoftext|>, as ``generate("")`` does.
         ids = (
-            [] if isinstance(prompt, str) and not prompt and self.length else client.encode(prompt)
+            []
+            if isinstance(prompt, str) and not prompt and (length or seen)
+            else client.encode(prompt)
         )
-        feed = ([self.pending] if self.pending is not None else []) + ids
-        if self.length == 0:
+        before = self.ids if seen is None else seen  # the text's ids so far
+        feed = (seen or []) + ([pending] if pending is not None else []) + ids
+        if length == 0:
             check_prompt(feed, client.config.vocab_size, client.config.block_size)
         elif not feed:
             raise InvalidArgument("nothing to continue from: give a prompt")
@@ -516,10 +534,17 @@ class AsyncChatSession:
             raise InvalidArgument(
                 f"token id {bad[0]} is outside the vocabulary [0, {client.config.vocab_size})"
             )
-        if self.length + len(feed) > self.max_length:
+        if length + len(feed) > self.max_length:
             raise InvalidArgument(
-                f"this session holds {self.max_length} positions; {self.length + len(feed)} needed"
+                f"this session holds {self.max_length} positions; {length + len(feed)} needed"
             )
+        self._running = asyncio.current_task()
+        if seen is not None:
+            try:
+                await self._reopen()
+            except BaseException:
+                self._running = None
+                raise
         traced = _Traced(self._session)
         budget = min(max_new_tokens, self.max_length - self.length - len(feed) + 1)
         # Each token's text as the result's text will have it: what a stop string may begin
@@ -540,7 +565,6 @@ class AsyncChatSession:
             return texts.stopped
 
         earlier = len(self._session.recoveries)  # (the session's, from its calls before)
-        self._running = asyncio.current_task()
         try:
             gen = await agenerate(
                 traced,
@@ -568,10 +592,13 @@ class AsyncChatSession:
         else:  # the last token was sampled but not fed yet: the next call feeds it first
             self.length += len(feed) + len(gen.token_ids) - 1
             self.pending = gen.token_ids[-1]
-        text = client.encoding.decode(gen.token_ids, errors="replace")
+        self.ids = before + ids + gen.token_ids
+        whole = text = client.encoding.decode(gen.token_ids, errors="replace")
         for s in stops:
             if s in text:
                 text = text[: text.index(s)]
+        if text != whole:  # (a stop string: the tokens that drew it are not in the text)
+            self._seen = before + ids + seen_ids(client.encoding, gen.token_ids, text)
         return GenerationResult(
             text=text,
             token_ids=gen.token_ids,
@@ -590,7 +617,7 @@ class AsyncChatSession:
     ) -> AsyncIterator[Token]:
         """Like :meth:`generate`, yielding each token as it arrives. Left early, after the
         swarm drew tokens past the last one yielded (it runs ahead of its reader), the
-        session cannot go on: those tokens are in its text, and nobody read them."""
+        session's next call goes on from the last token yielded, not from those."""
         return _stream(
             lambda on_token: self.generate(prompt, max_new_tokens, on_token=on_token, **options),
             options,
@@ -598,10 +625,16 @@ class AsyncChatSession:
         )
 
     def _unread(self, tokens: int) -> None:
-        self._broken = self._broken or (
-            f"its last stream was left with {tokens} token(s) drawn past the last one it "
-            "yielded, now in its text unread"
-        )
+        seen = self.ids[: len(self.ids) - tokens]
+        if self._seen is None or len(seen) < len(self._seen):
+            self._seen = seen
+
+    async def _reopen(self) -> None:
+        """Close the session on the swarm and open it again, holding nothing: the next step
+        feeds the text seen from position 0. A failure leaves ``_seen`` for the next call."""
+        await self._session.close()
+        self._session = await self.client.open_session(self.params, self.max_length, self.codec)
+        self.ids, self.length, self.pending, self._seen = [], 0, None, None
 
     async def close(self) -> None:
         if self._closed:
@@ -615,6 +648,26 @@ class AsyncChatSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def seen_ids(encoding: Any, generated: Sequence[int], text: str) -> list[int]:
+    """The token ids of ``text``, a generation's text cut short of its tokens' (before a stop
+    string): the ``generated`` tokens it holds whole, then what it holds of the next ones
+    encoded again, as text (a special token's name in it is not that token)."""
+    want, held, k = text.encode(), b"", 0
+    for token in generated:
+        more = held + encoding.decode_single_token_bytes(token)
+        if not want.startswith(more):
+            break
+        held, k = more, k + 1
+    while True:  # (``held`` may end inside a character that a token split)
+        try:
+            rest = want[len(held) :].decode()
+            break
+        except UnicodeDecodeError:
+            k -= 1
+            held = held[: -len(encoding.decode_single_token_bytes(generated[k]))]
+    return list(generated[:k]) + (encoding.encode(rest, disallowed_special=()) if rest else [])
 
 
 def _seed(seed: int | None) -> int:

@@ -28,6 +28,7 @@ from nanoshard import rpc
 from nanoshard.client import AsyncClient, Client, Token
 from nanoshard.client.loop import LoopThread
 from nanoshard.client.route import Route
+from nanoshard.client.sdk import seen_ids
 from nanoshard.client.session import RetryPolicy
 from nanoshard.config import GPTConfig
 from nanoshard.errors import (
@@ -40,6 +41,7 @@ from nanoshard.errors import (
 from nanoshard.generation import StepResult
 from nanoshard.hop import Channels, NextHop, token_replay
 from nanoshard.sampling import SamplingParams, float32
+from nanoshard.tokenizer import gpt2_encoding
 from nanoshard.v1 import node_pb2 as pb
 from nanoshard.v1 import node_pb2_grpc as pb_grpc
 from nanoshard.wire import sampling_from_wire, sampling_to_wire
@@ -80,7 +82,9 @@ class FakeEncoding:
     name, n_vocab = "fake", 0x110000  # (tiktoken's Encoding: every character its own id)
     special_tokens_set, eot_token = {"<|endoftext|>"}, EOT
 
-    def encode(self, text: str, allowed_special: str = "all") -> list[int]:
+    def encode(
+        self, text: str, allowed_special: Any = "all", disallowed_special: Any = ()
+    ) -> list[int]:
         return [ord(c) for c in text]
 
     def decode(self, ids: list[int], errors: str = "strict") -> str:
@@ -308,17 +312,22 @@ def test_a_streams_texts_join_to_the_generations_text() -> None:
     client.close()
 
 
-def test_a_chat_whose_stream_was_left_early_does_not_go_on_from_text_never_read() -> None:
+def test_a_chat_whose_stream_was_left_early_goes_on_from_the_last_token_read() -> None:
     """The swarm runs ahead of a stream's reader: left early, the session holds tokens
     nobody read (the next call once fed them on without a word, so the text it continued
-    was not the one its user saw). It says so instead, and a new session goes on."""
+    was not the one its user saw; then it refused to go on). Its next call opens the
+    session again and feeds the text as read, from position 0."""
     client = FakeClient(step_s=0.005)
     with client.session(temperature=0) as chat:
         for k, _ in enumerate(chat.stream([1, 2], 20)):
             if k == 2:
-                break
-        with pytest.raises(FailedPrecondition, match=r"left with \d+ token\(s\) drawn past"):
-            chat.generate("", 2)
+                break  # (three tokens read: 1002, 1003, 1004)
+        assert len(client.sessions[0].fed) > 3  # (the swarm drew past them)
+        assert chat.generate("", 2).token_ids == [1005, 1006]
+        assert chat.generate([7], 1).token_ids == [1008]
+    first, again = client.sessions
+    assert first.closed and again.closed
+    assert again.fed == [([1, 2, 1002, 1003, 1004], 0), ([1005], 5), ([1006, 7], 6)]
     with client.session(temperature=0) as chat:  # read to its end: it goes on
         assert len(list(chat.stream([1, 2], 3))) == 3
         for k, _ in enumerate(chat.stream("", 3)):
@@ -326,6 +335,47 @@ def test_a_chat_whose_stream_was_left_early_does_not_go_on_from_text_never_read(
                 break  # (at its last token: nothing was drawn past it)
         assert len(chat.generate("", 2).token_ids) == 2
     client.close()
+
+
+def test_a_chat_goes_on_from_its_text_cut_before_a_stop_string() -> None:
+    """The tokens that drew a stop string are not in the result's text: a chat's next call
+    once went on from them all the same, continuing text its user never saw. It starts
+    again from the text as cut (what it holds of a token cut through: encoded again)."""
+    client = FakeClient()
+    with client.session(temperature=0) as chat:
+        first = chat.generate([1, 2], 10, stop="1004")
+        assert first.text == "<1002><1003><" and first.token_ids == [1002, 1003, 1004]
+        assert chat.generate("", 2).token_ids == [1005, 1006]
+        assert chat.generate("", 1, stop="nowhere").token_ids == [1007]  # (nothing cut)
+    first_session, again = client.sessions
+    assert first_session.fed[-1] == ([1003], 3)  # (1004 drew the stop string, never fed)
+    assert again.fed == [([1, 2, 1002, 1003, ord("<")], 0), ([1005], 5), ([1006], 6)]
+
+
+def test_a_texts_ids_hold_what_it_holds_of_its_tokens() -> None:
+    """``seen_ids``, on GPT-2's tokenizer: for every cut of a text (inside a token, inside a
+    character that tokens split, at a special token's name written as text), the ids of
+    what is left decode to exactly it, and the tokens it holds whole are kept as drawn."""
+    enc = gpt2_encoding()
+    text = "Héllo wörld, 😀 naïve king<|endoftext|>日本語 end"
+    generated = enc.encode(text, disallowed_special=())
+    assert enc.decode(generated) == text
+
+    def held_whole(cut: str) -> int:  # how many tokens the cut text holds, whole
+        def fits(k: int) -> bool:
+            held = enc.decode_bytes(generated[:k])
+            return cut.encode().startswith(held) and held.decode(errors="ignore").encode() == held
+
+        return max(k for k in range(len(generated) + 1) if fits(k))
+
+    for cut in range(len(text) + 1):
+        seen = seen_ids(enc, generated, text[:cut])
+        assert enc.decode(seen) == text[:cut], cut
+        whole = held_whole(text[:cut])
+        assert seen[:whole] == generated[:whole], cut
+    pieces = [enc.decode_single_token_bytes(t) for t in generated]
+    assert any(p.decode(errors="ignore").encode() != p for p in pieces)  # (a character split)
+    assert enc.eot_token not in seen_ids(enc, generated, text)  # (the name, as text)
 
 
 def test_a_generation_that_fills_the_context_says_so() -> None:
