@@ -30,6 +30,7 @@ from nanoshard.client.sdk import AsyncClient, GenerationResult, Token
 from nanoshard.errors import InvalidArgument, NanoshardError
 from nanoshard.generation import check_prompt
 from nanoshard.textstream import TextStream
+from nanoshard.tokenizer import prompt_ids
 
 from .metrics import GatewayMetrics
 from .protocol import (
@@ -137,7 +138,13 @@ class Run:
         r, client = self.request, self.client
         if self.gateway.stopping.is_set():
             raise going()
-        self.prompt_ids = client.encode(r.prompt)
+        if r.chat:  # (a message's "<|endoftext|>" is its text, not the end of a document)
+            assert isinstance(r.prompt, str)  # (the rendered template)
+            self.prompt_ids = prompt_ids(
+                client.encoding, r.prompt, client.config.vocab_size, special=False
+            )
+        else:
+            self.prompt_ids = client.encode(r.prompt)
         try:
             check_prompt(self.prompt_ids, client.config.vocab_size, client.config.block_size)
         except InvalidArgument as exc:

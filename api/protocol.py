@@ -85,6 +85,8 @@ COMMON = frozenset(
     | IGNORED
 )
 COMPLETION = COMMON | {"prompt"}
+# (``function_call``: ``tool_choice``'s older name, for the ``functions`` a request cannot
+# have either: ignored as it is.)
 CHAT = COMMON | {"messages", "max_completion_tokens", "function_call"}
 # Inside objects, the same rule: what this server reads, and what OpenAI clients send that
 # changes nothing here (``include_obfuscation``: padding of stream events; a message's

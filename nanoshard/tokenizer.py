@@ -217,12 +217,19 @@ def encoding_for(model_path: Path) -> tiktoken.Encoding:
         raise CheckpointError(f"{files[0].parent}: broken tokenizer files: {e}") from None
 
 
-def prompt_ids(enc: tiktoken.Encoding, text: str, vocab_size: int) -> list[int]:
+def prompt_ids(
+    enc: tiktoken.Encoding, text: str, vocab_size: int, *, special: bool = True
+) -> list[int]:
     """A text prompt's token ids (an empty text: <|endoftext|>, where the tokenizer has it,
     as GPT-2 starts an unconditioned text), each one inside the model's vocabulary: a
     tokenizer with more ids than the model (a checkpoint trained with another one, served
-    without its files) is named, rather than an id the model has no row for."""
-    ids = enc.encode(text, allowed_special="all")
+    without its files) is named, rather than an id the model has no row for. A special
+    token's name in the text is that token; without ``special``, it is text (a chat's
+    messages, where a user's "<|endoftext|>" is not the end of the document)."""
+    if special:
+        ids = enc.encode(text, allowed_special="all")
+    else:
+        ids = enc.encode(text, disallowed_special=())
     if not ids and ENDOFTEXT in enc.special_tokens_set:
         ids = [enc.eot_token]
     if bad := [t for t in ids if t >= vocab_size]:

@@ -26,9 +26,11 @@ import pytest
 from swarm import BIN, Proc, Swarm, nanoshard, settled, wait_until
 from test_swarm import HEARTBEAT, demo_bytes
 
+from nanoshard.checkpoint import open_checkpoint
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.cliutil import API, listening_pattern
 from nanoshard.statusview import status_json
+from nanoshard.tokenizer import encoding_for
 
 openai = pytest.importorskip("openai")
 
@@ -206,6 +208,16 @@ def test_a_streamed_chat(api: ApiSwarm) -> None:
     )
     assert plain.choices[0].text == text
     assert whole.usage.prompt_tokens == plain.usage.prompt_tokens
+    # A message's "<|endoftext|>" is its text (it inserted the end of a document into the
+    # rendered prompt); a completion's text prompt may still hold that token.
+    enc = encoding_for(open_checkpoint("demo").path)
+    rendered = "USER:\n<|endoftext|>\n\nASSISTANT:\n"
+    said = [{"role": "user", "content": "<|endoftext|>"}]
+    chat = api.client.chat.completions.create(model="demo", messages=said, max_tokens=1)
+    assert chat.usage.prompt_tokens == len(enc.encode(rendered, disallowed_special=()))
+    plain = api.client.completions.create(model="demo", prompt=rendered, max_tokens=1)
+    assert plain.usage.prompt_tokens == len(enc.encode(rendered, allowed_special="all"))
+    assert plain.usage.prompt_tokens < chat.usage.prompt_tokens
 
 
 def test_every_error_has_its_status(api: ApiSwarm) -> None:
