@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,11 +106,16 @@ class Processes:
         path = self.logs / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
-    def check(self) -> None:
-        for name, popen in self.children:
-            if popen.poll() is not None:
+    def check(self, spare: Collection[str] = ()) -> None:
+        """Raise if a child has ended, other than those named in ``spare``."""
+        for name, code in self.ended().items():
+            if name not in spare:
                 tail = "\n".join(self.log(name).splitlines()[-5:])
-                raise NanoshardError(f"{name} exited with {popen.returncode}:\n{tail}")
+                raise NanoshardError(f"{name} exited with {code}:\n{tail}")
+
+    def ended(self) -> dict[str, int]:
+        """The children that have ended, and their exit codes."""
+        return {name: code for name, p in self.children if (code := p.poll()) is not None}
 
     def stop(self) -> list[str]:
         """Stop every child (SIGTERM: a node leaves the swarm); those that did not stop
@@ -241,7 +247,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             coordinator.close()
             if config.keep:
                 console.print(f"the swarm keeps running: open {url} (Ctrl-C stops it)")
-                keep_running(procs)
+                keep_running(procs, console)
             else:
                 console.print("[dim]nanoshard demo --keep keeps the swarm and the web view up[/]")
             return 0
@@ -281,10 +287,17 @@ def start_gateway(procs: Processes, coordinator: str, config: DemoConfig) -> str
     return wait_for_address(procs, "api", API, config.timeout)
 
 
-def keep_running(procs: Processes) -> None:
-    """Until Ctrl-C or SIGTERM (or a process of the swarm ends)."""
+def keep_running(procs: Processes, console: Console) -> None:
+    """Until Ctrl-C or SIGTERM, or the coordinator or the gateway ends. A node that ends (a
+    user killing one, to see the swarm go on without it) is said, and the rest go on."""
+    nodes = {name for name, _ in procs.children if name.startswith("node")}
+    said: set[str] = set()
     while True:
-        procs.check()
+        procs.check(spare=nodes)
+        for name, code in procs.ended().items():
+            if name not in said:
+                said.add(name)
+                console.print(f"[yellow]{name} exited with {code}[/]: the swarm goes on without it")
         time.sleep(0.5)
 
 

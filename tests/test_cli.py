@@ -553,18 +553,25 @@ def test_status_watch_ends_on_a_signal_with_one_line(sig: int, code: int, said: 
 def test_the_demo_stops_every_process_it_started_on_ctrl_c_and_on_sigterm(
     sig: signal.Signals, code: int
 ) -> None:
-    """Signalled with its swarm up (``--keep``), the demo stops its coordinator, node and
+    """Signalled with its swarm up (``--keep``), the demo stops its coordinator, nodes and
     gateway, then ends as a server does. (SIGTERM once killed the demo alone: the processes
     it had started, each in a session of its own, ran on.) Signalled at a moment it polled
-    for instead, the demo could be done already: its own stop has two children too."""
-    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "1", "--api-port", "0", "--keep"])
+    for instead, the demo could be done already: its own stop has two children too. Before
+    that, a node killed (a user trying what a vanishing volunteer does) is said, and the
+    rest stay up: it once stopped the whole demo."""
+    demo = Proc([str(BIN / "nanoshard"), "demo", "--nodes", "2", "--api-port", "0", "--keep"])
     parent = psutil.Process(demo.popen.pid)
     started: list[psutil.Process] = []
     try:
         kept = "the swarm keeps running"
         wait_until("the demo's swarm kept up", lambda: kept in demo.output, timeout=180)
         started = parent.children()
-        assert len(started) == 3, started  # its coordinator, node and gateway
+        assert len(started) == 4, started  # its coordinator, two nodes and gateway
+        node = next(p for p in started if "node1" in p.cmdline())
+        node.kill()
+        left = "node1 exited with -9: the swarm goes on without it"
+        wait_until("the demo to say node1 left", lambda: left in demo.output, timeout=30)
+        assert demo.popen.poll() is None and len(parent.children()) == 3, demo.output
         demo.popen.send_signal(sig)
         assert demo.wait(timeout=60) == code, demo.output
         _, running = psutil.wait_procs(started, timeout=10)
