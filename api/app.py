@@ -52,7 +52,28 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused w
 WATCH_S = 0.1  # how often a request waiting for its first token checks its client is there
 CLIENT_GONE = 499  # the status of a request whose client left first (nobody reads it)
 SHUTDOWN_GRACE_S = 2.0  # a gateway stopping gives its open streams this long to say so
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/")
+# The endpoints /metrics counts requests by (any other path: "other"), each a path or a
+# path's template.
+ENDPOINTS = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/metrics",
+    "/",
+    "/nanoshard/status",
+    "/nanoshard/status/events",
+)
+
+
+def endpoint_of(path: str) -> str:
+    """The label a request to ``path`` is counted under."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/") and "/" not in path[len("/v1/models/") :]:
+        return "/v1/models/{model}"
+    if path.startswith("/static/"):
+        return "/static"
+    return "other"
 
 
 def event(data: str) -> ServerSentEvent:
@@ -298,8 +319,7 @@ class CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = endpoint_of(scope["path"])
 
         started = False
 

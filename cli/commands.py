@@ -27,6 +27,7 @@ from nanoshard.cliutil import (
     add_verbose,
     add_version,
     address_arg,
+    codec_arg,
     interruptible,
     listening_line,
     parse_command_line,
@@ -57,7 +58,10 @@ TRUST_PICKLE_HELP = (
     "RISK: unpickling runs code from the file, which can do anything your user can; only "
     "for files you trust"
 )
-CODECS_HELP = "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values), int8-64"
+CODECS_HELP = (
+    "fp32 (lossless), fp16, bf16, int8 (blockwise, a bf16 scale per 32 values; also named "
+    "int8-32), int8-64"
+)
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run the whole model in this process")
     where.add_argument("--route", metavar="ADDR,ADDR,...", help="nodes from embed to head")
     add_generation_options(g)
-    g.add_argument("--codec", default="fp32", help=CODECS_HELP)
+    g.add_argument("--codec", default="fp32", type=codec_arg, help=CODECS_HELP)
     g.add_argument(
         "--check-rate",
         type=share_arg,
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--max-new-tokens", type=int, default=dd.max_new_tokens)
     dm.add_argument("--temperature", type=float, default=dd.temperature)
     dm.add_argument("--seed", type=int, default=dd.seed)
-    dm.add_argument("--codec", default=dd.codec, help=CODECS_HELP)
+    dm.add_argument("--codec", default=dd.codec, type=codec_arg, help=CODECS_HELP)
     dm.add_argument(
         "--api-port",
         type=port_arg,
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     a.add_argument("--port", type=port_arg, default=8000, help="port (default 8000; 0 = any free)")
-    a.add_argument("--codec", default="fp32", help=CODECS_HELP)
+    a.add_argument("--codec", default="fp32", type=codec_arg, help=CODECS_HELP)
     a.add_argument(
         "--check-rate",
         type=share_arg,
@@ -325,10 +329,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     from nanoshard.api.app import GatewayOptions
     from nanoshard.api.server import GatewayConfig, serve
-    from nanoshard.codec import check_codec
     from nanoshard.security import read_key
 
-    check_codec(args.codec)  # the gateway's own setting: refused now, not on every request
     config = GatewayConfig(
         coordinator=args.coordinator,
         host=args.host,

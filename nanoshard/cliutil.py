@@ -112,6 +112,16 @@ def address_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def codec_arg(text: str) -> str:
+    """A codec's name for argparse (``codec.check_codec``)."""
+    from nanoshard.codec import check_codec
+
+    try:
+        return check_codec(text)
+    except NanoshardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_seconds(text: str) -> float:
     """A time in seconds for argparse: finite and above 0."""
     try:

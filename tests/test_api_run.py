@@ -9,7 +9,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from nanoshard.api.app import CLIENT_GONE, Gateway, complete, create_app
+from nanoshard.api.app import CLIENT_GONE, Gateway, complete, create_app, endpoint_of
 from nanoshard.api.protocol import parse_completion
 from nanoshard.client.sdk import Token
 from nanoshard.errors import QuotaExceeded
@@ -167,6 +167,29 @@ def test_the_web_view_and_metrics_answer_head() -> None:
         assert (await call(app, "PUT", "/"))[0] == 405
 
     asyncio.run(run())
+
+
+def test_requests_are_counted_by_endpoint() -> None:
+    """/metrics told a model's page, the web view's files and its status feed from unknown
+    paths no better than "other"."""
+    gateway = Gateway(Broken())  # type: ignore[arg-type]
+    app = create_app(gateway)
+    paths = ["/v1/models/demo", "/v1/models/x/y", "/static/app.js", "/no"]
+
+    async def run() -> None:
+        for path in paths:
+            await call(app, "GET", path)
+
+    asyncio.run(run())
+    counted = {
+        s.labels["endpoint"]
+        for metric in gateway.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "nanoshard_api_requests_total"
+    }
+    assert counted == {"/v1/models/{model}", "/static", "other"}
+    for path in ("/nanoshard/status", "/nanoshard/status/events", "/v1/chat/completions"):
+        assert endpoint_of(path) == path
 
 
 def test_a_body_nested_too_deeply_is_a_400_and_a_defect_a_counted_json_500() -> None:
