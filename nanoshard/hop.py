@@ -788,17 +788,33 @@ class NextHop:
         self.drop_stream()
         if self.address is None:
             return
-        request = pb.CloseRequest(session_id=self.spec.session_id)
-        closing = self.channels.in_background(
-            self.channels.call(self.address, "Close", request, timeout_s)
-        )
+        closing = self.channels.in_background(self._close(self.address, timeout_s))
         try:
             await asyncio.shield(closing)
         except asyncio.CancelledError:
             await asyncio.wait([closing])  # (cancelled again: it still ends on its own)
             raise
+
+    async def _close(self, address: str, timeout_s: float) -> None:
+        """Close the session at ``address``, which passes the close on. If it cannot (it is
+        gone, or restarted and holds no such session), every node of the later hops is
+        told directly, for this hop only: the nodes after a dead one (the session's owner
+        gave it up on a reroute) would hold it, and its KV memory, until their TTL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        request = pb.CloseRequest(session_id=self.spec.session_id)
+        try:
+            reply = await self.channels.call(address, "Close", request, timeout_s)
+            if reply.closed:
+                return
         except Exception:
-            log.debug("could not close session at %s", self.address)
+            log.debug("could not close session at %s", address)
+        alone = pb.CloseRequest(session_id=self.spec.session_id, this_hop_only=True)
+        left = max(deadline - loop.time(), 0.1)
+        await asyncio.gather(
+            *(self.channels.call(a, "Close", alone, left) for a in sorted(self._behind)),
+            return_exceptions=True,
+        )
 
 
 def _forget(tasks: set[asyncio.Future]) -> Callable[[asyncio.Future], None]:

@@ -827,6 +827,34 @@ def test_an_open_given_up_midway_is_closed_where_it_went(node: ScriptedNode) -> 
     asyncio.run(main())
 
 
+def test_a_session_given_up_past_a_dead_node_is_closed_on_the_hops_after_it() -> None:
+    """A close goes to the link's node, which passes it on. When that node is gone (its
+    owner gives the session up on a reroute), the nodes after it held the session, and its
+    KV memory, until their TTL (5 minutes; a repair found no room on one meanwhile): each
+    node of the later hops is now told directly."""
+    spec = pb.SessionSpec(session_id=LINK_SESSION, max_length=8, codec="fp32")
+
+    async def main() -> None:
+        channels = Channels()
+        with scripted_node() as later:
+            with scripted_node() as first:
+                route = [
+                    pb.Hop(start=0, end=3, addresses=[first.address]),
+                    pb.Hop(start=3, end=5, addresses=[later.address, "127.0.0.1:1"]),
+                ]
+                alive = NextHop(channels, spec, route, token_replay(), timeout_s=30)
+                await alive.open()
+                await alive.close()  # (the node answers: the rest is its to pass on)
+                assert first.closed == [LINK_SESSION] and later.closed == []
+                dead = NextHop(channels, spec, route, token_replay(), timeout_s=30)
+                await dead.open()
+            await dead.close(timeout_s=5)  # (its node stopped)
+            assert later.closed == [LINK_SESSION]
+        await channels.close()
+
+    asyncio.run(main())
+
+
 def test_a_close_its_owner_gives_up_on_is_seen_through(node: ScriptedNode) -> None:
     """An owner cancelled while its link closes the session (Ctrl-C right after the last
     token) is cancelled once the node answered the close, not before: the session does
