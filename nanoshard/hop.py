@@ -86,8 +86,7 @@ PACE_STEPS = 8  # decode steps a node's first pace is the median of
 RECENT_STEPS = 5  # its pace now: the median of its last decode steps (one spike moves nothing)
 
 # What makes a link give up on a node and try the hop's next one: gone or silent, full or
-# busy, serving other units, or failing inside (a bug, out of memory; gRPC's own "Internal
-# error from Core" when a peer dies mid-stream).
+# busy, serving other units, or failing inside (a bug, out of memory).
 NODE_FAILURES = (Unavailable, ResourceExhausted, FailedPrecondition, Internal)
 
 

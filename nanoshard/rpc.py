@@ -27,6 +27,7 @@ MAX_RETRY_AFTER_S = 3600.0
 NOT_HTTP2 = "Failed parsing HTTP/2"
 REFUSED = "Connection refused"  # (gRPC's text: nothing listens at that address)
 CLOSED = ("Socket closed", "Connection reset")  # (gRPC's: the peer's process went away)
+CUT = "Internal error from Core"  # (gRPC's INTERNAL, not a peer's: a stream cut mid-call)
 RESOLVING = ("errors resolving", "DNS resolution failed")  # (gRPC's: the host name is unknown)
 CONNECTING = "failed to connect to all addresses"  # (gRPC's: no connection was made)
 # gRPC's words for a server certificate the caller's CA refused, or one for another host
@@ -292,6 +293,10 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
     ):
         tls = ", or it serves TLS: pass --tls-ca" if closed_connecting(err) else ""
         detail = f"the connection closed: it stopped, crashed or left{tls} (gRPC: {detail})"
+    if code == grpc.StatusCode.INTERNAL and detail == CUT and FAILED_KEY not in trailers:
+        # (a node stopping, or gone, as a step was on its way: not a bug of the peer's)
+        code = grpc.StatusCode.UNAVAILABLE
+        detail = f"the stream was cut: it stopped, crashed or left mid-call (gRPC: {detail})"
     if code == grpc.StatusCode.UNAVAILABLE and tls_refused(detail):
         detail = (
             "the TLS handshake failed: its certificate does not verify against --tls-ca "

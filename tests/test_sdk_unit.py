@@ -1245,6 +1245,16 @@ def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
         "127.0.0.1:17999: the connection closed: it stopped, crashed or left "
         "(gRPC: Stream removed (Socket closed))"
     )
+    cut = grpc.aio.AioRpcError(  # (a node stopping as a step was on its way: it left)
+        grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        "Internal error from Core",
+    )  # fmt: skip
+    err = rpc.error_from_rpc(cut, "127.0.0.1:17999")
+    assert isinstance(err, Unavailable) and err.failed == ["127.0.0.1:17999"]
+    assert str(err) == (
+        "127.0.0.1:17999: the stream was cut: it stopped, crashed or left mid-call "
+        "(gRPC: Internal error from Core)"
+    )
     # a coordinator's call is labelled so (its own errors name nodes: not to be taken for
     # a node that failed), and still names the address that failed
     err = rpc.error_from_rpc(refused, "127.0.0.1:17999", "the coordinator at 127.0.0.1:17999")
