@@ -507,3 +507,21 @@ def find_coordinator(
 
     found = browse(COORD_SERVICE, timeout_s, interfaces, want=1, match=match, stop=stop)
     return found[0] if found else None
+
+
+def other_swarms(
+    swarm: str,
+    interfaces: list[str] | None = None,
+    timeout_s: float = 1.0,
+    stop: threading.Event | None = None,
+) -> list[str]:
+    """The swarms other than ``swarm`` whose coordinators (of this protocol version) answer
+    within ``timeout_s``: what a node that finds none of its own may have meant."""
+
+    def other(f: Found) -> bool:
+        return f.properties.get("proto") == str(PROTOCOL_VERSION) and f.properties.get(
+            "swarm"
+        ) not in (None, swarm)
+
+    found = browse(COORD_SERVICE, timeout_s, interfaces, want=2**31, match=other, stop=stop)
+    return sorted({str(f.properties["swarm"]) for f in found})

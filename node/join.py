@@ -253,11 +253,25 @@ class Volunteer:
                 return found.target
             if not told:
                 told = True
-                self.events.info(
-                    f"no coordinator of swarm {self.config.swarm!r} answered on mDNS yet: "
-                    "still looking (none started? multicast blocked, or Wi-Fi client "
-                    "isolation? then pass --coordinator HOST:PORT)"
+                others = await asyncio.to_thread(
+                    discovery.other_swarms,
+                    self.config.swarm,
+                    self.config.mdns_interfaces,
+                    stop=self.stop_looking,
                 )
+                if others:
+                    them = ", ".join(map(repr, others))
+                    who = f"those of swarms {them}" if len(others) > 1 else f"one of swarm {them}"
+                    self.events.info(
+                        f"no coordinator of swarm {self.config.swarm!r} answered on mDNS yet, "
+                        f"but {who} did: pass --swarm NAME to join it (still looking)"
+                    )
+                else:
+                    self.events.info(
+                        f"no coordinator of swarm {self.config.swarm!r} answered on mDNS yet: "
+                        "still looking (none started? multicast blocked, or Wi-Fi client "
+                        "isolation? then pass --coordinator HOST:PORT)"
+                    )
         raise asyncio.CancelledError  # stopped while looking
 
     async def _browse(self, timeout_s: float) -> discovery.Found | None:

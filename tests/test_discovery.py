@@ -65,6 +65,8 @@ FIND = textwrap.dedent(
         if q["op"] == "find":
             f = d.find_coordinator(["127.0.0.1"], q["timeout"], q["swarm"])
             names = [] if f is None else [f.name]
+        elif q["op"] == "others":
+            names = d.other_swarms(q["swarm"], ["127.0.0.1"], q["timeout"])
         else:
             swarms = set(q["swarms"])
             found = d.browse(d.COORD_SERVICE, q["timeout"], ["127.0.0.1"], want=q["want"],
@@ -223,6 +225,7 @@ def test_find_coordinator_filters_by_swarm_and_protocol(swarm: str) -> None:
             {"op": "find", "swarm": old, "timeout": 1.0},
             {"op": "find", "swarm": uuid.uuid4().hex, "timeout": 0.5},
             {"op": "browse", "swarms": [swarm, other], "want": 2, "timeout": 30.0},
+            {"op": "others", "swarm": swarm, "timeout": 5.0},  # (what join says it saw)
         ]
         out = subprocess.run(
             [sys.executable, "-c", FIND, json.dumps(queries)],
@@ -231,7 +234,9 @@ def test_find_coordinator_filters_by_swarm_and_protocol(swarm: str) -> None:
             timeout=120,
         )
         assert out.returncode == 0, out.stderr
-        mine_r, theirs_r, future_r, absent_r, both_r = map(json.loads, out.stdout.splitlines())
+        mine_r, theirs_r, future_r, absent_r, both_r, others_r = map(
+            json.loads, out.stdout.splitlines()
+        )
         assert mine_r["names"] == [mine.name]
         assert mine_r["seconds"] < 10  # returns as soon as it is found, not at the timeout
         assert theirs_r["names"] == [theirs.name]
@@ -240,6 +245,8 @@ def test_find_coordinator_filters_by_swarm_and_protocol(swarm: str) -> None:
         assert absent_r["seconds"] < 0.5 + 2.0  # a timeout returns promptly
         assert both_r["names"] == sorted([mine.name, theirs.name])
         assert both_r["seconds"] < 10
+        # (other tests' swarms may answer too: only these three are known)
+        assert other in others_r["names"] and not {swarm, old} & set(others_r["names"])
     finally:
         for ad in ads:
             ad.close()
