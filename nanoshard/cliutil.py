@@ -91,6 +91,17 @@ def positive_size_arg(text: str) -> int:
     return n
 
 
+def memory_arg(text: str) -> int:
+    """``positive_size_arg`` for a node's memory: a number without a unit below 64 KiB is
+    bytes, too few to hold anything, and most likely a unit left out."""
+    n = positive_size_arg(text)
+    if text.strip().isdigit() and n < 2**16:
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()} bytes holds nothing: give a unit ({text.strip()}M, 2G, ...)"
+        )
+    return n
+
+
 def port_arg(text: str) -> int:
     """A port for argparse: 0 (any free one) to 65535."""
     try:

@@ -94,7 +94,9 @@ class SamplingParams:
         object.__setattr__(self, "temperature", float32(self.temperature))
         object.__setattr__(self, "top_p", top_p)
         if not -(2**63) <= self.seed < 2**63:
-            raise InvalidArgument(f"seed must fit in 64 bits, got {self.seed}")
+            raise InvalidArgument(
+                f"seed must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {self.seed}"
+            )
 
     @property
     def greedy(self) -> bool:

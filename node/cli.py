@@ -19,6 +19,7 @@ from nanoshard.cliutil import (
     address_arg,
     format_size,
     listening_line,
+    memory_arg,
     parse_command_line,
     port_arg,
     positive_seconds,
@@ -198,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--port", type=port_arg, default=d.port, help="port; 0 picks a free one (default)"
     )
-    s.add_argument("--name", default=d.name, help="node name shown in traces and status")
+    s.add_argument(
+        "--name",
+        default=d.name,
+        help="node name shown in traces (default: this host's name and the first digits of "
+        "the node's id)",
+    )
     s.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
     s.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     s.add_argument(
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument(
         "--max-memory",
-        type=positive_size_arg,
+        type=memory_arg,
         default=None,
         metavar="SIZE",
         help="memory for weights and KV caches (default: half of the free RAM, or 80%% of "
@@ -261,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--device", default=jd.device, help="cpu, cuda, cuda:1, mps, or auto (default)")
     j.add_argument("--dtype", default=jd.dtype, choices=list(DTYPES))
-    j.add_argument("--name", default=jd.name, help="node name shown in status and traces")
+    j.add_argument(
+        "--name",
+        default=jd.name,
+        help="node name shown in status and traces (default: this host's name and the first "
+        "digits of the node's id, the same each time it starts from its cache folder)",
+    )
     j.add_argument(
         "--cache-dir",
         type=Path,

@@ -90,7 +90,9 @@ class DataPlane:
             raise OSError(f"cannot listen on {host}:{port} (in use?)")
         self.address = f"{advertise_host or host}:{self.port}"
         identity = NodeIdentity(
-            name=name or f"{socket.gethostname()}:{self.port}",
+            # (by default its host's name and its id's first digits: the same each time
+            # it joins from its cache folder, as its id is, where a port is not)
+            name=name or f"{socket.gethostname()}-{self.key.node_id[:6]}",
             address=self.address,
             model_id=model_id,
             epoch=secrets.token_bytes(8),

@@ -32,7 +32,7 @@ from nanoshard.cli.demo import print_hops
 from nanoshard.cli.generate import quiet_once
 from nanoshard.cli.statusview import StatusView
 from nanoshard.client.sdk import GenerationResult
-from nanoshard.cliutil import parse_command_line
+from nanoshard.cliutil import memory_arg, parse_command_line
 from nanoshard.config import GPTConfig, unit_name
 from nanoshard.engine import init_weights
 from nanoshard.node import main as node_main
@@ -398,6 +398,21 @@ def test_a_mistake_is_one_line_and_starts_nothing(
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("nanoshard"), err
+
+
+def test_a_nodes_memory_without_a_unit_is_taken_for_bytes_only_where_it_can_be(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--max-memory 500`` was 500 bytes, without a word: the node stood by, holding
+    nothing. A number that small without a unit is refused; a larger one is bytes."""
+    with pytest.raises(SystemExit) as exit:
+        node_main(["join", "--max-memory", "500"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nanoshard-node join: error: argument --max-memory: 500 bytes holds nothing: give a "
+        "unit (500M, 2G, ...)"
+    )
+    assert memory_arg("4658858") == 4658858 and memory_arg("500K") == 500 << 10
 
 
 @pytest.mark.parametrize(
