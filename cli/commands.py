@@ -86,6 +86,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         default=0,
         help="sampling is deterministic for a seed (default 0: the same text every run)",
     )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end the text before this string (again for more than one)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
 
 

@@ -19,6 +19,7 @@ from nanoshard.errors import InvalidArgument
 from nanoshard.generation import STOP_NOTES, LocalSession, check_prompt, generate, max_length_for
 from nanoshard.sampling import SamplingParams
 from nanoshard.security import read_key
+from nanoshard.textstream import TextStream, final_text
 from nanoshard.tokenizer import encoding_for, prompt_ids
 
 DEFAULT_MODEL = "demo"  # of --local and --route: the built-in model
@@ -44,15 +45,14 @@ def generate_locally(
         stage, params, max_length_for(len(ids), args.max_new_tokens, config.block_size)
     )
     eot = enc.eot_token if "<|endoftext|>" in enc.special_tokens_set else None
-    pending: list[int] = []
+    stops = args.stop or []
+    texts = TextStream(stops)  # (as the SDK streams its text: see textstream.py)
 
-    def each_token(token: int) -> None:
-        if on_token is not None:
-            pending.append(token)
-            text = enc.decode(pending, errors="replace")
-            if not text.endswith("\ufffd"):
-                pending.clear()
-                on_token(Token(token, text))
+    def each_token(token: int) -> bool:
+        text = texts.push(enc.decode_single_token_bytes(token))
+        if on_token is not None and text:
+            on_token(Token(token, text))
+        return texts.stopped
 
     gen = generate(
         session,
@@ -62,8 +62,10 @@ def generate_locally(
         eot_id=eot,
         on_token=each_token,
     )
+    if on_token is not None and gen.token_ids and (rest := texts.finish()):
+        on_token(Token(gen.token_ids[-1], rest))  # (what could have begun a stop string)
     return GenerationResult(
-        text=enc.decode(gen.token_ids, errors="replace"),
+        text=final_text(b"".join(map(enc.decode_single_token_bytes, gen.token_ids)), stops),
         token_ids=gen.token_ids,
         prompt_token_ids=gen.prompt_token_ids,
         stop_reason=gen.stop_reason,
@@ -102,6 +104,7 @@ def generate_on_nodes(
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
+            stop=args.stop,
             on_token=on_token,
         )
         checks = client.wait_for_checks()
@@ -139,6 +142,10 @@ def check_options(args: argparse.Namespace) -> None:
     seconds), and named by their flags."""
     if args.max_new_tokens < 1:
         raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.stop is not None and not all(args.stop):
+        raise InvalidArgument(
+            "--stop needs a text: an empty one would stop every generation at once"
+        )
     try:
         SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     except InvalidArgument as exc:  # (its messages start with the field's name)

@@ -314,6 +314,7 @@ MISTAKES = [
     (["generate", "--codec", "int9", "hi"], 2, "unknown codec 'int9'; valid codecs: fp32"),
     (["demo", "--codec", "int9"], 2, "unknown codec 'int9'"),
     (["generate", "--local", "--device", "tpu", "hi"], 1, "unknown device 'tpu'"),
+    (["generate", "--local", "--stop", "", "hi"], 1, "--stop needs a text"),
     (["generate", "--coordinator", "127.0.0.1:1", "--model", "demo", "hi"], 1, "--model is for"),
     (["generate", "--route", "127.0.0.1:1", "--dtype", "int8", "hi"], 1, "for --local only"),
     (["generate", "--local", "--codec", "int8", "hi"], 1, "--codec: for a swarm or --route"),
@@ -386,6 +387,29 @@ def test_a_prompt_is_read_from_stdin_when_asked(
     unread, err = generate([], "ROMEO:")
     assert "no prompt given" in err and "pass - as the prompt" in err, err
     assert unread["prompt_token_ids"] == generate([""], "")[0]["prompt_token_ids"]
+
+
+def test_generate_ends_its_text_before_a_stop_string(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--stop``, as the SDK's ``stop`` and the API's: the text, streamed or whole, ends
+    before the earliest stop string, and the generation stops there. (The CLI had none.)"""
+
+    def generate(*flags: str) -> str:
+        greedy = ["--temperature", "0", "--max-new-tokens", "40", "--local"]
+        with pytest.raises(SystemExit) as exit:
+            main(["generate", *greedy, *flags, "ROMEO:"])
+        out, err = capsys.readouterr()
+        assert exit.value.code == 0, err
+        return out
+
+    whole = json.loads(generate("--json"))
+    text = whole["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # (a string from its middle)
+    cut = json.loads(generate("--json", "--stop", stop, "--stop", "no such text"))
+    assert cut["text"] == text[: text.index(stop)] and cut["stop_reason"] == "stop", (stop, cut)
+    assert len(cut["token_ids"]) < len(whole["token_ids"])
+    streamed = generate("--stop", stop)
+    assert streamed.startswith("ROMEO:" + cut["text"] + "\n"), (streamed, cut["text"])
+    assert stop not in streamed.split("\n[")[0].removeprefix("ROMEO:")
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), MISTAKES)
