@@ -523,5 +523,6 @@ def other_swarms(
             "swarm"
         ) not in (None, swarm)
 
+    # (``want`` never reached: it gathers every answer until the timeout)
     found = browse(COORD_SERVICE, timeout_s, interfaces, want=2**31, match=other, stop=stop)
     return sorted({str(f.properties["swarm"]) for f in found})
