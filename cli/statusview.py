@@ -121,7 +121,9 @@ def _add_row(table: Table, *cells: str | Text) -> None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"  # (not "0 MiB")
 
 
 def _stage(n: cpb.NodeStatus, sep: str = " ") -> str:

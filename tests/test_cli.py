@@ -149,6 +149,9 @@ def test_a_node_on_time_but_not_serving_is_standby_or_loading_not_down() -> None
     assert "DOWN" not in wide  # nobody is late
     late = swarm_status()  # the loading node's heartbeats stopped: it is down
     assert "DOWN" in render(late, 200)
+    # a node given less than a MiB (it stands by) read "0 MiB"
+    status.nodes[-1].capacity.memory_bytes = 500 << 10
+    assert "500 KiB" in next(r for r in render(status, 200).splitlines() if "spare-box" in r)
 
 
 def test_a_wide_terminal_gets_one_row_per_node() -> None:
