@@ -94,10 +94,10 @@ def positive_size_arg(text: str) -> int:
 def memory_arg(text: str) -> int:
     """``positive_size_arg`` for a node's memory: a number without a unit below 64 KiB is
     bytes, too few to hold anything, and most likely a unit left out."""
-    n = positive_size_arg(text)
-    if text.strip().isdigit() and n < 2**16:
+    n, given = positive_size_arg(text), text.strip()
+    if given.isdigit() and n < 2**16:
         raise argparse.ArgumentTypeError(
-            f"{text.strip()} bytes holds nothing: give a unit ({text.strip()}M, 2G, ...)"
+            f"{given} bytes holds nothing: give a unit ({given}M, 2G, ...)"
         )
     return n
 

@@ -489,6 +489,11 @@ class PassedOver:
             return frozenset(self._until)
 
 
+def _this_version(f: Found) -> bool:
+    """Whether ``f`` speaks this protocol version (another one's calls would fail)."""
+    return f.properties.get("proto") == str(PROTOCOL_VERSION)
+
+
 def find_coordinator(
     interfaces: list[str] | None = None,
     timeout_s: float = 3.0,
@@ -501,7 +506,7 @@ def find_coordinator(
     ``stop`` is set first)."""
 
     def match(f: Found) -> bool:
-        if f.properties.get("proto") != str(PROTOCOL_VERSION) or f.target in passed_over:
+        if not _this_version(f) or f.target in passed_over:
             return False
         return swarm is None or f.properties.get("swarm") == swarm
 
@@ -519,9 +524,7 @@ def other_swarms(
     within ``timeout_s``: what a node that finds none of its own may have meant."""
 
     def other(f: Found) -> bool:
-        return f.properties.get("proto") == str(PROTOCOL_VERSION) and f.properties.get(
-            "swarm"
-        ) not in (None, swarm)
+        return _this_version(f) and f.properties.get("swarm") not in (None, swarm)
 
     # (``want`` never reached: it gathers every answer until the timeout)
     found = browse(COORD_SERVICE, timeout_s, interfaces, want=2**31, match=other, stop=stop)
