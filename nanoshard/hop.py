@@ -318,6 +318,13 @@ def _nothing() -> None:
     pass
 
 
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (Python 3.10 cannot tell: taken as yes)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 def once(fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` that runs the first time it is called and never again."""
     done = False
@@ -686,10 +693,17 @@ class NextHop:
         self._use(address)
         if self._call is None:
             self._call = self.channels.stream(address)
+        call = self._call
         try:
-            reply = await _write_read(self._call, request, left, meanwhile)
-        except asyncio.CancelledError:  # our own caller left mid-step: never reuse this stream
-            self.drop_stream()
+            reply = await _write_read(call, request, left, meanwhile)
+        except asyncio.CancelledError:
+            if call is not self._call and not _cancelling():
+                # the stream was dropped under the step (``drop_stream``: the owner closed
+                # the session meanwhile), not this task cancelled: a failure, said as one
+                raise Unavailable(
+                    f"{self.owner} closed the session while its step was at {address}", []
+                ) from None
+            self.drop_stream()  # our own caller left mid-step: never reuse this stream
             raise
         except grpc.aio.AioRpcError as err:
             raise rpc.error_from_rpc(err, address) from None

@@ -184,7 +184,7 @@ class NodeService(pb_grpc.NodeServicer):
                 session.stage.shard is not None
                 and session.stage.shard.collective is group.collective
             ):
-                self._drop(session)
+                self._drop(session, f"its tensor-parallel group broke ({group.broken})")
 
     def current_stage(self, start: int = 0, end: int = 0) -> Stage:
         """The stage a new session opens on: the node's, or the part of it the caller's hop
@@ -403,8 +403,10 @@ class NodeService(pb_grpc.NodeServicer):
             await link.close()
         return pb.CloseReply(closed=True)
 
-    def _drop(self, session: NodeSession) -> None:
-        """Forget ``session`` here, and on the other members of a group this node leads."""
+    def _drop(self, session: NodeSession, why: str = "it was closed") -> None:
+        """Forget ``session`` here, and on the other members of a group this node leads. A
+        step of it still under way fails, saying ``why``."""
+        session.closed = session.closed or why
         self.sessions.remove(session.spec.session_id)
         if session.next is not None:
             session.next.drop_stream()
@@ -423,7 +425,7 @@ class NodeService(pb_grpc.NodeServicer):
             for session in expired:
                 log.info("session %s expired", session.spec.session_id.hex()[:12])
                 try:
-                    self._drop(session)
+                    self._drop(session, "it expired (idle past the session TTL)")
                 except Exception:  # never let one session stop expiry for all
                     log.exception("could not drop session %s", session.spec.session_id.hex()[:12])
             owed = owed or bool(expired)
@@ -692,6 +694,13 @@ class NodeService(pb_grpc.NodeServicer):
                     reply, trace.repair = await session.next.step(down_req, own_ms, book, onward_s)
                 except InvalidArgument as exc:  # what this node sent was refused: its fault
                     raise Internal(f"the next hop refused this node's output: {exc}") from None
+                except NanoshardError:
+                    if session.closed:  # here, meanwhile (its link's stream went with it)
+                        raise Unavailable(
+                            f"the session was closed here mid-step: {session.closed}",
+                            [self.identity.address],
+                        ) from None
+                    raise
                 trace.downstream_ms = (time.perf_counter() - sent_at) * 1e3
                 if reply.hops and session.next.address is not None:
                     # the link: the step's time there, less the next node's own (its word:

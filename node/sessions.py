@@ -73,6 +73,7 @@ class NodeSession:
     mac_key: bytes | None = None
     session_key: Any = None
     key_told: bool = False
+    closed: str = ""  # why it was closed here, once it is: a step still under way fails so
 
     @property
     def length(self) -> int:

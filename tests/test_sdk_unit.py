@@ -1269,3 +1269,25 @@ def test_a_peer_nothing_listens_at_is_named_so_not_in_grpcs_words() -> None:
         "nosuch.invalid:7960: nosuch.invalid does not resolve: no such host (a typo, or a name "
         "this network's DNS does not know)"
     )
+
+
+def test_a_stream_dropped_under_a_step_fails_the_step_not_its_task(node: ScriptedNode) -> None:
+    """The link's owner drops its stream while a step waits on it (at a node: the session
+    was closed there meanwhile, its tensor-parallel group broken as placement gave it
+    another stage): the step fails with UNAVAILABLE. It was cancelled, as if its own
+    caller had left, and the node's stream handler then ended without a status: its
+    client waited out its 60 s before it rerouted."""
+    node.hang_at = {0: 5.0}  # (by position)
+
+    async def main() -> None:
+        channels = Channels()
+        link = await link_on(node, channels)
+        written = asyncio.Event()
+        step = asyncio.ensure_future(link.step(token_step(1, 0), meanwhile=written.set))
+        await written.wait()
+        link.drop_stream()
+        with pytest.raises(Unavailable, match="the client closed the session while its step"):
+            await step
+        await channels.close()
+
+    asyncio.run(main())
