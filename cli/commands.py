@@ -97,7 +97,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 
 CHECK_RATE_HELP = (
     "share of sessions' hops a shadow replica follows and spot-checks "
-    f"(default {DEFAULT_CHECK_RATE}; 0 = off)"
+    f"(default {DEFAULT_CHECK_RATE}; 0 = off, also for the hops the coordinator asks to check)"
 )
 
 

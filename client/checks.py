@@ -197,7 +197,7 @@ class Checker:
         are followed. Every session, followed or not, has check points at its first step and
         at random steps (one in ``CHECK_EVERY``) and asks the head for its logits at each, so
         no hop can tell which sessions or steps are compared."""
-        if self.rate <= 0:
+        if self.rate <= 0:  # off, the coordinator's asks too (``Client``'s check_rate)
             return [], False
         shadows = self._sessions.get(session_id)
         first = shadows is None

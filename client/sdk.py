@@ -132,9 +132,10 @@ class AsyncClient:
         (failover takes over). A private swarm wants its ``swarm_key`` (default:
         ``$NANOSHARD_SWARM_KEY``) and, if it runs TLS, ``tls_ca``: the CA that signed its
         servers' certificates. ``check_rate`` is the share of sessions' hops that a
-        shadow replica follows and checks (0: no checks; a hop the coordinator asks to have
-        followed always is; results in :attr:`checks`, disagreements reported to the
-        coordinator); ``check_seed`` makes the choices repeatable.
+        shadow replica follows and checks (a hop the coordinator asks to have followed
+        always is, unless ``check_rate`` is 0: no checks at all; results in :attr:`checks`,
+        disagreements reported to the coordinator); ``check_seed`` makes the choices
+        repeatable.
 
         Every option is checked here, before anything connects: a typo is a one-line
         InvalidArgument now, not a node or coordinator blamed for it later."""

@@ -572,8 +572,8 @@ class CoordinatorService:
                 [Comparison(ARBITER, address, start, end, request.pos, error, allowed, now)]
             )
             log.info(
-                "settled a dispute on units [%d, %d) at position %d: %s's signed output at "
-                "%.3g from the coordinator's (tolerance %.3g)",
+                "settled a dispute on units [%d, %d) at position %d: %s's signed output "
+                "differs by %.3g from the coordinator's re-run (tolerance %.3g)",
                 start, end, request.pos, address, error, allowed,
             )  # fmt: skip
             if error > allowed and address not in self.registry.excluded:

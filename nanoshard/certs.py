@@ -47,6 +47,30 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
         path.chmod(0o600)
 
 
+def _load_ca(ca_pem: Path, ca_key_pem: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA a folder holds, to sign more hosts with: never half of one replaced by a
+    new CA (the swarm's nodes trust the old ``ca.pem``), nor a key that is not its own."""
+    missing = [p for p in (ca_pem, ca_key_pem) if not p.is_file()]
+    if missing:
+        raise InvalidArgument(
+            f"{ca_pem.parent} holds a CA without {missing[0].name}: put it back to sign more "
+            "hosts with it, or write to an empty folder for a new CA"
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"{ca_pem} is not a readable PEM certificate: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a passphrase-protected key
+        raise InvalidArgument(
+            f"{ca_key_pem} is not an unencrypted private key in PEM: {exc}"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise InvalidArgument(f"{ca_key_pem} is not the key of {ca_pem}: they are two CAs'")
+    return cert, key
+
+
 MAX_DAYS = 36500  # a certificate's days of validity, at most
 
 
@@ -66,9 +90,8 @@ def make_certs(folder: Path, hosts: list[str], days: int = 825) -> list[Path]:
     start, until = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     written: list[Path] = []
     ca_pem, ca_key_pem = folder / "ca.pem", folder / "ca.key"
-    if ca_pem.is_file() and ca_key_pem.is_file():
-        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), None)
+    if ca_pem.exists() or ca_key_pem.exists():
+        ca_cert, ca_key = _load_ca(ca_pem, ca_key_pem)
     else:
         ca_key = _key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nanoshard swarm CA")])

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from swarm import Swarm, local_tokens, nanoshard, wait_until
 from test_swarm import STEADY, covered
 
 from nanoshard import Client, rpc
+from nanoshard.certs import make_certs
 from nanoshard.client.swarm import CoordinatorClient
 from nanoshard.errors import InvalidArgument, NanoshardError, Unauthenticated
 from nanoshard.security import (
@@ -533,3 +536,42 @@ def test_a_volunteer_without_the_ca_is_told_its_coordinator_needs_tls(
                 f"nanoshard-node: error: the coordinator at {address} needs TLS: pass "
                 "--tls-ca (the swarm's CA), and --tls-cert/--tls-key for this node"
             ), volunteer.output
+
+
+def test_certs_signs_more_hosts_only_with_the_folders_own_whole_ca(tmp_path: Path) -> None:
+    """``nanoshard certs`` into a folder that holds a CA signs with it, and with nothing
+    else: half a CA (``ca.key`` kept elsewhere), another CA's key, a file that is no PEM or
+    a passphrase-protected key are each refused in one line, the files left as they were.
+    It wrote a new CA over a ``ca.pem`` without its key (the swarm's nodes trust the old
+    one), signed with a key that was not ``ca.pem``'s, or ended in a traceback."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_certs(a, ["127.0.0.1"])
+    make_certs(b, ["127.0.0.1"])
+    key = serialization.load_pem_private_key((a / "ca.key").read_bytes(), None)
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    cases = {
+        "half": ((a / "ca.pem").read_bytes(), None, "holds a CA without ca.key"),
+        "two": ((a / "ca.pem").read_bytes(), (b / "ca.key").read_bytes(), "is not the key of"),
+        "junk": (b"junk\n", (a / "ca.key").read_bytes(), "is not a readable PEM certificate"),
+        "locked": ((a / "ca.pem").read_bytes(), locked, "is not an unencrypted private key"),
+    }
+    for name, (pem, ca_key, said) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "ca.pem").write_bytes(pem)
+        if ca_key is not None:
+            (folder / "ca.key").write_bytes(ca_key)
+        done = nanoshard("certs", str(folder), "--hosts", "127.0.0.2")
+        assert done.returncode == 1 and said in done.stderr, (name, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert (folder / "ca.pem").read_bytes() == pem and not (folder / "127.0.0.2.pem").exists()
+    # the folder's own whole CA signs one more host, and stays the same
+    before = (a / "ca.pem").read_bytes()
+    make_certs(a, ["127.0.0.2"])
+    assert (a / "ca.pem").read_bytes() == before
+    issued = x509.load_pem_x509_certificate((a / "127.0.0.2.pem").read_bytes())
+    issued.verify_directly_issued_by(x509.load_pem_x509_certificate(before))
