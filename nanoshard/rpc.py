@@ -32,6 +32,7 @@ RESOLVING = ("errors resolving", "DNS resolution failed")  # (gRPC's: the host n
 CONNECTING = "failed to connect to all addresses"  # (gRPC's: no connection was made)
 # gRPC's words for a server certificate the caller's CA refused, or one for another host
 TLS_REFUSED = ("Tls handshake failed", "Hostname Verification Check failed")
+NOT_TLS = "WRONG_VERSION_NUMBER"  # (OpenSSL's word for a peer answering TLS in plain text)
 MAX_FAILED = 64  # addresses read from FAILED_KEY
 MAX_REPLICAS_PER_HOP = 8  # addresses a route names for one hop (the best ones)
 # A peer that hangs (a laptop asleep, a stopped process) keeps its connections open and
@@ -97,8 +98,14 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
 
 
 def tls_refused(detail: str) -> bool:
-    """Whether a call failed because the server's certificate did not verify."""
+    """Whether a call failed in its TLS handshake: the server's certificate did not verify,
+    or the server does not serve TLS (``serves_plaintext``)."""
     return any(text in detail for text in TLS_REFUSED)
+
+
+def serves_plaintext(detail: str) -> bool:
+    """Whether a call over TLS failed because its server answered in plain text."""
+    return tls_refused(detail) and NOT_TLS in detail
 
 
 def open_channel(
@@ -297,7 +304,12 @@ def error_from_rpc(err: grpc.RpcError, peer: str = "", label: str = "") -> error
         # (a node stopping, or gone, as a step was on its way: not a bug of the peer's)
         code = grpc.StatusCode.UNAVAILABLE
         detail = f"the stream was cut: it stopped, crashed or left mid-call (gRPC: {detail})"
-    if code == grpc.StatusCode.UNAVAILABLE and tls_refused(detail):
+    if code == grpc.StatusCode.UNAVAILABLE and serves_plaintext(detail):
+        detail = (
+            "it does not serve TLS: drop --tls-ca (a swarm's servers all serve TLS or none "
+            f"does) (gRPC: {detail})"
+        )
+    elif code == grpc.StatusCode.UNAVAILABLE and tls_refused(detail):
         detail = (
             "the TLS handshake failed: its certificate does not verify against --tls-ca "
             f"(another swarm's CA, or a certificate for another host) (gRPC: {detail})"

@@ -40,7 +40,13 @@ from nanoshard.checkpoint import open_checkpoint
 from nanoshard.cliutil import NODE, format_size, stop_on_signals
 from nanoshard.config import GPTConfig, describe_units
 from nanoshard.engine import Stage, parse_dtype, pick_device
-from nanoshard.errors import CheckpointError, InvalidArgument, Stranger, Unavailable
+from nanoshard.errors import (
+    CheckpointError,
+    FailedPrecondition,
+    InvalidArgument,
+    Stranger,
+    Unavailable,
+)
 from nanoshard.hop import SLOWER
 from nanoshard.identity import NodeKey, join_proof_message
 from nanoshard.security import Security
@@ -298,6 +304,11 @@ class Volunteer:
                 plain = self.security.tls_ca is None and rpc.closed_connecting(err)
                 if plain and await asyncio.to_thread(rpc.serves_tls, self.target):
                     raise discovery.needs_tls(self.target, TLS_FLAGS) from None  # (as by mDNS)
+                if self.security.tls_ca is not None and rpc.serves_plaintext(err.details() or ""):
+                    raise FailedPrecondition(
+                        f"the coordinator at {self.target} does not serve TLS: drop --tls-ca, "
+                        "--tls-cert and --tls-key (a swarm's servers all serve TLS or none does)"
+                    ) from None
                 delay = next(delays)
                 why = str(exc).removeprefix(f"{self.target}: ")
                 self.events.info(

@@ -575,3 +575,31 @@ def test_certs_signs_more_hosts_only_with_the_folders_own_whole_ca(tmp_path: Pat
     assert (a / "ca.pem").read_bytes() == before
     issued = x509.load_pem_x509_certificate((a / "127.0.0.2.pem").read_bytes())
     issued.verify_directly_issued_by(x509.load_pem_x509_certificate(before))
+
+
+def test_a_tls_caller_at_a_plaintext_coordinator_is_told_it_does_not_serve_tls(
+    tmp_path: Path,
+) -> None:
+    """The mirror of a plaintext caller at a TLS coordinator: a volunteer with TLS flags
+    stops at once, and a client says so in one line. The volunteer retried forever and
+    both blamed the certificate ("does not verify against --tls-ca")."""
+    certs = tmp_path / "certs"
+    make_certs(certs, ["127.0.0.1"])
+    tls = ["--tls-cert", str(certs / "127.0.0.1.pem"), "--tls-key", str(certs / "127.0.0.1.key")]
+    tls += ["--tls-ca", str(certs / "ca.pem")]
+    with Swarm() as swarm:
+        _, coordinator = swarm.coordinator("--no-mdns")
+        status = nanoshard(
+            "status", "--coordinator", coordinator, "--tls-ca", str(certs / "ca.pem")
+        )
+        assert status.returncode == 1, status.stderr
+        (line,) = status.stderr.strip().splitlines()
+        assert f"the coordinator at {coordinator}: it does not serve TLS: drop --tls-ca" in line
+        node = swarm.join(
+            "--coordinator", coordinator, "--no-mdns", *tls, "--cache-dir", str(tmp_path / "n")
+        )
+        assert node.wait(timeout=120) == 1, node.output
+        assert node.lines[-1].endswith(
+            f"the coordinator at {coordinator} does not serve TLS: drop --tls-ca, --tls-cert "
+            "and --tls-key (a swarm's servers all serve TLS or none does)"
+        ), node.output
