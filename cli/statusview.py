@@ -121,9 +121,12 @@ def _add_row(table: Table, *cells: str | Text) -> None:
 
 
 def _gib(n: int) -> str:
+    """A size as a volunteer gave it (``--max-memory 2.6M`` read "3 MiB", 500K "0 MiB")."""
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"  # (not "0 MiB")
+    if n >= 10 * 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _stage(n: cpb.NodeStatus, sep: str = " ") -> str:

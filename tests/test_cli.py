@@ -152,6 +152,8 @@ def test_a_node_on_time_but_not_serving_is_standby_or_loading_not_down() -> None
     # a node given less than a MiB (it stands by) read "0 MiB"
     status.nodes[-1].capacity.memory_bytes = 500 << 10
     assert "500 KiB" in next(r for r in render(status, 200).splitlines() if "spare-box" in r)
+    status.nodes[-1].capacity.memory_bytes = int(2.6 * 2**20)  # --max-memory 2.6M read "3 MiB"
+    assert "2.6 MiB" in next(r for r in render(status, 200).splitlines() if "spare-box" in r)
 
 
 def test_a_wide_terminal_gets_one_row_per_node() -> None:
