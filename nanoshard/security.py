@@ -200,7 +200,8 @@ class Security:
             raise InvalidArgument("--tls-cert and --tls-key go together")
         for path in (self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not Path(path).is_file():
-                raise InvalidArgument(f"no such TLS file: {path}")
+                what = "a folder, not a PEM file" if Path(path).is_dir() else "no such file"
+                raise InvalidArgument(f"TLS file {path} is {what}")
         _check_pem(self.tls_cert, self.tls_ca, self.tls_key)
         if not self.identity:
             self.identity = f"client:{secrets.token_hex(6)}"

@@ -49,7 +49,8 @@ class Quotas:
         if limits.max_length and max_length > limits.max_length:
             raise QuotaExceeded(
                 f"quota: max_length per session is {limits.max_length} on this node "
-                f"(asked {max_length})"
+                f"(asked {max_length}: ask for at most that, e.g. "
+                f"client.session(max_length={limits.max_length}))"
             )
         mine = [h for h in open_sessions if h.caller == caller]
         if limits.sessions and len(mine) >= limits.sessions:

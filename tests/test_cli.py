@@ -343,6 +343,7 @@ MISTAKES = [
     (["demo", "--nodes", "1000"], 1, "--nodes must be 1 to 32"),
     (["demo", "--temperature", "-1"], 1, "temperature must be in [0, 100]"),
     (["certs", "--hosts", "127.0.0.1", "--days", "99999999", "x"], 1, "--days must be 1 to"),
+    (["status", "--coordinator", "127.0.0.1:1", "--tls-ca", "/"], 1, "TLS file / is a folder"),
     (
         ["status", "--swarm-key", "k" * 24, "--swarm-key-file", "/etc/hostname"],
         1,

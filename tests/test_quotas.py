@@ -31,7 +31,8 @@ class Clock:
 def test_open_limits_name_themselves() -> None:
     q = Quotas(QuotaLimits(sessions=2, max_length=64, kv_bytes=1000))
     q.check_open("a", 64, 400, [Holding("a", 400), Holding("b", 900)])
-    with pytest.raises(ResourceExhausted, match="max_length per session is 64"):
+    # (with how to ask for less: a chat session asks for the whole context by default)
+    with pytest.raises(ResourceExhausted, match=r"is 64 .*client.session\(max_length=64\)"):
         q.check_open("a", 65, 1, [])
     with pytest.raises(ResourceExhausted, match=r"open sessions per client is 2 \(a has 2"):
         q.check_open("a", 8, 1, [Holding("a", 1), Holding("a", 1)])
