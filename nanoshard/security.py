@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import datetime
 import hashlib
 import hmac
 import logging
@@ -175,6 +176,13 @@ def _check_pem(cert: Path | None, ca: Path | None, key: Path | None) -> None:
         and _public(certs[0].public_key()) != _public(private.public_key())
     ):
         raise InvalidArgument(f"{key} is not the private key of the certificate {cert}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for path, found in ((cert, loaded[0]), (ca, loaded[1])):
+        if found and (until := found[0].not_valid_after_utc) < now:
+            raise InvalidArgument(
+                f"{path} expired on {until:%Y-%m-%d}: every peer would refuse it (make new "
+                "ones with nanoshard certs)"
+            )
 
 
 def _public(key: Any) -> bytes:

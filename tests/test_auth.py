@@ -5,6 +5,7 @@ a coordinator that cannot), and TLS end to end."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
 import secrets
@@ -13,7 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from swarm import Swarm, local_tokens, nanoshard, wait_until
 from test_swarm import STEADY, covered
 
@@ -603,3 +606,34 @@ def test_a_tls_caller_at_a_plaintext_coordinator_is_told_it_does_not_serve_tls(
             f"the coordinator at {coordinator} does not serve TLS: drop --tls-ca, --tls-cert "
             "and --tls-key (a swarm's servers all serve TLS or none does)"
         ), node.output
+
+
+def test_an_expired_certificate_is_refused_at_start(tmp_path: Path) -> None:
+    """A server given an expired certificate (or a client an expired CA) says so at once:
+    it served it, and every client then read that the certificate did not verify against
+    its CA (another swarm's?), the expiry only at the end of gRPC's text."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    then = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(then)
+        .not_valid_after(then + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "old.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "old.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(InvalidArgument, match=r"old\.pem expired on 2020-01-31"):
+        Security(tls_cert=tmp_path / "old.pem", tls_key=tmp_path / "old.key")
+    with pytest.raises(InvalidArgument, match=r"old\.pem expired on 2020-01-31"):
+        Security(tls_ca=tmp_path / "old.pem")
