@@ -566,6 +566,14 @@ class Volunteer:
             f"{self.capacity.memory_bytes / 2**30:.2f} GiB may hold no unit of this model: see "
             "nanoshard status"
         )
+        if why.startswith("spot-checks excluded it"):  # its owner has something to check
+            log.warning(
+                "assigned no stage: standing by (%s). Its outputs disagreed with what honest "
+                "nodes compute: check this machine's memory, the weights in its cache folder "
+                "and its build; it stays excluded for the coordinator's --exclude-hours",
+                why,
+            )
+            return
         self.events.info(f"assigned no stage for now: standing by ({why})")
 
     async def _load(self, start: int, end: int, tp: cpb.TpGroup | None = None) -> None:

@@ -932,3 +932,17 @@ def test_a_standing_by_volunteer_is_told_each_new_reason(tmp_path: Path) -> None
         "assigned no stage for now: standing by (it has just started)",
         "assigned no stage for now: standing by (no group for this node)",
     ]
+
+
+def test_an_excluded_volunteer_is_warned_with_what_to_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Excluded by spot-checks, a volunteer warns its owner and says what to look at; it
+    said so among its routine lines, at INFO."""
+    volunteer = Volunteer(JoinConfig(cache_dir=tmp_path))
+    why = "spot-checks excluded it: its signed output differs from the coordinator's re-run"
+    with caplog.at_level(logging.INFO, logger="nanoshard.node.join"):
+        volunteer._follow(cpb.Assignment(idle=True, why_idle=why))
+    (record,) = [r for r in caplog.records if "standing by" in r.getMessage()]
+    assert record.levelno == logging.WARNING, record
+    assert why in record.getMessage() and "check this machine's memory" in record.getMessage()
