@@ -144,7 +144,10 @@ def test_a_new_group_measures_its_links_and_still_sums() -> None:
 
 
 def outlive_a_member(collective: Collective) -> str:
-    """Rank 1 returns at once (its process ends); rank 0's next collective then fails."""
+    """Rank 1 returns once the group works (its process ends); rank 0's next collective
+    then fails. (Rank 1 returning as its own side had formed could end its process while
+    rank 0 still connected to it: rank 0's forming failed instead, in gloo's words.)"""
+    collective.all_reduce(torch.ones(3))  # both ranks hold the group
     if collective.rank == 1:
         return ""
     time.sleep(2.0)
